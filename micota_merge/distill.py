@@ -384,6 +384,16 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def _checkpointing_args(config_cls, enabled: bool) -> dict[str, Any]:
+    """transformers 5.23 renamed gradient_checkpointing to activation_checkpointing (the old name
+    warns); GPU users on older releases have only the old one, so use whichever exists."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    prefix = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    return {prefix: enabled, f"{prefix}_kwargs": {"use_reentrant": False} if enabled else None}
+
+
 def sft_config(cfg: DistillConfig, output_dir: Path):
     """TRL's SFTConfig for these options. Creating it also sets up the distributed state
     (torchrun / accelerate launch env), so it comes before anything asks which rank it is."""
@@ -408,8 +418,7 @@ def sft_config(cfg: DistillConfig, output_dir: Path):
         packing_strategy="bfd",  # best-fit decreasing: whole records per row, padding-free
         padding_free=cfg.packing,
         completion_only_loss=True,  # labels = -100 wherever completion_mask is 0 (the prompt)
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        **_checkpointing_args(SFTConfig, cfg.gradient_checkpointing),
         bf16=bf16,
         fp16=False,
         seed=cfg.seed,
