@@ -130,7 +130,7 @@ def align(model: str, data: list[str], limit: int | None = None, batch_size: int
     """Score every data file under `model`; print the table and write the report folder if `out`."""
     from transformers import AutoTokenizer
 
-    from .artifacts import atomic_dir, now, sha256_file, write_json_atomic, write_manifest, write_text_atomic
+    from .artifacts import atomic_dir, check_output_dir, now, sha256_file, write_json_atomic, write_manifest, write_text_atomic
     from .checkpoints import read_checkpoint, resolve_model_path
     from .distill import encode_records, read_chat_records
 
@@ -138,8 +138,14 @@ def align(model: str, data: list[str], limit: int | None = None, batch_size: int
         raise UserError("--data: give at least one JSONL file")
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit must be at least 1, got {limit}")
+    if max_length < 16:
+        raise UserError(f"--max-length must be at least 16 tokens, got {max_length}")
     if out and Path(out).exists() and not force:
         raise UserError(f"output {out} already exists: pass --force to replace it, or choose another --out")
+    if out:
+        check_output_dir(out, "--out")
     started = now()
     model_path = resolve_model_path(model, "--model")
     meta = read_checkpoint(model_path, "--model")

@@ -113,6 +113,43 @@ def write_manifest(folder: str | os.PathLike, stage: str, **fields: Any) -> dict
     return manifest
 
 
+def check_writable_location(path: str | os.PathLike, option: str) -> None:
+    """Refuse, before any work, an output that could never be written: under a file, or in a
+    folder this user cannot write (read-only mount, permissions)."""
+    path = Path(path)
+    parent = path.parent
+    while not parent.exists():
+        if parent.parent == parent:
+            break
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        raise UserError(f"{option} {path}: {parent} is a file, so nothing can be created under it; "
+                        "choose another path")
+    try:  # os.access says yes to root on a read-only mount; only a real write tells
+        fd, probe = tempfile.mkstemp(prefix=".micota-write-test-", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"{option} {path}: cannot write in {parent} ({e.strerror or e}); "
+                        "choose a writable location") from None
+
+
+def check_output_file(path: str | os.PathLike, option: str) -> None:
+    """An output file path: not an existing folder, and in a writable place."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{option} {path} is a folder; give a file name")
+    check_writable_location(path, option)
+
+
+def check_output_dir(path: str | os.PathLike, option: str) -> None:
+    """An output folder path: not an existing file, and in a writable place."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{option} {path} is a file; give a folder path")
+    check_writable_location(path, option)
+
+
 def _staging_name(target: Path) -> Path:
     return target.parent / f".{target.name}.partial-{os.getpid()}"
 
@@ -146,6 +183,7 @@ def atomic_dir(target: str | os.PathLike, force: bool = False) -> Iterator[Path]
     target = Path(target)
     if target.exists() and not force:
         raise UserError(f"output {target} already exists: pass --force to replace it, or choose another --output")
+    check_output_dir(target, "output")
     target.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_staging(target)
     staging = _staging_name(target)

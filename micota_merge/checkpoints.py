@@ -84,9 +84,13 @@ class CheckpointMeta:
         return name, t.numel * DTYPE_BYTES.get(t.dtype, 4)
 
     def fingerprint(self) -> dict:
-        """Content hashes that change when the weights or config change (for manifests)."""
-        return {"path": str(self.path), "config_sha256": self.config_hash,
-                "weights_header_sha256": self.header_hashes}
+        """Identity for manifests and resumes: `content` hashes every weight byte (see fingerprint.py);
+        the config and header hashes only say what changed when the content did."""
+        from .fingerprint import checkpoint_fingerprint
+
+        fp = checkpoint_fingerprint(self.path)
+        return {"path": str(self.path), "content": fp["content"], "files": fp["files"],
+                "config_sha256": self.config_hash, "weights_header_sha256": self.header_hashes}
 
 
 def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, bytes]:

@@ -28,6 +28,14 @@ def _run_stage(fn):
                 raise
             click.secho(f"error: {e}", fg="red", err=True)
             sys.exit(e.exit_code)
+        except OSError as e:
+            # A path a user gave that the OS refuses (permissions, a file where a folder must be,
+            # a full disk) reached a write we did not check ahead: still one line, not a traceback.
+            if debug:
+                raise
+            where = f": {e.filename}" if getattr(e, "filename", None) else ""
+            click.secho(f"error: {e.strerror or e}{where}", fg="red", err=True)
+            sys.exit(2)
         except KeyboardInterrupt:
             click.secho("interrupted: outputs written so far are intact; run the same command again to resume",
                         fg="yellow", err=True)
@@ -280,8 +288,9 @@ def generate(**kw):
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--per-question", type=int, default=1, show_default=True,
               help="Most answers per question id across the whole mix.")
+@click.option("--force", is_flag=True, help="Replace an existing --out file.")
 @_run_stage
-def mix(parts, out, total, seed, per_question):
+def mix(parts, out, total, seed, per_question, force):
     """Mix Distillation: draw records from several JSONL files by weight.
 
     Example, the long:short 1:4 mix that beat either alone for students <= 3B
@@ -292,7 +301,7 @@ def mix(parts, out, total, seed, per_question):
     """
     from .mix import run
 
-    run(parts, out, total=total, seed=seed, per_question=per_question, echo=click.echo)
+    run(parts, out, total=total, seed=seed, per_question=per_question, force=force, echo=click.echo)
 
 
 # ---------------------------------------------------------------- distill, align (issue 5)

@@ -60,6 +60,32 @@ def shipped_path(name: str) -> Path:
     return Path(tasks.__file__).parent / rel
 
 
+def questions_source(spec: str | Path) -> Path:
+    """The file or folder a question set is read from (a shipped set's own file)."""
+    spec_s = str(spec)
+    if spec_s in _SHIPPED:
+        return shipped_path(spec_s)
+    path = Path(spec_s)
+    if not path.exists():
+        raise UserError(f"questions {spec_s!r}: no such file or folder, and not a shipped set "
+                        f"(shipped: {', '.join(SHIPPED_SETS)})")
+    return path
+
+
+def require_answers(questions: list[dict], source: str) -> None:
+    """Refuse a question set without gold answers: nothing in it could be verified, and a sweep
+    on it would "choose" a ratio from accuracies that are all zero."""
+    missing = [i for i, q in enumerate(questions) if q["answer"] in (None, "", [])]
+    if not missing:
+        return
+    if len(missing) == len(questions):
+        raise UserError(f"questions {source}: no gold answers found (tried fields {list(_ANSWER_FIELDS)}); "
+                        "name the answer field with --answer-field, since answers are verified against it")
+    q = questions[missing[0]]
+    raise UserError(f"questions {source}: {len(missing)} of {len(questions)} questions have no gold answer "
+                    f"(first: row {missing[0] + 1}, id {q['id']!r}); fix the file or drop those rows")
+
+
 def gold_answer(raw: Any, benchmark: str | None) -> str | list[str] | None:
     """The gold answer as the grader compares it: one string, or a list when several are required."""
     from .grading import parse_gold
@@ -208,8 +234,12 @@ def parse_parts(specs: Iterable[str]) -> list[tuple[str, Path, float]]:
         if not (w > 0) or math.isinf(w):
             raise UserError(f"mix part {spec!r}: weights must be positive, got {w_s}")
         path = Path(path_s)
+        if path.is_dir():
+            raise UserError(f"mix part {spec!r}: {path} is a folder; give a JSONL file of generate's records")
         if not path.is_file():
             raise UserError(f"mix part {spec!r}: file {path} does not exist")
+        if any(path.resolve() == p.resolve() for _, p, _ in parts):
+            raise UserError(f"mix part {spec!r}: {path} is given twice; give each file once, with its total weight")
         label = path.name.split(".")[0]
         parts.append((label, path, w))
     if not parts:
@@ -219,6 +249,23 @@ def parse_parts(specs: Iterable[str]) -> list[tuple[str, Path, float]]:
         # different folders with the same file name: fall back to the full paths as labels
         parts = [(str(p), p, w) for _, p, w in parts]
     return parts
+
+
+def check_chat_record(r: dict, where: str) -> None:
+    """A training record as `generate` writes it: an id and messages [.., user, assistant]."""
+    if "id" not in r or "messages" not in r:
+        raise UserError(f"{where} lacks 'id' or 'messages' (mix reads generate's records)")
+    msgs = r["messages"]
+    if not isinstance(msgs, list) or len(msgs) < 2 or not all(isinstance(m, dict) for m in msgs):
+        raise UserError(f"{where}: 'messages' must be a list of at least a user and an assistant message")
+    roles = [m.get("role") for m in msgs]
+    bad = [x for x in roles if x not in ("system", "user", "assistant")]
+    if bad:
+        raise UserError(f"{where}: message role {bad[0]!r} is not system, user or assistant")
+    if roles[-1] != "assistant" or "user" not in roles:
+        raise UserError(f"{where}: messages must end with the assistant's answer to a user turn, got roles {roles}")
+    if any(not isinstance(m.get("content"), str) for m in msgs):
+        raise UserError(f"{where}: every message needs a text 'content'")
 
 
 def allocate(total: int, weights: list[float]) -> list[int]:
@@ -247,8 +294,7 @@ def mix(parts: list[tuple[str, Path, float]], total: int | None = None, seed: in
     for label, path, _ in parts:
         rows = _read_jsonl(path)
         for i, r in enumerate(rows):
-            if "id" not in r or "messages" not in r:
-                raise UserError(f"{path}: record {i + 1} lacks 'id' or 'messages' (mix reads generate's records)")
+            check_chat_record(r, f"{path}: record {i + 1}")
         rng.shuffle(rows)
         pools.append(rows)
         per_id = Counter(r["id"] for r in rows)

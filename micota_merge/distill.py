@@ -111,6 +111,20 @@ class DistillConfig(BaseModel):
             raise ValueError(f"must be > 0, got {v}")
         return v
 
+    @field_validator("max_steps")
+    @classmethod
+    def _steps(cls, v):
+        if v == 0 or v < -1:
+            raise ValueError(f"must be a positive number of steps, or -1 for all epochs; got {v}")
+        return v
+
+    @field_validator("limit")
+    @classmethod
+    def _limit(cls, v):
+        if v is not None and v < 1:
+            raise ValueError(f"must be at least 1 record, got {v}")
+        return v
+
     @field_validator("max_length")
     @classmethod
     def _length(cls, v):
@@ -532,8 +546,13 @@ def distill(cfg: DistillConfig, echo: Callable[[str], None] = print) -> Path:
     student = resolve_model_path(cfg.student, "--student")
     student_meta = read_checkpoint(student, "--student")
     for f in cfg.data:
+        if Path(f).is_dir():
+            raise UserError(f"--data: {f} is a folder; give JSONL files of chat records")
         if not Path(f).is_file():
             raise UserError(f"--data: {f} does not exist")
+    from .artifacts import check_output_dir
+
+    check_output_dir(out, "--out")
     if cfg.attn_implementation == "flash_attention_2":
         import importlib.util
 
@@ -571,14 +590,18 @@ def distill(cfg: DistillConfig, echo: Callable[[str], None] = print) -> Path:
 
     # -- resume: the checkpoints must belong to this very run
     run_file = work / "run.json"
+    # identity by content: the student's weights and the data's bytes, not their paths
     run_id = {"options": {k: getattr(cfg, k) for k in _RESUME_KEYS},
+              "student_content": student_meta.fingerprint()["content"],
               "data": [{"sha256": f["sha256"]} for f in report.files]}
     resume_from = last_complete_checkpoint(ckpt_dir) if cfg.resume else None
     if resume_from is not None and run_file.is_file():
         before = json.loads(run_file.read_text())
         if before != json.loads(json.dumps(run_id)):
             diff = [k for k in _RESUME_KEYS if before.get("options", {}).get(k) != run_id["options"][k]]
-            what = f"options {', '.join(diff)}" if diff else "data files (content changed)"
+            what = (f"options {', '.join(diff)}" if diff else
+                    "student (its weights, config or tokenizer changed)"
+                    if before.get("student_content") != run_id["student_content"] else "data files (content changed)")
             raise UserError(f"--resume: the checkpoints in {ckpt_dir} come from a run with different {what}; "
                             f"rerun with the same options, or --force without --resume to start over")
     if main:

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
-from .artifacts import atomic_dir, now, sha256_bytes, write_json_atomic, write_manifest, write_text_atomic
+from .artifacts import atomic_dir, check_output_dir, now, sha256_bytes, write_json_atomic, write_manifest, write_text_atomic
 from .errors import StageFailed, UserError
 from .tasks import ALL_TASKS, BENCHMARKS, GROUP, TASK_DIR, benchmark_of, task_name
 
@@ -208,7 +208,7 @@ def evaluate(model: str, tasks: str | Sequence[str] | None = None, backend: Opti
              max_model_len: Optional[int] = None, force: bool = False,
              echo: Echo = print) -> dict:
     """Score `model` on `tasks` with lm-eval; write results, samples and summary to `output`."""
-    from .checkpoints import read_checkpoint, resolve_model_path
+    from .checkpoints import read_chat_template, read_checkpoint, resolve_model_path
 
     # ---- options
     benchmarks = parse_tasks(tasks)
@@ -238,9 +238,14 @@ def evaluate(model: str, tasks: str | Sequence[str] | None = None, backend: Opti
     if context is not None and max_tokens >= context:
         raise UserError(f"--max-tokens {max_tokens} does not fit {model}'s context of {context} tokens "
                         f"(prompt plus answer must fit): pass --max-tokens below {context}")
+    if read_chat_template(model_path) is None:
+        raise UserError(f"--model {model}: no chat template (chat_template.jinja or tokenizer_config.json); the "
+                        "benchmarks are asked through the model's chat template, as in the papers: use a chat "
+                        "model, or add its template")
     out = Path(output) if output else default_output(model)
     if out.exists() and not force:
         raise UserError(f"output {out} already exists: pass --force to replace it, or choose another --output")
+    check_output_dir(out, "--output")
 
     # ---- tasks
     import lm_eval
@@ -261,13 +266,14 @@ def evaluate(model: str, tasks: str | Sequence[str] | None = None, backend: Opti
                "batch_size": batch_size, "dtype": dtype, "device": device, "model_args": args}
 
     # Responses are cached as they are generated (lm-eval's sqlite cache, keyed by prompt and
-    # generation settings); the file name carries the model's fingerprint, so a killed run
-    # resumes where it stopped and a different model never reads another's answers.
+    # generation settings), so a killed run resumes where it stopped. The cache belongs to one model
+    # *content* and one set of generation settings: another model (even one of the same architecture,
+    # whose config and headers are identical) is refused rather than served another's answers.
     fp = meta.fingerprint()
-    model_key = sha256_bytes(json.dumps([fp["config_sha256"], fp["weights_header_sha256"], backend, dtype],
-                                        sort_keys=True).encode())[:16]
+    identity = {"model_content": fp["content"], "backend": backend, "dtype": dtype, "max_tokens": max_tokens}
     cache_dir = out.parent / f".{out.name}.responses"
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    claim_response_cache(cache_dir, identity, out, force)
+    model_key = sha256_bytes(json.dumps(identity, sort_keys=True).encode())[:16]
 
     # ---- run
     echo(f"scoring {model} on {', '.join(benchmarks)} with lm-eval ({backend}, greedy, "
@@ -303,6 +309,31 @@ def evaluate(model: str, tasks: str | Sequence[str] | None = None, backend: Opti
     echo(summary_markdown(summary))
     echo(f"wrote {out}/summary.json, summary.md, lm-eval results and per-sample logs")
     return summary
+
+
+_IDENTITY_NAMES = {"model_content": "model content (weights, config or tokenizer)", "backend": "backend",
+                   "dtype": "dtype", "max_tokens": "max tokens"}
+
+
+def claim_response_cache(cache_dir: Path, identity: dict, out: Path, force: bool) -> None:
+    """Make `cache_dir` hold responses of this identity only: resume it, refuse another, or (force) clear it."""
+    marker = cache_dir / "identity.json"
+    if force:
+        shutil.rmtree(cache_dir, ignore_errors=True)
+    elif marker.is_file():
+        try:
+            old = json.loads(marker.read_text())
+        except json.JSONDecodeError:
+            old = {}
+        changed = [k for k in identity if old.get(k) != identity[k]]
+        if changed:
+            what = ", ".join(_IDENTITY_NAMES.get(k, k) for k in changed)
+            raise UserError(f"{out} has an interrupted run with other inputs ({what} changed); resuming would score "
+                            "that run's cached answers as this one's: pass --force to discard them, or choose "
+                            "another --output")
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    if not marker.is_file():
+        write_json_atomic(marker, identity)
 
 
 def audit_samples(samples: dict[str, list[dict]]) -> int:
@@ -472,6 +503,32 @@ def compare_chart(labels: Sequence[str], summaries: Sequence[dict], path: Path) 
     plt.close(fig)
 
 
+# Settings that must match for two runs' scores to be comparable.
+_COMPARABLE = ("limit", "max_tokens", "backend", "samples", "temperature", "top_p", "protocol")
+
+
+def compare_warnings(labels: Sequence[str], summaries: Sequence[dict]) -> list[str]:
+    """What differs between the runs besides the model: scores over other questions, budgets or
+    samplers are not the same measurement."""
+    out = []
+    tasks = [tuple(sorted(s["tasks"])) for s in summaries]
+    if len(set(tasks)) > 1:
+        out.append("the runs scored different tasks: " + "; ".join(f"{lab}: {', '.join(t)}"
+                                                                   for lab, t in zip(labels, tasks)))
+    ns = {bench: [(s["tasks"].get(bench) or {}).get("n") for s in summaries]
+          for bench in sorted({b for s in summaries for b in s["tasks"]})}
+    for bench, values in ns.items():
+        present = [v for v in values if v is not None]
+        if len(set(present)) > 1:
+            out.append(f"{bench}: the runs scored different numbers of questions (n = "
+                       + ", ".join(f"{lab}: {v}" for lab, v in zip(labels, values) if v is not None) + ")")
+    for key in _COMPARABLE:
+        values = [s.get(key) for s in summaries]
+        if len({json.dumps(v, sort_keys=True) for v in values}) > 1:
+            out.append(f"the runs differ in {key}: " + ", ".join(f"{lab}: {v}" for lab, v in zip(labels, values)))
+    return out
+
+
 def compare(runs: Sequence[str], output: Optional[str] = None, force: bool = False,
             echo: Echo = print) -> str:
     """Markdown table (and, with `output`, compare.md, compare.json, compare.png) of several runs."""
@@ -480,6 +537,8 @@ def compare(runs: Sequence[str], output: Optional[str] = None, force: bool = Fal
     paths = [Path(r) for r in runs]
     summaries = [load_summary(p) for p in paths]
     labels = _labels(paths)
+    for warning in compare_warnings(labels, summaries):
+        echo(f"warning: {warning}")
     table = compare_markdown(labels, summaries)
     echo(table)
     if output:

@@ -37,7 +37,7 @@ from typing import Iterator, Literal, Optional
 
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
-from .artifacts import now, package_versions, write_json_atomic, write_jsonl_atomic
+from .artifacts import check_output_file, now, package_versions, write_json_atomic, write_jsonl_atomic
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -151,21 +151,46 @@ def read_records(out: Path) -> list[dict]:
 
 
 def _settings(opts: GenerateOptions, model_dir: Path, prompt: str) -> dict:
-    """What decides the records; a resume must match it exactly."""
-    from .checkpoints import read_checkpoint, tokenizer_fingerprint
+    """What decides the records; a resume must match it exactly.
 
-    meta = read_checkpoint(model_dir, "--model")
+    The model and the question set are identified by their content (every weight byte, the
+    tokenizer and config; the question file's bytes), never by path, shape or header: two
+    fine-tunes of one architecture, or a TA rebuilt at another ratio in the same folder, differ here.
+    """
+    from .data import questions_source
+    from .fingerprint import content_id, data_fingerprint
+
     return {
         "model": str(model_dir.resolve()),
-        "model_config_sha256": meta.config_hash,
-        "model_weights_header_sha256": meta.header_hashes,
-        "tokenizer": tokenizer_fingerprint(model_dir),
+        "model_content": content_id(model_dir),
         "questions": opts.questions,
+        "questions_content": data_fingerprint(questions_source(opts.questions)),
         "question_fields": [opts.question_field, opts.answer_field, opts.id_field, opts.split, opts.benchmark],
         "prompt": prompt,
         "n": opts.n, "temperature": opts.temperature, "top_p": opts.top_p, "max_tokens": opts.max_tokens,
         "seed": opts.seed, "dtype": opts.dtype,
     }
+
+
+# How a refusal names each setting: what changed, in words a user acts on.
+_SETTING_NAMES = {
+    "model": "model path", "model_content": "model content (weights, config or tokenizer)",
+    "questions": "question set", "questions_content": "question file content",
+    "question_fields": "question/answer/id fields, split or benchmark", "prompt": "prompt",
+    "n": "samples per question (--n)", "temperature": "temperature", "top_p": "top-p",
+    "max_tokens": "max tokens", "seed": "seed", "dtype": "dtype",
+}
+
+
+def written_with(out: Path, settings: dict) -> bool:
+    """Whether `out` holds nothing yet, or records written with exactly these settings (resumable)."""
+    mp = meta_path(out)
+    if not out.exists() or out.stat().st_size == 0:
+        return True
+    try:
+        return json.loads(mp.read_text(encoding="utf-8"))["settings"] == settings
+    except (OSError, json.JSONDecodeError, KeyError):
+        return False
 
 
 def prepare_output(out: Path, settings: dict, force: bool) -> set[tuple[str, int]]:
@@ -185,7 +210,8 @@ def prepare_output(out: Path, settings: dict, force: bool) -> set[tuple[str, int
             raise UserError(f"{mp} is unreadable: pass --force to start {out} over") from None
         changed = [k for k in settings if old.get(k) != settings[k]]
         if changed:
-            what = "; ".join(f"{k}: was {_short(old.get(k))}, now {_short(settings[k])}" for k in changed)
+            what = "; ".join(f"{_SETTING_NAMES.get(k, k)}: was {_short(old.get(k))}, now {_short(settings[k])}"
+                             for k in changed)
             raise UserError(f"{out} was generated with other settings ({what}). Resuming would mix two "
                             "generations in one file: use a new --out, or pass --force to start over")
         cut = repair_tail(out)
@@ -264,6 +290,17 @@ def finish(token_ids: list[int], stop_ids: set[int], max_tokens: int) -> tuple[l
     return list(token_ids[:max_tokens]), "length" if len(token_ids) >= max_tokens else "stop"
 
 
+def check_context(model_dir: Path, longest_prompt: int, max_tokens: int) -> None:
+    """Refuse a token budget the model cannot hold: answers would be cut by the context, not the cap."""
+    cfg = json.loads((model_dir / "config.json").read_text())
+    context = next((cfg[k] for k in ("max_position_embeddings", "n_positions", "max_sequence_length")
+                    if isinstance(cfg.get(k), int)), None)
+    if context is not None and longest_prompt + max_tokens > context:
+        raise UserError(f"--max-tokens {max_tokens}: with the longest prompt ({longest_prompt} tokens) it exceeds "
+                        f"{model_dir}'s context of {context} tokens; pass --max-tokens {context - longest_prompt} "
+                        "or less")
+
+
 # ---------------------------------------------------------------- backends
 
 def pick_backend(name: str) -> str:
@@ -284,9 +321,11 @@ def _plan(items: list[tuple[int, int]], prompt_ids: list[list[int]], size: int) 
 
 
 def run_transformers(opts: GenerateOptions, model_dir: Path, prompt_ids: list[list[int]],
-                     batches: list[list[tuple[int, int]]], stop_ids: list[int], pad_id: int, timing: dict
+                     batches: list[tuple[int, list[tuple[int, int]]]], stop_ids: list[int], pad_id: int, timing: dict
                      ) -> Iterator[tuple[list[tuple[int, int]], list[list[int]]]]:
-    """Batched generate with left padding and the KV cache; yields (batch, generated token ids)."""
+    """Batched generate with left padding and the KV cache; yields (batch, generated token ids).
+
+    `batches` are (index in the plan, items): the index seeds the batch's sampling."""
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
@@ -301,7 +340,7 @@ def run_transformers(opts: GenerateOptions, model_dir: Path, prompt_ids: list[li
         temperature=opts.temperature if sampling else None, top_p=opts.top_p if sampling else None,
         top_k=None, eos_token_id=stop_ids, pad_token_id=pad_id, use_cache=True)
     timing["loaded"] = time.perf_counter()
-    for b, batch in enumerate(batches):
+    for b, batch in batches:
         rows = [prompt_ids[q] for q, _ in batch]
         width = max(len(r) for r in rows)
         ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], device=device)
@@ -349,13 +388,14 @@ def generate(opts: GenerateOptions, echo=print) -> dict:
     """Answer every question (n samples each), appending to opts.out; returns the stats."""
     from tqdm import tqdm
 
-    from .data import DEFAULT_PROMPT, format_prompt, load_questions
+    from .data import DEFAULT_PROMPT, format_prompt, load_questions, require_answers
     from .grading import grade
 
     # ---- setup
     out = Path(opts.out)
     if out.suffix != ".jsonl":
         raise UserError(f"--out {out}: use a .jsonl file name")
+    check_output_file(out, "--out")
     model_dir = Path(opts.model)
     if not (model_dir / "config.json").is_file():
         raise UserError(f"--model {model_dir}: not a checkpoint folder (no config.json)")
@@ -365,6 +405,12 @@ def generate(opts: GenerateOptions, echo=print) -> dict:
     # ---- data
     questions = load_questions(opts.questions, opts.question_field, opts.answer_field, opts.id_field,
                                benchmark=opts.benchmark, split=opts.split, limit=opts.limit)
+    require_answers(questions, opts.questions)
+    if opts.n > 1 and opts.temperature == 0:
+        log.warning("--n %d with temperature 0: greedy decoding writes %d identical answers per question; "
+                    "set --temperature (e.g. 0.6) for distinct samples", opts.n, opts.n)
+        echo(f"warning: --n {opts.n} with temperature 0 gives {opts.n} identical answers per question; "
+             "set --temperature (e.g. 0.6) for distinct samples")
     settings = _settings(opts, model_dir, template)
     lock = lock_output(out)  # held until this process ends: two writers would duplicate records
     done = prepare_output(out, settings, opts.force)
@@ -378,15 +424,13 @@ def generate(opts: GenerateOptions, echo=print) -> dict:
         users.append(user)
         # the template already holds any BOS it wants; both backends get exactly these ids
         prompt_ids.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+    check_context(model_dir, max(len(p) for p in prompt_ids), opts.max_tokens)
     stop_ids = stop_token_ids(tokenizer, model_dir)
     stop_set = set(stop_ids)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
 
     items = [(qi, s) for qi in range(len(questions)) for s in range(opts.n)]
     pending = [it for it in items if (questions[it[0]]["id"], it[1]) not in done]
-    q_left = {}
-    for qi, _ in pending:
-        q_left[qi] = q_left.get(qi, 0) + 1
     echo(f"{len(questions)} questions x {opts.n} sample(s): {len(items) - len(pending)} records already in "
          f"{out}, {len(pending)} to generate with {backend}")
 
@@ -394,8 +438,7 @@ def generate(opts: GenerateOptions, echo=print) -> dict:
         toks, reason = finish(tokens, stop_set, opts.max_tokens)
         text = tokenizer.decode(toks, skip_special_tokens=True)
         q = questions[qi]
-        g = grade(text, q["answer"], q["benchmark"]) if q["answer"] is not None else {
-            "pred": None, "correct": None}
+        g = grade(text, q["answer"], q["benchmark"])
         return {"id": q["id"], "messages": [{"role": "user", "content": users[qi]},
                                             {"role": "assistant", "content": text}],
                 "answer": q["answer"], "pred": g["pred"], "correct": g["correct"], "num_tokens": len(toks),
@@ -403,8 +446,9 @@ def generate(opts: GenerateOptions, echo=print) -> dict:
 
     # ---- generate
     t0, n_tokens, n_written, n_accepted = time.perf_counter(), 0, 0, 0
-    bar = tqdm(total=len(questions), initial=len(questions) - len(q_left), unit="q", desc="generate",
-               dynamic_ncols=True, disable=None)
+    # One tick per record: the ETA then counts what is left, whatever n and the batch size are.
+    bar = tqdm(total=len(items), initial=len(items) - len(pending), unit="rec", desc="generate",
+               dynamic_ncols=True, disable=None, smoothing=0.1)
 
     def written(recs: list[dict]) -> None:
         nonlocal n_tokens, n_written, n_accepted
@@ -413,21 +457,20 @@ def generate(opts: GenerateOptions, echo=print) -> dict:
             n_tokens += r["num_tokens"]
             n_written += 1
             n_accepted += bool(r["correct"]) and r["finish_reason"] == "stop"
-            qi = qindex[r["id"]]
-            q_left[qi] -= 1
-            if q_left[qi] == 0:
-                bar.update(1)
+        bar.update(len(recs))
         dt = time.perf_counter() - timing.get("loaded", t0)
         bar.set_postfix_str(f"{n_tokens / dt:.1f} tok/s, accepted {n_accepted}/{n_written}")
 
-    qindex = {q["id"]: i for i, q in enumerate(questions)}
     timing: dict = {}
     writer = RecordWriter(out)
     try:
         if pending and backend == "transformers":
             size = opts.batch_size or 16
             pending_set = set(pending)
-            batches = [b for b in _plan(items, prompt_ids, size) if any(it in pending_set for it in b)]
+            # The plan covers every item and is the same on every run; each batch keeps its index in
+            # it, which seeds its sampling, so a batch recomputed after a kill draws the same tokens.
+            batches = [(b, batch) for b, batch in enumerate(_plan(items, prompt_ids, size))
+                       if any(it in pending_set for it in batch)]
             for batch, gens in run_transformers(opts, model_dir, prompt_ids, batches, stop_ids, pad_id,
                                                      timing):
                 written([record(qi, s, g) for (qi, s), g in zip(batch, gens) if (qi, s) in pending_set])
@@ -435,7 +478,8 @@ def generate(opts: GenerateOptions, echo=print) -> dict:
             size = opts.batch_size or 256
             plan = [[qi for qi, s in b if s == 0] for b in _plan([(qi, 0) for qi in range(len(questions))],
                                                                   prompt_ids, size)]
-            chunks = [c for c in plan if any(qi in q_left for qi in c)]
+            left = {qi for qi, _ in pending}
+            chunks = [c for c in plan if any(qi in left for qi in c)]
             missing = {(questions[qi]["id"], s) for qi, s in pending}
             for chunk, gens in run_vllm(opts, model_dir, prompt_ids, [q["id"] for q in questions], chunks, stop_ids,
                                          timing):

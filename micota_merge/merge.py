@@ -235,6 +235,11 @@ def give_identity(staging: Path, plan: BuildPlan) -> None:
 
 
 def write_build_manifest(staging: Path, plan: BuildPlan, started: str, t0: float, **extra: Any) -> None:
+    from .fingerprint import checkpoint_fingerprint
+
+    # The TA's own identity, hashed while its bytes are still in the page cache; the digest cache
+    # this leaves in the folder (keyed by size and mtime) serves every later stage that reads it.
+    output = checkpoint_fingerprint(staging)
     write_manifest(
         staging, "build",
         recipe=plan.recipe.model_dump(mode="json") if plan.recipe else None,
@@ -243,7 +248,8 @@ def write_build_manifest(staging: Path, plan: BuildPlan, started: str, t0: float
         inputs={role: m.fingerprint() for role, m in plan.metas.items()},
         seed=plan.recipe.merge.seed if plan.recipe else 0, warnings=plan.warnings,
         started=started, finished=now(), seconds=round(time.time() - t0, 3),
-        results={"output_bytes": plan.output_bytes}, **extra,
+        results={"output_bytes": plan.output_bytes}, output={"content": output["content"], "files": output["files"]},
+        **extra,
     )
 
 

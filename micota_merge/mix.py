@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .artifacts import now, package_versions, write_json_atomic, write_jsonl_atomic
+from .artifacts import check_output_file, now, package_versions, write_json_atomic, write_jsonl_atomic
 from .data import mix, parse_parts
 from .errors import UserError
+from .generate import sibling
 
 
 def stats_path(out: Path) -> Path:
@@ -19,12 +20,20 @@ def stats_path(out: Path) -> Path:
 
 
 def run(parts: list[str], out: str, total: int | None = None, seed: int = 0, per_question: int = 1,
-        echo=print) -> dict:
+        force: bool = False, echo=print) -> dict:
     out_p = Path(out)
     parsed = parse_parts(parts)
     if any(out_p.resolve() == p.resolve() for _, p, _ in parsed):
         raise UserError(f"--out {out_p} is also one of the parts: write the mix to a new file")
+    check_output_file(out_p, "--out")
+    if out_p.exists() and not force:
+        raise UserError(f"--out {out_p} already exists: pass --force to replace it, or choose another file")
     records, composition = mix(parsed, total=total, seed=seed, per_question=per_question)
+    if force:
+        # a generate output replaced by a mix must not keep its sidecars: a later `generate`
+        # would take them for its own and "resume" into the mix
+        for stale in (out_p.with_name(out_p.name + ".meta.json"), sibling(out_p, ".correct.jsonl")):
+            stale.unlink(missing_ok=True)
     write_jsonl_atomic(out_p, records)
     composition.update(out=str(out_p), created=now(), versions=package_versions())
     write_json_atomic(stats_path(out_p), composition)

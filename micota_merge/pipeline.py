@@ -33,10 +33,18 @@ def _hash(obj: Any) -> str:
 
 
 def _checkpoint_fp(path: str | Path) -> str:
+    """A checkpoint's content (every weight byte, config, tokenizer): never its path or shapes."""
     from .checkpoints import read_checkpoint
+    from .fingerprint import content_id
 
-    meta = read_checkpoint(path)
-    return _hash({"config": meta.config_hash, "headers": meta.header_hashes})
+    read_checkpoint(path)  # a clear error for a folder that is not a checkpoint
+    return content_id(path)
+
+
+def _data_fp(path: Path) -> str:
+    from .fingerprint import data_fingerprint
+
+    return data_fingerprint(path)
 
 
 @dataclass
@@ -55,12 +63,16 @@ class Runner:
     def forced(self, kind: str) -> bool:
         return self.run_from is not None and STAGES.index(kind) >= STAGES.index(self.run_from)
 
-    def stage(self, kind: str, name: str, folder: Path, fingerprint: str, fn: Callable[[bool], Any]) -> bool:
-        """Run `fn(fresh)` unless done; `fresh` = start over rather than resume. Returns whether it ran."""
+    def stage(self, kind: str, name: str, folder: Path, fingerprint: str, fn: Callable[[bool], Any],
+              output: Optional[Path] = None) -> bool:
+        """Run `fn(fresh)` unless done; `fresh` = start over rather than resume. Returns whether it ran.
+
+        "Done" needs the stage's output to still be there: a deleted output is made again."""
         marker = folder / "stage.json"
         state = json.loads(marker.read_text()) if marker.is_file() else {}
         same = state.get("fingerprint") == fingerprint
-        if same and state.get("status") == "done" and not self.forced(kind):
+        present = output is None or output.exists()
+        if same and state.get("status") == "done" and present and not self.forced(kind):
             self.echo(f"[done] {name}")
             self.skipped.append(name)
             return False
@@ -79,11 +91,13 @@ class Runner:
 def run(path: str | Path, run_from: Optional[str] = None, until: Optional[str] = None,
         echo: Callable[[str], None] = print) -> dict:
     """Run the pipeline file (a recipe with a `pipeline:` section; a bare recipe only builds)."""
-    for opt, value in (("--from", run_from), ("--until", until)):
-        if value is not None and value not in STAGES:
-            raise UserError(f"{opt} {value!r}: choose one of {', '.join(STAGES)}")
+    from .preflight import check_order, validate_pipeline
+
+    check_order(run_from, until, STAGES)
     recipe = load_recipe(path)
     settings = recipe.pipeline
+    # every stage's options and inputs, before the first (hours-long) stage starts
+    validate_pipeline(recipe, settings, Path(path).parent)
     workdir = Path(settings.workdir if settings else Path(recipe.output).parent)
     runner = Runner(workdir, run_from, until, echo)
     results: dict[str, Any] = {"pipeline": str(path), "workdir": str(workdir)}
@@ -110,13 +124,14 @@ def run(path: str | Path, run_from: Optional[str] = None, until: Optional[str] =
             build(path, force=True, echo=echo)
 
     runner.stage("build", "build: teacher assistant" + (" (sweep)" if use_sweep else ""),
-                 ta_dir.parent / f".{ta_dir.name}.stage", ta_fp, make_ta)
+                 ta_dir.parent / f".{ta_dir.name}.stage", ta_fp, make_ta, output=ta_dir)
     if settings is None or not runner.active("generate"):
         results["ta"] = str(ta_dir)
         return _finish(runner, results)
 
     # ---- data: the TA's answers, and the experts' for baselines
-    teachers = {"ta": (ta_dir, ta_fp)}
+    # Downstream stages key on what the TA *is* (its bytes), so a TA replaced by hand is noticed.
+    teachers = {"ta": (ta_dir, _checkpoint_fp(ta_dir))}
     for name in _data_sources(settings):
         if name in ("long_cot", "short_cot"):
             teachers[name] = (models[name], _checkpoint_fp(models[name]))
@@ -131,8 +146,9 @@ def run(path: str | Path, run_from: Optional[str] = None, until: Optional[str] =
 
             g.generate(g.options(**opts, force=fresh), echo=echo)
 
-        runner.stage("generate", f"generate: {name} data", folder, fp, gen)
-        data[name] = (folder / "data.correct.jsonl", fp)
+        runner.stage("generate", f"generate: {name} data", folder, fp, gen, output=folder / "data.correct.jsonl")
+        kept = folder / "data.correct.jsonl"
+        data[name] = (kept, _data_fp(kept) if kept.is_file() else fp)
     if not runner.active("mix"):
         return _finish(runner, results)
 
@@ -147,10 +163,11 @@ def run(path: str | Path, run_from: Optional[str] = None, until: Optional[str] =
             from .mix import run as mix_run
 
             mix_run([f"{parts[p][0]}={w}" for p, w in weights.items()], str(folder / "data.jsonl"),
-                    total=settings.mix_total, seed=settings.seed, echo=echo)
+                    total=settings.mix_total, seed=settings.seed, force=True, echo=echo)
 
-        runner.stage("mix", f"mix: {name}", folder, fp, do_mix)
-        data[name] = (folder / "data.jsonl", fp)
+        runner.stage("mix", f"mix: {name}", folder, fp, do_mix, output=folder / "data.jsonl")
+        mixed = folder / "data.jsonl"
+        data[name] = (mixed, _data_fp(mixed) if mixed.is_file() else fp)
     if not runner.active("distill"):
         return _finish(runner, results)
 
@@ -171,8 +188,9 @@ def run(path: str | Path, run_from: Optional[str] = None, until: Optional[str] =
                                    "out": str(out), "force": True, "resume": not fresh, "seed": settings.seed})
             distill(cfg, echo=echo)
 
-        runner.stage("distill", f"distill: student on {name} data", folder, fp, do_distill)
-        students[f"student+{name}"] = (folder / "model", fp)
+        runner.stage("distill", f"distill: student on {name} data", folder, fp, do_distill, output=folder / "model")
+        model_dir = folder / "model"
+        students[f"student+{name}"] = (model_dir, _checkpoint_fp(model_dir) if model_dir.is_dir() else fp)
     if not runner.active("eval"):
         return _finish(runner, results)
 
@@ -188,9 +206,12 @@ def run(path: str | Path, run_from: Optional[str] = None, until: Optional[str] =
         def do_eval(fresh: bool, folder=folder, model=model) -> None:
             from .evaluate import evaluate
 
-            evaluate(str(model), output=str(folder / "run"), force=True, echo=echo, **settings.eval)
+            # a stage that is resumed (same fingerprint) keeps lm-eval's response cache; a changed
+            # one (fresh) starts it over
+            evaluate(str(model), output=str(folder / "run"), force=fresh or (folder / "run").exists(), echo=echo,
+                     **settings.eval)
 
-        runner.stage("eval", f"eval: {name}", folder, fp, do_eval)
+        runner.stage("eval", f"eval: {name}", folder, fp, do_eval, output=folder / "run")
         evals[name] = folder / "run"
     if not runner.active("report"):
         return _finish(runner, results)

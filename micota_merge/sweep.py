@@ -34,26 +34,33 @@ def _tag(ratio: float) -> str:
 
 
 def _probe(model: Path, name: str, work: Path, settings: SweepSettings, echo) -> dict:
-    """Answer the probe questions with one model; resumable through generate's own JSONL."""
+    """Answer the probe questions with one model; resumable through generate's own JSONL.
+
+    A finished probe is reused only for the same model *content* and probe settings; a probe file
+    left by another model (a TA rebuilt from changed inputs) is started over, never resumed."""
     from . import generate as gen
+    from .data import DEFAULT_PROMPT
+    from .fingerprint import content_id
 
     stats_file = work / f"{name}.stats.json"
     out = work / f"{name}.probe.jsonl"
     probe = settings.probe.model_dump(mode="json")
+    model_content = content_id(model)
     if stats_file.is_file():
         row = json.loads(stats_file.read_text())
-        if row.get("probe") == probe:  # written only once every question was answered
-            return row
+        if row.get("probe") == probe and row.get("model_content") == model_content:
+            return row  # written only once every question was answered
     opts = gen.options(model=str(model), questions=settings.probe.questions or settings.probe.benchmark,
                        out=str(out), backend=settings.probe.backend or "auto", max_tokens=settings.probe.max_tokens,
                        limit=settings.probe.limit, batch_size=settings.probe.batch_size, keep="all", temperature=0.0,
                        prompt=settings.probe.prompt or "")
-    stats = gen.generate(opts, echo=echo)
+    fresh = not gen.written_with(out, gen._settings(opts, model, opts.prompt or DEFAULT_PROMPT))
+    stats = gen.generate(opts.model_copy(update={"force": fresh}), echo=echo)
     row = {"records": stats["records"], "accuracy": stats["accuracy"],
            "mean_tokens": stats["num_tokens"]["mean"], "median_tokens": stats["num_tokens"]["median"],
            "p90_tokens": stats["num_tokens"]["p90"],
            "truncation_rate": round(stats["truncated"] / stats["records"], 4) if stats["records"] else None,
-           "probe_file": str(out), "probe": probe}
+           "probe_file": str(out), "probe": probe, "model_content": model_content}
     write_json_atomic(stats_file, row)
     return row
 
@@ -103,28 +110,36 @@ def sweep(recipe_path: str | Path, ratios: Optional[list[float]] = None, keep_al
         raise UserError(format_validation_error("sweep options", e, SweepSettings)) from None
     output = Path(recipe.output)
     work = output.with_name(output.name + ".sweep")
+    from .checkpoints import resolve_model_path
+    from .fingerprint import content_id
+
+    specs = recipe.model_specs()
+    paths = {role: resolve_model_path(spec, f"models.{role}", Path(recipe_path).parent) for role, spec in specs.items()}
+    # What the sweep's result depends on: the recipe, the sweep settings and the inputs' *content*.
+    identity = {"recipe": recipe.model_dump(mode="json", exclude={"sweep", "pipeline", "output"}),
+                "sweep": settings.model_dump(mode="json"),
+                "inputs": {role: content_id(p) for role, p in paths.items()}}
     if (output / "sweep" / "sweep.json").is_file() and not force:
         result = json.loads((output / "sweep" / "sweep.json").read_text())
-        if [r["ratio"] for r in result["ratios"]] == settings.ratios:
+        if result.get("identity") == identity:
             echo(f"sweep already done: chosen ratio {result['chosen']:g} in {output} (use --force to redo)")
             echo(result["table_md"])
             return result
+        changed = [k for k in identity if (result.get("identity") or {}).get(k) != identity[k]]
+        raise UserError(f"{output} holds a sweep made with other {', '.join(changed)} "
+                        f"({'input content' if 'inputs' in changed else 'settings'} changed): pass --force to redo it")
     if output.exists() and not force:
         raise UserError(f"output {output} already exists and holds no matching sweep: pass --force to replace it")
     work.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(work / "settings.json", {"recipe": recipe.model_dump(mode="json"),
-                                                "sweep": settings.model_dump(mode="json")})
+    write_json_atomic(work / "settings.json", identity)
 
     # ---- endpoints: the two checkpoints as they are
-    from .checkpoints import resolve_model_path
 
-    specs = recipe.model_specs()
-    endpoints = {role: _probe(resolve_model_path(specs[role], f"models.{role}", Path(recipe_path).parent), role,
-                              work, settings, echo) for role in ("short_cot", "long_cot")}
+    endpoints = {role: _probe(paths[role], role, work, settings, echo) for role in ("short_cot", "long_cot")}
 
     # ---- teacher assistants, one per ratio
     tas = {r: work / _tag(r) for r in settings.ratios}
-    missing = [r for r in settings.ratios if not _built(tas[r], recipe, r)]
+    missing = [r for r in settings.ratios if not _built(tas[r], recipe, r, identity["inputs"])]
     for r in missing:
         shutil.rmtree(tas[r], ignore_errors=True)
     if missing and supports_one_pass(recipe):
@@ -140,7 +155,7 @@ def sweep(recipe_path: str | Path, ratios: Optional[list[float]] = None, keep_al
     # ---- choose and report
     target = target_length(settings, endpoints)
     chosen, reason = choose(rows, target, settings.tolerance)
-    result = {"recipe": str(recipe_path), "method": recipe.merge.method,
+    result = {"recipe": str(recipe_path), "identity": identity, "method": recipe.merge.method,
               "probe": settings.probe.model_dump(mode="json"), "tolerance": settings.tolerance,
               "ratios": rows, "endpoints": endpoints, "target_tokens": round(target, 2),
               "chosen": chosen, "reason": reason}
@@ -152,9 +167,14 @@ def sweep(recipe_path: str | Path, ratios: Optional[list[float]] = None, keep_al
     return result
 
 
-def _built(folder: Path, recipe: Recipe, ratio: float) -> bool:
+def _built(folder: Path, recipe: Recipe, ratio: float, inputs: dict[str, str]) -> bool:
+    """A TA in the work folder is reused only if built from this recipe at this ratio from inputs of
+    the same content (a long_cot replaced in place under the same path is caught here)."""
     manifest = read_manifest(folder)
     if not manifest or manifest.get("stage") != "build":
+        return False
+    built_from = {role: (fp or {}).get("content") for role, fp in (manifest.get("inputs") or {}).items()}
+    if built_from != inputs:
         return False
     want = recipe.model_dump(mode="json")
     want["merge"]["ratio"] = ratio

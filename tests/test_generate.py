@@ -170,19 +170,13 @@ def _child(args: list[str]) -> None:
     cli.main(args, prog_name="micota-merge", standalone_mode=True)
 
 
-def test_resume_after_real_kills(varied, reference, tmp_path):
-    """SIGKILL the generate process at random moments while it writes, five times; the final file
-    must be exactly the uninterrupted run's (greedy decoding, same batch plan).
-
-    The killed runs are forked from this process (it has torch and transformers imported already, so
-    each starts in a second instead of an interpreter start); the last run is a fresh
-    `python -m micota_merge.cli` that finishes the file."""
+def _kill_and_resume(args: list[str], out: Path, n_records: int, seed: int) -> list[dict]:
+    """SIGKILL `generate` at random moments while it writes (up to five times), then finish the file
+    with a fresh `python -m micota_merge.cli`; returns the final records."""
     import multiprocessing
 
-    out = tmp_path / "killed.jsonl"
-    args = gen_args(varied, out, "--n", "2", "--temperature", "0")
     ctx = multiprocessing.get_context("fork")
-    rng = random.Random(1234)
+    rng = random.Random(seed)
     kills, torn = 0, 0
     for _ in range(5):
         before = out.stat().st_size if out.exists() else 0
@@ -193,13 +187,14 @@ def test_resume_after_real_kills(varied, reference, tmp_path):
             if out.exists() and out.stat().st_size > before:
                 break
             time.sleep(0.002)
-        time.sleep(rng.uniform(0, 0.3))
+        # a batch of this tiny model takes milliseconds: kill within a few of the first write
+        time.sleep(rng.uniform(0, 0.004))
         if proc.is_alive():
             os.kill(proc.pid, signal.SIGKILL)
             kills += 1
         proc.join()
         torn += out.exists() and not out.read_bytes().endswith(b"\n")
-        if out.exists() and len(read_lines(out)) == len(reference):
+        if out.exists() and len(read_lines(out)) == n_records:
             break
     assert kills >= 3
     print(f"kills {kills}, torn lines left {torn}, lines before the last run {len(read_lines(out))}")
@@ -209,7 +204,41 @@ def test_resume_after_real_kills(varied, reference, tmp_path):
     assert out.read_bytes().endswith(b"\n")
     recs = read(out)
     assert len({(r["id"], r["sample"]) for r in recs}) == len(recs)
-    assert recs == reference
+    return recs
+
+
+def test_resume_after_real_kills(varied, reference, tmp_path):
+    """SIGKILL the generate process at random moments while it writes, five times; the final file
+    must be exactly the uninterrupted run's (greedy decoding, same batch plan).
+
+    The killed runs are forked from this process (it has torch and transformers imported already, so
+    each starts in a second instead of an interpreter start); the last run is a fresh
+    `python -m micota_merge.cli` that finishes the file."""
+    out = tmp_path / "killed.jsonl"
+    args = gen_args(varied, out, "--n", "2", "--temperature", "0")
+    assert _kill_and_resume(args, out, len(reference), seed=1234) == reference
+
+
+def test_sampled_resume_after_real_kills(varied, tmp_path):
+    """With temperature > 0 a killed and resumed run ends with exactly the records of an uninterrupted
+    one: each planned batch draws from its own seed, and a batch cut by a kill is redrawn whole."""
+    sampling = ["--n", "3", "--temperature", "1.0", "--top-p", "0.95", "--seed", "7"]
+    ref_out = tmp_path / "ref" / "sampled.jsonl"
+    code, text = run_cli(*gen_args(varied, ref_out, *sampling))
+    assert code == 0, text
+    reference = read(ref_out)
+    # sampling really happened: the samples of one question differ, so a mix-up would show
+    by_q: dict[str, set[str]] = {}
+    for r in reference:
+        by_q.setdefault(r["id"], set()).add(r["messages"][1]["content"])
+    assert sum(len(v) > 1 for v in by_q.values()) >= len(by_q) // 2
+    out = tmp_path / "killed" / "sampled.jsonl"
+    assert _kill_and_resume(gen_args(varied, out, *sampling), out, len(reference), seed=99) == reference
+    # and another seed draws other samples (the seed is not ignored)
+    other = tmp_path / "other.jsonl"
+    code, text = run_cli(*gen_args(varied, other, *sampling[:-1], "8"))
+    assert code == 0, text
+    assert [r["messages"][1]["content"] for r in read(other)] != [r["messages"][1]["content"] for r in reference]
 
 
 def read_lines(path: Path) -> list[bytes]:

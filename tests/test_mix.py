@@ -51,7 +51,11 @@ def test_one_to_four_mix(parts, tmp_path):
     out2 = tmp_path / "mix2.jsonl"
     run(f"{long}=1", f"{short}=4", "--out", out2, "--total", 50, "--seed", 3)
     assert out2.read_bytes() == out.read_bytes()
-    run(f"{long}=1", f"{short}=4", "--out", out2, "--total", 50, "--seed", 4)
+    code, text = run(f"{long}=1", f"{short}=4", "--out", out2, "--total", 50, "--seed", 4)
+    assert code == 2 and "already exists" in text and "--force" in text  # never overwritten silently
+    assert out2.read_bytes() == out.read_bytes()
+    code, text = run(f"{long}=1", f"{short}=4", "--out", out2, "--total", 50, "--seed", 4, "--force")
+    assert code == 0, text
     assert out2.read_bytes() != out.read_bytes()
 
 
@@ -63,7 +67,8 @@ def test_default_total_is_the_largest_exact_mix(parts, tmp_path):
     recs = [json.loads(line) for line in out.read_text().splitlines()]
     # 100 distinct questions, one answer each: 20 long + 80 short
     assert Counter(r["mix_part"] for r in recs) == {"long": 20, "short": 80}
-    code, text = run(f"{long}=1", f"{short}=4", "--out", out, "--per-question", 2)
+    code, text = run(f"{long}=1", f"{short}=4", "--out", out, "--per-question", 2, "--force")
+    assert code == 0, text
     recs = [json.loads(line) for line in out.read_text().splitlines()]
     assert Counter(r["mix_part"] for r in recs) == {"long": 25, "short": 100}
     assert max(Counter(r["id"] for r in recs).values()) == 2
@@ -100,3 +105,48 @@ def test_refusals(parts, tmp_path):
     assert code == 2 and "bad.jsonl:2" in text
     code, text = run(f"{long}=1", "--out", long)
     assert code == 2 and "also one of the parts" in text
+
+
+def test_mix_over_a_generate_output_needs_force_and_drops_its_sidecars(parts, tmp_path):
+    """A mix written over a generate output must not leave generate's .meta.json beside it: a later
+    `generate --out` on that file would otherwise take it for its own and resume into the mix."""
+    long, short = parts
+    out = tmp_path / "gen.jsonl"
+    out.write_text("".join(json.dumps({"id": f"q{i}", "sample": 0, "messages": []}) + "\n" for i in range(24)))
+    meta = tmp_path / "gen.jsonl.meta.json"
+    meta.write_text('{"format": 1, "settings": {}}')
+    (tmp_path / "gen.correct.jsonl").write_text("")
+    before = out.read_bytes()
+    code, text = run(f"{long}=1", f"{short}=4", "--out", out, "--total", 5)
+    assert code == 2 and "already exists" in text
+    assert out.read_bytes() == before and meta.is_file()
+    code, text = run(f"{long}=1", f"{short}=4", "--out", out, "--total", 5, "--force")
+    assert code == 0, text
+    assert len(out.read_text().splitlines()) == 5
+    assert not meta.exists() and not (tmp_path / "gen.correct.jsonl").exists()
+
+
+@pytest.mark.parametrize("case, message", [
+    ("twice", "given twice"),
+    ("folder", "is a folder"),
+    ("system_last", "must end with the assistant"),
+    ("tool_role", "role 'tool'"),
+    ("no_user", "must end with the assistant's answer to a user turn"),
+])
+def test_bad_parts_refused_with_one_line(parts, tmp_path, case, message):
+    long, short = parts
+    bad = tmp_path / "bad.jsonl"
+    msgs = {"system_last": [{"role": "user", "content": "q"}, {"role": "system", "content": "s"}],
+            "tool_role": [{"role": "user", "content": "q"}, {"role": "tool", "content": "t"},
+                          {"role": "assistant", "content": "a"}],
+            "no_user": [{"role": "system", "content": "s"}, {"role": "assistant", "content": "a"}]}.get(case)
+    if msgs:
+        bad.write_text(json.dumps({"id": "x", "messages": msgs}) + "\n")
+    specs = {"twice": [f"{long}=1", f"{long}=4"], "folder": [f"{long}=1", f"{tmp_path}=4"]}.get(
+        case, [f"{long}=1", f"{bad}=4"])
+    out = tmp_path / "mix.jsonl"
+    code, text = run(*specs, "--out", out)
+    assert code == 2, text
+    assert message in text and "Traceback" not in text
+    assert len(text.strip().splitlines()) == 1
+    assert not out.exists()
