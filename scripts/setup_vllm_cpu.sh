@@ -45,9 +45,9 @@ if ! "$VENV/bin/python" -c "import micota_merge, sys; sys.exit(not micota_merge.
         >/dev/null 2>&1; then
     pip_ install --no-deps -e "$REPO"
 fi
-if ! "$VENV/bin/python" -c "import click, math_verify, tqdm, rich, pydantic, yaml, safetensors, datasets" \
+if ! "$VENV/bin/python" -c "import click, math_verify, tqdm, rich, pydantic, yaml, safetensors, datasets, xxhash" \
         >/dev/null 2>&1; then
-    pip_ install click "math-verify>=0.7" tqdm rich pydantic pyyaml safetensors datasets
+    pip_ install click "math-verify>=0.7" tqdm rich pydantic pyyaml safetensors datasets xxhash
 fi
 
 # lm-eval for `micota-merge eval --backend vllm` (no deps: its resolver would move transformers).
