@@ -130,7 +130,7 @@ def main(argv=None):
               f"p90 {s[int(0.9 * (len(s) - 1))]}, max {s[-1]} | device "
               f"{'cuda' if torch.cuda.is_available() else f'cpu x{torch.get_num_threads()} threads'}")
         results = [run_mode(False, student, data, args, work), run_mode(True, student, data, args, work)]
-    print(f"\n| mode | steps | real tokens | positions computed | pad share | seconds | tokens/s |")
+    print("\n| mode | steps | real tokens | positions computed | pad share | seconds | tokens/s |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in results:
         print(f"| {r['mode']} | {r['steps']} | {r['real_tokens']:,} | {r['positions']:,} | {r['pad_share']:.1%} | "

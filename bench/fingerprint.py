@@ -23,10 +23,8 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-
 sys.path.insert(0, str(Path(__file__).parent))
-from merge_throughput import write_family  # noqa: E402
+from merge_throughput import family_recipe  # noqa: E402
 
 
 def clear_caches(work: Path) -> None:
@@ -50,18 +48,11 @@ def main():
 
     from micota_merge.fingerprint import checkpoint_fingerprint
 
-    work = Path(args.workdir)
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    model_bytes, _ = write_family(work, args.size_gb)
-    recipe = {"models": {r: str(work / r) for r in ("long_cot", "short_cot", "base")},
-              "merge": {"method": "linear", "ratio": 0.5, "dtype": "bfloat16"},
-              "tokenizer": "short_cot", "output": str(work / "ta")}
-    (work / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    work, model_bytes, recipe = family_recipe(args.workdir, args.size_gb)
     micota = str(Path(sys.executable).parent / "micota-merge")
-    build = [micota, "build", str(work / "recipe.yaml"), "--force"]
+    build = [micota, "build", str(recipe), "--force"]
 
-    timed([micota, "build", str(work / "recipe.yaml"), "--force"])  # warm imports and the page cache
+    timed(build)  # warm imports and the page cache
     clear_caches(work)
     first = timed(build)
     again = timed(build)

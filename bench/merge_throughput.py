@@ -82,6 +82,20 @@ def write_family(work: Path, size_gb: float) -> tuple[int, int]:
     return n_bytes, largest
 
 
+def family_recipe(workdir: str | Path, size_gb: float, method: str = "linear", **merge) -> tuple[Path, int, Path]:
+    """A fresh work folder with the three generated checkpoints and a recipe merging them.
+    Returns (folder, bytes per model, recipe path)."""
+    work = Path(workdir)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    model_bytes, _ = write_family(work, size_gb)
+    recipe = {"models": {r: str(work / r) for r in ("long_cot", "short_cot", "base")},
+              "merge": {"method": method, "ratio": 0.5, "dtype": "bfloat16", **merge},
+              "tokenizer": "short_cot", "output": str(work / "ta")}
+    (work / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    return work, model_bytes, work / "recipe.yaml"
+
+
 def measure(cmd: list[str]) -> tuple[float, int, int]:
     """Wall seconds, peak resident memory, and peak anonymous memory of a child process.
 

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from .artifacts import now, write_json_atomic, write_text_atomic
-from .errors import UserError
 from .recipe import PipelineSettings, Recipe, load_recipe
 
 STAGES = ("build", "generate", "mix", "distill", "eval", "report")
