@@ -90,7 +90,7 @@ class Runner:
 def run(path: str | Path, run_from: Optional[str] = None, until: Optional[str] = None,
         echo: Callable[[str], None] = print) -> dict:
     """Run the pipeline file (a recipe with a `pipeline:` section; a bare recipe only builds)."""
-    from .preflight import check_order, validate_pipeline
+    from .pipeline_check import check_order, validate_pipeline
 
     check_order(run_from, until, STAGES)
     recipe = load_recipe(path)
