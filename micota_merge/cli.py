@@ -297,7 +297,9 @@ def generate(**kw):
     """Answer a question set with a model; write chat records as they finish.
 
     Records (OUT.jsonl): id, messages [user, assistant], answer, pred, correct, num_tokens,
-    finish_reason (stop | length), model, sample. Beside it: OUT.jsonl.meta.json (the settings;
+    finish_reason (stop | length), model, sample, system (the system prompt the chat template
+    injected by itself, e.g. Qwen2.5-Instruct's, or null). A template's prefill (R1's
+    "<think>\\n") starts the assistant content. Beside it: OUT.jsonl.meta.json (the settings;
     a resume with other settings is refused), OUT.correct.jsonl (--keep correct) and
     OUT.stats.json (accuracy, acceptance rate, lengths, truncations).
 
