@@ -24,7 +24,7 @@ from .artifacts import atomic_dir, now, write_manifest
 from .checkpoints import (DTYPE_BYTES, TORCH_DTYPE_BYTES, CheckpointMeta, check_compatible, copy_tokenizer, read_checkpoint,
                           resolve_model_path, tokenizer_fingerprint, weight_files)
 from .errors import StageFailed, UserError
-from .preflight import lineage_warnings, tie_warnings, token_report, untie_config, write_stop_ids
+from .preflight import check_untie_supported, lineage_warnings, tie_warnings, token_report, untie_config, write_stop_ids
 from .recipe import Recipe, is_mergekit_config, parse_recipe, read_yaml
 
 LOG = logging.getLogger("micota_merge.merge")
@@ -119,6 +119,7 @@ def plan_build(recipe_path: str | Path, output: Optional[str] = None, ratio: Opt
     # The identity side goes first so that warnings say whose values the TA keeps.
     ordered = {identity: metas[identity], **{r: m for r, m in metas.items() if r != identity}}
     warnings = check_compatible(ordered).warnings + lineage_warnings(metas) + tie_warnings(metas)
+    check_untie_supported(metas)
     stop_ids: list[int] = []
     if recipe is not None:
         warnings += _tokenizer_warnings(paths, recipe.tokenizer)

@@ -151,6 +151,34 @@ def tie_warnings(metas: dict[str, CheckpointMeta]) -> list[str]:
             f"lm_head.weight and tie_word_embeddings: false"]
 
 
+def check_untie_supported(metas: dict[str, CheckpointMeta]) -> None:
+    """Refuse a tie mismatch, before any weight is read, where mergekit cannot read a tied side's
+    embedding as its lm_head (its architecture definition lists no tie): it would stop mid-merge
+    with "Tensor lm_head.weight required but not present"."""
+    from .errors import UserError
+
+    tied = [r for r, m in metas.items() if "lm_head.weight" not in m.tensors]
+    if not tied or len(tied) == len(metas):
+        return
+    try:
+        from mergekit.architecture import arch_info_for_config
+        from transformers import AutoConfig
+
+        meta = metas[tied[0]]
+        config = AutoConfig.for_model(**{k: v for k, v in meta.config.items() if k != "transformers_version"})
+        arch = arch_info_for_config(config)
+        heads = [w for w in arch.all_weights(config) if w.name == "lm_head.weight"] if arch else []
+    except Exception:  # an architecture mergekit only knows through transformers: it handles ties there
+        return
+    embed = "model.embed_tokens.weight"
+    if heads and embed not in (heads[0].tied_names or ()):
+        raise UserError(
+            f"tie mismatch: {', '.join(tied)} ties lm_head to its embeddings and mergekit's {meta.architecture} "
+            f"definition cannot read the embedding in its place. Untie it first: load it, set "
+            f"config.tie_word_embeddings = False and lm_head.weight = a copy of {embed}, save_pretrained, "
+            f"and use that folder")
+
+
 def untie_config(folder: Path) -> bool:
     """Set tie_word_embeddings false in folder/config.json when the weights hold a separate lm_head.
 

@@ -403,3 +403,26 @@ def test_real_templates_facts():
     assert (qwen.prefill, qwen.default_system, qwen.end_of_turn, qwen.rewrites_answer) == \
         ("", QWEN_DEFAULT_SYSTEM, "<|im_end|>\n", False)
     assert read_chat_template(R1_32B)  # the reconstructed tokenizer_config.json carries it
+
+
+def test_tie_mismatch_refused_before_reading_where_mergekit_cannot_untie(tiny_family_f32, tmp_path, monkeypatch):
+    """Where mergekit's architecture lists no lm_head -> embedding tie, the build stops at the
+    metadata, saying how to untie the checkpoint, instead of failing mid-merge."""
+    import safetensors.torch
+    from mergekit.architecture import base as arch_base
+
+    fam = dict(tiny_family_f32, long_cot=_untied_copy(tiny_family_f32["long_cot"], tmp_path / "long_untied", 5))
+    original = arch_base.ModelArchitecture.all_weights
+
+    def without_tie(self, config):
+        return [w.model_copy(update={"tied_names": None}) if w.name == "lm_head.weight" else w
+                for w in original(self, config)]
+
+    monkeypatch.setattr(arch_base.ModelArchitecture, "all_weights", without_tie)
+    monkeypatch.setattr(safetensors.torch, "load_file", lambda *a, **k: pytest.fail("a weight was read"))
+    recipe = {"models": {k: str(v) for k, v in fam.items()}, "output": str(tmp_path / "ta"),
+              "merge": {"method": "linear", "ratio": 0.5, "dtype": "float32"}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    code, text = run_cli("build", tmp_path / "r.yaml")
+    assert code == 2 and "Untie it first" in text and "short_cot" in text
+    assert not (tmp_path / "ta").exists()
