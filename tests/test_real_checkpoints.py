@@ -426,3 +426,18 @@ def test_tie_mismatch_refused_before_reading_where_mergekit_cannot_untie(tiny_fa
     code, text = run_cli("build", tmp_path / "r.yaml")
     assert code == 2 and "Untie it first" in text and "short_cot" in text
     assert not (tmp_path / "ta").exists()
+
+
+@pytest.mark.parametrize("long_cot,base,warned", [
+    ("deepseek-ai__DeepSeek-R1-Distill-Qwen-7B", "Qwen__Qwen2.5-7B", True),  # from Qwen2.5-Math-7B
+    ("deepseek-ai__DeepSeek-R1-Distill-Qwen-32B", "Qwen__Qwen2.5-32B", False),  # byte-identical configs
+])
+def test_lineage_from_the_real_configs(long_cot, base, warned):
+    from micota_merge.checkpoints import CheckpointMeta
+    from micota_merge.preflight import lineage_warnings
+
+    metas = {role: CheckpointMeta(MODEL_META / name, json.loads((MODEL_META / name / "config.json").read_text()), {})
+             for role, name in (("long_cot", long_cot), ("base", base))}
+    assert bool(lineage_warnings(metas)) == warned
+    if long_cot.endswith("32B"):
+        assert (MODEL_META / long_cot / "config.json").read_bytes() == (MODEL_META / base / "config.json").read_bytes()
