@@ -208,17 +208,16 @@ def encode_records(tokenizer, records: list[ChatRecord], batch: int = 256,
     `template_system`: "keep" puts the system prompt the teacher's template injected (the record's
     "system") back in front of the prompt; "drop" leaves the student's template to decide.
     """
-    from .templates import render_completion, render_with_tokenizer, template_facts
+    from .templates import render_completion, render_with_tokenizer
 
     if not getattr(tokenizer, "chat_template", None):
         raise UserError("the model's tokenizer has no chat template; distill and align format records "
                         "through the student's own template (use an -Instruct checkpoint, or add one)")
     render = render_with_tokenizer(tokenizer)
-    facts = template_facts(render)
     out = []
     for start in range(0, len(records), batch):
         chunk = records[start:start + batch]
-        rendered = [render_completion(render, _prompt_messages(r, template_system), r.completion["content"], facts)
+        rendered = [render_completion(render, _prompt_messages(r, template_system), r.completion["content"])
                     for r in chunk]
         prompts = [p for p, _ in rendered]
         fulls = [f for _, f in rendered]

@@ -145,10 +145,11 @@ def tie_warnings(metas: dict[str, CheckpointMeta]) -> list[str]:
     untied = [r for r, m in metas.items() if "lm_head.weight" in m.tensors]
     if not tied or not untied:
         return []
-    return [f"tie mismatch: {', '.join(untied)} {'has' if len(untied) == 1 else 'have'} a separate lm_head, "
+    line = (f"tie mismatch: {', '.join(untied)} {'has' if len(untied) == 1 else 'have'} a separate lm_head, "
             f"{', '.join(tied)} {'ties' if len(tied) == 1 else 'tie'} it to the embeddings; the merge reads "
             f"{'its' if len(tied) == 1 else 'their'} embedding as lm_head (untied), so the TA gets its own "
-            f"lm_head.weight and tie_word_embeddings: false"]
+            f"lm_head.weight and tie_word_embeddings: false")
+    return [line]
 
 
 def check_untie_supported(metas: dict[str, CheckpointMeta]) -> None:

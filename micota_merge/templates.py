@@ -15,6 +15,7 @@ verbatim, then the template's end of turn; it never lets the template rewrite th
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -48,7 +49,7 @@ def render_with_template(template: str, bos_token: str = "", eos_token: str = ""
         raise jinja2.exceptions.TemplateError(message)
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.filters["tojson"] = lambda x, **kw: __import__("json").dumps(x, **kw)
+    env.filters["tojson"] = lambda x, **kw: json.dumps(x, **kw)
     env.globals["raise_exception"] = raise_exception
     compiled = env.from_string(template)
 
@@ -84,15 +85,13 @@ def template_facts(render: Render) -> TemplateFacts:
     return facts
 
 
-def render_completion(render: Render, prompt: list, answer: str, facts: Optional[TemplateFacts] = None
-                      ) -> tuple[str, str]:
+def render_completion(render: Render, prompt: list, answer: str) -> tuple[str, str]:
     """(prompt text, full text) for a prompt and its finished answer, as at generation time.
 
     `answer` is the whole assistant turn as a record holds it, prefill included (a record written
     by `generate` from an R1-templated model starts with "<think>\\n"). The full text is the
     prompt's own rendering up to the assistant tag, the answer verbatim, then the end of turn.
     """
-    facts = facts or template_facts(render)
     prompt_text = render(prompt, True)
     turn = render(prompt + [{"role": "assistant", "content": _ANSWER}], False)
     if _ANSWER not in turn:  # a template that drops the answer: fall back to its own rendering

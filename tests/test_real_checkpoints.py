@@ -9,7 +9,6 @@ R1's and Qwen2.5's real chat templates go through generate and distill intact.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -19,7 +18,12 @@ from click.testing import CliRunner
 
 from micota_merge.cli import cli
 from micota_merge.errors import UserError
-from micota_merge.standin import MODEL_META, make_standin, meta_folder_name, recipe_standins
+from micota_merge.standin import (
+    MODEL_META,
+    make_standin,
+    meta_folder_name,
+    recipe_standins,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 R1_32B = MODEL_META / "deepseek-ai__DeepSeek-R1-Distill-Qwen-32B"
