@@ -15,6 +15,10 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
+from safetensors.torch import (  # bound here: tests below guard the module attribute
+    load_file,
+    save_file,
+)
 
 from micota_merge.cli import cli
 from micota_merge.errors import UserError
@@ -50,6 +54,24 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def no_weight_reads(monkeypatch):
+    """safetensors.torch.load_file fails the test while it runs. Disarmed afterwards rather than only
+    restored: a module first imported during the test keeps its own reference to the guard."""
+    import safetensors.torch
+
+    real, armed = safetensors.torch.load_file, [True]
+
+    def guard(*a, **k):
+        if armed[0]:
+            pytest.fail("a weight was read")
+        return real(*a, **k)
+
+    monkeypatch.setattr(safetensors.torch, "load_file", guard)
+    yield
+    armed[0] = False
 
 
 def run_cli(*args) -> tuple[int, str]:
@@ -150,11 +172,8 @@ def test_paper_recipe_metadata_found_or_named(name, tmp_path):
         assert all(m in str(e.value) for m in missing)
 
 
-def test_r1_qwen7b_dry_run_on_standins_prints_the_real_traps(tmp_path, monkeypatch):
+def test_r1_qwen7b_dry_run_on_standins_prints_the_real_traps(tmp_path, no_weight_reads):
     """The one paper recipe whose three checkpoints all have real metadata: a full dry-run."""
-    import safetensors.torch
-
-    monkeypatch.setattr(safetensors.torch, "load_file", lambda *a, **k: pytest.fail("a weight was read"))
     code, text = run_cli("demo", "standin", "--recipe", REPO / "merge_recipes" / "r1-qwen7b-ta.yaml",
                          "--out", tmp_path / "s")
     assert code == 0, text
@@ -204,7 +223,6 @@ def test_r1_qwen1p5b_pair_dry_run_untied_and_sized(tmp_path):
 def _untied_copy(src: Path, dst: Path, seed: int) -> Path:
     """src (ties lm_head to its embeddings) re-saved with its own lm_head = embedding + noise."""
     import torch
-    from safetensors.torch import load_file, save_file
 
     shutil.copytree(src, dst)
     state = {}
@@ -224,7 +242,6 @@ def _untied_copy(src: Path, dst: Path, seed: int) -> Path:
 @pytest.mark.parametrize("method", ["linear", "task_arithmetic"])
 def test_tie_mismatch_merges_with_the_tied_sides_embedding_as_its_head(tiny_family_f32, tmp_path, method):
     import torch
-    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     fam = dict(tiny_family_f32, long_cot=_untied_copy(tiny_family_f32["long_cot"], tmp_path / "long_untied", 5))
@@ -409,10 +426,10 @@ def test_real_templates_facts():
     assert read_chat_template(R1_32B)  # the reconstructed tokenizer_config.json carries it
 
 
-def test_tie_mismatch_refused_before_reading_where_mergekit_cannot_untie(tiny_family_f32, tmp_path, monkeypatch):
+def test_tie_mismatch_refused_before_reading_where_mergekit_cannot_untie(tiny_family_f32, tmp_path, monkeypatch,
+                                                                       no_weight_reads):
     """Where mergekit's architecture lists no lm_head -> embedding tie, the build stops at the
     metadata, saying how to untie the checkpoint, instead of failing mid-merge."""
-    import safetensors.torch
     from mergekit.architecture import base as arch_base
 
     fam = dict(tiny_family_f32, long_cot=_untied_copy(tiny_family_f32["long_cot"], tmp_path / "long_untied", 5))
@@ -423,7 +440,6 @@ def test_tie_mismatch_refused_before_reading_where_mergekit_cannot_untie(tiny_fa
                 for w in original(self, config)]
 
     monkeypatch.setattr(arch_base.ModelArchitecture, "all_weights", without_tie)
-    monkeypatch.setattr(safetensors.torch, "load_file", lambda *a, **k: pytest.fail("a weight was read"))
     recipe = {"models": {k: str(v) for k, v in fam.items()}, "output": str(tmp_path / "ta"),
               "merge": {"method": "linear", "ratio": 0.5, "dtype": "float32"}}
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
