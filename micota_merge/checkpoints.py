@@ -28,7 +28,7 @@ STRUCTURAL_FIELDS = ("model_type", "architectures", "hidden_size", "num_hidden_l
                      "num_attention_heads", "num_key_value_heads", "intermediate_size",
                      "head_dim")
 # Fields that merge fine but change behaviour (R1-Distill-Qwen-7B derives from
-# Qwen2.5-Math-7B: rope_theta 10000 and 4k positions vs Qwen2.5-7B's 1e6 and 32k).
+# Qwen2.5-Math-7B: rope_theta 10000 vs Qwen2.5-7B's 1e6, sliding_window 4096 vs 131072).
 BEHAVIOUR_FIELDS = ("rope_theta", "rope_scaling", "max_position_embeddings", "sliding_window",
                     "use_sliding_window", "max_window_layers", "rms_norm_eps", "vocab_size",
                     "bos_token_id", "eos_token_id", "hidden_act", "attention_bias")
