@@ -26,9 +26,9 @@ TORCH_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 # Config fields whose difference means the tensors cannot be merged at all.
 STRUCTURAL_FIELDS = ("model_type", "architectures", "hidden_size", "num_hidden_layers",
                      "num_attention_heads", "num_key_value_heads", "intermediate_size",
-                     "head_dim", "tie_word_embeddings")
+                     "head_dim")
 # Fields that merge fine but change behaviour (R1-Distill-Qwen-7B derives from
-# Qwen2.5-Math-7B: rope_theta 10000 and 4k positions vs Qwen2.5-7B's 1e6 and 32k).
+# Qwen2.5-Math-7B: rope_theta 10000 vs Qwen2.5-7B's 1e6, sliding_window 4096 vs 131072).
 BEHAVIOUR_FIELDS = ("rope_theta", "rope_scaling", "max_position_embeddings", "sliding_window",
                     "use_sliding_window", "max_window_layers", "rms_norm_eps", "vocab_size",
                     "bos_token_id", "eos_token_id", "hidden_act", "attention_bias")
@@ -187,11 +187,13 @@ def check_compatible(metas: dict[str, CheckpointMeta]) -> Compatibility:
         other = metas[role]
         for key in STRUCTURAL_FIELDS:
             a, b = ref.config.get(key), other.config.get(key)
-            if a != b and not (key == "tie_word_embeddings" and bool(a) == bool(b)):
+            if a != b:
                 raise UserError(f"{ref_role} and {role} differ in config field {key!r}: "
                                 f"{a!r} ({ref.path}) vs {b!r} ({other.path}); they cannot be merged")
         names_a, names_b = set(ref.tensors), set(other.tensors)
         for name in sorted(names_a ^ names_b):
+            if name == "lm_head.weight" and _ties(ref if name in names_b else other):
+                continue  # a tied side's lm_head is its embedding: merged untied (preflight.tie_warnings)
             where = ref_role if name in names_a else role
             missing = role if name in names_a else ref_role
             raise UserError(f"tensor {name!r} is in {where} but not in {missing}; "
@@ -206,6 +208,10 @@ def check_compatible(metas: dict[str, CheckpointMeta]) -> Compatibility:
                 warnings.append(f"{ref_role} and {role} differ in {key}: {a!r} vs {b!r} "
                                 f"(the TA takes {ref_role}'s config)")
     return Compatibility(warnings)
+
+
+def _ties(meta: CheckpointMeta) -> bool:
+    return meta.config.get("tie_word_embeddings", False) is not False and "model.embed_tokens.weight" in meta.tensors
 
 
 def config_value(config: dict, key: str):

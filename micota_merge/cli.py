@@ -133,6 +133,42 @@ def demo_init(out, force):
         click.echo(f"{role:>9}: {path}")
 
 
+@demo.command("standin")
+@click.option("--meta", default=None,
+              help="A checkpoint's metadata folder (config.json, generation_config.json, tokenizer_config.json), "
+                   "or with --recipe a folder of org__name metadata folders. Default: the shipped real metadata "
+                   "(micota_merge/assets/model_meta, sources in its SOURCES.md).")
+@click.option("--recipe", "recipe_path", default=None, type=click.Path(dir_okay=False),
+              help="Write stand-ins for every checkpoint this recipe names, and OUT/recipe.yaml pointing at them.")
+@click.option("--out", required=True, help="Folder to write the stand-in (or, with --recipe, the stand-ins) into.")
+@click.option("--shard-size", default=None,
+              help="Split the weights into shards of at most this size (e.g. 5GB) with an index; default one file.")
+@click.option("--force", is_flag=True, help="Replace an existing --out.")
+@_run_stage
+def demo_standin(meta, recipe_path, out, shard_size, force):
+    """Checkpoints that are real in every header and empty in every weight.
+
+    The safetensors files carry the tensor names, shapes and dtypes transformers gives the real
+    config, with sparse data (a 32B stand-in takes kilobytes of disk), so `build --dry-run` meets
+    a paper-scale pair's real traps in seconds. What each file came from is in STANDIN.json.
+
+    \b
+      micota-merge demo standin --recipe merge_recipes/r1-qwen7b-ta.yaml --out /tmp/r1-7b
+      micota-merge build /tmp/r1-7b/recipe.yaml --dry-run
+    """
+    from .merge import parse_size
+    from .standin import MODEL_META, make_standin, recipe_standins
+
+    shard_bytes = parse_size(shard_size) if shard_size else None
+    if recipe_path:
+        made = recipe_standins(recipe_path, meta or MODEL_META, out, force=force, shard_bytes=shard_bytes)
+        click.echo(f"stand-ins and {made} written; check it with: micota-merge build {made} --dry-run")
+        return
+    if not meta:
+        raise click.UsageError("give --meta (one checkpoint's metadata folder) or --recipe")
+    click.echo(f"stand-in written to {make_standin(meta, out, force=force, shard_bytes=shard_bytes)}")
+
+
 @demo.command("train")
 @click.option("--out", default="outputs/microworld", show_default=True,
               help="Folder for base/, long_cot/, short_cot/, student/, question files and training.json.")
@@ -269,7 +305,9 @@ def generate(**kw):
     """Answer a question set with a model; write chat records as they finish.
 
     Records (OUT.jsonl): id, messages [user, assistant], answer, pred, correct, num_tokens,
-    finish_reason (stop | length), model, sample. Beside it: OUT.jsonl.meta.json (the settings;
+    finish_reason (stop | length), model, sample, system (the system prompt the chat template
+    injected by itself, e.g. Qwen2.5-Instruct's, or null). A template's prefill (R1's
+    "<think>\\n") starts the assistant content. Beside it: OUT.jsonl.meta.json (the settings;
     a resume with other settings is refused), OUT.correct.jsonl (--keep correct) and
     OUT.stats.json (accuracy, acceptance rate, lengths, truncations).
 

@@ -72,6 +72,10 @@ class DistillConfig(BaseModel):
                                                     "off at generate's token limit (finish_reason \"length\"); "
                                                     "by default only verified, finished answers are learnt.")
     limit: Optional[int] = Field(None, description="Use only the first N usable records (quick runs).")
+    template_system: Literal["keep", "drop"] = Field(
+        "keep", description="The system prompt the teacher's chat template injected (Qwen2.5-Instruct's "
+                            "\"You are Qwen...\", kept in each record's \"system\"): keep it in the student's "
+                            "prompt, or drop it and let the student's template decide (R1's card: no system prompt).")
     packing: bool = Field(False, description="Padding-free packing: records are packed (best-fit) into "
                                              "max-length rows with no padding and no cross-record attention.")
     # -- machinery
@@ -160,6 +164,7 @@ class ChatRecord:
     correct: Optional[bool] = None
     id: Optional[str] = None
     cut_off: bool = False  # generation stopped at its token limit (finish_reason "length")
+    system: Optional[str] = None  # the system prompt the teacher's chat template injected (generate's "system")
 
 
 def read_chat_records(path: str | os.PathLike, option: str = "--data") -> list[ChatRecord]:
@@ -196,26 +201,40 @@ def read_chat_records(path: str | os.PathLike, option: str = "--data") -> list[C
             correct = rec.get("correct")
             out.append(ChatRecord(str(path), n, msgs[:last], msgs[last],
                                   correct if isinstance(correct, bool) else None, rec.get("id"),
-                                  rec.get("finish_reason") == "length"))
+                                  rec.get("finish_reason") == "length",
+                                  rec.get("system") if isinstance(rec.get("system"), str) else None))
     return out
 
 
-def encode_records(tokenizer, records: list[ChatRecord], batch: int = 256) -> list[tuple[list[int], list[int]]]:
+def encode_records(tokenizer, records: list[ChatRecord], batch: int = 256,
+                   template_system: str = "keep") -> list[tuple[list[int], list[int]]]:
     """(input_ids, completion_mask) per record, through the tokenizer's own chat template.
 
     The same rule as TRL's conversational prompt-completion tokenization: render the prompt with
     the generation prompt and the whole conversation, tokenize both, and let the completion start
     where the two token lists diverge. Rendering then tokenizing in batches is what
     `apply_chat_template(tokenize=True)` does one by one, only faster.
+
+    The conversation is rendered by `templates.render_completion`: the answer goes in verbatim,
+    so a template that rewrites finished answers (R1's keeps only the text after `</think>`)
+    cannot drop the reasoning, and a template that prefills `<think>\\n` finds it in the prompt
+    (a `generate` record's answer starts with it), so the prefill is not learnt as output.
+    `template_system`: "keep" puts the system prompt the teacher's template injected (the record's
+    "system") back in front of the prompt; "drop" leaves the student's template to decide.
     """
+    from .templates import render_completion, render_with_tokenizer
+
     if not getattr(tokenizer, "chat_template", None):
         raise UserError("the model's tokenizer has no chat template; distill and align format records "
                         "through the student's own template (use an -Instruct checkpoint, or add one)")
+    render = render_with_tokenizer(tokenizer)
     out = []
     for start in range(0, len(records), batch):
         chunk = records[start:start + batch]
-        prompts = [tokenizer.apply_chat_template(r.prompt, tokenize=False, add_generation_prompt=True) for r in chunk]
-        fulls = [tokenizer.apply_chat_template(r.prompt + [r.completion], tokenize=False) for r in chunk]
+        rendered = [render_completion(render, _prompt_messages(r, template_system), r.completion["content"])
+                    for r in chunk]
+        prompts = [p for p, _ in rendered]
+        fulls = [f for _, f in rendered]
         p_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
         f_ids = tokenizer(fulls, add_special_tokens=False)["input_ids"]
         for p, ids in zip(p_ids, f_ids):
@@ -226,6 +245,12 @@ def encode_records(tokenizer, records: list[ChatRecord], batch: int = 256) -> li
                 n += 1
             out.append((list(ids), [0] * n + [1] * (len(ids) - n)))
     return out
+
+
+def _prompt_messages(rec: ChatRecord, template_system: str) -> list[dict]:
+    if template_system == "keep" and rec.system is not None and rec.prompt[0].get("role") != "system":
+        return [{"role": "system", "content": rec.system}] + rec.prompt
+    return rec.prompt
 
 
 @dataclass
@@ -255,7 +280,7 @@ class DataReport:
 
 
 def prepare_examples(tokenizer, files: list[str], max_length: int, overlong: str = "drop",
-                     keep_incorrect: bool = False, limit: int | None = None
+                     keep_incorrect: bool = False, limit: int | None = None, template_system: str = "keep"
                      ) -> tuple[list[tuple[list[int], list[int]]], DataReport]:
     """Read, filter and tokenize the training files; count every record that is left out."""
     from .artifacts import sha256_file
@@ -273,7 +298,7 @@ def prepare_examples(tokenizer, files: list[str], max_length: int, overlong: str
         report.dropped_cut_off = sum(r.cut_off for r in records)
         records = [r for r in records if not r.cut_off]
     examples = []
-    for ids, mask in encode_records(tokenizer, records):
+    for ids, mask in encode_records(tokenizer, records, template_system=template_system):
         if not any(mask):
             report.dropped_empty += 1
             continue
@@ -574,7 +599,7 @@ def distill(cfg: DistillConfig, echo: Callable[[str], None] = print) -> Path:
     # -- data
     tokenizer = AutoTokenizer.from_pretrained(student)
     examples, report = prepare_examples(tokenizer, cfg.data, cfg.max_length, cfg.overlong,
-                                        cfg.keep_incorrect, cfg.limit)
+                                        cfg.keep_incorrect, cfg.limit, cfg.template_system)
     if not examples:
         raise UserError(f"nothing left to train on after filtering: {report.summary()} "
                         f"(see --keep-incorrect, --max-length, --overlong truncate)")

@@ -46,7 +46,7 @@ META_FORMAT = 1
 # End-of-turn tokens of common chat templates: a chat model ends its answer with one of these,
 # which is not always its config's eos_token_id.
 _END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<end_of_turn>", "<|endoftext|>",
-                "<|end▁of▁sentence|>", "</s>")
+                "<|end▁of▁sentence|>", "<｜end▁of▁sentence｜>", "</s>")  # DeepSeek's bars are fullwidth
 
 
 class GenerateOptions(BaseModel):
@@ -282,6 +282,24 @@ def stop_token_ids(tokenizer, model_dir: Path) -> list[int]:
     return sorted(ids)
 
 
+def chat_template_facts(tokenizer):
+    """What the model's chat template adds on its own: a prefill after the assistant tag, a default system prompt."""
+    from .templates import TemplateFacts, render_with_tokenizer, template_facts
+
+    return template_facts(render_with_tokenizer(tokenizer)) if getattr(tokenizer, "chat_template", None) \
+        else TemplateFacts()
+
+
+def answer_text(tokenizer, toks: list[int], stop_ids: set[int], facts) -> str:
+    """The whole assistant turn as a record keeps it: the template's prefill (R1's "<think>\\n", which
+    the model saw as prompt and continued), then the decoded answer without its stop token. The
+    stop token is left out even where the tokenizer does not call it special (a merged TA may end
+    with the other parent's end of turn, e.g. id 151645, which R1's tokenizer reads as <｜Assistant｜>)."""
+    if toks and toks[-1] in stop_ids:
+        toks = toks[:-1]
+    return facts.prefill + tokenizer.decode(toks, skip_special_tokens=True)
+
+
 def finish(token_ids: list[int], stop_ids: set[int], max_tokens: int) -> tuple[list[int], str]:
     """The answer's tokens up to and including the first stop token, and why it ended."""
     for i, t in enumerate(token_ids):
@@ -418,6 +436,7 @@ def generate(opts: GenerateOptions, echo=print) -> dict:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    facts = chat_template_facts(tokenizer)
     users, prompt_ids = [], []
     for q in questions:
         user, text = format_prompt(tokenizer, q["question"], template)
@@ -436,13 +455,14 @@ def generate(opts: GenerateOptions, echo=print) -> dict:
 
     def record(qi: int, sample: int, tokens: list[int]) -> dict:
         toks, reason = finish(tokens, stop_set, opts.max_tokens)
-        text = tokenizer.decode(toks, skip_special_tokens=True)
+        text = answer_text(tokenizer, toks, stop_set, facts)
         q = questions[qi]
         g = grade(text, q["answer"], q["benchmark"])
         return {"id": q["id"], "messages": [{"role": "user", "content": users[qi]},
                                             {"role": "assistant", "content": text}],
                 "answer": q["answer"], "pred": g["pred"], "correct": g["correct"], "num_tokens": len(toks),
-                "finish_reason": reason, "model": opts.model, "sample": sample}
+                "finish_reason": reason, "model": opts.model, "sample": sample,
+                "system": facts.default_system}
 
     # ---- generate
     t0, n_tokens, n_written, n_accepted = time.perf_counter(), 0, 0, 0

@@ -21,9 +21,10 @@ import yaml
 from pydantic import ValidationError
 
 from .artifacts import atomic_dir, now, write_manifest
-from .checkpoints import (CheckpointMeta, check_compatible, copy_tokenizer, read_checkpoint,
+from .checkpoints import (DTYPE_BYTES, TORCH_DTYPE_BYTES, CheckpointMeta, check_compatible, copy_tokenizer, read_checkpoint,
                           resolve_model_path, tokenizer_fingerprint, weight_files)
 from .errors import StageFailed, UserError
+from .preflight import check_untie_supported, lineage_warnings, tie_warnings, token_report, untie_config, write_stop_ids
 from .recipe import Recipe, is_mergekit_config, parse_recipe, read_yaml
 
 LOG = logging.getLogger("micota_merge.merge")
@@ -45,6 +46,7 @@ class BuildPlan:
     output_bytes: int
     warnings: list[str] = field(default_factory=list)
     source: str = ""
+    stop_ids: list[int] = field(default_factory=list)  # ids the TA's generation_config.json stops on
 
     def describe(self) -> str:
         lines = [f"output: {self.output}  ({self.output_bytes / 2**30:.2f} GiB)"]
@@ -85,8 +87,11 @@ def mergekit_yaml(recipe_path: str | Path, ratio: Optional[float] = None) -> str
 
 
 def plan_build(recipe_path: str | Path, output: Optional[str] = None, ratio: Optional[float] = None,
-               force: bool = False, recipe: Optional[Recipe] = None) -> BuildPlan:
-    """Validate the recipe and the checkpoints from metadata only; raise UserError on anything wrong."""
+               force: bool = False, recipe: Optional[Recipe] = None, dry_run: bool = False) -> BuildPlan:
+    """Validate the recipe and the checkpoints from metadata only; raise UserError on anything wrong.
+
+    With `dry_run`, too little disk for the output is a warning: a recipe is often checked on a
+    laptop before it is built on the machine with the space."""
     recipe_path = Path(recipe_path)
     base_dir = recipe_path.parent
     if recipe is None:
@@ -113,9 +118,14 @@ def plan_build(recipe_path: str | Path, output: Optional[str] = None, ratio: Opt
     identity = recipe.identity_role if recipe else next(iter(metas))
     # The identity side goes first so that warnings say whose values the TA keeps.
     ordered = {identity: metas[identity], **{r: m for r, m in metas.items() if r != identity}}
-    warnings = check_compatible(ordered).warnings
+    warnings = check_compatible(ordered).warnings + lineage_warnings(metas) + tie_warnings(metas)
+    check_untie_supported(metas)
+    stop_ids: list[int] = []
     if recipe is not None:
         warnings += _tokenizer_warnings(paths, recipe.tokenizer)
+        tokens = token_report(paths, recipe.tokenizer)
+        warnings += tokens.warnings
+        stop_ids = tokens.stop_ids
         mk_cfg = recipe.to_mergekit({r: str(p) for r, p in paths.items()})
         dtype = recipe.merge.dtype
     else:
@@ -124,8 +134,16 @@ def plan_build(recipe_path: str | Path, output: Optional[str] = None, ratio: Opt
     _validate_with_mergekit(mk_cfg, str(recipe_path))
 
     output_bytes = metas[identity].n_bytes(dtype)
-    _check_disk(out, output_bytes)
-    return BuildPlan(recipe, mk_cfg, out, paths, metas, output_bytes, warnings, str(recipe_path))
+    head = next((m.tensors["lm_head.weight"] for m in metas.values() if "lm_head.weight" in m.tensors), None)
+    if head is not None and "lm_head.weight" not in metas[identity].tensors:  # untied: the TA gets its own head
+        output_bytes += head.numel * TORCH_DTYPE_BYTES.get(dtype or "", DTYPE_BYTES.get(head.dtype, 4))
+    try:
+        _check_disk(out, output_bytes)
+    except UserError as e:
+        if not dry_run:
+            raise
+        warnings.append(f"{e} (a real build stops here)")
+    return BuildPlan(recipe, mk_cfg, out, paths, metas, output_bytes, warnings, str(recipe_path), stop_ids)
 
 
 def parse_size(text: str | int) -> int:
@@ -145,7 +163,7 @@ def build(recipe_path: str | Path, output: Optional[str] = None, ratio: Optional
           recipe: Optional[Recipe] = None, shard_size: str | int = "5GB", echo=print) -> Path:
     """Merge the recipe's checkpoints into a teacher assistant folder. Returns its path."""
     shard_bytes = parse_size(shard_size)
-    plan = plan_build(recipe_path, output, ratio, force, recipe=recipe)
+    plan = plan_build(recipe_path, output, ratio, force, recipe=recipe, dry_run=dry_run)
     for w in plan.warnings:
         echo(f"warning: {w}")
     if dry_run:
@@ -160,6 +178,8 @@ def build(recipe_path: str | Path, output: Optional[str] = None, ratio: Optional
         run_mergekit(plan.mergekit_config, staging, seed=seed, device=device, shard_bytes=shard_bytes)
         if plan.recipe is not None:
             give_identity(staging, plan)
+        if untie_config(staging):
+            echo("config.json: tie_word_embeddings set to false (the TA has its own lm_head)")
         check_finite(staging)
         write_build_manifest(staging, plan, started, t0)
     echo(f"teacher assistant written to {plan.output} in {time.time() - t0:.1f} s")
@@ -232,6 +252,7 @@ def give_identity(staging: Path, plan: BuildPlan) -> None:
     # Both spellings: transformers >= 4.56 reads `dtype`, older stacks (and vLLM on them) `torch_dtype`.
     cfg["dtype"] = cfg["torch_dtype"] = recipe.merge.dtype
     (staging / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    write_stop_ids(staging, plan.stop_ids)
 
 
 def write_build_manifest(staging: Path, plan: BuildPlan, started: str, t0: float, **extra: Any) -> None:

@@ -23,7 +23,7 @@ from click.testing import CliRunner
 
 from micota_merge.cli import cli
 
-FIELDS = {"id", "messages", "answer", "pred", "correct", "num_tokens", "finish_reason", "model", "sample"}
+FIELDS = {"id", "messages", "answer", "pred", "correct", "num_tokens", "finish_reason", "model", "sample", "system"}
 
 
 @pytest.fixture(scope="module", autouse=True)
