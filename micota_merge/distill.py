@@ -147,7 +147,7 @@ class DistillConfig(BaseModel):
 # Options that change what a checkpoint means: resuming with different ones would mix two runs.
 _RESUME_KEYS = ("student", "lora", "lora_r", "lora_alpha", "lora_target", "epochs", "max_steps", "lr",
                 "lr_scheduler", "warmup_ratio", "batch_size", "grad_accum", "max_length", "overlong",
-                "keep_incorrect", "limit", "packing", "seed")
+                "keep_incorrect", "limit", "packing", "seed", "template_system")
 
 
 # ---------------------------------------------------------------- data

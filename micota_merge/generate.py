@@ -43,6 +43,9 @@ from .errors import UserError
 log = logging.getLogger(__name__)
 
 META_FORMAT = 1
+# Version 2: the assistant content starts with the template's prefill (e.g. R1's "<think>\n") and
+# records carry `system`; a file of version-1 records is not resumed into.
+RECORD_FORMAT = 2
 # End-of-turn tokens of common chat templates: a chat model ends its answer with one of these,
 # which is not always its config's eos_token_id.
 _END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<end_of_turn>", "<|endoftext|>",
@@ -161,6 +164,7 @@ def _settings(opts: GenerateOptions, model_dir: Path, prompt: str) -> dict:
     from .fingerprint import content_id, data_fingerprint
 
     return {
+        "record_format": RECORD_FORMAT,
         "model": str(model_dir.resolve()),
         "model_content": content_id(model_dir),
         "questions": opts.questions,
@@ -174,6 +178,7 @@ def _settings(opts: GenerateOptions, model_dir: Path, prompt: str) -> dict:
 
 # How a refusal names each setting: what changed, in words a user acts on.
 _SETTING_NAMES = {
+    "record_format": "record format (this micota-merge writes the template's prefill and system prompt)",
     "model": "model path", "model_content": "model content (weights, config or tokenizer)",
     "questions": "question set", "questions_content": "question file content",
     "question_fields": "question/answer/id fields, split or benchmark", "prompt": "prompt",
