@@ -98,12 +98,22 @@ class StreamingSafetensorsWriter:
     def write(self, name: str, tensor) -> None:
         import torch
 
-        data = tensor.contiguous().view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
-        self.files[self.where[name]].write(data)
+        if tensor.numel():  # the tensor's own bytes, no copy
+            self.files[self.where[name]].write(tensor.contiguous().view(torch.uint8).numpy().data)
 
     def close(self) -> None:
         for f in self.files.values():
             f.close()
+
+
+def all_finite(t) -> bool:
+    """No NaN or Inf in t. A NaN or Inf anywhere makes the sum NaN or Inf, and summing is many times
+    cheaper than an elementwise test; only a sum that overflowed needs the elementwise test."""
+    import torch
+
+    if not t.is_floating_point() or bool(torch.isfinite(t.sum())):
+        return True
+    return bool(torch.isfinite(t).all())
 
 
 def combine(method: str, ratio: float, long_cot, short_cot, base=None):
@@ -197,7 +207,7 @@ def build_points(recipe_path: str | Path, recipe: Recipe, outputs: dict[Point, P
                     merged = ((p, combine(method, p[0], inputs["long_cot"], inputs["short_cot"], inputs.get("base")))
                               for p in points)
                 for p, out in merged:
-                    if out.is_floating_point() and not torch.isfinite(out).all():
+                    if not all_finite(out):
                         raise StageFailed(f"merged tensor {name} at ratio {p[0]:g}"
                                           + (f", density {p[1]:g}" if p[1] is not None else "")
                                           + " has NaN/Inf values; nothing was written. "

@@ -128,7 +128,8 @@ class TaskVectorReplay:
                 streams[key] = _Stream(point[1], sides, tasks,
                                        generator=_Generator(seed, device) if self.random else None)
             streams[key].points.append(point)
-        self.streams = list(streams.values())
+        # by density, so that magnitude-trimmed deltas shared within a density are dropped early
+        self.streams = sorted(streams.values(), key=lambda s: (s.density or 0.0, s.sides))
         self.names = [t.output_weight.name for t in self.streams[0].tasks]
         for s in self.streams:
             if [t.output_weight.name for t in s.tasks] != self.names:
@@ -163,35 +164,43 @@ class TaskVectorReplay:
             out.append(wanted)
         return out
 
+    def _key(self, stream: _Stream, side: str) -> tuple:
+        # A drawn delta belongs to its stream; a magnitude-trimmed one to any stream at its density.
+        return (stream.density, stream.sides, side) if self.random else (stream.density, side)
+
     def merge(self, index: int, inputs: dict) -> Iterator[tuple[Point, object]]:
-        """Yield (point, merged tensor) for tensor `index`, given its inputs in the merge dtype."""
+        """Yield (point, merged tensor) for tensor `index`, given its inputs in the merge dtype.
+
+        Streams go one after the other and a sparsified delta is dropped once no later stream
+        needs it, so what is held is the inputs, one stream's deltas and the point being merged.
+        """
         from mergekit.sparsify import RescaleNorm, sparsify
 
         base = inputs["base"]
         sparsified: dict[tuple, object] = {}
-        for stream in self.streams:
+        for i, stream in enumerate(self.streams):
             task = stream.tasks[index]
             params = dict(task.parameters.items())
             per_side = {self.role_of[self._path(ref)]: dict(v.items()) for ref, v in task.input_parameters.items()}
-
-            def key(side):
-                # A drawn delta belongs to its stream; a magnitude-trimmed one to any stream at its density.
-                return (stream.density, stream.sides, side) if self.random else (stream.density, side)
-
-            if any(key(side) not in sparsified for side in stream.sides):
+            if any(self._key(stream, side) not in sparsified for side in stream.sides):
                 with stream.generator.active() if self.random else contextlib.nullcontext():
-                    for side in stream.sides:
+                    for side in stream.sides:  # in mergekit's order: the draws follow one another
                         delta = inputs[side] - base
                         if self.method.sparsification_method:
                             delta = sparsify(delta, density=per_side[side]["density"],
                                              method=self.method.sparsification_method,
                                              rescale_norm=RescaleNorm.l1 if params["rescale"] else None,
                                              **{k: per_side[side][k] for k in ("gamma", "epsilon") if k in per_side[side]})
-                        sparsified[key(side)] = delta
+                        sparsified[self._key(stream, side)] = delta
+                        del delta
+            deltas = [sparsified[self._key(stream, s)] for s in stream.sides]
+            later = {self._key(s, side) for s in self.streams[i + 1:] for side in s.sides}
+            for k in [k for k in sparsified if k not in later]:
+                del sparsified[k]
             for point in stream.points:
                 w = self.weights[point]
-                yield point, self._combine([sparsified[key(s)] for s in stream.sides], [w[s] for s in stream.sides],
-                                           base, params)
+                yield point, self._combine(deltas, [w[s] for s in stream.sides], base, params)
+            del deltas
 
     def _combine(self, deltas: list, weights: list[float], base, params: dict):
         """GeneralizedTaskArithmeticMerge.merge_group after its sparsification, op for op."""
@@ -205,18 +214,22 @@ class TaskVectorReplay:
         while stacked.dim() > w.dim():
             w.unsqueeze_(-1)
         stacked.mul_(w)
+        # mergekit computes the normalizing divisor whether or not it divides by it; only `normalize`
+        # uses it, so it is computed only then (the sum over the sides is the costly part).
         if self.method.consensus_method:
             mask_dtype = torch.int8 if params["int8_mask"] else base.dtype
             mask = get_mask(stacked, method=self.method.consensus_method, mask_dtype=mask_dtype)
             mixed = (stacked * mask).sum(dim=0)
-            divisor = (w * mask).sum(dim=0)
-            divisor[divisor == 0] = 1
+            if params["normalize"]:
+                divisor = (w * mask).sum(dim=0)
+                divisor[divisor == 0] = 1
+                mixed /= divisor
         else:
             mixed = stacked.sum(dim=0)
-            divisor = w.sum(dim=0)
-            divisor[divisor.abs() < 1e-8] = 1
-        if params["normalize"]:
-            mixed /= divisor
+            if params["normalize"]:
+                divisor = w.sum(dim=0)
+                divisor[divisor.abs() < 1e-8] = 1
+                mixed /= divisor
         if params["lambda"] != 1:
             mixed *= params["lambda"]
         return (base + mixed).to(base.dtype)

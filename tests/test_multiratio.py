@@ -175,3 +175,17 @@ def test_one_pass_refuses_non_finite_merges_without_writing(tiny_family_f32, tmp
         build_points(recipe_path, parse_recipe(data), outs, echo=lambda *_: None)
     assert not any(p.exists() for p in outs.values())
     assert not list(tmp_path.glob(".one-*"))  # no staging folder left behind
+
+
+def test_all_finite_catches_every_non_finite_and_survives_overflowing_sums():
+    from micota_merge.multiratio import all_finite
+
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        t = torch.randn(64, 33).to(dtype)
+        assert all_finite(t)
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            u = t.clone()
+            u[5, 7] = bad
+            assert not all_finite(u), (dtype, bad)
+        big = torch.full((8,), torch.finfo(dtype).max, dtype=dtype)  # finite, but the sum overflows
+        assert not torch.isfinite(big.sum()) and all_finite(big)
