@@ -171,15 +171,17 @@ def build_points(recipe_path: str | Path, recipe: Recipe, outputs: dict[Point, P
     tdtype = getattr(torch, dtype)
     identity = plan0.metas[recipe.identity_role]
     if method in SPARSIFYING_METHODS:
-        # mergekit's device, as run_mergekit picks it: the random drop differs between CPU and GPU
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        replay = TaskVectorReplay(plans, seed=recipe.merge.seed, device=device)
+        if torch.cuda.is_available():
+            # `build` runs mergekit on the GPU there, whose kernels and random stream are not the
+            # CPU's; the replay's equality with builds is verified on CPU only.
+            raise Unsupported("with a GPU, builds run mergekit on it and the one-pass replay is verified on CPU only")
+        replay = TaskVectorReplay(plans, seed=recipe.merge.seed)
         if set(replay.names) != set(identity.tensors):
             raise Unsupported("mergekit would write other tensors than the checkpoint holds")
         order = replay.names
         reads = replay.inputs
     else:
-        device, replay = "cpu", None
+        replay = None
         order = list(identity.tensors)
         roles = ["long_cot", "short_cot"] + (["base"] if method == "task_arithmetic" else [])
         reads = [{role: name for role in roles} for name in order]
@@ -195,11 +197,11 @@ def build_points(recipe_path: str | Path, recipe: Recipe, outputs: dict[Point, P
                     handles[(role, name)] = h
         writers = {p: StreamingSafetensorsWriter(stagings[p], specs, dtype) for p in points}
         # The random streams are replayed on torch's global generator: leave the caller's as it was.
-        stack.enter_context(torch.random.fork_rng(devices=[torch.device(device)] if device != "cpu" else []))
+        stack.enter_context(torch.random.fork_rng(devices=[]))
         try:
             desc = f"One-pass merge of {len(points)} {'points' if len({p[1] for p in points}) > 1 else 'ratios'}"
             for i, name in enumerate(tqdm(order, desc=desc, unit="tensor")):
-                inputs = {role: handles[(role, src)].get_tensor(src).to(tdtype).to(device)
+                inputs = {role: handles[(role, src)].get_tensor(src).to(tdtype)
                           for role, src in reads[i].items()}
                 if replay is not None:
                     merged = replay.merge(i, inputs)
@@ -212,7 +214,7 @@ def build_points(recipe_path: str | Path, recipe: Recipe, outputs: dict[Point, P
                                           + (f", density {p[1]:g}" if p[1] is not None else "")
                                           + " has NaN/Inf values; nothing was written. "
                                           "Try dtype float32, a different density, or check the inputs.")
-                    writers[p].write(name, out.to("cpu"))
+                    writers[p].write(name, out)
                 del inputs
         finally:
             for w in writers.values():

@@ -18,6 +18,8 @@ so a ratio x density grid still reads every input tensor once.
 The execution order and every parameter (density, rescale, normalize, lambda, gamma, epsilon)
 come from mergekit's own planner for each stream's config; sparsification and sign election
 are mergekit's functions. Tests compare every method against separate builds, bit for bit.
+CPU only: where a GPU is present, `build` runs mergekit on it (other kernels, another random
+generator), so multiratio builds each point separately there.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ class Unsupported(ValueError):
     """The one-pass replay cannot promise separate builds' bits here; build per point."""
 
 
-def merge_schedule(config: dict, device: str) -> list:
+def merge_schedule(config: dict) -> list:
     """mergekit's per-tensor merge tasks for a config, in the order its executor runs them.
 
     This is the first half of mergekit.merge.run_merge (architecture, loader cache, planner,
@@ -53,7 +55,7 @@ def merge_schedule(config: dict, device: str) -> list:
 
     merge_config = MergeConfiguration.model_validate(config)
     # No random_seed here: MergeOptions seeds the global generator when given one.
-    options = MergeOptions(device=device, cuda=device.startswith("cuda"), lazy_unpickle=True, quiet=True)
+    options = MergeOptions(device="cpu", lazy_unpickle=True, quiet=True)
     arch_info = get_architecture_info(merge_config, options)
     loader_cache = LoaderCache()
     loader_cache.setup(options=options)
@@ -62,35 +64,27 @@ def merge_schedule(config: dict, device: str) -> list:
         loader_cache.get(model)
     targets = MergePlanner(merge_config, arch_info, options=options,
                            out_model_config=out_config).plan_to_disk(out_path="unused")
-    schedule = Executor(targets=targets, math_device=device, storage_device="cpu").schedule
+    schedule = Executor(targets=targets, math_device="cpu", storage_device="cpu").schedule
     return [h.task() for h in schedule.tasks if isinstance(h.task(), ExecuteMergeMethodTask)]
 
 
 class _Generator:
-    """One random stream: the global generator's state as mergekit's seeding leaves it."""
+    """One random stream: torch's CPU generator state as mergekit's seeding leaves it."""
 
-    def __init__(self, seed: int, device: str):
+    def __init__(self, seed: int):
         import torch
 
-        self.cuda = device.startswith("cuda")
-        with torch.random.fork_rng(devices=[torch.device(device)] if self.cuda else []):
+        with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # what transformers' set_seed does to torch
-            self.state = self._get()
-
-    def _get(self):
-        import torch
-
-        return (torch.get_rng_state(), torch.cuda.get_rng_state() if self.cuda else None)
+            self.state = torch.get_rng_state()
 
     @contextlib.contextmanager
     def active(self):
         import torch
 
-        torch.set_rng_state(self.state[0])
-        if self.cuda:
-            torch.cuda.set_rng_state(self.state[1])
+        torch.set_rng_state(self.state)
         yield
-        self.state = self._get()
+        self.state = torch.get_rng_state()
 
 
 @dataclass
@@ -105,12 +99,11 @@ class _Stream:
 class TaskVectorReplay:
     """Per tensor, every point's merged tensor, as separate mergekit builds would write it."""
 
-    def __init__(self, plans: dict[Point, BuildPlan], seed: int, device: str):
+    def __init__(self, plans: dict[Point, BuildPlan], seed: int):
         from mergekit import merge_methods
 
         first = next(iter(plans.values()))
         self.method = merge_methods.get(first.mergekit_config["merge_method"])
-        self.device = device
         sparsification = self.method.sparsification_method
         self.random = sparsification is not None and sparsification.value in _RANDOM
         self.role_of = {str(p): role for role, p in first.paths.items()}
@@ -121,12 +114,12 @@ class TaskVectorReplay:
             self.weights[point] = weights
             key = (point[1], tuple(weights))
             if key not in streams:
-                tasks = merge_schedule(plan.mergekit_config, device)
+                tasks = merge_schedule(plan.mergekit_config)
                 sides = tuple(self.role_of[self._path(m)] for m in tasks[0].model_order if m != tasks[0].base_model)
                 if sides != key[1]:
                     raise Unsupported(f"mergekit orders the sides {sides}, the recipe {key[1]}")
                 streams[key] = _Stream(point[1], sides, tasks,
-                                       generator=_Generator(seed, device) if self.random else None)
+                                       generator=_Generator(seed) if self.random else None)
             streams[key].points.append(point)
         # by density, so that magnitude-trimmed deltas shared within a density are dropped early
         self.streams = sorted(streams.values(), key=lambda s: (s.density or 0.0, s.sides))

@@ -189,3 +189,16 @@ def test_all_finite_catches_every_non_finite_and_survives_overflowing_sums():
             assert not all_finite(u), (dtype, bad)
         big = torch.full((8,), torch.finfo(dtype).max, dtype=dtype)  # finite, but the sum overflows
         assert not torch.isfinite(big.sum()) and all_finite(big)
+
+
+def test_task_vector_one_pass_steps_aside_when_builds_would_run_on_a_gpu(tiny_family, tmp_path, monkeypatch):
+    from micota_merge.replay import Unsupported
+
+    data = {"models": {k: str(v) for k, v in tiny_family.items()}, "merge": {"method": "dare_ties", "density": 0.5},
+            "output": str(tmp_path / "ta")}
+    recipe_path = tmp_path / "r.yaml"
+    recipe_path.write_text(yaml.safe_dump(data))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(Unsupported, match="GPU"):
+        build_points(recipe_path, parse_recipe(data), {(0.5, 0.5): tmp_path / "one"}, echo=lambda *_: None)
+    assert not (tmp_path / "one").exists()
