@@ -100,8 +100,9 @@ def main():
     print(f"{f'one build (ratio {single_r:g})':34}{single_s:>8.1f}{one_read / gib:>16.2f}")
     print(f"{'I/O floor: cat inputs once':34}{cat_s:>8.1f}{one_read / gib:>16.2f}")
     print(f"{'I/O floor: cp 5 outputs once':34}{cp_s:>8.1f}")
-    print(f"\none pass: {one_s / single_s:.2f}x one build (target <= 2x), {one_s / (cat_s + cp_s):.1f}x the I/O floor "
-          f"({cat_s + cp_s:.1f} s); separate / one pass: {sep_s / one_s:.2f}x time, {sep_read / one_read:.2f}x bytes read")
+    print(f"\none pass: {one_s / single_s:.2f}x one build (target <= 2x), {one_s / (cat_s + cp_s):.1f}x the I/O "
+          f"floor ({cat_s + cp_s:.1f} s); separate / one pass: {sep_s / one_s:.2f}x time, "
+          f"{sep_read / one_read:.2f}x bytes read")
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -33,11 +33,14 @@ _ST_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 
 
 def supports_one_pass(recipe: Recipe) -> bool:
+    return recipe.merge.method in ONE_PASS_METHODS
+
+
+def _replays_mergekit(recipe: Recipe) -> bool:
+    """Through mergekit's own planner and functions (replay.py), whatever the parameters; the
+    fixed combinations (combine below) know only the plain linear and task_arithmetic."""
     m = recipe.merge
-    if m.method in SPARSIFYING_METHODS:
-        return True  # parameters come from mergekit's own planner, whatever they are
-    return m.method in FIXED_COMBINATION_METHODS and not m.extra_params and \
-        not (m.method == "task_arithmetic" and m.density)
+    return m.method in SPARSIFYING_METHODS or (m.method == "task_arithmetic" and bool(m.extra_params or m.density))
 
 
 def at_point(recipe: Recipe, point: Point) -> Recipe:
@@ -161,7 +164,7 @@ def build_points(recipe_path: str | Path, recipe: Recipe, outputs: dict[Point, P
     if not supports_one_pass(recipe):
         raise Unsupported(f"{recipe.merge.method} has no one-pass form here; build each point separately")
     method = recipe.merge.method
-    if method in FIXED_COMBINATION_METHODS and any(p[1] != recipe.merge.density for p in outputs):
+    if method not in SPARSIFYING_METHODS and any(p[1] != recipe.merge.density for p in outputs):
         raise Unsupported(f"{method} has no density to sweep")
     points = sorted(outputs, key=lambda p: (p[0], p[1] or 0.0))
     plans: dict[Point, BuildPlan] = {p: plan_build(recipe_path, str(outputs[p]), None, force,
@@ -170,7 +173,7 @@ def build_points(recipe_path: str | Path, recipe: Recipe, outputs: dict[Point, P
     dtype = recipe.merge.dtype
     tdtype = getattr(torch, dtype)
     identity = plan0.metas[recipe.identity_role]
-    if method in SPARSIFYING_METHODS:
+    if _replays_mergekit(recipe):
         if torch.cuda.is_available():
             # `build` runs mergekit on the GPU there, whose kernels and random stream are not the
             # CPU's; the replay's equality with builds is verified on CPU only.

@@ -180,10 +180,10 @@ class TaskVectorReplay:
                     for side in stream.sides:  # in mergekit's order: the draws follow one another
                         delta = inputs[side] - base
                         if self.method.sparsification_method:
-                            delta = sparsify(delta, density=per_side[side]["density"],
-                                             method=self.method.sparsification_method,
+                            own = per_side[side]
+                            delta = sparsify(delta, density=own["density"], method=self.method.sparsification_method,
                                              rescale_norm=RescaleNorm.l1 if params["rescale"] else None,
-                                             **{k: per_side[side][k] for k in ("gamma", "epsilon") if k in per_side[side]})
+                                             **{k: own[k] for k in ("gamma", "epsilon") if k in own})
                         sparsified[self._key(stream, side)] = delta
                         del delta
             deltas = [sparsified[self._key(stream, s)] for s in stream.sides]

@@ -124,14 +124,13 @@ def choose(rows: list[dict], target: float, tolerance: float) -> tuple[dict, str
         better = [r for r in front if dominates(r, pick)]
         why += ("; it is off the length-accuracy front, dominated by "
                 + ", ".join(f"{point_label(_point(r))} ({r['mean_tokens']:.1f} tokens, {_acc(r):.1%})" for r in better)
-                + ": as accurate or more and no longer (loosen the tolerance or move the target to pick it)")
+                + ", as accurate or more and no longer: the target length decided (a target nearer to them picks one)")
     return pick, why
 
 
 def sweep(recipe_path: str | Path, ratios: Optional[list[float]] = None, densities: Optional[list[float]] = None,
-          keep_all: bool = False,
-          tolerance: Optional[float] = None, limit: Optional[int] = None, max_tokens: Optional[int] = None,
-          backend: Optional[str] = None, force: bool = False, echo=print) -> dict:
+          keep_all: bool = False, tolerance: Optional[float] = None, limit: Optional[int] = None,
+          max_tokens: Optional[int] = None, backend: Optional[str] = None, force: bool = False, echo=print) -> dict:
     from .merge import build
     from .multiratio import at_point, build_points, supports_one_pass
     from .replay import Unsupported
