@@ -116,13 +116,14 @@ def test_dare_ties_grid_sweep_one_pass_with_front(tiny_family, tmp_path):
     from safetensors.torch import load_file
     import torch
 
-    recipe = _recipe(tmp_path, tiny_family, method="dare_ties", ratios=(0.0, 0.5, 1.0))
+    ratios = (0.0, 0.25, 0.5, 0.75, 1.0)
+    recipe = _recipe(tmp_path, tiny_family, method="dare_ties", ratios=ratios)
     result = CliRunner().invoke(cli, ["sweep", str(recipe), "--densities", "0.5,0.8", "--keep-all"])
     assert result.exit_code == 0, result.output
-    assert "6 teacher assistants written in one pass" in result.output
+    assert "10 teacher assistants written in one pass" in result.output
     report = tmp_path / "ta" / "sweep"
     data = json.loads((report / "sweep.json").read_text())
-    assert [(r["ratio"], r["density"]) for r in data["ratios"]] == [(r, d) for d in (0.5, 0.8) for r in (0.0, 0.5, 1.0)]
+    assert [(r["ratio"], r["density"]) for r in data["ratios"]] == [(r, d) for d in (0.5, 0.8) for r in ratios]
     assert data["densities"] == [0.5, 0.8] and data["chosen_density"] in (0.5, 0.8)
     rows = {(r["ratio"], r["density"]): r for r in data["ratios"]}
     front = [tuple(p) for p in data["front"]]
