@@ -107,6 +107,8 @@ class TaskVectorReplay:
         sparsification = self.method.sparsification_method
         self.random = sparsification is not None and sparsification.value in _RANDOM
         self.role_of = {str(p): role for role, p in first.paths.items()}
+        if len(self.role_of) < len(first.paths):  # mergekit would see one model in two roles
+            raise Unsupported("two roles name the same checkpoint")
         self.weights: dict[Point, dict[str, float]] = {}
         streams: dict[tuple, _Stream] = {}
         for point, plan in plans.items():
