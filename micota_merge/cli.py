@@ -389,7 +389,7 @@ def _density_list(ctx, param, value):
 @click.option("--limit", type=int, help="Probe questions (default: sweep.probe.limit).")
 @click.option("--max-tokens", type=int, help="Probe answer length cap (default: sweep.probe.max_tokens).")
 @click.option("--backend", type=click.Choice(["auto", "vllm", "transformers"]), help="Probe generation backend.")
-@click.option("--keep-all", is_flag=True, help="Keep every ratio's TA in <output>.sweep/ (default: only the chosen).")
+@click.option("--keep-all", is_flag=True, help="Keep every point's TA in <output>.sweep/ (default: only the chosen).")
 @click.option("--force", is_flag=True, help="Redo a finished sweep and replace the output.")
 @_run_stage
 def sweep(recipe, ratios, densities, tolerance, limit, max_tokens, backend, keep_all, force):
@@ -397,7 +397,8 @@ def sweep(recipe, ratios, densities, tolerance, limit, max_tokens, backend, keep
 
     Every point's TA is built in one pass over the inputs (each input tensor read once, outputs
     bit-for-bit those of separate `build`s) for linear, task_arithmetic, ties, dare_ties,
-    dare_linear, breadcrumbs, breadcrumbs_ties, della and della_linear; each TA answers the
+    dare_linear, breadcrumbs, breadcrumbs_ties, della and della_linear (on CPU: where a GPU
+    makes `build` run mergekit on it, that family is built point by point); each TA answers the
     probe questions and is scored by the grader. The long-CoT and short-CoT checkpoints are
     probed too; the target length 'mid' is the geometric mean of their mean lengths. The chosen
     point is the one closest to the target among those within TOLERANCE accuracy points of the
