@@ -417,29 +417,44 @@ def _ratio_list(ctx, param, value):
         raise click.BadParameter("give ratios as comma-separated numbers, e.g. 0,0.25,0.5,0.75,1") from None
 
 
+def _density_list(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        return [float(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter("give densities as comma-separated numbers, e.g. 0.5,0.7") from None
+
+
 @cli.command()
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.option("--ratios", callback=_ratio_list, help="Comma-separated ratios (default: the recipe's sweep.ratios).")
+@click.option("--densities", callback=_density_list,
+              help="Comma-separated densities: sweep every ratio at each (ties/dare/breadcrumbs/della methods; "
+                   "default: the recipe's sweep.densities, else merge.density alone).")
 @click.option("--tolerance", type=float, help="Accuracy points below the best that still qualify (default 2).")
 @click.option("--limit", type=int, help="Probe questions (default: sweep.probe.limit).")
 @click.option("--max-tokens", type=int, help="Probe answer length cap (default: sweep.probe.max_tokens).")
 @click.option("--backend", type=click.Choice(["auto", "vllm", "transformers"]), help="Probe generation backend.")
-@click.option("--keep-all", is_flag=True, help="Keep every ratio's TA in <output>.sweep/ (default: only the chosen).")
+@click.option("--keep-all", is_flag=True, help="Keep every point's TA in <output>.sweep/ (default: only the chosen).")
 @click.option("--force", is_flag=True, help="Redo a finished sweep and replace the output.")
 @_run_stage
-def sweep(recipe, ratios, tolerance, limit, max_tokens, backend, keep_all, force):
-    """Merge at several ratios, measure CoT length and accuracy, and keep the intermediate TA.
+def sweep(recipe, ratios, densities, tolerance, limit, max_tokens, backend, keep_all, force):
+    """Merge at several ratios (x densities), measure CoT length and accuracy, keep the intermediate TA.
 
-    For each ratio the TA is built (in one pass over the inputs for linear and task_arithmetic),
-    answers the probe questions, and is scored by the grader. The long-CoT and short-CoT
-    checkpoints are probed too; the target length 'mid' is the geometric mean of their mean
-    lengths. The chosen ratio is the one closest to the target among those within TOLERANCE
-    accuracy points of the best. Writes <output>/sweep/sweep.{json,csv,md,png}; a killed sweep
-    resumes ratio by ratio.
+    Every point's TA is built in one pass over the inputs (each input tensor read once, outputs
+    bit-for-bit those of separate `build`s) for linear, task_arithmetic, ties, dare_ties,
+    dare_linear, breadcrumbs, breadcrumbs_ties, della and della_linear (on CPU: where a GPU
+    makes `build` run mergekit on it, that family is built point by point); each TA answers the
+    probe questions and is scored by the grader. The long-CoT and short-CoT checkpoints are
+    probed too; the target length 'mid' is the geometric mean of their mean lengths. The chosen
+    point is the one closest to the target among those within TOLERANCE accuracy points of the
+    best, and is set against the length-accuracy Pareto front. Writes
+    <output>/sweep/sweep.{json,csv,md,png} and front.png; a killed sweep resumes point by point.
     """
     from .sweep import sweep as run
 
-    run(recipe, ratios=ratios, keep_all=keep_all, tolerance=tolerance, limit=limit, max_tokens=max_tokens,
+    run(recipe, ratios=ratios, densities=densities, keep_all=keep_all, tolerance=tolerance, limit=limit, max_tokens=max_tokens,
         backend=backend, force=force, echo=click.echo)
 
 # ---------------------------------------------------------------- run (issue 7)

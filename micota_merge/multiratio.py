@@ -1,10 +1,14 @@
-"""One pass over the inputs for many ratios (the sweep's merge phase).
+"""One pass over the inputs for many (ratio, density) points (the sweep's merge phase).
 
-For methods whose output is a fixed combination of the inputs per ratio (linear,
-task_arithmetic), each input tensor is read once and every ratio's TA is written from it,
-instead of one full merge per ratio: a 5-ratio sweep reads the inputs once, not five times.
-The arithmetic follows mergekit's own (same dtypes, same order of operations), so the outputs
-are bit-for-bit those of separate `build`s; tests hold it to that.
+Each input tensor is read once and every point's TA is written from it, instead of one full
+merge per point: a 5-ratio x 2-density sweep reads the inputs once, not ten times.
+  linear, task_arithmetic   a fixed combination per ratio, with mergekit's arithmetic
+  ties, dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties, della, della_linear
+                            mergekit's sparsification and sign election replayed per point,
+                            random drops included (see replay.py)
+The outputs are bit-for-bit those of separate `build`s; tests hold every method to that. The
+merged tensors are checked for NaN/Inf as they are written and streamed to disk: only the
+tensors in flight are held in memory, and no output is read back.
 """
 
 from __future__ import annotations
@@ -18,17 +22,34 @@ from pathlib import Path
 from .artifacts import atomic_dir, now
 from .checkpoints import weight_files
 from .errors import StageFailed
-from .merge import BuildPlan, give_identity, plan_build, write_build_manifest
-from .recipe import Recipe
+from .merge import BuildPlan, give_identity, plan_build, with_ratio, write_build_manifest
+from .recipe import SPARSIFYING_METHODS, Recipe
+from .replay import Point, TaskVectorReplay, Unsupported
 
-ONE_PASS_METHODS = ("linear", "task_arithmetic")
+FIXED_COMBINATION_METHODS = ("linear", "task_arithmetic")
+ONE_PASS_METHODS = FIXED_COMBINATION_METHODS + SPARSIFYING_METHODS
 _SHARD_BYTES = 5 * 10**9
 _ST_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 
 
 def supports_one_pass(recipe: Recipe) -> bool:
+    return recipe.merge.method in ONE_PASS_METHODS
+
+
+def _replays_mergekit(recipe: Recipe) -> bool:
+    """Through mergekit's own planner and functions (replay.py), whatever the parameters; the
+    fixed combinations (combine below) know only the plain linear and task_arithmetic."""
     m = recipe.merge
-    return m.method in ONE_PASS_METHODS and not m.extra_params and not (m.method == "task_arithmetic" and m.density)
+    return m.method in SPARSIFYING_METHODS or (m.method == "task_arithmetic" and bool(m.extra_params or m.density))
+
+
+def at_point(recipe: Recipe, point: Point) -> Recipe:
+    """The recipe at one (ratio, density) point of a sweep."""
+    recipe = with_ratio(recipe, point[0])
+    if point[1] != recipe.merge.density:
+        recipe = recipe.model_copy(deep=True)
+        recipe.merge.density = point[1]
+    return recipe
 
 
 class StreamingSafetensorsWriter:
@@ -80,12 +101,22 @@ class StreamingSafetensorsWriter:
     def write(self, name: str, tensor) -> None:
         import torch
 
-        data = tensor.contiguous().view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
-        self.files[self.where[name]].write(data)
+        if tensor.numel():  # the tensor's own bytes, no copy
+            self.files[self.where[name]].write(tensor.contiguous().view(torch.uint8).numpy().data)
 
     def close(self) -> None:
         for f in self.files.values():
             f.close()
+
+
+def all_finite(t) -> bool:
+    """No NaN or Inf in t. A NaN or Inf anywhere makes the sum NaN or Inf, and summing is many times
+    cheaper than an elementwise test; only a sum that overflowed needs the elementwise test."""
+    import torch
+
+    if not t.is_floating_point() or bool(torch.isfinite(t.sum())):
+        return True
+    return bool(torch.isfinite(t).all())
 
 
 def combine(method: str, ratio: float, long_cot, short_cot, base=None):
@@ -114,45 +145,85 @@ def combine(method: str, ratio: float, long_cot, short_cot, base=None):
 
 def build_ratios(recipe_path: str | Path, recipe: Recipe, outputs: dict[float, Path], force: bool = False,
                  echo=print) -> dict[float, Path]:
-    """Write one TA per ratio from a single read of the inputs. Returns {ratio: folder}."""
+    """Write one TA per ratio (at the recipe's density) from a single read. Returns {ratio: folder}."""
+    d = recipe.merge.density
+    done = build_points(recipe_path, recipe, {(r, d): out for r, out in outputs.items()}, force=force, echo=echo)
+    return {p[0]: out for p, out in done.items()}
+
+
+def build_points(recipe_path: str | Path, recipe: Recipe, outputs: dict[Point, Path], force: bool = False,
+                 echo=print) -> dict[Point, Path]:
+    """Write one TA per (ratio, density) point from a single read of the inputs. Returns {point: folder}.
+
+    Raises Unsupported (before writing anything) where a separate build per point is needed.
+    """
     import torch
     from safetensors import safe_open
     from tqdm import tqdm
 
     if not supports_one_pass(recipe):
-        raise ValueError(f"{recipe.merge.method} has no fixed combination per ratio; build each ratio separately")
-    ratios = sorted(outputs)
-    plans: dict[float, BuildPlan] = {r: plan_build(recipe_path, str(outputs[r]), r, force, recipe=recipe)
-                                     for r in ratios}
-    plan0 = plans[ratios[0]]
-    method, dtype = recipe.merge.method, recipe.merge.dtype
+        raise Unsupported(f"{recipe.merge.method} has no one-pass form here; build each point separately")
+    method = recipe.merge.method
+    if method not in SPARSIFYING_METHODS and any(p[1] != recipe.merge.density for p in outputs):
+        raise Unsupported(f"{method} has no density to sweep")
+    points = sorted(outputs, key=lambda p: (p[0], p[1] or 0.0))
+    plans: dict[Point, BuildPlan] = {p: plan_build(recipe_path, str(outputs[p]), None, force,
+                                                   recipe=at_point(recipe, p)) for p in points}
+    plan0 = plans[points[0]]
+    dtype = recipe.merge.dtype
     tdtype = getattr(torch, dtype)
-    roles = ["long_cot", "short_cot"] + (["base"] if method == "task_arithmetic" else [])
     identity = plan0.metas[recipe.identity_role]
-    specs = {name: info.shape for name, info in identity.tensors.items()}
+    if _replays_mergekit(recipe):
+        if torch.cuda.is_available():
+            # `build` runs mergekit on the GPU there, whose kernels and random stream are not the
+            # CPU's; the replay's equality with builds is verified on CPU only.
+            raise Unsupported("with a GPU, builds run mergekit on it and the one-pass replay is verified on CPU only")
+        replay = TaskVectorReplay(plans, seed=recipe.merge.seed)
+        if set(replay.names) != set(identity.tensors):
+            raise Unsupported("mergekit would write other tensors than the checkpoint holds")
+        order = replay.names
+        reads = replay.inputs
+    else:
+        replay = None
+        order = list(identity.tensors)
+        roles = ["long_cot", "short_cot"] + (["base"] if method == "task_arithmetic" else [])
+        reads = [{role: name for role in roles} for name in order]
+    specs = {name: identity.tensors[name].shape for name in order}
     started, t0 = now(), time.time()
     with ExitStack() as stack:
-        stagings = {r: stack.enter_context(atomic_dir(outputs[r], force=force)) for r in ratios}
+        stagings = {p: stack.enter_context(atomic_dir(outputs[p], force=force)) for p in points}
         handles = {}
-        for role in roles:
+        for role in sorted({role for names in reads for role in names}):
             for f in weight_files(plan0.paths[role]):
                 h = stack.enter_context(safe_open(f, framework="pt"))
                 for name in h.keys():
                     handles[(role, name)] = h
-        writers = {r: StreamingSafetensorsWriter(stagings[r], specs, dtype) for r in ratios}
+        writers = {p: StreamingSafetensorsWriter(stagings[p], specs, dtype) for p in points}
+        # The random streams are replayed on torch's global generator: leave the caller's as it was.
+        stack.enter_context(torch.random.fork_rng(devices=[]))
         try:
-            for name in tqdm(specs, desc=f"One-pass merge of {len(ratios)} ratios", unit="tensor"):
-                inputs = {role: handles[(role, name)].get_tensor(name).to(tdtype) for role in roles}
-                for r in ratios:
-                    out = combine(method, r, inputs["long_cot"], inputs["short_cot"], inputs.get("base"))
-                    if out.is_floating_point() and not torch.isfinite(out).all():
-                        raise StageFailed(f"merged tensor {name} at ratio {r} has NaN/Inf values; nothing was written")
-                    writers[r].write(name, out)
+            desc = f"One-pass merge of {len(points)} {'points' if len({p[1] for p in points}) > 1 else 'ratios'}"
+            for i, name in enumerate(tqdm(order, desc=desc, unit="tensor")):
+                inputs = {role: handles[(role, src)].get_tensor(src).to(tdtype)
+                          for role, src in reads[i].items()}
+                if replay is not None:
+                    merged = replay.merge(i, inputs)
+                else:
+                    merged = ((p, combine(method, p[0], inputs["long_cot"], inputs["short_cot"], inputs.get("base")))
+                              for p in points)
+                for p, out in merged:
+                    if not all_finite(out):
+                        raise StageFailed(f"merged tensor {name} at ratio {p[0]:g}"
+                                          + (f", density {p[1]:g}" if p[1] is not None else "")
+                                          + " has NaN/Inf values; nothing was written. "
+                                          "Try dtype float32, a different density, or check the inputs.")
+                    writers[p].write(name, out)
+                del inputs
         finally:
             for w in writers.values():
                 w.close()
-        for r in ratios:
-            give_identity(stagings[r], plans[r])
-            write_build_manifest(stagings[r], plans[r], started, t0, one_pass=True)
-    echo(f"{len(ratios)} teacher assistants written in one pass in {time.time() - t0:.1f} s")
-    return {r: outputs[r] for r in ratios}
+        for p in points:
+            give_identity(stagings[p], plans[p])
+            write_build_manifest(stagings[p], plans[p], started, t0, one_pass=True)
+    echo(f"{len(points)} teacher assistants written in one pass in {time.time() - t0:.1f} s")
+    return {p: outputs[p] for p in points}

@@ -291,6 +291,9 @@ def write_report(workdir: Path, recipe: Recipe, settings: PipelineSettings, ta_d
         shutil.copyfile(ta_dir / "sweep" / "sweep.png", report_dir / "sweep.png")
         lines += ["## Teacher assistant: merge-ratio sweep", "", sw["table_md"], "", f"Chosen: {sw['reason']}", "",
                   "![sweep](report/sweep.png)", ""]
+        if (ta_dir / "sweep" / "front.png").is_file():
+            shutil.copyfile(ta_dir / "sweep" / "front.png", report_dir / "front.png")
+            lines += ["![length-accuracy front](report/front.png)", ""]
     lines += ["## Distillation data", "", "| data | records kept | acceptance rate | mean tokens |",
               "| --- | ---: | ---: | ---: |"]
     for name, (file, _) in data.items():

@@ -129,6 +129,8 @@ class Probe(_Strict):
 
 class SweepSettings(_Strict):
     ratios: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    densities: Optional[list[float]] = Field(
+        None, description="densities to sweep with every ratio (sparsifying methods); default: merge.density only")
     probe: Probe = Field(default_factory=Probe)
     target_tokens: Union[Literal["mid"], float] = Field(
         "mid", description="'mid' = geometric mean of the endpoints' mean lengths, or a number of tokens")
@@ -142,6 +144,18 @@ class SweepSettings(_Strict):
         bad = [r for r in v if not 0.0 <= r <= 1.0]
         if bad:
             raise ValueError(f"every ratio must be between 0 and 1, got {bad}")
+        return sorted(set(v))
+
+    @field_validator("densities")
+    @classmethod
+    def _densities(cls, v: Optional[list[float]]) -> Optional[list[float]]:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("densities must list at least one density, or be left out")
+        bad = [d for d in v if not 0.0 < d <= 1.0]
+        if bad:
+            raise ValueError(f"every density must be in (0, 1] (the fraction of each task vector kept), got {bad}")
         return sorted(set(v))
 
     @field_validator("target_tokens")

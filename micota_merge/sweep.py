@@ -1,21 +1,21 @@
 """sweep: find the intermediate-length teacher assistant from measurements.
 
-For each ratio: build the TA (all ratios in one pass over the inputs for linear and
-task_arithmetic), answer the probe questions with it (the generate stage), and record accuracy,
-mean / median tokens and truncation rate. The two endpoints (the long-CoT and short-CoT
-checkpoints themselves) are probed too: the target length `mid` is the geometric mean of their
-mean lengths. The chosen ratio is the one whose mean length is closest to the target among those
-whose accuracy is within `tolerance` points of the best.
+For each point of the grid (every ratio, at every density of `sweep.densities` for the
+sparsifying methods): build the TA (all points in one pass over the inputs, see multiratio.py),
+answer the probe questions with it (the generate stage), and record accuracy, mean / median
+tokens and truncation rate. The two endpoints (the long-CoT and short-CoT checkpoints
+themselves) are probed too: the target length `mid` is the geometric mean of their mean
+lengths. The chosen point is the one whose mean length is closest to the target among those
+whose accuracy is within `tolerance` points of the best; the report sets it against the
+length-accuracy Pareto front (the points no other point beats on both length and accuracy).
 
-Layout: work happens in `<output>.sweep/` (one TA folder and one probe file per ratio, each
-resumable), and at the end the chosen TA is renamed to `<output>` with the tables and plot in
-`<output>/sweep/`. A killed sweep started again skips every ratio already measured.
+Layout: work happens in `<output>.sweep/` (one TA folder and one probe file per point, each
+resumable), and at the end the chosen TA is renamed to `<output>` with the tables and plots in
+`<output>/sweep/`. A killed sweep started again skips every point already measured.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import shutil
@@ -26,11 +26,18 @@ from .artifacts import read_manifest, write_json_atomic, write_text_atomic
 from .errors import UserError
 from pydantic import ValidationError
 
-from .recipe import Recipe, SweepSettings, format_validation_error, load_recipe
+from .recipe import SPARSIFYING_METHODS, Recipe, SweepSettings, format_validation_error, load_recipe
+from .sweep_report import plot, plot_front, table_csv, table_md
+
+Point = tuple[float, Optional[float]]  # (ratio, density)
 
 
-def _tag(ratio: float) -> str:
-    return f"ratio-{ratio:.4f}".rstrip("0").rstrip(".") if ratio not in (0.0, 1.0) else f"ratio-{ratio:.1f}"
+def _tag(ratio: float, density: Optional[float] = None) -> str:
+    """Folder and file stem of a point: ratio-0.5, or ratio-0.5-density-0.7 in a density grid."""
+    tag = f"ratio-{ratio:.4f}".rstrip("0").rstrip(".") if ratio not in (0.0, 1.0) else f"ratio-{ratio:.1f}"
+    if density is not None:
+        tag += f"-density-{density:.4f}".rstrip("0").rstrip(".") if density != 1.0 else "-density-1.0"
+    return tag
 
 
 def _probe(model: Path, name: str, work: Path, settings: SweepSettings, echo) -> dict:
@@ -74,26 +81,66 @@ def target_length(settings: SweepSettings, endpoints: dict[str, dict]) -> float:
     return math.sqrt(a * b)
 
 
-def choose(rows: list[dict], target: float, tolerance: float) -> tuple[float, str]:
-    """The ratio closest to the target length among the accurate-enough ones, and why."""
-    best = max(r["accuracy"] or 0.0 for r in rows)
+def _acc(row: dict) -> float:
+    return row["accuracy"] or 0.0
+
+
+def _point(row: dict) -> Point:
+    return row["ratio"], row.get("density")
+
+
+def point_label(point: Point) -> str:
+    return f"ratio {point[0]:g}" + (f", density {point[1]:g}" if point[1] is not None else "")
+
+
+def dominates(a: dict, b: dict) -> bool:
+    """a is at most as long and at least as accurate as b, and strictly better on one of the two."""
+    return (a["mean_tokens"] <= b["mean_tokens"] and _acc(a) >= _acc(b)
+            and (a["mean_tokens"] < b["mean_tokens"] or _acc(a) > _acc(b)))
+
+
+def pareto_front(rows: list[dict]) -> list[dict]:
+    """The points no other point dominates, shortest first: the length-accuracy trade-off."""
+    front = [r for r in rows if not any(dominates(o, r) for o in rows if o is not r)]
+    return sorted(front, key=lambda r: (r["mean_tokens"], -_acc(r)))
+
+
+def choose(rows: list[dict], target: float, tolerance: float) -> tuple[dict, str]:
+    """The point closest to the target length among the accurate-enough ones, and why, against the front."""
+    best = max(_acc(r) for r in rows)
     floor = best - tolerance / 100.0
-    eligible = [r for r in rows if (r["accuracy"] or 0.0) >= floor - 1e-12]
-    pick = min(eligible, key=lambda r: (abs(r["mean_tokens"] - target), -(r["accuracy"] or 0), r["ratio"]))
-    left_out = sorted(r["ratio"] for r in rows if r not in eligible)
-    why = (f"ratio {pick['ratio']:g}: mean {pick['mean_tokens']:.1f} tokens, closest to the target "
-           f"{target:.1f} among the ratios within {tolerance:g} points of the best accuracy "
+    eligible = [r for r in rows if _acc(r) >= floor - 1e-12]
+    pick = min(eligible, key=lambda r: (abs(r["mean_tokens"] - target), -_acc(r), r["ratio"], r.get("density") or 0))
+    left_out = sorted(_point(r) for r in rows if r not in eligible)
+    what = "points" if any(r.get("density") is not None for r in rows) else "ratios"
+    why = (f"{point_label(_point(pick))}: mean {pick['mean_tokens']:.1f} tokens, closest to the target "
+           f"{target:.1f} among the {what} within {tolerance:g} points of the best accuracy "
            f"({best:.1%}, floor {max(floor, 0):.1%})")
     if left_out:
-        why += f"; too inaccurate: {', '.join(f'{r:g}' for r in left_out)}"
-    return pick["ratio"], why
+        why += "; too inaccurate: " + ", ".join(
+            f"{p[0]:g}" if p[1] is None else f"{p[0]:g}/{p[1]:g}" for p in left_out)
+    front = pareto_front(rows)
+    if any(r is pick for r in front):
+        why += "; it is on the length-accuracy front"
+        others = [r for r in front if r is not pick and r in eligible]
+        if others:
+            why += (" (other accurate-enough front points, a matter of the target length: "
+                    + ", ".join(f"{point_label(_point(r))} at {r['mean_tokens']:.1f} tokens, {_acc(r):.1%}"
+                                for r in others) + ")")
+    else:
+        better = [r for r in front if dominates(r, pick)]
+        why += ("; it is off the length-accuracy front, dominated by "
+                + ", ".join(f"{point_label(_point(r))} ({r['mean_tokens']:.1f} tokens, {_acc(r):.1%})" for r in better)
+                + ", as accurate or more and no longer: the target length decided (a target nearer to them picks one)")
+    return pick, why
 
 
-def sweep(recipe_path: str | Path, ratios: Optional[list[float]] = None, keep_all: bool = False,
-          tolerance: Optional[float] = None, limit: Optional[int] = None, max_tokens: Optional[int] = None,
-          backend: Optional[str] = None, force: bool = False, echo=print) -> dict:
+def sweep(recipe_path: str | Path, ratios: Optional[list[float]] = None, densities: Optional[list[float]] = None,
+          keep_all: bool = False, tolerance: Optional[float] = None, limit: Optional[int] = None,
+          max_tokens: Optional[int] = None, backend: Optional[str] = None, force: bool = False, echo=print) -> dict:
     from .merge import build
-    from .multiratio import build_ratios, supports_one_pass
+    from .multiratio import at_point, build_points, supports_one_pass
+    from .replay import Unsupported
 
     # ---- setup
     recipe = load_recipe(recipe_path)
@@ -101,6 +148,8 @@ def sweep(recipe_path: str | Path, ratios: Optional[list[float]] = None, keep_al
     try:
         if ratios is not None:
             settings = SweepSettings.model_validate({**settings.model_dump(), "ratios": ratios})
+        if densities is not None:
+            settings = SweepSettings.model_validate({**settings.model_dump(), "densities": densities})
         if tolerance is not None:
             settings.tolerance = tolerance
         for key, value in (("limit", limit), ("max_tokens", max_tokens), ("backend", backend)):
@@ -108,6 +157,12 @@ def sweep(recipe_path: str | Path, ratios: Optional[list[float]] = None, keep_al
                 setattr(settings.probe, key, value)
     except ValidationError as e:
         raise UserError(format_validation_error("sweep options", e, SweepSettings)) from None
+    if settings.densities is not None and recipe.merge.method not in SPARSIFYING_METHODS:
+        raise UserError(f"sweep.densities: method {recipe.merge.method} keeps every delta and has no density to "
+                        f"sweep; remove densities, or use one of {', '.join(SPARSIFYING_METHODS)}")
+    grid = settings.densities is not None
+    points: list[Point] = [(r, d) for d in (settings.densities if grid else [recipe.merge.density])
+                           for r in settings.ratios]
     output = Path(recipe.output)
     work = output.with_name(output.name + ".sweep")
     from .checkpoints import resolve_model_path
@@ -137,28 +192,37 @@ def sweep(recipe_path: str | Path, ratios: Optional[list[float]] = None, keep_al
 
     endpoints = {role: _probe(paths[role], role, work, settings, echo) for role in ("short_cot", "long_cot")}
 
-    # ---- teacher assistants, one per ratio
-    tas = {r: work / _tag(r) for r in settings.ratios}
-    missing = [r for r in settings.ratios if not _built(tas[r], recipe, r, identity["inputs"])]
-    for r in missing:
-        shutil.rmtree(tas[r], ignore_errors=True)
-    if missing and supports_one_pass(recipe):
-        build_ratios(recipe_path, recipe, {r: tas[r] for r in missing}, echo=echo)
-    else:
-        for r in missing:
-            build(recipe_path, output=str(tas[r]), ratio=r, recipe=recipe, echo=echo)
+    # ---- teacher assistants, one per point, all from one read of the inputs where mergekit allows
+    tags = {p: _tag(p[0], p[1] if grid else None) for p in points}
+    tas = {p: work / tags[p] for p in points}
+    missing = [p for p in points if not _built(tas[p], recipe, p, identity["inputs"])]
+    for p in missing:
+        shutil.rmtree(tas[p], ignore_errors=True)
+    one_pass = bool(missing) and supports_one_pass(recipe)
+    if one_pass:
+        try:
+            build_points(recipe_path, recipe, {p: tas[p] for p in missing}, echo=echo)
+        except Unsupported as e:
+            echo(f"one pass not possible ({e}): building each point separately")
+            one_pass = False
+    if missing and not one_pass:
+        for p in missing:
+            build(recipe_path, output=str(tas[p]), recipe=at_point(recipe, p), echo=echo)
     rows = []
-    for r in settings.ratios:
-        row = _probe(tas[r], _tag(r), work, settings, echo)
-        rows.append({"ratio": r, **row})
+    for p in points:
+        row = _probe(tas[p], tags[p], work, settings, echo)
+        rows.append({"ratio": p[0], "density": p[1], **row})
 
     # ---- choose and report
     target = target_length(settings, endpoints)
-    chosen, reason = choose(rows, target, settings.tolerance)
+    pick, reason = choose(rows, target, settings.tolerance)
+    chosen = _point(pick)
+    front = [list(_point(r)) for r in pareto_front(rows)]
     result = {"recipe": str(recipe_path), "identity": identity, "method": recipe.merge.method,
               "probe": settings.probe.model_dump(mode="json"), "tolerance": settings.tolerance,
-              "ratios": rows, "endpoints": endpoints, "target_tokens": round(target, 2),
-              "chosen": chosen, "reason": reason}
+              "densities": settings.densities, "ratios": rows, "endpoints": endpoints,
+              "target_tokens": round(target, 2), "front": front,
+              "chosen": chosen[0], "chosen_density": chosen[1], "reason": reason}
     result["table_md"] = table_md(result)
     _finish(output, work, tas, chosen, result, keep_all, force)
     echo(result["table_md"])
@@ -167,8 +231,8 @@ def sweep(recipe_path: str | Path, ratios: Optional[list[float]] = None, keep_al
     return result
 
 
-def _built(folder: Path, recipe: Recipe, ratio: float, inputs: dict[str, str]) -> bool:
-    """A TA in the work folder is reused only if built from this recipe at this ratio from inputs of
+def _built(folder: Path, recipe: Recipe, point: Point, inputs: dict[str, str]) -> bool:
+    """A TA in the work folder is reused only if built from this recipe at this point from inputs of
     the same content (a long_cot replaced in place under the same path is caught here)."""
     manifest = read_manifest(folder)
     if not manifest or manifest.get("stage") != "build":
@@ -177,13 +241,13 @@ def _built(folder: Path, recipe: Recipe, ratio: float, inputs: dict[str, str]) -
     if built_from != inputs:
         return False
     want = recipe.model_dump(mode="json")
-    want["merge"]["ratio"] = ratio
+    want["merge"]["ratio"], want["merge"]["density"] = point
     got = dict(manifest.get("recipe") or {})
     return got.get("models") == want["models"] and got.get("merge") == want["merge"] and \
         got.get("tokenizer") == want["tokenizer"] and got.get("config_from") == want["config_from"]
 
 
-def _finish(output: Path, work: Path, tas: dict[float, Path], chosen: float, result: dict, keep_all: bool,
+def _finish(output: Path, work: Path, tas: dict[Point, Path], chosen: Point, result: dict, keep_all: bool,
             force: bool) -> None:
     """Tables and plot into the chosen TA, then rename it to the recipe's output path."""
     ta = tas[chosen]
@@ -193,6 +257,7 @@ def _finish(output: Path, work: Path, tas: dict[float, Path], chosen: float, res
     write_text_atomic(report / "sweep.csv", table_csv(result))
     write_text_atomic(report / "sweep.md", result["table_md"] + f"\n\nchosen: {result['reason']}\n")
     plot(result, report / "sweep.png")
+    plot_front(result, report / "front.png")
     for f in work.glob("*.probe.jsonl"):
         shutil.copyfile(f, report / f.name)
     if output.exists():
@@ -203,65 +268,3 @@ def _finish(output: Path, work: Path, tas: dict[float, Path], chosen: float, res
     if keep_all:
         return
     shutil.rmtree(work, ignore_errors=True)
-
-
-def table_md(result: dict) -> str:
-    lines = ["| model | ratio | accuracy | mean tokens | median tokens | truncated |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"]
-
-    def row(name, ratio, r):
-        acc = f"{r['accuracy']:.1%}" if r["accuracy"] is not None else "n/a"
-        lines.append(f"| {name} | {ratio} | {acc} | {r['mean_tokens']:.1f} | {r['median_tokens']:g} | "
-                     f"{r['truncation_rate']:.0%} |")
-
-    row("short_cot", "-", result["endpoints"]["short_cot"])
-    for r in result["ratios"]:
-        mark = " **chosen**" if r["ratio"] == result["chosen"] else ""
-        row(f"TA{mark}", f"{r['ratio']:g}", r)
-    row("long_cot", "-", result["endpoints"]["long_cot"])
-    lines.append(f"\ntarget mean length: {result['target_tokens']:.1f} tokens")
-    return "\n".join(lines)
-
-
-def table_csv(result: dict) -> str:
-    buf = io.StringIO()
-    fields = ["model", "ratio", "accuracy", "mean_tokens", "median_tokens", "p90_tokens", "truncation_rate",
-              "records", "chosen"]
-    w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
-    w.writeheader()
-    w.writerow({"model": "short_cot", **result["endpoints"]["short_cot"], "ratio": ""})
-    for r in result["ratios"]:
-        w.writerow({"model": "ta", **r, "chosen": r["ratio"] == result["chosen"]})
-    w.writerow({"model": "long_cot", **result["endpoints"]["long_cot"], "ratio": ""})
-    return buf.getvalue()
-
-
-def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    xs = [r["ratio"] for r in result["ratios"]]
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    ax.plot(xs, [r["mean_tokens"] for r in result["ratios"]], "o-", color="tab:blue", label="TA mean tokens")
-    for role, x, style in (("short_cot", 0.0, "s"), ("long_cot", 1.0, "D")):
-        ax.plot([x], [result["endpoints"][role]["mean_tokens"]], style, color="tab:blue", mfc="none", ms=9,
-                label=f"{role} checkpoint")
-    ax.axhline(result["target_tokens"], color="tab:blue", ls=":", lw=1, label="target length")
-    ax.set_xlabel("ratio (long-CoT share)")
-    ax.set_ylabel("mean response tokens", color="tab:blue")
-    ax2 = ax.twinx()
-    ax2.plot(xs, [100 * (r["accuracy"] or 0) for r in result["ratios"]], "o-", color="tab:red", label="TA accuracy")
-    for role, x, style in (("short_cot", 0.0, "s"), ("long_cot", 1.0, "D")):
-        ax2.plot([x], [100 * (result["endpoints"][role]["accuracy"] or 0)], style, color="tab:red", mfc="none", ms=9)
-    ax2.set_ylabel("accuracy (%)", color="tab:red")
-    ax.axvline(result["chosen"], color="gray", ls="--", lw=1)
-    ax.annotate(f"chosen {result['chosen']:g}", (result["chosen"], ax.get_ylim()[1]), ha="center", va="bottom",
-                fontsize=9)
-    handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
-    ax.legend(handles, [h.get_label() for h in handles], fontsize=8, loc="best")
-    ax.set_title(f"{result['method']} sweep on {result['probe'].get('questions') or result['probe']['benchmark']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

@@ -15,11 +15,11 @@ import yaml
 from click.testing import CliRunner
 
 from micota_merge.cli import cli
-from micota_merge.sweep import choose
+from micota_merge.sweep import choose, dominates, pareto_front
 
 
-def _row(ratio, acc, tokens):
-    return {"ratio": ratio, "accuracy": acc, "mean_tokens": tokens}
+def _row(ratio, acc, tokens, density=None):
+    return {"ratio": ratio, "accuracy": acc, "mean_tokens": tokens, "density": density}
 
 
 def test_choice_is_closest_length_among_accurate_ratios():
@@ -27,12 +27,43 @@ def test_choice_is_closest_length_among_accurate_ratios():
             _row(1.0, 0.71, 900)]
     # target 325: 0.7 is closest but 9 points below the best (71%); 0.5 is within 2 points
     chosen, why = choose(rows, 325, tolerance=2.0)
-    assert chosen == 0.5
+    assert chosen["ratio"] == 0.5
     assert "0.7" in why and "too inaccurate" in why
     # with a wide tolerance the closest length wins
-    assert choose(rows, 325, tolerance=10.0)[0] == 0.7
+    assert choose(rows, 325, tolerance=10.0)[0]["ratio"] == 0.7
     # zero tolerance: only the most accurate qualifies
-    assert choose(rows, 325, tolerance=0.0)[0] == 1.0
+    assert choose(rows, 325, tolerance=0.0)[0]["ratio"] == 1.0
+
+
+def test_pareto_front_keeps_only_undominated_points():
+    rows = [_row(0.2, 0.60, 100, 0.5), _row(0.4, 0.66, 150, 0.5), _row(0.6, 0.64, 200, 0.5),  # 0.6 dominated by 0.4
+            _row(0.8, 0.70, 400, 0.5), _row(0.4, 0.66, 150, 0.7),  # a tie with (0.4, 0.5): neither dominates
+            _row(0.6, 0.70, 450, 0.7),  # as accurate as (0.8, 0.5) but longer: dominated
+            _row(0.8, 0.55, 90, 0.7)]   # the shortest: on the front however inaccurate
+    front = pareto_front(rows)
+    assert [(r["ratio"], r["density"]) for r in front] == [(0.8, 0.7), (0.2, 0.5), (0.4, 0.5), (0.4, 0.7), (0.8, 0.5)]
+    assert dominates(rows[1], rows[2]) and not dominates(rows[1], rows[4]) and not dominates(rows[4], rows[1])
+    assert dominates(rows[3], rows[5])
+    for r in rows:  # the definition, checked pairwise
+        beaten = any(o["mean_tokens"] <= r["mean_tokens"] and o["accuracy"] >= r["accuracy"] and
+                     (o["mean_tokens"], o["accuracy"]) != (r["mean_tokens"], r["accuracy"]) for o in rows)
+        assert (r in front) == (not beaten)
+
+
+def test_choice_is_explained_against_the_front():
+    # Two front points qualify (within 2 points of the best): the target length decides between them,
+    # and the reason names the other one, which a different target would have picked.
+    rows = [_row(0.25, 0.60, 120, 0.5), _row(0.5, 0.69, 200, 0.5), _row(0.75, 0.70, 380, 0.5),
+            _row(0.5, 0.68, 260, 0.7)]  # (0.5, 0.7) is dominated by (0.5, 0.5)
+    pick, why = choose(rows, target=300, tolerance=2.0)
+    assert (pick["ratio"], pick["density"]) == (0.5, 0.7)  # closest to 300 among the accurate-enough
+    assert "off the length-accuracy front" in why and "ratio 0.5, density 0.5 (200.0 tokens" in why
+    pick, why = choose(rows, target=200, tolerance=2.0)
+    assert (pick["ratio"], pick["density"]) == (0.5, 0.5)
+    assert "on the length-accuracy front" in why and "ratio 0.75, density 0.5 at 380.0 tokens" in why
+    assert "ratio 0.25" not in why.split("front")[-1]  # too inaccurate: not an alternative
+    pick, _ = choose(rows, target=400, tolerance=2.0)
+    assert (pick["ratio"], pick["density"]) == (0.75, 0.5)  # the other answer, for another target
 
 
 def _recipe(tmp_path, family, method="linear", ratios=(0.0, 0.5, 1.0)) -> Path:
@@ -65,9 +96,10 @@ def test_sweep_writes_tables_plot_and_keeps_only_the_chosen_ta(tiny_family, tmp_
     assert data["target_tokens"] == pytest.approx(expected_target, abs=0.01)
     assert data["chosen"] in (0.0, 0.5, 1.0) and "closest to the target" in data["reason"]
     csv_lines = (report / "sweep.csv").read_text().strip().splitlines()
-    assert csv_lines[0].startswith("model,ratio,accuracy") and len(csv_lines) == 1 + 2 + 3
+    assert csv_lines[0].startswith("model,ratio,density,accuracy") and len(csv_lines) == 1 + 2 + 3
     assert "| TA **chosen** |" in (report / "sweep.md").read_text()
     assert (report / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (report / "front.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     manifest = json.loads((out / "micota.json").read_text())
     assert manifest["recipe"]["merge"]["ratio"] == data["chosen"]
     # --keep-all leaves the other ratios' TAs in the work folder
@@ -77,6 +109,60 @@ def test_sweep_writes_tables_plot_and_keeps_only_the_chosen_ta(tiny_family, tmp_
     # a finished sweep run again does nothing but report
     again = CliRunner().invoke(cli, ["sweep", str(recipe)])
     assert again.exit_code == 0 and "sweep already done" in again.output
+
+
+def test_dare_ties_grid_sweep_one_pass_with_front(tiny_family, tmp_path):
+    """ratio x density in one pass: every point's TA is a one-pass build equal to `build` at that point."""
+    from safetensors.torch import load_file
+    import torch
+
+    ratios = (0.0, 0.25, 0.5, 0.75, 1.0)
+    recipe = _recipe(tmp_path, tiny_family, method="dare_ties", ratios=ratios)
+    result = CliRunner().invoke(cli, ["sweep", str(recipe), "--densities", "0.5,0.8", "--keep-all"])
+    assert result.exit_code == 0, result.output
+    assert "10 teacher assistants written in one pass" in result.output
+    report = tmp_path / "ta" / "sweep"
+    data = json.loads((report / "sweep.json").read_text())
+    assert [(r["ratio"], r["density"]) for r in data["ratios"]] == [(r, d) for d in (0.5, 0.8) for r in ratios]
+    assert data["densities"] == [0.5, 0.8] and data["chosen_density"] in (0.5, 0.8)
+    rows = {(r["ratio"], r["density"]): r for r in data["ratios"]}
+    front = [tuple(p) for p in data["front"]]
+    for p, r in rows.items():  # the front written is the front of the rows written
+        beaten = any(o["mean_tokens"] <= r["mean_tokens"] and (o["accuracy"] or 0) >= (r["accuracy"] or 0) and
+                     (o["mean_tokens"], o["accuracy"]) != (r["mean_tokens"], r["accuracy"]) for o in rows.values())
+        assert (p in front) == (not beaten)
+    assert "length-accuracy front" in data["reason"]
+    md = (report / "sweep.md").read_text()
+    assert "| density |" in md and md.count("| yes |") == len(front)
+    assert (report / "sweep.csv").read_text().splitlines()[0].startswith("model,ratio,density,")
+    assert (report / "front.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    manifest = json.loads((tmp_path / "ta" / "micota.json").read_text())
+    assert manifest["one_pass"] is True
+    assert (manifest["recipe"]["merge"]["ratio"], manifest["recipe"]["merge"]["density"]) == \
+        (data["chosen"], data["chosen_density"])
+    # two kept points against separate builds, bit for bit (tests/test_multiratio.py covers every method)
+    for point in [(0.5, 0.8), (1.0, 0.5)]:
+        tag = "ratio-0.5-density-0.8" if point == (0.5, 0.8) else "ratio-1.0-density-0.5"
+        kept = tmp_path / "ta" if point == (data["chosen"], data["chosen_density"]) else tmp_path / "ta.sweep" / tag
+        point_recipe = yaml.safe_load(recipe.read_text())
+        point_recipe["merge"].update(ratio=point[0], density=point[1])
+        (tmp_path / "p.yaml").write_text(yaml.safe_dump(point_recipe))
+        sep = tmp_path / f"sep-{tag}"
+        built = CliRunner().invoke(cli, ["build", str(tmp_path / "p.yaml"), "--output", str(sep)])
+        assert built.exit_code == 0, built.output
+        a, b = load_file(kept / "model.safetensors"), load_file(sep / "model.safetensors")
+        assert set(a) == set(b) and all(torch.equal(a[n], b[n]) for n in a), point
+    again = CliRunner().invoke(cli, ["sweep", str(recipe), "--densities", "0.5,0.8"])
+    assert again.exit_code == 0 and "sweep already done" in again.output
+
+
+def test_sweep_refuses_densities_without_sparsification(tiny_family, tmp_path):
+    recipe = _recipe(tmp_path, tiny_family)  # linear
+    result = CliRunner().invoke(cli, ["sweep", str(recipe), "--densities", "0.5"])
+    assert result.exit_code == 2 and "sweep.densities" in result.output and "no density" in result.output
+    recipe = _recipe(tmp_path, tiny_family, method="dare_ties")
+    result = CliRunner().invoke(cli, ["sweep", str(recipe), "--densities", "0,0.5"])
+    assert result.exit_code == 2 and "density must be in (0, 1]" in result.output
 
 
 def test_sweep_resumes_ratio_by_ratio(tiny_family, tmp_path):

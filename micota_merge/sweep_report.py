@@ -1,0 +1,135 @@
+"""The sweep's report: Markdown and CSV tables, the ratio plot and the length-accuracy front."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+
+def _is_chosen(result: dict, row: dict) -> bool:
+    return row["ratio"] == result["chosen"] and row.get("density") == result.get("chosen_density")
+
+
+def _on_front(result: dict, row: dict) -> bool:
+    return [row["ratio"], row.get("density")] in [list(p) for p in result.get("front", [])]
+
+
+def table_md(result: dict) -> str:
+    lines = ["| model | ratio | density | accuracy | mean tokens | median tokens | truncated | front |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | :---: |"]
+
+    def row(name, ratio, density, r, front=""):
+        acc = f"{r['accuracy']:.1%}" if r["accuracy"] is not None else "n/a"
+        lines.append(f"| {name} | {ratio} | {density} | {acc} | {r['mean_tokens']:.1f} | {r['median_tokens']:g} | "
+                     f"{r['truncation_rate']:.0%} | {front} |")
+
+    row("short_cot", "-", "-", result["endpoints"]["short_cot"])
+    for r in result["ratios"]:
+        mark = " **chosen**" if _is_chosen(result, r) else ""
+        density = f"{r['density']:g}" if r.get("density") is not None else "-"
+        row(f"TA{mark}", f"{r['ratio']:g}", density, r, "yes" if _on_front(result, r) else "")
+    row("long_cot", "-", "-", result["endpoints"]["long_cot"])
+    lines.append(f"\ntarget mean length: {result['target_tokens']:.1f} tokens; front: the TAs no other TA dominates "
+                 "(none is at most as long and at least as accurate, and better in one)")
+    return "\n".join(lines)
+
+
+def table_csv(result: dict) -> str:
+    buf = io.StringIO()
+    fields = ["model", "ratio", "density", "accuracy", "mean_tokens", "median_tokens", "p90_tokens",
+              "truncation_rate", "records", "front", "chosen"]
+    w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
+    w.writeheader()
+    w.writerow({"model": "short_cot", **result["endpoints"]["short_cot"], "ratio": ""})
+    for r in result["ratios"]:
+        w.writerow({"model": "ta", **r, "front": _on_front(result, r), "chosen": _is_chosen(result, r)})
+    w.writerow({"model": "long_cot", **result["endpoints"]["long_cot"], "ratio": ""})
+    return buf.getvalue()
+
+
+def _densities(result: dict) -> list:
+    return sorted({r.get("density") for r in result["ratios"]}, key=lambda d: (d is None, d or 0.0))
+
+
+def plot(result: dict, path: Path) -> None:
+    """Mean length and accuracy against the ratio, one line per density."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ax2 = ax.twinx()
+    densities = _densities(result)
+    for i, d in enumerate(densities):
+        rows = [r for r in result["ratios"] if r.get("density") == d]
+        xs = [r["ratio"] for r in rows]
+        suffix = f" (density {d:g})" if d is not None and len(densities) > 1 else ""
+        ls = ["-", "--", ":", "-."][i % 4]
+        ax.plot(xs, [r["mean_tokens"] for r in rows], "o", ls=ls, color="tab:blue", label=f"TA mean tokens{suffix}")
+        ax2.plot(xs, [100 * (r["accuracy"] or 0) for r in rows], "o", ls=ls, color="tab:red",
+                 label=f"TA accuracy{suffix}")
+    for role, x, style in (("short_cot", 0.0, "s"), ("long_cot", 1.0, "D")):
+        ax.plot([x], [result["endpoints"][role]["mean_tokens"]], style, color="tab:blue", mfc="none", ms=9,
+                label=f"{role} checkpoint")
+        ax2.plot([x], [100 * (result["endpoints"][role]["accuracy"] or 0)], style, color="tab:red", mfc="none", ms=9)
+    ax.axhline(result["target_tokens"], color="tab:blue", ls=":", lw=1, label="target length")
+    ax.set_xlabel("ratio (long-CoT share)")
+    ax.set_ylabel("mean response tokens", color="tab:blue")
+    ax2.set_ylabel("accuracy (%)", color="tab:red")
+    ax.axvline(result["chosen"], color="gray", ls="--", lw=1)
+    label = f"chosen {result['chosen']:g}"
+    if result.get("chosen_density") is not None and len(densities) > 1:
+        label += f" / density {result['chosen_density']:g}"
+    ax.annotate(label, (result["chosen"], ax.get_ylim()[1]), ha="center", va="bottom", fontsize=9)
+    handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+    ax.legend(handles, [h.get_label() for h in handles], fontsize=7, loc="best")
+    ax.set_title(f"{result['method']} sweep on {result['probe'].get('questions') or result['probe']['benchmark']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_front(result: dict, path: Path) -> None:
+    """Accuracy against mean length for every point, the Pareto front, the experts and the choice."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.6))
+    densities = _densities(result)
+    markers = "o^vsPX*"
+    for i, d in enumerate(densities):
+        rows = [r for r in result["ratios"] if r.get("density") == d]
+        ax.scatter([r["mean_tokens"] for r in rows], [100 * (r["accuracy"] or 0) for r in rows],
+                   marker=markers[i % len(markers)], color="tab:gray", zorder=3,
+                   label="TA" + (f", density {d:g}" if d is not None else ""))
+        for r in rows:
+            ax.annotate(f"{r['ratio']:g}", (r["mean_tokens"], 100 * (r["accuracy"] or 0)), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
+    front = [r for r in result["ratios"] if _on_front(result, r)]
+    front.sort(key=lambda r: r["mean_tokens"])
+    if front:
+        xs, ys = [r["mean_tokens"] for r in front], [100 * (r["accuracy"] or 0) for r in front]
+        ax.step(xs, ys, where="post", color="tab:green", lw=1.5, zorder=2)
+        ax.scatter(xs, ys, s=90, facecolors="none", edgecolors="tab:green", lw=1.5, zorder=4,
+                   label="Pareto front (no other TA shorter and as accurate)")
+    for role, style, color in (("short_cot", "s", "tab:blue"), ("long_cot", "D", "tab:red")):
+        e = result["endpoints"][role]
+        ax.plot([e["mean_tokens"]], [100 * (e["accuracy"] or 0)], style, color=color, ms=9, mfc="none", mew=2,
+                label=f"{role} checkpoint", zorder=5)
+    chosen = next(r for r in result["ratios"] if _is_chosen(result, r))
+    ax.scatter([chosen["mean_tokens"]], [100 * (chosen["accuracy"] or 0)], s=220, marker="*", color="gold",
+               edgecolors="black", zorder=6, label="chosen")
+    ax.axvline(result["target_tokens"], color="gray", ls=":", lw=1, label="target length")
+    floor = 100 * max(r["accuracy"] or 0 for r in result["ratios"]) - result["tolerance"]
+    ax.axhline(floor, color="gray", ls="--", lw=0.8, label=f"accuracy floor (best - {result['tolerance']:g})")
+    ax.set_xlabel("mean response tokens")
+    ax.set_ylabel("accuracy (%)")
+    ax.legend(fontsize=7, loc="best")
+    ax.set_title(f"{result['method']}: length-accuracy front (labels: ratio)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
