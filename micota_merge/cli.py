@@ -233,7 +233,7 @@ def eval_cmd(runs, model, tasks, backend, limit, protocol, samples, temperature,
     if compare:
         if model:
             raise UserError("--compare reads finished runs; drop --model (or drop --compare to score a model)")
-        evaluate.compare(runs, output=output, force=force, echo=click.echo)
+        evaluate.compare(runs, output=output, force=force, seed=seed, echo=click.echo)
         return
     if runs:
         raise UserError(f"unexpected arguments {' '.join(runs)}: to compare runs pass --compare")

@@ -638,27 +638,109 @@ def _labels(runs: Sequence[Path]) -> list[str]:
     return labels
 
 
-def compare_markdown(labels: Sequence[str], summaries: Sequence[dict]) -> str:
+def _acc_cell(t: dict) -> str:
+    if not t or t.get("accuracy") is None:
+        return "–"
+    ci = t.get("ci95")
+    return _fmt_acc(t["accuracy"]) + (f" ({_fmt_ci(ci)})" if ci else "")
+
+
+def compare_markdown(labels: Sequence[str], summaries: Sequence[dict], tests: Sequence[dict] = ()) -> str:
     benches = [b for b in ALL_TASKS if any(b in s["tasks"] for s in summaries)]
-    header = "| benchmark | " + " | ".join(f"{lab} acc (%) | {lab} tokens" for lab in labels) + " |"
-    rule = "| --- |" + " ---: | ---: |" * len(labels)
+    header = "| benchmark | " + " | ".join(f"{lab} acc % (95 % CI) | {lab} tokens | {lab} trunc %"
+                                          for lab in labels) + " |"
+    rule = "| --- |" + " ---: | ---: | ---: |" * len(labels)
     lines = [header, rule]
     for bench in benches:
         cells = []
         for s in summaries:
             t = s["tasks"].get(bench) or {}
-            cells += [_fmt_acc(t.get("accuracy")), _fmt_tok(t.get("mean_tokens"))]
+            cells += [_acc_cell(t), _fmt_tok(t.get("mean_tokens")), _fmt_acc(t.get("truncated"))]
         lines.append(f"| {bench} | " + " | ".join(cells) + " |")
     cells = []
     for s in summaries:
-        cells += [f"**{_fmt_acc(s.get('average'))}**", _fmt_tok(s.get("mean_tokens"))]
+        avg = _fmt_acc(s.get("average")) + (f" ({_fmt_ci(s['average_ci95'])})" if s.get("average_ci95") else "")
+        cells += [f"**{avg}**", _fmt_tok(s.get("mean_tokens")), ""]
     lines.append("| **average** | " + " | ".join(cells) + " |")
-    notes = [f"- {lab}: {s.get('model', '?')}" + (f", {s['limit']} per task" if s.get("limit") else "")
+    notes = [f"- {lab}: {s.get('model', '?')}" + (f", {describe(s)}" if s.get("protocol") else "")
+             + (f", {s['limit']} per task" if s.get("limit") else "")
              + (f", max {s['max_tokens']} tokens" if s.get("max_tokens") else "")
              for lab, s in zip(labels, summaries)]
     if len({tuple(sorted(s["tasks"])) for s in summaries}) > 1:
         notes.append("- the runs scored different benchmarks: each average is over its own, so they do not compare")
-    return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
+    out = "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
+    for test in tests:
+        out += "\n" + paired_markdown(test)
+    return out
+
+
+def paired_markdown(test: dict) -> str:
+    lines = [f"Paired bootstrap, {test['run']} − {test['against']} (points; questions both answered, "
+             f"{test['draws']} draws, seed {test['seed']}):", "",
+             "| benchmark | Δ | 95 % CI | p | questions | verdict |", "| --- | ---: | :---: | ---: | ---: | --- |"]
+    rows = list(test["tasks"].items()) + ([("**average**", test["average"])] if test.get("average") else [])
+    for bench, r in rows:
+        if r.get("difference") is None:
+            lines.append(f"| {bench} | – | – | – | – | {r.get('note', 'not comparable')} |")
+            continue
+        verdict = "**significant**" if r["significant"] else "noise (CI includes 0)"
+        lines.append(f"| {bench} | {100 * r['difference']:+.1f} | {100 * r['ci95'][0]:+.1f} to "
+                     f"{100 * r['ci95'][1]:+.1f} | {r['p_value']:.3f} | {r.get('questions', '')} | {verdict} |")
+    if test.get("average_note"):
+        lines += ["", test["average_note"]]
+    return "\n".join(lines) + "\n"
+
+
+def per_question_scores(run: Path, summary: dict, bench: str) -> Optional[dict[int, list[float]]]:
+    """{doc_id: [score of each answer]} from a run's per-sample log, None when it is not there."""
+    name = (summary.get("files") or {}).get("samples", {}).get(bench)
+    path = run / name if name else None
+    if path is None or not path.is_file():
+        return None
+    scores = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            rec = json.loads(line)
+            if "samples" in rec:
+                scores[int(rec["doc_id"])] = [float(x["correct"]) for x in rec["samples"]]
+            elif "correct" in rec:  # a greedy run written before k samples existed
+                scores[int(rec["doc_id"])] = [float(rec["correct"])]
+    return scores
+
+
+def paired_tests(paths: Sequence[Path], labels: Sequence[str], summaries: Sequence[dict], seed: int = 0,
+                 draws: int = scoring.BOOTSTRAP_DRAWS) -> list[dict]:
+    """Each run after the first against the first: per benchmark and on the average."""
+    tests = []
+    base_dir = paths[0] if paths[0].is_dir() else paths[0].parent
+    for path, lab, s in zip(paths[1:], labels[1:], summaries[1:]):
+        run_dir = path if path.is_dir() else path.parent
+        test = {"run": lab, "against": labels[0], "seed": seed, "draws": draws, "tasks": {}}
+        pairs = []
+        for bench in [b for b in ALL_TASKS if b in s["tasks"] and b in summaries[0]["tasks"]]:
+            a = per_question_scores(run_dir, s, bench)
+            b = per_question_scores(base_dir, summaries[0], bench)
+            if not a or not b:
+                test["tasks"][bench] = {"difference": None, "note": "per-sample log missing"}
+                continue
+            common = sorted(set(a) & set(b))
+            if not common:
+                test["tasks"][bench] = {"difference": None, "note": "no question in common"}
+                continue
+            ta, tb = [a[q] for q in common], [b[q] for q in common]
+            test["tasks"][bench] = {**scoring.paired_bootstrap([ta], [tb], seed=seed, draws=draws),
+                                    "questions": len(common)}
+            pairs.append((ta, tb))
+        if pairs:
+            test["average"] = {**scoring.paired_bootstrap([p[0] for p in pairs], [p[1] for p in pairs],
+                                                          seed=seed, draws=draws)}
+            if len(pairs) < len(set(s["tasks"]) | set(summaries[0]["tasks"])):
+                test["average_note"] = (f"The average test is over the {len(pairs)} benchmarks both runs "
+                                        "scored, on the questions both answered.")
+        tests.append(test)
+    return tests
 
 
 def _or_nan(x) -> float:
@@ -667,7 +749,8 @@ def _or_nan(x) -> float:
 
 
 def compare_chart(labels: Sequence[str], summaries: Sequence[dict], path: Path) -> None:
-    """Grouped bars: accuracy per benchmark (and average), mean tokens per benchmark."""
+    """Grouped bars: accuracy per benchmark (and average) with 95 % intervals; mean tokens
+    per benchmark with the length cap drawn and the share truncated written on each bar."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -676,27 +759,58 @@ def compare_chart(labels: Sequence[str], summaries: Sequence[dict], path: Path) 
     benches = [b for b in ALL_TASKS if any(b in s["tasks"] for s in summaries)]
     groups = benches + ["average"]
     width = 0.8 / max(len(summaries), 1)
-    fig, (ax_acc, ax_tok) = plt.subplots(1, 2, figsize=(min(16, 4 + 1.6 * len(groups)), 4.5))
+    fig, (ax_acc, ax_tok) = plt.subplots(1, 2, figsize=(min(18, 5 + 1.8 * len(groups)), 5.2))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    top_acc, top_tok = 1.0, 1.0
     for i, (lab, s) in enumerate(zip(labels, summaries)):
-        acc = [100 * _or_nan((s["tasks"].get(b) or {}).get("accuracy")) for b in benches]
-        acc.append(100 * _or_nan(s.get("average")))
-        tok = [_or_nan((s["tasks"].get(b) or {}).get("mean_tokens")) for b in benches]
+        color = colors[i % len(colors)]
+        rows = [(s["tasks"].get(b) or {}) for b in benches]
+        acc = [100 * _or_nan(t.get("accuracy")) for t in rows] + [100 * _or_nan(s.get("average"))]
+        cis = [t.get("ci95") for t in rows] + [s.get("average_ci95")]
+        err = [[0.0 if not ci or math.isnan(a) else max(a - 100 * ci[0], 0.0) for a, ci in zip(acc, cis)],
+               [0.0 if not ci or math.isnan(a) else max(100 * ci[1] - a, 0.0) for a, ci in zip(acc, cis)]]
         offs = [x + (i - (len(summaries) - 1) / 2) * width for x in range(len(groups))]
-        ax_acc.bar(offs, acc, width, label=lab)
-        ax_tok.bar(offs[:len(benches)], tok, width, label=lab)
-    ax_acc.set_xticks(range(len(groups)), groups, rotation=20)
-    ax_acc.set_ylabel("accuracy (%)")
-    ax_acc.set_title("greedy pass@1")
-    ax_tok.set_xticks(range(len(benches)), benches, rotation=20)
+        ax_acc.bar(offs, acc, width, label=lab, color=color, yerr=err, capsize=3, ecolor="black",
+                   error_kw={"lw": 0.8})
+        for x, a, hi in zip(offs, acc, err[1]):
+            if not math.isnan(a):
+                # the value on every bar, so a 0 % bar is seen as measured, not missing
+                ax_acc.annotate(f"{a:.0f}", (x, a + hi), xytext=(0, 2), textcoords="offset points",
+                                ha="center", va="bottom", fontsize=7)
+                top_acc = max(top_acc, a + hi)
+        tok = [_or_nan(t.get("mean_tokens")) for t in rows]
+        ax_tok.bar(offs[:len(benches)], tok, width, label=lab, color=color)
+        for x, n, t in zip(offs, tok, rows):
+            if not math.isnan(n):
+                trunc = t.get("truncated")
+                text = f"{n:.0f}" + (f"\n{100 * trunc:.0f}% cut" if trunc else "")
+                ax_tok.annotate(text, (x, n), xytext=(0, 2), textcoords="offset points", ha="center",
+                                va="bottom", fontsize=7)
+                top_tok = max(top_tok, n)
+        cap = s.get("max_tokens")
+        if cap:
+            ax_tok.axhline(cap, color=color, ls="--", lw=1)
+            ax_tok.annotate(f"cap {cap}", (len(benches) - 0.5, cap), xytext=(-2, 2), textcoords="offset points",
+                            ha="right", va="bottom", fontsize=7, color=color)
+            top_tok = max(top_tok, cap)
+    ax_acc.set_ylim(0, min(100, top_acc) * 1.15 + 2)
+    ax_tok.set_ylim(0, top_tok * 1.2)
+    ax_acc.set_xticks(range(len(groups)), groups, rotation=20, ha="right")
+    ax_acc.set_ylabel("accuracy (%), 95 % CI")
+    sampled = any((t.get("samples") or 1) > 1 for s in summaries for t in s["tasks"].values())
+    ax_acc.set_title("avg@k (pass@1 over k samples)" if sampled else "pass@1", pad=10)
+    ax_tok.set_xticks(range(len(benches)), benches, rotation=20, ha="right")
     ax_tok.set_ylabel("mean response tokens")
-    ax_tok.set_title("CoT length")
-    ax_acc.legend(fontsize="small")
-    fig.tight_layout()
+    ax_tok.set_title("CoT length (dashed: length cap)", pad=10)
+    # the legend below the axes, never on the bars
+    handles, names = ax_acc.get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=min(len(labels), 4), fontsize="small", frameon=False)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def compare(runs: Sequence[str], output: Optional[str] = None, force: bool = False,
+def compare(runs: Sequence[str], output: Optional[str] = None, force: bool = False, seed: int = 0,
             echo: Echo = print) -> str:
     """Markdown table (and, with `output`, compare.md, compare.json, compare.png) of several runs."""
     if not runs:
@@ -704,14 +818,16 @@ def compare(runs: Sequence[str], output: Optional[str] = None, force: bool = Fal
     paths = [Path(r) for r in runs]
     summaries = [load_summary(p) for p in paths]
     labels = _labels(paths)
-    table = compare_markdown(labels, summaries)
+    tests = paired_tests(paths, labels, summaries, seed=seed)
+    table = compare_markdown(labels, summaries, tests)
     echo(table)
     if output:
         with atomic_dir(output, force=force) as staging:
             write_text_atomic(staging / "compare.md", table)
             write_json_atomic(staging / "compare.json",
                               {"runs": [{"label": lab, "dir": str(p), **s}
-                                        for lab, p, s in zip(labels, paths, summaries)]})
+                                        for lab, p, s in zip(labels, paths, summaries)],
+                               "tests": tests})
             compare_chart(labels, summaries, staging / "compare.png")
         echo(f"wrote {output}/compare.md, compare.json, compare.png")
     return table
