@@ -17,7 +17,6 @@ Every bootstrap takes a seed, so a report is reproducible to the digit.
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -150,5 +149,3 @@ def paired_bootstrap(a: Sequence[Sequence[Sequence[float]]], b: Sequence[Sequenc
             "significant": bool(lo > 0 or hi < 0)}
 
 
-def isclose(a: float, b: float) -> bool:
-    return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
