@@ -384,6 +384,12 @@ def evaluate(model: str, tasks: str | Sequence[str] | None = None, backend: Opti
                           gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len)
     if backend == "vllm":
         args["seed"] = seed
+        if any(k > 1 for k in sampling["samples"].values()):
+            # lm-eval's evaluator sends each question k times (one request per repeat); vLLM V1
+            # runs n = k as k child requests too (v1/engine/parallel_sampling.py), sharing the
+            # prompt through the prefix cache. Asking for the cache makes that explicit: the k
+            # copies sit side by side in lm-eval's length-sorted batch, so k - 1 prefills are hits.
+            args["enable_prefix_caching"] = True
     options = {"tasks": benchmarks, "backend": backend, "limit": limit, "max_tokens": max_tokens,
                "batch_size": batch_size, "dtype": dtype, "device": device, "model_args": args,
                **sampling, "seed": seed}
@@ -403,7 +409,7 @@ def evaluate(model: str, tasks: str | Sequence[str] | None = None, backend: Opti
     started, t0 = now(), time.time()
     tracker = EvaluationTracker()  # records model and chat template; told where to write below
     results = lm_eval.simple_evaluate(
-        model=lm_backend(backend, sampling), model_args=args, tasks=lm_tasks, task_manager=tm,
+        model=backend, model_args=args, tasks=lm_tasks, task_manager=tm,
         limit=limit, batch_size=batch_size, device=device, apply_chat_template=True,
         log_samples=True, evaluation_tracker=tracker,
         use_cache=str(cache_dir / model_key), confirm_run_unsafe_code=False,
@@ -603,15 +609,6 @@ def summary_markdown(summary: dict) -> str:
         lines += ["", f"truncated: the share of answers that reached the cap of {summary['max_tokens']} new "
                       "tokens (graded as they stand: an unfinished answer is usually wrong)"]
     return "\n".join(lines) + "\n"
-
-
-def lm_backend(backend: str, sampling: dict) -> str:
-    """lm-eval's model name; vllm with k > 1 samples gets ours, which asks for n = k at once."""
-    if backend == "vllm" and any(k > 1 for k in sampling["samples"].values()):
-        from . import vllm_samples
-
-        return vllm_samples.register()
-    return backend
 
 
 # ---------------------------------------------------------------------------------- compare
