@@ -223,12 +223,25 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     xs = [r["ratio"] for r in result["ratios"]]
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(7, 5))
     ax.plot(xs, [r["mean_tokens"] for r in result["ratios"]], "o-", color="tab:blue", label="TA mean tokens")
     for role, x, style in (("short_cot", 0.0, "s"), ("long_cot", 1.0, "D")):
         ax.plot([x], [result["endpoints"][role]["mean_tokens"]], style, color="tab:blue", mfc="none", ms=9,
                 label=f"{role} checkpoint")
     ax.axhline(result["target_tokens"], color="tab:blue", ls=":", lw=1, label="target length")
+    # the length cap: answers at it were cut off, so their mean is a floor, not a length
+    cap = (result.get("probe") or {}).get("max_tokens")
+    tops = [r["mean_tokens"] or 0 for r in result["ratios"]] + [
+        result["endpoints"][role]["mean_tokens"] or 0 for role in ("short_cot", "long_cot")]
+    if cap and cap <= 2 * max(tops + [result["target_tokens"] or 0]):
+        ax.axhline(cap, color="black", ls="--", lw=1, label=f"length cap ({cap})")
+    elif cap:
+        ax.annotate(f"length cap {cap} (off scale)", (0.01, 0.99), xycoords="axes fraction", ha="left",
+                    va="top", fontsize=8)
+    for r in result["ratios"]:
+        if r.get("truncation_rate"):
+            ax.annotate(f"{r['truncation_rate']:.0%} cut", (r["ratio"], r["mean_tokens"]), xytext=(0, -12),
+                        textcoords="offset points", ha="center", fontsize=7, color="tab:blue")
     ax.set_xlabel("ratio (long-CoT share)")
     ax.set_ylabel("mean response tokens", color="tab:blue")
     ax2 = ax.twinx()
@@ -237,11 +250,14 @@ def plot(result: dict, path: Path) -> None:
         ax2.plot([x], [100 * (result["endpoints"][role]["accuracy"] or 0)], style, color="tab:red", mfc="none", ms=9)
     ax2.set_ylabel("accuracy (%)", color="tab:red")
     ax.axvline(result["chosen"], color="gray", ls="--", lw=1)
-    ax.annotate(f"chosen {result['chosen']:g}", (result["chosen"], ax.get_ylim()[1]), ha="center", va="bottom",
-                fontsize=9)
+    ax.annotate(f"chosen {result['chosen']:g}", (result["chosen"], 0.0), xycoords=("data", "axes fraction"),
+                xytext=(3, 3), textcoords="offset points", ha="left", va="bottom", fontsize=9, color="gray")
+    ax2.set_ylim(bottom=0)  # a 0 % accuracy sits on the axis, visibly
     handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
-    ax.legend(handles, [h.get_label() for h in handles], fontsize=8, loc="best")
-    ax.set_title(f"{result['method']} sweep on {result['probe'].get('questions') or result['probe']['benchmark']}")
-    fig.tight_layout()
+    # below the axes: a legend inside would cover points
+    fig.legend(handles, [h.get_label() for h in handles], fontsize=8, loc="lower center", ncol=3, frameon=False)
+    ax.set_title(f"{result['method']} sweep on {result['probe'].get('questions') or result['probe']['benchmark']}",
+                 pad=10)
+    fig.tight_layout(rect=(0, 0.14, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
