@@ -128,7 +128,7 @@ def paired_bootstrap(a: Sequence[Sequence[Sequence[float]]], b: Sequence[Sequenc
     a[t][q] and b[t][q] are the sample scores of run A and B on question q of benchmark t
     (the same questions, any number of samples each). Returns the observed difference, its
     95 % interval, a two-sided bootstrap p-value (twice the smaller share of replicates on
-    either side of 0) and `significant` (the interval excludes 0).
+    either side of 0, ties at 0 split evenly) and `significant` (the interval excludes 0).
     """
     if len(a) != len(b) or not a:
         raise ValueError("paired_bootstrap needs the same benchmarks in both runs")
@@ -144,7 +144,10 @@ def paired_bootstrap(a: Sequence[Sequence[Sequence[float]]], b: Sequence[Sequenc
     diffs /= len(a)
     observed /= len(a)
     lo, hi = interval(diffs)
-    p = min(1.0, 2 * min(float(np.mean(diffs <= 0)), float(np.mean(diffs >= 0))))
+    # ties at 0 are common (a question where both runs are always right or always wrong): they
+    # count half to each side, else they alone would push p towards 1
+    ties = float(np.mean(diffs == 0))
+    p = min(1.0, 2 * min(float(np.mean(diffs < 0)), float(np.mean(diffs > 0))) + ties)
     return {"difference": float(observed), "ci95": [lo, hi], "p_value": p,
             "significant": bool(lo > 0 or hi < 0)}
 
