@@ -772,7 +772,7 @@ def compare_chart(labels: Sequence[str], summaries: Sequence[dict], path: Path) 
         for x, a, hi in zip(offs, acc, err[1]):
             if not math.isnan(a):
                 # the value on every bar, so a 0 % bar is seen as measured, not missing
-                ax_acc.annotate(f"{a:.0f}", (x, a + hi), xytext=(0, 2), textcoords="offset points",
+                ax_acc.annotate(f"{a:.1f}" if a < 10 else f"{a:.0f}", (x, a + hi), xytext=(0, 2), textcoords="offset points",
                                 ha="center", va="bottom", fontsize=7)
                 top_acc = max(top_acc, a + hi)
         tok = [_or_nan(t.get("mean_tokens")) for t in rows]
@@ -784,12 +784,16 @@ def compare_chart(labels: Sequence[str], summaries: Sequence[dict], path: Path) 
                 ax_tok.annotate(text, (x, n), xytext=(0, 2), textcoords="offset points", ha="center",
                                 va="bottom", fontsize=7)
                 top_tok = max(top_tok, n)
-        cap = s.get("max_tokens")
-        if cap:
-            ax_tok.axhline(cap, color=color, ls="--", lw=1)
-            ax_tok.annotate(f"cap {cap}", (len(benches) - 0.5, cap), xytext=(-2, 2), textcoords="offset points",
-                            ha="right", va="bottom", fontsize=7, color=color)
-            top_tok = max(top_tok, cap)
+    # the length cap: answers at it were cut off (one black line when every run had the same)
+    caps = [s.get("max_tokens") for s in summaries]
+    for i, cap in enumerate(caps):
+        if not cap or (len(set(caps)) == 1 and i > 0):
+            continue
+        color = "black" if len(set(caps)) == 1 else colors[i % len(colors)]
+        ax_tok.axhline(cap, color=color, ls="--", lw=1)
+        ax_tok.annotate(f"length cap {cap}", (len(benches) - 0.5, cap), xytext=(-2, 2), textcoords="offset points",
+                        ha="right", va="bottom", fontsize=7, color=color)
+        top_tok = max(top_tok, cap)
     ax_acc.set_ylim(0, min(100, top_acc) * 1.15 + 2)
     ax_tok.set_ylim(0, top_tok * 1.2)
     ax_acc.set_xticks(range(len(groups)), groups, rotation=20, ha="right")

@@ -257,10 +257,12 @@ def test_smollm2_gsm8k(smollm2_dir, tmp_path):
     for rec in records:
         # SmolLM2's own chat template, not ChatML from elsewhere
         assert "<|im_start|>user" in rec["arguments"]["gen_args_0"]["arg_0"]
-        assert rec["correct"] == grading.is_correct(rec["response"], rows[rec["doc_id"]]["answer"], "gsm8k")
-    assert t["accuracy"] == pytest.approx(sum(r["correct"] for r in records) / n)
+        sample = rec["samples"][0]
+        assert sample["correct"] == grading.is_correct(rec["filtered_resps"][0][0], rows[rec["doc_id"]]["answer"],
+                                                       "gsm8k")
+    assert t["accuracy"] == pytest.approx(sum(r["samples"][0]["correct"] for r in records) / n)
     # it answers in sentences that end in a number the grader reads (right or wrong)
-    assert any(r["pred"] is not None for r in records)
+    assert any(r["samples"][0]["pred"] is not None for r in records)
     assert 20 < t["mean_tokens"] <= 256
     print(f"\nSmolLM2-135M-Instruct gsm8k[:{n}]: accuracy {t['accuracy']:.3f}, "
           f"mean tokens {t['mean_tokens']:.1f}, {seconds:.0f} s")
@@ -293,7 +295,7 @@ def test_vllm_cpu_backend(tiny_family, tmp_path):
     for bench in ("math500", "gsm8k"):
         assert summary["tasks"][bench]["n"] == 2 and summary["tasks"][bench]["mean_tokens"] > 0
         for rec in read_jsonl(out / summary["files"]["samples"][bench]):
-            assert {"pred", "correct", "num_tokens"} <= rec.keys()
+            assert {"pred", "correct", "num_tokens"} <= rec["samples"][0].keys()
             assert rec["arguments"]["gen_args_0"]["arg_1"]["max_gen_toks"] == 16
 
 
@@ -504,3 +506,29 @@ def test_r1_defaults_per_task():
     assert s["samples"] == {"aime24": 16, "amc23": 2, "olympiadbench": 2, "math500": 2, "gsm8k": 2}
     assert s["temperature"] == 0.7
     assert sampling_settings("greedy", None, None, None, ["gsm8k"])["samples"] == {"gsm8k": 1}
+
+
+@pytest.mark.slow
+def test_vllm_cpu_samples(tiny_family, tmp_path):
+    """k sampled answers through lm-eval's vllm backend (vllm-cpu venv, as above): all k kept and
+    graded, prefix caching on so the k copies of a prompt share its prefill."""
+    import os
+    import subprocess
+
+    py = os.environ.get("MICOTA_VLLM_PYTHON")
+    if not py:
+        pytest.skip("set MICOTA_VLLM_PYTHON to a python with vllm-cpu and lm-eval")
+    out = tmp_path / "vllm_k"
+    proc = subprocess.run([py, "-m", "micota_merge.cli", "eval", "--model", str(tiny_family["long_cot"]),
+                           "--backend", "vllm", "--tasks", "gsm8k", "--samples", "4", "--temperature", "0.6",
+                           "--top-p", "0.95", "--limit", "2", "--max-tokens", "16", "--max-model-len", "1024",
+                           "--output", str(out)], capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    t = summary["tasks"]["gsm8k"]
+    assert t["samples"] == 4 and set(t["pass@k"]) == {"1", "2", "4"} and t["ci95"] is not None
+    records = read_jsonl(out / summary["files"]["samples"]["gsm8k"])
+    assert all(len(r["samples"]) == len(r["filtered_resps"][0]) == 4 for r in records)
+    assert any(len(set(r["filtered_resps"][0])) > 1 for r in records)  # sampled, not copies
+    manifest = json.loads((out / "micota.json").read_text())
+    assert manifest["options"]["model_args"]["enable_prefix_caching"] is True
