@@ -418,7 +418,7 @@ def evaluate(model: str, tasks: str | Sequence[str] | None = None, backend: Opti
     if results is None:  # not the main process of a multi-process run: that one writes
         return {}
     logged = results.pop("samples")
-    mismatches, per_question = audit_samples(logged, tokenizer=str(model_path), max_tokens=max_tokens)
+    mismatches, per_question, majority = audit_samples(logged, tokenizer=str(model_path), max_tokens=max_tokens)
     with atomic_dir(out, force=force) as staging:
         tracker.output_path = str(staging / "results.json")  # lm-eval writes results_<date>.json beside it
         tracker.save_results_aggregated(results=results, samples=logged)
@@ -426,7 +426,7 @@ def evaluate(model: str, tasks: str | Sequence[str] | None = None, backend: Opti
             tracker.save_results_samples(task_name=name, samples=logged[name])
         files = _written_files(staging, results["configs"])
         summary = summarize(results, model=model, benchmarks=benchmarks, per_question=per_question,
-                            seed=seed)
+                            majority=majority, seed=seed)
         summary.update(backend=backend, max_tokens=max_tokens, limit=limit, **sampling, seed=seed,
                        files=files, seconds=round(time.time() - t0, 1))
         if mismatches:
@@ -442,7 +442,7 @@ def evaluate(model: str, tasks: str | Sequence[str] | None = None, backend: Opti
 
 
 def audit_samples(samples: dict[str, list[dict]], tokenizer: Optional[str] = None,
-                  max_tokens: Optional[int] = None) -> tuple[int, dict[str, list[list[float]]]]:
+                  max_tokens: Optional[int] = None) -> tuple[int, dict, dict]:
     """Add every answer's grading and lengths to its lm-eval sample record.
 
     Each record gets `samples` (per answer, in the order of `filtered_resps[0]`: pred,
@@ -450,8 +450,9 @@ def audit_samples(samples: dict[str, list[dict]], tokenizer: Optional[str] = Non
     `majority` (the majority answer, with k > 1). `tokenizer` and `max_tokens` are the
     run's (lm-eval loads the task functions as a module of its own, so ours is told again). Grading is recomputed by the same code that gave lm-eval its per-question
     `accuracy`; they agree unless math-verify timed out on one side. Returns how many
-    disagree, and per benchmark the correctness of every answer of every question (in
-    doc order): what the intervals and the paired test resample.
+    disagree; per benchmark the correctness of every answer of every question (in doc
+    order: what the intervals and the paired test resample); and per benchmark with k > 1
+    whether each question's majority answer is correct.
     """
     from . import grading
     from .tasks import utils
@@ -459,6 +460,7 @@ def audit_samples(samples: dict[str, list[dict]], tokenizer: Optional[str] = Non
     utils.set_tokenizer(tokenizer)
     mismatches = 0
     per_question: dict[str, list[list[float]]] = {}
+    majority: dict[str, list[float]] = {}
     for name, records in samples.items():
         bench = benchmark_of(name)
         if max_tokens:
@@ -474,6 +476,7 @@ def audit_samples(samples: dict[str, list[dict]], tokenizer: Optional[str] = Non
                 winner = scoring.majority([x["pred"] for x in scored],
                                           lambda a, b: grading.equivalent(a, b, bench_g))
                 rec["majority"] = None if winner is None else scored[winner]["pred"]
+                majority.setdefault(bench, []).append(float(winner is not None and scored[winner]["correct"]))
             rows.append([float(x["correct"]) for x in scored])
             acc = sum(x["correct"] for x in scored) / len(scored)
             if "accuracy" in rec and abs(acc - float(rec["accuracy"])) > 1e-9:
@@ -481,7 +484,7 @@ def audit_samples(samples: dict[str, list[dict]], tokenizer: Optional[str] = Non
                 LOG.warning("%s doc %s: regrading gave %s, lm-eval's run gave %s (math-verify timeout?)",
                             name, rec.get("doc_id"), acc, rec["accuracy"])
         per_question[bench] = rows
-    return mismatches, per_question
+    return mismatches, per_question, majority
 
 
 def _written_files(folder: Path, task_names: Iterable[str]) -> dict:
@@ -510,9 +513,10 @@ LENGTHS = ("mean_tokens", "mean_thinking_tokens", "mean_answer_tokens", "truncat
 
 
 def summarize(results: dict, model: str, benchmarks: Sequence[str],
-              per_question: Optional[dict[str, list[list[float]]]] = None, seed: int = 0) -> dict:
-    """Our summary from lm-eval's results: per task avg@k with its interval, pass@k, maj@k,
-    lengths, truncation and n; their plain average with its interval."""
+              per_question: Optional[dict[str, list[list[float]]]] = None,
+              majority: Optional[dict[str, list[float]]] = None, seed: int = 0) -> dict:
+    """Our summary from lm-eval's results: per task avg@k, pass@k and maj@k with their 95 %
+    intervals, lengths, truncation and n; their plain average with its interval."""
     tasks = {}
     for bench in benchmarks:
         name = task_name(bench)
@@ -528,6 +532,13 @@ def summarize(results: dict, model: str, benchmarks: Sequence[str],
         if k > 1:
             t["pass@k"] = {str(j): _metric(res, f"pass@{j}") for j in scoring.pass_ks(k)}
             t["maj@k"] = {str(k): _metric(res, f"maj@{k}")}
+            if rows:  # pass@k is already an expectation per question: questions are resampled
+                t["pass@k_ci95"] = {str(j): list(scoring.accuracy_interval(
+                    [[scoring.pass_at_k(len(r), int(sum(r)), j)] for r in rows], seed=seed))
+                    for j in scoring.pass_ks(k)}
+            if (majority or {}).get(bench):
+                t["maj@k_ci95"] = {str(k): list(scoring.accuracy_interval([[m] for m in majority[bench]],
+                                                                          seed=seed))}
         t.update({m: _metric(res, m) for m in LENGTHS})
         t["n"] = int(n) if n is not None else None
         tasks[bench] = t
@@ -593,7 +604,10 @@ def summary_markdown(summary: dict) -> str:
         if sampled:
             pk, pv = _top(t, "pass@k")
             mk, mv = _top(t, "maj@k")
-            row += (f" {_fmt_acc(pv)} (k={pk}) |" if pk else " – |") + (f" {_fmt_acc(mv)} (k={mk}) |" if mk else " – |")
+            pci = (t.get("pass@k_ci95") or {}).get(pk)
+            mci = (t.get("maj@k_ci95") or {}).get(mk)
+            row += (f" {_fmt_acc(pv)} (k={pk}{', ' + _fmt_ci(pci) if pci else ''}) |" if pk else " – |")
+            row += (f" {_fmt_acc(mv)} (k={mk}{', ' + _fmt_ci(mci) if mci else ''}) |" if mk else " – |")
         row += (f" {_fmt_tok(t.get('mean_tokens'))} | {_fmt_tok(t.get('mean_thinking_tokens'))} |"
                 f" {_fmt_tok(t.get('mean_answer_tokens'))} | {_fmt_acc(t.get('truncated'))} | {t['n']} |")
         lines.append(row)
@@ -601,7 +615,9 @@ def summary_markdown(summary: dict) -> str:
     avg += " | |" if sampled else ""
     avg += f" {_fmt_tok(summary.get('mean_tokens'))} | | | | |"
     lines.append(avg)
-    passes = [f"{bench}: " + ", ".join(f"pass@{k} {_fmt_acc(v)}" for k, v in t["pass@k"].items())
+    passes = [f"{bench}: " + ", ".join(f"pass@{k} {_fmt_acc(v)}" + (
+                  f" ({_fmt_ci(t['pass@k_ci95'][k])})" if (t.get("pass@k_ci95") or {}).get(k) else "")
+                  for k, v in t["pass@k"].items())
               for bench, t in summary["tasks"].items() if len(t.get("pass@k") or {}) > 1]
     if passes:
         lines += ["", "pass@k (%), unbiased estimator: " + "; ".join(passes)]

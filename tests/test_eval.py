@@ -350,6 +350,14 @@ def test_r1_protocol_samples_every_task(run_r1):
             assert list(t["pass@k"]) == [str(j) for j in scoring.pass_ks(k)]
             assert t["pass@k"][str(k)] == pytest.approx(res[f"pass@{k},none"])
             assert t["maj@k"] == {str(k): pytest.approx(res[f"maj@{k},none"])}
+            for j, (lo, hi) in t["pass@k_ci95"].items():
+                assert lo - 1e-9 <= t["pass@k"][j] <= hi + 1e-9
+            lo, hi = t["maj@k_ci95"][str(k)]
+            assert lo - 1e-9 <= t["maj@k"][str(k)] <= hi + 1e-9
+            # the majority answer in each record is one of its answers, and its verdict is maj@k
+            maj = [float(r["majority"] is not None and any(s["pred"] == r["majority"] and s["correct"]
+                                                           for s in r["samples"])) for r in records]
+            assert sum(maj) / len(maj) == pytest.approx(t["maj@k"][str(k)])
         else:
             assert "pass@k" not in t
         for key in ("mean_tokens", "mean_thinking_tokens", "mean_answer_tokens", "truncated"):
