@@ -358,7 +358,10 @@ def evaluate(model: str, tasks: str | Sequence[str] | None = None, backend: Opti
     meta = read_checkpoint(model_path, "--model")
     context = max_model_len or _context_length(meta.config)
     if default_max_tokens and context is not None and max_tokens >= context:
-        # a small model (the micro world's 1024-token context): leave room for the prompt
+        # a short context (the micro world's 1024, Qwen2.5-Instruct's 32768 under r1): leave room
+        # for the prompt
+        echo(f"max new tokens {max_tokens} would not fit {model}'s context of {context}: using {context // 2} "
+             "(pass --max-tokens to choose)")
         max_tokens = context // 2
     if context is not None and max_tokens >= context:
         raise UserError(f"--max-tokens {max_tokens} does not fit {model}'s context of {context} tokens "
