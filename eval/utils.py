@@ -170,7 +170,7 @@ def sample_metrics(n: int) -> list[str]:
 
 def score(response: str, doc: dict, benchmark: str) -> dict:
     """One answer: pred, correct, and its lengths (None without a tokenizer)."""
-    thinking, answer, finished = grading.split_thinking(response, _thinking_open)
+    thinking, _, finished = grading.split_thinking(response, _thinking_open)
     graded = grading.grade(response, gold_of(doc, benchmark), grader_benchmark(benchmark), _thinking_open)
     num = count_tokens(response)
     cap = _max_gen_toks.get(benchmark)
@@ -178,8 +178,10 @@ def score(response: str, doc: dict, benchmark: str) -> dict:
            "thinking_tokens": None, "answer_tokens": None, "thinking_finished": finished,
            "truncated": None if num is None or cap is None else num >= cap}
     if num is not None:
-        out["thinking_tokens"] = count_tokens(thinking) if thinking else 0
-        out["answer_tokens"] = count_tokens(answer) if answer else 0
+        # the answer part is the rest: the two add up to the whole, and a 32k-token response is
+        # tokenized twice rather than three times
+        out["thinking_tokens"] = min(num, count_tokens(thinking)) if thinking else 0
+        out["answer_tokens"] = num - out["thinking_tokens"]
     return out
 
 

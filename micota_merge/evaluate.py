@@ -400,6 +400,7 @@ def evaluate(model: str, tasks: str | Sequence[str] | None = None, backend: Opti
     # Responses are cached as they are generated (lm-eval's sqlite cache, keyed by prompt and
     # generation settings); the file name carries the model's fingerprint, so a killed run
     # resumes where it stopped and a different model never reads another's answers.
+    # (Greedy answers only: lm-eval's CachingLM never stores a do_sample request.)
     fp = meta.fingerprint()
     model_key = sha256_bytes(json.dumps([fp["config_sha256"], fp["weights_header_sha256"], backend, dtype],
                                         sort_keys=True).encode())[:16]

@@ -415,8 +415,9 @@ def test_thinking_aware_metrics_r1_format(tiny_family, tmp_path):
     for r, s in zip(responses, scored):
         assert s["num_tokens"] == utils.count_tokens(r)
         assert s["thinking_tokens"] > 0
-        # the split is at </think>: the parts' tokens add up (give or take one merge at the cut)
-        assert abs(s["thinking_tokens"] + s["answer_tokens"] - s["num_tokens"]) <= 1
+        # the split is at </think>: thinking counts up to it, the answer is the rest
+        assert s["thinking_tokens"] == utils.count_tokens(r[:r.rfind("</think>") + 8] if "</think>" in r else r)
+        assert s["thinking_tokens"] + s["answer_tokens"] == s["num_tokens"]
     assert scored[2]["answer_tokens"] == 0 and scored[2]["thinking_tokens"] == scored[2]["num_tokens"]
     m = utils.question_metrics(scored, "gsm8k")
     assert m["accuracy"] == 0.5
