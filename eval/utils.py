@@ -3,17 +3,28 @@
 Data: each task loads `data/<benchmark>/test.jsonl` (beside this file) with the `json`
 dataset builder, so no network and no dependence on where the package is installed.
 
-Metrics, per response:
-- `accuracy`: 1.0 when `micota_merge.grading.is_correct(response, gold, benchmark)` says so.
-  One grader for every stage: the scores here are the ones `generate` filters with.
+Samples: a task may draw k answers per question (`repeats: k`, with the filter
+`take_first_k` keeping all k; `micota-merge eval --samples/--protocol` sets both). Each
+answer is graded on its own; the metrics of one question are over its k answers:
+- `accuracy`: the share of correct answers (`micota_merge.grading`, the one grader for every
+  stage); its mean over questions is avg@k, and with one greedy answer the papers' pass@1.
+- `pass@k` for k = 1, 2, 4, ..., n (unbiased estimator) and `maj@n` (majority vote over the
+  extracted answers, equivalence by the grader): only when n > 1 (`sample_metrics`).
 - `mean_tokens`: the response's length in the evaluated model's own tokens (the decoded
-  response, as lm-eval kept it after stop sequences, re-tokenized without special tokens).
-  The tokenizer comes from the run's metadata: `micota-merge eval` passes `tokenizer=<model>`;
-  the `lm_eval` CLI merges `--model_args` (so `pretrained=...`) into the metadata itself.
-  Without either, `mean_tokens` is left out and a warning says why.
-  Re-tokenizing counts what the answer says, the same way for the hf and vllm backends; it
-  can differ from the number of generation steps where the model spelled out, token by
-  token, a string its tokenizer merges (a random tiny model's 16 newlines count as 1).
+  response, as lm-eval kept it after stop sequences, re-tokenized without special tokens);
+  `mean_thinking_tokens` / `mean_answer_tokens`: the part up to and including `</think>`
+  (or the model's own end-of-thinking tag) and the part after it; only the part after it
+  is graded (`grading.split_thinking`; a chat template that opens `<think>` in the prompt,
+  as R1-distill's does, is detected from the tokenizer).
+- `truncated`: the share of answers that ran to the length cap (`max_gen_toks` from the
+  task's metadata; `micota-merge eval` sets it), i.e. finished by length, not by EOS.
+The tokenizer comes from the run's metadata: `micota-merge eval` passes `tokenizer=<model>`;
+the `lm_eval` CLI merges `--model_args` (so `pretrained=...`) into the metadata itself.
+Without either, the token metrics are left out and a warning says why.
+Re-tokenizing counts what the answer says, the same way for the hf and vllm backends; it
+can differ from the number of generation steps where the model spelled out, token by
+token, a string its tokenizer merges (a random tiny model's 16 newlines count as 1), so a
+truncation is counted when the re-tokenized length reaches the cap.
 """
 
 from __future__ import annotations
@@ -22,7 +33,7 @@ import logging
 import threading
 from pathlib import Path
 
-from micota_merge import grading
+from micota_merge import grading, scoring
 from micota_merge.tasks import DATA_DIR as _PACKAGE_DATA, EXTRA_TASKS, GOLD_FIELD, PROMPT
 
 LOG = logging.getLogger("micota_merge.tasks")
@@ -35,7 +46,10 @@ DATA_DIR = _HERE_DATA if _HERE_DATA.is_dir() else _PACKAGE_DATA
 _tokenizer_lock = threading.Lock()
 _tokenizer = None
 _tokenizer_source: str | None = None
+_thinking_open = False  # the chat template's generation prompt opens a think block
 _warned_no_tokenizer = False
+# the length cap of each benchmark's answers (task metadata `max_gen_toks`)
+_max_gen_toks: dict[str, int] = {}
 
 
 # ------------------------------------------------------------------------------------ data
@@ -58,6 +72,8 @@ def load_benchmark(benchmark: str, **metadata):
     import datasets
 
     set_tokenizer(metadata.get("tokenizer") or metadata.get("pretrained"))
+    if metadata.get("max_gen_toks"):
+        _max_gen_toks[benchmark] = int(metadata["max_gen_toks"])
     return datasets.load_dataset("json", data_files={"test": str(data_file(benchmark))})
 
 
@@ -109,8 +125,8 @@ def _doc_to_target(benchmark: str):
 
 
 def set_tokenizer(source) -> None:
-    """Load (once) the tokenizer that `mean_tokens` counts with."""
-    global _tokenizer, _tokenizer_source
+    """Load (once) the tokenizer that the token metrics count with."""
+    global _tokenizer, _tokenizer_source, _thinking_open
     if not source or str(source) == _tokenizer_source:
         return
     from transformers import AutoTokenizer
@@ -118,6 +134,19 @@ def set_tokenizer(source) -> None:
     with _tokenizer_lock:
         _tokenizer = AutoTokenizer.from_pretrained(str(source))
         _tokenizer_source = str(source)
+        _thinking_open = template_opens_thinking(_tokenizer)
+
+
+def template_opens_thinking(tokenizer) -> bool:
+    """Does the chat template end its generation prompt inside `<think>` (R1-distill)?"""
+    if not getattr(tokenizer, "chat_template", None):
+        return False
+    try:
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": "1+1?"}], tokenize=False,
+                                               add_generation_prompt=True)
+    except Exception:  # a template that cannot render a plain turn: lm-eval will say so
+        return False
+    return grading.prompt_opens_thinking(prompt)
 
 
 def count_tokens(text: str) -> int | None:
@@ -131,19 +160,63 @@ def count_tokens(text: str) -> int | None:
     return len(_tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def sample_metrics(n: int) -> list[str]:
+    """The metrics a task with n samples per question reports (its metric_list)."""
+    names = ["accuracy"]
+    if n > 1:
+        names += [f"pass@{k}" for k in scoring.pass_ks(n)] + [f"maj@{n}"]
+    return names + ["mean_tokens", "mean_thinking_tokens", "mean_answer_tokens", "truncated"]
+
+
 def score(response: str, doc: dict, benchmark: str) -> dict:
-    """The per-response record behind both metrics: pred, correct, num_tokens."""
-    graded = grading.grade(response, gold_of(doc, benchmark), grader_benchmark(benchmark))
-    return {"pred": graded["pred"], "correct": bool(graded["correct"]), "num_tokens": count_tokens(response)}
+    """One answer: pred, correct, and its lengths (None without a tokenizer)."""
+    thinking, _, finished = grading.split_thinking(response, _thinking_open)
+    graded = grading.grade(response, gold_of(doc, benchmark), grader_benchmark(benchmark), _thinking_open)
+    num = count_tokens(response)
+    cap = _max_gen_toks.get(benchmark)
+    out = {"pred": graded["pred"], "correct": bool(graded["correct"]), "num_tokens": num,
+           "thinking_tokens": None, "answer_tokens": None, "thinking_finished": finished,
+           "truncated": None if num is None or cap is None else num >= cap}
+    if num is not None:
+        # the answer part is the rest: the two add up to the whole, and a 32k-token response is
+        # tokenized twice rather than three times
+        out["thinking_tokens"] = min(num, count_tokens(thinking)) if thinking else 0
+        out["answer_tokens"] = num - out["thinking_tokens"]
+    return out
+
+
+def responses_of(results: list) -> list[str]:
+    """The k answers of one question, from `take_first_k` (a list) or lm-eval's default
+    `take_first` (one string)."""
+    if len(results) == 1 and isinstance(results[0], (list, tuple)):
+        return [str(r) for r in results[0]]
+    return [str(r) for r in results]
+
+
+def question_metrics(samples: list[dict], benchmark: str) -> dict:
+    """The metrics of one question from its scored samples (see the module docstring)."""
+    n = len(samples)
+    correct = sum(s["correct"] for s in samples)
+    out = {"accuracy": correct / n}
+    if n > 1:
+        for k in scoring.pass_ks(n):
+            out[f"pass@{k}"] = scoring.pass_at_k(n, correct, k)
+        bench = grader_benchmark(benchmark)
+        winner = scoring.majority([s["pred"] for s in samples],
+                                  lambda a, b: grading.equivalent(a, b, bench))
+        out[f"maj@{n}"] = float(winner is not None and samples[winner]["correct"])
+    for key, name in (("num_tokens", "mean_tokens"), ("thinking_tokens", "mean_thinking_tokens"),
+                      ("answer_tokens", "mean_answer_tokens")):
+        if all(s[key] is not None for s in samples):
+            out[name] = sum(s[key] for s in samples) / n
+    if all(s["truncated"] is not None for s in samples):
+        out["truncated"] = sum(s["truncated"] for s in samples) / n
+    return out
 
 
 def _process_results(benchmark: str):
-    def process_results(doc: dict, results: list[str]) -> dict:
-        s = score(results[0], doc, benchmark)
-        out = {"accuracy": float(s["correct"])}
-        if s["num_tokens"] is not None:
-            out["mean_tokens"] = float(s["num_tokens"])
-        return out
+    def process_results(doc: dict, results: list) -> dict:
+        return question_metrics([score(r, doc, benchmark) for r in responses_of(results)], benchmark)
 
     process_results.__name__ = f"process_results_{benchmark}"
     return process_results

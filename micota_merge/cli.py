@@ -210,10 +210,24 @@ def demo_train(out, seed, scale, dtype, eval_questions, force):
 @click.option("--backend", type=click.Choice(["hf", "vllm"]),
               help="lm-eval model backend. Default: vllm when a GPU and vLLM are present, else hf.")
 @click.option("--limit", type=int, help="Score only the first N questions of each benchmark (quick checks).")
+@click.option("--protocol", type=click.Choice(["greedy", "r1"]), default="greedy", show_default=True,
+              help="greedy: one greedy answer per question, the papers' pass@1. r1: DeepSeek-R1's "
+                   "protocol (open-r1, lighteval): temperature 0.6, top-p 0.95, 32768 new tokens on a GPU, "
+                   "answers per question AIME24 64, AMC23 64, OlympiadBench 4, MATH-500 4, GSM8K 1; "
+                   "reports avg@k, pass@k and maj@k. Each setting can be overridden below.")
+@click.option("--samples", metavar="K|BENCH=K,...",
+              help="Answers sampled per question: '8' for every benchmark, 'aime24=16,math500=2' for some "
+                   "(the rest keep the protocol's). Needs --temperature > 0.")
+@click.option("--temperature", type=float, help="Sampling temperature (0 = greedy). Default: the protocol's.")
+@click.option("--top-p", type=float, help="Nucleus sampling threshold in (0, 1]. Default: the protocol's.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the sampling and of the bootstrap intervals: a rerun draws the same answers "
+                   "on the same backend and hardware.")
 @click.option("--max-tokens", type=int,
-              help="Most new tokens per answer. Default 16384 on a GPU (long-CoT answers run to many "
-                   "thousands of tokens, as in the papers); 1024 on CPU, where 16k-token answers take "
-                   "hours each: enough for short-CoT answers, and long-CoT ones show as truncated.")
+              help="Most new tokens per answer. Default on a GPU 16384 (greedy) or 32768 (r1): long-CoT "
+                   "answers run to many thousands of tokens; 1024 on CPU (at most half the model's "
+                   "context), where 16k-token answers take hours each: enough for short-CoT answers, and "
+                   "long-CoT ones show in the truncated column.")
 @click.option("--batch-size", help="Prompts per batch, or 'auto'. Default: 8 on CPU, auto on GPU.")
 @click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]), default="auto",
               show_default=True, help="Weight dtype for inference.")
@@ -227,22 +241,34 @@ def demo_train(out, seed, scale, dtype, eval_questions, force):
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--compare", is_flag=True, help="Compare finished runs: micota-merge eval --compare DIR DIR ...")
 @_run_stage
-def eval_cmd(runs, model, tasks, backend, limit, max_tokens, batch_size, dtype, tensor_parallel_size,
-             gpu_memory_utilization, max_model_len, output, force, compare):
+def eval_cmd(runs, model, tasks, backend, limit, protocol, samples, temperature, top_p, seed, max_tokens,
+             batch_size, dtype, tensor_parallel_size, gpu_memory_utilization, max_model_len, output, force,
+             compare):
     """Score a checkpoint on AIME24, AMC23, OlympiadBench, MATH-500 and GSM8K with lm-eval.
 
     Zero-shot, the model's chat template, the papers' prompt ("... put your final answer
-    within \\boxed{}"), greedy decoding; accuracy by micota_merge.grading, mean response
-    length in the model's tokens. Offline: the benchmark data ships with the package.
+    within \\boxed{}"); greedy decoding, or k sampled answers per question (--protocol r1,
+    --samples). Accuracy by micota_merge.grading on the text after the thinking block
+    (</think>): avg@k, pass@k, maj@k, each with a 95 % bootstrap interval; lengths in the
+    model's tokens (whole, thinking, answer) and the share truncated at --max-tokens.
+    Offline: the benchmark data ships with the package.
 
     \b
     Writes to --output: lm-eval's results_*.json and samples_micota_*.jsonl (each record
-    with response, pred, correct, num_tokens), summary.json, summary.md, micota.json.
-    A killed run resumes from its cached responses when run again.
+    with every answer: response, pred, correct, lengths), summary.json, summary.md, micota.json.
+    A killed greedy run resumes from its cached responses when run again (sampled answers
+    are not cached: lm-eval reuses no sampled answer).
+
+    \b
+    --compare DIR DIR ...: the runs side by side; each run after the first is tested against
+    the first with a paired bootstrap over the questions both answered, per benchmark and on
+    the average (which differences are more than noise).
 
     \b
     Examples:
       micota-merge eval --model outputs/demo-ta --limit 2
+      micota-merge eval --model DIR --protocol r1 --limit 4
+      micota-merge eval --model DIR --tasks gsm8k,math500 --samples 8 --temperature 0.6 --top-p 0.95
       micota-merge eval --model DIR --tasks gsm8k,math500 --backend vllm --tensor-parallel-size 2
       micota-merge eval --compare outputs/eval/student-long outputs/eval/student-mid -o outputs/cmp
     """
@@ -251,14 +277,16 @@ def eval_cmd(runs, model, tasks, backend, limit, max_tokens, batch_size, dtype, 
     if compare:
         if model:
             raise UserError("--compare reads finished runs; drop --model (or drop --compare to score a model)")
-        evaluate.compare(runs, output=output, force=force, echo=click.echo)
+        evaluate.compare(runs, output=output, force=force, seed=seed, echo=click.echo)
         return
     if runs:
         raise UserError(f"unexpected arguments {' '.join(runs)}: to compare runs pass --compare")
     if not model:
         raise UserError("--model is required: the checkpoint folder to score (or --compare DIR DIR ...)")
     tasks_list = evaluate.parse_tasks(tasks)  # checked before any heavy import
+    evaluate.sampling_settings(protocol, samples, temperature, top_p, tasks_list)
     evaluate.evaluate(model, tasks=tasks_list, backend=backend, limit=limit, max_tokens=max_tokens,
+                      protocol=protocol, samples=samples, temperature=temperature, top_p=top_p, seed=seed,
                       batch_size=batch_size, output=output, dtype=dtype,
                       tensor_parallel_size=tensor_parallel_size,
                       gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,

@@ -514,6 +514,9 @@ def plot_loss(log_history: list[dict], path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     if pts:
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if len(pts) < 40 else None, lw=1.5)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole: no "2.5"
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss (assistant tokens, nats/token)")
     ax.set_title(title)

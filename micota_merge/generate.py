@@ -8,8 +8,9 @@ Files, for `--out OUT.jsonl`:
                          other settings is refused, so one file never mixes two models or samplers;
 - `OUT.correct.jsonl`    with `--keep correct` (the default): records verified correct and not
                          truncated (finish_reason "stop"), rewritten atomically at the end of each run;
-- `OUT.stats.json`       counts, accuracy, acceptance rate, truncations, length mean/median/p90, and
-                         the last run's backend, load seconds and tokens per second;
+- `OUT.stats.json`       counts, accuracy, acceptance rate, truncations, length mean/median/p90 (whole
+                         answer, thinking and answer parts), unfinished think blocks, and the last
+                         run's backend, load seconds and tokens per second;
 - `OUT.jsonl.lock`       an flock held while a run writes, so a second run on the same file is refused.
 
 Resuming: run the same command again. A torn last line (the process was killed in mid-write) is cut
@@ -412,7 +413,7 @@ def generate(opts: GenerateOptions, echo=print) -> dict:
     from tqdm import tqdm
 
     from .data import DEFAULT_PROMPT, format_prompt, load_questions, require_answers
-    from .grading import grade
+    from .grading import grade, prompt_opens_thinking, split_thinking
 
     # ---- setup
     out = Path(opts.out)
@@ -442,10 +443,11 @@ def generate(opts: GenerateOptions, echo=print) -> dict:
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     facts = chat_template_facts(tokenizer)
-    users, prompt_ids = [], []
+    users, prompt_ids, opens_thinking = [], [], []
     for q in questions:
         user, text = format_prompt(tokenizer, q["question"], template)
         users.append(user)
+        opens_thinking.append(prompt_opens_thinking(text))  # R1-distill templates open <think>
         # the template already holds any BOS it wants; both backends get exactly these ids
         prompt_ids.append(tokenizer(text, add_special_tokens=False)["input_ids"])
     check_context(model_dir, max(len(p) for p in prompt_ids), opts.max_tokens)
@@ -462,10 +464,18 @@ def generate(opts: GenerateOptions, echo=print) -> dict:
         toks, reason = finish(tokens, stop_set, opts.max_tokens)
         text = answer_text(tokenizer, toks, stop_set, facts)
         q = questions[qi]
-        g = grade(text, q["answer"], q["benchmark"])
+        # graded after </think> only; an answer inside an unfinished think block is none
+        g = grade(text, q["answer"], q["benchmark"], opens_thinking[qi])
+        thinking, _, finished = split_thinking(text, opens_thinking[qi])
+        # lengths count generated tokens only: the template's prefill was prompt, not output
+        generated_thinking = thinking[len(facts.prefill):] if thinking.startswith(facts.prefill) else thinking
+        n_thinking = (min(len(toks), len(tokenizer(generated_thinking, add_special_tokens=False)["input_ids"]))
+                      if generated_thinking else 0)
         return {"id": q["id"], "messages": [{"role": "user", "content": users[qi]},
                                             {"role": "assistant", "content": text}],
                 "answer": q["answer"], "pred": g["pred"], "correct": g["correct"], "num_tokens": len(toks),
+                "thinking_tokens": n_thinking, "answer_tokens": len(toks) - n_thinking,
+                "thinking_finished": finished,
                 "finish_reason": reason, "model": opts.model, "sample": sample,
                 "system": facts.default_system}
 
@@ -526,13 +536,15 @@ def generate(opts: GenerateOptions, echo=print) -> dict:
                          "tokens_per_second": round(n_tokens / gen_s, 2) if gen_s > 0 and n_written else None}
     write_json_atomic(sibling(out, ".stats.json"), stats)
     kept = f", kept {stats['kept']} in {stats['kept_file']}" if opts.keep == "correct" else ""
+    thinking = (f" ({stats['thinking_tokens']['mean']} thinking, {stats['answer_tokens']['mean']} answer)"
+                if stats.get("thinking_tokens", {}).get("mean") else "")
     echo(f"{stats['records']} records in {out}: {stats['correct']} correct, {stats['truncated']} truncated"
-         f"{kept}; mean {stats['num_tokens']['mean']} tokens")
+         f"{kept}; mean {stats['num_tokens']['mean']} tokens{thinking}")
     return stats
 
 
-def _lengths(records: list[dict]) -> dict:
-    n = sorted(r["num_tokens"] for r in records)
+def _lengths(records: list[dict], key: str = "num_tokens") -> dict:
+    n = sorted(r[key] for r in records)
     if not n:
         return {"mean": None, "median": None, "p90": None, "max": None}
     p90 = n[min(len(n) - 1, int(round(0.9 * (len(n) - 1))))]
@@ -559,9 +571,15 @@ def finalize(out: Path, keep: str, settings: dict) -> dict:
         "acceptance_rate": round(len(accepted) / len(records), 4) if records else None,
         "questions_with_accepted_answer": len({r["id"] for r in accepted}),
         "num_tokens": _lengths(records), "accepted_num_tokens": _lengths(accepted),
+        "truncation_rate": round(sum(r["finish_reason"] == "length" for r in records) / len(records), 4)
+        if records else None,
         "raw_file": str(out), "kept_file": None, "keep": keep,
         "settings": settings, "versions": package_versions(), "updated": now(),
     }
+    if all("thinking_tokens" in r for r in records):  # files written before the split have none
+        stats["thinking_tokens"] = _lengths(records, "thinking_tokens")
+        stats["answer_tokens"] = _lengths(records, "answer_tokens")
+        stats["thinking_unfinished"] = sum(r.get("thinking_finished") is False for r in records)
     if keep == "correct":
         kept = sibling(out, ".correct.jsonl")
         write_jsonl_atomic(kept, accepted)

@@ -12,10 +12,27 @@ Extraction (:func:`extract_answer`) takes, in order:
    therefore a two-item answer and wrong against a single gold;
 2. else the last clear final-answer phrase ("The final answer is $X$", "Final Answer:",
    "The answer is", "**Answer:**", "Answer:");
-3. else, only for ``benchmark="gsm8k"``, the last number (commas, ``$`` and a trailing
-   period stripped). With ``benchmark=None`` there is no last-number fallback: a response
-   that never states a final answer is not counted, which is what filtering generated data
-   wants (the papers' prompt asks for ``\\boxed{}``).
+3. else, for ``benchmark="gsm8k"``, the last number (commas, ``$`` and a trailing
+   period stripped);
+4. else, for the other four benchmarks, a concluding sentence (:func:`_concluding`): when
+   the response *ends* with a complete sentence that opens with a conclusion word ("So",
+   "Therefore", "Thus", "Hence", "In total", "Altogether", "This gives", ...) and states
+   something, the last ``$...$`` expression of that sentence, else its last number ("So the
+   bakery sells 42 loaves in all." -> 42). This is where Qwen2.5-Math's evaluator and
+   math-verify on the whole text land too (the last number / expression), restricted to
+   the one place where it is the model's answer: not a truncated response (no final full
+   stop), not a sentence that asks or plans ("So we need to find ...", "Thus, let x = 3."),
+   not a number in the middle of the reasoning.
+   With ``benchmark=None`` neither fallback applies: a response that never states a final
+   answer is not counted, which is what filtering generated data wants (the papers' prompt
+   asks for ``\\boxed{}``).
+
+Thinking (:func:`split_thinking`): reasoning models write ``<think> ... </think>`` (or
+``<|begin_of_thought|> ... <|end_of_thought|>``, ``◁think▷ ... ◁/think▷``) before the
+answer. Only the text after the last end-of-thinking tag is graded; a response that opened
+a think block and never closed it has no answer (a box written while still thinking is a
+draft, not the answer). R1-distill chat templates open ``<think>`` in the prompt itself, so
+callers pass ``thinking_open=True`` when the prompt ends inside a think block.
 
 Equivalence (:func:`is_correct`): each benchmark's gold is parsed its own way
 (:func:`parse_gold`), plain numbers are compared exactly with :class:`fractions.Fraction`,
@@ -44,6 +61,10 @@ from typing import Any
 
 __all__ = [
     "BENCHMARKS",
+    "THINK_TAGS",
+    "split_thinking",
+    "prompt_opens_thinking",
+    "equivalent",
     "check_benchmark",
     "extract_answer",
     "parse_gold",
@@ -83,6 +104,49 @@ def check_benchmark(benchmark: str | None) -> str | None:
             f"unknown benchmark {benchmark!r}; valid: {', '.join(BENCHMARKS)} (or None)"
         )
     return name
+
+
+# ---------------------------------------------------------------------------- thinking
+
+# (start, end) of the thinking block: DeepSeek-R1 / QwQ / Qwen3, Sky-T1 / OpenThoughts, Kimi.
+THINK_TAGS = (
+    ("<think>", "</think>"),
+    ("<|begin_of_thought|>", "<|end_of_thought|>"),
+    ("\u25c1think\u25b7", "\u25c1/think\u25b7"),
+)
+
+
+def split_thinking(response: str, thinking_open: bool = False) -> tuple[str, str, bool]:
+    """(thinking, answer, finished) of a response.
+
+    ``thinking`` runs up to and including the last end-of-thinking tag; ``answer`` is what
+    follows. Without an end tag: if the response opened a think block (or the prompt did,
+    ``thinking_open``), all of it is unfinished thinking and the answer is empty; otherwise
+    the model did not think in tags and all of it is the answer.
+    """
+    if not isinstance(response, str):
+        response = "" if response is None else str(response)
+    cut = -1
+    for _, end in THINK_TAGS:
+        i = response.rfind(end)
+        if i >= 0:
+            cut = max(cut, i + len(end))
+    if cut >= 0:
+        return response[:cut], response[cut:], True
+    if thinking_open or any(start in response for start, _ in THINK_TAGS):
+        return response, "", False
+    return "", response, True
+
+
+def prompt_opens_thinking(prompt: str) -> bool:
+    """True when a rendered prompt ends inside a think block (R1-distill templates add
+    "<think>\\n" after the assistant tag), so the response starts in thinking mode."""
+    tail = prompt.rstrip()
+    for start, end in THINK_TAGS:
+        i = tail.rfind(start)
+        if i >= 0 and tail.rfind(end) < i and len(tail) - i - len(start) < 64:
+            return True
+    return False
 
 
 # ---------------------------------------------------------------------------- extraction
@@ -268,16 +332,65 @@ def _first_number(text: str) -> str | None:
     return m.group(0).replace(",", "").replace("$", "").replace(" ", "") or None
 
 
-def extract_answer(response: str, benchmark: str | None = None) -> str | None:
+# A concluding sentence opens with one of these (after an optional "**", "and" or ",").
+_CONCLUDE_RE = re.compile(
+    r"^(?:so|thus|therefore|hence|consequently|in\s+total|in\s+all|altogether|overall|"
+    r"in\s+conclusion|in\s+summary|finally|this\s+(?:gives|means|yields)|which\s+gives|"
+    r"we\s+(?:get|obtain|conclude\s+that|find\s+that|have\s+shown\s+that))\b",
+    re.IGNORECASE,
+)
+# ... and does not ask, plan, suppose or hedge: those sentences carry no answer.
+_NOT_ANSWER_RE = re.compile(
+    r"\?|\b(?:needs?\s+to|let|lets|let's|suppose|assume|if|must\s+find|want|wants|should|"
+    r"can\s+(?:we|you)|try|check|compute|calculate|find|determine|maybe|perhaps|might|"
+    r"possibly|probably|either|not)\b",
+    re.IGNORECASE,
+)
+# The end of the previous sentence: ". ", "! ", a blank line, or the start of the text.
+_SENTENCE_END_RE = re.compile(r"(?:(?<![\d.])[.!](?=\s)|\n\s*\n)")
+
+
+def _concluding(tail: str) -> str | None:
+    """The answer of a response that ends by stating it in a sentence (rule 4 above)."""
+    text = tail.rstrip()
+    text = re.sub(r"(?:\*\*|\s)+$", "", text)
+    if not text.endswith((".", "!", ".$", ".$$")) and not re.search(r"\$\s*\.$", text):
+        return None  # no full stop: a truncated response, or one that trails off
+    body = text[:-1]
+    starts = [m.end() for m in _SENTENCE_END_RE.finditer(body)]
+    sentence = body[starts[-1]:] if starts else body
+    sentence = sentence.strip().lstrip("*#> ").strip()
+    sentence = re.sub(r"^(?:and|,)\s*", "", sentence, flags=re.IGNORECASE)
+    if len(sentence) > 300 or not _CONCLUDE_RE.match(sentence):
+        return None
+    rest = sentence[_CONCLUDE_RE.match(sentence).end():]
+    if _NOT_ANSWER_RE.search(re.sub(r"\$[^$]*\$", " ", rest)):
+        return None
+    maths = re.findall(r"\$\$(.+?)\$\$|\$([^$]+)\$|\\\((.+?)\\\)", sentence)
+    if maths:
+        expr = _clean(next(m for m in maths[-1] if m))
+        if "=" in expr and not re.search(r"[<>]|\\[lg]eq?|\\neq", expr):
+            # "$x = 5$" / "$a + b = 12$": the value is the right-hand side
+            expr = expr.rsplit("=", 1)[1].strip()
+        return expr or None
+    nums = _NUMBER_RE.findall(rest)
+    if not nums:
+        return None
+    return nums[-1].replace(",", "").replace("$", "").replace(" ", "").rstrip(".") or None
+
+
+def extract_answer(response: str, benchmark: str | None = None, thinking_open: bool = False) -> str | None:
     """The final answer stated in ``response`` as a string, or None when there is none.
 
     See the module docstring for the order of rules; the last-number fallback is used only
-    when ``benchmark == "gsm8k"``.
+    when ``benchmark == "gsm8k"``, the concluding-sentence rule only for the other four.
+    Only the text after the thinking block is read (:func:`split_thinking`).
     """
     bench = check_benchmark(benchmark)
     try:
         if not isinstance(response, str):
             response = "" if response is None else str(response)
+        _, response, _ = split_thinking(response, thinking_open)
         ans = _boxed(response)
         if ans is None:
             tail = response[-TAIL_CHARS:]
@@ -287,6 +400,8 @@ def extract_answer(response: str, benchmark: str | None = None) -> str | None:
                 ans = _first_number(ans) or ans
             if ans is None and bench == "gsm8k":
                 ans = _last_number(tail)
+            if ans is None and bench is not None and bench != "gsm8k":
+                ans = _concluding(tail)
         if ans is not None and len(ans) > MAX_ANSWER_CHARS:
             ans = ans[:MAX_ANSWER_CHARS]
         return ans or None
@@ -767,18 +882,19 @@ def _compare(pred: str | None, golds: list[str], tol: float | None, unit: str | 
     return _equal_one(", ".join(golds), pred, tol) if len(parts) == len(golds) else False
 
 
-def grade(response: str, gold: Any, benchmark: str | None = None) -> dict:
+def grade(response: str, gold: Any, benchmark: str | None = None, thinking_open: bool = False) -> dict:
     """Grade one response: {"pred": extracted answer or None, "correct": bool, "gold": str}.
 
     ``benchmark`` must be one of BENCHMARKS or None (unknown -> ValueError). Nothing else
-    raises: a response that cannot be read is simply not correct.
+    raises: a response that cannot be read is simply not correct. ``thinking_open``: the
+    prompt ended inside a think block (see :func:`split_thinking`).
     """
     bench = check_benchmark(benchmark)
     try:
         golds = parse_gold(gold, bench)
     except Exception:  # noqa: BLE001
         golds = [""]
-    pred = extract_answer(response, bench)
+    pred = extract_answer(response, bench, thinking_open)
     _LOCAL.deadline = time.thread_time() + GRADE_BUDGET_SECONDS
     try:
         correct = _compare(pred, golds, _tolerance(gold), _unit(gold))
@@ -791,6 +907,29 @@ def grade(response: str, gold: Any, benchmark: str | None = None) -> dict:
     return {"pred": pred, "correct": bool(correct), "gold": ", ".join(golds)}
 
 
-def is_correct(response: str, gold: Any, benchmark: str | None = None) -> bool:
+def is_correct(response: str, gold: Any, benchmark: str | None = None, thinking_open: bool = False) -> bool:
     """True when the answer extracted from ``response`` is equivalent to ``gold``."""
-    return grade(response, gold, benchmark)["correct"]
+    return grade(response, gold, benchmark, thinking_open)["correct"]
+
+
+def equivalent(pred: str | None, other: str | None, benchmark: str | None = None) -> bool:
+    """Are two extracted answers the same answer (the grader's equivalence, ``other`` read as
+    a gold)? Majority voting over samples groups answers with it. Never raises."""
+    if pred is None or other is None:
+        return False
+    if pred.strip() == other.strip():
+        return True
+    bench = check_benchmark(benchmark)
+    try:
+        golds = parse_gold(other, bench)
+    except Exception:  # noqa: BLE001
+        return False
+    _LOCAL.deadline = time.thread_time() + GRADE_BUDGET_SECONDS
+    try:
+        return bool(_compare(pred, golds, None, None))
+    except BaseException as e:  # noqa: BLE001
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        return False
+    finally:
+        _LOCAL.deadline = None

@@ -306,16 +306,20 @@ def write_report(workdir: Path, recipe: Recipe, settings: PipelineSettings, ta_d
             recs = [json.loads(x) for x in file.read_text().splitlines() if x.strip()]
             mean = sum(r.get("num_tokens", 0) for r in recs) / max(len(recs), 1)
             lines.append(f"| {name} (mix) | {len(recs)} | - | {mean:.1f} |")
-    lines += ["", "## Scores", "", "Accuracy (greedy pass@1) and mean response tokens per task; Δ is the accuracy "
-              "change against the untrained student.", ""]
-    header = "| model | " + " | ".join(f"{t} acc | {t} tokens" for t in tasks) + " | average | Δ avg |"
-    lines += [header, "|" + " --- |" * (2 * len(tasks) + 3)]
+    lines += ["", "## Scores", "", "Accuracy (avg@k; with one greedy answer the papers' pass@1) with its 95 % "
+              "bootstrap interval, mean response tokens and the share of answers cut at the length cap per task; "
+              "Δ is the accuracy change against the untrained student (`micota-merge eval --compare` tests it).", ""]
+    header = "| model | " + " | ".join(f"{t} acc (95 % CI) | {t} tokens | {t} cut" for t in tasks) + \
+        " | average | Δ avg |"
+    lines += [header, "|" + " --- |" * (3 * len(tasks) + 3)]
     for name, s in summaries.items():
         cells = []
         for t in tasks:
             r = s["tasks"].get(t, {})
-            cells += [f"{r.get('accuracy', 0):.1%}" if r else "-",
-                      f"{r.get('mean_tokens') or 0:.1f}" if r else "-"]
+            ci = r.get("ci95")
+            cells += [(f"{r.get('accuracy') or 0:.1%}" + (f" ({ci[0]:.0%}–{ci[1]:.0%})" if ci else "")) if r else "-",
+                      f"{r.get('mean_tokens') or 0:.1f}" if r else "-",
+                      f"{r['truncated']:.0%}" if r and r.get("truncated") is not None else "-"]
         delta = "" if before is None or name == "student" else f"{(s['average'] - before['average']) * 100:+.1f}"
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {s['average']:.1%} | {delta} |")
     compare_chart(list(summaries), list(summaries.values()), report_dir / "scores.png")

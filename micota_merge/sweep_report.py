@@ -59,7 +59,7 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(7, 5))
     ax2 = ax.twinx()
     densities = _densities(result)
     for i, d in enumerate(densities):
@@ -75,18 +75,35 @@ def plot(result: dict, path: Path) -> None:
                 label=f"{role} checkpoint")
         ax2.plot([x], [100 * (result["endpoints"][role]["accuracy"] or 0)], style, color="tab:red", mfc="none", ms=9)
     ax.axhline(result["target_tokens"], color="tab:blue", ls=":", lw=1, label="target length")
+    # the length cap: answers at it were cut off, so their mean is a floor, not a length
+    cap = (result.get("probe") or {}).get("max_tokens")
+    tops = [r["mean_tokens"] or 0 for r in result["ratios"]] + [
+        result["endpoints"][role]["mean_tokens"] or 0 for role in ("short_cot", "long_cot")]
+    if cap and cap <= 2 * max(tops + [result["target_tokens"] or 0]):
+        ax.axhline(cap, color="black", ls="--", lw=1, label=f"length cap ({cap})")
+    elif cap:
+        ax.annotate(f"length cap {cap} (off scale)", (0.01, 0.99), xycoords="axes fraction", ha="left",
+                    va="top", fontsize=8)
+    for r in result["ratios"]:
+        if r.get("truncation_rate"):
+            ax.annotate(f"{r['truncation_rate']:.0%} cut", (r["ratio"], r["mean_tokens"]), xytext=(0, -12),
+                        textcoords="offset points", ha="center", fontsize=7, color="tab:blue")
     ax.set_xlabel("ratio (long-CoT share)")
     ax.set_ylabel("mean response tokens", color="tab:blue")
     ax2.set_ylabel("accuracy (%)", color="tab:red")
+    ax2.set_ylim(bottom=0)  # a 0 % accuracy sits on the axis, visibly
     ax.axvline(result["chosen"], color="gray", ls="--", lw=1)
     label = f"chosen {result['chosen']:g}"
     if result.get("chosen_density") is not None and len(densities) > 1:
         label += f" / density {result['chosen_density']:g}"
-    ax.annotate(label, (result["chosen"], ax.get_ylim()[1]), ha="center", va="bottom", fontsize=9)
+    ax.annotate(label, (result["chosen"], 0.0), xycoords=("data", "axes fraction"), xytext=(3, 3),
+                textcoords="offset points", ha="left", va="bottom", fontsize=9, color="gray")
     handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
-    ax.legend(handles, [h.get_label() for h in handles], fontsize=7, loc="best")
-    ax.set_title(f"{result['method']} sweep on {result['probe'].get('questions') or result['probe']['benchmark']}")
-    fig.tight_layout()
+    # below the axes: a legend inside would cover points
+    fig.legend(handles, [h.get_label() for h in handles], fontsize=7, loc="lower center", ncol=3, frameon=False)
+    ax.set_title(f"{result['method']} sweep on {result['probe'].get('questions') or result['probe']['benchmark']}",
+                 pad=10)
+    fig.tight_layout(rect=(0, 0.16, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -126,10 +143,14 @@ def plot_front(result: dict, path: Path) -> None:
     ax.axvline(result["target_tokens"], color="gray", ls=":", lw=1, label="target length")
     floor = 100 * max(r["accuracy"] or 0 for r in result["ratios"]) - result["tolerance"]
     ax.axhline(floor, color="gray", ls="--", lw=0.8, label=f"accuracy floor (best - {result['tolerance']:g})")
+    cap = (result.get("probe") or {}).get("max_tokens")
+    if cap and cap <= 2 * max([r["mean_tokens"] or 0 for r in result["ratios"]] + [result["target_tokens"] or 0]):
+        ax.axvline(cap, color="black", ls="--", lw=1, label=f"length cap ({cap})")
+    ax.set_ylim(bottom=min(0, ax.get_ylim()[0]))
     ax.set_xlabel("mean response tokens")
     ax.set_ylabel("accuracy (%)")
-    ax.legend(fontsize=7, loc="best")
-    ax.set_title(f"{result['method']}: length-accuracy front (labels: ratio)")
-    fig.tight_layout()
+    fig.legend(fontsize=7, loc="lower center", ncol=3, frameon=False)
+    ax.set_title(f"{result['method']}: length-accuracy front (labels: ratio)", pad=10)
+    fig.tight_layout(rect=(0, 0.18, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)

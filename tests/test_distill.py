@@ -296,3 +296,20 @@ def test_two_processes_data_parallel(tiny_family, chat_data, tmp_path):
     man = json.loads((out / "micota.json").read_text())
     assert man["results"]["world_size"] == 2 and man["results"]["global_step"] == 2
     assert (out / "model.safetensors").is_file() and not Path(f"{out}.work").exists()
+
+
+def test_loss_plot_has_whole_step_ticks(tmp_path, monkeypatch):
+    """Three optimizer steps: matplotlib's default ticks would read 1.25, 1.5, ...; steps are whole."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from micota_merge.distill import plot_loss
+
+    figs = []
+    monkeypatch.setattr(plt, "close", lambda fig=None: figs.append(fig))
+    plot_loss([{"step": s, "loss": 3.0 - 0.3 * s} for s in (1, 2, 3)], tmp_path / "loss.png", "t")
+    ticks = [t for t in figs[0].axes[0].get_xticks() if 1 <= t <= 3]
+    assert ticks and all(float(t).is_integer() for t in ticks)
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

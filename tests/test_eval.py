@@ -54,10 +54,13 @@ def test_summary_has_all_five_tasks(run_all, tiny_family):
     summary = json.loads((run_all / "summary.json").read_text())
     assert summary["model"] == str(tiny_family["long_cot"])
     assert list(summary["tasks"]) == list(BENCHMARKS)
+    assert summary["protocol"] == "greedy" and summary["temperature"] == 0
     for bench, t in summary["tasks"].items():
-        assert t["n"] == 2, bench
+        assert t["n"] == 2 and t["samples"] == 1, bench
         assert 0.0 <= t["accuracy"] <= 1.0
-        assert t["mean_tokens"] > 0
+        assert t["ci95"][0] <= t["accuracy"] <= t["ci95"][1]
+        assert t["mean_tokens"] > 0 and 0.0 <= t["truncated"] <= 1.0
+        assert "pass@k" not in t  # one greedy answer: pass@1 is the accuracy
     accs = [t["accuracy"] for t in summary["tasks"].values()]
     assert summary["average"] == pytest.approx(sum(accs) / 5)
     md = (run_all / "summary.md").read_text()
@@ -93,7 +96,10 @@ def test_per_sample_records_audit(run_all):
         rows = data_rows(bench)
         assert [r["doc_id"] for r in records] == [0, 1]
         for rec in records:
-            assert {"pred", "correct", "response", "num_tokens"} <= rec.keys()
+            assert len(rec["samples"]) == 1 and len(rec["filtered_resps"][0]) == 1
+            sample = rec["samples"][0]
+            response = rec["filtered_resps"][0][0]
+            assert {"pred", "correct", "num_tokens", "thinking_tokens", "answer_tokens", "truncated"} <= sample.keys()
             prompt = rec["arguments"]["gen_args_0"]["arg_0"]
             # zero-shot, chat template, the papers' prompt
             assert "<|im_start|>user\n" in prompt and prompt.endswith("<|im_start|>assistant\n")
@@ -102,11 +108,14 @@ def test_per_sample_records_audit(run_all):
             row = rows[rec["doc_id"]]
             gold = ({"final_answer": row["final_answer"], "error": row["error"]} if bench == "olympiadbench"
                     else row["answer"])
-            assert rec["correct"] == grading.is_correct(rec["response"], gold, bench)
-            assert rec["pred"] == grading.extract_answer(rec["response"], bench)
-            assert float(rec["correct"]) == rec["accuracy"]
-            assert rec["num_tokens"] == rec["mean_tokens"] > 0
-        acc = sum(r["correct"] for r in records) / len(records)
+            assert sample["correct"] == grading.is_correct(response, gold, bench)
+            assert sample["pred"] == grading.extract_answer(response, bench)
+            assert float(sample["correct"]) == rec["accuracy"]
+            assert sample["num_tokens"] == rec["mean_tokens"] > 0
+            assert sample["thinking_tokens"] == 0 and sample["answer_tokens"] == sample["num_tokens"]
+            # truncated: the re-tokenized answer reaches the 16-token cap
+            assert sample["truncated"] is (sample["num_tokens"] >= 16) and rec["truncated"] == float(sample["truncated"])
+        acc = sum(r["samples"][0]["correct"] for r in records) / len(records)
         assert acc == pytest.approx(summary["tasks"][bench]["accuracy"])
 
 
@@ -116,16 +125,20 @@ def test_compare_table_and_chart(run_all, run_gsm8k, tmp_path):
     assert result.exit_code == 0, result.output
     table = (out / "compare.md").read_text()
     assert table in result.output
-    lines = table.splitlines()
-    assert "long_cot acc (%)" in lines[0] and "short_cot tokens" in lines[0]
+    lines = table.split("\n\n")[0].splitlines()
+    assert "long_cot acc % (95 % CI)" in lines[0] and "short_cot tokens" in lines[0] and "trunc %" in lines[0]
     rows = {line.split("|")[1].strip(): line for line in lines if line.startswith("| ")}
     assert all(b in rows for b in BENCHMARKS) and "**average**" in rows
     # the gsm8k-only run has no aime24 score; its cells say so instead of a made-up 0
-    assert rows["aime24"].count("–") == 2 and "–" not in rows["gsm8k"]
+    assert rows["aime24"].count("| –") == 3 and "| –" not in rows["gsm8k"]
+    # the paired test covers the one benchmark both scored
+    assert "Paired bootstrap, short_cot − long_cot" in table
     png = (out / "compare.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     data = json.loads((out / "compare.json").read_text())
     assert [r["label"] for r in data["runs"]] == ["long_cot", "short_cot"]
+    test = data["tests"][0]
+    assert list(test["tasks"]) == ["gsm8k"] and test["tasks"]["gsm8k"]["questions"] == 2
 
 
 def test_compare_needs_summaries(tmp_path):
@@ -170,7 +183,7 @@ def test_rerun_after_a_crash_reads_cached_responses(tiny_family, tmp_path, monke
     args = ["eval", "--model", str(tiny_family["long_cot"]), "--tasks", "gsm8k", "--limit", "2",
             "--max-tokens", "16", "--dtype", "float32", "--output", str(out)]
 
-    def killed(samples):
+    def killed(samples, **kwargs):
         raise RuntimeError("killed after generation")
 
     monkeypatch.setattr(ev, "audit_samples", killed)
@@ -244,10 +257,12 @@ def test_smollm2_gsm8k(smollm2_dir, tmp_path):
     for rec in records:
         # SmolLM2's own chat template, not ChatML from elsewhere
         assert "<|im_start|>user" in rec["arguments"]["gen_args_0"]["arg_0"]
-        assert rec["correct"] == grading.is_correct(rec["response"], rows[rec["doc_id"]]["answer"], "gsm8k")
-    assert t["accuracy"] == pytest.approx(sum(r["correct"] for r in records) / n)
+        sample = rec["samples"][0]
+        assert sample["correct"] == grading.is_correct(rec["filtered_resps"][0][0], rows[rec["doc_id"]]["answer"],
+                                                       "gsm8k")
+    assert t["accuracy"] == pytest.approx(sum(r["samples"][0]["correct"] for r in records) / n)
     # it answers in sentences that end in a number the grader reads (right or wrong)
-    assert any(r["pred"] is not None for r in records)
+    assert any(r["samples"][0]["pred"] is not None for r in records)
     assert 20 < t["mean_tokens"] <= 256
     print(f"\nSmolLM2-135M-Instruct gsm8k[:{n}]: accuracy {t['accuracy']:.3f}, "
           f"mean tokens {t['mean_tokens']:.1f}, {seconds:.0f} s")
@@ -280,5 +295,249 @@ def test_vllm_cpu_backend(tiny_family, tmp_path):
     for bench in ("math500", "gsm8k"):
         assert summary["tasks"][bench]["n"] == 2 and summary["tasks"][bench]["mean_tokens"] > 0
         for rec in read_jsonl(out / summary["files"]["samples"][bench]):
-            assert {"pred", "correct", "num_tokens"} <= rec.keys()
+            assert {"pred", "correct", "num_tokens"} <= rec["samples"][0].keys()
             assert rec["arguments"]["gen_args_0"]["arg_1"]["max_gen_toks"] == 16
+
+
+# ------------------------------------------------------------------ sampling (issue 12)
+
+
+@pytest.fixture(scope="module")
+def run_r1(tiny_family, tmp_path_factory) -> Path:
+    """The r1 protocol on all five tasks; AIME/AMC at 8 samples instead of 64 to stay fast."""
+    out = tmp_path_factory.mktemp("eval") / "r1"
+    result = run_cli("eval", "--model", str(tiny_family["long_cot"]), "--protocol", "r1",
+                     "--samples", "aime24=8,amc23=8", "--limit", "2", "--max-tokens", "8",
+                     "--dtype", "float32", "--output", str(out))
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_r1_protocol_samples_every_task(run_r1):
+    from micota_merge import scoring
+
+    summary = json.loads((run_r1 / "summary.json").read_text())
+    want = {"aime24": 8, "amc23": 8, "olympiadbench": 4, "math500": 4, "gsm8k": 1}
+    assert {b: t["samples"] for b, t in summary["tasks"].items()} == want
+    assert (summary["protocol"], summary["temperature"], summary["top_p"]) == ("r1", 0.6, 0.95)
+    results = json.loads((run_r1 / summary["files"]["results"]).read_text())
+    distinct = 0
+    for bench, k in want.items():
+        cfg = results["configs"][task_name(bench)]
+        assert cfg["repeats"] == k
+        gen = cfg["generation_kwargs"]
+        assert gen["do_sample"] is True and gen["temperature"] == 0.6 and gen["top_p"] == 0.95
+        assert gen["max_gen_toks"] == 8
+        t = summary["tasks"][bench]
+        records = read_jsonl(run_r1 / summary["files"]["samples"][bench])
+        rows = []
+        for rec in records:
+            responses = rec["filtered_resps"][0]
+            assert len(responses) == len(rec["samples"]) == k  # every sample kept in the log
+            distinct += len(set(responses)) > 1
+            c = sum(s["correct"] for s in rec["samples"])
+            rows.append([float(s["correct"]) for s in rec["samples"]])
+            assert rec["accuracy"] == pytest.approx(c / k)
+            for j in scoring.pass_ks(k) if k > 1 else []:
+                assert rec[f"pass@{j}"] == pytest.approx(scoring.pass_at_k(k, c, j))
+            assert rec["truncated"] == pytest.approx(sum(s["num_tokens"] >= 8 for s in rec["samples"]) / k)
+        # lm-eval's aggregate, ours, and the records agree
+        res = results["results"][task_name(bench)]
+        assert t["accuracy"] == pytest.approx(res["accuracy,none"]) == pytest.approx(
+            sum(sum(r) / k for r in rows) / len(rows))
+        assert t["ci95"] == pytest.approx(list(scoring.accuracy_interval(rows, seed=0)))
+        if k > 1:
+            assert list(t["pass@k"]) == [str(j) for j in scoring.pass_ks(k)]
+            assert t["pass@k"][str(k)] == pytest.approx(res[f"pass@{k},none"])
+            assert t["maj@k"] == {str(k): pytest.approx(res[f"maj@{k},none"])}
+            for j, (lo, hi) in t["pass@k_ci95"].items():
+                assert lo - 1e-9 <= t["pass@k"][j] <= hi + 1e-9
+            lo, hi = t["maj@k_ci95"][str(k)]
+            assert lo - 1e-9 <= t["maj@k"][str(k)] <= hi + 1e-9
+            # the majority answer in each record is one of its answers, and its verdict is maj@k
+            maj = [float(r["majority"] is not None and any(s["pred"] == r["majority"] and s["correct"]
+                                                           for s in r["samples"])) for r in records]
+            assert sum(maj) / len(maj) == pytest.approx(t["maj@k"][str(k)])
+        else:
+            assert "pass@k" not in t
+        for key in ("mean_tokens", "mean_thinking_tokens", "mean_answer_tokens", "truncated"):
+            assert t[key] == pytest.approx(res[f"{key},none"])
+    assert distinct > 0  # sampling, not k copies of one greedy answer
+    md = (run_r1 / "summary.md").read_text()
+    assert "avg@k" in md and "pass@k" in md and "maj@k" in md and "95 % CI" in md and "truncated" in md
+    assert summary["average_ci95"][0] <= summary["average"] <= summary["average_ci95"][1]
+
+
+def test_sampling_is_seeded(tiny_family, tmp_path):
+    def responses(seed: str, name: str) -> list:
+        out = tmp_path / name
+        result = run_cli("eval", "--model", str(tiny_family["long_cot"]), "--tasks", "gsm8k", "--samples", "4",
+                         "--temperature", "0.8", "--limit", "1", "--max-tokens", "6", "--dtype", "float32",
+                         "--seed", seed, "--output", str(out))
+        assert result.exit_code == 0, result.output
+        summary = json.loads((out / "summary.json").read_text())
+        return read_jsonl(out / summary["files"]["samples"]["gsm8k"])[0]["filtered_resps"][0]
+
+    first = responses("3", "a")
+    assert responses("3", "b") == first
+    assert responses("4", "c") != first
+
+
+def _r1_template_copy(src: Path, dst: Path) -> Path:
+    """The tiny checkpoint with an R1-distill-like chat template (opens <think> in the prompt)."""
+    shutil.copytree(src, dst)
+    cfg_path = dst / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["chat_template"] = cfg["chat_template"].replace("'<|im_start|>assistant\\n'",
+                                                        "'<|im_start|>assistant\\n<think>\\n'")
+    assert cfg["chat_template"].count("<think>") == 1
+    cfg_path.write_text(json.dumps(cfg))
+    return dst
+
+
+def test_thinking_aware_metrics_r1_format(tiny_family, tmp_path):
+    """R1-format answers: graded after </think>, lengths split, an unfinished think block is no answer."""
+    from micota_merge.tasks import utils
+
+    doc = data_rows("gsm8k")[0]  # gold 18
+    responses = [
+        "<think>\nShe sells 16 - 3 - 4 = 9 eggs, 9 * 2 = 18. So \\boxed{18}?\n</think>\n\nShe makes $\\boxed{18}$.",
+        "<think>\nMaybe 9 * 2 = 18.\n</think>\n\nSo she makes 20 dollars a day.",
+        "<think>\nShe sells 9 eggs, so \\boxed{18}",  # cut off while thinking
+        "<think>\nhmm\n</think>\n\nThe answer is 18.",
+    ]
+    utils.set_tokenizer(tiny_family["long_cot"])
+    utils._max_gen_toks["gsm8k"] = 10_000
+    scored = [utils.score(r, doc, "gsm8k") for r in responses]
+    assert [s["correct"] for s in scored] == [True, False, False, True]
+    assert [s["pred"] for s in scored] == ["18", "20", None, "18"]
+    assert [s["thinking_finished"] for s in scored] == [True, True, False, True]
+    for r, s in zip(responses, scored):
+        assert s["num_tokens"] == utils.count_tokens(r)
+        assert s["thinking_tokens"] > 0
+        # the split is at </think>: thinking counts up to it, the answer is the rest
+        assert s["thinking_tokens"] == utils.count_tokens(r[:r.rfind("</think>") + 8] if "</think>" in r else r)
+        assert s["thinking_tokens"] + s["answer_tokens"] == s["num_tokens"]
+    assert scored[2]["answer_tokens"] == 0 and scored[2]["thinking_tokens"] == scored[2]["num_tokens"]
+    m = utils.question_metrics(scored, "gsm8k")
+    assert m["accuracy"] == 0.5
+    assert m["pass@1"] == 0.5 and m["pass@2"] == pytest.approx(5 / 6) and m["pass@4"] == 1.0
+    assert m["maj@4"] == 1.0  # 18 twice, 20 once, no answer once
+    assert m["truncated"] == 0.0
+    assert m["mean_thinking_tokens"] == pytest.approx(sum(s["thinking_tokens"] for s in scored) / 4)
+    utils._max_gen_toks["gsm8k"] = min(s["num_tokens"] for s in scored)
+    assert utils.question_metrics([utils.score(r, doc, "gsm8k") for r in responses], "gsm8k")["truncated"] > 0
+
+
+def test_template_that_opens_think_makes_answers_thinking(tiny_family, tmp_path):
+    """With R1-distill's template the prompt opens <think>; a random model never closes it,
+    so every answer is unfinished thinking: no answer tokens, nothing graded."""
+    model = _r1_template_copy(tiny_family["long_cot"], tmp_path / "r1like")
+    out = tmp_path / "run"
+    result = run_cli("eval", "--model", str(model), "--tasks", "gsm8k", "--limit", "2", "--max-tokens", "8",
+                     "--dtype", "float32", "--output", str(out))
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    t = summary["tasks"]["gsm8k"]
+    assert t["mean_answer_tokens"] == 0 and t["mean_thinking_tokens"] == t["mean_tokens"] > 0
+    for rec in read_jsonl(out / summary["files"]["samples"]["gsm8k"]):
+        assert rec["arguments"]["gen_args_0"]["arg_0"].endswith("<|im_start|>assistant\n<think>\n")
+        assert rec["samples"][0]["pred"] is None and rec["samples"][0]["thinking_finished"] is False
+
+
+def _fake_run(folder: Path, name: str, correct: dict[str, list[list[int]]]) -> Path:
+    """A finished run's files as `eval` writes them: summary.json and per-sample logs."""
+    from micota_merge import evaluate
+
+    run = folder / name
+    run.mkdir()
+    files = {}
+    for bench, rows in correct.items():
+        files[bench] = f"samples_micota_{bench}_x.jsonl"
+        with open(run / files[bench], "w") as f:
+            for i, row in enumerate(rows):
+                f.write(json.dumps({"doc_id": i, "samples": [{"correct": bool(c)} for c in row]}) + "\n")
+    per_q = {b: [[float(c) for c in row] for row in rows] for b, rows in correct.items()}
+    results = {"results": {task_name(b): {"accuracy,none": sum(map(sum, rows)) / sum(map(len, rows))}
+                           for b, rows in correct.items()},
+               "configs": {task_name(b): {"repeats": len(rows[0])} for b, rows in correct.items()}}
+    summary = evaluate.summarize(results, model=name, benchmarks=list(correct), per_question=per_q)
+    summary["files"] = {"samples": files}
+    (run / "summary.json").write_text(json.dumps(summary))
+    return run
+
+
+def test_compare_says_which_differences_are_significant(tmp_path):
+    rng = __import__("random").Random(0)
+    n = 40
+    base = {"aime24": [[int(rng.random() < 0.2) for _ in range(8)] for _ in range(n)],
+            "math500": [[int(rng.random() < 0.5) for _ in range(4)] for _ in range(n)]}
+    # aime24: 40 points better on every question; math500: the same model drawn again
+    better = {"aime24": [[int(rng.random() < 0.6) for _ in range(8)] for _ in range(n)],
+              "math500": [[int(rng.random() < 0.5) for _ in range(4)] for _ in range(n)]}
+    a, b = _fake_run(tmp_path, "base", base), _fake_run(tmp_path, "better", better)
+    out = tmp_path / "cmp"
+    result = run_cli("eval", "--compare", str(a), str(b), "--output", str(out))
+    assert result.exit_code == 0, result.output
+    tests = json.loads((out / "compare.json").read_text())["tests"][0]
+    assert tests["tasks"]["aime24"]["significant"] and tests["tasks"]["aime24"]["difference"] > 0.25
+    assert not tests["tasks"]["math500"]["significant"]
+    assert tests["average"]["significant"]
+    rows = {line.split("|")[1].strip(): line for line in result.output.splitlines()
+            if line.startswith("| ") and "to" in line}
+    assert "**significant**" in rows["aime24"] and "noise" in rows["math500"]
+    # the same comparison twice gives the same numbers (seeded)
+    again = run_cli("eval", "--compare", str(a), str(b))
+    assert again.output.split("Paired")[1] == result.output.split("Paired")[1].split("wrote")[0]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--samples", "4"], "--temperature"),
+    (["--samples", "aime2024=3"], "aime2024"),
+    (["--samples", "0"], "--samples"),
+    (["--protocol", "r1", "--top-p", "0"], "--top-p"),
+    (["--temperature", "-1"], "--temperature"),
+])
+def test_bad_sampling_options_exit_2(tiny_family, tmp_path, args, message):
+    t0 = time.time()
+    result = run_cli("eval", "--model", str(tiny_family["long_cot"]), "--output", str(tmp_path / "x"), *args)
+    assert result.exit_code == 2 and message in result.output
+    assert time.time() - t0 < 5 and not (tmp_path / "x").exists()
+
+
+def test_r1_defaults_per_task():
+    from micota_merge.evaluate import sampling_settings
+
+    s = sampling_settings("r1", None, None, None, list(BENCHMARKS))
+    assert s["samples"] == {"aime24": 64, "amc23": 64, "olympiadbench": 4, "math500": 4, "gsm8k": 1}
+    assert (s["temperature"], s["top_p"]) == (0.6, 0.95)
+    s = sampling_settings("r1", "2,aime24=16", 0.7, None, list(BENCHMARKS))
+    assert s["samples"] == {"aime24": 16, "amc23": 2, "olympiadbench": 2, "math500": 2, "gsm8k": 2}
+    assert s["temperature"] == 0.7
+    assert sampling_settings("greedy", None, None, None, ["gsm8k"])["samples"] == {"gsm8k": 1}
+
+
+@pytest.mark.slow
+def test_vllm_cpu_samples(tiny_family, tmp_path):
+    """k sampled answers through lm-eval's vllm backend (vllm-cpu venv, as above): all k kept and
+    graded, prefix caching on so the k copies of a prompt share its prefill."""
+    import os
+    import subprocess
+
+    py = os.environ.get("MICOTA_VLLM_PYTHON")
+    if not py:
+        pytest.skip("set MICOTA_VLLM_PYTHON to a python with vllm-cpu and lm-eval")
+    out = tmp_path / "vllm_k"
+    proc = subprocess.run([py, "-m", "micota_merge.cli", "eval", "--model", str(tiny_family["long_cot"]),
+                           "--backend", "vllm", "--tasks", "gsm8k", "--samples", "4", "--temperature", "0.6",
+                           "--top-p", "0.95", "--limit", "2", "--max-tokens", "16", "--max-model-len", "1024",
+                           "--output", str(out)], capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    t = summary["tasks"]["gsm8k"]
+    assert t["samples"] == 4 and set(t["pass@k"]) == {"1", "2", "4"} and t["ci95"] is not None
+    records = read_jsonl(out / summary["files"]["samples"]["gsm8k"])
+    assert all(len(r["samples"]) == len(r["filtered_resps"][0]) == 4 for r in records)
+    assert any(len(set(r["filtered_resps"][0])) > 1 for r in records)  # sampled, not copies
+    manifest = json.loads((out / "micota.json").read_text())
+    assert manifest["options"]["model_args"]["enable_prefix_caching"] is True

@@ -23,7 +23,8 @@ from click.testing import CliRunner
 
 from micota_merge.cli import cli
 
-FIELDS = {"id", "messages", "answer", "pred", "correct", "num_tokens", "finish_reason", "model", "sample", "system"}
+FIELDS = {"id", "messages", "answer", "pred", "correct", "num_tokens", "finish_reason", "model", "sample",
+          "thinking_tokens", "answer_tokens", "thinking_finished", "system"}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -53,20 +54,23 @@ def varied(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def boxed(tmp_path_factory) -> Path:
+def bigram_model(out: Path, text: str, opens_think: bool = False) -> Path:
     """A model whose next token depends only on the current one (attention and MLP outputs are
     zero, so the residual stream is the token's embedding): a bigram chain from the prompt's
-    last token through the tokens of "\\boxed{18}" to <|im_end|>."""
+    last token through the tokens of `text` to <|im_end|>. `opens_think`: the chat template
+    ends the prompt with "<think>\\n", as R1-distill's does."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from micota_merge.demo import QWEN2_TOKENIZER, save_tokenizer, tiny_config
 
     tok = AutoTokenizer.from_pretrained(QWEN2_TOKENIZER)
+    if opens_think:
+        tok.chat_template = tok.chat_template.replace("'<|im_start|>assistant\\n'", "'<|im_start|>assistant\\n<think>\\n'")
+        assert "<think>" in tok.chat_template
     last = tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=True, add_generation_prompt=True,
                                    return_dict=False)[-1]
-    chain = [last] + tok("\\boxed{18}", add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<|im_end|>")]
+    chain = [last] + tok(text, add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<|im_end|>")]
     assert len(set(chain)) == len(chain)
     config = tiny_config("qwen2", tie_word_embeddings=False)
     torch.manual_seed(0)
@@ -83,10 +87,17 @@ def boxed(tmp_path_factory) -> Path:
         emb[a, k] = 1.0
         head[b, k] = 10.0
     model.load_state_dict(sd)
-    out = tmp_path_factory.mktemp("boxed") / "model"
     model.save_pretrained(out, safe_serialization=True)
     save_tokenizer(out)
+    if opens_think:
+        tok.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="module")
+def boxed(tmp_path_factory) -> Path:
+    """Answers every question "\\boxed{18}" and stops on <|im_end|>."""
+    return bigram_model(tmp_path_factory.mktemp("boxed") / "model", "\\boxed{18}")
 
 
 def run_cli(*args: str) -> tuple[int, str]:
@@ -427,3 +438,35 @@ def test_vllm_sampled_resume_equals_uninterrupted(varied, tmp_path):
     vllm_generate(cut)
     key = lambda r: (r["id"], r["sample"])  # noqa: E731
     assert sorted(read(cut), key=key) == sorted(reference, key=key)
+
+
+def test_r1_format_thinking_lengths_and_grading(tmp_path):
+    """An R1-distill-style model: the template opens <think>, the model closes it and answers.
+    Only the text after </think> is graded; lengths are split there; the stats report both."""
+    model = bigram_model(tmp_path / "r1", "Hmm</think>\\boxed{18}", opens_think=True)
+    out = tmp_path / "r1.jsonl"
+    code, text = run_cli(*gen_args(model, out, "--limit", "2"))
+    assert code == 0, text
+    recs = read(out)
+    r = next(r for r in recs if r["id"] == "gsm8k-test-0")  # gold 18
+    assert r["messages"][1]["content"] == "Hmm</think>\\boxed{18}"
+    assert (r["pred"], r["correct"], r["thinking_finished"]) == ("18", True, True)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model)
+    assert r["thinking_tokens"] == len(tok("Hmm</think>", add_special_tokens=False)["input_ids"])
+    assert r["thinking_tokens"] + r["answer_tokens"] == r["num_tokens"]
+    stats = json.loads((tmp_path / "r1.stats.json").read_text())
+    assert stats["thinking_tokens"]["mean"] == r["thinking_tokens"]
+    assert stats["answer_tokens"]["mean"] == r["answer_tokens"] and stats["thinking_unfinished"] == 0
+    assert "thinking" in text
+
+    # cut off before </think>: the answer is unfinished thinking, not graded, not kept
+    out2 = tmp_path / "cut.jsonl"
+    code, text = run_cli(*gen_args(model, out2, "--limit", "1", "--max-tokens", "2"))
+    assert code == 0, text
+    (r2,) = read(out2)
+    assert (r2["pred"], r2["correct"], r2["thinking_finished"], r2["finish_reason"]) == (None, False, False, "length")
+    assert r2["thinking_tokens"] == r2["num_tokens"] == 2 and r2["answer_tokens"] == 0
+    stats2 = json.loads((tmp_path / "cut.stats.json").read_text())
+    assert stats2["thinking_unfinished"] == 1 and stats2["truncation_rate"] == 1.0

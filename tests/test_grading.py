@@ -323,3 +323,60 @@ def test_process_pool(start_method):
     with cf.ProcessPoolExecutor(max_workers=2, mp_context=ctx) as ex:
         results = list(ex.map(_grade_case, subset, chunksize=10))
     assert [got for got, _, _ in results] == [want for _, want, _ in results]
+
+
+# ---------------------------------------------------------------------------- thinking, words
+
+
+R1_PROMPT_TAIL = "<｜Assistant｜><think>\n"
+
+
+def test_split_thinking_r1_format():
+    assert grading.split_thinking("<think>\nhmm 5\n</think>\n\nIt is $\\boxed{6}$.") == (
+        "<think>\nhmm 5\n</think>", "\n\nIt is $\\boxed{6}$.", True)
+    # an unfinished think block: everything is thinking, nothing is the answer
+    assert grading.split_thinking("<think>\nso \\boxed{5} but wait") == ("<think>\nso \\boxed{5} but wait", "", False)
+    # no tags: no thinking
+    assert grading.split_thinking("It is 6.") == ("", "It is 6.", True)
+    # R1-distill's template opens <think> in the prompt: the response only closes it
+    assert grading.split_thinking("so 5\n</think>\n6", thinking_open=True) == ("so 5\n</think>", "\n6", True)
+    assert grading.split_thinking("so \\boxed{5}", thinking_open=True) == ("so \\boxed{5}", "", False)
+
+
+def test_prompt_opens_thinking():
+    assert grading.prompt_opens_thinking("<｜User｜>What is 2+3?" + R1_PROMPT_TAIL)
+    assert not grading.prompt_opens_thinking("<|im_start|>assistant\n")
+    assert not grading.prompt_opens_thinking("<think>\n\n</think>\n\n")  # Qwen3 with thinking off
+
+
+def test_grade_only_after_thinking():
+    assert grade("<think>\\boxed{5}</think> So the answer is $\\boxed{6}$.", "6", "math500")["correct"]
+    assert not grade("<think>\\boxed{6}</think> So the answer is $\\boxed{5}$.", "6", "math500")["correct"]
+    # the box inside the still-open think block of an R1-distill prompt is not an answer
+    out = grade("6 apples, so \\boxed{6}", "6", "math500", thinking_open=True)
+    assert out == {"pred": None, "correct": False, "gold": "6"}
+    assert grade("6 apples.\n</think>\n\\boxed{6}", "6", "math500", thinking_open=True)["correct"]
+
+
+@pytest.mark.parametrize("response,expected", [
+    ("So the bakery sells 42 loaves in all.", "42"),
+    ("Adding up.\n\nTherefore, the area is $\\frac{3}{2}$.", r"\frac{3}{2}"),
+    ("Thus $x = 5$.", "5"),
+    ("In total, Tom has 1,234 marbles.", "1234"),
+    ("So we need to find x such that x = 4.", None),   # plans, does not conclude
+    ("Therefore, 3 + 4 = 7, and then", None),          # truncated
+    ("Hence the answer must be 7 or 8?", None),        # asks
+    ("She makes 18 dollars.", None),                   # no conclusion word
+    ("So maybe it is 12.", None),                      # hedges
+])
+def test_concluding_sentence_rule(response, expected):
+    assert extract_answer(response, "math500") == expected
+    # generated-data filtering (benchmark None) still wants an explicit final answer
+    assert extract_answer(response) is None
+
+
+def test_equivalent_answers_for_majority_vote():
+    assert grading.equivalent(r"\frac{1}{2}", "0.5", "math500")
+    assert grading.equivalent("1,234", "1234", "gsm8k")
+    assert not grading.equivalent("3", "4", "math500")
+    assert not grading.equivalent(None, "4", "math500")
