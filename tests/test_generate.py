@@ -449,7 +449,8 @@ def test_r1_format_thinking_lengths_and_grading(tmp_path):
     assert code == 0, text
     recs = read(out)
     r = next(r for r in recs if r["id"] == "gsm8k-test-0")  # gold 18
-    assert r["messages"][1]["content"] == "Hmm</think>\\boxed{18}"
+    # the template's prefill (the prompt's "<think>\n") starts the recorded turn; lengths count generated tokens
+    assert r["messages"][1]["content"] == "<think>\nHmm</think>\\boxed{18}"
     assert (r["pred"], r["correct"], r["thinking_finished"]) == ("18", True, True)
     from transformers import AutoTokenizer
 
