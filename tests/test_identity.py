@@ -167,7 +167,7 @@ def test_eval_interrupted_then_another_model_is_refused(tiny_family, tmp_path, m
     out = tmp_path / "run"
     args = ["eval", "--tasks", "gsm8k", "--limit", "2", "--max-tokens", "8", "--dtype", "float32", "-o", out]
 
-    def interrupted(samples):
+    def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
     with monkeypatch.context() as m:
