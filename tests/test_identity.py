@@ -184,9 +184,9 @@ def test_eval_interrupted_then_another_model_is_refused(tiny_family, tmp_path, m
     assert code == 0, text
     fresh = tmp_path / "fresh"
     assert run(*args[:-1], fresh, "--model", tiny_family["long_cot"])[0] == 0
-    resumed_samples = [json.loads(x)["response"] for f in sorted(out.glob("samples_*.jsonl"))
+    resumed_samples = [json.loads(x)["resps"] for f in sorted(out.glob("samples_*.jsonl"))
                        for x in f.read_text().splitlines()]
-    fresh_samples = [json.loads(x)["response"] for f in sorted(fresh.glob("samples_*.jsonl"))
+    fresh_samples = [json.loads(x)["resps"] for f in sorted(fresh.glob("samples_*.jsonl"))
                      for x in f.read_text().splitlines()]
     assert resumed_samples == fresh_samples and len(resumed_samples) == 2
     assert not cache.exists()  # a finished run leaves no cache behind
