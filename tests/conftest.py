@@ -102,3 +102,26 @@ def distilled_tiny(tiny_family, chat_data, tmp_path_factory) -> Path:
     cfg = DistillConfig(student=str(tiny_family["short_cot"]), data=[str(chat_data["train"])], out=str(out),
                         lr=1e-2, max_steps=6, batch_size=2, logging_steps=1, warmup_ratio=0.0, save_steps=100)
     return distill(cfg, echo=lambda s: None)
+
+
+def chain_model(config, chain: list[int]):
+    """A tiny causal LM whose next token depends only on the current one (attention and MLP outputs
+    are zero, each chain token gets its own embedding direction): greedy decoding follows `chain`."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).float()
+    sd = model.state_dict()
+    for name in sd:
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            sd[name].zero_()
+    emb, head = sd["model.embed_tokens.weight"], sd["lm_head.weight"]
+    emb.normal_(0, 0.02)
+    head.zero_()
+    for k, (a, b) in enumerate(zip(chain, chain[1:])):
+        emb[a].zero_()
+        emb[a, k] = 1.0
+        head[b, k] = 10.0
+    model.load_state_dict(sd)
+    return model

@@ -59,8 +59,7 @@ def bigram_model(out: Path, text: str, opens_think: bool = False) -> Path:
     zero, so the residual stream is the token's embedding): a bigram chain from the prompt's
     last token through the tokens of `text` to <|im_end|>. `opens_think`: the chat template
     ends the prompt with "<think>\\n", as R1-distill's does."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from micota_merge.demo import QWEN2_TOKENIZER, save_tokenizer, tiny_config
 
@@ -73,20 +72,9 @@ def bigram_model(out: Path, text: str, opens_think: bool = False) -> Path:
     chain = [last] + tok(text, add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<|im_end|>")]
     assert len(set(chain)) == len(chain)
     config = tiny_config("qwen2", tie_word_embeddings=False)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config).float()
-    sd = model.state_dict()
-    for name in sd:
-        if name.endswith(("o_proj.weight", "down_proj.weight")):
-            sd[name].zero_()
-    emb, head = sd["model.embed_tokens.weight"], sd["lm_head.weight"]
-    emb.normal_(0, 0.02)
-    head.zero_()
-    for k, (a, b) in enumerate(zip(chain, chain[1:])):
-        emb[a].zero_()
-        emb[a, k] = 1.0
-        head[b, k] = 10.0
-    model.load_state_dict(sd)
+    from conftest import chain_model
+
+    model = chain_model(config, chain)
     model.save_pretrained(out, safe_serialization=True)
     save_tokenizer(out)
     if opens_think:

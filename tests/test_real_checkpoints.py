@@ -286,27 +286,14 @@ def _chain_model(dst: Path, meta: Path, chain: list[int], config_eos: int, token
     """A tiny untied Qwen2 (vocab 151936, as the 1.5B pair) whose next token depends only on the
     current one (attention and MLP outputs are zero): it follows `chain`, whatever side it is.
     Tokenizer, template and generation_config from a stand-in of the real metadata `meta`."""
-    import torch
-    from transformers import AutoModelForCausalLM
 
     from micota_merge.demo import tiny_config
 
     config = tiny_config("qwen2", tie_word_embeddings=False, vocab_size=151936, bos_token_id=151643,
                          eos_token_id=config_eos)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config).float()
-    sd = model.state_dict()
-    for name in sd:
-        if name.endswith(("o_proj.weight", "down_proj.weight")):
-            sd[name].zero_()
-    emb, head = sd["model.embed_tokens.weight"], sd["lm_head.weight"]
-    emb.normal_(0, 0.02)
-    head.zero_()
-    for k, (a, b) in enumerate(zip(chain, chain[1:])):
-        emb[a].zero_()
-        emb[a, k] = 1.0
-        head[b, k] = 10.0
-    model.load_state_dict(sd)
+    from conftest import chain_model
+
+    model = chain_model(config, chain)
     model.save_pretrained(dst, safe_serialization=True)
     for f in ("vocab.json", "merges.txt", "tokenizer_config.json", "generation_config.json"):
         src = tokenizer_from / f
