@@ -91,7 +91,7 @@ def plot(result: dict, path: Path) -> None:
     ax.set_xlabel("ratio (long-CoT share)")
     ax.set_ylabel("mean response tokens", color="tab:blue")
     ax2.set_ylabel("accuracy (%)", color="tab:red")
-    ax2.set_ylim(bottom=0)  # a 0 % accuracy sits on the axis, visibly
+    ax2.set_ylim(0, 105)  # 0 % sits on the axis, visibly; 100 % and the experts' markers are not clipped
     ax.axvline(result["chosen"], color="gray", ls="--", lw=1)
     label = f"chosen {result['chosen']:g}"
     if result.get("chosen_density") is not None and len(densities) > 1:
@@ -146,7 +146,7 @@ def plot_front(result: dict, path: Path) -> None:
     cap = (result.get("probe") or {}).get("max_tokens")
     if cap and cap <= 2 * max([r["mean_tokens"] or 0 for r in result["ratios"]] + [result["target_tokens"] or 0]):
         ax.axvline(cap, color="black", ls="--", lw=1, label=f"length cap ({cap})")
-    ax.set_ylim(bottom=min(0, ax.get_ylim()[0]))
+    ax.set_ylim(min(0, ax.get_ylim()[0]), 105)  # markers near 100 % are not clipped
     ax.set_xlabel("mean response tokens")
     ax.set_ylabel("accuracy (%)")
     fig.legend(fontsize=7, loc="lower center", ncol=3, frameon=False)
