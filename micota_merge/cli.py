@@ -233,13 +233,15 @@ def eval_cmd(runs, model, tasks, backend, limit, max_tokens, batch_size, dtype, 
 
 
 @cli.command()
-@click.option("--model", required=True, help="Checkpoint folder of the teacher assistant (or any model).")
+@click.option("--model", required=True, help="Checkpoint folder of the teacher assistant (or any model); with "
+                                            "--backend openai also a model only the server has (e.g. a hosted one).")
 @click.option("--questions", required=True,
               help="A shipped set (gsm8k-train, gsm8k, math500, aime24, amc23, olympiadbench), a JSONL file, "
                    "or a Hugging Face dataset folder saved with save_to_disk.")
 @click.option("--out", required=True, help="Raw records, appended as they finish (FILE.jsonl).")
-@click.option("--backend", type=click.Choice(["auto", "vllm", "transformers"]), default="auto", show_default=True,
-              help="auto: vllm when it is installed, else transformers.")
+@click.option("--backend", type=click.Choice(["auto", "vllm", "transformers", "openai"]), default="auto",
+              show_default=True, help="auto: openai when --base-url is given, else vllm when it is installed, else "
+                                      "transformers. openai: OpenAI-compatible servers (vllm serve, SGLang, a hosted API).")
 @click.option("--n", "n", type=int, default=1, show_default=True, help="Samples per question.")
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
 @click.option("--top-p", type=float, default=1.0, show_default=True)
@@ -263,6 +265,23 @@ def eval_cmd(runs, model, tasks, backend, limit, max_tokens, batch_size, dtype, 
 @click.option("--tensor-parallel-size", type=int, default=1, show_default=True, help="vllm: GPUs per model.")
 @click.option("--max-model-len", type=int, help="vllm: context length to reserve (default: the model's).")
 @click.option("--enforce-eager", is_flag=True, help="vllm: no torch.compile / CUDA graphs (faster start, slower run).")
+@click.option("--data-parallel-size", type=int, default=1, show_default=True,
+              help="vllm: engine replicas in this command, each on its own --tensor-parallel-size GPUs; the "
+                   "records are the same as with one.")
+@click.option("--base-url", "base_url", multiple=True,
+              help="openai: API root of a server, e.g. http://127.0.0.1:8000/v1. Repeat for several servers "
+                   "(one per node): requests go to the least busy one, and fail over when one dies.")
+@click.option("--api-key-env", help="openai: name of the environment variable holding the API key "
+                                    "(e.g. OPENAI_API_KEY); default: no key (a local vllm serve needs none).")
+@click.option("--served-model", help="openai: the model name the servers know (default: the one they serve "
+                                     "from --model's folder, or --model itself).")
+@click.option("--concurrency", type=int, default=16, show_default=True,
+              help="openai: requests in flight over all servers together (a vLLM server batches them).")
+@click.option("--retries", type=int, default=8, show_default=True,
+              help="openai: further tries of a request that failed to connect, timed out or got HTTP 429/5xx; "
+                   "backoff doubles from 0.5 s to 30 s, other servers first.")
+@click.option("--request-timeout", type=float, default=3600.0, show_default=True,
+              help="openai: seconds to wait for a server's answer before retrying elsewhere.")
 @click.option("--force", is_flag=True, help="Delete OUT and start over instead of resuming.")
 @_run_stage
 def generate(**kw):
@@ -275,6 +294,11 @@ def generate(**kw):
 
     Killed? Run the same command again: finished records are kept, a torn last line is cut,
     and generation resumes where it stopped without duplicates.
+
+    \b
+    Servers (one per node, or one `vllm serve --data-parallel-size N`):
+      micota-merge generate --model outputs/ta --questions gsm8k-train --out data/ta.jsonl \
+        --base-url http://node1:8000/v1 --base-url http://node2:8000/v1 --concurrency 64
     """
     from .generate import generate as run, options
 

