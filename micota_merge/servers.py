@@ -282,3 +282,87 @@ def _message(text: str) -> str:
 
 def _describe(e: BaseException) -> str:
     return str(e) or type(e).__name__
+
+
+# ---------------------------------------------------------------- lm-eval
+
+
+def register_lm_eval_model() -> str:
+    """lm-eval's `local-chat-completions` over several servers: the name to pass as its model.
+
+    lm-eval sends each request to one `base_url`; this subclass sends each to the least busy of
+    `base_urls` and each retry (lm-eval retries with tenacity) to another, resting a server that failed.
+    The API key is read from the environment variable `api_key_env`, so it never enters lm-eval's
+    results file (which records model_args)."""
+    name = "micota-chat-completions"
+    from lm_eval.api.registry import register_model
+    from lm_eval.models.openai_completions import LocalChatCompletion
+
+    try:
+        from lm_eval.api.registry import get_model
+
+        get_model(name)
+        return name
+    except Exception:  # not registered yet
+        pass
+
+    import contextvars
+
+    current = contextvars.ContextVar("micota_base_url", default=None)
+
+    @register_model(name)
+    class ServersChatCompletion(LocalChatCompletion):
+        def __init__(self, base_urls=None, api_key_env=None, **kwargs):
+            urls = list(base_urls or [kwargs.get("base_url")])
+            self._servers = [_Server(u) for u in urls]
+            self._api_key_env = api_key_env
+            super().__init__(**{**kwargs, "base_url": urls[0]})
+
+        # lm-eval reads self.base_url inside each request: per asyncio task, the server chosen for it
+        @property
+        def base_url(self):
+            return current.get() or self._servers[0].url
+
+        @base_url.setter
+        def base_url(self, value):
+            pass
+
+        @property
+        def api_key(self):
+            return os.environ.get(self._api_key_env, "") if self._api_key_env else ""
+
+        @property
+        def header(self):
+            return _headers(self.api_key or None)
+
+        def _pick(self) -> _Server:
+            now = time.monotonic()
+            awake = [s for s in self._servers if s.resting_until <= now] or self._servers
+            low = min(s.in_flight for s in awake)
+            return random.choice([s for s in awake if s.in_flight == low])
+
+        async def amodel_call(self, session, sem, messages, **kwargs):
+            server = self._pick()
+            token = current.set(server.url)
+            server.in_flight += 1
+            try:
+                out = await super().amodel_call(session, sem, messages, **kwargs)
+                server.done += 1
+                return out
+            except BaseException:
+                server.failures += 1
+                server.resting_until = time.monotonic() + 2.0
+                raise
+            finally:
+                server.in_flight -= 1
+                current.reset(token)
+
+        def model_call(self, messages, **kwargs):
+            server = self._pick()
+            token = current.set(server.url)
+            try:
+                return super().model_call(messages, **kwargs)
+            finally:
+                current.reset(token)
+
+    return name
