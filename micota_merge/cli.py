@@ -286,6 +286,9 @@ def eval_cmd(runs, model, tasks, backend, limit, max_tokens, batch_size, dtype, 
 @click.option("--data-parallel-size", type=int, default=1, show_default=True,
               help="vllm: engine replicas in this command, each on its own --tensor-parallel-size GPUs; the "
                    "records are the same as with one.")
+@click.option("--serve-args", help="vllm: more `vllm serve` flags for the server that --data-parallel-size "
+                                   "starts (given alone, it starts one too), e.g. \"--data-parallel-backend ray "
+                                   "--data-parallel-size 32\" for replicas over a Ray cluster's nodes.")
 @click.option("--base-url", "base_url", multiple=True,
               help="openai: API root of a server, e.g. http://127.0.0.1:8000/v1. Repeat for several servers "
                    "(one per node): requests go to the least busy one, and fail over when one dies.")

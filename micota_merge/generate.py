@@ -81,6 +81,7 @@ class GenerateOptions(BaseModel):
     max_model_len: Optional[int] = Field(None, ge=16)
     enforce_eager: bool = False  # vllm: skip torch.compile / CUDA graphs (starts faster, runs slower)
     data_parallel_size: int = Field(1, ge=1)  # vllm: engine replicas, each on its own tensor_parallel_size GPUs
+    serve_args: Optional[str] = None  # vllm: more `vllm serve` flags; starts it even for one replica (e.g. Ray)
     # openai: OpenAI-compatible servers (vllm serve, SGLang, a hosted API)
     base_url: list[str] = Field(default_factory=list)
     api_key_env: Optional[str] = None  # the environment variable holding the key (never the key itself)
@@ -451,8 +452,8 @@ def generate(opts: GenerateOptions, echo=print) -> dict:
     backend = pick_backend(opts.backend, opts.base_url)
     if not local and backend != "openai":
         raise UserError(f"--model {model_dir}: not a checkpoint folder (no config.json)")
-    if backend != "vllm" and opts.data_parallel_size > 1:
-        raise UserError(f"--data-parallel-size is for --backend vllm; with {backend} "
+    if backend != "vllm" and (opts.data_parallel_size > 1 or opts.serve_args):
+        raise UserError(f"--data-parallel-size and --serve-args are for --backend vllm; with {backend} "
                         + ("start the servers with `vllm serve --data-parallel-size N` (or several servers)"
                            if backend == "openai" else "use --backend vllm"))
     if backend == "openai":
@@ -532,7 +533,7 @@ def generate(opts: GenerateOptions, echo=print) -> dict:
     client = None
     writer = RecordWriter(out)
     try:
-        if pending and (backend == "openai" or opts.data_parallel_size > 1):
+        if pending and (backend == "openai" or opts.data_parallel_size > 1 or opts.serve_args):
             from contextlib import ExitStack
 
             from .servers import Client, Request
@@ -546,8 +547,11 @@ def generate(opts: GenerateOptions, echo=print) -> dict:
 
                     args = serve_args(data_parallel_size=opts.data_parallel_size,
                                       tensor_parallel_size=opts.tensor_parallel_size, dtype=opts.dtype, seed=opts.seed,
-                                      max_model_len=opts.max_model_len, enforce_eager=opts.enforce_eager)
-                    urls, key, name = [stack.enter_context(vllm_server(model_dir, args, echo=echo))], None, str(model_dir)
+                                      max_model_len=opts.max_model_len, enforce_eager=opts.enforce_eager,
+                                      extra=opts.serve_args)
+                    served = stack.enter_context(vllm_server(model_dir, args, echo=echo,
+                                                             log_file=sibling(out, ".vllm-serve.log")))
+                    urls, key, name = [served.url], None, str(model_dir)
                     # enough requests in flight to fill every replica's batch
                     concurrency = max(concurrency, (opts.batch_size or 256) * opts.data_parallel_size)
                 client = Client(urls, name, key, concurrency=concurrency, retries=opts.retries,

