@@ -300,7 +300,7 @@ def eval_cmd(runs, model, tasks, backend, limit, max_tokens, batch_size, dtype, 
               help="openai: requests in flight over all servers together (a vLLM server batches them).")
 @click.option("--retries", type=int, default=8, show_default=True,
               help="openai: further tries of a request that failed to connect, timed out or got HTTP 429/5xx; "
-                   "backoff doubles from 0.5 s to 30 s, other servers first.")
+                   "awake servers first; a failing server rests 0.5 s, doubling per failure in a row up to 30 s.")
 @click.option("--request-timeout", type=float, default=3600.0, show_default=True,
               help="openai: seconds to wait for a server's answer before retrying elsewhere.")
 @click.option("--force", is_flag=True, help="Delete OUT and start over instead of resuming.")

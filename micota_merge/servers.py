@@ -155,6 +155,7 @@ class _Server:
     resting_until: float = 0.0
     done: int = 0
     failures: int = 0
+    streak: int = 0           # failures in a row: how long it rests
 
 
 class RetryableError(Exception):
@@ -169,7 +170,7 @@ class Client:
     concurrency: int = 8
     retries: int = 8                  # further tries of one request, over all servers
     timeout: float = 3600.0           # one answer of 16k tokens on a busy server takes long
-    backoff: float = 0.5              # first wait; doubles per retry, at most `max_backoff`
+    backoff: float = 0.5              # first rest of a failing server; doubles per failure in a row
     max_backoff: float = 30.0
     servers: list[_Server] = field(init=False)
 
@@ -232,16 +233,19 @@ class Client:
             try:
                 result = await self._post(session, server, req.key, body)
                 server.done += 1
+                server.streak = 0
                 return result
             except (RetryableError, aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
                 last_error = f"{server.url}: {_describe(e)}"
                 server.failures += 1
-                wait = min(self.max_backoff, self.backoff * 2 ** attempt) * random.uniform(0.8, 1.2)
-                server.resting_until = max(server.resting_until, time.monotonic() + wait)
+                server.streak += 1
+                # a failing server rests, longer with each failure in a row; the retry goes to an awake
+                # server, or waits for the first to wake (backoff on a single server)
+                rest = min(self.max_backoff, self.backoff * 2 ** (server.streak - 1)) * random.uniform(0.8, 1.2)
+                server.resting_until = max(server.resting_until, time.monotonic() + rest)
                 if attempt < self.retries:
-                    log.warning("request %s failed (%s); retry %d/%d in %.1f s on another server if one is up",
-                                req.key, last_error, attempt + 1, self.retries, wait)
-                    await asyncio.sleep(wait if len(self.servers) == 1 else min(wait, self.backoff))
+                    log.warning("request %s failed (%s); retry %d/%d (the server rests %.1f s)",
+                                req.key, last_error, attempt + 1, self.retries, rest)
             finally:
                 server.in_flight -= 1
         raise StageFailed(f"a request failed {self.retries + 1} times over {len(self.servers)} server(s) (last: "

@@ -143,6 +143,109 @@ def test_scale_pipeline_examples_validate():
         validate_pipeline(recipe, recipe.pipeline, REPO)
 
 
+class TinyAPI:
+    """A minimal OpenAI-compatible HTTP server on loopback (aiohttp, in a thread): serves the model
+    "hosted-m", answers every chat with "\\boxed{18}", and fails the first `fail` chat requests with
+    HTTP `status`. For the client's HTTP handling and for a model known only by name (a hosted API)."""
+
+    def __init__(self, fail: int = 0, status: int = 503, models_status: int = 200):
+        import asyncio
+        import threading
+
+        from aiohttp import web
+
+        self.fail, self.status, self.models_status, self.seen = fail, status, models_status, []
+        app = web.Application()
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_post("/v1/chat/completions", self.chat)
+        self.loop = asyncio.new_event_loop()
+        self.runner = web.AppRunner(app)
+        self.loop.run_until_complete(self.runner.setup())
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        self.loop.run_until_complete(site.start())
+        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/v1"
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    async def models(self, request):
+        from aiohttp import web
+
+        return web.json_response({"object": "list", "data": [{"id": "hosted-m", "object": "model"}]},
+                                 status=self.models_status)
+
+    async def chat(self, request):
+        from aiohttp import web
+
+        body = await request.json()
+        self.seen.append(body)
+        if len(self.seen) <= self.fail:
+            return web.json_response({"error": {"message": "prompt is too long for this model"}}, status=self.status)
+        return web.json_response({"choices": [{"index": 0, "message": {"role": "assistant", "content": "\\boxed{18}"},
+                                               "finish_reason": "stop"}],
+                                  "usage": {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12}})
+
+    def close(self):
+        import asyncio
+
+        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+def test_retries_5xx_and_a_model_known_only_by_name(tmp_path):
+    api = TinyAPI(fail=2, status=503)
+    try:
+        out = tmp_path / "hosted.jsonl"
+        code, text = run_cli("generate", "--model", "hosted-m", "--questions", "gsm8k", "--limit", "4", "--out", out,
+                             "--base-url", api.url, "--concurrency", "1", "--max-tokens", "64", "--seed", "3")
+        assert code == 0, text
+        recs = by_key(read(out))
+        assert [r["id"] for r in recs] == [f"gsm8k-test-{i}" for i in range(4)]
+        first = next(r for r in recs if r["id"] == "gsm8k-test-0")  # Janet's ducks: gold 18
+        assert first["messages"][1]["content"] == "\\boxed{18}" and first["correct"] is True
+        assert first["num_tokens"] == 7 and first["finish_reason"] == "stop" and first["model"] == "hosted-m"
+        last = json.loads((tmp_path / "hosted.stats.json").read_text())["last_run"]
+        assert last["failed_requests_per_server"] == {api.url: 2} and last["requests_per_server"] == {api.url: 4}
+        assert len(api.seen) == 6  # 2 failures retried, 4 answers
+        body = api.seen[-1]
+        # the server's chat template: the request carries the user turn alone; no local stop ids to send
+        assert body["model"] == "hosted-m" and [m["role"] for m in body["messages"]] == ["user"]
+        assert body["n"] == 1 and body["max_tokens"] == 64 and "stop_token_ids" not in body
+        from micota_merge.generate import question_seed
+
+        assert sorted(b["seed"] for b in api.seen[2:]) == sorted(question_seed(3, f"gsm8k-test-{i}") for i in range(4))
+        # identity of a served-only model is its name
+        meta = json.loads((tmp_path / "hosted.jsonl.meta.json").read_text())["settings"]
+        assert meta["model"] == "served:hosted-m" and meta["model_content"] is None
+    finally:
+        api.close()
+
+
+def test_client_errors_stop_with_the_servers_message(tmp_path):
+    api = TinyAPI(fail=100, status=400)
+    try:
+        out = tmp_path / "bad.jsonl"
+        code, text = run_cli("generate", "--model", "hosted-m", "--questions", "gsm8k", "--limit", "2", "--out", out,
+                             "--base-url", api.url)
+        assert code == 2 and "prompt is too long for this model" in text and "HTTP 400" in text, text
+        # a 4xx is not retried: no question was sent twice (two were in flight at once)
+        assert 1 <= len(api.seen) == len({json.dumps(b["messages"]) for b in api.seen}) <= 2
+        code, text = run_cli("generate", "--model", "other-model", "--questions", "gsm8k", "--limit", "2", "--out",
+                             tmp_path / "o.jsonl", "--base-url", api.url)
+        assert code == 2 and "hosted-m" in text and "other-model" in text
+        code, text = run_cli(*gen_args(tmp_path / "f.jsonl", "--base-url", api.url))
+        assert code == 2 and "not the folder" in text and "--served-model" in text  # never a guess
+    finally:
+        api.close()
+    api = TinyAPI(models_status=401)
+    try:
+        code, text = run_cli("generate", "--model", "hosted-m", "--questions", "gsm8k", "--limit", "2", "--out",
+                             tmp_path / "k.jsonl", "--base-url", api.url)
+        assert code == 2 and "HTTP 401" in text and "--api-key-env" in text
+    finally:
+        api.close()
+
+
 # ---------------------------------------------------------------- real servers
 
 needs_vllm = pytest.mark.skipif(
@@ -207,7 +310,8 @@ def test_records_equal_in_process_and_work_is_shared(servers, reference, tmp_pat
     assert last["backend"] == "openai" and last["records"] == 40
     shares = last["requests_per_server"]
     assert set(shares) == {s.url for s in servers} and sum(shares.values()) == 40
-    assert min(shares.values()) >= 8, shares  # both servers worked
+    # both servers worked (the least busy one gets each request, so a slower one gets fewer)
+    assert min(shares.values()) >= 1, shares
     # a rerun finds everything written and sends nothing
     code, text = run_cli(*gen_args(out, *_urls(servers), limit=40))
     assert code == 0 and "40 records already in" in text and "0 to generate" in text
