@@ -272,7 +272,7 @@ def test_vllm_data_parallel_generate_equals_one_replica(reference, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def servers():
+def servers(tmp_path_factory):
     """Two `vllm serve` processes of the long-CoT expert, started one after the other (each takes a
     minute or two on a small CPU), stopped at the end of the module."""
     from contextlib import ExitStack
@@ -282,8 +282,10 @@ def servers():
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     args = serve_args(dtype="float32", max_model_len=512, enforce_eager=True)
     with ExitStack() as stack:
-        yield [stack.enter_context(vllm_server(MODEL, args, python=VLLM_PYTHON, startup_timeout=900, echo=print))
-               for _ in range(2)]
+        logs = tmp_path_factory.mktemp("serve")
+        yield [stack.enter_context(vllm_server(MODEL, args, python=VLLM_PYTHON, startup_timeout=900, echo=print,
+                                               log_file=logs / f"server{i}.log"))
+               for i in range(2)]
 
 
 @pytest.fixture(scope="module")
