@@ -449,7 +449,13 @@ def generate(opts: GenerateOptions, echo=print) -> dict:
     model_dir = Path(opts.model)
     local = (model_dir / "config.json").is_file()
     template = opts.prompt or DEFAULT_PROMPT
-    backend = pick_backend(opts.backend, opts.base_url)
+    if (opts.data_parallel_size > 1 or opts.serve_args) and opts.backend in ("auto", "vllm") and not opts.base_url:
+        from .serve import vllm_command
+
+        vllm_command()  # vllm here or in $MICOTA_VLLM_PYTHON's virtualenv, else one clear line
+        backend = "vllm"
+    else:
+        backend = pick_backend(opts.backend, opts.base_url)
     if not local and backend != "openai":
         raise UserError(f"--model {model_dir}: not a checkpoint folder (no config.json)")
     if backend != "vllm" and (opts.data_parallel_size > 1 or opts.serve_args):

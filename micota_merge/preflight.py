@@ -90,7 +90,11 @@ def validate_pipeline(recipe: Recipe, settings: Optional[PipelineSettings], base
                        {"model": "-", "questions": settings.questions, "out": "-.jsonl"})
     _check_questions("pipeline.questions", settings.questions, base_dir, settings.question_limit,
                      gen.model_dump())
-    if gen.backend in ("vllm", "openai") or gen.base_url:
+    if (gen.data_parallel_size > 1 or gen.serve_args) and gen.backend in ("auto", "vllm") and not gen.base_url:
+        from .serve import vllm_command
+
+        vllm_command()  # `vllm serve` here or in $MICOTA_VLLM_PYTHON's virtualenv
+    elif gen.backend in ("vllm", "openai") or gen.base_url:
         from .generate import pick_backend
 
         pick_backend(gen.backend, gen.base_url)

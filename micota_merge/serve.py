@@ -72,14 +72,18 @@ main()
 
 
 def vllm_command(python: Optional[str] = None) -> list[str]:
-    """The argv prefix that runs `vllm` (add "serve", the model and flags) with this or another python."""
-    python = python or sys.executable
+    """The argv prefix that runs `vllm` (add "serve", the model and flags): with `python`, else
+    $MICOTA_VLLM_PYTHON (vLLM in its own virtualenv, as the CPU build usually is), else this python."""
+    python = python or os.environ.get("MICOTA_VLLM_PYTHON") or sys.executable
     if python == sys.executable:
         import importlib.util
 
         if importlib.util.find_spec("vllm") is None:
-            raise UserError("--data-parallel-size starts `vllm serve`, and vllm is not installed here (pip install "
-                            "'micota-merge[vllm]'); or start servers yourself and pass --base-url")
+            raise UserError("--data-parallel-size / --serve-args start `vllm serve`, and vllm is not installed here: "
+                            "pip install 'micota-merge[vllm]', or set MICOTA_VLLM_PYTHON to a python that has it; or "
+                            "start servers yourself and pass --base-url")
+    elif not Path(python).is_file():
+        raise UserError(f"MICOTA_VLLM_PYTHON={python}: no such file; point it at the python of a virtualenv with vllm")
     return [python, "-c", _SERVE_MAIN]
 
 
