@@ -154,7 +154,7 @@ class TinyAPI:
 
         from aiohttp import web
 
-        self.fail, self.status, self.models_status, self.seen = fail, status, models_status, []
+        self.fail, self.status, self.models_status, self.seen, self.auth = fail, status, models_status, [], []
         app = web.Application()
         app.router.add_get("/v1/models", self.models)
         app.router.add_post("/v1/chat/completions", self.chat)
@@ -178,6 +178,7 @@ class TinyAPI:
 
         body = await request.json()
         self.seen.append(body)
+        self.auth.append(request.headers.get("Authorization"))
         if len(self.seen) <= self.fail:
             return web.json_response({"error": {"message": "prompt is too long for this model"}}, status=self.status)
         return web.json_response({"choices": [{"index": 0, "message": {"role": "assistant", "content": "\\boxed{18}"},
@@ -192,13 +193,17 @@ class TinyAPI:
         self.thread.join(10)
 
 
-def test_retries_5xx_and_a_model_known_only_by_name(tmp_path):
+def test_retries_5xx_and_a_model_known_only_by_name(tmp_path, monkeypatch):
+    monkeypatch.setenv("MICOTA_TEST_KEY", "sekrit-456")
     api = TinyAPI(fail=2, status=503)
     try:
         out = tmp_path / "hosted.jsonl"
         code, text = run_cli("generate", "--model", "hosted-m", "--questions", "gsm8k", "--limit", "4", "--out", out,
-                             "--base-url", api.url, "--concurrency", "1", "--max-tokens", "64", "--seed", "3")
+                             "--base-url", api.url, "--concurrency", "1", "--max-tokens", "64", "--seed", "3",
+                             "--api-key-env", "MICOTA_TEST_KEY")
         assert code == 0, text
+        assert set(api.auth) == {"Bearer sekrit-456"}
+        assert not any("sekrit" in p.read_text() for p in tmp_path.glob("hosted*"))
         recs = by_key(read(out))
         assert [r["id"] for r in recs] == [f"gsm8k-test-{i}" for i in range(4)]
         first = next(r for r in recs if r["id"] == "gsm8k-test-0")  # Janet's ducks: gold 18
@@ -217,6 +222,25 @@ def test_retries_5xx_and_a_model_known_only_by_name(tmp_path):
         # identity of a served-only model is its name
         meta = json.loads((tmp_path / "hosted.jsonl.meta.json").read_text())["settings"]
         assert meta["model"] == "served:hosted-m" and meta["model_content"] is None
+    finally:
+        api.close()
+
+
+def test_eval_of_a_hosted_model_with_a_key(tmp_path, monkeypatch):
+    """eval through lm-eval's chat completions: the key travels in the header and is written nowhere."""
+    monkeypatch.setenv("MICOTA_TEST_KEY", "sekrit-123")
+    api = TinyAPI()
+    try:
+        out = tmp_path / "ev"
+        code, text = run_cli("eval", "--model", "hosted-m", "--base-url", api.url, "--api-key-env", "MICOTA_TEST_KEY",
+                             "--tasks", "gsm8k", "--limit", "3", "--max-tokens", "64", "--output", out)
+        assert code == 0, text
+        summary = json.loads((out / "summary.json").read_text())
+        # every answer is \boxed{18}: right for Janet's ducks only; no local tokenizer, no mean_tokens
+        assert summary["tasks"]["gsm8k"] == {"accuracy": 1 / 3, "mean_tokens": None, "n": 3}
+        assert len(api.seen) == 3 and set(api.auth) == {"Bearer sekrit-123"}
+        assert all([m["role"] for m in b["messages"]] == ["user"] and b["model"] == "hosted-m" for b in api.seen)
+        assert not any("sekrit" in p.read_text(errors="replace") for p in out.rglob("*") if p.is_file())
     finally:
         api.close()
 
