@@ -132,6 +132,7 @@ class Probe(_Strict):
     serve_args: Optional[str] = Field(None, description="vllm: more `vllm serve` flags, e.g. Ray data parallelism")
     max_model_len: Optional[int] = Field(None, ge=16, description="vllm: context length to reserve")
     enforce_eager: bool = Field(False, description="vllm: no torch.compile / CUDA graphs")
+    dtype: str = Field("auto", description="auto (vLLM runs float32 checkpoints in 16 bits), bfloat16, float16, float32")
 
 
 class SweepSettings(_Strict):

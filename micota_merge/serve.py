@@ -118,8 +118,10 @@ def vllm_server(model: str | Path, args: list[str], *, python: Optional[str] = N
     else:
         logf = tempfile.NamedTemporaryFile("w+b", prefix="micota-vllm-serve-", suffix=".log", delete=False)
     echo(f"starting vllm serve for {model} on 127.0.0.1:{port} ({' '.join(args)}); log: {logf.name}")
-    # its own process group: the API server, engine cores and workers stop together
-    proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    # its own process group: the API server, engine cores and workers stop together; and the API server
+    # is told to stop if this process dies without its finally (SIGKILL), so no server is left behind
+    proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                            preexec_fn=_die_with_parent)
     base = f"http://127.0.0.1:{port}"
     try:
         t0 = time.monotonic()
@@ -135,6 +137,14 @@ def vllm_server(model: str | Path, args: list[str], *, python: Optional[str] = N
     finally:
         stop(proc)
         logf.close()
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the parent dies (Linux prctl PR_SET_PDEATHSIG)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
 def stop(proc: subprocess.Popen, grace: float = 30.0) -> None:

@@ -55,7 +55,8 @@ def _probe(model: Path, name: str, work: Path, settings: SweepSettings, echo) ->
                        limit=settings.probe.limit, batch_size=settings.probe.batch_size, keep="all", temperature=0.0,
                        prompt=settings.probe.prompt or "", data_parallel_size=settings.probe.data_parallel_size,
                        tensor_parallel_size=settings.probe.tensor_parallel_size, serve_args=settings.probe.serve_args,
-                       max_model_len=settings.probe.max_model_len, enforce_eager=settings.probe.enforce_eager)
+                       max_model_len=settings.probe.max_model_len, enforce_eager=settings.probe.enforce_eager,
+                       dtype=settings.probe.dtype)
     fresh = not gen.written_with(out, gen._settings(opts, model, opts.prompt or DEFAULT_PROMPT))
     stats = gen.generate(opts.model_copy(update={"force": fresh}), echo=echo)
     row = {"records": stats["records"], "accuracy": stats["accuracy"],
