@@ -405,6 +405,71 @@ def test_eval_through_servers_matches_hf(servers, tmp_path):
     assert summary["backend"] == "openai" and summary["tasks"]["microworld"]["n"] == 12
 
 
+def _metric(server, name: str, where: str = "") -> float:
+    import urllib.request
+
+    text = urllib.request.urlopen(server.url[: -len("/v1")] + "/metrics", timeout=10).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name + "{") and where in line)
+
+
+def served_requests(server) -> int:
+    """Answers a vLLM server has finished (not aborted), from its Prometheus /metrics, once it is idle
+    (requests of a killed client may still be running)."""
+    t0 = time.time()
+    while _metric(server, "vllm:num_requests_running") > 0 and time.time() - t0 < 60:
+        time.sleep(0.2)
+    return int(_metric(server, "vllm:request_success_total", 'finished_reason="stop"')
+               + _metric(server, "vllm:request_success_total", 'finished_reason="length"'))
+
+
+def _cached_answers(folder: Path) -> int:
+    import sqlite3
+
+    total = 0
+    for db in folder.glob("*.db"):
+        try:
+            with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as con:
+                total += con.execute("SELECT count(*) FROM unnamed").fetchone()[0]
+        except sqlite3.Error:
+            pass
+    return total
+
+
+@pytest.mark.slow
+@needs_vllm
+def test_eval_killed_and_resumed_scores_the_same(servers, tmp_path):
+    """SIGKILL `eval --backend openai` once answers are cached; the rerun sends only the rest and scores
+    exactly what an uninterrupted run scores."""
+    import glob
+
+    common = ["eval", "--model", MODEL, "--tasks", "microworld", "--limit", "30", "--max-tokens", "200",
+              *_urls(servers[:1]), "--concurrency", "2"]
+    code, text = run_cli(*common, "--output", tmp_path / "whole")
+    assert code == 0, text
+    out = tmp_path / "killed"
+    proc = _client([*common, "--output", out])
+    cache = tmp_path / ".killed.responses"
+    t0 = time.time()
+    while proc.poll() is None and _cached_answers(cache) < 5 and time.time() - t0 < 300:
+        time.sleep(0.02)
+    assert proc.poll() is None, "eval finished before the kill"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    cached = _cached_answers(cache)
+    assert 5 <= cached < 30 and not out.exists()
+    before = served_requests(servers[0])
+    code, text = run_cli(*common, "--output", out)
+    assert code == 0, text
+    assert served_requests(servers[0]) - before == 30 - cached  # only the unanswered were sent
+
+    def samples(run):
+        (f,) = glob.glob(str(tmp_path / run / "samples_micota_microworld_*.jsonl"))
+        return {r["doc_id"]: (r["response"], r["correct"], r["num_tokens"]) for r in map(json.loads, open(f))}
+
+    assert samples("killed") == samples("whole") and len(samples("whole")) == 30
+
+
 @pytest.mark.slow
 @needs_vllm
 def test_server_killed_mid_run_is_survived(servers, reference, tmp_path):
