@@ -67,6 +67,7 @@ def main() -> None:
         run(Path(a.model), [servers[1].url], 4, a, work)
         for c in (1, 4, 16):
             rows.append(run(Path(a.model), [servers[0].url], c, a, work))
+        rows.append(run(Path(a.model), [servers[1].url], 16, a, work))  # the other server alone, same load
         rows.append(run(Path(a.model), [s.url for s in servers], 16, a, work))
     base = rows[0]
     print(f"\n{a.questions} questions, max {a.max_tokens} tokens, greedy; cores {cores}\n")
@@ -75,7 +76,7 @@ def main() -> None:
     for r in rows:
         print(f"| {r['servers']} | {r['concurrency']} | {r['records_per_s']} | {r['tokens_per_s']} | "
               f"{r['tokens_per_s'] / base['tokens_per_s']:.2f} | {', '.join(map(str, r['per_server'].values()))} |")
-    two, one = rows[-1], rows[-2]
+    two, one = rows[-1], rows[2]
     print(f"\n2 servers / 1 server at concurrency 16: {two['tokens_per_s'] / one['tokens_per_s']:.2f}x tokens/s")
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=2))
