@@ -431,10 +431,13 @@ def _ratio_list(ctx, param, value):
 @click.option("--limit", type=int, help="Probe questions (default: sweep.probe.limit).")
 @click.option("--max-tokens", type=int, help="Probe answer length cap (default: sweep.probe.max_tokens).")
 @click.option("--backend", type=click.Choice(["auto", "vllm", "transformers"]), help="Probe generation backend.")
+@click.option("--data-parallel-size", type=int,
+              help="vllm: probe each checkpoint through `vllm serve` with this many replicas (default: "
+                   "sweep.probe.data_parallel_size).")
 @click.option("--keep-all", is_flag=True, help="Keep every ratio's TA in <output>.sweep/ (default: only the chosen).")
 @click.option("--force", is_flag=True, help="Redo a finished sweep and replace the output.")
 @_run_stage
-def sweep(recipe, ratios, tolerance, limit, max_tokens, backend, keep_all, force):
+def sweep(recipe, ratios, tolerance, limit, max_tokens, backend, data_parallel_size, keep_all, force):
     """Merge at several ratios, measure CoT length and accuracy, and keep the intermediate TA.
 
     For each ratio the TA is built (in one pass over the inputs for linear and task_arithmetic),
@@ -447,7 +450,7 @@ def sweep(recipe, ratios, tolerance, limit, max_tokens, backend, keep_all, force
     from .sweep import sweep as run
 
     run(recipe, ratios=ratios, keep_all=keep_all, tolerance=tolerance, limit=limit, max_tokens=max_tokens,
-        backend=backend, force=force, echo=click.echo)
+        backend=backend, data_parallel_size=data_parallel_size, force=force, echo=click.echo)
 
 # ---------------------------------------------------------------- run (issue 7)
 

@@ -94,7 +94,8 @@ def choose(rows: list[dict], target: float, tolerance: float) -> tuple[float, st
 
 def sweep(recipe_path: str | Path, ratios: Optional[list[float]] = None, keep_all: bool = False,
           tolerance: Optional[float] = None, limit: Optional[int] = None, max_tokens: Optional[int] = None,
-          backend: Optional[str] = None, force: bool = False, echo=print) -> dict:
+          backend: Optional[str] = None, data_parallel_size: Optional[int] = None, force: bool = False,
+          echo=print) -> dict:
     from .merge import build
     from .multiratio import build_ratios, supports_one_pass
 
@@ -106,7 +107,8 @@ def sweep(recipe_path: str | Path, ratios: Optional[list[float]] = None, keep_al
             settings = SweepSettings.model_validate({**settings.model_dump(), "ratios": ratios})
         if tolerance is not None:
             settings.tolerance = tolerance
-        for key, value in (("limit", limit), ("max_tokens", max_tokens), ("backend", backend)):
+        for key, value in (("limit", limit), ("max_tokens", max_tokens), ("backend", backend),
+                           ("data_parallel_size", data_parallel_size)):
             if value is not None:
                 setattr(settings.probe, key, value)
     except ValidationError as e:
