@@ -176,9 +176,9 @@ def demo_train(out, seed, scale, dtype, eval_questions, force):
                    "present, else hf. openai: OpenAI-compatible servers through lm-eval's local-chat-completions.")
 @click.option("--limit", type=int, help="Score only the first N questions of each benchmark (quick checks).")
 @click.option("--max-tokens", type=int,
-              help="Most new tokens per answer. Default 16384 on a GPU (long-CoT answers run to many "
-                   "thousands of tokens, as in the papers); 1024 on CPU, where 16k-token answers take "
-                   "hours each: enough for short-CoT answers, and long-CoT ones show as truncated.")
+              help="Most new tokens per answer. Default 16384 on a GPU or with --backend openai (long-CoT "
+                   "answers run to many thousands of tokens, as in the papers); 1024 on CPU, where 16k-token "
+                   "answers take hours each: enough for short-CoT answers, and long-CoT ones show as truncated.")
 @click.option("--batch-size", help="Prompts per batch, or 'auto'. Default: 8 on CPU, auto on GPU.")
 @click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]), default="auto",
               show_default=True, help="Weight dtype for inference.")

@@ -254,7 +254,8 @@ def evaluate(model: str, tasks: str | Sequence[str] | None = None, backend: Opti
         raise UserError(f"--limit {limit}: give a positive number of questions per task")
     gpu = _cuda_available()
     if max_tokens is None:
-        max_tokens = MAX_TOKENS_GPU if gpu else MAX_TOKENS_CPU
+        # servers are where the GPUs are: the papers' budget, whatever this machine has
+        max_tokens = MAX_TOKENS_GPU if gpu or backend == "openai" else MAX_TOKENS_CPU
     if max_tokens < 1:
         raise UserError(f"--max-tokens {max_tokens}: give a positive number")
     if batch_size is None:
