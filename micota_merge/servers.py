@@ -268,8 +268,13 @@ class Client:
             content = choice["message"]["content"] or ""
             reason = choice.get("finish_reason") or "stop"
             num = int(data["usage"]["completion_tokens"])
-        except (ValueError, KeyError, IndexError, TypeError):
+            reasoning = choice["message"].get("reasoning") or choice["message"].get("reasoning_content")
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
             raise RetryableError(f"not a chat completion: {text[:200]}") from None
+        if reasoning:
+            # a reasoning model behind a reasoning parser (vLLM `reasoning`, DeepSeek's API `reasoning_content`)
+            # sends its chain of thought apart; the record keeps the whole answer, as R1 writes it
+            content = f"<think>\n{reasoning.strip()}\n</think>\n\n{content.lstrip()}"
         # "stop" covers EOS and stop tokens; "length" is the max_tokens cap (what the local backends say)
         return Result(key, content, num, "length" if reason == "length" else "stop", server.url)
 

@@ -148,13 +148,14 @@ class TinyAPI:
     "hosted-m", answers every chat with "\\boxed{18}", and fails the first `fail` chat requests with
     HTTP `status`. For the client's HTTP handling and for a model known only by name (a hosted API)."""
 
-    def __init__(self, fail: int = 0, status: int = 503, models_status: int = 200):
+    def __init__(self, fail: int = 0, status: int = 503, models_status: int = 200, reasoning: str = ""):
         import asyncio
         import threading
 
         from aiohttp import web
 
         self.fail, self.status, self.models_status, self.seen, self.auth = fail, status, models_status, [], []
+        self.reasoning = reasoning
         app = web.Application()
         app.router.add_get("/v1/models", self.models)
         app.router.add_post("/v1/chat/completions", self.chat)
@@ -181,8 +182,10 @@ class TinyAPI:
         self.auth.append(request.headers.get("Authorization"))
         if len(self.seen) <= self.fail:
             return web.json_response({"error": {"message": "prompt is too long for this model"}}, status=self.status)
-        return web.json_response({"choices": [{"index": 0, "message": {"role": "assistant", "content": "\\boxed{18}"},
-                                               "finish_reason": "stop"}],
+        message = {"role": "assistant", "content": "\\boxed{18}"}
+        if self.reasoning:  # as DeepSeek's API sends a reasoning model's chain of thought
+            message["reasoning_content"] = self.reasoning
+        return web.json_response({"choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
                                   "usage": {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12}})
 
     def close(self):
@@ -222,6 +225,20 @@ def test_retries_5xx_and_a_model_known_only_by_name(tmp_path, monkeypatch):
         # identity of a served-only model is its name
         meta = json.loads((tmp_path / "hosted.jsonl.meta.json").read_text())["settings"]
         assert meta["model"] == "served:hosted-m" and meta["model_content"] is None
+    finally:
+        api.close()
+
+
+def test_reasoning_sent_apart_is_kept_in_the_record(tmp_path):
+    api = TinyAPI(reasoning="16 - 3 - 4 = 9 eggs, 9 * 2 = 18.")
+    try:
+        out = tmp_path / "r1.jsonl"
+        code, text = run_cli("generate", "--model", "hosted-m", "--questions", "gsm8k", "--limit", "1", "--out", out,
+                             "--base-url", api.url)
+        assert code == 0, text
+        (rec,) = read(out)
+        assert rec["messages"][1]["content"] == "<think>\n16 - 3 - 4 = 9 eggs, 9 * 2 = 18.\n</think>\n\n\\boxed{18}"
+        assert rec["correct"] is True and rec["num_tokens"] == 7
     finally:
         api.close()
 
