@@ -159,7 +159,16 @@ class _Server:
 
 
 class RetryableError(Exception):
-    pass
+    def __init__(self, message: str, after: float = 0.0):
+        super().__init__(message)
+        self.after = after  # the server's Retry-After, seconds
+
+
+def _retry_after(value: Optional[str]) -> float:
+    try:
+        return min(300.0, max(0.0, float(value))) if value else 0.0
+    except ValueError:  # an HTTP date: rare, and the backoff covers it
+        return 0.0
 
 
 @dataclass
@@ -242,6 +251,7 @@ class Client:
                 # a failing server rests, longer with each failure in a row; the retry goes to an awake
                 # server, or waits for the first to wake (backoff on a single server)
                 rest = min(self.max_backoff, self.backoff * 2 ** (server.streak - 1)) * random.uniform(0.8, 1.2)
+                rest = max(rest, getattr(e, "after", 0.0))  # a rate limit says how long
                 server.resting_until = max(server.resting_until, time.monotonic() + rest)
                 if attempt < self.retries:
                     log.warning("request %s failed (%s); retry %d/%d (the server rests %.1f s)",
@@ -256,7 +266,7 @@ class Client:
         async with session.post(server.url + "/chat/completions", json=body) as r:
             text = await r.text()
             if r.status in RETRY_STATUS:
-                raise RetryableError(f"HTTP {r.status}: {text[:200]}")
+                raise RetryableError(f"HTTP {r.status}: {text[:200]}", _retry_after(r.headers.get("Retry-After")))
             if r.status in (401, 403):
                 raise UserError(f"--base-url {server.url}: the server refused the API key (HTTP {r.status}); "
                                 "check --api-key-env")

@@ -148,14 +148,15 @@ class TinyAPI:
     "hosted-m", answers every chat with "\\boxed{18}", and fails the first `fail` chat requests with
     HTTP `status`. For the client's HTTP handling and for a model known only by name (a hosted API)."""
 
-    def __init__(self, fail: int = 0, status: int = 503, models_status: int = 200, reasoning: str = ""):
+    def __init__(self, fail: int = 0, status: int = 503, models_status: int = 200, reasoning: str = "",
+                 retry_after: int = 0):
         import asyncio
         import threading
 
         from aiohttp import web
 
         self.fail, self.status, self.models_status, self.seen, self.auth = fail, status, models_status, [], []
-        self.reasoning = reasoning
+        self.reasoning, self.retry_after, self.arrived = reasoning, retry_after, []
         app = web.Application()
         app.router.add_get("/v1/models", self.models)
         app.router.add_post("/v1/chat/completions", self.chat)
@@ -179,9 +180,11 @@ class TinyAPI:
 
         body = await request.json()
         self.seen.append(body)
+        self.arrived.append(time.monotonic())
         self.auth.append(request.headers.get("Authorization"))
         if len(self.seen) <= self.fail:
-            return web.json_response({"error": {"message": "prompt is too long for this model"}}, status=self.status)
+            return web.json_response({"error": {"message": "prompt is too long for this model"}}, status=self.status,
+                                     headers={"Retry-After": str(self.retry_after)} if self.retry_after else None)
         message = {"role": "assistant", "content": "\\boxed{18}"}
         if self.reasoning:  # as DeepSeek's API sends a reasoning model's chain of thought
             message["reasoning_content"] = self.reasoning
@@ -225,6 +228,20 @@ def test_retries_5xx_and_a_model_known_only_by_name(tmp_path, monkeypatch):
         # identity of a served-only model is its name
         meta = json.loads((tmp_path / "hosted.jsonl.meta.json").read_text())["settings"]
         assert meta["model"] == "served:hosted-m" and meta["model_content"] is None
+    finally:
+        api.close()
+
+
+def test_rate_limit_waits_for_retry_after(tmp_path):
+    api = TinyAPI(fail=1, status=429, retry_after=2)
+    try:
+        t0 = time.monotonic()
+        code, text = run_cli("generate", "--model", "hosted-m", "--questions", "gsm8k", "--limit", "1", "--out",
+                             tmp_path / "rl.jsonl", "--base-url", api.url)
+        assert code == 0, text
+        # the retry came after the server's 2 s, not after the 0.5 s backoff
+        assert len(api.seen) == 2 and api.arrived[1] - api.arrived[0] >= 1.9
+        assert time.monotonic() - t0 < 60
     finally:
         api.close()
 
