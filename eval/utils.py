@@ -111,7 +111,11 @@ def _doc_to_target(benchmark: str):
 def set_tokenizer(source) -> None:
     """Load (once) the tokenizer that `mean_tokens` counts with."""
     global _tokenizer, _tokenizer_source
-    if not source or str(source) == _tokenizer_source:
+    if not source:  # a model with no local tokenizer (a hosted one): an earlier run's would count wrong
+        with _tokenizer_lock:
+            _tokenizer, _tokenizer_source = None, None
+        return
+    if str(source) == _tokenizer_source:
         return
     from transformers import AutoTokenizer
 

@@ -434,7 +434,7 @@ def test_eval_through_servers_matches_hf(servers, tmp_path):
         return {r["doc_id"]: (r["response"], r["correct"], r["num_tokens"]) for r in map(json.loads, open(f))}
 
     hf, served = samples("hf"), samples("served")
-    assert len(hf) == 12 and served == hf
+    assert len(hf) == 12 and served == hf and all(tokens > 0 for _, _, tokens in hf.values())
     summary = json.loads((tmp_path / "served" / "summary.json").read_text())
     assert summary["backend"] == "openai" and summary["tasks"]["microworld"]["n"] == 12
 
