@@ -127,7 +127,11 @@ def _doc_to_target(benchmark: str):
 def set_tokenizer(source) -> None:
     """Load (once) the tokenizer that the token metrics count with."""
     global _tokenizer, _tokenizer_source, _thinking_open
-    if not source or str(source) == _tokenizer_source:
+    if not source:  # a model with no local tokenizer (a hosted one): an earlier run's would count wrong
+        with _tokenizer_lock:
+            _tokenizer, _tokenizer_source, _thinking_open = None, None, False
+        return
+    if str(source) == _tokenizer_source:
         return
     from transformers import AutoTokenizer
 

@@ -207,8 +207,9 @@ def demo_train(out, seed, scale, dtype, eval_questions, force):
 @click.option("--model", help="Checkpoint to score: a local Hugging Face folder (or a cached hub id).")
 @click.option("--tasks", default="all", show_default=True,
               help="Comma-separated benchmarks: aime24, amc23, olympiadbench, math500, gsm8k, or 'all'.")
-@click.option("--backend", type=click.Choice(["hf", "vllm"]),
-              help="lm-eval model backend. Default: vllm when a GPU and vLLM are present, else hf.")
+@click.option("--backend", type=click.Choice(["hf", "vllm", "openai"]),
+              help="lm-eval model backend. Default: openai with --base-url, else vllm when a GPU and vLLM are "
+                   "present, else hf. openai: OpenAI-compatible servers through lm-eval's local-chat-completions.")
 @click.option("--limit", type=int, help="Score only the first N questions of each benchmark (quick checks).")
 @click.option("--protocol", type=click.Choice(["greedy", "r1"]), default="greedy", show_default=True,
               help="greedy: one greedy answer per question, the papers' pass@1. r1: DeepSeek-R1's "
@@ -224,10 +225,10 @@ def demo_train(out, seed, scale, dtype, eval_questions, force):
               help="Seed of the sampling and of the bootstrap intervals: a rerun draws the same answers "
                    "on the same backend and hardware.")
 @click.option("--max-tokens", type=int,
-              help="Most new tokens per answer. Default on a GPU 16384 (greedy) or 32768 (r1): long-CoT "
-                   "answers run to many thousands of tokens; 1024 on CPU (at most half the model's "
-                   "context), where 16k-token answers take hours each: enough for short-CoT answers, and "
-                   "long-CoT ones show in the truncated column.")
+              help="Most new tokens per answer. Default on a GPU or with --backend openai 16384 (greedy) or "
+                   "32768 (r1): long-CoT answers run to many thousands of tokens; 1024 on CPU (at most half "
+                   "the model's context), where 16k-token answers take hours each: enough for short-CoT "
+                   "answers, and long-CoT ones show in the truncated column.")
 @click.option("--batch-size", help="Prompts per batch, or 'auto'. Default: 8 on CPU, auto on GPU.")
 @click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]), default="auto",
               show_default=True, help="Weight dtype for inference.")
@@ -236,14 +237,27 @@ def demo_train(out, seed, scale, dtype, eval_questions, force):
 @click.option("--gpu-memory-utilization", type=float, default=0.9, show_default=True,
               help="vllm: share of GPU memory for weights and KV cache.")
 @click.option("--max-model-len", type=int, help="vllm: context length to allocate (prompt + answer).")
+@click.option("--data-parallel-size", type=int, default=1, show_default=True,
+              help="vllm: engine replicas, each on its own --tensor-parallel-size GPUs (lm-eval's data "
+                   "parallelism, through Ray); the scores are those of one replica.")
+@click.option("--base-url", "base_url", multiple=True,
+              help="openai: API root of a server, e.g. http://127.0.0.1:8000/v1; repeat for several servers.")
+@click.option("--api-key-env", help="openai: environment variable holding the API key (default: no key).")
+@click.option("--served-model", help="openai: the model name the servers know (default: found from --model).")
+@click.option("--concurrency", type=int, default=16, show_default=True,
+              help="openai: requests in flight over all servers together.")
+@click.option("--retries", type=int, default=8, show_default=True,
+              help="openai: further tries of a failed request (lm-eval's backoff), each on the least busy server.")
+@click.option("--request-timeout", type=float, default=3600.0, show_default=True,
+              help="openai: seconds a request may take.")
 @click.option("-o", "--output", help="Run folder (default outputs/eval/<model name>); with --compare, "
                                      "where compare.md/.json/.png go.")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--compare", is_flag=True, help="Compare finished runs: micota-merge eval --compare DIR DIR ...")
 @_run_stage
 def eval_cmd(runs, model, tasks, backend, limit, protocol, samples, temperature, top_p, seed, max_tokens,
-             batch_size, dtype, tensor_parallel_size, gpu_memory_utilization, max_model_len, output, force,
-             compare):
+             batch_size, dtype, tensor_parallel_size, gpu_memory_utilization, max_model_len, data_parallel_size,
+             base_url, api_key_env, served_model, concurrency, retries, request_timeout, output, force, compare):
     """Score a checkpoint on AIME24, AMC23, OlympiadBench, MATH-500 and GSM8K with lm-eval.
 
     Zero-shot, the model's chat template, the papers' prompt ("... put your final answer
@@ -270,6 +284,7 @@ def eval_cmd(runs, model, tasks, backend, limit, protocol, samples, temperature,
       micota-merge eval --model DIR --protocol r1 --limit 4
       micota-merge eval --model DIR --tasks gsm8k,math500 --samples 8 --temperature 0.6 --top-p 0.95
       micota-merge eval --model DIR --tasks gsm8k,math500 --backend vllm --tensor-parallel-size 2
+      micota-merge eval --model DIR --base-url http://node1:8000/v1 --base-url http://node2:8000/v1
       micota-merge eval --compare outputs/eval/student-long outputs/eval/student-mid -o outputs/cmp
     """
     from . import evaluate
@@ -290,20 +305,24 @@ def eval_cmd(runs, model, tasks, backend, limit, protocol, samples, temperature,
                       batch_size=batch_size, output=output, dtype=dtype,
                       tensor_parallel_size=tensor_parallel_size,
                       gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
-                      force=force, echo=click.echo)
+                      data_parallel_size=data_parallel_size, base_url=list(base_url), api_key_env=api_key_env,
+                      served_model=served_model, concurrency=concurrency, retries=retries,
+                      request_timeout=request_timeout, force=force, echo=click.echo)
 
 
 # ---------------------------------------------------------------- generate, mix (issue 4)
 
 
 @cli.command()
-@click.option("--model", required=True, help="Checkpoint folder of the teacher assistant (or any model).")
+@click.option("--model", required=True, help="Checkpoint folder of the teacher assistant (or any model); with "
+                                            "--backend openai also a model only the server has (e.g. a hosted one).")
 @click.option("--questions", required=True,
               help="A shipped set (gsm8k-train, gsm8k, math500, aime24, amc23, olympiadbench), a JSONL file, "
                    "or a Hugging Face dataset folder saved with save_to_disk.")
 @click.option("--out", required=True, help="Raw records, appended as they finish (FILE.jsonl).")
-@click.option("--backend", type=click.Choice(["auto", "vllm", "transformers"]), default="auto", show_default=True,
-              help="auto: vllm when it is installed, else transformers.")
+@click.option("--backend", type=click.Choice(["auto", "vllm", "transformers", "openai"]), default="auto",
+              show_default=True, help="auto: openai when --base-url is given, else vllm when it is installed, else "
+                                      "transformers. openai: OpenAI-compatible servers (vllm serve, SGLang, a hosted API).")
 @click.option("--n", "n", type=int, default=1, show_default=True, help="Samples per question.")
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
 @click.option("--top-p", type=float, default=1.0, show_default=True)
@@ -327,6 +346,26 @@ def eval_cmd(runs, model, tasks, backend, limit, protocol, samples, temperature,
 @click.option("--tensor-parallel-size", type=int, default=1, show_default=True, help="vllm: GPUs per model.")
 @click.option("--max-model-len", type=int, help="vllm: context length to reserve (default: the model's).")
 @click.option("--enforce-eager", is_flag=True, help="vllm: no torch.compile / CUDA graphs (faster start, slower run).")
+@click.option("--data-parallel-size", type=int, default=1, show_default=True,
+              help="vllm: engine replicas in this command, each on its own --tensor-parallel-size GPUs; the "
+                   "records are the same as with one.")
+@click.option("--serve-args", help="vllm: more `vllm serve` flags for the server that --data-parallel-size "
+                                   "starts (given alone, it starts one too), e.g. \"--data-parallel-backend ray "
+                                   "--data-parallel-size 32\" for replicas over a Ray cluster's nodes.")
+@click.option("--base-url", "base_url", multiple=True,
+              help="openai: API root of a server, e.g. http://127.0.0.1:8000/v1. Repeat for several servers "
+                   "(one per node): requests go to the least busy one, and fail over when one dies.")
+@click.option("--api-key-env", help="openai: name of the environment variable holding the API key "
+                                    "(e.g. OPENAI_API_KEY); default: no key (a local vllm serve needs none).")
+@click.option("--served-model", help="openai: the model name the servers know (default: the one they serve "
+                                     "from --model's folder, or --model itself).")
+@click.option("--concurrency", type=int, default=16, show_default=True,
+              help="openai: requests in flight over all servers together (a vLLM server batches them).")
+@click.option("--retries", type=int, default=8, show_default=True,
+              help="openai: further tries of a request that failed to connect, timed out or got HTTP 429/5xx; "
+                   "awake servers first; a failing server rests 0.5 s, doubling per failure in a row up to 30 s.")
+@click.option("--request-timeout", type=float, default=3600.0, show_default=True,
+              help="openai: seconds to wait for a server's answer before retrying elsewhere.")
 @click.option("--force", is_flag=True, help="Delete OUT and start over instead of resuming.")
 @_run_stage
 def generate(**kw):
@@ -341,6 +380,11 @@ def generate(**kw):
 
     Killed? Run the same command again: finished records are kept, a torn last line is cut,
     and generation resumes where it stopped without duplicates.
+
+    \b
+    Servers (one per node, or one `vllm serve --data-parallel-size N`):
+      micota-merge generate --model outputs/ta --questions gsm8k-train --out data/ta.jsonl \
+        --base-url http://node1:8000/v1 --base-url http://node2:8000/v1 --concurrency 64
     """
     from .generate import generate as run, options
 
@@ -464,10 +508,13 @@ def _density_list(ctx, param, value):
 @click.option("--limit", type=int, help="Probe questions (default: sweep.probe.limit).")
 @click.option("--max-tokens", type=int, help="Probe answer length cap (default: sweep.probe.max_tokens).")
 @click.option("--backend", type=click.Choice(["auto", "vllm", "transformers"]), help="Probe generation backend.")
+@click.option("--data-parallel-size", type=int,
+              help="vllm: probe each checkpoint through `vllm serve` with this many replicas (default: "
+                   "sweep.probe.data_parallel_size).")
 @click.option("--keep-all", is_flag=True, help="Keep every point's TA in <output>.sweep/ (default: only the chosen).")
 @click.option("--force", is_flag=True, help="Redo a finished sweep and replace the output.")
 @_run_stage
-def sweep(recipe, ratios, densities, tolerance, limit, max_tokens, backend, keep_all, force):
+def sweep(recipe, ratios, densities, tolerance, limit, max_tokens, backend, data_parallel_size, keep_all, force):
     """Merge at several ratios (x densities), measure CoT length and accuracy, keep the intermediate TA.
 
     Every point's TA is built in one pass over the inputs (each input tensor read once, outputs
@@ -482,8 +529,8 @@ def sweep(recipe, ratios, densities, tolerance, limit, max_tokens, backend, keep
     """
     from .sweep import sweep as run
 
-    run(recipe, ratios=ratios, densities=densities, keep_all=keep_all, tolerance=tolerance, limit=limit, max_tokens=max_tokens,
-        backend=backend, force=force, echo=click.echo)
+    run(recipe, ratios=ratios, densities=densities, keep_all=keep_all, tolerance=tolerance, limit=limit,
+        max_tokens=max_tokens, backend=backend, data_parallel_size=data_parallel_size, force=force, echo=click.echo)
 
 # ---------------------------------------------------------------- run (issue 7)
 

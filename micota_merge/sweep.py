@@ -60,7 +60,10 @@ def _probe(model: Path, name: str, work: Path, settings: SweepSettings, echo) ->
     opts = gen.options(model=str(model), questions=settings.probe.questions or settings.probe.benchmark,
                        out=str(out), backend=settings.probe.backend or "auto", max_tokens=settings.probe.max_tokens,
                        limit=settings.probe.limit, batch_size=settings.probe.batch_size, keep="all", temperature=0.0,
-                       prompt=settings.probe.prompt or "")
+                       prompt=settings.probe.prompt or "", data_parallel_size=settings.probe.data_parallel_size,
+                       tensor_parallel_size=settings.probe.tensor_parallel_size, serve_args=settings.probe.serve_args,
+                       max_model_len=settings.probe.max_model_len, enforce_eager=settings.probe.enforce_eager,
+                       dtype=settings.probe.dtype)
     fresh = not gen.written_with(out, gen._settings(opts, model, opts.prompt or DEFAULT_PROMPT))
     stats = gen.generate(opts.model_copy(update={"force": fresh}), echo=echo)
     row = {"records": stats["records"], "accuracy": stats["accuracy"],
@@ -137,7 +140,8 @@ def choose(rows: list[dict], target: float, tolerance: float) -> tuple[dict, str
 
 def sweep(recipe_path: str | Path, ratios: Optional[list[float]] = None, densities: Optional[list[float]] = None,
           keep_all: bool = False, tolerance: Optional[float] = None, limit: Optional[int] = None,
-          max_tokens: Optional[int] = None, backend: Optional[str] = None, force: bool = False, echo=print) -> dict:
+          max_tokens: Optional[int] = None, backend: Optional[str] = None, data_parallel_size: Optional[int] = None,
+          force: bool = False, echo=print) -> dict:
     from .merge import build
     from .multiratio import at_point, build_points, supports_one_pass
     from .replay import Unsupported
@@ -152,7 +156,8 @@ def sweep(recipe_path: str | Path, ratios: Optional[list[float]] = None, densiti
             settings = SweepSettings.model_validate({**settings.model_dump(), "densities": densities})
         if tolerance is not None:
             settings.tolerance = tolerance
-        for key, value in (("limit", limit), ("max_tokens", max_tokens), ("backend", backend)):
+        for key, value in (("limit", limit), ("max_tokens", max_tokens), ("backend", backend),
+                           ("data_parallel_size", data_parallel_size)):
             if value is not None:
                 setattr(settings.probe, key, value)
     except ValidationError as e:
