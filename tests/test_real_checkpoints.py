@@ -39,6 +39,7 @@ QWEN_DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful
 # guessed); when someone adds the metadata, this table fails and the full dry-run takes over.
 PAPER_RECIPES = {
     "r1-qwen7b-ta": [],
+    "r1-qwen7b-ta-scale": [],  # the same pair, every generation stage on vLLM data parallelism
     "r1-qwen1.5b-ta": ["Qwen/Qwen2.5-1.5B"],
     "r1-qwen7b-math-ta": ["Qwen/Qwen2.5-Math-7B-Instruct", "Qwen/Qwen2.5-Math-7B"],
     "r1-qwen14b-ta": ["deepseek-ai/DeepSeek-R1-Distill-Qwen-14B", "Qwen/Qwen2.5-14B-Instruct"],
