@@ -59,6 +59,12 @@ _END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<end_of_turn>", 
                 "<|end▁of▁sentence|>", "<｜end▁of▁sentence｜>", "</s>")  # DeepSeek's bars are fullwidth
 
 
+# How requests travel, never what is answered (records are the same with one server or four, at any
+# concurrency, with any number of data-parallel replicas): left out of every "same input" decision.
+TRANSPORT_OPTIONS = ("base_url", "api_key_env", "served_model", "concurrency", "retries", "request_timeout",
+                     "data_parallel_size")
+
+
 class GenerateOptions(BaseModel):
     """Everything `micota-merge generate` takes; defaults are the papers' settings."""
 

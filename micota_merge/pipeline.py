@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from .artifacts import now, write_json_atomic, write_text_atomic
+from .generate import TRANSPORT_OPTIONS
 from .recipe import PipelineSettings, Recipe, load_recipe
 
 STAGES = ("build", "generate", "mix", "distill", "eval", "report")
@@ -138,7 +139,8 @@ def run(path: str | Path, run_from: Optional[str] = None, until: Optional[str] =
     for name, (model, model_fp) in teachers.items():
         folder = workdir / "data" / name
         opts = _generate_options(settings, model, folder / "data.jsonl")
-        fp = _hash({"model": model_fp, "options": {k: v for k, v in opts.items() if k not in ("model", "out")}})
+        fp = _hash({"model": model_fp, "options": {k: v for k, v in opts.items()
+                                                   if k not in ("model", "out", *TRANSPORT_OPTIONS)}})
 
         def gen(fresh: bool, opts=opts) -> None:
             from . import generate as g
@@ -200,7 +202,7 @@ def run(path: str | Path, run_from: Optional[str] = None, until: Optional[str] =
     evals: dict[str, Path] = {}
     for name, (model, model_fp) in scored.items():
         folder = workdir / "eval" / name.replace(":", "-").replace("+", "-")
-        fp = _hash({"model": model_fp, "eval": settings.eval})
+        fp = _hash({"model": model_fp, "eval": {k: v for k, v in settings.eval.items() if k not in TRANSPORT_OPTIONS}})
 
         def do_eval(fresh: bool, folder=folder, model=model) -> None:
             from .evaluate import evaluate

@@ -22,9 +22,11 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
+from pydantic import ValidationError
+
 from .artifacts import read_manifest, write_json_atomic, write_text_atomic
 from .errors import UserError
-from pydantic import ValidationError
+from .generate import TRANSPORT_OPTIONS
 
 from .recipe import SPARSIFYING_METHODS, Recipe, SweepSettings, format_validation_error, load_recipe
 from .sweep_report import plot, plot_front, table_csv, table_md
@@ -51,7 +53,7 @@ def _probe(model: Path, name: str, work: Path, settings: SweepSettings, echo) ->
 
     stats_file = work / f"{name}.stats.json"
     out = work / f"{name}.probe.jsonl"
-    probe = settings.probe.model_dump(mode="json")
+    probe = settings.probe.model_dump(mode="json", exclude=set(TRANSPORT_OPTIONS))
     model_content = content_id(model)
     if stats_file.is_file():
         row = json.loads(stats_file.read_text())
@@ -177,7 +179,7 @@ def sweep(recipe_path: str | Path, ratios: Optional[list[float]] = None, densiti
     paths = {role: resolve_model_path(spec, f"models.{role}", Path(recipe_path).parent) for role, spec in specs.items()}
     # What the sweep's result depends on: the recipe, the sweep settings and the inputs' *content*.
     identity = {"recipe": recipe.model_dump(mode="json", exclude={"sweep", "pipeline", "output"}),
-                "sweep": settings.model_dump(mode="json"),
+                "sweep": settings.model_dump(mode="json", exclude={"probe": set(TRANSPORT_OPTIONS)}),
                 "inputs": {role: content_id(p) for role, p in paths.items()}}
     if (output / "sweep" / "sweep.json").is_file() and not force:
         result = json.loads((output / "sweep" / "sweep.json").read_text())

@@ -233,6 +233,8 @@ def test_sweep_refuses_a_finished_sweep_of_other_inputs(tiny_family, tmp_path):
     first = sweep(recipe, keep_all=True, echo=lambda s: None)
     again = sweep(recipe, echo=lambda s: None)
     assert again == first  # done, same content: reported, not redone
+    # how probes would travel (replicas, servers) is not what they answer: still the same sweep
+    assert sweep(recipe, data_parallel_size=2, echo=lambda s: None) == first
     flip_one_weight(models / "long_cot")
     with pytest.raises(UserError, match="input content"):
         sweep(recipe, echo=lambda s: None)
