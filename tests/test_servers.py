@@ -420,6 +420,11 @@ def test_client_killed_and_resumed_loses_and_duplicates_nothing(servers, referen
     assert by_key(records) == reference
 
 
+def _answers(record: dict) -> list[tuple]:
+    """Every answer of one lm-eval sample record: (response, the grader's verdict, its length)."""
+    return [(resp, s["correct"], s["num_tokens"]) for resp, s in zip(record["resps"][0], record["samples"])]
+
+
 @pytest.mark.slow
 @needs_vllm
 def test_eval_through_servers_matches_hf(servers, tmp_path):
@@ -434,10 +439,10 @@ def test_eval_through_servers_matches_hf(servers, tmp_path):
 
     def samples(run):
         (f,) = glob.glob(str(tmp_path / run / "samples_micota_microworld_*.jsonl"))
-        return {r["doc_id"]: (r["response"], r["correct"], r["num_tokens"]) for r in map(json.loads, open(f))}
+        return {r["doc_id"]: _answers(r) for r in map(json.loads, open(f))}
 
     hf, served = samples("hf"), samples("served")
-    assert len(hf) == 12 and served == hf and all(tokens > 0 for _, _, tokens in hf.values())
+    assert len(hf) == 12 and served == hf and all(a[2] > 0 for answers in hf.values() for a in answers)
     summary = json.loads((tmp_path / "served" / "summary.json").read_text())
     assert summary["backend"] == "openai" and summary["tasks"]["microworld"]["n"] == 12
 
@@ -502,7 +507,7 @@ def test_eval_killed_and_resumed_scores_the_same(servers, tmp_path):
 
     def samples(run):
         (f,) = glob.glob(str(tmp_path / run / "samples_micota_microworld_*.jsonl"))
-        return {r["doc_id"]: (r["response"], r["correct"], r["num_tokens"]) for r in map(json.loads, open(f))}
+        return {r["doc_id"]: _answers(r) for r in map(json.loads, open(f))}
 
     assert samples("killed") == samples("whole") and len(samples("whole")) == 30
 
