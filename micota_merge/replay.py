@@ -211,7 +211,11 @@ class TaskVectorReplay:
         stacked.mul_(w)
         # mergekit computes the normalizing divisor whether or not it divides by it; only `normalize`
         # uses it, so it is computed only then (the sum over the sides is the costly part).
-        if self.method.consensus_method:
+        if self.method.consensus_method and len(deltas) == 1 and not params["normalize"]:
+            # One side (a sweep's ratio 0 or 1) elects its own signs: the mask only drops its zeros,
+            # and x * 0 is x for x = ±0, so the masked sum is the sum itself, bit for bit.
+            mixed = stacked.sum(dim=0)
+        elif self.method.consensus_method:
             mask_dtype = torch.int8 if params["int8_mask"] else base.dtype
             mask = get_mask(stacked, method=self.method.consensus_method, mask_dtype=mask_dtype)
             mixed = (stacked * mask).sum(dim=0)
