@@ -214,6 +214,14 @@ def _ties(meta: CheckpointMeta) -> bool:
     return meta.config.get("tie_word_embeddings", False) is not False and "model.embed_tokens.weight" in meta.tensors
 
 
+def context_length(config: dict) -> int | None:
+    """The most tokens (prompt plus answer) the model takes, from its config."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        if isinstance(config.get(key), int):
+            return config[key]
+    return None
+
+
 def config_value(config: dict, key: str):
     """A config field, also where transformers 5 moved it (rope_theta -> rope_parameters)."""
     if key in config:

@@ -276,13 +276,6 @@ def prepare_vllm() -> None:
         md.version = original
 
 
-def _context_length(config: dict) -> Optional[int]:
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        if isinstance(config.get(key), int):
-            return config[key]
-    return None
-
-
 def model_args_for(backend: str, model_path: Path, *, dtype: str, max_tokens: int,
                    tensor_parallel_size: int, gpu_memory_utilization: float,
                    max_model_len: Optional[int], data_parallel_size: int = 1) -> dict:
@@ -344,7 +337,7 @@ def evaluate(model: str, tasks: str | Sequence[str] | None = None, backend: Opti
              samples=None, temperature: Optional[float] = None, top_p: Optional[float] = None,
              seed: int = 0, echo: Echo = print) -> dict:
     """Score `model` on `tasks` with lm-eval; write results, samples and summary to `output`."""
-    from .checkpoints import read_chat_template, read_checkpoint, resolve_model_path
+    from .checkpoints import context_length, read_chat_template, read_checkpoint, resolve_model_path
 
     # ---- options
     benchmarks = parse_tasks(tasks)
@@ -395,7 +388,7 @@ def evaluate(model: str, tasks: str | Sequence[str] | None = None, backend: Opti
     if local:
         model_path = resolve_model_path(model, "--model")
         meta = read_checkpoint(model_path, "--model")
-        context = max_model_len or _context_length(meta.config)
+        context = max_model_len or context_length(meta.config)
         if default_max_tokens and context is not None and max_tokens >= context:
             # a short context (the micro world's 1024, Qwen2.5-Instruct's 32768 under r1): leave room
             # for the prompt

@@ -347,9 +347,9 @@ def finish(token_ids: list[int], stop_ids: set[int], max_tokens: int) -> tuple[l
 
 def check_context(model_dir: Path, longest_prompt: int, max_tokens: int) -> None:
     """Refuse a token budget the model cannot hold: answers would be cut by the context, not the cap."""
-    cfg = json.loads((model_dir / "config.json").read_text())
-    context = next((cfg[k] for k in ("max_position_embeddings", "n_positions", "max_sequence_length")
-                    if isinstance(cfg.get(k), int)), None)
+    from .checkpoints import context_length
+
+    context = context_length(json.loads((model_dir / "config.json").read_text()))
     if context is not None and longest_prompt + max_tokens > context:
         raise UserError(f"--max-tokens {max_tokens}: with the longest prompt ({longest_prompt} tokens) it exceeds "
                         f"{model_dir}'s context of {context} tokens; pass --max-tokens {context - longest_prompt} "

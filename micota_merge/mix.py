@@ -11,7 +11,7 @@ from pathlib import Path
 from .artifacts import check_output_file, now, package_versions, write_json_atomic, write_jsonl_atomic
 from .data import mix, parse_parts
 from .errors import UserError
-from .generate import sibling
+from .generate import meta_path, sibling
 
 
 def stats_path(out: Path) -> Path:
@@ -32,7 +32,7 @@ def run(parts: list[str], out: str, total: int | None = None, seed: int = 0, per
     if force:
         # a generate output replaced by a mix must not keep its sidecars: a later `generate`
         # would take them for its own and "resume" into the mix
-        for stale in (out_p.with_name(out_p.name + ".meta.json"), sibling(out_p, ".correct.jsonl")):
+        for stale in (meta_path(out_p), sibling(out_p, ".correct.jsonl")):
             stale.unlink(missing_ok=True)
     write_jsonl_atomic(out_p, records)
     composition.update(out=str(out_p), created=now(), versions=package_versions())

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from .artifacts import now, write_json_atomic, write_text_atomic
+from .fingerprint import data_fingerprint
 from .generate import TRANSPORT_OPTIONS
 from .recipe import PipelineSettings, Recipe, load_recipe
 
@@ -39,12 +40,6 @@ def _checkpoint_fp(path: str | Path) -> str:
 
     read_checkpoint(path)  # a clear error for a folder that is not a checkpoint
     return content_id(path)
-
-
-def _data_fp(path: Path) -> str:
-    from .fingerprint import data_fingerprint
-
-    return data_fingerprint(path)
 
 
 @dataclass
@@ -147,9 +142,9 @@ def run(path: str | Path, run_from: Optional[str] = None, until: Optional[str] =
 
             g.generate(g.options(**opts, force=fresh), echo=echo)
 
-        runner.stage("generate", f"generate: {name} data", folder, fp, gen, output=folder / "data.correct.jsonl")
         kept = folder / "data.correct.jsonl"
-        data[name] = (kept, _data_fp(kept) if kept.is_file() else fp)
+        runner.stage("generate", f"generate: {name} data", folder, fp, gen, output=kept)
+        data[name] = (kept, data_fingerprint(kept) if kept.is_file() else fp)
     if not runner.active("mix"):
         return _finish(runner, results)
 
@@ -166,9 +161,9 @@ def run(path: str | Path, run_from: Optional[str] = None, until: Optional[str] =
             mix_run([f"{parts[p][0]}={w}" for p, w in weights.items()], str(folder / "data.jsonl"),
                     total=settings.mix_total, seed=settings.seed, force=True, echo=echo)
 
-        runner.stage("mix", f"mix: {name}", folder, fp, do_mix, output=folder / "data.jsonl")
         mixed = folder / "data.jsonl"
-        data[name] = (mixed, _data_fp(mixed) if mixed.is_file() else fp)
+        runner.stage("mix", f"mix: {name}", folder, fp, do_mix, output=mixed)
+        data[name] = (mixed, data_fingerprint(mixed) if mixed.is_file() else fp)
     if not runner.active("distill"):
         return _finish(runner, results)
 
@@ -189,8 +184,8 @@ def run(path: str | Path, run_from: Optional[str] = None, until: Optional[str] =
                                    "out": str(out), "force": True, "resume": not fresh, "seed": settings.seed})
             distill(cfg, echo=echo)
 
-        runner.stage("distill", f"distill: student on {name} data", folder, fp, do_distill, output=folder / "model")
         model_dir = folder / "model"
+        runner.stage("distill", f"distill: student on {name} data", folder, fp, do_distill, output=model_dir)
         students[f"student+{name}"] = (model_dir, _checkpoint_fp(model_dir) if model_dir.is_dir() else fp)
     if not runner.active("eval"):
         return _finish(runner, results)
