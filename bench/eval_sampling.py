@@ -6,7 +6,8 @@ python is given, its vllm backend.
                                   [--vllm-python PATH | --no-vllm] [--json OUT]
 
 Model: the micro world's long-CoT expert (micota_merge/assets/microworld/long_cot), on its own
-held-out questions (task `microworld`), where it writes ~130-token chains and stops; sampling at
+held-out questions (task `microworld`), where it writes chains of a few hundred tokens and stops (measured on
+the first micro world, whose chains were ~130 tokens); sampling at
 temperature 0.6, top-p 0.95 for every row (k = 1 too), so the rows differ only in k and batching.
 Tokens are the answers' tokens (as the eval counts them, re-tokenized); generation seconds are
 the time spent inside the backend's generate_until (model load, grading and writing excluded).

@@ -187,8 +187,8 @@ def demo_train(out, seed, scale, dtype, eval_questions, force):
 
     The committed copy in micota_merge/assets/microworld was made with
     `micota-merge demo train --out micota_merge/assets/microworld --seed 0 --force`
-    (11 minutes on one thread of a shared 2-core machine, 20 under heavy load;
-    bit-for-bit deterministic on CPU).
+    (19 minutes on one thread of a 2-core machine that was training another world at the
+    same time; bit-for-bit deterministic on CPU).
     """
     from .microworld import train_world
 

@@ -279,6 +279,23 @@ def allocate(total: int, weights: list[float]) -> list[int]:
     return counts
 
 
+def _draw(pools: list[list[dict]], targets: list[int], order: list[int], per_question: int):
+    """Each part's records in pool order, at most `per_question` per question id over all parts.
+    Returns (taken, chosen, index of the first part left short or None)."""
+    taken: Counter = Counter()
+    chosen: list[list[dict]] = [[] for _ in pools]
+    for i in order:
+        for r in pools[i]:
+            if len(chosen[i]) == targets[i]:
+                break
+            if taken[r["id"]] < per_question:
+                taken[r["id"]] += 1
+                chosen[i].append(r)
+        if len(chosen[i]) < targets[i]:
+            return taken, chosen, i
+    return taken, chosen, None
+
+
 def mix(parts: list[tuple[str, Path, float]], total: int | None = None, seed: int = 0,
         per_question: int = 1) -> tuple[list[dict], dict]:
     """Draw records from each part by weight; at most `per_question` records per question id overall.
@@ -307,6 +324,7 @@ def mix(parts: list[tuple[str, Path, float]], total: int | None = None, seed: in
     while max_total > 0 and any(c > a for c, a in zip(allocate(max_total, weights), avail)):
         max_total -= 1
     describe = ", ".join(f"{lab}: {a} usable of {len(p)} records" for (lab, _, _), a, p in zip(parts, avail, pools))
+    auto_total = total is None
     if total is None:
         total = max_total
         if total == 0:
@@ -317,20 +335,22 @@ def mix(parts: list[tuple[str, Path, float]], total: int | None = None, seed: in
         raise UserError(f"--total {total} is more than these parts can give at weights "
                         f"{':'.join(f'{w:g}' for w in weights)} with at most {per_question} answer(s) per "
                         f"question: at most {max_total} ({describe}; {union // per_question} distinct questions)")
-    targets = allocate(total, weights)
-    taken: Counter = Counter()
-    chosen: list[list[dict]] = [[] for _ in parts]
-    for i in sorted(range(len(parts)), key=lambda i: (avail[i] - targets[i], i)):
-        for r in pools[i]:
-            if len(chosen[i]) == targets[i]:
-                break
-            if taken[r["id"]] < per_question:
-                taken[r["id"]] += 1
-                chosen[i].append(r)
-        if len(chosen[i]) < targets[i]:
-            raise UserError(f"part {parts[i][0]} has only {len(chosen[i])} records whose questions are not "
-                            f"already taken by other parts, {targets[i]} needed; lower --total (or raise "
-                            f"--per-question): {describe}")
+    while True:
+        targets = allocate(total, weights)
+        # parts with the least slack draw first
+        order = sorted(range(len(parts)), key=lambda i: (avail[i] - targets[i], i))
+        taken, chosen, short = _draw(pools, targets, order, per_question)
+        if short is None:
+            break
+        if auto_total and total > 1:
+            # parts that share question ids can give fewer together than each alone: the largest
+            # mix is the largest total whose draw fits
+            total -= 1
+            continue
+        i = short
+        raise UserError(f"part {parts[i][0]} has only {len(chosen[i])} records whose questions are not "
+                        f"already taken by other parts, {targets[i]} needed; lower --total (or raise "
+                        f"--per-question): {describe}")
     records = [dict(r, mix_part=parts[i][0]) for i in range(len(parts)) for r in chosen[i]]
     rng.shuffle(records)
     composition = {

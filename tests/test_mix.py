@@ -86,6 +86,24 @@ def test_scarce_part_is_served_first(tmp_path):
     assert len({r["id"] for r in recs}) == 50
 
 
+def test_default_total_fits_parts_that_share_questions(tmp_path):
+    """Two verified parts that answered overlapping questions (the pipeline's long and short data):
+    each alone could give more than the two give together at one answer per question. The default
+    is then the largest total whose draw fits, not a refusal."""
+    long = part(tmp_path / "long.jsonl", [f"q{i}" for i in range(0, 84)], "long", 900)
+    short = part(tmp_path / "short.jsonl", [f"q{i}" for i in range(0, 99)], "short", 100)
+    out = tmp_path / "mix.jsonl"
+    code, text = run(f"{long}=1", f"{short}=4", "--out", out, "--seed", 0)
+    assert code == 0, text
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    n = Counter(r["mix_part"] for r in recs)
+    assert n["short"] == 4 * n["long"] and len({r["id"] for r in recs}) == len(recs)
+    # largest: one more is refused with the draw's own reason
+    code, text = run(f"{long}=1", f"{short}=4", "--out", tmp_path / "more.jsonl", "--seed", 0,
+                     "--total", len(recs) + 1)
+    assert code == 2 and "lower --total" in text
+
+
 def test_refusals(parts, tmp_path):
     long, short = parts
     out = tmp_path / "m.jsonl"

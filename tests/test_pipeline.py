@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from click.testing import CliRunner
 
@@ -92,13 +93,13 @@ def test_demo_pipeline_end_to_end_small(tmp_path):
     for role in ("long_cot", "short_cot", "base"):
         data["models"][role] = str(repo / data["models"][role])
     data["output"] = str(tmp_path / "w" / "ta")
-    data["sweep"]["ratios"] = [0.5, 0.575]
+    data["sweep"]["ratios"] = [0.3, 0.8]
     data["sweep"]["probe"].update(limit=12, questions=str(repo / data["sweep"]["probe"]["questions"]))
     p = data["pipeline"]
     student = tmp_path / "student"  # a copy, so its weights can be changed in place below
     shutil.copytree(repo / p["student"], student)
     p.update(workdir=str(tmp_path / "w"), student=str(student), questions=str(repo / p["questions"]),
-             question_limit=40, baselines=["long_cot"], eval_teachers=False)
+             question_limit=40, baselines=["long_cot"], eval_teachers=False, distill_seeds=[0, 1])
     p["distill"].update(epochs=1)
     p["eval"].update(limit=12)
     pipeline = tmp_path / "pipeline.yaml"
@@ -107,32 +108,45 @@ def test_demo_pipeline_end_to_end_small(tmp_path):
     first = CliRunner().invoke(cli, ["run", str(pipeline)])
     assert first.exit_code == 0, first.output
     report = (tmp_path / "w" / "report.md").read_text()
-    for row in ("| student |", "| student+ta |", "| student+long_cot |", "| TA **chosen** |"):
+    for row in ("| student |", "| student+ta@seed0 |", "| student+long_cot@seed1 |", "| TA **chosen** |",
+                "| student+ta | 2 |", "| student+long_cot | 2 |"):
         assert row in report
     summary = json.loads((tmp_path / "w" / "report" / "summary.json").read_text())
-    assert set(summary["scores"]) == {"student", "student+ta", "student+long_cot"}
+    assert set(summary["scores"]) == {"student", "student+ta@seed0", "student+ta@seed1",
+                                      "student+long_cot@seed0", "student+long_cot@seed1"}
     for s in summary["scores"].values():
         assert s["tasks"]["microworld"]["n"] == 12 and 0.0 <= s["average"] <= 1.0
+    # each distillation seed is its own student (the seed reaches the trainer), and the report's
+    # spread is over exactly those students
+    from safetensors.torch import load_file
+
+    w0, w1 = (load_file(tmp_path / "w" / "students" / "ta" / f"seed-{k}" / "model" / "model.safetensors")
+              for k in (0, 1))
+    assert any(not torch.equal(w0[k], w1[k]) for k in w0)
+    group = summary["students"]["student+ta"]
+    accs = [summary["scores"][f"student+ta@seed{k}"]["average"] for k in (0, 1)]
+    assert group["seeds"] == [0, 1] and group["accuracy"]["mean"] == pytest.approx(sum(accs) / 2)
+    assert group["accuracy"]["min"] == min(accs) and group["accuracy"]["max"] == max(accs)
     sweep = json.loads((tmp_path / "w" / "ta" / "sweep" / "sweep.json").read_text())
     # Both ratios were possible answers (they write answers of clearly different lengths); the
     # choice must be the rule applied to what was measured: the closest mean length to the target
     # among the ratios within `tolerance` points of the best accuracy.
     rows = {r["ratio"]: r for r in sweep["ratios"]}
-    assert abs(rows[0.5]["mean_tokens"] - rows[0.575]["mean_tokens"]) > 10
+    assert abs(rows[0.3]["mean_tokens"] - rows[0.8]["mean_tokens"]) > 10
     best = max(r["accuracy"] for r in rows.values())
     eligible = [r for r in rows.values() if r["accuracy"] >= best - sweep["tolerance"] / 100 - 1e-12]
     expected = min(eligible, key=lambda r: abs(r["mean_tokens"] - sweep["target_tokens"]))["ratio"]
     assert sweep["chosen"] == expected
-    for stage in ("data/ta", "students/ta", "eval/student-ta"):
+    for stage in ("data/ta", "students/ta/seed-0", "students/ta/seed-1", "eval/student-ta-seed1"):
         assert json.loads((tmp_path / "w" / stage / "stage.json").read_text())["status"] == "done"
-    assert (tmp_path / "w" / "students" / "ta" / "model" / "micota.json").is_file()
+    assert (tmp_path / "w" / "students" / "ta" / "seed-0" / "model" / "micota.json").is_file()
 
     again = CliRunner().invoke(cli, ["run", str(pipeline)])
     assert again.exit_code == 0 and "nothing to run" in again.output and "[run" not in again.output
 
     # Same path, same config, same shapes, other weights: the stages that read the student rerun,
     # the TA and its data do not (stage skipping decides by content, not by path or header).
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     weights = load_file(student / "model.safetensors")
     name = sorted(weights)[0]
@@ -142,3 +156,30 @@ def test_demo_pipeline_end_to_end_small(tmp_path):
     assert third.exit_code == 0, third.output
     assert "[done] build" in third.output and "[done] generate: ta data" in third.output
     assert "[redo] distill: student on ta data" in third.output and "[redo] eval: student" in third.output
+
+
+def test_spread_and_seed_groups():
+    from micota_merge.pipeline import seed_groups, spread
+
+    assert spread([0.2, 0.4, 0.3]) == pytest.approx({"mean": 0.3, "sd": 0.1, "min": 0.2, "max": 0.4, "n": 3})
+    assert spread([0.5])["sd"] == 0.0
+    scores = {"student": {"average": 0.1, "tasks": {"t": {"mean_tokens": 9}}},
+              "teacher:ta": {"average": 0.9, "tasks": {"t": {"mean_tokens": 50}}},
+              "student+ta@seed0": {"average": 0.2, "tasks": {"t": {"mean_tokens": 10}}},
+              "student+ta@seed2": {"average": 0.4, "tasks": {"t": {"mean_tokens": 30}}},
+              "student+mix_long": {"average": 0.3, "tasks": {"t": {"mean_tokens": 20}}}}
+    groups = seed_groups(scores)
+    assert set(groups) == {"student+ta", "student+mix_long"}
+    assert groups["student+ta"]["seeds"] == [0, 2]
+    assert groups["student+ta"]["accuracy"]["mean"] == pytest.approx(0.3)
+    assert groups["student+ta"]["mean_tokens"]["sd"] == pytest.approx(14.142, abs=1e-3)
+    assert groups["student+mix_long"]["seeds"] == [None]
+
+
+def test_distill_seeds_must_be_distinct():
+    from micota_merge.recipe import PipelineSettings
+
+    with pytest.raises(ValueError, match="distill_seeds must be distinct"):
+        PipelineSettings(workdir="w", student="s", distill_seeds=[1, 1])
+    with pytest.raises(ValueError):
+        PipelineSettings(workdir="w", student="s", distill_seeds=[])

@@ -1,0 +1,140 @@
+"""The demo's figures over seeds of the whole micro world: mean ± spread of every figure.
+
+Each world is trained from its seed with `micota-merge demo train` (or given with --world),
+then the demo pipeline (merge_recipes/demo-pipeline.yaml, its distillation seeds included) runs
+on it. Every world is scored on the committed held-out questions: the split is a hash of the
+question text, so they are held out of every world's training.
+
+    python scripts/microworld_seeds.py --seeds 0 1 2 --world 0=micota_merge/assets/microworld
+    python scripts/microworld_seeds.py --seeds 0 1 2 --done 0=outputs/demo-pipeline  # after the demo
+
+writes outputs/microworld-seeds/{seed-N/, seeds.json, seeds.md}. Resumable: a trained world and
+every finished pipeline stage are kept (the pipeline skips by content).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from micota_merge.microworld import reflection_profile  # noqa: E402
+from micota_merge.pipeline import spread  # noqa: E402
+
+
+def train(seed: int, out: Path) -> Path:
+    if not (out / "training.json").is_file():
+        subprocess.run([sys.executable, "-m", "micota_merge.cli", "demo", "train", "--out", str(out),
+                        "--seed", str(seed), "--force"], check=True)
+    return out
+
+
+def pipeline_file(world: Path, work: Path, recipe: Path) -> Path:
+    data = yaml.safe_load(recipe.read_text())
+    for role in ("long_cot", "short_cot", "base"):
+        data["models"][role] = str(world / role)
+    data["output"] = str(work / "ta")
+    data["sweep"]["probe"]["questions"] = str(world / "train.jsonl")
+    data["pipeline"].update(workdir=str(work), student=str(world / "student"), questions=str(world / "train.jsonl"))
+    out = work / "pipeline.yaml"
+    work.mkdir(parents=True, exist_ok=True)
+    out.write_text(yaml.safe_dump(data, sort_keys=False))
+    return out
+
+
+def reflected_share(data_file: Path) -> float | None:
+    """Share of skeleton steps followed by a reflection, over a data file's answers."""
+    if not data_file.is_file():
+        return None
+    recs = [json.loads(x) for x in data_file.read_text().splitlines() if x.strip()]
+    prof = [reflection_profile(r["messages"][-1]["content"]) for r in recs]
+    steps = sum(p["steps"] for p in prof)
+    return sum(p["reflected_steps"] for p in prof) / steps if steps else None
+
+
+def partly_reflected(data_file: Path) -> float | None:
+    """Share of answers that reflect on some steps but not all: mid-length *within* an answer."""
+    if not data_file.is_file():
+        return None
+    recs = [json.loads(x) for x in data_file.read_text().splitlines() if x.strip()]
+    prof = [reflection_profile(r["messages"][-1]["content"]) for r in recs]
+    return sum(0 < p["reflected_steps"] < p["steps"] for p in prof) / max(len(prof), 1)
+
+
+def figures(work: Path) -> dict:
+    sweep = json.loads((work / "ta" / "sweep" / "sweep.json").read_text())
+    summary = json.loads((work / "report" / "summary.json").read_text())
+    chosen = next(r for r in sweep["ratios"] if r["ratio"] == sweep["chosen"])
+    out = {"chosen_ratio": sweep["chosen"], "ta_probe_accuracy": chosen["accuracy"],
+           "ta_median_tokens": chosen["median_tokens"], "ta_mean_tokens": chosen["mean_tokens"],
+           "long_cot_median_tokens": sweep["endpoints"]["long_cot"]["median_tokens"],
+           "short_cot_median_tokens": sweep["endpoints"]["short_cot"]["median_tokens"],
+           "student_untrained": summary["scores"]["student"]["average"]}
+    for name, g in summary["students"].items():
+        out[f"{name} accuracy"] = g["accuracy"]["mean"]
+        out[f"{name} accuracy sd over distill seeds"] = g["accuracy"]["sd"]
+        out[f"{name} tokens"] = g["mean_tokens"]["mean"]
+    for name, s in summary["scores"].items():
+        if name.startswith("teacher:"):
+            out[f"{name} accuracy"] = s["average"]
+    for source in ("ta", "long_cot", "short_cot"):
+        share = reflected_share(work / "data" / source / "data.correct.jsonl")
+        if share is not None:
+            out[f"{source} data reflected steps"] = share
+            out[f"{source} data partly reflected answers"] = partly_reflected(work / "data" / source / "data.correct.jsonl")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="world seeds")
+    ap.add_argument("--world", action="append", default=[], metavar="SEED=PATH",
+                    help="an already trained world for a seed (e.g. 0=micota_merge/assets/microworld)")
+    ap.add_argument("--done", action="append", default=[], metavar="SEED=WORKDIR",
+                    help="a world whose pipeline already ran (e.g. 0=outputs/demo-pipeline, the README's "
+                         "first command): its figures are read, nothing is run")
+    ap.add_argument("--recipe", type=Path, default=REPO / "merge_recipes" / "demo-pipeline.yaml")
+    ap.add_argument("--out", type=Path, default=Path("outputs/microworld-seeds"))
+    args = ap.parse_args()
+    given = {int(k): Path(v) for k, v in (w.split("=", 1) for w in args.world)}
+    done = {int(k): Path(v) for k, v in (w.split("=", 1) for w in args.done)}
+
+    from micota_merge.pipeline import run
+
+    per_world = {}
+    for seed in args.seeds:
+        if seed in done:
+            per_world[seed] = figures(done[seed])
+            continue
+        world = given.get(seed) or train(seed, args.out / f"seed-{seed}" / "world")
+        work = args.out / f"seed-{seed}" / "pipeline"
+        run(pipeline_file(world.resolve(), work.resolve(), args.recipe))
+        per_world[seed] = figures(work)
+    keys = list(dict.fromkeys(k for f in per_world.values() for k in f))
+    table = {k: spread([f[k] for f in per_world.values() if f.get(k) is not None]) for k in keys}
+    lines = [f"World seeds {args.seeds}: mean ± sample sd (min–max) over worlds", "",
+             "| figure | mean ± sd | min–max | " + " | ".join(f"seed {s}" for s in per_world) + " |",
+             "| --- | ---: | ---: |" + " ---: |" * len(per_world)]
+    for k, t in table.items():
+        pct = "accuracy" in k or "share" in k or "reflected" in k
+
+        def fmt(v: float | None, pct: bool = pct) -> str:
+            return "-" if v is None else (f"{v:.1%}" if pct else f"{v:.3g}")
+
+        lines.append(f"| {k} | {fmt(t['mean'])} ± {fmt(t['sd'])} | {fmt(t['min'])}–{fmt(t['max'])} | "
+                     + " | ".join(fmt(f.get(k)) for f in per_world.values()) + " |")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "seeds.json").write_text(json.dumps({"worlds": per_world, "spread": table}, indent=1) + "\n")
+    (args.out / "seeds.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
