@@ -338,9 +338,10 @@ def write_report(workdir: Path, recipe: Recipe, settings: PipelineSettings, ta_d
                          f"({acc['min']:.1%}–{acc['max']:.1%}) | {tok['mean']:.1f} ± {tok['sd']:.1f} | {delta} |")
     compare_chart(list(summaries), list(summaries.values()), report_dir / "scores.png")
     lines += ["", "![scores](report/scores.png)", ""]
-    losses = sorted((workdir / "students").glob("*/model/loss.png"))
+    losses = sorted((workdir / "students").glob("**/model/loss.png"))  # students/<data>[/seed-<n>]/model
     if losses:
-        lines += ["## Training loss", ""] + [f"![{p.parent.parent.name}]({p.relative_to(workdir)})" for p in losses]
+        lines += ["## Training loss", ""] + [f"![{p.parent.parent.relative_to(workdir / 'students')}]"
+                                             f"({p.relative_to(workdir)})" for p in losses]
     write_text_atomic(workdir / "report.md", "\n".join(lines) + "\n")
     write_json_atomic(report_dir / "summary.json", {"scores": summaries, "students": seed_groups(summaries),
                                                     "data": {n: str(f) for n, (f, _) in data.items()}})

@@ -76,7 +76,7 @@ def figures(work: Path) -> dict:
            "ta_median_tokens": chosen["median_tokens"], "ta_mean_tokens": chosen["mean_tokens"],
            "long_cot_median_tokens": sweep["endpoints"]["long_cot"]["median_tokens"],
            "short_cot_median_tokens": sweep["endpoints"]["short_cot"]["median_tokens"],
-           "student_untrained": summary["scores"]["student"]["average"]}
+           "student untrained accuracy": summary["scores"]["student"]["average"]}
     for name, g in summary["students"].items():
         out[f"{name} accuracy"] = g["accuracy"]["mean"]
         out[f"{name} accuracy sd over distill seeds"] = g["accuracy"]["sd"]
