@@ -227,8 +227,7 @@ def long_cot(p: Problem) -> str:
     # Seeded by the question, so one problem always gets the same reflections.
     rng = random.Random(f"long-cot-{p.question}")
     vals = p.values()
-    lines = []
-    lines.append(_start_line(p))
+    lines = [_start_line(p)]
     for i, (sign, n, _) in enumerate(p.ops):
         hard = carry_split(vals[i], sign, n) is not None
         if rng.random() < (P_REFLECT_CARRY if hard else P_REFLECT_PLAIN):
@@ -264,6 +263,15 @@ def reflection_profile(text: str) -> dict:
         elif "\\boxed" not in ln and " starts with " not in ln:
             extra += 1
     return {"steps": steps, "reflected_steps": reflected, "reflection_lines": extra}
+
+
+def reflection_shares(texts: Sequence[str]) -> dict:
+    """Over answers: the share of skeleton steps followed by a reflection (None without steps),
+    and the share of answers that reflect on some steps but not all (mid-length *within* one)."""
+    profiles = [reflection_profile(t) for t in texts]
+    steps = sum(p["steps"] for p in profiles)
+    return {"reflected_steps": sum(p["reflected_steps"] for p in profiles) / steps if steps else None,
+            "partly_reflected": sum(0 < p["reflected_steps"] < p["steps"] for p in profiles) / max(len(profiles), 1)}
 
 
 def question_record(p: Problem) -> dict:
@@ -493,12 +501,10 @@ def evaluate(model, tokenizer, problems: Sequence[Problem], max_new_tokens: int 
              chat: bool = True) -> dict:
     answers = generate_answers(model, tokenizer, [p.question for p in problems], max_new_tokens, chat=chat)
     correct = [_grade(text, str(p.answer)) for (text, _), p in zip(answers, problems)]
-    profiles = [reflection_profile(text) for text, _ in answers]
     return {"accuracy": round(sum(correct) / len(problems), 4),
             "mean_tokens": round(sum(n for _, n in answers) / len(problems), 1),
             "median_tokens": sorted(n for _, n in answers)[len(answers) // 2],
-            "reflected_steps": round(sum(r["reflected_steps"] for r in profiles)
-                                     / max(1, sum(r["steps"] for r in profiles)), 3),
+            "reflected_steps": round(reflection_shares([t for t, _ in answers])["reflected_steps"] or 0.0, 3),
             "n": len(problems), "example": answers[0][0][:600]}
 
 

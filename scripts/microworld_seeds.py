@@ -25,7 +25,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from micota_merge.microworld import reflection_profile  # noqa: E402
+from micota_merge.microworld import reflection_shares  # noqa: E402
 from micota_merge.pipeline import spread  # noqa: E402
 
 
@@ -49,23 +49,12 @@ def pipeline_file(world: Path, work: Path, recipe: Path) -> Path:
     return out
 
 
-def reflected_share(data_file: Path) -> float | None:
-    """Share of skeleton steps followed by a reflection, over a data file's answers."""
+def data_reflection(data_file: Path) -> dict | None:
+    """`reflection_shares` of a data file's answers (None when the file is not there)."""
     if not data_file.is_file():
         return None
     recs = [json.loads(x) for x in data_file.read_text().splitlines() if x.strip()]
-    prof = [reflection_profile(r["messages"][-1]["content"]) for r in recs]
-    steps = sum(p["steps"] for p in prof)
-    return sum(p["reflected_steps"] for p in prof) / steps if steps else None
-
-
-def partly_reflected(data_file: Path) -> float | None:
-    """Share of answers that reflect on some steps but not all: mid-length *within* an answer."""
-    if not data_file.is_file():
-        return None
-    recs = [json.loads(x) for x in data_file.read_text().splitlines() if x.strip()]
-    prof = [reflection_profile(r["messages"][-1]["content"]) for r in recs]
-    return sum(0 < p["reflected_steps"] < p["steps"] for p in prof) / max(len(prof), 1)
+    return reflection_shares([r["messages"][-1]["content"] for r in recs])
 
 
 def figures(work: Path) -> dict:
@@ -85,10 +74,10 @@ def figures(work: Path) -> dict:
         if name.startswith("teacher:"):
             out[f"{name} accuracy"] = s["average"]
     for source in ("ta", "long_cot", "short_cot"):
-        share = reflected_share(work / "data" / source / "data.correct.jsonl")
-        if share is not None:
-            out[f"{source} data reflected steps"] = share
-            out[f"{source} data partly reflected answers"] = partly_reflected(work / "data" / source / "data.correct.jsonl")
+        shares = data_reflection(work / "data" / source / "data.correct.jsonl")
+        if shares and shares["reflected_steps"] is not None:
+            out[f"{source} data reflected steps"] = shares["reflected_steps"]
+            out[f"{source} data partly reflected answers"] = shares["partly_reflected"]
     return out
 
 
