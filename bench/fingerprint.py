@@ -28,10 +28,10 @@ from merge_throughput import family_recipe  # noqa: E402
 
 
 def clear_caches(work: Path) -> None:
-    from micota_merge.fingerprint import CACHE_NAME
+    from micota_merge.fingerprint import cache_file
 
-    for p in work.rglob(CACHE_NAME):
-        p.unlink()
+    for p in work.rglob("config.json"):
+        cache_file(p.parent).unlink(missing_ok=True)
 
 
 def timed(cmd: list[str]) -> float:
@@ -78,9 +78,9 @@ def main():
 
 def checkpoint_share(work: Path) -> float:
     """Seconds to fingerprint the output alone, the part a build with cached inputs still pays."""
-    from micota_merge.fingerprint import CACHE_NAME, checkpoint_fingerprint
+    from micota_merge.fingerprint import cache_file, checkpoint_fingerprint
 
-    (work / "ta" / CACHE_NAME).unlink(missing_ok=True)
+    cache_file(work / "ta").unlink(missing_ok=True)
     t0 = time.perf_counter()
     checkpoint_fingerprint(work / "ta")
     return time.perf_counter() - t0

@@ -10,21 +10,27 @@ answer is graded on its own; the metrics of one question are over its k answers:
   stage); its mean over questions is avg@k, and with one greedy answer the papers' pass@1.
 - `pass@k` for k = 1, 2, 4, ..., n (unbiased estimator) and `maj@n` (majority vote over the
   extracted answers, equivalence by the grader): only when n > 1 (`sample_metrics`).
-- `mean_tokens`: the response's length in the evaluated model's own tokens (the decoded
-  response, as lm-eval kept it after stop sequences, re-tokenized without special tokens);
+- `mean_tokens`: the response's length in tokens as the generator counted it
+  (`micota_merge.lengths`, the one definition `generate` and the sweep use too: the generated
+  ids up to and including the stop token; a server's `usage.completion_tokens`);
   `mean_thinking_tokens` / `mean_answer_tokens`: the part up to and including `</think>`
   (or the model's own end-of-thinking tag) and the part after it; only the part after it
   is graded (`grading.split_thinking`; a chat template that opens `<think>` in the prompt,
   as R1-distill's does, is detected from the tokenizer).
-- `truncated`: the share of answers that ran to the length cap (`max_gen_toks` from the
-  task's metadata; `micota-merge eval` sets it), i.e. finished by length, not by EOS.
-The tokenizer comes from the run's metadata: `micota-merge eval` passes `tokenizer=<model>`;
-the `lm_eval` CLI merges `--model_args` (so `pretrained=...`) into the metadata itself.
-Without either, the token metrics are left out and a warning says why.
-Re-tokenizing counts what the answer says, the same way for the hf and vllm backends; it
-can differ from the number of generation steps where the model spelled out, token by
-token, a string its tokenizer merges (a random tiny model's 16 newlines count as 1), so a
-truncation is counted when the re-tokenized length reaches the cap.
+- `truncated`: the share of answers the generator ended at the length cap (its own
+  `finish_reason` "length": vLLM's, the server's, or transformers reaching max_new_tokens
+  without a stop token), not a re-count of the text.
+`micota-merge eval` runs lm-eval's models through thin subclasses whose responses carry
+that finish reason and count (`lengths.Answer`). Stock lm-eval models (plain `lm_eval`)
+report neither: then the response is re-tokenized, and counted as truncated when that
+count reaches the cap (`max_gen_toks` from the task's metadata), an estimate that can
+differ from the generation steps (a random tiny model's 16 newlines re-tokenize as 1);
+those samples have `finish_reason` null.
+The tokenizer (for the thinking/answer split, and the fallback count) comes from the run's
+metadata: `micota-merge eval` passes `tokenizer=<model>`; the `lm_eval` CLI merges
+`--model_args` (so `pretrained=...`) into the metadata itself. Without one, the split is by
+characters, and without a count from the generator either the token metrics are left out
+and a warning says why.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ import logging
 import threading
 from pathlib import Path
 
-from micota_merge import grading, scoring
+from micota_merge import grading, lengths, scoring
 from micota_merge.tasks import DATA_DIR as _PACKAGE_DATA, EXTRA_TASKS, GOLD_FIELD, PROMPT
 
 LOG = logging.getLogger("micota_merge.tasks")
@@ -173,18 +179,25 @@ def sample_metrics(n: int) -> list[str]:
 
 
 def score(response: str, doc: dict, benchmark: str) -> dict:
-    """One answer: pred, correct, and its lengths (None without a tokenizer)."""
+    """One answer: pred, correct, and its lengths (None where neither the generator nor a tokenizer
+    can tell)."""
     thinking, _, finished = grading.split_thinking(response, _thinking_open)
     graded = grading.grade(response, gold_of(doc, benchmark), grader_benchmark(benchmark), _thinking_open)
-    num = count_tokens(response)
-    cap = _max_gen_toks.get(benchmark)
+    # what the generator said (lengths.Answer); a stock lm-eval model says nothing: the documented estimate
+    reason = getattr(response, "finish_reason", None)
+    num = getattr(response, "num_tokens", None)
+    if num is None:
+        num = count_tokens(response)
+    estimated = lengths.estimate(num, _max_gen_toks.get(benchmark)) if reason is None else reason
+    truncated = None if estimated is None else estimated == lengths.LENGTH
     out = {"pred": graded["pred"], "correct": bool(graded["correct"]), "num_tokens": num,
            "thinking_tokens": None, "answer_tokens": None, "thinking_finished": finished,
-           "truncated": None if num is None or cap is None else num >= cap}
+           "finish_reason": reason, "truncated": truncated}
     if num is not None:
         # the answer part is the rest: the two add up to the whole, and a 32k-token response is
         # tokenized twice rather than three times
-        out["thinking_tokens"] = min(num, count_tokens(thinking)) if thinking else 0
+        counter = count_tokens if _tokenizer is not None else None
+        out["thinking_tokens"] = lengths.split_tokens(num, thinking, len(response), counter)
         out["answer_tokens"] = num - out["thinking_tokens"]
     return out
 
@@ -193,8 +206,9 @@ def responses_of(results: list) -> list[str]:
     """The k answers of one question, from `take_first_k` (a list) or lm-eval's default
     `take_first` (one string)."""
     if len(results) == 1 and isinstance(results[0], (list, tuple)):
-        return [str(r) for r in results[0]]
-    return [str(r) for r in results]
+        results = results[0]
+    # an answer that is already a string is kept as it is: it may carry its finish reason and count
+    return [r if isinstance(r, str) else str(r) for r in results]
 
 
 def question_metrics(samples: list[dict], benchmark: str) -> dict:

@@ -11,6 +11,7 @@ never builds the (tokens x vocabulary) logits, so 16k-token CoTs fit.
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from pathlib import Path
@@ -130,8 +131,9 @@ def align(model: str, data: list[str], limit: int | None = None, batch_size: int
     """Score every data file under `model`; print the table and write the report folder if `out`."""
     from transformers import AutoTokenizer
 
-    from .artifacts import atomic_dir, check_output_dir, now, sha256_file, write_json_atomic, write_manifest, write_text_atomic
-    from .checkpoints import read_checkpoint, resolve_model_path
+    from .artifacts import atomic_dir, now, sha256_file, write_json_atomic, write_manifest, write_text_atomic
+    from .ownership import claim, identity_of
+    from .checkpoints import check_model_files, resolve_model_path
     from .distill import encode_records, read_chat_records
 
     if not data:
@@ -142,13 +144,20 @@ def align(model: str, data: list[str], limit: int | None = None, batch_size: int
         raise UserError(f"--limit must be at least 1, got {limit}")
     if max_length < 16:
         raise UserError(f"--max-length must be at least 16 tokens, got {max_length}")
-    if out and Path(out).exists() and not force:
-        raise UserError(f"output {out} already exists: pass --force to replace it, or choose another --out")
-    if out:
-        check_output_dir(out, "--out")
     started = now()
     model_path = resolve_model_path(model, "--model")
-    meta = read_checkpoint(model_path, "--model")
+    meta = check_model_files(model_path, "--model")
+    inputs = {"--model": model_path, **{f"--data {f}": f for f in data}}
+    if out:
+        claimed = claim(out, "align", inputs=inputs, option="--out")
+        run_id = identity_of({"model": meta.fingerprint()["content"], "data": [sha256_file(f) for f in data],
+                              "limit": limit, "max_length": max_length, "dtype": dtype})
+        if claimed.same(run_id) and not force:
+            echo(f"already measured: {out} holds this model's NLL on data of the same content; nothing to do")
+            return json.loads((Path(out) / "align.json").read_text(encoding="utf-8"))
+        if claimed.state == "ours" and not force:
+            raise UserError(f"--out {out} already exists and holds an align report of another model or data: pass --force to replace "
+                            "it, or choose another --out")
     records = {f: read_chat_records(f) for f in data}  # read all first: a bad file fails before the model loads
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -180,7 +189,7 @@ def align(model: str, data: list[str], limit: int | None = None, batch_size: int
     echo(table)
     result = {"model": str(model_path), "rows": rows}
     if out:
-        with atomic_dir(out, force=force) as staging:
+        with atomic_dir(out, "align", force=force, inputs=inputs, option="--out") as staging:
             write_text_atomic(staging / "align.md", table)
             write_json_atomic(staging / "align.json", result)
             plot(rows, staging / "align.png", model_path.name)
@@ -191,6 +200,6 @@ def align(model: str, data: list[str], limit: int | None = None, batch_size: int
                                    "data": [{"path": r["file"], "sha256": r["sha256"]} for r in rows.values()]},
                            results={k: {"nll": v["nll"], "perplexity": v["perplexity"], "tokens": v["tokens"],
                                         "records": v["records"]} for k, v in rows.items()},
-                           started=started, finished=now())
+                           started=started, finished=now(), identity=run_id)
         echo(f"wrote {out}/align.md, align.json, align.png")
     return result

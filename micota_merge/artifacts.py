@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import UserError
+from .ownership import (MANIFEST, STAGING_MARKER, check_replaceable, check_writable_location,  # noqa: F401
+                        claim, output_lock, record_inventory)
 
-MANIFEST = "micota.json"
 
 # Packages whose versions decide a stage's result; recorded in every manifest.
 _TRACKED_PACKAGES = (
@@ -113,27 +114,6 @@ def write_manifest(folder: str | os.PathLike, stage: str, **fields: Any) -> dict
     return manifest
 
 
-def check_writable_location(path: str | os.PathLike, option: str) -> None:
-    """Refuse, before any work, an output that could never be written: under a file, or in a
-    folder this user cannot write (read-only mount, permissions)."""
-    path = Path(path)
-    parent = path.parent
-    while not parent.exists():
-        if parent.parent == parent:
-            break
-        parent = parent.parent
-    if parent.exists() and not parent.is_dir():
-        raise UserError(f"{option} {path}: {parent} is a file, so nothing can be created under it; "
-                        "choose another path")
-    try:  # os.access says yes to root on a read-only mount; only a real write tells
-        fd, probe = tempfile.mkstemp(prefix=".micota-write-test-", dir=parent)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise UserError(f"{option} {path}: cannot write in {parent} ({e.strerror or e}); "
-                        "choose a writable location") from None
-
-
 def check_output_file(path: str | os.PathLike, option: str) -> None:
     """An output file path: not an existing folder, and in a writable place."""
     path = Path(path)
@@ -155,12 +135,14 @@ def _staging_name(target: Path) -> Path:
 
 
 def clean_stale_staging(target: Path) -> None:
-    """Remove staging folders left by killed runs of this output (other pids that are dead)."""
-    for p in target.parent.glob(f".{target.name}.partial-*"):
+    """Remove staging folders left by killed runs of this output: only those that carry our
+    staging marker and whose process is dead. A look-alike name without the marker is not ours."""
+    for p in list(target.parent.glob(f".{target.name}.partial-*")) + list(target.parent.glob(f".{target.name}.old-*")):
         pid = p.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid)):
+        if not pid.isdigit() or (int(pid) != os.getpid() and _pid_alive(int(pid))):
             continue
-        shutil.rmtree(p, ignore_errors=True)
+        if p.is_dir() and not p.is_symlink() and ((p / STAGING_MARKER).is_file() or (p / MANIFEST).is_file()):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -174,33 +156,51 @@ def _pid_alive(pid: int) -> bool:
 
 
 @contextlib.contextmanager
-def atomic_dir(target: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+def atomic_dir(target: str | os.PathLike, stage: str, force: bool = False, inputs=None, stages=(),
+               option: str = "output", identity: str | None = None) -> Iterator[Path]:
     """Yield a staging folder beside `target`; on success rename it to `target`.
 
-    On any error (or a kill) the staging folder is removed or left as a hidden
-    `.name.partial-PID` that the next run cleans: `target` never holds a partial output.
+    `target` must be new, an empty folder, or (with `force`) an output that `stage` wrote itself
+    (the ownership rule, micota_merge.ownership). The output stays locked for the block. On any
+    error (or a kill) the staging folder is removed or left as a marked `.name.partial-PID` that
+    the next run cleans: `target` never holds a partial output.
     """
     target = Path(target)
-    if target.exists() and not force:
-        raise UserError(f"output {target} already exists: pass --force to replace it, or choose another --output")
-    check_output_dir(target, "output")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale_staging(target)
-    staging = _staging_name(target)
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    try:
-        yield staging
-    except BaseException:
+    with output_lock(target, stage):
+        c = claim(target, stage, inputs=inputs, option=option, stages=stages)  # again, now under the lock
+        if c.state == "ours" and not force:
+            raise UserError(f"{option} {target} already exists (a {stage} output of other inputs or options): "
+                            "pass --force to replace it, or choose another path")
+        if c.state == "ours":
+            check_replaceable(target, option)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale_staging(target)
+        staging = _staging_name(target)
         shutil.rmtree(staging, ignore_errors=True)
-        raise
-    move_into_place(staging, target)
+        staging.mkdir()
+        write_json_atomic(staging / STAGING_MARKER, {"pid": os.getpid(), "for": str(target)})
+        try:
+            yield staging
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        (staging / STAGING_MARKER).unlink(missing_ok=True)
+        manifest = read_manifest(staging) or {"stage": stage, "finished": now()}  # every output says who wrote it
+        if identity is not None:
+            manifest["identity"] = identity
+        write_json_atomic(staging / MANIFEST, manifest)
+        move_into_place(staging, target)
 
 
 def move_into_place(finished: Path, target: Path) -> None:
-    """Rename a finished folder to `target`, replacing any old one only once the new is in place."""
+    """Rename a finished folder to `target`, replacing any old one only once the new is in place.
+
+    The caller has claimed `target` (ours or empty); what is in it is checked once more, and the
+    new output's manifest gets the list of files it holds, so a later replace can tell ours from not."""
     normalize_permissions(finished)
+    record_inventory(finished)
     if target.exists():
+        check_replaceable(target)
         trash = target.parent / f".{target.name}.old-{os.getpid()}"
         os.replace(target, trash)
         os.replace(finished, target)

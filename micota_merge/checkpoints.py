@@ -93,27 +93,75 @@ class CheckpointMeta:
                 "config_sha256": self.config_hash, "weights_header_sha256": self.header_hashes}
 
 
+# What to do about a weight file that is not what its header says: the bytes on disk are damaged.
+_RECOPY = "copy or download the checkpoint again (an interrupted transfer or a full disk cuts files short)"
+
+
 def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, bytes]:
     """The JSON header of a .safetensors file: {name: {dtype, shape, data_offsets}}."""
     with open(path, "rb") as f:
         raw_len = f.read(8)
         if len(raw_len) != 8:
-            raise UserError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+            raise UserError(f"{path}: not a safetensors file ({len(raw_len)} bytes, shorter than the 8-byte header "
+                            f"length); {_RECOPY}")
+        if raw_len == b"version ":  # a clone without git-lfs holds pointers where the weights should be
+            raise UserError(f"{path} is a Git LFS pointer, not the weights: run `git lfs pull` in that checkout, "
+                            "or download the checkpoint with huggingface-cli")
         (n,) = struct.unpack("<Q", raw_len)
         if n > 100_000_000:
-            raise UserError(f"{path}: not a safetensors file (header length {n})")
+            raise UserError(f"{path}: not a safetensors file (header length {n}); {_RECOPY}")
         raw = f.read(n)
+    if len(raw) < n:
+        raise UserError(f"{path} is truncated: it ends inside its {n:,}-byte header; {_RECOPY}")
     try:
-        return json.loads(raw), raw
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: corrupt safetensors header ({e})") from None
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: corrupt safetensors header ({e}); {_RECOPY}") from None
+    if not isinstance(header, dict):
+        raise UserError(f"{path}: corrupt safetensors header (not a JSON object); {_RECOPY}")
+    return header, raw
+
+
+def check_weight_bytes(path: Path, header: dict, header_len: int) -> None:
+    """The file holds exactly the bytes its header points at, checked from its size alone (no weight is
+    read): safetensors refuses a file that is cut short (or has bytes past the last tensor) only when
+    it loads it, after minutes of work and output files half-written."""
+    end = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            start, stop = (int(x) for x in info["data_offsets"])
+            numel = 1
+            for d in info["shape"]:
+                numel *= int(d)
+            dtype = info["dtype"]
+        except (KeyError, TypeError, ValueError):
+            raise UserError(f"{path}: corrupt safetensors header (tensor {name!r} lacks a valid dtype, shape or "
+                            f"data_offsets); {_RECOPY}") from None
+        per = DTYPE_BYTES.get(dtype)
+        if start < 0 or stop < start or (per is not None and stop - start != numel * per):
+            raise UserError(f"{path}: corrupt safetensors header (tensor {name!r}: {stop - start} bytes at "
+                            f"{start}..{stop} for shape {list(info['shape'])} in {dtype}); {_RECOPY}")
+        end = max(end, stop)
+    need, size = 8 + header_len + end, path.stat().st_size
+    if size < need:
+        raise UserError(f"{path} is truncated: {size:,} bytes, but its header needs {need:,}; {_RECOPY}")
+    if size > need:
+        raise UserError(f"{path} has {size - need:,} bytes past its last tensor ({size:,} bytes, its header "
+                        f"accounts for {need:,}), which safetensors refuses to load; {_RECOPY}")
 
 
 def weight_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return [folder / f for f in sorted(set(weight_map.values()))]
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise UserError(f"{index}: not a valid safetensors index (a JSON object with a \"weight_map\" of "
+                            f"tensor name -> file; {type(e).__name__}: {e}); {_RECOPY}") from None
+        return [folder / f for f in names]
     return sorted(folder.glob("*.safetensors"))
 
 
@@ -128,13 +176,18 @@ def read_checkpoint(folder: str | os.PathLike, label: str = "model") -> Checkpoi
     raw_cfg = cfg_path.read_bytes()
     try:
         config = json.loads(raw_cfg)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{label}: {cfg_path} is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{label}: {cfg_path} is not a JSON object; is it a Hugging Face checkpoint folder?")
     files = weight_files(folder)
     if not files:
-        if list(folder.glob("*.bin")) or list(folder.glob("*.pt")):
-            raise UserError(f"{label}: {folder} holds PyTorch .bin weights only; convert them to safetensors "
-                            "(load and save_pretrained(safe_serialization=True)) so they can be streamed")
+        pickled = sorted(folder.glob("*.bin")) + sorted(folder.glob("*.pt"))
+        if pickled:
+            # a pickle runs code when loaded, and cannot be streamed or size-checked from a header
+            raise UserError(f"{label}: {folder} holds PyTorch pickle weights only ({pickled[0]}), no *.safetensors; "
+                            "convert them to safetensors (load the model and save_pretrained(path, "
+                            "safe_serialization=True)) and give that folder")
         raise UserError(f"{label}: {folder} has no *.safetensors weights")
     tensors: dict[str, TensorInfo] = {}
     hashes = {}
@@ -142,12 +195,38 @@ def read_checkpoint(folder: str | os.PathLike, label: str = "model") -> Checkpoi
         if not f.is_file():
             raise UserError(f"{label}: weight file {f} named in the index does not exist")
         header, raw = read_safetensors_header(f)
+        check_weight_bytes(f, header, len(raw))
         hashes[f.name] = sha256_bytes(raw)
         for name, info in header.items():
             if name == "__metadata__":
                 continue
             tensors[name] = TensorInfo(info["dtype"], tuple(info["shape"]))
     return CheckpointMeta(folder, config, tensors, hashes, sha256_bytes(raw_cfg))
+
+
+def check_model_files(folder: str | os.PathLike, label: str = "--model", tokenizer: bool = True) -> CheckpointMeta:
+    """Refuse, before any output exists, a checkpoint folder that transformers or vLLM would fail to load
+    minutes later: config.json, complete safetensors files (from their sizes; no weight is read), no
+    model code of its own to run, and (`tokenizer`) a tokenizer. Every stage that loads a model calls it."""
+    meta = read_checkpoint(folder, label)
+    cfg = meta.path / "config.json"
+    model_type = meta.config.get("model_type")
+    if "auto_map" in meta.config and not _builtin_model_type(model_type):
+        raise UserError(f"{label}: {cfg} maps the model to its own Python code (auto_map) for model_type "
+                        f"{model_type!r}, which transformers does not have: loading it needs trust_remote_code, "
+                        "which micota-merge never runs; use a checkpoint of an architecture transformers has "
+                        "built in (or a newer transformers that has this one)")
+    vocabularies = ("tokenizer.json", "vocab.json", "tokenizer.model", "vocab.txt", "spiece.model")
+    if tokenizer and not any((meta.path / f).is_file() for f in vocabularies):
+        raise UserError(f"{label}: {meta.path} has no tokenizer (tokenizer.json, vocab.json or tokenizer.model); "
+                        "copy the tokenizer files of the model it was trained from into it")
+    return meta
+
+
+def _builtin_model_type(model_type) -> bool:
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    return isinstance(model_type, str) and model_type in CONFIG_MAPPING_NAMES
 
 
 def resolve_model_path(spec: str, label: str, base_dir: Path | None = None) -> Path:
@@ -310,7 +389,7 @@ def import_gguf(gguf: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     gguf = Path(gguf)
     if not gguf.is_file():
         raise UserError(f"GGUF file {gguf} does not exist")
-    with atomic_dir(out_dir, force=True) as staging:
+    with atomic_dir(out_dir, "import-gguf", force=True) as staging:
         loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)

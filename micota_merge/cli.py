@@ -3,6 +3,7 @@ heavy libraries are imported inside the stages so `--help` stays instant."""
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import os
@@ -13,19 +14,45 @@ import click
 from . import __version__
 from .errors import StageFailed, UserError
 
+_LOG_LEVELS = (logging.WARNING, logging.INFO, logging.DEBUG)
+_DEBUG_HELP = "Show full tracebacks instead of one-line errors."
+_VERBOSE_HELP = "More log output (-vv for debug logs)."
+
+
+def _end_progress_bars() -> None:
+    """Close the progress bars a failed stage left open (lm-eval's, tqdm's): the error line then starts a
+    line of its own instead of trailing a half-drawn bar."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ()) if tqdm else ()):
+        try:
+            bar.close()
+        except (OSError, ValueError, AttributeError):  # a bar of a dead stream: nothing to tidy
+            pass
+
+
+_OWN = (" --force never widens what is replaced: a foreign file or folder, an input, the home or current folder "
+        "is refused with or without it.")
+
 
 def _run_stage(fn):
-    """Turn UserError into one clean line and exit code 2 (a traceback only with --debug)."""
+    """Turn UserError into one clean line and exit code 2 (a traceback only with --debug).
+
+    Also gives the command its own --debug and -v, so they work after the subcommand as well as
+    before it (`micota-merge build R --debug`); the two places add up."""
 
     @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
+    def wrapper(*args, debug: bool = False, verbose: int = 0, **kwargs):
         ctx = click.get_current_context()
-        debug = (ctx.find_root().params or {}).get("debug", False)
+        root = ctx.find_root().params or {}
+        debug = debug or root.get("debug", False)
+        if verbose:
+            logging.getLogger().setLevel(_LOG_LEVELS[min(verbose + root.get("verbose", 0), 2)])
         try:
             return fn(*args, **kwargs)
         except (UserError, StageFailed) as e:
             if debug:
                 raise
+            _end_progress_bars()
             click.secho(f"error: {e}", fg="red", err=True)
             sys.exit(e.exit_code)
         except OSError as e:
@@ -33,7 +60,16 @@ def _run_stage(fn):
             # a full disk) reached a write we did not check ahead: still one line, not a traceback.
             if debug:
                 raise
-            where = f": {e.filename}" if getattr(e, "filename", None) else ""
+            _end_progress_bars()
+            path = getattr(e, "filename", None)
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                # a write's own error often carries no file name: the command's output is where it was
+                path = path or next((ctx.params[k] for k in ("out", "output") if ctx.params.get(k)), None)
+                where = f"the disk holding {path}" if path else "the output's disk"
+                click.secho(f"error: no space left on {where}: free space there (or write to another disk) "
+                            "and run the same command again", fg="red", err=True)
+                sys.exit(2)
+            where = f": {path}" if path else ""
             click.secho(f"error: {e.strerror or e}{where}", fg="red", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
@@ -41,13 +77,15 @@ def _run_stage(fn):
                         fg="yellow", err=True)
             sys.exit(130)
 
+    click.option("--debug", is_flag=True, help=_DEBUG_HELP)(wrapper)
+    click.option("-v", "--verbose", count=True, help=_VERBOSE_HELP)(wrapper)
     return wrapper
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="micota-merge")
-@click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
-@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug logs).")
+@click.option("--debug", is_flag=True, help=_DEBUG_HELP)
+@click.option("-v", "--verbose", count=True, help=_VERBOSE_HELP)
 def cli(debug: bool, verbose: int):
     """Build teacher assistants (TAs) for reasoning distillation, MiCoTA-style.
 
@@ -60,7 +98,7 @@ def cli(debug: bool, verbose: int):
     Whole method:  micota-merge run PIPELINE.yaml
     First run:     micota-merge demo init && micota-merge build merge_recipes/demo.yaml
     """
-    logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)],
+    logging.basicConfig(level=_LOG_LEVELS[min(verbose, 2)],
                         format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -72,7 +110,7 @@ def cli(debug: bool, verbose: int):
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", help="Where to write the TA (default: the recipe's `output`).")
 @click.option("--ratio", type=float, help="Override merge.ratio: the long-CoT share, 0..1.")
-@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+@click.option("--force", is_flag=True, help="Replace an output that this command wrote itself." + _OWN)
 @click.option("--dry-run", is_flag=True, help="Validate and plan from metadata only; read no weights.")
 @click.option("--print-mergekit", is_flag=True, help="Print the mergekit YAML this recipe means and exit.")
 @click.option("--device", help="Where mergekit does the math (default: cuda if available, else cpu).")
@@ -113,7 +151,7 @@ def demo():
 @demo.command("init")
 @click.option("--out", default="outputs/demo-checkpoints", show_default=True,
               help="Folder for base/, long_cot/ and short_cot/.")
-@click.option("--force", is_flag=True, help="Rewrite existing checkpoints.")
+@click.option("--force", is_flag=True, help="Rewrite demo checkpoints that demo init wrote." + _OWN)
 @_run_stage
 def demo_init(out, force):
     """Write tiny random Qwen2 base, long-CoT and short-CoT checkpoints (real Qwen2 tokenizer).
@@ -121,12 +159,13 @@ def demo_init(out, force):
     They are what merge_recipes/demo.yaml merges. Random weights: they show the machinery in
     seconds, not the method's effect.
     """
-    from pathlib import Path
 
     from .demo import demo_init as make
 
-    if all((Path(out) / r / "config.json").is_file() for r in ("base", "long_cot", "short_cot")) and not force:
-        click.echo(f"demo checkpoints already in {out} (use --force to rewrite)")
+    from .ownership import owner_stage
+
+    if owner_stage(out) == "demo" and not force:
+        click.echo(f"demo checkpoints already in {out}; nothing to do (--force rewrites them)")
         return
     paths = make(out, force=True)
     for role, path in paths.items():
@@ -143,7 +182,7 @@ def demo_init(out, force):
 @click.option("--out", required=True, help="Folder to write the stand-in (or, with --recipe, the stand-ins) into.")
 @click.option("--shard-size", default=None,
               help="Split the weights into shards of at most this size (e.g. 5GB) with an index; default one file.")
-@click.option("--force", is_flag=True, help="Replace an existing --out.")
+@click.option("--force", is_flag=True, help="Replace a stand-in folder that demo standin wrote." + _OWN)
 @_run_stage
 def demo_standin(meta, recipe_path, out, shard_size, force):
     """Checkpoints that are real in every header and empty in every weight.
@@ -156,17 +195,26 @@ def demo_standin(meta, recipe_path, out, shard_size, force):
       micota-merge demo standin --recipe merge_recipes/r1-qwen7b-ta.yaml --out /tmp/r1-7b
       micota-merge build /tmp/r1-7b/recipe.yaml --dry-run
     """
+    from pathlib import Path
+
     from .merge import parse_size
     from .standin import MODEL_META, make_standin, recipe_standins
 
     shard_bytes = parse_size(shard_size) if shard_size else None
+    manifest = Path(out) / "micota.json"
+    before = manifest.stat().st_ino if manifest.is_file() else None
     if recipe_path:
         made = recipe_standins(recipe_path, meta or MODEL_META, out, force=force, shard_bytes=shard_bytes)
-        click.echo(f"stand-ins and {made} written; check it with: micota-merge build {made} --dry-run")
+        done = "already there, nothing to do" if before == manifest.stat().st_ino else "written"
+        click.echo(f"stand-ins and {made} {done}; check it with: micota-merge build {made} --dry-run")
         return
     if not meta:
         raise click.UsageError("give --meta (one checkpoint's metadata folder) or --recipe")
-    click.echo(f"stand-in written to {make_standin(meta, out, force=force, shard_bytes=shard_bytes)}")
+    made = make_standin(meta, out, force=force, shard_bytes=shard_bytes)
+    if before == manifest.stat().st_ino:
+        click.echo(f"stand-in already in {made} from the same metadata; nothing to do")
+    else:
+        click.echo(f"stand-in written to {made}")
 
 
 @demo.command("train")
@@ -179,7 +227,7 @@ def demo_standin(meta, recipe_path, out, shard_size, force):
               type=click.Choice(["float32", "bfloat16", "float16"]), help="Precision of the saved weights.")
 @click.option("--eval-questions", default=200, show_default=True, type=click.IntRange(1, 500),
               help="Held-out questions scored for training.json.")
-@click.option("--force", is_flag=True, help="Overwrite a non-empty --out folder.")
+@click.option("--force", is_flag=True, help="Replace a micro world that demo train wrote." + _OWN)
 @_run_stage
 def demo_train(out, seed, scale, dtype, eval_questions, force):
     """Train the micro world from a seed: a word-level tokenizer, a base pretrained on
@@ -252,7 +300,7 @@ def demo_train(out, seed, scale, dtype, eval_questions, force):
               help="openai: seconds a request may take.")
 @click.option("-o", "--output", help="Run folder (default outputs/eval/<model name>); with --compare, "
                                      "where compare.md/.json/.png go.")
-@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+@click.option("--force", is_flag=True, help="Replace an output that this command wrote itself." + _OWN)
 @click.option("--compare", is_flag=True, help="Compare finished runs: micota-merge eval --compare DIR DIR ...")
 @_run_stage
 def eval_cmd(runs, model, tasks, backend, limit, protocol, samples, temperature, top_p, seed, max_tokens,
@@ -366,7 +414,7 @@ def eval_cmd(runs, model, tasks, backend, limit, protocol, samples, temperature,
                    "awake servers first; a failing server rests 0.5 s, doubling per failure in a row up to 30 s.")
 @click.option("--request-timeout", type=float, default=3600.0, show_default=True,
               help="openai: seconds to wait for a server's answer before retrying elsewhere.")
-@click.option("--force", is_flag=True, help="Delete OUT and start over instead of resuming.")
+@click.option("--force", is_flag=True, help="Start OUT over instead of resuming (only an OUT generate wrote: its OUT.meta.json says so)." + _OWN)
 @_run_stage
 def generate(**kw):
     """Answer a question set with a model; write chat records as they finish.
@@ -398,7 +446,7 @@ def generate(**kw):
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--per-question", type=int, default=1, show_default=True,
               help="Most answers per question id across the whole mix.")
-@click.option("--force", is_flag=True, help="Replace an existing --out file.")
+@click.option("--force", is_flag=True, help="Replace a mix that mix wrote (its OUT.meta.json says so)." + _OWN)
 @_run_stage
 def mix(parts, out, total, seed, per_question, force):
     """Mix Distillation: draw records from several JSONL files by weight.
@@ -461,7 +509,7 @@ def distill(config_file, **flags):
 @click.option("--max-length", default=16384, show_default=True, type=int,
               help="Longer records are truncated to this many tokens (and counted).")
 @click.option("--out", help="Folder for align.md, align.json, align.png and micota.json.")
-@click.option("--force", is_flag=True, help="Replace an existing --out folder.")
+@click.option("--force", is_flag=True, help="Replace an align report that align wrote." + _OWN)
 @_run_stage
 def align(model, data_files, limit, batch_size, max_length, out, force):
     """Per-token NLL and perplexity of each data set's assistant tokens under MODEL.
@@ -512,7 +560,7 @@ def _density_list(ctx, param, value):
               help="vllm: probe each checkpoint through `vllm serve` with this many replicas (default: "
                    "sweep.probe.data_parallel_size).")
 @click.option("--keep-all", is_flag=True, help="Keep every point's TA in <output>.sweep/ (default: only the chosen).")
-@click.option("--force", is_flag=True, help="Redo a finished sweep and replace the output.")
+@click.option("--force", is_flag=True, help="Redo a finished sweep and replace the TA it left." + _OWN)
 @_run_stage
 def sweep(recipe, ratios, densities, tolerance, limit, max_tokens, backend, data_parallel_size, keep_all, force):
     """Merge at several ratios (x densities), measure CoT length and accuracy, keep the intermediate TA.
@@ -541,8 +589,14 @@ def sweep(recipe, ratios, densities, tolerance, limit, max_tokens, backend, data
               help="Rerun this stage and everything after it, even if done.")
 @click.option("--until", type=click.Choice(["build", "generate", "mix", "distill", "eval", "report"]),
               help="Stop after this stage.")
+@click.option("--force", is_flag=True,
+              help="Start every stage over. Only outputs this pipeline wrote are replaced (their micota.json "
+                   "says so); anything else in the way is refused, as without --force.")
+@click.option("--dry-run", is_flag=True,
+              help="Validate the pipeline, its inputs and every stage's options, and print the stage plan (what "
+                   "is done, what would run, resume or start over, what would be replaced); write nothing.")
 @_run_stage
-def run_pipeline(pipeline, run_from, until):
+def run_pipeline(pipeline, run_from, until, force, dry_run):
     """Run the whole method from one YAML file and write report.md.
 
     \b
@@ -554,7 +608,7 @@ def run_pipeline(pipeline, run_from, until):
     """
     from .pipeline import run
 
-    run(pipeline, run_from=run_from, until=until, echo=click.echo)
+    run(pipeline, run_from=run_from, until=until, force=force, dry_run=dry_run, echo=click.echo)
 
 
 

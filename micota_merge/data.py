@@ -24,7 +24,7 @@ import math
 import random
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from .errors import UserError
 
@@ -86,6 +86,24 @@ def require_answers(questions: list[dict], source: str) -> None:
                     f"(first: row {missing[0] + 1}, id {q['id']!r}); fix the file or drop those rows")
 
 
+def _plain_gold(x: Any) -> bool:
+    return isinstance(x, (str, int, float)) and not isinstance(x, bool)
+
+
+def check_gold(raw: Any, benchmark: str | None, where: str) -> None:
+    """A gold answer is a string or a number; a list of them only where the benchmark has multi-answer
+    golds (OlympiadBench). Anything else would be graded as its Python repr, which no answer equals."""
+    if raw is None or raw == [] or _plain_gold(raw):  # an empty one is require_answers' to name
+        return
+    if isinstance(raw, list) and benchmark == "olympiadbench" and all(_plain_gold(x) for x in raw):
+        return
+    kind = type(raw).__name__
+    hint = (" (pass --benchmark olympiadbench for OlympiadBench's multi-answer golds)"
+            if isinstance(raw, list) and benchmark != "olympiadbench" else "")
+    raise UserError(f"{where} holds a {kind} ({json.dumps(raw, default=str)[:60]}); a gold answer is a string or a "
+                    f"number, a list only for OlympiadBench's multi-answer golds{hint}: fix that record")
+
+
 def gold_answer(raw: Any, benchmark: str | None) -> str | list[str] | None:
     """The gold answer as the grader compares it: one string, or a list when several are required."""
     from .grading import parse_gold
@@ -96,19 +114,37 @@ def gold_answer(raw: Any, benchmark: str | None) -> str | list[str] | None:
     return golds[0] if len(golds) == 1 else golds
 
 
+def jsonl_lines(path: str | Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each line of a JSONL file. Decoded line by line, so bytes that are not
+    UTF-8 (a file saved as Latin-1 or cp1252) are refused with the line they are on."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path}:{lineno}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                                "JSONL must be UTF-8: convert the file, e.g. iconv -f latin1 -t utf-8") from None
+            yield lineno, line
+
+
+def check_utf8(path: str | Path) -> None:
+    """Refuse a JSONL file that is not UTF-8 before a stage writes anything (reads, does not parse)."""
+    for _ in jsonl_lines(path):
+        pass
+
+
 def _read_jsonl(path: Path) -> list[dict]:
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg}); every line must be one JSON object") from None
-            if not isinstance(obj, dict):
-                raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            rows.append(obj)
+    for lineno, line in jsonl_lines(path):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg}); every line must be one JSON object") from None
+        if not isinstance(obj, dict):
+            raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+        rows.append(obj)
     return rows
 
 
@@ -194,6 +230,8 @@ def load_questions(spec: str | Path, question_field: str | None = None, answer_f
             if idf is not None:
                 raise UserError(f"{source}: id {qid!r} occurs more than once in field {idf!r}")
             qid = f"{qid}-{seen[qid]}"
+        if af:
+            check_gold(row.get(af), benchmark, f"{source}: record {i + 1} (id {qid!r}), field {af!r},")
         out.append({"id": qid, "question": q,
                     "answer": gold_answer(row.get(af), benchmark) if af else None,
                     "benchmark": benchmark})

@@ -63,23 +63,22 @@ def make_family(out_dir: str | Path, arch: str = "qwen2", seed: int = 0, dtype: 
     config = tiny_config(arch, **overrides)
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_config(config)
-    paths = {}
     base_state = {k: v.detach().clone() for k, v in base.state_dict().items()}
-    for i, role in enumerate(("base", "long_cot", "short_cot")):
-        model = AutoModelForCausalLM.from_config(config)
-        gen = torch.Generator().manual_seed(seed * 1000 + i)
-        state = {}
-        for name, w in base_state.items():
-            if role == "base":
-                state[name] = w
-            else:
-                scale = delta_scale * (w.float().std().item() or 1.0)
-                state[name] = w + scale * torch.randn(w.shape, generator=gen)
-        model.load_state_dict(state)
-        with atomic_dir(out_dir / role, force=force) as staging:
-            write_model(model, staging, dtype)
-        paths[role] = out_dir / role
-    return paths
+    # one output, the family folder: created whole, and replaced (--force) only if demo wrote it
+    with atomic_dir(out_dir, "demo", force=force, option="--out") as staging:
+        for i, role in enumerate(("base", "long_cot", "short_cot")):
+            model = AutoModelForCausalLM.from_config(config)
+            gen = torch.Generator().manual_seed(seed * 1000 + i)
+            state = {}
+            for name, w in base_state.items():
+                if role == "base":
+                    state[name] = w
+                else:
+                    scale = delta_scale * (w.float().std().item() or 1.0)
+                    state[name] = w + scale * torch.randn(w.shape, generator=gen)
+            model.load_state_dict(state)
+            write_model(model, staging / role, dtype)
+    return {role: out_dir / role for role in ("base", "long_cot", "short_cot")}
 
 
 def demo_init(out_dir: str | Path = "outputs/demo-checkpoints", force: bool = False) -> dict[str, Path]:

@@ -17,6 +17,7 @@ is renamed to `<out>` in one step, so `<out>` is either absent or complete.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -28,7 +29,19 @@ from typing import Any, Callable, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .errors import UserError
+from .data import jsonl_lines
+from .errors import UserError, disk_full, free_mib
+from .ownership import (
+    check_free_space,
+    check_replaceable,
+    claim,
+    claim_workdir,
+    distributed_rank,
+    identity_of,
+    output_lock,
+    remove_ours,
+)
+from .strict import Float, Int
 
 log = logging.getLogger(__name__)
 
@@ -46,32 +59,32 @@ class DistillConfig(BaseModel):
     # -- what to train
     lora: bool = Field(False, description="Train LoRA adapters (peft) instead of all weights; the "
                                           "saved model is still the merged full model.")
-    lora_r: int = Field(64, description="LoRA rank.")
-    lora_alpha: int = Field(128, description="LoRA alpha (scale = alpha / r).")
-    lora_dropout: float = Field(0.05, description="Dropout on the LoRA path.")
+    lora_r: Int = Field(64, description="LoRA rank.")
+    lora_alpha: Int = Field(128, description="LoRA alpha (scale = alpha / r).")
+    lora_dropout: Float = Field(0.05, description="Dropout on the LoRA path.")
     lora_target: str = Field("all-linear", description="Modules that get adapters (peft target_modules; "
                                                        "comma-separated names or all-linear).")
     save_adapter: bool = Field(False, description="With --lora, also keep the adapter in OUT/adapter/.")
     # -- schedule (the papers: AdamW, lr 1e-5, 2 epochs, cosine)
-    epochs: float = Field(2.0, description="Passes over the data.")
-    max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1: run all epochs).")
-    lr: float = Field(1e-5, description="Peak learning rate (AdamW).")
+    epochs: Float = Field(2.0, description="Passes over the data.")
+    max_steps: Int = Field(-1, description="Stop after this many optimizer steps (-1: run all epochs).")
+    lr: Float = Field(1e-5, description="Peak learning rate (AdamW).")
     lr_scheduler: str = Field("cosine", description="transformers scheduler name (cosine, linear, "
                                                     "constant_with_warmup, ...).")
-    warmup_ratio: float = Field(0.05, description="Share of the steps spent warming the lr up linearly.")
-    weight_decay: float = Field(0.0, description="AdamW weight decay.")
-    batch_size: int = Field(1, description="Records (or packed sequences with --packing) per device per step.")
-    grad_accum: int = Field(1, description="Gradient accumulation steps (global batch = batch-size x "
+    warmup_ratio: Float = Field(0.05, description="Share of the steps spent warming the lr up linearly.")
+    weight_decay: Float = Field(0.0, description="AdamW weight decay.")
+    batch_size: Int = Field(1, description="Records (or packed sequences with --packing) per device per step.")
+    grad_accum: Int = Field(1, description="Gradient accumulation steps (global batch = batch-size x "
                                            "grad-accum x GPUs).")
     # -- data
-    max_length: int = Field(16384, description="Longest training sequence in tokens (prompt + answer).")
+    max_length: Int = Field(16384, description="Longest training sequence in tokens (prompt + answer).")
     overlong: Literal["drop", "truncate"] = Field(
         "drop", description="Records longer than --max-length: drop them (a cut CoT loses its answer) or "
                             "keep their first max-length tokens.")
     keep_incorrect: bool = Field(False, description="Also train on records marked \"correct\": false or cut "
                                                     "off at generate's token limit (finish_reason \"length\"); "
                                                     "by default only verified, finished answers are learnt.")
-    limit: Optional[int] = Field(None, description="Use only the first N usable records (quick runs).")
+    limit: Optional[Int] = Field(None, description="Use only the first N usable records (quick runs).")
     template_system: Literal["keep", "drop"] = Field(
         "keep", description="The system prompt the teacher's chat template injected (Qwen2.5-Instruct's "
                             "\"You are Qwen...\", kept in each record's \"system\"): keep it in the student's "
@@ -85,15 +98,16 @@ class DistillConfig(BaseModel):
         "auto", description="Weights' dtype while training; auto = bfloat16 on a GPU that has it, else float32.")
     attn_implementation: Optional[str] = Field(None, description="Attention kernel (sdpa, eager, "
                                                                   "flash_attention_2); default: transformers' choice.")
-    seed: int = Field(42, description="Seed for init of adapters, shuffling and dropout.")
-    save_steps: int = Field(200, description="Write a resumable checkpoint every N optimizer steps.")
-    save_total_limit: int = Field(2, description="Keep only the newest N checkpoints.")
-    logging_steps: int = Field(10, description="Log loss, lr and tokens/s every N steps.")
+    seed: Int = Field(42, description="Seed for init of adapters, shuffling and dropout.")
+    save_steps: Int = Field(200, description="Write a resumable checkpoint every N optimizer steps.")
+    save_total_limit: Int = Field(2, description="Keep only the newest N checkpoints.")
+    logging_steps: Int = Field(10, description="Log loss, lr and tokens/s every N steps.")
     report_to: str = Field("none", description="Trainer loggers: none, tensorboard, wandb, ...")
     keep_checkpoints: bool = Field(False, description="Keep OUT.work/ (checkpoints) after a successful run.")
     resume: bool = Field(False, description="Continue from the newest complete checkpoint in OUT.work/ "
                                             "(starts fresh if there is none).")
-    force: bool = Field(False, description="Replace an existing OUT; without --resume also discard old checkpoints.")
+    force: bool = Field(False, description="Replace an OUT that distill wrote itself (its micota.json says so; "
+                       "anything else is refused); without --resume also discard old checkpoints.")
 
     @field_validator("data", mode="before")
     @classmethod
@@ -173,36 +187,35 @@ def read_chat_records(path: str | os.PathLike, option: str = "--data") -> list[C
     if not path.is_file():
         raise UserError(f"{option}: {path} does not exist")
     out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{where}: not valid JSON ({e.msg}); each line must be one JSON record") from None
-            msgs = rec.get("messages") if isinstance(rec, dict) else None
-            if not isinstance(msgs, list) or not msgs:
-                raise UserError(f"{where}: no \"messages\" list; records need messages = [{{role: user, ...}}, "
-                                f"{{role: assistant, ...}}] (the format `micota-merge generate` writes)")
-            for i, m in enumerate(msgs):
-                if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                    raise UserError(f"{where}: messages[{i}] must be an object with string \"role\" and \"content\"")
-            last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=None)
-            if last is None:
-                raise UserError(f"{where}: record has no assistant message, so there is nothing to learn; "
-                                f"give records with the answer as a message of role \"assistant\"")
-            if last != len(msgs) - 1:
-                raise UserError(f"{where}: messages continue after the last assistant message "
-                                f"(role {msgs[-1]['role']!r}); the assistant's answer must come last")
-            if last == 0:
-                raise UserError(f"{where}: the assistant message has no prompt before it")
-            correct = rec.get("correct")
-            out.append(ChatRecord(str(path), n, msgs[:last], msgs[last],
-                                  correct if isinstance(correct, bool) else None, rec.get("id"),
-                                  rec.get("finish_reason") == "length",
-                                  rec.get("system") if isinstance(rec.get("system"), str) else None))
+    for n, line in jsonl_lines(path):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{where}: not valid JSON ({e.msg}); each line must be one JSON record") from None
+        msgs = rec.get("messages") if isinstance(rec, dict) else None
+        if not isinstance(msgs, list) or not msgs:
+            raise UserError(f"{where}: no \"messages\" list; records need messages = [{{role: user, ...}}, "
+                            f"{{role: assistant, ...}}] (the format `micota-merge generate` writes)")
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise UserError(f"{where}: messages[{i}] must be an object with string \"role\" and \"content\"")
+        last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=None)
+        if last is None:
+            raise UserError(f"{where}: record has no assistant message, so there is nothing to learn; "
+                            f"give records with the answer as a message of role \"assistant\"")
+        if last != len(msgs) - 1:
+            raise UserError(f"{where}: messages continue after the last assistant message "
+                            f"(role {msgs[-1]['role']!r}); the assistant's answer must come last")
+        if last == 0:
+            raise UserError(f"{where}: the assistant message has no prompt before it")
+        correct = rec.get("correct")
+        out.append(ChatRecord(str(path), n, msgs[:last], msgs[last],
+                              correct if isinstance(correct, bool) else None, rec.get("id"),
+                              rec.get("finish_reason") == "length",
+                              rec.get("system") if isinstance(rec.get("system"), str) else None))
     return out
 
 
@@ -558,29 +571,79 @@ def _merge_lora(student: Path, adapter: Path, dst: Path, dtype: str) -> None:
 # ---------------------------------------------------------------- the stage
 
 
-def distill(cfg: DistillConfig, echo: Callable[[str], None] = print) -> Path:
-    """Fine-tune `cfg.student` on `cfg.data`; returns the output folder."""
-    from .artifacts import move_into_place, now, package_versions, write_json_atomic, write_manifest
-    from .checkpoints import read_checkpoint, resolve_model_path
+# Options that only say where, how often or whether to keep: not part of what the student is.
+_NOT_IDENTITY = {"out", "force", "resume", "student", "data", "keep_checkpoints", "save_steps", "save_total_limit",
+                 "logging_steps", "report_to"}
 
-    started = now()
+
+def distill(cfg: DistillConfig, echo: Callable[[str], None] = print) -> Path:
+    """Fine-tune `cfg.student` on `cfg.data`; returns the output folder.
+
+    The output and its work folder follow the ownership rule (micota_merge.ownership): a foreign
+    OUT or OUT.work/ is refused, and one process at a time writes them (rank 0 holds the lock)."""
+    from .artifacts import sha256_file
+    from .checkpoints import check_model_files, resolve_model_path
+    from .data import check_utf8
+
     out = Path(cfg.out)
     work = out.parent / f"{out.name}.work"
-    ckpt_dir = work / "checkpoints"
-
     # -- setup: refuse early, before any model is loaded
-    if out.exists() and not cfg.force:
-        raise UserError(f"output {out} already exists: pass --force to replace it, or choose another --out")
     student = resolve_model_path(cfg.student, "--student")
-    student_meta = read_checkpoint(student, "--student")
+    student_meta = check_model_files(student, "--student")
     for f in cfg.data:
         if Path(f).is_dir():
             raise UserError(f"--data: {f} is a folder; give JSONL files of chat records")
         if not Path(f).is_file():
             raise UserError(f"--data: {f} does not exist")
-    from .artifacts import check_output_dir
+        check_utf8(f)  # before OUT.work/ exists; the records themselves are parsed once, in _distill
+    inputs = {"--student": student, **{f"--data {f}": f for f in cfg.data}}
+    claimed = claim(out, "distill", inputs=inputs, option="--out")
+    identity = identity_of({"options": {k: v for k, v in cfg.model_dump(mode="json").items() if k not in _NOT_IDENTITY},
+                            "student": student_meta.fingerprint()["content"],
+                            "data": [sha256_file(f) for f in cfg.data]})
+    if claimed.same(identity):
+        echo(f"already distilled: {out} holds this student trained on data of the same content with the same "
+             "options; nothing to do")
+        return out
+    if claimed.state == "ours":
+        check_replaceable(out, "--out")  # before hours of training, not after
+    if claimed.state == "ours" and not cfg.force:
+        raise UserError(f"output {out} already exists and holds a student distilled from other data or options: pass --force to replace "
+                        "it, or choose another --out")
+    if distributed_rank() == 0 and claimed.state != "ours":
+        # The floor, not an estimate: the final weights plus one checkpoint's weights. A checkpoint's
+        # optimizer state (2x fp32 per trained parameter for AdamW) comes on top; LoRA trains far fewer.
+        weights = student_meta.n_bytes(None if cfg.dtype == "auto" else cfg.dtype)
+        check_free_space(out.parent, 2 * weights, f"{out} and its checkpoints in {work}",
+                         "free space, or choose another --out")
+    with output_lock(out, "distill", log=echo) if distributed_rank() == 0 else contextlib.nullcontext():
+        if distributed_rank() == 0:
+            claim_workdir(work, "distill", out, inputs=inputs, option="--out", create=False)
+        try:
+            return _distill(cfg, echo, student, student_meta, identity, inputs)
+        except Exception as e:
+            # torch.save and safetensors report a full disk as RuntimeError / SafetensorError, not OSError
+            if isinstance(e, UserError) or not disk_full(e, work):
+                raise
+            raise UserError(f"no space left on the disk holding {work} ({free_mib(work)} MiB free) while distill "
+                            f"wrote its checkpoints or model: free space there (or give --out on a bigger disk), "
+                            f"then run the same command with --resume to continue from the last complete "
+                            f"checkpoint") from None
 
-    check_output_dir(out, "--out")
+
+def _distill(cfg: DistillConfig, echo, student: Path, student_meta, identity: str, inputs: dict) -> Path:
+    from .artifacts import (
+        move_into_place,
+        now,
+        package_versions,
+        write_json_atomic,
+        write_manifest,
+    )
+
+    started = now()
+    out = Path(cfg.out)
+    work = out.parent / f"{out.name}.work"
+    ckpt_dir = work / "checkpoints"
     if cfg.attn_implementation == "flash_attention_2":
         import importlib.util
 
@@ -609,11 +672,11 @@ def distill(cfg: DistillConfig, echo: Callable[[str], None] = print) -> Path:
     echo(f"data: {report.summary()}")
     if main:
         if cfg.force and not cfg.resume:
-            shutil.rmtree(work, ignore_errors=True)
+            remove_ours(work, "distill")
         _drop_incomplete_checkpoints(ckpt_dir)
         shutil.rmtree(work / "final", ignore_errors=True)
         shutil.rmtree(work / "adapter", ignore_errors=True)
-        work.mkdir(parents=True, exist_ok=True)
+        claim_workdir(work, "distill", out, option="--out")
     state.wait_for_everyone()
 
     # -- resume: the checkpoints must belong to this very run
@@ -686,11 +749,14 @@ def distill(cfg: DistillConfig, echo: Callable[[str], None] = print) -> Path:
                 "tokens_per_second_logged_mean": round(sum(tps) / len(tps), 1) if tps else None,
                 "world_size": state.num_processes,
             },
-            started=started, finished=now(), package_versions=package_versions(),
+            started=started, finished=now(), package_versions=package_versions(), identity=identity,
         )
+        claimed = claim(out, "distill", inputs=inputs, option="--out")  # ours or new: we hold the lock
+        if claimed.state == "ours" and not cfg.force:
+            raise UserError(f"output {out} appeared during training: pass --force to replace it")
         move_into_place(final, out)
         if not cfg.keep_checkpoints:
-            shutil.rmtree(work, ignore_errors=True)
+            remove_ours(work, "distill")
         loss_txt = f"{losses[-1]['loss']:.4f}" if losses else "n/a"
         echo(f"wrote {out} (step {trainer.state.global_step}, final loss {loss_txt}, "
              f"{train_seconds:.0f} s this run)")

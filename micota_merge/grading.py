@@ -444,13 +444,15 @@ def _float_text(x: float) -> str:
 
 
 def _gold_text(gold: Any) -> str:
-    if isinstance(gold, bool):
-        return str(gold)
+    # str() of anything else (a dict, a bool, None) is its Python repr, which no answer ever equals:
+    # a silent 0 % instead of a wrong file named (data.check_gold names it for the user)
+    if isinstance(gold, bool) or not isinstance(gold, (str, int, float)):
+        raise ValueError(f"a gold answer is a string or a number, not a {type(gold).__name__}: {gold!r:.60}")
     if isinstance(gold, int):
         return str(gold)
     if isinstance(gold, float):
         return _float_text(gold)
-    return str(gold)
+    return gold
 
 
 def _is_thousands(s: str) -> bool:

@@ -21,9 +21,10 @@ import yaml
 from pydantic import ValidationError
 
 from .artifacts import atomic_dir, now, write_manifest
-from .checkpoints import (DTYPE_BYTES, TORCH_DTYPE_BYTES, CheckpointMeta, check_compatible, copy_tokenizer, read_checkpoint,
-                          resolve_model_path, tokenizer_fingerprint, weight_files)
+from .checkpoints import (DTYPE_BYTES, TORCH_DTYPE_BYTES, CheckpointMeta, check_compatible, check_model_files,
+                          copy_tokenizer, resolve_model_path, tokenizer_fingerprint, weight_files)
 from .errors import StageFailed, UserError
+from .ownership import Claim, claim, identity_of, output_lock
 from .preflight import check_untie_supported, lineage_warnings, tie_warnings, token_report, untie_config, write_stop_ids
 from .recipe import Recipe, is_mergekit_config, parse_recipe, read_yaml
 
@@ -47,9 +48,18 @@ class BuildPlan:
     warnings: list[str] = field(default_factory=list)
     source: str = ""
     stop_ids: list[int] = field(default_factory=list)  # ids the TA's generation_config.json stops on
+    claim: Optional[Claim] = None  # what is at the output path now (ownership rule)
+    identity: Optional[str] = None  # recipe and input content: an equal one means this TA is already built
+
+    @property
+    def done(self) -> bool:
+        return self.claim is not None and self.claim.same(self.identity)
 
     def describe(self) -> str:
-        lines = [f"output: {self.output}  ({self.output_bytes / 2**30:.2f} GiB)"]
+        state = {"new": "new", "empty": "an empty folder, will be filled", None: "?"}.get(
+            self.claim.state if self.claim else None,
+            "already built from this recipe and inputs" if self.done else "an earlier build, replaced with --force")
+        lines = [f"output: {self.output}  ({self.output_bytes / 2**30:.2f} GiB)  [{state}]"]
         for role, path in self.paths.items():
             lines.append(f"{role:>9}: {path}  [{self.metas[role].architecture}]")
         lines += [f"warning: {w}" for w in self.warnings]
@@ -110,11 +120,10 @@ def plan_build(recipe_path: str | Path, output: Optional[str] = None, ratio: Opt
         out = Path(output)
         specs = _mergekit_model_specs(mk, recipe_path)
 
-    if out.exists() and not force:
-        raise UserError(f"output {out} already exists: pass --force to replace it, or choose another --output")
-
     paths = {role: resolve_model_path(spec, f"models.{role}", base_dir) for role, spec in specs.items()}
-    metas = {role: read_checkpoint(p, f"models.{role}") for role, p in paths.items()}
+    claimed = claim(out, "build", inputs=paths, option="output")
+    # the same checks as every stage that loads a model, also under --dry-run: they read no weight
+    metas = {role: check_model_files(p, f"models.{role}", tokenizer=False) for role, p in paths.items()}
     identity = recipe.identity_role if recipe else next(iter(metas))
     # The identity side goes first so that warnings say whose values the TA keeps.
     ordered = {identity: metas[identity], **{r: m for r, m in metas.items() if r != identity}}
@@ -133,17 +142,26 @@ def plan_build(recipe_path: str | Path, output: Optional[str] = None, ratio: Opt
         dtype = mk.get("out_dtype") or mk.get("dtype")
     _validate_with_mergekit(mk_cfg, str(recipe_path))
 
+    inputs_content = {role: m.fingerprint()["content"] for role, m in metas.items()}
+    what = recipe.model_dump(mode="json", exclude={"output", "sweep", "pipeline", "models"}) if recipe else mk
+    build_id = identity_of({"build": what, "inputs": inputs_content})
+    if claimed.state == "ours" and not force and not dry_run and claimed.identity() != build_id:
+        raise UserError(f"output {out} already exists and holds a TA built from another recipe or other inputs: pass --force to "
+                        "replace it, or choose another --output")
+
     output_bytes = metas[identity].n_bytes(dtype)
     head = next((m.tensors["lm_head.weight"] for m in metas.values() if "lm_head.weight" in m.tensors), None)
     if head is not None and "lm_head.weight" not in metas[identity].tensors:  # untied: the TA gets its own head
         output_bytes += head.numel * TORCH_DTYPE_BYTES.get(dtype or "", DTYPE_BYTES.get(head.dtype, 4))
-    try:
-        _check_disk(out, output_bytes)
-    except UserError as e:
-        if not dry_run:
-            raise
-        warnings.append(f"{e} (a real build stops here)")
-    return BuildPlan(recipe, mk_cfg, out, paths, metas, output_bytes, warnings, str(recipe_path), stop_ids)
+    if not (claimed.state == "ours" and claimed.identity() == build_id):
+        try:
+            _check_disk(out, output_bytes)
+        except UserError as e:
+            if not dry_run:
+                raise
+            warnings.append(f"{e} (a real build stops here)")
+    return BuildPlan(recipe, mk_cfg, out, paths, metas, output_bytes, warnings, str(recipe_path), stop_ids,
+                     claimed, build_id)
 
 
 def parse_size(text: str | int) -> int:
@@ -163,6 +181,7 @@ def build(recipe_path: str | Path, output: Optional[str] = None, ratio: Optional
           recipe: Optional[Recipe] = None, shard_size: str | int = "5GB", echo=print) -> Path:
     """Merge the recipe's checkpoints into a teacher assistant folder. Returns its path."""
     shard_bytes = parse_size(shard_size)
+    check_device(device)
     plan = plan_build(recipe_path, output, ratio, force, recipe=recipe, dry_run=dry_run)
     for w in plan.warnings:
         echo(f"warning: {w}")
@@ -170,10 +189,20 @@ def build(recipe_path: str | Path, output: Optional[str] = None, ratio: Optional
         echo(plan.describe())
         echo("mergekit config:\n" + yaml.safe_dump(plan.mergekit_config, sort_keys=False))
         return plan.output
+    with output_lock(plan.output, "build", log=echo):
+        plan.claim = claim(plan.output, "build", inputs=plan.paths)  # again, now that no one else can write
+        if plan.done and not force:
+            echo(f"already built: {plan.output} holds this recipe's TA from inputs of the same content; nothing "
+                 "to do (--force rebuilds it)")
+            return plan.output
+        _merge_into(plan, force, device, shard_bytes, echo)
+    return plan.output
 
+
+def _merge_into(plan: BuildPlan, force: bool, device: Optional[str], shard_bytes: int, echo) -> None:
     started = now()
     t0 = time.time()
-    with atomic_dir(plan.output, force=force) as staging:
+    with atomic_dir(plan.output, "build", force=force, inputs=plan.paths) as staging:
         seed = plan.recipe.merge.seed if plan.recipe else 0
         run_mergekit(plan.mergekit_config, staging, seed=seed, device=device, shard_bytes=shard_bytes)
         if plan.recipe is not None:
@@ -183,7 +212,25 @@ def build(recipe_path: str | Path, output: Optional[str] = None, ratio: Optional
         check_finite(staging)
         write_build_manifest(staging, plan, started, t0)
     echo(f"teacher assistant written to {plan.output} in {time.time() - t0:.1f} s")
-    return plan.output
+
+
+def check_device(device: Optional[str]) -> None:
+    """A device name that torch cannot use fails now, not after the inputs are read."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {device!r}: not a device torch knows; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {device}: no CUDA GPU is visible here; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) are visible")
+    elif dev.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {device}: mergekit merges on cpu or cuda only")
 
 
 def run_mergekit(config: dict, out_dir: Path, seed: int = 0, device: Optional[str] = None,
@@ -270,6 +317,7 @@ def write_build_manifest(staging: Path, plan: BuildPlan, started: str, t0: float
         seed=plan.recipe.merge.seed if plan.recipe else 0, warnings=plan.warnings,
         started=started, finished=now(), seconds=round(time.time() - t0, 3),
         results={"output_bytes": plan.output_bytes}, output={"content": output["content"], "files": output["files"]},
+        identity=plan.identity,
         **extra,
     )
 

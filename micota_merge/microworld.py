@@ -36,6 +36,7 @@ from typing import Callable, Iterable, Sequence
 
 from .artifacts import atomic_dir, now, package_versions, write_json_atomic, write_jsonl_atomic
 from .errors import UserError
+from .ownership import check_replaceable, claim, identity_of
 
 ASSETS = Path(__file__).parent / "assets" / "microworld"
 ROLES = ("base", "long_cot", "short_cot", "student")
@@ -587,8 +588,16 @@ def train_world(out: str | Path = "outputs/microworld", seed: int = 0, scale: fl
     if not 0 < scale <= 1:
         raise UserError(f"scale must be in (0, 1], got {scale}")
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not force:
-        raise UserError(f"{out} already exists and is not empty: pass --force to overwrite it")
+    # the rule before 20 minutes of training, not after (micota_merge.ownership)
+    claimed = claim(out, "demo-train", option="--out")
+    ident = identity_of({"seed": seed, "scale": scale, "n_eval": n_eval, "dtype": dtype})
+    if claimed.same(ident) and not force and (out / "training.json").is_file():
+        log(f"{out} already holds the world of these settings; nothing to do (--force trains it again)")
+        return json.loads((out / "training.json").read_text(encoding="utf-8"))
+    if claimed.state == "ours" and not force:
+        raise UserError(f"--out {out} already exists and holds another micro world: pass --force to replace it")
+    if claimed.state == "ours":
+        check_replaceable(out, "--out")
     torch.set_num_threads(1)  # determinism, and it leaves the other cores to the rest of the machine
     torch.use_deterministic_algorithms(True)
     t0 = time.time()
@@ -650,7 +659,7 @@ def train_world(out: str | Path = "outputs/microworld", seed: int = 0, scale: fl
                                   **MODEL_SIZES["student" if role == "student" else "base"]}
 
     # Scored in the saved precision, so the figures describe the committed weights.
-    with atomic_dir(out, force=force) as staging:
+    with atomic_dir(out, "demo-train", force=force, option="--out", identity=ident) as staging:
         for role in ROLES:
             _save_model(models[role], tokenizer, staging / role, dtype)
             models[role] = AutoModelForCausalLM.from_pretrained(staging / role, dtype=torch.float32).eval()

@@ -191,7 +191,8 @@ def build_points(recipe_path: str | Path, recipe: Recipe, outputs: dict[Point, P
     specs = {name: identity.tensors[name].shape for name in order}
     started, t0 = now(), time.time()
     with ExitStack() as stack:
-        stagings = {p: stack.enter_context(atomic_dir(outputs[p], force=force)) for p in points}
+        stagings = {p: stack.enter_context(atomic_dir(outputs[p], "build", force=force, inputs=plans[p].paths))
+                    for p in points}
         handles = {}
         for role in sorted({role for names in reads for role in names}):
             for f in weight_files(plan0.paths[role]):

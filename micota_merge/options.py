@@ -21,7 +21,9 @@ def _unwrap_optional(ann):
     if typing.get_origin(ann) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(ann) if a is not type(None)]
         if len(args) == 1:
-            return args[0]
+            ann = args[0]
+    if typing.get_origin(ann) is typing.Annotated:  # strict.Int / strict.Float: the flag's type is the number's
+        ann = typing.get_args(ann)[0]
     return ann
 
 

@@ -14,6 +14,7 @@ JSONL, distill's checkpoints, sweep's per-ratio files); one whose fingerprint ch
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
@@ -21,8 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from .artifacts import now, write_json_atomic, write_text_atomic
+from .artifacts import MANIFEST, now, write_json_atomic, write_text_atomic
 from .fingerprint import data_fingerprint
+from .ownership import claim, output_lock, plain_name
+from .ownership import claim_workdir as own_claim_workdir
 from .generate import TRANSPORT_OPTIONS
 from .recipe import PipelineSettings, Recipe, load_recipe
 
@@ -48,6 +51,7 @@ class Runner:
     run_from: Optional[str] = None
     until: Optional[str] = None
     echo: Callable[[str], None] = print
+    dry_run: bool = False
     ran: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
 
@@ -60,11 +64,12 @@ class Runner:
 
     def stage(self, kind: str, name: str, folder: Path, fingerprint: str, fn: Callable[[bool], Any],
               output: Optional[Path] = None) -> bool:
-        """Run `fn(fresh)` unless done; `fresh` = start over rather than resume. Returns whether it ran.
+        """Run `fn(fresh)` unless done; `fresh` = start over rather than resume. Returns whether it ran
+        (with --dry-run: whether it would).
 
         "Done" needs the stage's output to still be there: a deleted output is made again."""
         marker = folder / "stage.json"
-        state = json.loads(marker.read_text()) if marker.is_file() else {}
+        state = _read_state(marker)
         same = state.get("fingerprint") == fingerprint
         present = output is None or output.exists()
         if same and state.get("status") == "done" and present and not self.forced(kind):
@@ -72,30 +77,82 @@ class Runner:
             self.skipped.append(name)
             return False
         fresh = bool(state) and (not same or self.forced(kind))
+        if self.dry_run:
+            what = "would start over" if fresh else ("would resume" if state else "would run")
+            replaces = f"; replaces {output}" if fresh and output is not None and output.exists() else ""
+            self.echo(f"[plan] {name}: {what}{replaces}")
+            self.ran.append(name)
+            return True
         self.echo(f"[{'redo' if fresh else 'run '}] {name}")
         folder.mkdir(parents=True, exist_ok=True)
         write_json_atomic(marker, {"stage": name, "fingerprint": fingerprint, "status": "running",
                                    "started": now()})
         fn(fresh)
         write_json_atomic(marker, {"stage": name, "fingerprint": fingerprint, "status": "done",
-                                   "started": json.loads(marker.read_text())["started"], "finished": now()})
+                                   "started": _read_state(marker).get("started"), "finished": now()})
         self.ran.append(name)
         return True
 
 
+def _read_state(marker: Path) -> dict:
+    if not marker.is_file():
+        return {}
+    try:
+        state = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}  # torn or foreign: the stage runs again and rewrites it
+    return state if isinstance(state, dict) else {}
+
+
+def claim_workdir(workdir: Path, pipeline: str | Path) -> None:
+    """The pipeline's work folder is ours (its micota.json says `run`), new, or empty; never a folder of
+    other files: a `workdir: ~/projects` would otherwise fill (and --force clean) someone's project."""
+    c = claim(workdir, "run", option="pipeline.workdir")
+    if c.state != "ours":
+        workdir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(workdir / MANIFEST, {"stage": "run", "pipeline": str(pipeline), "created": now()})
+
+
 def run(path: str | Path, run_from: Optional[str] = None, until: Optional[str] = None,
-        echo: Callable[[str], None] = print) -> dict:
-    """Run the pipeline file (a recipe with a `pipeline:` section; a bare recipe only builds)."""
+        echo: Callable[[str], None] = print, force: bool = False, dry_run: bool = False) -> dict:
+    """Run the pipeline file (a recipe with a `pipeline:` section; a bare recipe only builds).
+
+    `force` starts every stage over (by the ownership rule: only outputs this pipeline wrote are
+    replaced); `dry_run` validates everything and prints the stage plan without running a stage."""
     from .pipeline_check import check_order, validate_pipeline
 
     check_order(run_from, until, STAGES)
+    if force:
+        run_from = "build"
     recipe = load_recipe(path)
     settings = recipe.pipeline
     # every stage's options and inputs, before the first (hours-long) stage starts
     validate_pipeline(recipe, settings, Path(path).parent)
-    workdir = Path(settings.workdir if settings else Path(recipe.output).parent)
-    runner = Runner(workdir, run_from, until, echo)
+    if settings is None:  # a bare recipe: its TA's folder alone, with the stage record beside it
+        ta = Path(recipe.output)
+        with output_lock(ta, "run", log=echo) if not dry_run else contextlib.nullcontext():
+            return _run(path, recipe, settings, ta.parent, run_from, until, echo, dry_run)
+    workdir = Path(settings.workdir)
+    if dry_run:
+        if workdir.exists():
+            claim(workdir, "run", option="pipeline.workdir")
+        return _run(path, recipe, settings, workdir, run_from, until, echo, dry_run)
+    with output_lock(workdir, "run", log=echo):
+        claim_workdir(workdir, path)
+        return _run(path, recipe, settings, workdir, run_from, until, echo, dry_run)
+
+
+def _run(path, recipe: Recipe, settings: Optional[PipelineSettings], workdir: Path, run_from, until, echo,
+         dry_run: bool) -> dict:
+    runner = Runner(workdir, run_from, until, echo, dry_run=dry_run)
     results: dict[str, Any] = {"pipeline": str(path), "workdir": str(workdir)}
+
+    def known(output: Path, ran: bool, fallback: str, fp: Callable[[Path], str]) -> str:
+        """An output's content fingerprint; while --dry-run plans a stage that would rerun, the stage's
+        own fingerprint stands in (the old output's content says nothing about the new one)."""
+        if (dry_run and ran) or not output.exists():
+            return fallback
+        return fp(output)
 
     # ---- teacher assistant
     specs = recipe.model_specs()
@@ -118,21 +175,26 @@ def run(path: str | Path, run_from: Optional[str] = None, until: Optional[str] =
 
             build(path, force=True, echo=echo)
 
-    runner.stage("build", "build: teacher assistant" + (" (sweep)" if use_sweep else ""),
-                 ta_dir.parent / f".{ta_dir.name}.stage", ta_fp, make_ta, output=ta_dir)
+    # the TA may live outside the work folder: its path is checked before anything is written beside it
+    claim(ta_dir, "build", inputs=models, stages=["sweep"], option="output")
+    stage_dir = ta_dir.parent / f".{ta_dir.name}.stage"
+    if not dry_run:
+        own_claim_workdir(stage_dir, "run", ta_dir, inputs=models, option="output", adopt=["stage.json"])
+    ran = runner.stage("build", "build: teacher assistant" + (" (sweep)" if use_sweep else ""),
+                       stage_dir, ta_fp, make_ta, output=ta_dir)
     if settings is None or not runner.active("generate"):
         results["ta"] = str(ta_dir)
         return _finish(runner, results)
 
     # ---- data: the TA's answers, and the experts' for baselines
     # Downstream stages key on what the TA *is* (its bytes), so a TA replaced by hand is noticed.
-    teachers = {"ta": (ta_dir, _checkpoint_fp(ta_dir))}
+    teachers = {"ta": (ta_dir, known(ta_dir, ran, ta_fp, _checkpoint_fp))}
     for name in _data_sources(settings):
         if name in ("long_cot", "short_cot"):
             teachers[name] = (models[name], _checkpoint_fp(models[name]))
     data: dict[str, tuple[Path, str]] = {}
     for name, (model, model_fp) in teachers.items():
-        folder = workdir / "data" / name
+        folder = workdir / "data" / plain_name(name, "data set")
         opts = _generate_options(settings, model, folder / "data.jsonl")
         fp = _hash({"model": model_fp, "options": {k: v for k, v in opts.items()
                                                    if k not in ("model", "out", *TRANSPORT_OPTIONS)}})
@@ -143,14 +205,14 @@ def run(path: str | Path, run_from: Optional[str] = None, until: Optional[str] =
             g.generate(g.options(**opts, force=fresh), echo=echo)
 
         kept = folder / "data.correct.jsonl"
-        runner.stage("generate", f"generate: {name} data", folder, fp, gen, output=kept)
-        data[name] = (kept, data_fingerprint(kept) if kept.is_file() else fp)
+        ran = runner.stage("generate", f"generate: {name} data", folder, fp, gen, output=kept)
+        data[name] = (kept, known(kept, ran, fp, data_fingerprint))
     if not runner.active("mix"):
         return _finish(runner, results)
 
     # ---- mixes (the main data set, if mixed, and mix baselines)
     for name, weights in _mixes(settings).items():
-        folder = workdir / "data" / name
+        folder = workdir / "data" / plain_name(name, "pipeline.baselines name")
         parts = {part: data[part] for part in weights}
         fp = _hash({"weights": weights, "parts": {p: f for p, (_, f) in parts.items()}, "seed": settings.seed,
                     "total": settings.mix_total})
@@ -162,8 +224,8 @@ def run(path: str | Path, run_from: Optional[str] = None, until: Optional[str] =
                     total=settings.mix_total, seed=settings.seed, force=True, echo=echo)
 
         mixed = folder / "data.jsonl"
-        runner.stage("mix", f"mix: {name}", folder, fp, do_mix, output=mixed)
-        data[name] = (mixed, data_fingerprint(mixed) if mixed.is_file() else fp)
+        ran = runner.stage("mix", f"mix: {name}", folder, fp, do_mix, output=mixed)
+        data[name] = (mixed, known(mixed, ran, fp, data_fingerprint))
     if not runner.active("distill"):
         return _finish(runner, results)
 
@@ -176,7 +238,7 @@ def run(path: str | Path, run_from: Optional[str] = None, until: Optional[str] =
         for seed in seeds:
             # one seed keeps the plain names; several get one folder (and one row) each
             tag = "" if len(seeds) == 1 else f"@seed{seed}"
-            folder = workdir / "students" / name / (f"seed-{seed}" if tag else "")
+            folder = workdir / "students" / plain_name(name, "student data") / (f"seed-{seed}" if tag else "")
             data_file, data_fp = data[name]
             fp = _hash({"student": student_fp, "data": data_fp, "distill": settings.distill,
                         **({"seed": seed} if tag else {})})
@@ -190,9 +252,9 @@ def run(path: str | Path, run_from: Optional[str] = None, until: Optional[str] =
                 distill(cfg, echo=echo)
 
             model_dir = folder / "model"
-            runner.stage("distill", f"distill: student on {name} data" + (f" (seed {seed})" if tag else ""),
-                         folder, fp, do_distill, output=model_dir)
-            students[f"student+{name}{tag}"] = (model_dir, _checkpoint_fp(model_dir) if model_dir.is_dir() else fp)
+            ran = runner.stage("distill", f"distill: student on {name} data" + (f" (seed {seed})" if tag else ""),
+                               folder, fp, do_distill, output=model_dir)
+            students[f"student+{name}{tag}"] = (model_dir, known(model_dir, ran, fp, _checkpoint_fp))
     if not runner.active("eval"):
         return _finish(runner, results)
 
@@ -201,8 +263,9 @@ def run(path: str | Path, run_from: Optional[str] = None, until: Optional[str] =
     if settings.eval_teachers:
         scored.update({f"teacher:{n}": v for n, v in teachers.items()})
     evals: dict[str, Path] = {}
+    eval_fps: dict[str, str] = {}
     for name, (model, model_fp) in scored.items():
-        folder = workdir / "eval" / name.replace(":", "-").replace("+", "-").replace("@", "-")
+        folder = workdir / "eval" / plain_name(name.replace(":", "-").replace("+", "-").replace("@", "-"), "eval name")
         fp = _hash({"model": model_fp, "eval": {k: v for k, v in settings.eval.items() if k not in TRANSPORT_OPTIONS}})
 
         def do_eval(fresh: bool, folder=folder, model=model) -> None:
@@ -215,12 +278,12 @@ def run(path: str | Path, run_from: Optional[str] = None, until: Optional[str] =
 
         runner.stage("eval", f"eval: {name}", folder, fp, do_eval, output=folder / "run")
         evals[name] = folder / "run"
+        eval_fps[name] = fp
     if not runner.active("report"):
         return _finish(runner, results)
 
     # ---- report
-    report_fp = _hash({"evals": [(n, json.loads((run.parent / "stage.json").read_text())["fingerprint"])
-                                 for n, run in evals.items()]})
+    report_fp = _hash({"evals": list(eval_fps.items())})
     runner.stage("report", "report", workdir / "report", report_fp,
                  lambda fresh: write_report(workdir, recipe, settings, ta_dir, data, evals))
     results["report"] = str(workdir / "report.md")
@@ -228,7 +291,9 @@ def run(path: str | Path, run_from: Optional[str] = None, until: Optional[str] =
 
 
 def _finish(runner: Runner, results: dict) -> dict:
-    if runner.ran:
+    if runner.dry_run:
+        runner.echo(f"dry run: {len(runner.ran)} stage(s) would run, {len(runner.skipped)} done; nothing was written")
+    elif runner.ran:
         runner.echo(f"ran {len(runner.ran)} stage(s), {len(runner.skipped)} already done")
     else:
         runner.echo(f"every stage is done ({len(runner.skipped)}); nothing to run")

@@ -72,13 +72,13 @@ def _check_questions(section: str, spec: str, base_dir: Path, limit: Optional[in
 
 def validate_pipeline(recipe: Recipe, settings: Optional[PipelineSettings], base_dir: Path) -> None:
     """Everything `run` can know to be wrong before it starts; raises UserError (one line)."""
-    from .checkpoints import read_checkpoint, resolve_model_path
+    from .checkpoints import check_model_files, resolve_model_path
     from .distill import DistillConfig
     from .generate import GenerateOptions
 
     models = {role: resolve_model_path(spec, f"models.{role}", base_dir) for role, spec in recipe.model_specs().items()}
     for role, path in models.items():
-        read_checkpoint(path, f"models.{role}")
+        check_model_files(path, f"models.{role}", tokenizer=False)
     if settings is None:
         return
     if settings.select == "sweep" and recipe.sweep is not None:
@@ -101,7 +101,7 @@ def validate_pipeline(recipe: Recipe, settings: Optional[PipelineSettings], base
 
     # ---- distill
     student = resolve_model_path(settings.student, "pipeline.student", base_dir)
-    read_checkpoint(student, "pipeline.student")
+    check_model_files(student, "pipeline.student")
     _model_check("pipeline.distill", DistillConfig, dict(settings.distill),
                  {"student": str(student), "data": ["-"], "out": "-"})
 
@@ -119,6 +119,10 @@ def validate_pipeline(recipe: Recipe, settings: Optional[PipelineSettings], base
         v = ev.get(key)
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
             raise UserError(f"pipeline.eval.{key}: give a positive whole number, got {v!r}")
+    for key in ("max_model_len", "retries", "seed", "temperature", "top_p", "gpu_memory_utilization",
+                "request_timeout", "batch_size", "samples"):
+        if isinstance(ev.get(key), bool):  # evaluate() would read true as 1 (temperature 1, top-p 1)
+            raise UserError(f"pipeline.eval.{key}: a number is needed here, not true/false")
     if ev.get("backend") is not None and ev["backend"] not in BACKENDS:
         raise UserError(f"pipeline.eval.backend {ev['backend']!r}: choose from {', '.join(BACKENDS)}")
     if ev.get("dtype") is not None and ev["dtype"] not in DTYPES:

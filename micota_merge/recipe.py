@@ -22,6 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import UserError
+from .strict import Float, Int, not_bool
 
 Role = Literal["long_cot", "short_cot", "base"]
 
@@ -36,6 +37,7 @@ DTYPES = ("float32", "float16", "bfloat16")
 
 # mergekit parameters a recipe may pass through, per method (beyond ratio/density which we map).
 _TASK_VECTOR_PARAMS = {"normalize", "rescale", "lambda", "int8_mask"}
+_NUMERIC_PARAMS = {"lambda", "gamma", "epsilon"}
 PASSTHROUGH_PARAMS: dict[str, set[str]] = {
     "linear": {"normalize"},
     "slerp": set(),
@@ -65,9 +67,9 @@ class MergeSettings(BaseModel):
     model_config = ConfigDict(extra="allow", validate_assignment=True)
 
     method: str = Field("dare_ties", description="mergekit method: " + ", ".join(METHODS))
-    ratio: float = Field(0.5, description="share of the long-CoT side, 0..1")
-    density: Optional[float] = Field(None, description="fraction of each task vector kept (ties/dare/...)")
-    seed: int = Field(0, description="seed for DARE's random drop: same seed, same bits")
+    ratio: Float = Field(0.5, description="share of the long-CoT side, 0..1")
+    density: Optional[Float] = Field(None, description="fraction of each task vector kept (ties/dare/...)")
+    seed: Int = Field(0, description="seed for DARE's random drop: same seed, same bits")
     dtype: str = Field("bfloat16", description="dtype of the merge and of the written weights")
 
     @field_validator("method")
@@ -110,6 +112,10 @@ class MergeSettings(BaseModel):
                 hint = f"did you mean {close[0]!r}? " if close else ""
                 raise ValueError(f"unknown key {key!r} for method {self.method}: {hint}"
                                  f"valid keys: {', '.join(valid)}")
+            value = self.model_extra[key]
+            if key in _NUMERIC_PARAMS and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ValueError(f"{key!r} is passed to mergekit as a number: a number is needed here, not "
+                                 f"{'true/false' if isinstance(value, bool) else repr(value)}")
         return self
 
     @property
@@ -120,29 +126,39 @@ class MergeSettings(BaseModel):
 class Probe(_Strict):
     benchmark: Optional[str] = Field("gsm8k", description="shipped question set to probe with")
     questions: Optional[str] = Field(None, description="or a JSONL file of questions")
-    limit: int = Field(64, gt=0)
-    max_tokens: int = Field(4096, gt=0)
+    limit: Int = Field(64, gt=0)
+    max_tokens: Int = Field(4096, gt=0)
     backend: Optional[str] = Field(None, description="vllm or transformers (default: vllm if installed)")
-    batch_size: int = Field(16, gt=0)
+    batch_size: Int = Field(16, gt=0)
     prompt: Optional[str] = Field(None, description="prompt template with {question}; default: the papers'")
     # Each probed model (every ratio's TA, both experts) is a different checkpoint, so servers started
     # beforehand cannot serve them: with vllm, these start `vllm serve` for each probe (generate's options).
-    data_parallel_size: int = Field(1, ge=1, description="vllm: engine replicas per probe (starts vllm serve)")
-    tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs per replica")
+    data_parallel_size: Int = Field(1, ge=1, description="vllm: engine replicas per probe (starts vllm serve)")
+    tensor_parallel_size: Int = Field(1, ge=1, description="vllm: GPUs per replica")
     serve_args: Optional[str] = Field(None, description="vllm: more `vllm serve` flags, e.g. Ray data parallelism")
-    max_model_len: Optional[int] = Field(None, ge=16, description="vllm: context length to reserve")
+    max_model_len: Optional[Int] = Field(None, ge=16, description="vllm: context length to reserve")
     enforce_eager: bool = Field(False, description="vllm: no torch.compile / CUDA graphs")
     dtype: str = Field("auto", description="auto (vLLM runs float32 checkpoints in 16 bits), bfloat16, float16, float32")
 
 
 class SweepSettings(_Strict):
-    ratios: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
-    densities: Optional[list[float]] = Field(
+    ratios: list[Float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    densities: Optional[list[Float]] = Field(
         None, description="densities to sweep with every ratio (sparsifying methods); default: merge.density only")
     probe: Probe = Field(default_factory=Probe)
-    target_tokens: Union[Literal["mid"], float] = Field(
+    target_tokens: Union[Literal["mid"], Float] = Field(
         "mid", description="'mid' = geometric mean of the endpoints' mean lengths, or a number of tokens")
-    tolerance: float = Field(2.0, ge=0, description="accuracy points below the best that still qualify")
+    tolerance: Float = Field(2.0, ge=0, description="accuracy points below the best that still qualify")
+    # 5 % of the default 64 probe questions is 4 right answers: well below any working model (instruct
+    # models of 1.5B and up score 60-90 % on GSM8K) and above what noise scores on free-form numeric
+    # answers (about 0): below it the probe cannot tell the TAs apart, and a "choice" by length would
+    # ship a broken merge
+    min_accuracy: Float = Field(0.05, ge=0, le=1, description="the probe accuracy (0..1) some point must reach "
+                                                              "before the sweep chooses a TA")
+    # an answer cut at probe.max_tokens has the cap's length and an accuracy that is a floor: once most
+    # of a point's answers are cut, its mean length measures the cap, not the model
+    max_truncated: Float = Field(0.5, ge=0, le=1, description="the largest share (0..1) of a point's probe answers "
+                                                              "cut at probe.max_tokens for it to be chosen")
 
     @field_validator("ratios")
     @classmethod
@@ -166,6 +182,11 @@ class SweepSettings(_Strict):
             raise ValueError(f"every density must be in (0, 1] (the fraction of each task vector kept), got {bad}")
         return sorted(set(v))
 
+    @field_validator("target_tokens", mode="before")
+    @classmethod
+    def _target_not_bool(cls, v):
+        return not_bool(v)  # before the union: one message, not one per member
+
     @field_validator("target_tokens")
     @classmethod
     def _target(cls, v):
@@ -175,8 +196,18 @@ class SweepSettings(_Strict):
 
 
 class MixBaseline(_Strict):
-    name: str
-    mix: dict[str, float]
+    name: str = Field(description="a plain name: it names the baseline's folders under the work folder")
+    mix: dict[str, Float]
+
+    @field_validator("name")
+    @classmethod
+    def _plain(cls, v: str) -> str:
+        from .ownership import plain_name
+
+        try:
+            return plain_name(v, "name")
+        except UserError as e:  # a ValueError carries the field path into the one-line error
+            raise ValueError(str(e)) from None
 
 
 class PipelineSettings(_Strict):
@@ -186,18 +217,19 @@ class PipelineSettings(_Strict):
     student: str = Field("", description="the student checkpoint to distil into")
     select: Literal["sweep", "build"] = Field("sweep", description="TA from a ratio sweep or a plain build")
     questions: str = Field("gsm8k-train", description="training questions: a shipped set name or a JSONL file")
-    question_limit: Optional[int] = Field(None, gt=0)
+    question_limit: Optional[Int] = Field(None, gt=0)
     prompt: Optional[str] = Field(None, description="prompt template with {question}; default: the papers'")
     generate: dict[str, Any] = Field(default_factory=dict, description="generate options (max_tokens, backend...)")
-    mix: Optional[dict[str, float]] = Field(None, description="mix the TA's data with the experts': {ta: 1, short_cot: 4}")
-    mix_total: Optional[int] = Field(None, gt=0)
+    mix: Optional[dict[str, Float]] = Field(
+        None, description="mix the TA's data with the experts': {ta: 1, short_cot: 4}")
+    mix_total: Optional[Int] = Field(None, gt=0)
     distill: dict[str, Any] = Field(default_factory=dict, description="distill options (epochs, lr, max_length...)")
     eval: dict[str, Any] = Field(default_factory=dict, description="eval options (tasks, limit, max_tokens...)")
     baselines: list[Union[Literal["long_cot", "short_cot"], MixBaseline]] = Field(
         default_factory=list, description="other data to distil from: long_cot, short_cot, or {name, mix}")
     eval_teachers: bool = Field(True, description="also score the TA and the experts")
-    seed: int = 0
-    distill_seeds: Optional[list[int]] = Field(
+    seed: Int = 0
+    distill_seeds: Optional[list[Int]] = Field(
         None, min_length=1, description="distil one student per data set and seed (the report gives mean ± spread "
                                         "over them); default: [seed]")
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from .errors import StageFailed, UserError
+from .lengths import Answer, from_server
 
 log = logging.getLogger(__name__)
 
@@ -276,8 +277,9 @@ class Client:
             data = json.loads(text)
             choice = data["choices"][0]
             content = choice["message"]["content"] or ""
-            reason = choice.get("finish_reason") or "stop"
-            num = int(data["usage"]["completion_tokens"])
+            reason, num = from_server(choice.get("finish_reason"), int(data["usage"]["completion_tokens"]),
+                                      body.get("max_tokens"))
+            reason = reason or "stop"  # no cap in the request: nothing could have cut the answer
             reasoning = choice["message"].get("reasoning") or choice["message"].get("reasoning_content")
         except (ValueError, KeyError, IndexError, TypeError, AttributeError):
             raise RetryableError(f"not a chat completion: {text[:200]}") from None
@@ -285,8 +287,7 @@ class Client:
             # a reasoning model behind a reasoning parser (vLLM `reasoning`, DeepSeek's API `reasoning_content`)
             # sends its chain of thought apart; the record keeps the whole answer, as R1 writes it
             content = f"<think>\n{reasoning.strip()}\n</think>\n\n{content.lstrip()}"
-        # "stop" covers EOS and stop tokens; "length" is the max_tokens cap (what the local backends say)
-        return Result(key, content, num, "length" if reason == "length" else "stop", server.url)
+        return Result(key, content, num, reason, server.url)
 
 
 def _message(text: str) -> str:
@@ -375,6 +376,26 @@ def register_lm_eval_model() -> str:
             finally:
                 server.in_flight -= 1
                 current.reset(token)
+
+        def parse_generations(self, outputs, **kwargs):
+            # each answer carries the server's finish_reason and usage count (lengths.py), which eval's
+            # scoring reads instead of re-tokenising the text
+            answers = []
+            for out in outputs if isinstance(outputs, list) else [outputs]:
+                texts = super().parse_generations(out, **kwargs)
+                choices = out.get("choices") if isinstance(out, dict) else None
+                choices = choices if isinstance(choices, list) else []
+                usage = out.get("usage") if isinstance(out, dict) else None
+                # usage covers the whole response: one answer's count only when it holds one answer
+                tokens = usage.get("completion_tokens") if isinstance(usage, dict) and len(choices) == 1 else None
+                for i, text in enumerate(texts):
+                    if text is None:
+                        answers.append(None)
+                        continue
+                    choice = next((c for c in choices if isinstance(c, dict) and c.get("index", 0) == i), {})
+                    reason, num = from_server(choice.get("finish_reason"), tokens)
+                    answers.append(Answer(text, reason, num))
+            return answers
 
         def model_call(self, messages, **kwargs):
             server = self._pick()

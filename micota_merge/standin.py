@@ -25,6 +25,8 @@ from typing import Optional
 
 from .artifacts import atomic_dir, write_json_atomic
 from .errors import UserError
+from .fingerprint import data_fingerprint
+from .ownership import claim, identity_of
 
 ASSETS = Path(__file__).parent / "assets"
 MODEL_META = ASSETS / "model_meta"
@@ -131,18 +133,30 @@ def _tokenizer_config(meta: Path) -> tuple[dict, Optional[str]]:
     return {}, None
 
 
+def _already(out: Path, identity: str, force: bool) -> bool:
+    """A stand-in of the same metadata is already there (exit 0); another one needs --force."""
+    c = claim(out, "standin", option="--out")
+    if c.same(identity) and not force:
+        return True
+    if c.state == "ours" and not force:
+        raise UserError(f"--out {out} already exists and holds a stand-in of other metadata: pass --force to "
+                        "replace it")
+    return False
+
+
 def make_standin(meta: str | os.PathLike, out: str | os.PathLike, force: bool = False,
                  shard_bytes: Optional[int] = None) -> Path:
     """Write a stand-in checkpoint for the metadata in `meta` into `out`. Returns `out`."""
     meta, out = Path(meta), Path(out)
     if not (meta / "config.json").is_file():
         raise UserError(f"--meta {meta}: no config.json there; a stand-in needs at least the real config.json")
-    if out.exists() and not force:
-        raise UserError(f"--out {out} already exists: pass --force to replace it")
     config = json.loads((meta / "config.json").read_text(encoding="utf-8"))
     layout, n_params = tensor_layout(meta)
     prov: dict = {"meta": str(meta.resolve()), "parameters": n_params, "files": {}, "missing": []}
-    with atomic_dir(out, force=force) as staging:
+    ident = identity_of({"meta": data_fingerprint(meta), "shard_bytes": shard_bytes})
+    if _already(out, ident, force):
+        return out
+    with atomic_dir(out, "standin", force=force, inputs={"--meta": meta}, option="--out", identity=ident) as staging:
         for name in ("config.json", "generation_config.json"):
             if (meta / name).is_file():
                 shutil.copyfile(meta / name, staging / name)
@@ -213,9 +227,12 @@ def recipe_standins(recipe_path: str | os.PathLike, meta_root: str | os.PathLike
     if missing:
         raise UserError(f"{recipe_path}: no metadata for {'; '.join(missing)}: a stand-in needs the real "
                         "config.json at least (nothing is guessed)")
-    if out.exists() and not force:
-        raise UserError(f"--out {out} already exists: pass --force to replace it")
-    with atomic_dir(out, force=force) as staging:
+    ident = identity_of({"recipe": data_fingerprint(recipe_path), "shard_bytes": shard_bytes,
+                         "meta": [data_fingerprint(meta_root / meta_folder_name(spec)) for spec in specs.values()]})
+    if _already(out, ident, force):
+        return out / "recipe.yaml"
+    with atomic_dir(out, "standin", force=force, inputs={"--meta": meta_root, "--recipe": recipe_path},
+                    option="--out", identity=ident) as staging:
         done: dict[str, str] = {}
         for spec in dict.fromkeys(specs.values()):
             name = meta_folder_name(spec)

@@ -8,6 +8,9 @@ themselves) are probed too: the target length `mid` is the geometric mean of the
 lengths. The chosen point is the one whose mean length is closest to the target among those
 whose accuracy is within `tolerance` points of the best; the report sets it against the
 length-accuracy Pareto front (the points no other point beats on both length and accuracy).
+No point is chosen (a one-line error; the output untouched, the table in the work folder) when
+none reaches `min_accuracy` or every accurate-enough one has more than `max_truncated` of its
+answers cut at the probe's cap: lengths and accuracies then measure noise or the cap.
 
 Layout: work happens in `<output>.sweep/` (one TA folder and one probe file per point, each
 resumable), and at the end the chosen TA is renamed to `<output>` with the tables and plots in
@@ -24,8 +27,9 @@ from typing import Optional
 
 from pydantic import ValidationError
 
-from .artifacts import read_manifest, write_json_atomic, write_text_atomic
+from .artifacts import move_into_place, read_manifest, write_json_atomic, write_text_atomic
 from .errors import UserError
+from .ownership import check_replaceable, claim, claim_workdir, output_lock, plain_name, remove_ours
 from .generate import TRANSPORT_OPTIONS
 
 from .recipe import SPARSIFYING_METHODS, Recipe, SweepSettings, format_validation_error, load_recipe
@@ -110,20 +114,51 @@ def pareto_front(rows: list[dict]) -> list[dict]:
     return sorted(front, key=lambda r: (r["mean_tokens"], -_acc(r)))
 
 
-def choose(rows: list[dict], target: float, tolerance: float) -> tuple[dict, str]:
-    """The point closest to the target length among the accurate-enough ones, and why, against the front."""
+def _truncated(row: dict) -> float:
+    return row.get("truncation_rate") or 0.0
+
+
+def _short(p: Point) -> str:
+    return f"{p[0]:g}" if p[1] is None else f"{p[0]:g}/{p[1]:g}"
+
+
+def choose(rows: list[dict], target: float, tolerance: float, min_accuracy: float = 0.0,
+           max_truncated: float = 1.0) -> tuple[Optional[dict], str]:
+    """The point closest to the target length among the accurate-enough ones, and why, against the front.
+
+    Accurate enough: at least `min_accuracy`, within `tolerance` points of the best, and at most
+    `max_truncated` of its probe answers cut at the length cap (a cut answer's length is the cap's, its
+    accuracy a floor). (None, why) when no point is worth choosing: none reaches `min_accuracy`, or every
+    accurate-enough one is mostly truncated; a choice among them would be a choice among noise."""
     best = max(_acc(r) for r in rows)
-    floor = best - tolerance / 100.0
-    eligible = [r for r in rows if _acc(r) >= floor - 1e-12]
+    if best < min_accuracy - 1e-12:
+        top = max(rows, key=_acc)
+        return None, (f"no point reaches sweep.min_accuracy {min_accuracy:.1%} (the best, {point_label(_point(top))}, "
+                      f"has {best:.1%}): the probe cannot tell these TAs apart, so their lengths decide nothing; check "
+                      "the checkpoints and the probe (questions, prompt, probe.max_tokens), or lower "
+                      "sweep.min_accuracy")
+    floor = max(best - tolerance / 100.0, min_accuracy)
+    accurate = [r for r in rows if _acc(r) >= floor - 1e-12]
+    cut = [r for r in accurate if _truncated(r) > max_truncated + 1e-12]
+    eligible = [r for r in accurate if not any(r is c for c in cut)]
+    if not eligible:
+        return None, ("every point within {tol:g} points of the best accuracy ({best:.1%}) has more than "
+                      "sweep.max_truncated {mt:.0%} of its probe answers cut at probe.max_tokens ({pts}): their "
+                      "lengths are the cap's and their accuracies a floor; raise sweep.probe.max_tokens, or "
+                      "sweep.max_truncated").format(
+            tol=tolerance, best=best, mt=max_truncated,
+            pts=", ".join(f"{point_label(_point(r))}: {_truncated(r):.0%} truncated" for r in cut))
     pick = min(eligible, key=lambda r: (abs(r["mean_tokens"] - target), -_acc(r), r["ratio"], r.get("density") or 0))
-    left_out = sorted(_point(r) for r in rows if r not in eligible)
+    left_out = sorted(_point(r) for r in rows if not any(r is a for a in accurate))
     what = "points" if any(r.get("density") is not None for r in rows) else "ratios"
     why = (f"{point_label(_point(pick))}: mean {pick['mean_tokens']:.1f} tokens, closest to the target "
            f"{target:.1f} among the {what} within {tolerance:g} points of the best accuracy "
            f"({best:.1%}, floor {max(floor, 0):.1%})")
     if left_out:
-        why += "; too inaccurate: " + ", ".join(
-            f"{p[0]:g}" if p[1] is None else f"{p[0]:g}/{p[1]:g}" for p in left_out)
+        why += "; too inaccurate: " + ", ".join(_short(p) for p in left_out)
+    if cut:
+        why += (f"; mostly truncated (over {max_truncated:.0%} of answers at the cap): "
+                + ", ".join(f"{_short(_point(r))} ({_truncated(r):.0%})" for r in cut))
     front = pareto_front(rows)
     if any(r is pick for r in front):
         why += "; it is on the length-accuracy front"
@@ -144,6 +179,16 @@ def sweep(recipe_path: str | Path, ratios: Optional[list[float]] = None, densiti
           keep_all: bool = False, tolerance: Optional[float] = None, limit: Optional[int] = None,
           max_tokens: Optional[int] = None, backend: Optional[str] = None, data_parallel_size: Optional[int] = None,
           force: bool = False, echo=print) -> dict:
+    """Sweep the recipe's merge points and leave the chosen TA at the recipe's output (see module doc)."""
+    output = Path(load_recipe(recipe_path).output)
+    # one lock for the output and its work folder: two sweeps would build into one `.sweep/`
+    with output_lock(output, "sweep", log=echo):
+        return _sweep(recipe_path, ratios, densities, keep_all, tolerance, limit, max_tokens, backend,
+                      data_parallel_size, force, echo)
+
+
+def _sweep(recipe_path, ratios, densities, keep_all, tolerance, limit, max_tokens, backend, data_parallel_size,
+           force, echo) -> dict:
     from .merge import build
     from .multiratio import at_point, build_points, supports_one_pass
     from .replay import Unsupported
@@ -172,16 +217,19 @@ def sweep(recipe_path: str | Path, ratios: Optional[list[float]] = None, densiti
                            for r in settings.ratios]
     output = Path(recipe.output)
     work = output.with_name(output.name + ".sweep")
-    from .checkpoints import resolve_model_path
+    from .checkpoints import check_model_files, resolve_model_path
     from .fingerprint import content_id
 
     specs = recipe.model_specs()
     paths = {role: resolve_model_path(spec, f"models.{role}", Path(recipe_path).parent) for role, spec in specs.items()}
+    for role, p in paths.items():  # before anything is claimed or written: the endpoints are probed as they are
+        check_model_files(p, f"models.{role}", tokenizer=role != "base")
     # What the sweep's result depends on: the recipe, the sweep settings and the inputs' *content*.
     identity = {"recipe": recipe.model_dump(mode="json", exclude={"sweep", "pipeline", "output"}),
                 "sweep": settings.model_dump(mode="json", exclude={"probe": set(TRANSPORT_OPTIONS)}),
                 "inputs": {role: content_id(p) for role, p in paths.items()}}
-    if (output / "sweep" / "sweep.json").is_file() and not force:
+    claimed = claim(output, "sweep", inputs=paths, stages=["build"])  # a TA is what a sweep writes
+    if claimed.state == "ours" and (output / "sweep" / "sweep.json").is_file() and not force:
         result = json.loads((output / "sweep" / "sweep.json").read_text())
         if result.get("identity") == identity:
             echo(f"sweep already done: chosen ratio {result['chosen']:g} in {output} (use --force to redo)")
@@ -190,9 +238,15 @@ def sweep(recipe_path: str | Path, ratios: Optional[list[float]] = None, densiti
         changed = [k for k in identity if (result.get("identity") or {}).get(k) != identity[k]]
         raise UserError(f"{output} holds a sweep made with other {', '.join(changed)} "
                         f"({'input content' if 'inputs' in changed else 'settings'} changed): pass --force to redo it")
-    if output.exists() and not force:
-        raise UserError(f"output {output} already exists and holds no matching sweep: pass --force to replace it")
-    work.mkdir(parents=True, exist_ok=True)
+    if claimed.state == "ours":
+        check_replaceable(output)  # before the probes, not after
+    if claimed.state == "ours" and not force:
+        raise UserError(f"output {output} already exists and holds a TA that no sweep of this recipe made: pass --force to replace it")
+    grid_tags = {p: _tag(p[0], p[1] if grid else None) for p in points}
+    for p, t in grid_tags.items():
+        plain_name(t, "sweep point")
+    claim_workdir(work, "sweep", output)
+    check_sweep_disk(recipe_path, recipe, work, [p for p in points if not (work / grid_tags[p]).is_dir()], output)
     write_json_atomic(work / "settings.json", identity)
 
     # ---- endpoints: the two checkpoints as they are
@@ -204,7 +258,7 @@ def sweep(recipe_path: str | Path, ratios: Optional[list[float]] = None, densiti
     tas = {p: work / tags[p] for p in points}
     missing = [p for p in points if not _built(tas[p], recipe, p, identity["inputs"])]
     for p in missing:
-        shutil.rmtree(tas[p], ignore_errors=True)
+        remove_ours(tas[p], "build")  # a point folder of an older build; never anything that is not a TA
     one_pass = bool(missing) and supports_one_pass(recipe)
     if one_pass:
         try:
@@ -222,7 +276,23 @@ def sweep(recipe_path: str | Path, ratios: Optional[list[float]] = None, densiti
 
     # ---- choose and report
     target = target_length(settings, endpoints)
-    pick, reason = choose(rows, target, settings.tolerance)
+    pick, reason = choose(rows, target, settings.tolerance, settings.min_accuracy, settings.max_truncated)
+    for stale in ("sweep.md", "sweep.json"):  # a refusal's table, from an earlier run
+        (work / stale).unlink(missing_ok=True)
+    if pick is None:
+        # nothing worth choosing: the output stays as it is; the table goes to the work folder, whose probes
+        # and TAs a rerun (other settings, a longer probe) reuses
+        refused = {"recipe": str(recipe_path), "identity": identity, "method": recipe.merge.method,
+                   "probe": settings.probe.model_dump(mode="json"), "tolerance": settings.tolerance,
+                   "min_accuracy": settings.min_accuracy, "max_truncated": settings.max_truncated,
+                   "densities": settings.densities, "ratios": rows, "endpoints": endpoints,
+                   "target_tokens": round(target, 2), "front": [list(_point(r)) for r in pareto_front(rows)],
+                   "chosen": None, "chosen_density": None, "reason": reason}
+        refused["table_md"] = table_md(refused)
+        write_json_atomic(work / "sweep.json", refused)
+        write_text_atomic(work / "sweep.md", refused["table_md"] + f"\n\nno TA chosen: {reason}\n")
+        echo(refused["table_md"])
+        raise UserError(f"sweep chose no TA: {reason}. {output} was not touched; the table is in {work / 'sweep.md'}")
     chosen = _point(pick)
     front = [list(_point(r)) for r in pareto_front(rows)]
     result = {"recipe": str(recipe_path), "identity": identity, "method": recipe.merge.method,
@@ -267,11 +337,28 @@ def _finish(output: Path, work: Path, tas: dict[Point, Path], chosen: Point, res
     plot_front(result, report / "front.png")
     for f in work.glob("*.probe.jsonl"):
         shutil.copyfile(f, report / f.name)
-    if output.exists():
-        if not force:
-            raise UserError(f"output {output} appeared during the sweep; pass --force to replace it")
-        shutil.rmtree(output)
-    ta.rename(output)
+    claimed = claim(output, "sweep", stages=["build"])  # still ours or absent: we held the lock throughout
+    if claimed.state == "ours" and not force:
+        raise UserError(f"output {output} holds another TA: pass --force to replace it")
+    move_into_place(ta, output)
     if keep_all:
         return
-    shutil.rmtree(work, ignore_errors=True)
+    remove_ours(work, "sweep")
+
+
+def check_sweep_disk(recipe_path, recipe: Recipe, work: Path, missing: list[Point], output: Path) -> None:
+    """Every point still to build is written at once (one pass): they must all fit, now, before the
+    endpoints are probed; where they do not, say how many do."""
+    if not missing:
+        return
+    from .merge import _DISK_MARGIN, _DISK_SLACK_BYTES, plan_build
+    from .multiratio import at_point
+
+    plan = plan_build(recipe_path, str(work / "disk-check"), recipe=at_point(recipe, missing[0]), dry_run=True)
+    each = int(plan.output_bytes * _DISK_MARGIN) + _DISK_SLACK_BYTES
+    free = shutil.disk_usage(work).free
+    if free < each * len(missing):
+        fit = free // each
+        raise UserError(f"not enough disk space for the sweep: {len(missing)} points of about {each / 2**30:.2f} GiB "
+                        f"each are written at once to {work}, which has {free / 2**30:.2f} GiB free, enough "
+                        f"for {fit}; free space, or sweep at most {max(fit, 1)} points at a time (--ratios)")

@@ -275,15 +275,22 @@ def test_changed_settings_refused(varied, boxed, tmp_path):
 
 
 def test_second_writer_refused(varied, tmp_path):
-    from micota_merge.generate import lock_output
+    """Another process holding OUT's lock: refused at once, naming its pid, nothing written."""
+    import subprocess
+    import sys
 
     out = tmp_path / "busy.jsonl"
-    held = lock_output(out)
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\nfrom micota_merge.ownership import output_lock\n"
+        f"with output_lock({str(out)!r}, 'generate'):\n    print('held', flush=True)\n    time.sleep(60)\n")],
+        stdout=subprocess.PIPE, text=True)
     try:
+        assert holder.stdout.readline().strip() == "held"
         code, text = run_cli(*gen_args(varied, out, "--limit", "1"))
-        assert code == 2 and "another" in text and not out.exists()
+        assert code == 2 and f"another micota-merge process (pid {holder.pid})" in text and not out.exists()
     finally:
-        held.close()
+        holder.kill()
+        holder.wait()
 
 
 def test_foreign_file_and_bad_options_refused(varied, tmp_path):
@@ -295,7 +302,8 @@ def test_foreign_file_and_bad_options_refused(varied, tmp_path):
     assert code == 2 and "{question}" in text
     code, text = run_cli(*gen_args(varied, tmp_path / "q.jsonl", "--questions", "gsm9k"))
     assert code == 2 and "gsm8k-train" in text
-    code, text = run_cli(*gen_args(tmp_path, tmp_path / "r.jsonl"))
+    (tmp_path / "not-a-model").mkdir()
+    code, text = run_cli(*gen_args(tmp_path / "not-a-model", tmp_path / "r.jsonl"))
     assert code == 2 and "config.json" in text
 
 

@@ -74,7 +74,7 @@ def test_digests_are_cached_by_size_and_mtime(tiny_family, tmp_path, monkeypatch
     a = tmp_path / "a"
     shutil.copytree(tiny_family["short_cot"], a)
     first = content_id(a)
-    assert (a / CACHE_NAME).is_file()
+    assert fpm.cache_file(a).is_file() and not (a / CACHE_NAME).exists()  # a user's folder is never written to
     hashed = []
     real = fpm.file_digest
     monkeypatch.setattr(fpm, "file_digest", lambda p: hashed.append(Path(p).name) or real(p))
@@ -229,7 +229,8 @@ def test_sweep_refuses_a_finished_sweep_of_other_inputs(tiny_family, tmp_path):
         "models": {r: str(models / r) for r in tiny_family}, "merge": {"method": "linear", "dtype": "float32"},
         "output": str(tmp_path / "ta"),
         "sweep": {"ratios": [0.25, 0.75], "probe": {"benchmark": "gsm8k", "limit": 2, "max_tokens": 4,
-                                                     "backend": "transformers"}}}))
+                                                     "backend": "transformers"},
+                  "min_accuracy": 0.0, "max_truncated": 1.0}}))  # random models: no floor to reach
     first = sweep(recipe, keep_all=True, echo=lambda s: None)
     again = sweep(recipe, echo=lambda s: None)
     assert again == first  # done, same content: reported, not redone

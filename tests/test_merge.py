@@ -174,11 +174,21 @@ def test_existing_output_refused_without_force(tiny_family, tmp_path):
     out = _build(tmp_path, tiny_family)
     marker = out / "keep.txt"
     marker.write_text("user data")
+    # the same recipe and inputs: already built, said so, exit 0, nothing touched
     result = CliRunner().invoke(cli, ["build", str(tmp_path / "ta.yaml")])
-    assert result.exit_code == 2 and "--force" in result.output
+    assert result.exit_code == 0 and "already built" in result.output
     assert marker.read_text() == "user data"
+    # --force replaces only what build wrote: a file the user put into the TA stops it, untouched
     result = CliRunner().invoke(cli, ["build", str(tmp_path / "ta.yaml"), "--force"])
-    assert result.exit_code == 0 and not marker.exists()
+    assert result.exit_code == 2 and "keep.txt" in result.output and "did not write" in result.output
+    assert marker.read_text() == "user data"
+    marker.unlink()
+    before = (out / "micota.json").stat().st_ino
+    result = CliRunner().invoke(cli, ["build", str(tmp_path / "ta.yaml"), "--force"])
+    assert result.exit_code == 0 and (out / "micota.json").stat().st_ino != before  # written anew
+    # another ratio is another TA: refused without --force
+    result = CliRunner().invoke(cli, ["build", str(tmp_path / "ta.yaml"), "--ratio", "0.25"])
+    assert result.exit_code == 2 and "--force" in result.output
 
 
 def test_dry_run_reads_no_weights_and_writes_nothing(tiny_family, tmp_path, monkeypatch):

@@ -121,27 +121,37 @@ def test_refusals(parts, tmp_path):
     bad.write_text('{"id": "a", "messages": []}\n{"id": \n')
     code, text = run(f"{bad}=1", "--out", out)
     assert code == 2 and "bad.jsonl:2" in text
-    code, text = run(f"{long}=1", "--out", long)
-    assert code == 2 and "also one of the parts" in text
+    before = long.read_bytes()
+    for flags in ([], ["--force"]):
+        code, text = run(f"{long}=1", "--out", long, *flags)
+        assert code == 2 and "is the input part" in text and long.read_bytes() == before
 
 
-def test_mix_over_a_generate_output_needs_force_and_drops_its_sidecars(parts, tmp_path):
-    """A mix written over a generate output must not leave generate's .meta.json beside it: a later
-    `generate --out` on that file would otherwise take it for its own and resume into the mix."""
+def test_mix_never_replaces_a_generate_output(parts, tmp_path):
+    """A generate output is not a mix: `--force` replaces only a mix that mix wrote, so the records,
+    generate's manifest and its sidecars stay as they are."""
     long, short = parts
     out = tmp_path / "gen.jsonl"
     out.write_text("".join(json.dumps({"id": f"q{i}", "sample": 0, "messages": []}) + "\n" for i in range(24)))
     meta = tmp_path / "gen.jsonl.meta.json"
-    meta.write_text('{"format": 1, "settings": {}}')
+    meta.write_text('{"format": 1, "stage": "generate", "settings": {}}')
     (tmp_path / "gen.correct.jsonl").write_text("")
-    before = out.read_bytes()
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    for flags in ([], ["--force"]):
+        code, text = run(f"{long}=1", f"{short}=4", "--out", out, "--total", 5, *flags)
+        assert code == 2 and "not written by micota-merge mix" in text
+        assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_mix_rerun_and_force(parts, tmp_path):
+    long, short = parts
+    out = tmp_path / "m.jsonl"
+    assert run(f"{long}=1", f"{short}=4", "--out", out, "--total", 5)[0] == 0
+    first = out.read_bytes()
     code, text = run(f"{long}=1", f"{short}=4", "--out", out, "--total", 5)
-    assert code == 2 and "already exists" in text
-    assert out.read_bytes() == before and meta.is_file()
-    code, text = run(f"{long}=1", f"{short}=4", "--out", out, "--total", 5, "--force")
-    assert code == 0, text
-    assert len(out.read_text().splitlines()) == 5
-    assert not meta.exists() and not (tmp_path / "gen.correct.jsonl").exists()
+    assert code == 0 and "already mixed" in text and out.read_bytes() == first
+    code, text = run(f"{long}=1", f"{short}=4", "--out", out, "--total", 5, "--seed", 9, "--force")
+    assert code == 0 and out.read_bytes() != first
 
 
 @pytest.mark.parametrize("case, message", [

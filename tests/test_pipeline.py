@@ -105,6 +105,13 @@ def test_demo_pipeline_end_to_end_small(tmp_path):
     pipeline = tmp_path / "pipeline.yaml"
     pipeline.write_text(yaml.safe_dump(data))
 
+    plan = CliRunner().invoke(cli, ["run", str(pipeline), "--dry-run"])
+    assert plan.exit_code == 0, plan.output
+    for stage in ("build: teacher assistant (sweep)", "generate: ta data", "generate: long_cot data",
+                  "distill: student on ta data (seed 1)", "eval: student+long_cot@seed1", "report"):
+        assert f"[plan] {stage}: would run" in plan.output, plan.output
+    assert not (tmp_path / "w").exists()  # a plan writes nothing
+
     first = CliRunner().invoke(cli, ["run", str(pipeline)])
     assert first.exit_code == 0, first.output
     report = (tmp_path / "w" / "report.md").read_text()
@@ -152,6 +159,11 @@ def test_demo_pipeline_end_to_end_small(tmp_path):
     name = sorted(weights)[0]
     weights[name] = weights[name] + 0.01
     save_file(weights, student / "model.safetensors", metadata={"format": "pt"})
+    plan = CliRunner().invoke(cli, ["run", str(pipeline), "--dry-run"])
+    assert plan.exit_code == 0 and "[done] build" in plan.output, plan.output
+    assert (f"[plan] distill: student on ta data (seed 0): would start over; replaces "
+            f"{tmp_path / 'w' / 'students' / 'ta' / 'seed-0' / 'model'}") in plan.output
+    assert "[plan] eval: student: would start over" in plan.output
     third = CliRunner().invoke(cli, ["run", str(pipeline)])
     assert third.exit_code == 0, third.output
     assert "[done] build" in third.output and "[done] generate: ta data" in third.output

@@ -270,11 +270,11 @@ def test_eval_of_a_hosted_model_with_a_key(tmp_path, monkeypatch):
                              "--tasks", "gsm8k", "--limit", "3", "--max-tokens", "64", "--output", out)
         assert code == 0, text
         summary = json.loads((out / "summary.json").read_text())
-        # every answer is \boxed{18}: right for Janet's ducks only; no local tokenizer, no mean_tokens
+        # every answer is \boxed{18}: right for Janet's ducks only
         t = summary["tasks"]["gsm8k"]
         assert (t["accuracy"], t["n"], t["samples"]) == (1 / 3, 3, 1)
-        # token lengths need the model's own tokenizer, which a hosted model's is not here
-        assert t["mean_tokens"] is None and t["mean_thinking_tokens"] is None and t["truncated"] is None
+        # no local tokenizer: the lengths are the server's (usage.completion_tokens 7, finish_reason stop)
+        assert (t["mean_tokens"], t["mean_thinking_tokens"], t["truncated"]) == (7, 0, 0)
         assert len(api.seen) == 3 and set(api.auth) == {"Bearer sekrit-123"}
         assert all([m["role"] for m in b["messages"]] == ["user"] and b["model"] == "hosted-m" for b in api.seen)
         assert not any("sekrit" in p.read_text(errors="replace") for p in out.rglob("*") if p.is_file())
