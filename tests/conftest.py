@@ -125,3 +125,46 @@ def chain_model(config, chain: list[int]):
         head[b, k] = 10.0
     model.load_state_dict(sd)
     return model
+
+
+class LoopbackAPI:
+    """Base of the fake OpenAI-compatible servers: an aiohttp app on 127.0.0.1 (a free port) in a
+    thread of its own; subclasses add routes in `routes(app)`."""
+
+    def start(self) -> None:
+        import asyncio
+        import threading
+
+        from aiohttp import web
+
+        app = web.Application()
+        self.routes(app)
+        self.loop = asyncio.new_event_loop()
+        self.runner = web.AppRunner(app)
+        self.loop.run_until_complete(self.runner.setup())
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        self.loop.run_until_complete(site.start())
+        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/v1"
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def routes(self, app) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        import asyncio
+
+        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core machine: torch's thread pool only spins against itself."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

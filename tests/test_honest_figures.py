@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from conftest import LoopbackAPI
 from micota_merge.cli import cli
 
 
@@ -26,28 +27,17 @@ def eval_samples(out: Path, bench: str = "gsm8k") -> list[dict]:
     return sorted(read_jsonl(path), key=lambda r: r["doc_id"])
 
 
-class FakeServer:
+class FakeServer(LoopbackAPI):
     """An OpenAI-compatible server on loopback (aiohttp, in a thread) serving `model_id`; each chat is
     answered by `answer(user_text) -> (content, finish_reason, completion_tokens)`."""
 
     def __init__(self, model_id: str, answer):
-        import asyncio
-        import threading
-
-        from aiohttp import web
-
         self.model_id, self.answer, self.seen = model_id, answer, []
-        app = web.Application()
+        self.start()
+
+    def routes(self, app) -> None:
         app.router.add_get("/v1/models", self.models)
         app.router.add_post("/v1/chat/completions", self.chat)
-        self.loop = asyncio.new_event_loop()
-        self.runner = web.AppRunner(app)
-        self.loop.run_until_complete(self.runner.setup())
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        self.loop.run_until_complete(site.start())
-        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/v1"
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
 
     async def models(self, request):
         from aiohttp import web
@@ -64,13 +54,6 @@ class FakeServer:
         return web.json_response({
             "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": reason}],
             "usage": {"prompt_tokens": 5, "completion_tokens": tokens, "total_tokens": 5 + tokens}})
-
-    def close(self):
-        import asyncio
-
-        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
 
 
 def local_count(model: Path, text: str) -> int:

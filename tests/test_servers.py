@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from conftest import LoopbackAPI
 from micota_merge.cli import cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -143,31 +144,20 @@ def test_scale_pipeline_examples_validate():
         validate_pipeline(recipe, recipe.pipeline, REPO)
 
 
-class TinyAPI:
+class TinyAPI(LoopbackAPI):
     """A minimal OpenAI-compatible HTTP server on loopback (aiohttp, in a thread): serves the model
     "hosted-m", answers every chat with "\\boxed{18}", and fails the first `fail` chat requests with
     HTTP `status`. For the client's HTTP handling and for a model known only by name (a hosted API)."""
 
     def __init__(self, fail: int = 0, status: int = 503, models_status: int = 200, reasoning: str = "",
                  retry_after: int = 0):
-        import asyncio
-        import threading
-
-        from aiohttp import web
-
         self.fail, self.status, self.models_status, self.seen, self.auth = fail, status, models_status, [], []
         self.reasoning, self.retry_after, self.arrived = reasoning, retry_after, []
-        app = web.Application()
+        self.start()
+
+    def routes(self, app) -> None:
         app.router.add_get("/v1/models", self.models)
         app.router.add_post("/v1/chat/completions", self.chat)
-        self.loop = asyncio.new_event_loop()
-        self.runner = web.AppRunner(app)
-        self.loop.run_until_complete(self.runner.setup())
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        self.loop.run_until_complete(site.start())
-        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/v1"
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
 
     async def models(self, request):
         from aiohttp import web
@@ -190,13 +180,6 @@ class TinyAPI:
             message["reasoning_content"] = self.reasoning
         return web.json_response({"choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
                                   "usage": {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12}})
-
-    def close(self):
-        import asyncio
-
-        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
 
 
 def test_retries_5xx_and_a_model_known_only_by_name(tmp_path, monkeypatch):
