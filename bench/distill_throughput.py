@@ -28,11 +28,11 @@ from pathlib import Path
 
 def student_dir(spec: str, work: Path) -> Path:
     if spec == "tiny":
-        from micota_merge.demo import make_family
+        from micota_merge.demo.family import make_family
 
         return make_family(work / "family", seed=0, dtype="float32")["short_cot"]
     if spec == "smollm2":
-        from micota_merge.checkpoints import import_gguf, smollm2_gguf_path
+        from micota_merge.core.checkpoints import import_gguf, smollm2_gguf_path
 
         cache = Path(os.environ.get("MICOTA_CACHE", Path.home() / ".cache" / "micota-merge")) / "smollm2-135m-instruct"
         if not (cache / "config.json").is_file():
@@ -67,7 +67,7 @@ def run_mode(packing: bool, student: Path, data: Path, args, work: Path) -> dict
     import torch
     from transformers import AutoTokenizer
 
-    from micota_merge.distill import DistillConfig, _step_counter_class, build_trainer, prepare_examples
+    from micota_merge.training.distill import DistillConfig, _step_counter_class, build_trainer, prepare_examples
 
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(student)

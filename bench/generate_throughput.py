@@ -25,7 +25,7 @@ from pathlib import Path
 
 
 def smollm2_dir() -> Path:
-    from micota_merge.checkpoints import import_gguf, smollm2_gguf_path
+    from micota_merge.core.checkpoints import import_gguf, smollm2_gguf_path
 
     cache = Path(os.environ.get("MICOTA_CACHE", Path.home() / ".cache" / "micota-merge")) / "smollm2-135m-instruct"
     if not (cache / "config.json").is_file():

@@ -1,4 +1,4 @@
-"""Our grader (micota_merge.grading) against lm-eval's built-in minerva_math exact match.
+"""Our grader (micota_merge.evaluation.grading) against lm-eval's built-in minerva_math exact match.
 
 Both judge the same responses, whose right verdicts are known:
   table      tests/data/grading_cases.jsonl: hand-judged responses for all five benchmarks
@@ -61,7 +61,7 @@ json.dump(out, open(sys.argv[2], "w"))
 
 def gold_text(gold, benchmark: str | None) -> str:
     """The gold as one LaTeX string, for minerva (which takes a string)."""
-    from micota_merge.grading import parse_gold
+    from micota_merge.evaluation.grading import parse_gold
 
     return ", ".join(parse_gold(gold, benchmark))
 
@@ -151,7 +151,7 @@ def synthesise(answer: str) -> list[tuple[str, bool, str]]:
 def synth_cases() -> list[dict]:
     rows = [
         json.loads(line)
-        for line in (ROOT / "eval" / "data" / "math500" / "test.jsonl").read_text().splitlines()
+        for line in (ROOT / "micota_merge" / "evaluation" / "tasks" / "data" / "math500" / "test.jsonl").read_text().splitlines()
         if line
     ]
     cases = []
@@ -233,7 +233,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args()
 
-    from micota_merge.grading import grade
+    from micota_merge.evaluation.grading import grade
 
     sets = {
         "table": [json.loads(line) for line in TABLE.read_text().splitlines() if line],

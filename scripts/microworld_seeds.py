@@ -1,7 +1,7 @@
 """The demo's figures over seeds of the whole micro world: mean ± spread of every figure.
 
 Each world is trained from its seed with `micota-merge demo train` (or given with --world),
-then the demo pipeline (merge_recipes/demo-pipeline.yaml, its distillation seeds included) runs
+then the demo pipeline (micota_merge/recipes/pipeline/demo-pipeline.yaml, its distillation seeds included) runs
 on it. Every world is scored on the committed held-out questions: the split is a hash of the
 question text, so they are held out of every world's training.
 
@@ -25,8 +25,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from micota_merge.microworld import reflection_shares  # noqa: E402
-from micota_merge.pipeline import spread  # noqa: E402
+from micota_merge.demo.microworld import reflection_shares  # noqa: E402
+from micota_merge.pipeline.run import spread  # noqa: E402
 
 
 def train(seed: int, out: Path) -> Path:
@@ -89,13 +89,13 @@ def main() -> None:
     ap.add_argument("--done", action="append", default=[], metavar="SEED=WORKDIR",
                     help="a world whose pipeline already ran (e.g. 0=outputs/demo-pipeline, the README's "
                          "first command): its figures are read, nothing is run")
-    ap.add_argument("--recipe", type=Path, default=REPO / "merge_recipes" / "demo-pipeline.yaml")
+    ap.add_argument("--recipe", type=Path, default=REPO / "micota_merge" / "recipes" / "pipeline" / "demo-pipeline.yaml")
     ap.add_argument("--out", type=Path, default=Path("outputs/microworld-seeds"))
     args = ap.parse_args()
     given = {int(k): Path(v) for k, v in (w.split("=", 1) for w in args.world)}
     done = {int(k): Path(v) for k, v in (w.split("=", 1) for w in args.done)}
 
-    from micota_merge.pipeline import run
+    from micota_merge.pipeline.run import run
 
     per_world = {}
     for seed in args.seeds:

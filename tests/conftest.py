@@ -23,7 +23,7 @@ if _VLLM_PY.is_file():
 @pytest.fixture(scope="session")
 def tiny_family(tmp_path_factory) -> dict[str, Path]:
     """base/long_cot/short_cot tiny Qwen2 checkpoints (bf16) with the real Qwen2 tokenizer."""
-    from micota_merge.demo import make_family
+    from micota_merge.demo.family import make_family
 
     return make_family(tmp_path_factory.mktemp("family"), arch="qwen2", seed=0)
 
@@ -31,14 +31,14 @@ def tiny_family(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def tiny_family_f32(tmp_path_factory) -> dict[str, Path]:
     """The same family in float32, for exact comparisons with formulas."""
-    from micota_merge.demo import make_family
+    from micota_merge.demo.family import make_family
 
     return make_family(tmp_path_factory.mktemp("family32"), arch="qwen2", seed=1, dtype="float32")
 
 
 @pytest.fixture(scope="session")
 def tiny_llama_family(tmp_path_factory) -> dict[str, Path]:
-    from micota_merge.demo import make_family
+    from micota_merge.demo.family import make_family
 
     return make_family(tmp_path_factory.mktemp("llama"), arch="llama", seed=2, dtype="float32")
 
@@ -49,7 +49,7 @@ def smollm2_dir() -> Path:
 
     Cached under ~/.cache/micota-merge so that slow tests and benchmarks convert it once.
     """
-    from micota_merge.checkpoints import import_gguf, smollm2_gguf_path
+    from micota_merge.core.checkpoints import import_gguf, smollm2_gguf_path
 
     gguf = smollm2_gguf_path()
     if gguf is None:
@@ -96,7 +96,7 @@ def chat_data(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def distilled_tiny(tiny_family, chat_data, tmp_path_factory) -> Path:
     """The tiny short_cot student fine-tuned for a few steps on chat_data["train"] (high lr)."""
-    from micota_merge.distill import DistillConfig, distill
+    from micota_merge.training.distill import DistillConfig, distill
 
     out = tmp_path_factory.mktemp("distilled") / "student"
     cfg = DistillConfig(student=str(tiny_family["short_cot"]), data=[str(chat_data["train"])], out=str(out),

@@ -8,7 +8,7 @@ import math
 import pytest
 from click.testing import CliRunner
 
-from micota_merge.align import align, spread
+from micota_merge.training.align import align, spread
 from micota_merge.cli import cli
 
 
@@ -47,7 +47,7 @@ def test_scores_exactly_the_trained_tokens(tiny_family, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from micota_merge.distill import encode_records, read_chat_records
+    from micota_merge.training.distill import encode_records, read_chat_records
 
     rec = {"messages": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi there!"}]}
     f = tmp_path / "one.jsonl"

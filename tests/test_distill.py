@@ -14,11 +14,11 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from micota_merge.artifacts import sha256_file
+from micota_merge.core.artifacts import sha256_file
 from micota_merge.cli import cli
-from micota_merge.distill import DistillConfig, build_trainer, encode_records, prepare_examples, read_chat_records
-from micota_merge.errors import UserError
-from micota_merge.options import resolve
+from micota_merge.training.distill import DistillConfig, build_trainer, encode_records, prepare_examples, read_chat_records
+from micota_merge.core.errors import UserError
+from micota_merge.core.options import resolve
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -140,7 +140,7 @@ def test_config_file_and_flags(tmp_path):
     with pytest.raises(UserError, match="unknown key 'learning_rate'"):
         resolve(DistillConfig, {"data": ("a",), "out": "o"}, str(cfg_file))
     # Every shipped distill recipe parses.
-    for recipe in sorted((REPO / "merge_recipes" / "distill").glob("*.yaml")):
+    for recipe in sorted((REPO / "micota_merge" / "recipes" / "distill").glob("*.yaml")):
         cfg = resolve(DistillConfig, {"data": ("d.jsonl",), "out": "o"}, str(recipe))
         assert cfg.lr == 1e-5 and cfg.epochs == 2 and cfg.max_length == 16384 and cfg.lr_scheduler == "cosine"
 
@@ -200,7 +200,7 @@ def test_lora_saves_merged_full_model(tiny_family, chat_data, tmp_path):
 def test_resume_after_interruption(tiny_family, chat_data, tmp_path, monkeypatch):
     """A run stopped after its first checkpoint leaves no output; --resume refuses changed options,
     then finishes the same schedule from the checkpoint instead of step 0."""
-    import micota_merge.distill as d
+    import micota_merge.training.distill as d
 
     real_counter = d._step_counter_class()
 
@@ -235,7 +235,7 @@ def test_resume_after_interruption(tiny_family, chat_data, tmp_path, monkeypatch
 def test_resume_after_kill(tiny_family, chat_data, tmp_path):
     """SIGKILL a real training process after its first checkpoint; --resume then finishes the same
     schedule from that checkpoint instead of step 0."""
-    from micota_merge.distill import last_complete_checkpoint
+    from micota_merge.training.distill import last_complete_checkpoint
 
     out = tmp_path / "student"
     args = ["--student", str(tiny_family["short_cot"]), "--data", str(chat_data["train"]), "--out", str(out),
@@ -272,13 +272,13 @@ def test_accelerate_configs_are_valid():
     from accelerate.commands.launch import launch_command_parser
 
     known = {a.dest for a in launch_command_parser()._actions}
-    configs = sorted((REPO / "merge_recipes" / "accelerate").glob("*.yaml"))
+    configs = sorted((REPO / "micota_merge" / "recipes" / "accelerate").glob("*.yaml"))
     assert {c.stem for c in configs} >= {"single_gpu", "fsdp", "zero3"}
     for path in configs:
         cfg = ClusterConfig.from_yaml_file(str(path))
         for key in list(cfg.fsdp_config or {}) + list(cfg.deepspeed_config or {}):
             assert key in known, f"{path.name}: unknown key {key}"
-    assert ClusterConfig.from_yaml_file(str(REPO / "merge_recipes/accelerate/fsdp.yaml")).fsdp_config[
+    assert ClusterConfig.from_yaml_file(str(REPO / "micota_merge/recipes/accelerate/fsdp.yaml")).fsdp_config[
         "fsdp_state_dict_type"] == "FULL_STATE_DICT"  # the final save must be one ordinary HF folder
 
 
@@ -305,7 +305,7 @@ def test_loss_plot_has_whole_step_ticks(tmp_path, monkeypatch):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from micota_merge.distill import plot_loss
+    from micota_merge.training.distill import plot_loss
 
     figs = []
     monkeypatch.setattr(plt, "close", lambda fig=None: figs.append(fig))

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from micota_merge import grading
+from micota_merge.evaluation import grading
 from micota_merge.cli import cli
-from micota_merge.errors import StageFailed
-from micota_merge.tasks import BENCHMARKS, DATA_DIR, GROUP, TASK_DIR, task_name
+from micota_merge.core.errors import StageFailed
+from micota_merge.evaluation.tasks import BENCHMARKS, DATA_DIR, GROUP, TASK_DIR, task_name
 
 PROMPT_TAIL = "\nPlease reason step by step, and put your final answer within \\boxed{}."
 
@@ -113,7 +113,7 @@ def test_per_sample_records_audit(run_all):
             assert float(sample["correct"]) == rec["accuracy"]
             assert sample["num_tokens"] == rec["mean_tokens"] > 0
             assert sample["thinking_tokens"] == 0 and sample["answer_tokens"] == sample["num_tokens"]
-            # truncated: the engine ended the answer at the 16-token cap (micota_merge.lengths)
+            # truncated: the engine ended the answer at the 16-token cap (micota_merge.core.lengths)
             assert sample["finish_reason"] in ("stop", "length") and sample["num_tokens"] <= 16
             assert sample["truncated"] is (sample["finish_reason"] == "length")
             assert rec["truncated"] == float(sample["truncated"])
@@ -181,7 +181,7 @@ def test_rerun_after_a_crash_reads_cached_responses(tiny_family, tmp_path, monke
     """A run that dies after generating leaves its responses; the rerun does not generate again."""
     from lm_eval.models.huggingface import HFLM
 
-    from micota_merge import evaluate as ev
+    from micota_merge.evaluation import evaluate as ev
 
     out = tmp_path / "run"
     args = ["eval", "--model", str(tiny_family["long_cot"]), "--tasks", "gsm8k", "--limit", "2",
@@ -208,10 +208,10 @@ def test_rerun_after_a_crash_reads_cached_responses(tiny_family, tmp_path, monke
 
 
 def test_all_task_yamls_register():
-    from micota_merge.evaluate import load_task_manager
+    from micota_merge.evaluation.evaluate import load_task_manager
 
     tm = load_task_manager()
-    from micota_merge.tasks import ALL_TASKS
+    from micota_merge.evaluation.tasks import ALL_TASKS
 
     assert {task_name(b) for b in ALL_TASKS} | {GROUP} <= set(tm.all_tasks)
     # every YAML in eval/ is a task, the group, or the shared template
@@ -221,7 +221,7 @@ def test_all_task_yamls_register():
 
 def test_broken_task_yaml_fails_loudly(tmp_path):
     """lm-eval drops a YAML it cannot parse; we refuse to run and name the file."""
-    from micota_merge.evaluate import load_task_manager
+    from micota_merge.evaluation.evaluate import load_task_manager
 
     tasks = tmp_path / "tasks"
     shutil.copytree(TASK_DIR, tasks, ignore=shutil.ignore_patterns("data", "__pycache__"))
@@ -318,7 +318,7 @@ def run_r1(tiny_family, tmp_path_factory) -> Path:
 
 
 def test_r1_protocol_samples_every_task(run_r1):
-    from micota_merge import scoring
+    from micota_merge.evaluation import scoring
 
     summary = json.loads((run_r1 / "summary.json").read_text())
     want = {"aime24": 8, "amc23": 8, "olympiadbench": 4, "math500": 4, "gsm8k": 1}
@@ -401,7 +401,7 @@ def _r1_template_copy(src: Path, dst: Path) -> Path:
 
 def test_thinking_aware_metrics_r1_format(tiny_family, tmp_path):
     """R1-format answers: graded after </think>, lengths split, an unfinished think block is no answer."""
-    from micota_merge.tasks import utils
+    from micota_merge.evaluation.tasks import utils
 
     doc = data_rows("gsm8k")[0]  # gold 18
     responses = [
@@ -451,7 +451,7 @@ def test_template_that_opens_think_makes_answers_thinking(tiny_family, tmp_path)
 
 def _fake_run(folder: Path, name: str, correct: dict[str, list[list[int]]]) -> Path:
     """A finished run's files as `eval` writes them: summary.json and per-sample logs."""
-    from micota_merge import evaluate
+    from micota_merge.evaluation import evaluate
 
     run = folder / name
     run.mkdir()
@@ -510,7 +510,7 @@ def test_bad_sampling_options_exit_2(tiny_family, tmp_path, args, message):
 
 
 def test_r1_defaults_per_task():
-    from micota_merge.evaluate import sampling_settings
+    from micota_merge.evaluation.evaluate import sampling_settings
 
     s = sampling_settings("r1", None, None, None, list(BENCHMARKS))
     assert s["samples"] == {"aime24": 64, "amc23": 64, "olympiadbench": 4, "math500": 4, "gsm8k": 1}

@@ -22,7 +22,7 @@ import yaml
 from click.testing import CliRunner
 
 from micota_merge.cli import cli
-from micota_merge.errors import UserError
+from micota_merge.core.errors import UserError
 
 MICOTA = [sys.executable, "-m", "micota_merge.cli"]
 
@@ -242,7 +242,7 @@ def test_generate_refuses_an_unloadable_model_before_writing(kind, file, needles
 def test_auto_map_of_a_built_in_architecture_is_loadable(tiny_family, tmp_path):
     """Many hub configs keep an auto_map for an architecture transformers has since built in (loaded
     without remote code): those are not refused."""
-    from micota_merge.checkpoints import check_model_files
+    from micota_merge.core.checkpoints import check_model_files
 
     model = copy_model(tiny_family["short_cot"], tmp_path / "m")
     cfg = json.loads((model / "config.json").read_text())
@@ -303,7 +303,7 @@ def test_run_names_the_pipeline_questions_line_that_is_not_utf8(tiny_family, tmp
 
 def test_question_longer_than_the_context_is_named(tiny_family, tmp_path):
     """Before: "pass --max-tokens -1997987 or less", with no question named."""
-    from micota_merge.data import content_id
+    from micota_merge.data.questions import content_id
 
     huge = "seven " * 3000  # the tiny model's context is 2048 tokens
     q = questions_file(tmp_path / "q.jsonl", "What is 1 + 1?", huge)
@@ -316,7 +316,7 @@ def test_question_longer_than_the_context_is_named(tiny_family, tmp_path):
 
 
 def test_question_that_leaves_no_room_for_the_answer_is_named(tiny_family, tmp_path):
-    from micota_merge.data import content_id
+    from micota_merge.data.questions import content_id
 
     long = "seven " * 1500  # fits the 2048-token context, but not with 1000 new tokens
     q = questions_file(tmp_path / "q.jsonl", "What is 1 + 1?", long)
@@ -372,9 +372,9 @@ def test_distill_when_another_writer_fills_the_disk(small_disk, tiny_family, cha
     """No free-space check foresees another process filling the disk during training: the checkpoint's
     safetensors write then fails (SafetensorError "os error 28"). The check is skipped here to stand for
     that writer; the write and its failure are real."""
-    import micota_merge.distill
+    import micota_merge.training.distill
 
-    monkeypatch.setattr(micota_merge.distill, "check_free_space", lambda *a, **k: None)
+    monkeypatch.setattr(micota_merge.training.distill, "check_free_space", lambda *a, **k: None)
     disk = small_disk("8m")
     out = disk / "student"
     line = refused_loosely(invoke("distill", "--student", tiny_family["short_cot"], "--data", chat_data["train"],

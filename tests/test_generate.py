@@ -44,7 +44,7 @@ def varied(tmp_path_factory) -> Path:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from micota_merge.demo import tiny_config, write_model
+    from micota_merge.demo.family import tiny_config, write_model
 
     torch.manual_seed(3)
     model = AutoModelForCausalLM.from_config(tiny_config("qwen2", initializer_range=0.3))
@@ -61,7 +61,7 @@ def bigram_model(out: Path, text: str, opens_think: bool = False) -> Path:
     ends the prompt with "<think>\\n", as R1-distill's does."""
     from transformers import AutoTokenizer
 
-    from micota_merge.demo import QWEN2_TOKENIZER, save_tokenizer, tiny_config
+    from micota_merge.demo.family import QWEN2_TOKENIZER, save_tokenizer, tiny_config
 
     tok = AutoTokenizer.from_pretrained(QWEN2_TOKENIZER)
     if opens_think:
@@ -139,7 +139,7 @@ def test_records_and_keep_correct(boxed, tmp_path):
 
 
 def read_questions(name):
-    from micota_merge.data import load_questions
+    from micota_merge.data.questions import load_questions
 
     return load_questions(name)
 
@@ -281,7 +281,7 @@ def test_second_writer_refused(varied, tmp_path):
 
     out = tmp_path / "busy.jsonl"
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time\nfrom micota_merge.ownership import output_lock\n"
+        "import sys, time\nfrom micota_merge.core.ownership import output_lock\n"
         f"with output_lock({str(out)!r}, 'generate'):\n    print('held', flush=True)\n    time.sleep(60)\n")],
         stdout=subprocess.PIPE, text=True)
     try:
@@ -331,8 +331,8 @@ def test_olympiadbench_multi_answers_are_lists():
 
 
 def test_custom_jsonl_fields_and_stable_ids(tmp_path):
-    from micota_merge.data import content_id, load_questions
-    from micota_merge.errors import UserError
+    from micota_merge.data.questions import content_id, load_questions
+    from micota_merge.core.errors import UserError
 
     rows = [{"prob": "What is 2+3?", "sol": "#### 5"}, {"prob": "What is 4*4?", "sol": "#### 16"},
             {"prob": "What is 2+3?", "sol": "#### 5"}]
@@ -357,7 +357,7 @@ def test_custom_jsonl_fields_and_stable_ids(tmp_path):
 def test_hf_dataset_on_disk(tmp_path, boxed):
     import datasets
 
-    from micota_merge.data import load_questions
+    from micota_merge.data.questions import load_questions
 
     ds = datasets.DatasetDict({"train": datasets.Dataset.from_dict(
         {"uid": ["a", "b"], "problem": ["How many legs has a duck?", "9+9?"], "final": ["2", "18"]})})

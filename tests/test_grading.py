@@ -18,13 +18,13 @@ from pathlib import Path
 
 import pytest
 
-import micota_merge.tasks
-from micota_merge import grading
-from micota_merge.grading import BENCHMARKS, extract_answer, grade, is_correct, parse_gold
+import micota_merge.evaluation.tasks
+from micota_merge.evaluation import grading
+from micota_merge.evaluation.grading import BENCHMARKS, extract_answer, grade, is_correct, parse_gold
 
 CASES_FILE = Path(__file__).parent / "data" / "grading_cases.jsonl"
 CASES = [json.loads(line) for line in CASES_FILE.read_text(encoding="utf-8").splitlines() if line]
-DATA = Path(micota_merge.tasks.__file__).parent / "data"
+DATA = Path(micota_merge.evaluation.tasks.__file__).parent / "data"
 
 
 def _case_id(i: int, c: dict) -> str:

@@ -165,7 +165,7 @@ def test_resumed_eval_keeps_the_engines_figures(tiny_family, tmp_path, monkeypat
     """Answers read back from the response cache after a crash keep the engine's count and finish reason."""
     from lm_eval.models.huggingface import HFLM
 
-    from micota_merge import evaluate as ev
+    from micota_merge.evaluation import evaluate as ev
 
     model = tiny_family["long_cot"]
     args = ["eval", "--model", model, "--tasks", "gsm8k", "--limit", "2", "--max-tokens", "12", "--dtype",
@@ -200,7 +200,7 @@ def _row(ratio, acc, tokens, truncated, density=None):
 
 
 def test_choose_refuses_noise_and_cut_answers():
-    from micota_merge.sweep import choose
+    from micota_merge.merge.sweep.run import choose
 
     noise = [_row(r, 0.0, 64.0, 1.0) for r in (0.0, 0.5, 1.0)]
     pick, why = choose(noise, 40.0, tolerance=2.0, min_accuracy=0.05, max_truncated=0.5)
@@ -280,8 +280,8 @@ BOOL_FIELDS = [("merge", "ratio"), ("merge", "density"), ("merge", "seed"), ("me
 
 @pytest.mark.parametrize("section,key", BOOL_FIELDS)
 def test_a_boolean_is_not_a_number_in_a_recipe(tmp_path, section, key):
-    from micota_merge.errors import UserError
-    from micota_merge.recipe import parse_recipe
+    from micota_merge.core.errors import UserError
+    from micota_merge.merge.recipe import parse_recipe
 
     data = _base_recipe(tmp_path)
     node = data
@@ -297,8 +297,8 @@ def test_a_boolean_is_not_a_number_in_a_recipe(tmp_path, section, key):
 
 @pytest.mark.parametrize("where", ["ratios", "densities", "distill_seeds", "mix"])
 def test_a_boolean_is_not_a_number_in_a_list_or_mapping(tmp_path, where):
-    from micota_merge.errors import UserError
-    from micota_merge.recipe import parse_recipe
+    from micota_merge.core.errors import UserError
+    from micota_merge.merge.recipe import parse_recipe
 
     data = _base_recipe(tmp_path)
     if where in ("ratios", "densities"):
@@ -327,8 +327,8 @@ def test_ratio_true_is_refused_by_build(tiny_family, tmp_path):
 @pytest.mark.parametrize("field", ["n", "temperature", "top_p", "max_tokens", "batch_size", "limit", "seed",
                                    "concurrency", "retries", "request_timeout", "max_model_len"])
 def test_a_boolean_is_not_a_number_in_generate_options(field):
-    from micota_merge.errors import UserError
-    from micota_merge.generate import options
+    from micota_merge.core.errors import UserError
+    from micota_merge.generation.generate import options
 
     with pytest.raises(UserError, match=f"--{field.replace('_', '-')}:.*true/false"):
         options(model="m", questions="gsm8k", out="o.jsonl", **{field: True})
@@ -343,8 +343,8 @@ def _questions(tmp_path: Path, *rows: dict) -> Path:
 @pytest.mark.parametrize("gold,what", [({"value": 3}, "dict"), (True, "bool"), ([1, 2], "list"),
                                        ([{"a": 1}], "list")])
 def test_a_gold_that_is_not_a_string_or_number_is_refused(tmp_path, gold, what):
-    from micota_merge.data import load_questions
-    from micota_merge.errors import UserError
+    from micota_merge.data.questions import load_questions
+    from micota_merge.core.errors import UserError
 
     path = _questions(tmp_path, {"id": "a", "question": "1+1?", "answer": "2"},
                       {"id": "b", "question": "2+2?", "answer": gold})
@@ -356,7 +356,7 @@ def test_a_gold_that_is_not_a_string_or_number_is_refused(tmp_path, gold, what):
 
 
 def test_golds_that_are_strings_numbers_or_olympiad_lists_load(tmp_path):
-    from micota_merge.data import load_questions
+    from micota_merge.data.questions import load_questions
 
     path = _questions(tmp_path, {"question": "a?", "answer": "2"}, {"question": "b?", "answer": 3},
                       {"question": "c?", "answer": 2.5})
@@ -369,7 +369,7 @@ def test_golds_that_are_strings_numbers_or_olympiad_lists_load(tmp_path):
 
 
 def test_grading_never_reads_a_dict_as_its_repr():
-    from micota_merge import grading
+    from micota_merge.evaluation import grading
 
     with pytest.raises(ValueError, match="string or a number"):
         grading.parse_gold({"value": 3})
@@ -389,9 +389,9 @@ def test_generate_refuses_a_dict_gold_in_one_line(tiny_family, tmp_path):
                                          ("eval", "temperature"), ("eval", "top_p"), ("eval", "seed")])
 def test_run_refuses_a_boolean_in_a_stage_option(tiny_family, tmp_path, section, key):
     """A pipeline's stage options reach generate's model and eval's arguments: true is no number there."""
-    from micota_merge.errors import UserError
-    from micota_merge.pipeline_check import validate_pipeline
-    from micota_merge.recipe import parse_recipe
+    from micota_merge.core.errors import UserError
+    from micota_merge.pipeline.check import validate_pipeline
+    from micota_merge.merge.recipe import parse_recipe
 
     data = {"models": {k: str(v) for k, v in tiny_family.items()}, "merge": {"method": "linear"},
             "output": str(tmp_path / "ta"),

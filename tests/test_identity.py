@@ -14,9 +14,9 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from micota_merge.checkpoints import read_checkpoint
+from micota_merge.core.checkpoints import read_checkpoint
 from micota_merge.cli import cli
-from micota_merge.fingerprint import CACHE_NAME, checkpoint_fingerprint, content_id, hub_blob_digest
+from micota_merge.core.fingerprint import CACHE_NAME, checkpoint_fingerprint, content_id, hub_blob_digest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -69,7 +69,7 @@ def test_one_flipped_weight_byte_changes_the_fingerprint(tiny_family, tmp_path):
 
 
 def test_digests_are_cached_by_size_and_mtime(tiny_family, tmp_path, monkeypatch):
-    import micota_merge.fingerprint as fpm
+    import micota_merge.core.fingerprint as fpm
 
     a = tmp_path / "a"
     shutil.copytree(tiny_family["short_cot"], a)
@@ -162,7 +162,7 @@ def test_generate_refuses_a_changed_question_file(tiny_family, tmp_path):
 def test_eval_interrupted_then_another_model_is_refused(tiny_family, tmp_path, monkeypatch):
     """eval A, interrupted with its responses cached; eval B (same architecture) into the same folder
     must not be scored with A's cached answers."""
-    import micota_merge.evaluate as ev
+    import micota_merge.evaluation.evaluate as ev
 
     out = tmp_path / "run"
     args = ["eval", "--tasks", "gsm8k", "--limit", "2", "--max-tokens", "8", "--dtype", "float32", "-o", out]
@@ -201,8 +201,8 @@ def test_eval_interrupted_then_another_model_is_refused(tiny_family, tmp_path, m
 
 
 def test_distill_resume_refuses_another_student(tiny_family, chat_data, tmp_path):
-    from micota_merge.distill import DistillConfig, distill
-    from micota_merge.errors import UserError
+    from micota_merge.training.distill import DistillConfig, distill
+    from micota_merge.core.errors import UserError
 
     student = tmp_path / "student"
     shutil.copytree(tiny_family["short_cot"], student)
@@ -218,8 +218,8 @@ def test_distill_resume_refuses_another_student(tiny_family, chat_data, tmp_path
 
 
 def test_sweep_refuses_a_finished_sweep_of_other_inputs(tiny_family, tmp_path):
-    from micota_merge.errors import UserError
-    from micota_merge.sweep import sweep
+    from micota_merge.core.errors import UserError
+    from micota_merge.merge.sweep.run import sweep
 
     models = tmp_path / "models"
     for role, path in tiny_family.items():
@@ -372,7 +372,7 @@ def test_n_samples_with_greedy_decoding_warns(tiny_family, tmp_path):
 
 
 def test_compare_warns_when_runs_differ_in_settings():
-    from micota_merge.evaluate import compare_warnings
+    from micota_merge.evaluation.evaluate import compare_warnings
 
     a = {"tasks": {"gsm8k": {"n": 4}, "math500": {"n": 4}}, "limit": 4, "max_tokens": 64, "backend": "hf"}
     b = {"tasks": {"gsm8k": {"n": 2}}, "limit": 2, "max_tokens": 64, "backend": "hf"}

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from micota_merge.cli import cli
-from micota_merge.recipe import METHODS
+from micota_merge.merge.recipe import METHODS
 
 torch.set_num_threads(1)
 
@@ -156,7 +156,7 @@ def test_ta_keeps_the_chosen_sides_chat_template(tiny_family, tmp_path):
 
 
 def test_behaviour_config_difference_warns_and_keeps_identity_config(tiny_family, tmp_path):
-    from micota_merge.demo import make_family
+    from micota_merge.demo.family import make_family
 
     other = make_family(tmp_path / "rope", rope_theta=1e6)
     fam = dict(tiny_family, short_cot=other["short_cot"])
@@ -165,7 +165,7 @@ def test_behaviour_config_difference_warns_and_keeps_identity_config(tiny_family
     result = CliRunner().invoke(cli, ["build", str(p)])
     assert result.exit_code == 0, result.output
     assert "rope_theta" in result.output and "warning" in result.output
-    from micota_merge.checkpoints import config_value
+    from micota_merge.core.checkpoints import config_value
 
     assert config_value(json.loads((tmp_path / "ta" / "config.json").read_text()), "rope_theta") == 1e6
 

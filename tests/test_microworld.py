@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from micota_merge import microworld as mw
-from micota_merge.grading import is_correct
+from micota_merge.demo import microworld as mw
+from micota_merge.evaluation.grading import is_correct
 
 ASSETS = mw.ASSETS
 
@@ -204,7 +204,7 @@ def test_experts_answer_heldout_questions_in_their_styles():
 def test_demo_train_end_to_end_is_deterministic(tmp_path):
     from click.testing import CliRunner
 
-    from micota_merge.artifacts import sha256_file
+    from micota_merge.core.artifacts import sha256_file
     from micota_merge.cli import cli
 
     args = ["demo", "train", "--seed", "1", "--scale", "0.02", "--eval-questions", "8"]

@@ -13,8 +13,8 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from micota_merge.cli import cli
-from micota_merge.multiratio import build_points, build_ratios, supports_one_pass
-from micota_merge.recipe import parse_recipe
+from micota_merge.merge.onepass.engine import build_points, build_ratios, supports_one_pass
+from micota_merge.merge.recipe import parse_recipe
 
 RATIOS = [0.0, 0.3, 0.5, 1.0]
 
@@ -64,7 +64,7 @@ def test_slerp_is_refused(tiny_family):  # no fixed combination, no task vectors
 def small_vocab_families(tmp_path_factory) -> dict[str, dict[str, Path]]:
     """The tiny family with a 1024-token vocabulary, so that sorting the embedding's deltas (TIES,
     breadcrumbs, DELLA) takes milliseconds: the merge code paths are those of any size."""
-    from micota_merge.demo import make_family
+    from micota_merge.demo.family import make_family
 
     root = tmp_path_factory.mktemp("small_vocab")
     return {dtype: make_family(root / dtype, seed=3, dtype=dtype, vocab_size=1024, bos_token_id=0, eos_token_id=1,
@@ -162,7 +162,7 @@ def test_task_vector_family_one_pass_equals_separate_builds(small_vocab_families
 def test_one_pass_refuses_non_finite_merges_without_writing(tiny_family_f32, tmp_path):
     from safetensors.torch import save_file
 
-    from micota_merge.errors import StageFailed
+    from micota_merge.core.errors import StageFailed
 
     bad = tmp_path / "long_cot_nan"
     shutil.copytree(tiny_family_f32["long_cot"], bad)
@@ -181,7 +181,7 @@ def test_one_pass_refuses_non_finite_merges_without_writing(tiny_family_f32, tmp
 
 
 def test_all_finite_catches_every_non_finite_and_survives_overflowing_sums():
-    from micota_merge.multiratio import all_finite
+    from micota_merge.merge.onepass.engine import all_finite
 
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         t = torch.randn(64, 33).to(dtype)
@@ -195,7 +195,7 @@ def test_all_finite_catches_every_non_finite_and_survives_overflowing_sums():
 
 
 def test_task_vector_one_pass_steps_aside_when_builds_would_run_on_a_gpu(tiny_family, tmp_path, monkeypatch):
-    from micota_merge.replay import Unsupported
+    from micota_merge.merge.onepass.replay import Unsupported
 
     data = {"models": {k: str(v) for k, v in tiny_family.items()}, "merge": {"method": "dare_ties", "density": 0.5},
             "output": str(tmp_path / "ta")}
@@ -205,3 +205,27 @@ def test_task_vector_one_pass_steps_aside_when_builds_would_run_on_a_gpu(tiny_fa
     with pytest.raises(Unsupported, match="GPU"):
         build_points(recipe_path, parse_recipe(data), {(0.5, 0.5): tmp_path / "one"}, echo=lambda *_: None)
     assert not (tmp_path / "one").exists()
+
+
+def test_an_unverified_mergekit_builds_point_by_point(tiny_family, tmp_path, monkeypatch):
+    """The replay of mergekit's internals is trusted only on the releases it was checked against;
+    on another the sweep's points are built by mergekit itself, with a note, and equal the same."""
+    from importlib import metadata
+
+    import yaml
+
+    from micota_merge.merge.onepass import replay
+    from micota_merge.merge.onepass.engine import build_points
+    from micota_merge.merge.recipe import load_recipe
+
+    recipe_path = tmp_path / "r.yaml"
+    recipe_path.write_text(yaml.safe_dump({
+        "models": {r: str(p) for r, p in tiny_family.items()}, "output": str(tmp_path / "ta"),
+        "merge": {"method": "dare_ties", "ratio": 0.5, "density": 0.5, "dtype": "float32"}}))
+    real = metadata.version
+    monkeypatch.setattr(metadata, "version", lambda name: "9.9.9" if name == "mergekit" else real(name))
+    with pytest.raises(replay.Unsupported, match="mergekit 9.9.9 is not a release"):
+        build_points(recipe_path, load_recipe(recipe_path), {(0.5, 0.5): tmp_path / "p"})
+    assert not (tmp_path / "p").exists()
+    monkeypatch.setattr(metadata, "version", real)
+    replay.check_mergekit_version()  # the installed one is verified (CI runs the equality tests on it)

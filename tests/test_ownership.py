@@ -22,7 +22,7 @@ import yaml
 from click.testing import CliRunner
 
 from micota_merge.cli import cli
-from micota_merge.errors import UserError
+from micota_merge.core.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "micota_merge.cli"]
@@ -79,7 +79,7 @@ def family(tiny_family, tmp_path) -> dict[str, Path]:
 
 
 def test_plain_names():
-    from micota_merge.ownership import plain_name
+    from micota_merge.core.ownership import plain_name
 
     for ok in ("ta", "mix_long", "student+ta@seed1", "ratio-0.5-density-0.7", "a=b"):
         assert plain_name(ok, "name") == ok
@@ -89,7 +89,7 @@ def test_plain_names():
 
 
 def test_protected_paths(tmp_path, monkeypatch):
-    from micota_merge.ownership import protected_reason
+    from micota_merge.core.ownership import protected_reason
 
     home = tmp_path / "home"
     (home / ".ssh").mkdir(parents=True)
@@ -114,7 +114,7 @@ def test_protected_paths(tmp_path, monkeypatch):
 
 
 def test_claim_states(tmp_path):
-    from micota_merge.ownership import claim
+    from micota_merge.core.ownership import claim
 
     assert claim(tmp_path / "new", "build").state == "new"
     (tmp_path / "empty").mkdir()
@@ -151,7 +151,7 @@ def lock_path(path: Path) -> Path:
 
 def _hold(path: Path, stage: str = "build", seconds: int = 60) -> subprocess.Popen:
     p = subprocess.Popen([sys.executable, "-c", (
-        "import time\nfrom micota_merge.ownership import output_lock\n"
+        "import time\nfrom micota_merge.core.ownership import output_lock\n"
         f"with output_lock({str(path)!r}, {stage!r}):\n    print('held', flush=True)\n    time.sleep({seconds})\n")],
         stdout=subprocess.PIPE, text=True, cwd=REPO)
     assert p.stdout.readline().strip() == "held"
@@ -159,7 +159,7 @@ def _hold(path: Path, stage: str = "build", seconds: int = 60) -> subprocess.Pop
 
 
 def test_lock_refuses_a_second_process_takes_over_a_dead_ones_and_leaves_nothing(tmp_path):
-    from micota_merge.ownership import output_lock
+    from micota_merge.core.ownership import output_lock
 
     out = tmp_path / "ta"
     holder = _hold(out)

@@ -12,7 +12,7 @@ import yaml
 from click.testing import CliRunner
 
 from micota_merge.cli import cli
-from micota_merge.pipeline import Runner
+from micota_merge.pipeline.run import Runner
 
 
 def _runner(tmp_path, **kw):
@@ -89,7 +89,7 @@ def test_pipeline_section_is_validated(tiny_family, tmp_path):
 def test_demo_pipeline_end_to_end_small(tmp_path):
     """The embedded default, shrunk: every stage runs for real and the report has numbers."""
     repo = Path(__file__).resolve().parents[1]
-    data = yaml.safe_load((repo / "merge_recipes" / "demo-pipeline.yaml").read_text())
+    data = yaml.safe_load((repo / "micota_merge" / "recipes" / "pipeline" / "demo-pipeline.yaml").read_text())
     for role in ("long_cot", "short_cot", "base"):
         data["models"][role] = str(repo / data["models"][role])
     data["output"] = str(tmp_path / "w" / "ta")
@@ -171,7 +171,7 @@ def test_demo_pipeline_end_to_end_small(tmp_path):
 
 
 def test_spread_and_seed_groups():
-    from micota_merge.pipeline import seed_groups, spread
+    from micota_merge.pipeline.run import seed_groups, spread
 
     assert spread([0.2, 0.4, 0.3]) == pytest.approx({"mean": 0.3, "sd": 0.1, "min": 0.2, "max": 0.4, "n": 3})
     assert spread([0.5])["sd"] == 0.0
@@ -189,7 +189,7 @@ def test_spread_and_seed_groups():
 
 
 def test_distill_seeds_must_be_distinct():
-    from micota_merge.recipe import PipelineSettings
+    from micota_merge.merge.recipe import PipelineSettings
 
     with pytest.raises(ValueError, match="distill_seeds must be distinct"):
         PipelineSettings(workdir="w", student="s", distill_seeds=[1, 1])

@@ -21,8 +21,8 @@ from safetensors.torch import (  # bound here: tests below guard the module attr
 )
 
 from micota_merge.cli import cli
-from micota_merge.errors import UserError
-from micota_merge.standin import (
+from micota_merge.core.errors import UserError
+from micota_merge.demo.standin import (
     MODEL_META,
     make_standin,
     meta_folder_name,
@@ -87,7 +87,7 @@ def run_cli(*args) -> tuple[int, str]:
 def test_standin_headers_carry_the_real_sizes_and_cost_no_disk(tmp_path, folder, params):
     from safetensors import safe_open
 
-    from micota_merge.checkpoints import read_checkpoint
+    from micota_merge.core.checkpoints import read_checkpoint
 
     out = make_standin(MODEL_META / folder, tmp_path / folder)
     meta = read_checkpoint(out)
@@ -106,7 +106,7 @@ def test_standin_headers_carry_the_real_sizes_and_cost_no_disk(tmp_path, folder,
 
 
 def test_standin_shards_with_an_index(tmp_path):
-    from micota_merge.checkpoints import read_checkpoint
+    from micota_merge.core.checkpoints import read_checkpoint
 
     whole = read_checkpoint(make_standin(QWEN_15B_INSTRUCT, tmp_path / "one"))
     code, text = run_cli("demo", "standin", "--meta", QWEN_15B_INSTRUCT, "--out", tmp_path / "sharded",
@@ -139,7 +139,7 @@ def test_standin_refuses_missing_metadata(tmp_path):
     (tmp_path / "meta").mkdir()
     with pytest.raises(UserError, match="no config.json"):
         make_standin(tmp_path / "meta", tmp_path / "out")
-    code, text = run_cli("demo", "standin", "--recipe", REPO / "merge_recipes" / "r1-qwen32b-ta.yaml",
+    code, text = run_cli("demo", "standin", "--recipe", REPO / "micota_merge" / "recipes" / "merge" / "r1-qwen32b-ta.yaml",
                          "--out", tmp_path / "s")
     assert code == 2 and "Qwen/Qwen2.5-32B-Instruct" in text and "nothing is guessed" in text
     assert not (tmp_path / "s").exists()
@@ -149,15 +149,15 @@ def test_standin_refuses_missing_metadata(tmp_path):
 
 
 def test_every_paper_recipe_is_listed():
-    shipped = {p.stem for p in (REPO / "merge_recipes").glob("r1-*.yaml")}
+    shipped = {p.stem for p in (REPO / "micota_merge" / "recipes").glob("*/r1-*.yaml")}
     assert shipped == set(PAPER_RECIPES)
 
 
 @pytest.mark.parametrize("name", sorted(PAPER_RECIPES))
 def test_paper_recipe_metadata_found_or_named(name, tmp_path):
-    from micota_merge.recipe import load_recipe
+    from micota_merge.merge.recipe import load_recipe
 
-    path = REPO / "merge_recipes" / f"{name}.yaml"
+    path = next((REPO / "micota_merge" / "recipes").glob(f"*/{name}.yaml"))
     specs = load_recipe(path).model_specs()
     missing = [s for s in specs.values() if not (MODEL_META / meta_folder_name(s) / "config.json").is_file()]
     assert missing == PAPER_RECIPES[name]
@@ -169,7 +169,7 @@ def test_paper_recipe_metadata_found_or_named(name, tmp_path):
 
 def test_r1_qwen7b_dry_run_on_standins_prints_the_real_traps(tmp_path, no_weight_reads):
     """The one paper recipe whose three checkpoints all have real metadata: a full dry-run."""
-    code, text = run_cli("demo", "standin", "--recipe", REPO / "merge_recipes" / "r1-qwen7b-ta.yaml",
+    code, text = run_cli("demo", "standin", "--recipe", REPO / "micota_merge" / "recipes" / "merge" / "r1-qwen7b-ta.yaml",
                          "--out", tmp_path / "s")
     assert code == 0, text
     code, text = run_cli("build", tmp_path / "s" / "recipe.yaml", "--dry-run")
@@ -190,10 +190,10 @@ def test_r1_qwen7b_dry_run_on_standins_prints_the_real_traps(tmp_path, no_weight
 def test_r1_qwen1p5b_pair_dry_run_untied_and_sized(tmp_path):
     """1.5B: the base's metadata is missing, so the pair is checked without it (a linear merge of
     the two real checkpoints): tie mismatch, lineage, collisions, and the untied TA's size."""
-    from micota_merge.merge import plan_build
-    from micota_merge.recipe import load_recipe
+    from micota_merge.merge.build import plan_build
+    from micota_merge.merge.recipe import load_recipe
 
-    recipe = load_recipe(REPO / "merge_recipes" / "r1-qwen1.5b-ta.yaml")
+    recipe = load_recipe(REPO / "micota_merge" / "recipes" / "merge" / "r1-qwen1.5b-ta.yaml")
     data = recipe.model_dump(mode="json", exclude_none=True)
     for role in ("long_cot", "short_cot"):
         name = meta_folder_name(data["models"][role])
@@ -264,7 +264,7 @@ def test_tie_mismatch_merges_with_the_tied_sides_embedding_as_its_head(tiny_fami
 
 def test_missing_lm_head_refused_unless_that_side_ties(tiny_family_f32):
     """Relaxing the tie check must not let a really missing tensor through."""
-    from micota_merge.checkpoints import check_compatible, read_checkpoint
+    from micota_merge.core.checkpoints import check_compatible, read_checkpoint
 
     long_cot, short_cot = read_checkpoint(tiny_family_f32["long_cot"]), read_checkpoint(tiny_family_f32["short_cot"])
     short_cot.tensors["lm_head.weight"] = short_cot.tensors["model.embed_tokens.weight"]
@@ -282,7 +282,7 @@ def _chain_model(dst: Path, meta: Path, chain: list[int], config_eos: int, token
     current one (attention and MLP outputs are zero): it follows `chain`, whatever side it is.
     Tokenizer, template and generation_config from a stand-in of the real metadata `meta`."""
 
-    from micota_merge.demo import tiny_config
+    from micota_merge.demo.family import tiny_config
 
     config = tiny_config("qwen2", tie_word_embeddings=False, vocab_size=151936, bos_token_id=151643,
                          eos_token_id=config_eos)
@@ -333,8 +333,8 @@ def _generate(model: Path, questions: Path, out: Path):
 def test_ta_keeping_r1_tokens_stops_on_qwens_end_of_turn(collision_pair, tmp_path):
     from transformers import AutoTokenizer
 
-    from micota_merge.distill import encode_records, read_chat_records
-    from micota_merge.templates import render_completion, render_with_tokenizer
+    from micota_merge.training.distill import encode_records, read_chat_records
+    from micota_merge.core.templates import render_completion, render_with_tokenizer
 
     p = collision_pair
     recipe = {"models": {r: str(p[r]) for r in ("long_cot", "short_cot", "base")}, "tokenizer": "long_cot",
@@ -374,7 +374,7 @@ def test_ta_keeping_r1_tokens_stops_on_qwens_end_of_turn(collision_pair, tmp_pat
 def test_qwen_default_system_prompt_is_recorded_and_can_be_dropped(collision_pair, tmp_path):
     from transformers import AutoTokenizer
 
-    from micota_merge.distill import encode_records, read_chat_records
+    from micota_merge.training.distill import encode_records, read_chat_records
 
     p = collision_pair
     recs = _generate(p["short_cot"], p["questions"], tmp_path / "short.jsonl")
@@ -395,8 +395,8 @@ def test_qwen_default_system_prompt_is_recorded_and_can_be_dropped(collision_pai
 
 
 def test_real_templates_facts():
-    from micota_merge.checkpoints import read_chat_template
-    from micota_merge.templates import render_with_template, template_facts
+    from micota_merge.core.checkpoints import read_chat_template
+    from micota_merge.core.templates import render_with_template, template_facts
 
     r1 = template_facts(render_with_template(json.loads((R1_32B / "tokenizer_config.json").read_text())["chat_template"]))
     assert (r1.prefill, r1.default_system, r1.end_of_turn, r1.rewrites_answer) == \
@@ -435,8 +435,8 @@ def test_tie_mismatch_refused_before_reading_where_mergekit_cannot_untie(tiny_fa
     ("deepseek-ai__DeepSeek-R1-Distill-Qwen-32B", "Qwen__Qwen2.5-32B", False),  # byte-identical configs
 ])
 def test_lineage_from_the_real_configs(long_cot, base, warned):
-    from micota_merge.checkpoints import CheckpointMeta
-    from micota_merge.preflight import lineage_warnings
+    from micota_merge.core.checkpoints import CheckpointMeta
+    from micota_merge.merge.preflight import lineage_warnings
 
     metas = {role: CheckpointMeta(MODEL_META / name, json.loads((MODEL_META / name / "config.json").read_text()), {})
              for role, name in (("long_cot", long_cot), ("base", base))}

@@ -9,8 +9,8 @@ import yaml
 from click.testing import CliRunner
 
 from micota_merge.cli import cli
-from micota_merge.recipe import Recipe, parse_recipe
-from micota_merge.errors import UserError
+from micota_merge.merge.recipe import Recipe, parse_recipe
+from micota_merge.core.errors import UserError
 
 
 def _recipe(family, tmp_path, **merge) -> dict:
@@ -137,7 +137,7 @@ def test_architecture_mismatch_names_field(tiny_family, tiny_llama_family, tmp_p
 
 def test_shape_mismatch_names_tensor(tiny_family, tmp_path):
     """Same config fields but a different vocabulary size: the embedding's shape differs."""
-    from micota_merge.demo import make_family
+    from micota_merge.demo.family import make_family
 
     other = make_family(tmp_path / "other", vocab_size=151936)
     r = _recipe(tiny_family, tmp_path)
@@ -177,8 +177,8 @@ def test_sweep_section_validated(tiny_family, tmp_path):
 
 
 def test_shipped_recipes_parse():
-    root = Path(__file__).resolve().parents[1] / "merge_recipes"
-    recipes = [p for p in root.glob("*.yaml")]
+    root = Path(__file__).resolve().parents[1] / "micota_merge" / "recipes"
+    recipes = [p for kind in ("merge", "pipeline") for p in (root / kind).glob("*.yaml")]
     assert recipes, "no recipes shipped"
     for p in recipes:
         data = yaml.safe_load(p.read_text())

@@ -8,7 +8,8 @@ import random
 import numpy as np
 import pytest
 
-from micota_merge import grading, scoring
+from micota_merge.evaluation import grading
+from micota_merge.evaluation import scoring
 
 
 def test_pass_ks():

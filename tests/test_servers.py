@@ -35,7 +35,7 @@ def run_cli(*args) -> tuple[int, str]:
 
 
 def closed_port_url() -> str:
-    from micota_merge.serve import free_port
+    from micota_merge.generation.servers.serve import free_port
 
     return f"http://127.0.0.1:{free_port()}/v1"  # free: nothing listens there
 
@@ -95,7 +95,7 @@ def test_contradictory_options_refused(tmp_path):
 def test_serve_args_carry_the_vllm_backend_settings():
     """What `--backend vllm --data-parallel-size N` starts: `vllm serve` with the in-process backend's
     engine settings, and the checkpoint's generation_config ignored as LLM(...) is told to."""
-    from micota_merge.serve import serve_args
+    from micota_merge.generation.servers.serve import serve_args
 
     args = serve_args(data_parallel_size=4, tensor_parallel_size=2, dtype="bfloat16", seed=3, max_model_len=4096,
                       enforce_eager=True, extra="--data-parallel-backend ray --max-num-seqs '128'")
@@ -107,7 +107,7 @@ def test_serve_args_carry_the_vllm_backend_settings():
 
 
 def test_eval_data_parallel_reaches_lm_eval():
-    from micota_merge.evaluate import model_args_for
+    from micota_merge.evaluation.evaluate import model_args_for
 
     args = model_args_for("vllm", Path("/m"), dtype="auto", max_tokens=64, tensor_parallel_size=2,
                           gpu_memory_utilization=0.9, max_model_len=None, data_parallel_size=4)
@@ -121,22 +121,22 @@ def test_scale_pipeline_examples_validate():
     """The shipped pipelines that point every generation stage at servers parse and pass `run`'s checks."""
     import yaml
 
-    from micota_merge.recipe import parse_recipe
+    from micota_merge.merge.recipe import parse_recipe
 
     for name in ("demo-pipeline-servers.yaml", "r1-qwen7b-ta-scale.yaml"):
-        path = REPO / "merge_recipes" / name
+        path = REPO / "micota_merge" / "recipes" / "pipeline" / name
         recipe = parse_recipe(yaml.safe_load(path.read_text()), str(path))
         assert recipe.pipeline.generate["data_parallel_size"] >= 1
         assert recipe.sweep.probe.backend == "vllm" and recipe.pipeline.generate["backend"] == "vllm"
         assert recipe.sweep.probe.data_parallel_size > 1 or recipe.sweep.probe.serve_args  # starts vllm serve
-    from micota_merge.pipeline_check import validate_pipeline
+    from micota_merge.pipeline.check import validate_pipeline
 
-    demo = REPO / "merge_recipes" / "demo-pipeline-servers.yaml"
+    demo = REPO / "micota_merge" / "recipes" / "pipeline" / "demo-pipeline-servers.yaml"
     recipe = parse_recipe(yaml.safe_load(demo.read_text()), str(demo))
     import importlib.util
 
     if importlib.util.find_spec("vllm") is None and not VLLM_PYTHON:  # nothing could run `vllm serve`
-        from micota_merge.errors import UserError
+        from micota_merge.core.errors import UserError
 
         with pytest.raises(UserError, match="vllm is not installed"):
             validate_pipeline(recipe, recipe.pipeline, REPO)
@@ -205,7 +205,7 @@ def test_retries_5xx_and_a_model_known_only_by_name(tmp_path, monkeypatch):
         # the server's chat template: the request carries the user turn alone; no local stop ids to send
         assert body["model"] == "hosted-m" and [m["role"] for m in body["messages"]] == ["user"]
         assert body["n"] == 1 and body["max_tokens"] == 64 and "stop_token_ids" not in body
-        from micota_merge.generate import question_seed
+        from micota_merge.generation.generate import question_seed
 
         assert sorted(b["seed"] for b in api.seen[2:]) == sorted(question_seed(3, f"gsm8k-test-{i}") for i in range(4))
         # identity of a served-only model is its name
@@ -321,7 +321,7 @@ def servers(tmp_path_factory):
     minute or two on a small CPU), stopped at the end of the module."""
     from contextlib import ExitStack
 
-    from micota_merge.serve import serve_args, vllm_server
+    from micota_merge.generation.servers.serve import serve_args, vllm_server
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     args = serve_args(dtype="float32", max_model_len=512, enforce_eager=True)

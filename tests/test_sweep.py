@@ -15,7 +15,7 @@ import yaml
 from click.testing import CliRunner
 
 from micota_merge.cli import cli
-from micota_merge.sweep import choose, dominates, pareto_front
+from micota_merge.merge.sweep.run import choose, dominates, pareto_front
 
 
 def _row(ratio, acc, tokens, density=None):

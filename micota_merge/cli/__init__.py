@@ -1,0 +1,620 @@
+"""The `micota-merge` command line. Commands only parse options and call one stage function;
+heavy libraries are imported inside the stages so `--help` stays instant."""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import sys
+
+import click
+
+from micota_merge import __version__
+from micota_merge.core.errors import StageFailed, UserError
+
+_LOG_LEVELS = (logging.WARNING, logging.INFO, logging.DEBUG)
+_DEBUG_HELP = "Show full tracebacks instead of one-line errors."
+_VERBOSE_HELP = "More log output (-vv for debug logs)."
+
+
+def _end_progress_bars() -> None:
+    """Close the progress bars a failed stage left open (lm-eval's, tqdm's): the error line then starts a
+    line of its own instead of trailing a half-drawn bar."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ()) if tqdm else ()):
+        try:
+            bar.close()
+        except (OSError, ValueError, AttributeError):  # a bar of a dead stream: nothing to tidy
+            pass
+
+
+_OWN = (" --force never widens what is replaced: a foreign file or folder, an input, the home or current folder "
+        "is refused with or without it.")
+
+
+def _run_stage(fn):
+    """Turn UserError into one clean line and exit code 2 (a traceback only with --debug).
+
+    Also gives the command its own --debug and -v, so they work after the subcommand as well as
+    before it (`micota-merge build R --debug`); the two places add up."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, debug: bool = False, verbose: int = 0, **kwargs):
+        ctx = click.get_current_context()
+        root = ctx.find_root().params or {}
+        debug = debug or root.get("debug", False)
+        if verbose:
+            logging.getLogger().setLevel(_LOG_LEVELS[min(verbose + root.get("verbose", 0), 2)])
+        try:
+            return fn(*args, **kwargs)
+        except (UserError, StageFailed) as e:
+            if debug:
+                raise
+            _end_progress_bars()
+            click.secho(f"error: {e}", fg="red", err=True)
+            sys.exit(e.exit_code)
+        except OSError as e:
+            # A path a user gave that the OS refuses (permissions, a file where a folder must be,
+            # a full disk) reached a write we did not check ahead: still one line, not a traceback.
+            if debug:
+                raise
+            _end_progress_bars()
+            path = getattr(e, "filename", None)
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                # a write's own error often carries no file name: the command's output is where it was
+                path = path or next((ctx.params[k] for k in ("out", "output") if ctx.params.get(k)), None)
+                where = f"the disk holding {path}" if path else "the output's disk"
+                click.secho(f"error: no space left on {where}: free space there (or write to another disk) "
+                            "and run the same command again", fg="red", err=True)
+                sys.exit(2)
+            where = f": {path}" if path else ""
+            click.secho(f"error: {e.strerror or e}{where}", fg="red", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.secho("interrupted: outputs written so far are intact; run the same command again to resume",
+                        fg="yellow", err=True)
+            sys.exit(130)
+
+    click.option("--debug", is_flag=True, help=_DEBUG_HELP)(wrapper)
+    click.option("-v", "--verbose", count=True, help=_VERBOSE_HELP)(wrapper)
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="micota-merge")
+@click.option("--debug", is_flag=True, help=_DEBUG_HELP)
+@click.option("-v", "--verbose", count=True, help=_VERBOSE_HELP)
+def cli(debug: bool, verbose: int):
+    """Build teacher assistants (TAs) for reasoning distillation, MiCoTA-style.
+
+    A TA is a merge of a long-CoT checkpoint (e.g. DeepSeek-R1-Distill-Qwen) and a
+    short-CoT one (e.g. Qwen2.5-Instruct); it writes intermediate-length chains of thought
+    that small students learn from better than from long ones.
+
+    \b
+    Stages:  build -> sweep -> generate -> mix -> distill -> eval / align
+    Whole method:  micota-merge run PIPELINE.yaml
+    First run:     micota-merge demo init && micota-merge build micota_merge/recipes/merge/demo.yaml
+    """
+    logging.basicConfig(level=_LOG_LEVELS[min(verbose, 2)],
+                        format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+# ---------------------------------------------------------------- build (issue 2)
+
+
+@cli.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", help="Where to write the TA (default: the recipe's `output`).")
+@click.option("--ratio", type=float, help="Override merge.ratio: the long-CoT share, 0..1.")
+@click.option("--force", is_flag=True, help="Replace an output that this command wrote itself." + _OWN)
+@click.option("--dry-run", is_flag=True, help="Validate and plan from metadata only; read no weights.")
+@click.option("--print-mergekit", is_flag=True, help="Print the mergekit YAML this recipe means and exit.")
+@click.option("--device", help="Where mergekit does the math (default: cuda if available, else cpu).")
+@click.option("--shard-size", default="5GB", show_default=True,
+              help="Largest output shard. Peak memory is about one shard plus a few tensors: "
+                   "use e.g. 1GB to merge 32B models on a 16 GB machine.")
+@_run_stage
+def build(recipe, output, ratio, force, dry_run, print_mergekit, device, shard_size):
+    """Merge a long-CoT and a short-CoT checkpoint into a teacher assistant.
+
+    RECIPE is a micota recipe (models.long_cot / short_cot / base, merge.method / ratio /
+    density / seed / dtype, tokenizer, output) or a plain mergekit YAML. Everything is
+    checked from config.json and safetensors headers before any weight is read; the TA
+    folder appears only when complete (safetensors, the chosen side's tokenizer and chat
+    template, and micota.json with the recipe, mergekit config and input hashes).
+
+    \b
+    ratio λ:  linear / slerp      λ·long_cot + (1−λ)·short_cot
+              task-vector methods base + merge(λ·Δlong_cot, (1−λ)·Δshort_cot)
+    """
+    from micota_merge.merge import build as merge
+
+    if print_mergekit:
+        click.echo(merge.mergekit_yaml(recipe, ratio), nl=False)
+        return
+    merge.build(recipe, output=output, ratio=ratio, force=force, dry_run=dry_run, device=device,
+                shard_size=shard_size, echo=click.echo)
+
+
+# ---------------------------------------------------------------- demo (issue 2 / 7)
+
+
+@cli.group()
+def demo():
+    """Offline demo checkpoints for a first run on a laptop CPU."""
+
+
+@demo.command("init")
+@click.option("--out", default="outputs/demo-checkpoints", show_default=True,
+              help="Folder for base/, long_cot/ and short_cot/.")
+@click.option("--force", is_flag=True, help="Rewrite demo checkpoints that demo init wrote." + _OWN)
+@_run_stage
+def demo_init(out, force):
+    """Write tiny random Qwen2 base, long-CoT and short-CoT checkpoints (real Qwen2 tokenizer).
+
+    They are what micota_merge/recipes/merge/demo.yaml merges. Random weights: they show the machinery in
+    seconds, not the method's effect.
+    """
+
+    from micota_merge.demo.family import demo_init as make
+
+    from micota_merge.core.ownership import owner_stage
+
+    if owner_stage(out) == "demo" and not force:
+        click.echo(f"demo checkpoints already in {out}; nothing to do (--force rewrites them)")
+        return
+    paths = make(out, force=True)
+    for role, path in paths.items():
+        click.echo(f"{role:>9}: {path}")
+
+
+@demo.command("standin")
+@click.option("--meta", default=None,
+              help="A checkpoint's metadata folder (config.json, generation_config.json, tokenizer_config.json), "
+                   "or with --recipe a folder of org__name metadata folders. Default: the shipped real metadata "
+                   "(micota_merge/assets/model_meta, sources in its SOURCES.md).")
+@click.option("--recipe", "recipe_path", default=None, type=click.Path(dir_okay=False),
+              help="Write stand-ins for every checkpoint this recipe names, and OUT/recipe.yaml pointing at them.")
+@click.option("--out", required=True, help="Folder to write the stand-in (or, with --recipe, the stand-ins) into.")
+@click.option("--shard-size", default=None,
+              help="Split the weights into shards of at most this size (e.g. 5GB) with an index; default one file.")
+@click.option("--force", is_flag=True, help="Replace a stand-in folder that demo standin wrote." + _OWN)
+@_run_stage
+def demo_standin(meta, recipe_path, out, shard_size, force):
+    """Checkpoints that are real in every header and empty in every weight.
+
+    The safetensors files carry the tensor names, shapes and dtypes transformers gives the real
+    config, with sparse data (a 32B stand-in takes kilobytes of disk), so `build --dry-run` meets
+    a paper-scale pair's real traps in seconds. What each file came from is in STANDIN.json.
+
+    \b
+      micota-merge demo standin --recipe micota_merge/recipes/merge/r1-qwen7b-ta.yaml --out /tmp/r1-7b
+      micota-merge build /tmp/r1-7b/recipe.yaml --dry-run
+    """
+    from pathlib import Path
+
+    from micota_merge.merge.build import parse_size
+    from micota_merge.demo.standin import MODEL_META, make_standin, recipe_standins
+
+    shard_bytes = parse_size(shard_size) if shard_size else None
+    manifest = Path(out) / "micota.json"
+    before = manifest.stat().st_ino if manifest.is_file() else None
+    if recipe_path:
+        made = recipe_standins(recipe_path, meta or MODEL_META, out, force=force, shard_bytes=shard_bytes)
+        done = "already there, nothing to do" if before == manifest.stat().st_ino else "written"
+        click.echo(f"stand-ins and {made} {done}; check it with: micota-merge build {made} --dry-run")
+        return
+    if not meta:
+        raise click.UsageError("give --meta (one checkpoint's metadata folder) or --recipe")
+    made = make_standin(meta, out, force=force, shard_bytes=shard_bytes)
+    if before == manifest.stat().st_ino:
+        click.echo(f"stand-in already in {made} from the same metadata; nothing to do")
+    else:
+        click.echo(f"stand-in written to {made}")
+
+
+@demo.command("train")
+@click.option("--out", default="outputs/microworld", show_default=True,
+              help="Folder for base/, long_cot/, short_cot/, student/, question files and training.json.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the task, the data order and the weights.")
+@click.option("--scale", default=1.0, show_default=True, type=float,
+              help="Fraction of the full schedule's steps (e.g. 0.05 for a smoke run).")
+@click.option("--dtype", default="float32", show_default=True,
+              type=click.Choice(["float32", "bfloat16", "float16"]), help="Precision of the saved weights.")
+@click.option("--eval-questions", default=200, show_default=True, type=click.IntRange(1, 500),
+              help="Held-out questions scored for training.json.")
+@click.option("--force", is_flag=True, help="Replace a micro world that demo train wrote." + _OWN)
+@_run_stage
+def demo_train(out, seed, scale, dtype, eval_questions, force):
+    """Train the micro world from a seed: a word-level tokenizer, a base pretrained on
+    arithmetic word problems, its long-CoT and short-CoT chat experts, and a smaller student.
+
+    The committed copy in micota_merge/assets/microworld was made with
+    `micota-merge demo train --out micota_merge/assets/microworld --seed 0 --force`
+    (19 minutes on one thread of a 2-core machine that was training another world at the
+    same time; bit-for-bit deterministic on CPU).
+    """
+    from micota_merge.demo.microworld import train_world
+
+    rec = train_world(out, seed=seed, scale=scale, dtype=dtype, n_eval=eval_questions, force=force,
+                      log=lambda s: click.echo(s, err=True))
+    for role, r in rec["heldout"].items():
+        click.echo(f"{role:>28}: accuracy {r['accuracy']:.3f}  mean tokens {r['mean_tokens']:.1f}")
+    click.echo(f"wrote {out} in {rec['seconds']:.0f} s")
+
+
+# ---------------------------------------------------------------- eval (issue 3)
+
+
+@cli.command("eval")
+@click.argument("runs", nargs=-1, type=click.Path(file_okay=False))
+@click.option("--model", help="Checkpoint to score: a local Hugging Face folder (or a cached hub id).")
+@click.option("--tasks", default="all", show_default=True,
+              help="Comma-separated benchmarks: aime24, amc23, olympiadbench, math500, gsm8k, or 'all'.")
+@click.option("--backend", type=click.Choice(["hf", "vllm", "openai"]),
+              help="lm-eval model backend. Default: openai with --base-url, else vllm when a GPU and vLLM are "
+                   "present, else hf. openai: OpenAI-compatible servers through lm-eval's local-chat-completions.")
+@click.option("--limit", type=int, help="Score only the first N questions of each benchmark (quick checks).")
+@click.option("--protocol", type=click.Choice(["greedy", "r1"]), default="greedy", show_default=True,
+              help="greedy: one greedy answer per question, the papers' pass@1. r1: DeepSeek-R1's "
+                   "protocol (open-r1, lighteval): temperature 0.6, top-p 0.95, 32768 new tokens on a GPU, "
+                   "answers per question AIME24 64, AMC23 64, OlympiadBench 4, MATH-500 4, GSM8K 1; "
+                   "reports avg@k, pass@k and maj@k. Each setting can be overridden below.")
+@click.option("--samples", metavar="K|BENCH=K,...",
+              help="Answers sampled per question: '8' for every benchmark, 'aime24=16,math500=2' for some "
+                   "(the rest keep the protocol's). Needs --temperature > 0.")
+@click.option("--temperature", type=float, help="Sampling temperature (0 = greedy). Default: the protocol's.")
+@click.option("--top-p", type=float, help="Nucleus sampling threshold in (0, 1]. Default: the protocol's.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the sampling and of the bootstrap intervals: a rerun draws the same answers "
+                   "on the same backend and hardware.")
+@click.option("--max-tokens", type=int,
+              help="Most new tokens per answer. Default on a GPU or with --backend openai 16384 (greedy) or "
+                   "32768 (r1): long-CoT answers run to many thousands of tokens; 1024 on CPU (at most half "
+                   "the model's context), where 16k-token answers take hours each: enough for short-CoT "
+                   "answers, and long-CoT ones show in the truncated column.")
+@click.option("--batch-size", help="Prompts per batch, or 'auto'. Default: 8 on CPU, auto on GPU.")
+@click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]), default="auto",
+              show_default=True, help="Weight dtype for inference.")
+@click.option("--tensor-parallel-size", type=int, default=1, show_default=True,
+              help="vllm: GPUs to split the model over.")
+@click.option("--gpu-memory-utilization", type=float, default=0.9, show_default=True,
+              help="vllm: share of GPU memory for weights and KV cache.")
+@click.option("--max-model-len", type=int, help="vllm: context length to allocate (prompt + answer).")
+@click.option("--data-parallel-size", type=int, default=1, show_default=True,
+              help="vllm: engine replicas, each on its own --tensor-parallel-size GPUs (lm-eval's data "
+                   "parallelism, through Ray); the scores are those of one replica.")
+@click.option("--base-url", "base_url", multiple=True,
+              help="openai: API root of a server, e.g. http://127.0.0.1:8000/v1; repeat for several servers.")
+@click.option("--api-key-env", help="openai: environment variable holding the API key (default: no key).")
+@click.option("--served-model", help="openai: the model name the servers know (default: found from --model).")
+@click.option("--concurrency", type=int, default=16, show_default=True,
+              help="openai: requests in flight over all servers together.")
+@click.option("--retries", type=int, default=8, show_default=True,
+              help="openai: further tries of a failed request (lm-eval's backoff), each on the least busy server.")
+@click.option("--request-timeout", type=float, default=3600.0, show_default=True,
+              help="openai: seconds a request may take.")
+@click.option("-o", "--output", help="Run folder (default outputs/eval/<model name>); with --compare, "
+                                     "where compare.md/.json/.png go.")
+@click.option("--force", is_flag=True, help="Replace an output that this command wrote itself." + _OWN)
+@click.option("--compare", is_flag=True, help="Compare finished runs: micota-merge eval --compare DIR DIR ...")
+@_run_stage
+def eval_cmd(runs, model, tasks, backend, limit, protocol, samples, temperature, top_p, seed, max_tokens,
+             batch_size, dtype, tensor_parallel_size, gpu_memory_utilization, max_model_len, data_parallel_size,
+             base_url, api_key_env, served_model, concurrency, retries, request_timeout, output, force, compare):
+    """Score a checkpoint on AIME24, AMC23, OlympiadBench, MATH-500 and GSM8K with lm-eval.
+
+    Zero-shot, the model's chat template, the papers' prompt ("... put your final answer
+    within \\boxed{}"); greedy decoding, or k sampled answers per question (--protocol r1,
+    --samples). Accuracy by micota_merge.evaluation.grading on the text after the thinking block
+    (</think>): avg@k, pass@k, maj@k, each with a 95 % bootstrap interval; lengths in the
+    model's tokens (whole, thinking, answer) and the share truncated at --max-tokens.
+    Offline: the benchmark data ships with the package.
+
+    \b
+    Writes to --output: lm-eval's results_*.json and samples_micota_*.jsonl (each record
+    with every answer: response, pred, correct, lengths), summary.json, summary.md, micota.json.
+    A killed greedy run resumes from its cached responses when run again (sampled answers
+    are not cached: lm-eval reuses no sampled answer).
+
+    \b
+    --compare DIR DIR ...: the runs side by side; each run after the first is tested against
+    the first with a paired bootstrap over the questions both answered, per benchmark and on
+    the average (which differences are more than noise).
+
+    \b
+    Examples:
+      micota-merge eval --model outputs/demo-ta --limit 2
+      micota-merge eval --model DIR --protocol r1 --limit 4
+      micota-merge eval --model DIR --tasks gsm8k,math500 --samples 8 --temperature 0.6 --top-p 0.95
+      micota-merge eval --model DIR --tasks gsm8k,math500 --backend vllm --tensor-parallel-size 2
+      micota-merge eval --model DIR --base-url http://node1:8000/v1 --base-url http://node2:8000/v1
+      micota-merge eval --compare outputs/eval/student-long outputs/eval/student-mid -o outputs/cmp
+    """
+    from micota_merge.evaluation import evaluate
+
+    if compare:
+        if model:
+            raise UserError("--compare reads finished runs; drop --model (or drop --compare to score a model)")
+        evaluate.compare(runs, output=output, force=force, seed=seed, echo=click.echo)
+        return
+    if runs:
+        raise UserError(f"unexpected arguments {' '.join(runs)}: to compare runs pass --compare")
+    if not model:
+        raise UserError("--model is required: the checkpoint folder to score (or --compare DIR DIR ...)")
+    tasks_list = evaluate.parse_tasks(tasks)  # checked before any heavy import
+    evaluate.sampling_settings(protocol, samples, temperature, top_p, tasks_list)
+    evaluate.evaluate(model, tasks=tasks_list, backend=backend, limit=limit, max_tokens=max_tokens,
+                      protocol=protocol, samples=samples, temperature=temperature, top_p=top_p, seed=seed,
+                      batch_size=batch_size, output=output, dtype=dtype,
+                      tensor_parallel_size=tensor_parallel_size,
+                      gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
+                      data_parallel_size=data_parallel_size, base_url=list(base_url), api_key_env=api_key_env,
+                      served_model=served_model, concurrency=concurrency, retries=retries,
+                      request_timeout=request_timeout, force=force, echo=click.echo)
+
+
+# ---------------------------------------------------------------- generate, mix (issue 4)
+
+
+@cli.command()
+@click.option("--model", required=True, help="Checkpoint folder of the teacher assistant (or any model); with "
+                                            "--backend openai also a model only the server has (e.g. a hosted one).")
+@click.option("--questions", required=True,
+              help="A shipped set (gsm8k-train, gsm8k, math500, aime24, amc23, olympiadbench), a JSONL file, "
+                   "or a Hugging Face dataset folder saved with save_to_disk.")
+@click.option("--out", required=True, help="Raw records, appended as they finish (FILE.jsonl).")
+@click.option("--backend", type=click.Choice(["auto", "vllm", "transformers", "openai"]), default="auto",
+              show_default=True, help="auto: openai when --base-url is given, else vllm when it is installed, else "
+                                      "transformers. openai: OpenAI-compatible servers (vllm serve, SGLang, a hosted API).")
+@click.option("--n", "n", type=int, default=1, show_default=True, help="Samples per question.")
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--max-tokens", type=int, default=16384, show_default=True, help="New tokens per answer.")
+@click.option("--batch-size", type=int, help="transformers: prompts per batch (16); vllm: questions per "
+                                              "LLM.generate chunk, the most a kill can lose (256).")
+@click.option("--limit", type=int, help="Only the first N questions.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--prompt", default="", help="User message template with {question}; default: the papers' "
+                                           "'{question}\\nPlease reason step by step, and put your final "
+                                           "answer within \\boxed{}.'")
+@click.option("--keep", type=click.Choice(["correct", "all"]), default="correct", show_default=True,
+              help="correct: also write OUT.correct.jsonl with verified-correct, untruncated answers.")
+@click.option("--question-field", help="Field holding the question (default: question / problem / prompt).")
+@click.option("--answer-field", help="Field holding the gold answer (default: answer / final_answer).")
+@click.option("--id-field", help="Field holding a unique id (default: id if present, else a content hash).")
+@click.option("--split", help="Split of a saved DatasetDict.")
+@click.option("--benchmark", help="Grade a custom file's gold the way this benchmark's is parsed "
+                                  "(gsm8k, math500, aime24, amc23, olympiadbench).")
+@click.option("--dtype", default="auto", show_default=True, help="auto (the checkpoint's), bfloat16, float16, float32.")
+@click.option("--tensor-parallel-size", type=int, default=1, show_default=True, help="vllm: GPUs per model.")
+@click.option("--max-model-len", type=int, help="vllm: context length to reserve (default: the model's).")
+@click.option("--enforce-eager", is_flag=True, help="vllm: no torch.compile / CUDA graphs (faster start, slower run).")
+@click.option("--data-parallel-size", type=int, default=1, show_default=True,
+              help="vllm: engine replicas in this command, each on its own --tensor-parallel-size GPUs; the "
+                   "records are the same as with one.")
+@click.option("--serve-args", help="vllm: more `vllm serve` flags for the server that --data-parallel-size "
+                                   "starts (given alone, it starts one too), e.g. \"--data-parallel-backend ray "
+                                   "--data-parallel-size 32\" for replicas over a Ray cluster's nodes.")
+@click.option("--base-url", "base_url", multiple=True,
+              help="openai: API root of a server, e.g. http://127.0.0.1:8000/v1. Repeat for several servers "
+                   "(one per node): requests go to the least busy one, and fail over when one dies.")
+@click.option("--api-key-env", help="openai: name of the environment variable holding the API key "
+                                    "(e.g. OPENAI_API_KEY); default: no key (a local vllm serve needs none).")
+@click.option("--served-model", help="openai: the model name the servers know (default: the one they serve "
+                                     "from --model's folder, or --model itself).")
+@click.option("--concurrency", type=int, default=16, show_default=True,
+              help="openai: requests in flight over all servers together (a vLLM server batches them).")
+@click.option("--retries", type=int, default=8, show_default=True,
+              help="openai: further tries of a request that failed to connect, timed out or got HTTP 429/5xx; "
+                   "awake servers first; a failing server rests 0.5 s, doubling per failure in a row up to 30 s.")
+@click.option("--request-timeout", type=float, default=3600.0, show_default=True,
+              help="openai: seconds to wait for a server's answer before retrying elsewhere.")
+@click.option("--force", is_flag=True, help="Start OUT over instead of resuming (only an OUT generate wrote: its OUT.meta.json says so)." + _OWN)
+@_run_stage
+def generate(**kw):
+    """Answer a question set with a model; write chat records as they finish.
+
+    Records (OUT.jsonl): id, messages [user, assistant], answer, pred, correct, num_tokens,
+    finish_reason (stop | length), model, sample, system (the system prompt the chat template
+    injected by itself, e.g. Qwen2.5-Instruct's, or null). A template's prefill (R1's
+    "<think>\\n") starts the assistant content. Beside it: OUT.jsonl.meta.json (the settings;
+    a resume with other settings is refused), OUT.correct.jsonl (--keep correct) and
+    OUT.stats.json (accuracy, acceptance rate, lengths, truncations).
+
+    Killed? Run the same command again: finished records are kept, a torn last line is cut,
+    and generation resumes where it stopped without duplicates.
+
+    \b
+    Servers (one per node, or one `vllm serve --data-parallel-size N`):
+      micota-merge generate --model outputs/ta --questions gsm8k-train --out data/ta.jsonl \
+        --base-url http://node1:8000/v1 --base-url http://node2:8000/v1 --concurrency 64
+    """
+    from micota_merge.generation.generate import generate as run, options
+
+    run(options(**kw), echo=click.echo)
+
+
+@cli.command()
+@click.argument("parts", nargs=-1, required=True, metavar="PART=WEIGHT...")
+@click.option("--out", required=True, help="Mixed records (JSONL), written atomically.")
+@click.option("--total", type=int, help="Records in the mix (default: the most the parts allow at these weights).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--per-question", type=int, default=1, show_default=True,
+              help="Most answers per question id across the whole mix.")
+@click.option("--force", is_flag=True, help="Replace a mix that mix wrote (its OUT.meta.json says so)." + _OWN)
+@_run_stage
+def mix(parts, out, total, seed, per_question, force):
+    """Mix Distillation: draw records from several JSONL files by weight.
+
+    Example, the long:short 1:4 mix that beat either alone for students <= 3B
+    (arXiv 2502.12143):  micota-merge mix long.jsonl=1 short.jsonl=4 --out mix.jsonl
+
+    Each record gets `mix_part` (its file's stem); the composition is printed and written
+    to OUT.stats.json.
+    """
+    from micota_merge.data.mix import run
+
+    run(parts, out, total=total, seed=seed, per_question=per_question, force=force, echo=click.echo)
+
+
+# ---------------------------------------------------------------- distill, align (issue 5)
+from micota_merge.training.distill import DistillConfig as _DistillConfig  # noqa: E402  (pydantic only; torch loads inside)
+from micota_merge.core.options import click_options as _click_options  # noqa: E402
+
+
+@cli.command()
+@click.option("--config", "config_file", type=click.Path(dir_okay=False),
+              help="YAML of these options (e.g. micota_merge/recipes/distill/qwen2.5-7b-instruct.yaml); flags win.")
+@_click_options(_DistillConfig)
+@_run_stage
+def distill(config_file, **flags):
+    """Fine-tune a student on chat records (TRL SFT), learning the assistant's tokens only.
+
+    The records (`messages` = [user, assistant], as `generate`/`mix` write them) go through the
+    student's own chat template; the prompt carries no loss. Records marked "correct": false are
+    skipped unless --keep-incorrect. The output is a Hugging Face folder (transformers / vLLM load
+    it) with the student's tokenizer, micota.json (data hashes, options, versions, loss) and
+    loss.png; it appears only when complete. Checkpoints go to OUT.work/; after a kill, run the
+    same command with --resume.
+
+    \b
+    One GPU or CPU:  micota-merge distill --student S --data mid.jsonl --out outputs/student-mid
+    Many GPUs:       accelerate launch --config_file micota_merge/recipes/accelerate/fsdp.yaml \\
+                       -m micota_merge.cli distill --config micota_merge/recipes/distill/qwen2.5-7b-instruct.yaml \\
+                       --data mid.jsonl --out outputs/qwen7b-mid
+    """
+    from micota_merge.training.distill import distill as run_distill
+    from micota_merge.core.options import resolve
+
+    cfg = resolve(_DistillConfig, flags, config_file, label="distill options")
+    try:
+        run_distill(cfg, echo=click.echo)
+    except KeyboardInterrupt:
+        click.secho(f"interrupted: checkpoints so far are in {cfg.out}.work/; run the same command with "
+                    f"--resume to continue", fg="yellow", err=True)
+        sys.exit(130)
+
+
+@cli.command()
+@click.option("--model", required=True, help="Checkpoint whose likelihood to measure (usually the student).")
+@click.option("--data", "data_files", required=True, multiple=True,
+              help="JSONL file(s) of chat records; one row per file (repeat the flag or use commas).")
+@click.option("--limit", type=int, help="Score only the first N records of each file.")
+@click.option("--batch-size", default=4, show_default=True, type=int, help="Records per forward pass.")
+@click.option("--max-length", default=16384, show_default=True, type=int,
+              help="Longer records are truncated to this many tokens (and counted).")
+@click.option("--out", help="Folder for align.md, align.json, align.png and micota.json.")
+@click.option("--force", is_flag=True, help="Replace an align report that align wrote." + _OWN)
+@_run_stage
+def align(model, data_files, limit, batch_size, max_length, out, force):
+    """Per-token NLL and perplexity of each data set's assistant tokens under MODEL.
+
+    The paper's measure of how close long-, short- and mid-CoT data are to a student: the lower
+    the NLL, the nearer the data sits to what the model already writes. Tokens are the ones
+    `distill` trains (same template, same mask); the spread is over per-record mean NLLs.
+    """
+    from micota_merge.training.align import align as run_align
+
+    files = [p.strip() for spec in data_files for p in spec.split(",") if p.strip()]
+    run_align(model, files, limit=limit, batch_size=batch_size, max_length=max_length, out=out,
+              force=force, echo=click.echo)
+
+
+# ---------------------------------------------------------------- sweep (issue 6)
+
+
+def _ratio_list(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        return [float(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter("give ratios as comma-separated numbers, e.g. 0,0.25,0.5,0.75,1") from None
+
+
+def _density_list(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        return [float(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter("give densities as comma-separated numbers, e.g. 0.5,0.7") from None
+
+
+@cli.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--ratios", callback=_ratio_list, help="Comma-separated ratios (default: the recipe's sweep.ratios).")
+@click.option("--densities", callback=_density_list,
+              help="Comma-separated densities: sweep every ratio at each (ties/dare/breadcrumbs/della methods; "
+                   "default: the recipe's sweep.densities, else merge.density alone).")
+@click.option("--tolerance", type=float, help="Accuracy points below the best that still qualify (default 2).")
+@click.option("--limit", type=int, help="Probe questions (default: sweep.probe.limit).")
+@click.option("--max-tokens", type=int, help="Probe answer length cap (default: sweep.probe.max_tokens).")
+@click.option("--backend", type=click.Choice(["auto", "vllm", "transformers"]), help="Probe generation backend.")
+@click.option("--data-parallel-size", type=int,
+              help="vllm: probe each checkpoint through `vllm serve` with this many replicas (default: "
+                   "sweep.probe.data_parallel_size).")
+@click.option("--keep-all", is_flag=True, help="Keep every point's TA in <output>.sweep/ (default: only the chosen).")
+@click.option("--force", is_flag=True, help="Redo a finished sweep and replace the TA it left." + _OWN)
+@_run_stage
+def sweep(recipe, ratios, densities, tolerance, limit, max_tokens, backend, data_parallel_size, keep_all, force):
+    """Merge at several ratios (x densities), measure CoT length and accuracy, keep the intermediate TA.
+
+    Every point's TA is built in one pass over the inputs (each input tensor read once, outputs
+    bit-for-bit those of separate `build`s) for linear, task_arithmetic, ties, dare_ties,
+    dare_linear, breadcrumbs, breadcrumbs_ties, della and della_linear (on CPU: where a GPU
+    makes `build` run mergekit on it, that family is built point by point); each TA answers the
+    probe questions and is scored by the grader. The long-CoT and short-CoT checkpoints are
+    probed too; the target length 'mid' is the geometric mean of their mean lengths. The chosen
+    point is the one closest to the target among those within TOLERANCE accuracy points of the
+    best, and is set against the length-accuracy Pareto front. Writes
+    <output>/sweep/sweep.{json,csv,md,png} and front.png; a killed sweep resumes point by point.
+    """
+    from micota_merge.merge.sweep.run import sweep as run
+
+    run(recipe, ratios=ratios, densities=densities, keep_all=keep_all, tolerance=tolerance, limit=limit,
+        max_tokens=max_tokens, backend=backend, data_parallel_size=data_parallel_size, force=force, echo=click.echo)
+
+# ---------------------------------------------------------------- run (issue 7)
+
+
+@cli.command("run")
+@click.argument("pipeline", type=click.Path(dir_okay=False))
+@click.option("--from", "run_from", type=click.Choice(["build", "generate", "mix", "distill", "eval", "report"]),
+              help="Rerun this stage and everything after it, even if done.")
+@click.option("--until", type=click.Choice(["build", "generate", "mix", "distill", "eval", "report"]),
+              help="Stop after this stage.")
+@click.option("--force", is_flag=True,
+              help="Start every stage over. Only outputs this pipeline wrote are replaced (their micota.json "
+                   "says so); anything else in the way is refused, as without --force.")
+@click.option("--dry-run", is_flag=True,
+              help="Validate the pipeline, its inputs and every stage's options, and print the stage plan (what "
+                   "is done, what would run, resume or start over, what would be replaced); write nothing.")
+@_run_stage
+def run_pipeline(pipeline, run_from, until, force, dry_run):
+    """Run the whole method from one YAML file and write report.md.
+
+    \b
+    build (or sweep) -> generate -> mix -> distill -> eval -> report
+    PIPELINE is a recipe with a `pipeline:` section (a bare recipe only builds). Each stage
+    keeps its outputs and a fingerprint of its options and inputs under pipeline.workdir; a
+    stage that is done with the same fingerprint is skipped, so a killed run restarts where it
+    stopped and a changed option reruns only what depends on it.
+    """
+    from micota_merge.pipeline.run import run
+
+    run(pipeline, run_from=run_from, until=until, force=force, dry_run=dry_run, echo=click.echo)
+
+
+
+def main():
+    cli(prog_name="micota-merge")
+
+
+if __name__ == "__main__":
+    main()

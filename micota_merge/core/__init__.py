@@ -1,0 +1,1 @@
+"""What every stage shares: errors, manifests, ownership, content identity, options, checkpoints."""

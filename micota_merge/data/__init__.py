@@ -1,0 +1,1 @@
+"""Question sets, chat formatting, Mix Distillation."""

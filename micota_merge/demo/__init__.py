@@ -1,0 +1,1 @@
+"""Offline checkpoints: the tiny random family, stand-ins, the micro world."""

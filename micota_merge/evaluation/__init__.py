@@ -1,0 +1,1 @@
+"""Scores through lm-eval: the tasks, the grader, the models, the statistics."""

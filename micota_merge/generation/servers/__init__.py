@@ -1,0 +1,1 @@
+"""OpenAI-compatible servers: the client and `vllm serve` on loopback."""

@@ -1,0 +1,1 @@
+"""The teacher assistant: recipes, the build through mergekit, pre-flight, one-pass and sweep."""

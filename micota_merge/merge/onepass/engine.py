@@ -1,0 +1,231 @@
+"""One pass over the inputs for many (ratio, density) points (the sweep's merge phase).
+
+Each input tensor is read once and every point's TA is written from it, instead of one full
+merge per point: a 5-ratio x 2-density sweep reads the inputs once, not ten times.
+  linear, task_arithmetic   a fixed combination per ratio, with mergekit's arithmetic
+  ties, dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties, della, della_linear
+                            mergekit's sparsification and sign election replayed per point,
+                            random drops included (see replay.py)
+The outputs are bit-for-bit those of separate `build`s; tests hold every method to that. The
+merged tensors are checked for NaN/Inf as they are written and streamed to disk: only the
+tensors in flight are held in memory, and no output is read back.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+from micota_merge.core.artifacts import atomic_dir, now
+from micota_merge.core.checkpoints import weight_files
+from micota_merge.core.errors import StageFailed
+from micota_merge.merge.build import BuildPlan, give_identity, plan_build, with_ratio, write_build_manifest
+from micota_merge.merge.recipe import SPARSIFYING_METHODS, Recipe
+from micota_merge.merge.onepass.replay import Point, TaskVectorReplay, Unsupported, check_mergekit_version
+
+FIXED_COMBINATION_METHODS = ("linear", "task_arithmetic")
+ONE_PASS_METHODS = FIXED_COMBINATION_METHODS + SPARSIFYING_METHODS
+_SHARD_BYTES = 5 * 10**9
+_ST_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+
+
+def supports_one_pass(recipe: Recipe) -> bool:
+    return recipe.merge.method in ONE_PASS_METHODS
+
+
+def _replays_mergekit(recipe: Recipe) -> bool:
+    """Through mergekit's own planner and functions (replay.py), whatever the parameters; the
+    fixed combinations (combine below) know only the plain linear and task_arithmetic."""
+    m = recipe.merge
+    return m.method in SPARSIFYING_METHODS or (m.method == "task_arithmetic" and bool(m.extra_params or m.density))
+
+
+def at_point(recipe: Recipe, point: Point) -> Recipe:
+    """The recipe at one (ratio, density) point of a sweep."""
+    recipe = with_ratio(recipe, point[0])
+    if point[1] != recipe.merge.density:
+        recipe = recipe.model_copy(deep=True)
+        recipe.merge.density = point[1]
+    return recipe
+
+
+class StreamingSafetensorsWriter:
+    """Writes a (sharded) safetensors checkpoint tensor by tensor, holding none of it in memory.
+
+    Names, shapes and dtypes are known up front from the inputs' headers, so each file's
+    header is written first and tensors follow in order.
+    """
+
+    def __init__(self, folder: Path, specs: dict[str, tuple[int, ...]], dtype: str):
+        self.folder, self.dtype = folder, dtype
+        per = {"float32": 4, "float16": 2, "bfloat16": 2}[dtype]
+        shards: list[list[str]] = [[]]
+        size = 0
+        for name, shape in specs.items():
+            n = per
+            for d in shape:
+                n *= d
+            if shards[-1] and size + n > _SHARD_BYTES:
+                shards.append([])
+                size = 0
+            shards[-1].append(name)
+            size += n
+        self.files = {}
+        self.where = {}
+        total = 0
+        single = len(shards) == 1
+        for i, names in enumerate(shards):
+            fname = "model.safetensors" if single else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            header, offset = {}, 0
+            for name in names:
+                n = per
+                for d in specs[name]:
+                    n *= d
+                header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(specs[name]), "data_offsets": [offset, offset + n]}
+                offset += n
+                self.where[name] = fname
+            total += offset
+            header["__metadata__"] = {"format": "pt"}
+            raw = json.dumps(header, separators=(",", ":")).encode()
+            raw += b" " * (-len(raw) % 8)  # the format aligns the data section to 8 bytes
+            f = open(folder / fname, "wb")
+            f.write(struct.pack("<Q", len(raw)) + raw)
+            self.files[fname] = f
+        if not single:
+            index = {"metadata": {"total_size": total}, "weight_map": self.where}
+            (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+    def write(self, name: str, tensor) -> None:
+        import torch
+
+        if tensor.numel():  # the tensor's own bytes, no copy
+            self.files[self.where[name]].write(tensor.contiguous().view(torch.uint8).numpy().data)
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
+
+
+def all_finite(t) -> bool:
+    """No NaN or Inf in t. A NaN or Inf anywhere makes the sum NaN or Inf, and summing is many times
+    cheaper than an elementwise test; only a sum that overflowed needs the elementwise test."""
+    import torch
+
+    if not t.is_floating_point() or bool(torch.isfinite(t.sum())):
+        return True
+    return bool(torch.isfinite(t).all())
+
+
+def combine(method: str, ratio: float, long_cot, short_cot, base=None):
+    """One ratio's TA tensor, with mergekit's arithmetic (inputs already in the merge dtype)."""
+    import torch
+
+    sides = [(t, w) for t, w in ((long_cot, ratio), (short_cot, 1.0 - ratio)) if w != 0.0]
+    if method == "linear":
+        first = sides[0][0]
+        acc = torch.float64 if first.dtype == torch.float64 else torch.float32
+        weights = torch.tensor([w for _, w in sides], dtype=acc)
+        result = torch.zeros_like(first, dtype=acc)
+        for (t, _), w in zip(sides, weights.unbind(0)):
+            result.addcmul_(t, w)
+        return result.div_(weights.sum()).to(first.dtype)
+    # task_arithmetic: base + Σ w_i (x_i − base), computed in the merge dtype as mergekit does
+    deltas = base.new_empty((len(sides), *base.shape))
+    for i, (t, _) in enumerate(sides):
+        deltas[i] = t - base
+    weights = torch.tensor([w for _, w in sides], dtype=deltas.dtype)
+    while deltas.dim() > weights.dim():
+        weights.unsqueeze_(-1)
+    deltas.mul_(weights)
+    return (base + deltas.sum(dim=0)).to(base.dtype)
+
+
+def build_ratios(recipe_path: str | Path, recipe: Recipe, outputs: dict[float, Path], force: bool = False,
+                 echo=print) -> dict[float, Path]:
+    """Write one TA per ratio (at the recipe's density) from a single read. Returns {ratio: folder}."""
+    d = recipe.merge.density
+    done = build_points(recipe_path, recipe, {(r, d): out for r, out in outputs.items()}, force=force, echo=echo)
+    return {p[0]: out for p, out in done.items()}
+
+
+def build_points(recipe_path: str | Path, recipe: Recipe, outputs: dict[Point, Path], force: bool = False,
+                 echo=print) -> dict[Point, Path]:
+    """Write one TA per (ratio, density) point from a single read of the inputs. Returns {point: folder}.
+
+    Raises Unsupported (before writing anything) where a separate build per point is needed.
+    """
+    import torch
+    from safetensors import safe_open
+    from tqdm import tqdm
+
+    if not supports_one_pass(recipe):
+        raise Unsupported(f"{recipe.merge.method} has no one-pass form here; build each point separately")
+    method = recipe.merge.method
+    if method not in SPARSIFYING_METHODS and any(p[1] != recipe.merge.density for p in outputs):
+        raise Unsupported(f"{method} has no density to sweep")
+    points = sorted(outputs, key=lambda p: (p[0], p[1] or 0.0))
+    plans: dict[Point, BuildPlan] = {p: plan_build(recipe_path, str(outputs[p]), None, force,
+                                                   recipe=at_point(recipe, p)) for p in points}
+    plan0 = plans[points[0]]
+    dtype = recipe.merge.dtype
+    tdtype = getattr(torch, dtype)
+    identity = plan0.metas[recipe.identity_role]
+    if _replays_mergekit(recipe):
+        check_mergekit_version()  # before anything is written: a point-by-point build is the fallback
+        if torch.cuda.is_available():
+            # `build` runs mergekit on the GPU there, whose kernels and random stream are not the
+            # CPU's; the replay's equality with builds is verified on CPU only.
+            raise Unsupported("with a GPU, builds run mergekit on it and the one-pass replay is verified on CPU only")
+        replay = TaskVectorReplay(plans, seed=recipe.merge.seed)
+        if set(replay.names) != set(identity.tensors):
+            raise Unsupported("mergekit would write other tensors than the checkpoint holds")
+        order = replay.names
+        reads = replay.inputs
+    else:
+        replay = None
+        order = list(identity.tensors)
+        roles = ["long_cot", "short_cot"] + (["base"] if method == "task_arithmetic" else [])
+        reads = [{role: name for role in roles} for name in order]
+    specs = {name: identity.tensors[name].shape for name in order}
+    started, t0 = now(), time.time()
+    with ExitStack() as stack:
+        stagings = {p: stack.enter_context(atomic_dir(outputs[p], "build", force=force, inputs=plans[p].paths))
+                    for p in points}
+        handles = {}
+        for role in sorted({role for names in reads for role in names}):
+            for f in weight_files(plan0.paths[role]):
+                h = stack.enter_context(safe_open(f, framework="pt"))
+                for name in h.keys():
+                    handles[(role, name)] = h
+        writers = {p: StreamingSafetensorsWriter(stagings[p], specs, dtype) for p in points}
+        # The random streams are replayed on torch's global generator: leave the caller's as it was.
+        stack.enter_context(torch.random.fork_rng(devices=[]))
+        try:
+            desc = f"One-pass merge of {len(points)} {'points' if len({p[1] for p in points}) > 1 else 'ratios'}"
+            for i, name in enumerate(tqdm(order, desc=desc, unit="tensor")):
+                inputs = {role: handles[(role, src)].get_tensor(src).to(tdtype)
+                          for role, src in reads[i].items()}
+                if replay is not None:
+                    merged = replay.merge(i, inputs)
+                else:
+                    merged = ((p, combine(method, p[0], inputs["long_cot"], inputs["short_cot"], inputs.get("base")))
+                              for p in points)
+                for p, out in merged:
+                    if not all_finite(out):
+                        raise StageFailed(f"merged tensor {name} at ratio {p[0]:g}"
+                                          + (f", density {p[1]:g}" if p[1] is not None else "")
+                                          + " has NaN/Inf values; nothing was written. "
+                                          "Try dtype float32, a different density, or check the inputs.")
+                    writers[p].write(name, out)
+                del inputs
+        finally:
+            for w in writers.values():
+                w.close()
+        for p in points:
+            give_identity(stagings[p], plans[p])
+            write_build_manifest(stagings[p], plans[p], started, t0, one_pass=True)
+    echo(f"{len(points)} teacher assistants written in one pass in {time.time() - t0:.1f} s")
+    return {p: outputs[p] for p in points}

@@ -1,0 +1,390 @@
+"""The recipe: one YAML file that says which checkpoints to merge, how, and where to.
+
+Pydantic models whose validators raise ValueError, so every error carries its field path
+(`merge.ratio`), and unknown keys are answered with the closest valid one. `to_mergekit()`
+turns a recipe into the mergekit configuration it means; a plain mergekit YAML (one with
+`merge_method`) is accepted as a recipe too.
+
+Ratio semantics (λ = `merge.ratio`, the share of the long-CoT side):
+  linear / slerp:        λ·long_cot + (1−λ)·short_cot
+  task-vector methods:   base + merge of λ·(long_cot − base) and (1−λ)·(short_cot − base),
+                         with the method's own trimming / dropping and sign rules.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from micota_merge.core.errors import UserError
+from micota_merge.core.strict import Float, Int, not_bool
+
+Role = Literal["long_cot", "short_cot", "base"]
+
+# How each supported method reads the ratio. Interpolations need no base; task-vector
+# methods merge deltas from a shared base.
+INTERPOLATION_METHODS = ("linear", "slerp")
+TASK_VECTOR_METHODS = ("task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
+                       "breadcrumbs_ties", "della", "della_linear")
+METHODS = INTERPOLATION_METHODS + TASK_VECTOR_METHODS
+SPARSIFYING_METHODS = tuple(m for m in TASK_VECTOR_METHODS if m != "task_arithmetic")
+DTYPES = ("float32", "float16", "bfloat16")
+
+# mergekit parameters a recipe may pass through, per method (beyond ratio/density which we map).
+_TASK_VECTOR_PARAMS = {"normalize", "rescale", "lambda", "int8_mask"}
+_NUMERIC_PARAMS = {"lambda", "gamma", "epsilon"}
+PASSTHROUGH_PARAMS: dict[str, set[str]] = {
+    "linear": {"normalize"},
+    "slerp": set(),
+    "task_arithmetic": _TASK_VECTOR_PARAMS,
+    "ties": _TASK_VECTOR_PARAMS,
+    "dare_ties": _TASK_VECTOR_PARAMS,
+    "dare_linear": _TASK_VECTOR_PARAMS,
+    "breadcrumbs": _TASK_VECTOR_PARAMS | {"gamma"},
+    "breadcrumbs_ties": _TASK_VECTOR_PARAMS | {"gamma"},
+    "della": _TASK_VECTOR_PARAMS | {"epsilon"},
+    "della_linear": _TASK_VECTOR_PARAMS | {"epsilon"},
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Models(_Strict):
+    long_cot: str = Field(description="Long-CoT checkpoint (e.g. DeepSeek-R1-Distill-Qwen-7B): hub id or folder")
+    short_cot: str = Field(description="Short-CoT checkpoint (e.g. Qwen2.5-7B-Instruct): hub id or folder")
+    base: Optional[str] = Field(None, description="Shared base model; required by task-vector methods")
+
+
+class MergeSettings(BaseModel):
+    # extra="allow": method-specific mergekit parameters pass through, checked in the validator.
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
+    method: str = Field("dare_ties", description="mergekit method: " + ", ".join(METHODS))
+    ratio: Float = Field(0.5, description="share of the long-CoT side, 0..1")
+    density: Optional[Float] = Field(None, description="fraction of each task vector kept (ties/dare/...)")
+    seed: Int = Field(0, description="seed for DARE's random drop: same seed, same bits")
+    dtype: str = Field("bfloat16", description="dtype of the merge and of the written weights")
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        if v not in METHODS:
+            close = difflib.get_close_matches(v, METHODS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"unknown method {v!r}{hint} Valid methods: {', '.join(METHODS)}")
+        return v
+
+    @field_validator("ratio")
+    @classmethod
+    def _ratio_range(cls, v: float) -> float:
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"ratio must be between 0 and 1 (the long-CoT share), got {v}")
+        return v
+
+    @field_validator("density")
+    @classmethod
+    def _density_range(cls, v: Optional[float]) -> Optional[float]:
+        if v is not None and not 0.0 < v <= 1.0:
+            raise ValueError(f"density must be in (0, 1] (the fraction of each task vector kept), got {v}")
+        return v
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, v: str) -> str:
+        if v not in DTYPES:
+            raise ValueError(f"unknown dtype {v!r}; use one of {', '.join(DTYPES)}")
+        return v
+
+    @model_validator(mode="after")
+    def _passthrough(self) -> "MergeSettings":
+        allowed = PASSTHROUGH_PARAMS[self.method]
+        for key in (self.model_extra or {}):
+            if key not in allowed:
+                valid = sorted(set(type(self).model_fields) | allowed)
+                close = difflib.get_close_matches(key, valid, n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                raise ValueError(f"unknown key {key!r} for method {self.method}: {hint}"
+                                 f"valid keys: {', '.join(valid)}")
+            value = self.model_extra[key]
+            if key in _NUMERIC_PARAMS and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ValueError(f"{key!r} is passed to mergekit as a number: a number is needed here, not "
+                                 f"{'true/false' if isinstance(value, bool) else repr(value)}")
+        return self
+
+    @property
+    def extra_params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class Probe(_Strict):
+    benchmark: Optional[str] = Field("gsm8k", description="shipped question set to probe with")
+    questions: Optional[str] = Field(None, description="or a JSONL file of questions")
+    limit: Int = Field(64, gt=0)
+    max_tokens: Int = Field(4096, gt=0)
+    backend: Optional[str] = Field(None, description="vllm or transformers (default: vllm if installed)")
+    batch_size: Int = Field(16, gt=0)
+    prompt: Optional[str] = Field(None, description="prompt template with {question}; default: the papers'")
+    # Each probed model (every ratio's TA, both experts) is a different checkpoint, so servers started
+    # beforehand cannot serve them: with vllm, these start `vllm serve` for each probe (generate's options).
+    data_parallel_size: Int = Field(1, ge=1, description="vllm: engine replicas per probe (starts vllm serve)")
+    tensor_parallel_size: Int = Field(1, ge=1, description="vllm: GPUs per replica")
+    serve_args: Optional[str] = Field(None, description="vllm: more `vllm serve` flags, e.g. Ray data parallelism")
+    max_model_len: Optional[Int] = Field(None, ge=16, description="vllm: context length to reserve")
+    enforce_eager: bool = Field(False, description="vllm: no torch.compile / CUDA graphs")
+    dtype: str = Field("auto", description="auto (vLLM runs float32 checkpoints in 16 bits), bfloat16, float16, float32")
+
+
+class SweepSettings(_Strict):
+    ratios: list[Float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    densities: Optional[list[Float]] = Field(
+        None, description="densities to sweep with every ratio (sparsifying methods); default: merge.density only")
+    probe: Probe = Field(default_factory=Probe)
+    target_tokens: Union[Literal["mid"], Float] = Field(
+        "mid", description="'mid' = geometric mean of the endpoints' mean lengths, or a number of tokens")
+    tolerance: Float = Field(2.0, ge=0, description="accuracy points below the best that still qualify")
+    # 5 % of the default 64 probe questions is 4 right answers: well below any working model (instruct
+    # models of 1.5B and up score 60-90 % on GSM8K) and above what noise scores on free-form numeric
+    # answers (about 0): below it the probe cannot tell the TAs apart, and a "choice" by length would
+    # ship a broken merge
+    min_accuracy: Float = Field(0.05, ge=0, le=1, description="the probe accuracy (0..1) some point must reach "
+                                                              "before the sweep chooses a TA")
+    # an answer cut at probe.max_tokens has the cap's length and an accuracy that is a floor: once most
+    # of a point's answers are cut, its mean length measures the cap, not the model
+    max_truncated: Float = Field(0.5, ge=0, le=1, description="the largest share (0..1) of a point's probe answers "
+                                                              "cut at probe.max_tokens for it to be chosen")
+
+    @field_validator("ratios")
+    @classmethod
+    def _ratios(cls, v: list[float]) -> list[float]:
+        if not v:
+            raise ValueError("ratios must list at least one ratio")
+        bad = [r for r in v if not 0.0 <= r <= 1.0]
+        if bad:
+            raise ValueError(f"every ratio must be between 0 and 1, got {bad}")
+        return sorted(set(v))
+
+    @field_validator("densities")
+    @classmethod
+    def _densities(cls, v: Optional[list[float]]) -> Optional[list[float]]:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("densities must list at least one density, or be left out")
+        bad = [d for d in v if not 0.0 < d <= 1.0]
+        if bad:
+            raise ValueError(f"every density must be in (0, 1] (the fraction of each task vector kept), got {bad}")
+        return sorted(set(v))
+
+    @field_validator("target_tokens", mode="before")
+    @classmethod
+    def _target_not_bool(cls, v):
+        return not_bool(v)  # before the union: one message, not one per member
+
+    @field_validator("target_tokens")
+    @classmethod
+    def _target(cls, v):
+        if v != "mid" and v <= 0:
+            raise ValueError("target_tokens must be 'mid' or a positive number of tokens")
+        return v
+
+
+class MixBaseline(_Strict):
+    name: str = Field(description="a plain name: it names the baseline's folders under the work folder")
+    mix: dict[str, Float]
+
+    @field_validator("name")
+    @classmethod
+    def _plain(cls, v: str) -> str:
+        from micota_merge.core.ownership import plain_name
+
+        try:
+            return plain_name(v, "name")
+        except UserError as e:  # a ValueError carries the field path into the one-line error
+            raise ValueError(str(e)) from None
+
+
+class PipelineSettings(_Strict):
+    """The `pipeline:` section: what `micota-merge run` does after the TA is built."""
+
+    workdir: str = Field(description="folder for every stage's outputs and report.md")
+    student: str = Field("", description="the student checkpoint to distil into")
+    select: Literal["sweep", "build"] = Field("sweep", description="TA from a ratio sweep or a plain build")
+    questions: str = Field("gsm8k-train", description="training questions: a shipped set name or a JSONL file")
+    question_limit: Optional[Int] = Field(None, gt=0)
+    prompt: Optional[str] = Field(None, description="prompt template with {question}; default: the papers'")
+    generate: dict[str, Any] = Field(default_factory=dict, description="generate options (max_tokens, backend...)")
+    mix: Optional[dict[str, Float]] = Field(
+        None, description="mix the TA's data with the experts': {ta: 1, short_cot: 4}")
+    mix_total: Optional[Int] = Field(None, gt=0)
+    distill: dict[str, Any] = Field(default_factory=dict, description="distill options (epochs, lr, max_length...)")
+    eval: dict[str, Any] = Field(default_factory=dict, description="eval options (tasks, limit, max_tokens...)")
+    baselines: list[Union[Literal["long_cot", "short_cot"], MixBaseline]] = Field(
+        default_factory=list, description="other data to distil from: long_cot, short_cot, or {name, mix}")
+    eval_teachers: bool = Field(True, description="also score the TA and the experts")
+    seed: Int = 0
+    distill_seeds: Optional[list[Int]] = Field(
+        None, min_length=1, description="distil one student per data set and seed (the report gives mean ± spread "
+                                        "over them); default: [seed]")
+
+    @model_validator(mode="after")
+    def _check(self) -> "PipelineSettings":
+        if not self.student:
+            raise ValueError("student: give the checkpoint to distil into")
+        sources = {"ta", "long_cot", "short_cot"}
+        for mix in [self.mix or {}] + [b.mix for b in self.baselines if isinstance(b, MixBaseline)]:
+            for part, w in mix.items():
+                if part not in sources:
+                    raise ValueError(f"mix part {part!r}: choose from {', '.join(sorted(sources))}")
+                if w <= 0:
+                    raise ValueError(f"mix weight of {part} must be positive, got {w}")
+        if self.distill_seeds is not None and len(set(self.distill_seeds)) != len(self.distill_seeds):
+            raise ValueError(f"distill_seeds must be distinct, got {self.distill_seeds}")
+        names = [b if isinstance(b, str) else b.name for b in self.baselines]
+        if len(set(names)) != len(names) or {"ta", "mix", "student"} & set(names):
+            raise ValueError(f"baseline names must be unique and not ta/mix/student, got {names}")
+        for key in ("student", "data", "out"):
+            if key in self.distill:
+                raise ValueError(f"distill.{key} is set by the pipeline; remove it")
+        for key in ("model", "output"):
+            if key in self.eval:
+                raise ValueError(f"eval.{key} is set by the pipeline; remove it")
+        return self
+
+
+class Recipe(_Strict):
+    name: Optional[str] = None
+    models: Models
+    merge: MergeSettings = Field(default_factory=MergeSettings)
+    tokenizer: Role = Field("short_cot", description="whose tokenizer and chat template the TA keeps")
+    config_from: Optional[Role] = Field(
+        None, description="whose config.json (rope_theta, context length...) the TA keeps; default: the tokenizer side")
+    output: str = Field(description="folder the teacher assistant is written to")
+    sweep: Optional[SweepSettings] = None
+    pipeline: Optional[PipelineSettings] = Field(None, description="what `micota-merge run` does after the build")
+
+    @model_validator(mode="after")
+    def _base_when_needed(self) -> "Recipe":
+        if self.merge.method in TASK_VECTOR_METHODS and not self.models.base:
+            raise ValueError(f"method {self.merge.method} merges task vectors and needs models.base "
+                             "(the checkpoint both sides were fine-tuned from), or use linear / slerp")
+        for role in ("tokenizer", "config_from"):
+            if getattr(self, role) == "base" and not self.models.base:
+                raise ValueError(f"{role}: base is named but models.base is not set")
+        return self
+
+    @property
+    def identity_role(self) -> str:
+        """The side whose config, tokenizer and chat template the TA carries."""
+        return self.config_from or self.tokenizer
+
+    def model_specs(self) -> dict[str, str]:
+        specs = {"long_cot": self.models.long_cot, "short_cot": self.models.short_cot}
+        if self.models.base and self.merge.method in TASK_VECTOR_METHODS:
+            specs["base"] = self.models.base
+        return specs
+
+    def to_mergekit(self, paths: Optional[dict[str, str]] = None) -> dict:
+        """The mergekit configuration this recipe means (a dict that dumps to mergekit YAML).
+
+        `paths` maps roles to resolved local folders; by default the recipe's own strings.
+        Sides with weight 0 are left out, so ratio 0 and 1 read only the side they keep.
+        """
+        p = dict(self.model_specs(), **(paths or {}))
+        m = self.merge
+        lam = m.ratio
+        extra = m.extra_params
+        if m.method == "slerp":
+            # slerp interpolates from base_model (t=0) towards the other model (t=1).
+            return {"merge_method": "slerp", "base_model": p["short_cot"],
+                    "models": [{"model": p["short_cot"]}, {"model": p["long_cot"]}],
+                    "parameters": {"t": lam, **extra}, "dtype": m.dtype, "out_dtype": m.dtype}
+        sides = [(p["long_cot"], lam), (p["short_cot"], 1.0 - lam)]
+        models = []
+        for path, weight in sides:
+            if weight == 0.0:
+                continue
+            params: dict[str, Any] = {"weight": weight}
+            if m.method in SPARSIFYING_METHODS or (m.method == "task_arithmetic" and m.density):
+                params["density"] = m.density if m.density is not None else 0.5
+            models.append({"model": path, "parameters": params})
+        cfg: dict[str, Any] = {"merge_method": m.method, "models": models, "dtype": m.dtype, "out_dtype": m.dtype}
+        if m.method in TASK_VECTOR_METHODS:
+            cfg["base_model"] = p["base"]
+        if extra:
+            cfg["parameters"] = extra
+        return cfg
+
+    def to_mergekit_yaml(self, paths: Optional[dict[str, str]] = None) -> str:
+        return yaml.safe_dump(self.to_mergekit(paths), sort_keys=False)
+
+
+# ------------------------------------------------------------------ loading
+
+
+def read_yaml(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"recipe {path} does not exist")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UserError(f"{path}: invalid YAML{where}: {problem}") from None
+
+
+def is_mergekit_config(data: Any) -> bool:
+    return isinstance(data, dict) and "merge_method" in data
+
+
+def format_validation_error(source: str, err: ValidationError, model: type[BaseModel]) -> str:
+    """One line per problem, each naming the field path, suggesting the right key for typos."""
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"])
+        if e["type"] == "extra_forbidden":
+            parent = _submodel(model, e["loc"][:-1])
+            valid = list(parent.model_fields) if parent else []
+            close = difflib.get_close_matches(str(e["loc"][-1]), valid, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            lines.append(f"unknown key {loc!r}{hint} (valid here: {', '.join(valid)})")
+        elif e["type"] == "missing":
+            lines.append(f"{loc}: required field is missing")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"{loc}: {msg}" if loc else msg)
+    return f"{source}: " + "; ".join(lines)
+
+
+def _submodel(model: type[BaseModel], loc) -> Optional[type[BaseModel]]:
+    for key in loc:
+        field = model.model_fields.get(str(key))
+        if field is None:
+            return None
+        ann = field.annotation
+        candidates = getattr(ann, "__args__", (ann,))
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if model is None:
+            return None
+    return model
+
+
+def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
+    if not isinstance(data, dict):
+        raise UserError(f"{source}: a recipe is a YAML mapping with models, merge and output")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        raise UserError(format_validation_error(source, e, Recipe)) from None
+
+
+def load_recipe(path: str | os.PathLike) -> Recipe:
+    return parse_recipe(read_yaml(path), str(path))

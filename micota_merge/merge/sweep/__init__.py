@@ -1,0 +1,1 @@
+"""Merge ratios (x densities) against CoT length and accuracy; the chosen TA."""

@@ -1,0 +1,407 @@
+"""sweep: find the intermediate-length teacher assistant from measurements.
+
+For each point of the grid (every ratio, at every density of `sweep.densities` for the
+sparsifying methods): build the TA (all points in one pass over the inputs, see multiratio.py),
+answer the probe questions with it (the generate stage), and record accuracy, mean / median
+tokens and truncation rate. The two endpoints (the long-CoT and short-CoT checkpoints
+themselves) are probed too: the target length `mid` is the geometric mean of their mean
+lengths. The chosen point is the one whose mean length is closest to the target among those
+whose accuracy is within `tolerance` points of the best; the report sets it against the
+length-accuracy Pareto front (the points no other point beats on both length and accuracy).
+No point is chosen (a one-line error; the output untouched, the table in the work folder) when
+none reaches `min_accuracy` or every accurate-enough one has more than `max_truncated` of its
+answers cut at the probe's cap: lengths and accuracies then measure noise or the cap.
+
+Layout: work happens in `<output>.sweep/` (one TA folder and one probe file per point, each
+resumable), and at the end the chosen TA is renamed to `<output>` with the tables and plots in
+`<output>/sweep/`. A killed sweep started again skips every point already measured.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Optional
+
+from pydantic import ValidationError
+
+from micota_merge.core.artifacts import move_into_place, read_manifest, write_json_atomic, write_text_atomic
+from micota_merge.core.errors import UserError
+from micota_merge.core.ownership import check_replaceable, claim, claim_workdir, output_lock, plain_name, remove_ours
+from micota_merge.generation.generate import TRANSPORT_OPTIONS
+
+from micota_merge.merge.recipe import SPARSIFYING_METHODS, Recipe, SweepSettings, format_validation_error, load_recipe
+from micota_merge.merge.sweep.report import plot, plot_front, table_csv, table_md
+
+Point = tuple[float, Optional[float]]  # (ratio, density)
+
+
+def _tag(ratio: float, density: Optional[float] = None) -> str:
+    """Folder and file stem of a point: ratio-0.5, or ratio-0.5-density-0.7 in a density grid."""
+    tag = f"ratio-{ratio:.4f}".rstrip("0").rstrip(".") if ratio not in (0.0, 1.0) else f"ratio-{ratio:.1f}"
+    if density is not None:
+        tag += f"-density-{density:.4f}".rstrip("0").rstrip(".") if density != 1.0 else "-density-1.0"
+    return tag
+
+
+def _probe(model: Path, name: str, work: Path, settings: SweepSettings, echo) -> dict:
+    """Answer the probe questions with one model; resumable through generate's own JSONL.
+
+    A finished probe is reused only for the same model *content* and probe settings; a probe file
+    left by another model (a TA rebuilt from changed inputs) is started over, never resumed."""
+    from micota_merge.generation import generate as gen
+    from micota_merge.data.questions import DEFAULT_PROMPT
+    from micota_merge.core.fingerprint import content_id
+
+    stats_file = work / f"{name}.stats.json"
+    out = work / f"{name}.probe.jsonl"
+    probe = settings.probe.model_dump(mode="json", exclude=set(TRANSPORT_OPTIONS))
+    model_content = content_id(model)
+    if stats_file.is_file():
+        row = json.loads(stats_file.read_text())
+        if row.get("probe") == probe and row.get("model_content") == model_content:
+            return row  # written only once every question was answered
+    opts = gen.options(model=str(model), questions=settings.probe.questions or settings.probe.benchmark,
+                       out=str(out), backend=settings.probe.backend or "auto", max_tokens=settings.probe.max_tokens,
+                       limit=settings.probe.limit, batch_size=settings.probe.batch_size, keep="all", temperature=0.0,
+                       prompt=settings.probe.prompt or "", data_parallel_size=settings.probe.data_parallel_size,
+                       tensor_parallel_size=settings.probe.tensor_parallel_size, serve_args=settings.probe.serve_args,
+                       max_model_len=settings.probe.max_model_len, enforce_eager=settings.probe.enforce_eager,
+                       dtype=settings.probe.dtype)
+    fresh = not gen.written_with(out, gen._settings(opts, model, opts.prompt or DEFAULT_PROMPT))
+    stats = gen.generate(opts.model_copy(update={"force": fresh}), echo=echo)
+    row = {"records": stats["records"], "accuracy": stats["accuracy"],
+           "mean_tokens": stats["num_tokens"]["mean"], "median_tokens": stats["num_tokens"]["median"],
+           "p90_tokens": stats["num_tokens"]["p90"],
+           "truncation_rate": round(stats["truncated"] / stats["records"], 4) if stats["records"] else None,
+           "probe_file": str(out), "probe": probe, "model_content": model_content}
+    write_json_atomic(stats_file, row)
+    return row
+
+
+def target_length(settings: SweepSettings, endpoints: dict[str, dict]) -> float:
+    if settings.target_tokens != "mid":
+        return float(settings.target_tokens)
+    a, b = endpoints["short_cot"]["mean_tokens"], endpoints["long_cot"]["mean_tokens"]
+    if not a or not b:
+        raise UserError("cannot compute the 'mid' target: an endpoint wrote no tokens; set sweep.target_tokens")
+    return math.sqrt(a * b)
+
+
+def _acc(row: dict) -> float:
+    return row["accuracy"] or 0.0
+
+
+def _point(row: dict) -> Point:
+    return row["ratio"], row.get("density")
+
+
+def point_label(point: Point) -> str:
+    return f"ratio {point[0]:g}" + (f", density {point[1]:g}" if point[1] is not None else "")
+
+
+def dominates(a: dict, b: dict) -> bool:
+    """a is at most as long and at least as accurate as b, and strictly better on one of the two."""
+    return (a["mean_tokens"] <= b["mean_tokens"] and _acc(a) >= _acc(b)
+            and (a["mean_tokens"] < b["mean_tokens"] or _acc(a) > _acc(b)))
+
+
+def pareto_front(rows: list[dict]) -> list[dict]:
+    """The points no other point dominates, shortest first: the length-accuracy trade-off."""
+    front = [r for r in rows if not any(dominates(o, r) for o in rows if o is not r)]
+    return sorted(front, key=lambda r: (r["mean_tokens"], -_acc(r)))
+
+
+def _truncated(row: dict) -> float:
+    return row.get("truncation_rate") or 0.0
+
+
+def _short(p: Point) -> str:
+    return f"{p[0]:g}" if p[1] is None else f"{p[0]:g}/{p[1]:g}"
+
+
+def target_source(settings: SweepSettings, endpoints: dict[str, dict]) -> str:
+    """Where the target length came from, in words (for the choice's reason)."""
+    if settings.target_tokens != "mid":
+        return "sweep.target_tokens"
+    a, b = endpoints["short_cot"]["mean_tokens"], endpoints["long_cot"]["mean_tokens"]
+    return f"the geometric mean of the short_cot ({a:.1f}) and long_cot ({b:.1f}) mean lengths"
+
+
+def _point_list(rows: list[dict]) -> str:
+    """Points named briefly: "ratios 0.3, 0.4 at density 0.5" when they share a density, else
+    "ratio/density 0.3/0.5, 0.4/0.7"."""
+    pts = sorted(_point(r) for r in rows)
+    densities = {p[1] for p in pts}
+    ratios = ", ".join(f"{p[0]:g}" for p in pts)
+    if len(densities) == 1:
+        (d,) = densities
+        return f"ratio{'s' if len(pts) > 1 else ''} {ratios}" + (f" at density {d:g}" if d is not None else "")
+    return "ratio/density " + ", ".join(_short(p) for p in pts)
+
+
+def _measured(rows: list[dict]) -> str:
+    """Points with their length and accuracy; points measured alike are named together."""
+    same: dict[tuple, list[dict]] = {}
+    for r in sorted(rows, key=lambda r: (r["mean_tokens"], -_acc(r), _point(r))):
+        same.setdefault((r["mean_tokens"], _acc(r)), []).append(r)
+    parts = []
+    for (tokens, acc), rs in same.items():
+        name = point_label(_point(rs[0])) if len(rs) == 1 else _point_list(rs)
+        parts.append(f"{name} ({'each ' if len(rs) > 1 else ''}{tokens:.1f} tokens, {acc:.1%})")
+    return "; ".join(parts)
+
+
+def choose(rows: list[dict], target: float, tolerance: float, min_accuracy: float = 0.0,
+           max_truncated: float = 1.0, target_from: Optional[str] = None) -> tuple[Optional[dict], str]:
+    """The point closest to the target length among the accurate-enough ones, and why, against the front.
+
+    Accurate enough: at least `min_accuracy`, within `tolerance` points of the best, and at most
+    `max_truncated` of its probe answers cut at the length cap (a cut answer's length is the cap's, its
+    accuracy a floor). (None, why) when no point is worth choosing: none reaches `min_accuracy`, or every
+    accurate-enough one is mostly truncated; a choice among them would be a choice among noise.
+
+    The reason is short sentences, after the chosen point's name: the target (and, with `target_from`,
+    where it came from), the points that qualified and those left out, why this one, and where it
+    stands against the length-accuracy front."""
+    best = max(_acc(r) for r in rows)
+    if best < min_accuracy - 1e-12:
+        top = max(rows, key=_acc)
+        return None, (f"no point reaches sweep.min_accuracy {min_accuracy:.1%} (the best, {point_label(_point(top))}, "
+                      f"has {best:.1%}): the probe cannot tell these TAs apart, so their lengths decide nothing; check "
+                      "the checkpoints and the probe (questions, prompt, probe.max_tokens), or lower "
+                      "sweep.min_accuracy")
+    floor = max(best - tolerance / 100.0, min_accuracy)
+    accurate = [r for r in rows if _acc(r) >= floor - 1e-12]
+    cut = [r for r in accurate if _truncated(r) > max_truncated + 1e-12]
+    eligible = [r for r in accurate if not any(r is c for c in cut)]
+    if not eligible:
+        return None, ("every point within {tol:g} points of the best accuracy ({best:.1%}) has more than "
+                      "sweep.max_truncated {mt:.0%} of its probe answers cut at probe.max_tokens ({pts}): their "
+                      "lengths are the cap's and their accuracies a floor; raise sweep.probe.max_tokens, or "
+                      "sweep.max_truncated").format(
+            tol=tolerance, best=best, mt=max_truncated,
+            pts=", ".join(f"{point_label(_point(r))}: {_truncated(r):.0%} truncated" for r in cut))
+    pick = min(eligible, key=lambda r: (abs(r["mean_tokens"] - target), -_acc(r), r["ratio"], r.get("density") or 0))
+    too_inaccurate = [r for r in rows if not any(r is a for a in accurate)]
+    sentences = [f"{point_label(_point(pick))}.",
+                 f"Target: {target:.1f} mean tokens" + (f", {target_from}." if target_from else "."),
+                 f"Qualified, with accuracy at least {max(floor, 0):.1%} (within {tolerance:g} points of the best, "
+                 f"{best:.1%}" + (f", and sweep.min_accuracy {min_accuracy:.1%}" if min_accuracy > best - tolerance / 100
+                                  else "") + f"): {_point_list(eligible)}."]
+    if too_inaccurate:
+        sentences.append("Left out as too inaccurate: " + ", ".join(
+            f"{_short(_point(r))} ({_acc(r):.1%})" for r in sorted(too_inaccurate, key=_point)) + ".")
+    if cut:
+        sentences.append(f"Left out as mostly truncated (over {max_truncated:.0%} of answers at the cap): "
+                         + ", ".join(f"{_short(_point(r))} ({_truncated(r):.0%})" for r in cut) + ".")
+    ties = [r for r in eligible if r is not pick and abs(r["mean_tokens"] - target) == abs(pick["mean_tokens"] - target)]
+    sentences.append(f"This one is the qualifier closest to the target: {pick['mean_tokens']:.1f} tokens, "
+                     f"{_acc(pick):.1%} accurate"
+                     + (" (tied on length with " + _point_list(ties) + "; the more accurate, then the lower ratio, wins)"
+                        if ties else "") + ".")
+    front = pareto_front(rows)
+    if any(r is pick for r in front):
+        others = [r for r in front if r is not pick and r in eligible]
+        sentences.append("It is on the length-accuracy front.")
+        if others:
+            sentences.append(f"Other qualified front points, which another target would pick: {_measured(others)}.")
+    else:
+        better = [r for r in front if dominates(r, pick)]
+        sentences.append(f"It is off the length-accuracy front: {_measured(better)} "
+                         f"{'are' if len(better) > 1 else 'is'} as accurate or more and no longer.")
+        sentences.append(f"Only the target length put this one ahead; a target nearer to "
+                         f"{'them' if len(better) > 1 else 'it'} would pick {'one of them' if len(better) > 1 else 'it'}.")
+    return pick, " ".join(sentences)
+
+
+def sweep(recipe_path: str | Path, ratios: Optional[list[float]] = None, densities: Optional[list[float]] = None,
+          keep_all: bool = False, tolerance: Optional[float] = None, limit: Optional[int] = None,
+          max_tokens: Optional[int] = None, backend: Optional[str] = None, data_parallel_size: Optional[int] = None,
+          force: bool = False, echo=print) -> dict:
+    """Sweep the recipe's merge points and leave the chosen TA at the recipe's output (see module doc)."""
+    output = Path(load_recipe(recipe_path).output)
+    # one lock for the output and its work folder: two sweeps would build into one `.sweep/`
+    with output_lock(output, "sweep", log=echo):
+        return _sweep(recipe_path, ratios, densities, keep_all, tolerance, limit, max_tokens, backend,
+                      data_parallel_size, force, echo)
+
+
+def _sweep(recipe_path, ratios, densities, keep_all, tolerance, limit, max_tokens, backend, data_parallel_size,
+           force, echo) -> dict:
+    from micota_merge.merge.build import build
+    from micota_merge.merge.onepass.engine import at_point, build_points, supports_one_pass
+    from micota_merge.merge.onepass.replay import Unsupported
+
+    # ---- setup
+    recipe = load_recipe(recipe_path)
+    settings = (recipe.sweep or SweepSettings()).model_copy(deep=True)
+    try:
+        if ratios is not None:
+            settings = SweepSettings.model_validate({**settings.model_dump(), "ratios": ratios})
+        if densities is not None:
+            settings = SweepSettings.model_validate({**settings.model_dump(), "densities": densities})
+        if tolerance is not None:
+            settings.tolerance = tolerance
+        for key, value in (("limit", limit), ("max_tokens", max_tokens), ("backend", backend),
+                           ("data_parallel_size", data_parallel_size)):
+            if value is not None:
+                setattr(settings.probe, key, value)
+    except ValidationError as e:
+        raise UserError(format_validation_error("sweep options", e, SweepSettings)) from None
+    if settings.densities is not None and recipe.merge.method not in SPARSIFYING_METHODS:
+        raise UserError(f"sweep.densities: method {recipe.merge.method} keeps every delta and has no density to "
+                        f"sweep; remove densities, or use one of {', '.join(SPARSIFYING_METHODS)}")
+    grid = settings.densities is not None
+    points: list[Point] = [(r, d) for d in (settings.densities if grid else [recipe.merge.density])
+                           for r in settings.ratios]
+    output = Path(recipe.output)
+    work = output.with_name(output.name + ".sweep")
+    from micota_merge.core.checkpoints import check_model_files, resolve_model_path
+    from micota_merge.core.fingerprint import content_id
+
+    specs = recipe.model_specs()
+    paths = {role: resolve_model_path(spec, f"models.{role}", Path(recipe_path).parent) for role, spec in specs.items()}
+    for role, p in paths.items():  # before anything is claimed or written: the endpoints are probed as they are
+        check_model_files(p, f"models.{role}", tokenizer=role != "base")
+    # What the sweep's result depends on: the recipe, the sweep settings and the inputs' *content*.
+    identity = {"recipe": recipe.model_dump(mode="json", exclude={"sweep", "pipeline", "output"}),
+                "sweep": settings.model_dump(mode="json", exclude={"probe": set(TRANSPORT_OPTIONS)}),
+                "inputs": {role: content_id(p) for role, p in paths.items()}}
+    claimed = claim(output, "sweep", inputs=paths, stages=["build"])  # a TA is what a sweep writes
+    if claimed.state == "ours" and (output / "sweep" / "sweep.json").is_file() and not force:
+        result = json.loads((output / "sweep" / "sweep.json").read_text())
+        if result.get("identity") == identity:
+            echo(f"sweep already done: chosen ratio {result['chosen']:g} in {output} (use --force to redo)")
+            echo(result["table_md"])
+            return result
+        changed = [k for k in identity if (result.get("identity") or {}).get(k) != identity[k]]
+        raise UserError(f"{output} holds a sweep made with other {', '.join(changed)} "
+                        f"({'input content' if 'inputs' in changed else 'settings'} changed): pass --force to redo it")
+    if claimed.state == "ours":
+        check_replaceable(output)  # before the probes, not after
+    if claimed.state == "ours" and not force:
+        raise UserError(f"output {output} already exists and holds a TA that no sweep of this recipe made: pass --force to replace it")
+    grid_tags = {p: _tag(p[0], p[1] if grid else None) for p in points}
+    for p, t in grid_tags.items():
+        plain_name(t, "sweep point")
+    claim_workdir(work, "sweep", output)
+    check_sweep_disk(recipe_path, recipe, work, [p for p in points if not (work / grid_tags[p]).is_dir()], output)
+    write_json_atomic(work / "settings.json", identity)
+
+    # ---- endpoints: the two checkpoints as they are
+
+    endpoints = {role: _probe(paths[role], role, work, settings, echo) for role in ("short_cot", "long_cot")}
+
+    # ---- teacher assistants, one per point, all from one read of the inputs where mergekit allows
+    tags = {p: _tag(p[0], p[1] if grid else None) for p in points}
+    tas = {p: work / tags[p] for p in points}
+    missing = [p for p in points if not _built(tas[p], recipe, p, identity["inputs"])]
+    for p in missing:
+        remove_ours(tas[p], "build")  # a point folder of an older build; never anything that is not a TA
+    one_pass = bool(missing) and supports_one_pass(recipe)
+    if one_pass:
+        try:
+            build_points(recipe_path, recipe, {p: tas[p] for p in missing}, echo=echo)
+        except Unsupported as e:
+            echo(f"one pass not possible ({e}): building each point separately")
+            one_pass = False
+    if missing and not one_pass:
+        for p in missing:
+            build(recipe_path, output=str(tas[p]), recipe=at_point(recipe, p), echo=echo)
+    rows = []
+    for p in points:
+        row = _probe(tas[p], tags[p], work, settings, echo)
+        rows.append({"ratio": p[0], "density": p[1], **row})
+
+    # ---- choose and report
+    target = target_length(settings, endpoints)
+    pick, reason = choose(rows, target, settings.tolerance, settings.min_accuracy, settings.max_truncated,
+                          target_from=target_source(settings, endpoints))
+    for stale in ("sweep.md", "sweep.json"):  # a refusal's table, from an earlier run
+        (work / stale).unlink(missing_ok=True)
+    if pick is None:
+        # nothing worth choosing: the output stays as it is; the table goes to the work folder, whose probes
+        # and TAs a rerun (other settings, a longer probe) reuses
+        refused = {"recipe": str(recipe_path), "identity": identity, "method": recipe.merge.method,
+                   "probe": settings.probe.model_dump(mode="json"), "tolerance": settings.tolerance,
+                   "min_accuracy": settings.min_accuracy, "max_truncated": settings.max_truncated,
+                   "densities": settings.densities, "ratios": rows, "endpoints": endpoints,
+                   "target_tokens": round(target, 2), "front": [list(_point(r)) for r in pareto_front(rows)],
+                   "chosen": None, "chosen_density": None, "reason": reason}
+        refused["table_md"] = table_md(refused)
+        write_json_atomic(work / "sweep.json", refused)
+        write_text_atomic(work / "sweep.md", refused["table_md"] + f"\n\nno TA chosen: {reason}\n")
+        echo(refused["table_md"])
+        raise UserError(f"sweep chose no TA: {reason}. {output} was not touched; the table is in {work / 'sweep.md'}")
+    chosen = _point(pick)
+    front = [list(_point(r)) for r in pareto_front(rows)]
+    result = {"recipe": str(recipe_path), "identity": identity, "method": recipe.merge.method,
+              "probe": settings.probe.model_dump(mode="json"), "tolerance": settings.tolerance,
+              "densities": settings.densities, "ratios": rows, "endpoints": endpoints,
+              "target_tokens": round(target, 2), "front": front,
+              "chosen": chosen[0], "chosen_density": chosen[1], "reason": reason}
+    result["table_md"] = table_md(result)
+    _finish(output, work, tas, chosen, result, keep_all, force)
+    echo(result["table_md"])
+    echo(f"chosen: {reason}")
+    echo(f"teacher assistant at {output}; sweep table and plot in {output / 'sweep'}")
+    return result
+
+
+def _built(folder: Path, recipe: Recipe, point: Point, inputs: dict[str, str]) -> bool:
+    """A TA in the work folder is reused only if built from this recipe at this point from inputs of
+    the same content (a long_cot replaced in place under the same path is caught here)."""
+    manifest = read_manifest(folder)
+    if not manifest or manifest.get("stage") != "build":
+        return False
+    built_from = {role: (fp or {}).get("content") for role, fp in (manifest.get("inputs") or {}).items()}
+    if built_from != inputs:
+        return False
+    want = recipe.model_dump(mode="json")
+    want["merge"]["ratio"], want["merge"]["density"] = point
+    got = dict(manifest.get("recipe") or {})
+    return got.get("models") == want["models"] and got.get("merge") == want["merge"] and \
+        got.get("tokenizer") == want["tokenizer"] and got.get("config_from") == want["config_from"]
+
+
+def _finish(output: Path, work: Path, tas: dict[Point, Path], chosen: Point, result: dict, keep_all: bool,
+            force: bool) -> None:
+    """Tables and plot into the chosen TA, then rename it to the recipe's output path."""
+    ta = tas[chosen]
+    report = ta / "sweep"
+    report.mkdir(exist_ok=True)
+    write_json_atomic(report / "sweep.json", result)
+    write_text_atomic(report / "sweep.csv", table_csv(result))
+    write_text_atomic(report / "sweep.md", result["table_md"] + f"\n\nchosen: {result['reason']}\n")
+    plot(result, report / "sweep.png")
+    plot_front(result, report / "front.png")
+    for f in work.glob("*.probe.jsonl"):
+        shutil.copyfile(f, report / f.name)
+    claimed = claim(output, "sweep", stages=["build"])  # still ours or absent: we held the lock throughout
+    if claimed.state == "ours" and not force:
+        raise UserError(f"output {output} holds another TA: pass --force to replace it")
+    move_into_place(ta, output)
+    if keep_all:
+        return
+    remove_ours(work, "sweep")
+
+
+def check_sweep_disk(recipe_path, recipe: Recipe, work: Path, missing: list[Point], output: Path) -> None:
+    """Every point still to build is written at once (one pass): they must all fit, now, before the
+    endpoints are probed; where they do not, say how many do."""
+    if not missing:
+        return
+    from micota_merge.merge.build import _DISK_MARGIN, _DISK_SLACK_BYTES, plan_build
+    from micota_merge.merge.onepass.engine import at_point
+
+    plan = plan_build(recipe_path, str(work / "disk-check"), recipe=at_point(recipe, missing[0]), dry_run=True)
+    each = int(plan.output_bytes * _DISK_MARGIN) + _DISK_SLACK_BYTES
+    free = shutil.disk_usage(work).free
+    if free < each * len(missing):
+        fit = free // each
+        raise UserError(f"not enough disk space for the sweep: {len(missing)} points of about {each / 2**30:.2f} GiB "
+                        f"each are written at once to {work}, which has {free / 2**30:.2f} GiB free, enough "
+                        f"for {fit}; free space, or sweep at most {max(fit, 1)} points at a time (--ratios)")

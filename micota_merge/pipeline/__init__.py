@@ -1,0 +1,1 @@
+"""`run`: the whole method from one file, each stage skipped when done."""

@@ -1,0 +1,129 @@
+"""`run`'s check of the whole pipeline before its first stage.
+
+A typo in `distill:` must not cost the hours of merging and generation that come before the
+distill stage: every stage's options (unknown keys named with the closest valid one), every path
+(models, student, questions) and every task name is checked here, from metadata only, in seconds.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+from pydantic import BaseModel, ValidationError
+
+from micota_merge.core.errors import UserError
+from micota_merge.merge.recipe import PipelineSettings, Recipe, format_validation_error
+
+# Names users bring from other tools (transformers' TrainingArguments, vLLM, lm-eval).
+_ALIASES = {
+    "learning_rate": "lr", "num_train_epochs": "epochs", "max_seq_length": "max_length",
+    "per_device_train_batch_size": "batch_size", "gradient_accumulation_steps": "grad_accum",
+    "lr_scheduler_type": "lr_scheduler", "max_new_tokens": "max_tokens", "max_gen_toks": "max_tokens",
+    "num_samples": "n", "model_name_or_path": "student",
+}
+
+
+def unknown_keys(section: str, given: Iterable[str], valid: Iterable[str]) -> None:
+    """Refuse the first key of `given` that is not in `valid`, naming the closest valid one."""
+    valid = sorted(valid)
+    for key in given:
+        if key in valid:
+            continue
+        close = _ALIASES.get(key) if _ALIASES.get(key) in valid else None
+        close = close or next(iter(difflib.get_close_matches(key, valid, n=1)), None)
+        hint = f"; did you mean {close!r}?" if close else ""
+        raise UserError(f"{section}: unknown option {key!r}{hint} (valid: {', '.join(valid)})")
+
+
+def _model_check(section: str, model: type[BaseModel], values: dict[str, Any], set_by_pipeline: dict[str, Any]):
+    for key in set_by_pipeline:
+        if key in values:
+            raise UserError(f"{section}.{key} is set by the pipeline; remove it")
+    unknown_keys(section, values, [k for k in model.model_fields if k not in set_by_pipeline])
+    try:
+        return model.model_validate({**values, **set_by_pipeline})
+    except ValidationError as e:
+        raise UserError(format_validation_error(section, e, model)) from None
+
+
+def check_order(run_from: Optional[str], until: Optional[str], stages: tuple[str, ...]) -> None:
+    for opt, value in (("--from", run_from), ("--until", until)):
+        if value is not None and value not in stages:
+            raise UserError(f"{opt} {value!r}: choose one of {', '.join(stages)}")
+    if run_from and until and stages.index(run_from) > stages.index(until):
+        raise UserError(f"--from {run_from} comes after --until {until}: nothing would run; "
+                        f"stages run in the order {' -> '.join(stages)}")
+
+
+def _check_questions(section: str, spec: str, base_dir: Path, limit: Optional[int], fields: dict) -> None:
+    from micota_merge.data.questions import load_questions, require_answers
+
+    try:
+        questions = load_questions(spec, fields.get("question_field"), fields.get("answer_field"),
+                                   fields.get("id_field"), benchmark=fields.get("benchmark"),
+                                   split=fields.get("split"), limit=limit)
+        require_answers(questions, spec)
+    except UserError as e:
+        raise UserError(f"{section}: {e}") from None
+
+
+def validate_pipeline(recipe: Recipe, settings: Optional[PipelineSettings], base_dir: Path) -> None:
+    """Everything `run` can know to be wrong before it starts; raises UserError (one line)."""
+    from micota_merge.core.checkpoints import check_model_files, resolve_model_path
+    from micota_merge.training.distill import DistillConfig
+    from micota_merge.generation.generate import GenerateOptions
+
+    models = {role: resolve_model_path(spec, f"models.{role}", base_dir) for role, spec in recipe.model_specs().items()}
+    for role, path in models.items():
+        check_model_files(path, f"models.{role}", tokenizer=False)
+    if settings is None:
+        return
+    if settings.select == "sweep" and recipe.sweep is not None:
+        probe = recipe.sweep.probe
+        _check_questions("sweep.probe.questions", probe.questions or probe.benchmark, base_dir, probe.limit, {})
+
+    # ---- generate
+    gen = _model_check("pipeline.generate", GenerateOptions, dict(settings.generate),
+                       {"model": "-", "questions": settings.questions, "out": "-.jsonl"})
+    _check_questions("pipeline.questions", settings.questions, base_dir, settings.question_limit,
+                     gen.model_dump())
+    if (gen.data_parallel_size > 1 or gen.serve_args) and gen.backend in ("auto", "vllm") and not gen.base_url:
+        from micota_merge.generation.servers.serve import vllm_command
+
+        vllm_command()  # `vllm serve` here or in $MICOTA_VLLM_PYTHON's virtualenv
+    elif gen.backend in ("vllm", "openai") or gen.base_url:
+        from micota_merge.generation.generate import pick_backend
+
+        pick_backend(gen.backend, gen.base_url)
+
+    # ---- distill
+    student = resolve_model_path(settings.student, "pipeline.student", base_dir)
+    check_model_files(student, "pipeline.student")
+    _model_check("pipeline.distill", DistillConfig, dict(settings.distill),
+                 {"student": str(student), "data": ["-"], "out": "-"})
+
+    # ---- eval: its options are evaluate()'s keyword arguments
+    from micota_merge.evaluation.evaluate import BACKENDS, DTYPES, evaluate, parse_tasks
+
+    params = set(inspect.signature(evaluate).parameters) - {"model", "output", "force", "echo"}
+    ev = dict(settings.eval)
+    unknown_keys("pipeline.eval", ev, params)
+    try:
+        parse_tasks(ev.get("tasks"))
+    except UserError as e:
+        raise UserError(f"pipeline.eval.tasks: {e}") from None
+    for key in ("limit", "max_tokens", "tensor_parallel_size", "data_parallel_size", "concurrency"):
+        v = ev.get(key)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise UserError(f"pipeline.eval.{key}: give a positive whole number, got {v!r}")
+    for key in ("max_model_len", "retries", "seed", "temperature", "top_p", "gpu_memory_utilization",
+                "request_timeout", "batch_size", "samples"):
+        if isinstance(ev.get(key), bool):  # evaluate() would read true as 1 (temperature 1, top-p 1)
+            raise UserError(f"pipeline.eval.{key}: a number is needed here, not true/false")
+    if ev.get("backend") is not None and ev["backend"] not in BACKENDS:
+        raise UserError(f"pipeline.eval.backend {ev['backend']!r}: choose from {', '.join(BACKENDS)}")
+    if ev.get("dtype") is not None and ev["dtype"] not in DTYPES:
+        raise UserError(f"pipeline.eval.dtype {ev['dtype']!r}: choose from {', '.join(DTYPES)}")

@@ -1,0 +1,1 @@
+"""The student: distillation (TRL SFT) and the data-fit measure (align)."""
