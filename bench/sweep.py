@@ -2,7 +2,7 @@
 
 Writes three generated Qwen2-shaped checkpoints of about --size-gb each (as
 bench/merge_throughput.py does), then times, each in its own process:
-  one pass   micota_merge.merge.onepass.engine.build_ratios (what `sweep` runs): every input tensor read
+  one pass   micota_merge.merge.onepass.engine.build_points (what `sweep` runs): every input tensor read
              once, the 5 TAs written tensor by tensor (for DARE-TIES: mergekit's random drop
              replayed per random stream, sign election per ratio)
   separate   5 x `micota-merge build --ratio r` (mergekit, one full merge per ratio); the ratio
@@ -34,12 +34,12 @@ from merge_throughput import measure, write_family  # noqa: E402
 ONE_PASS = r"""
 import sys, yaml
 from pathlib import Path
-from micota_merge.merge.onepass.engine import build_ratios
+from micota_merge.merge.onepass.engine import build_points
 from micota_merge.merge.recipe import parse_recipe
 recipe_path, out = Path(sys.argv[1]), Path(sys.argv[2])
 ratios = [float(r) for r in sys.argv[3].split(",")]
 recipe = parse_recipe(yaml.safe_load(recipe_path.read_text()))
-build_ratios(recipe_path, recipe, {r: out / f"one-{r}" for r in ratios}, force=True)
+build_points(recipe_path, recipe, {(r, recipe.merge.density): out / f"one-{r}" for r in ratios}, force=True)
 """
 
 METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties",

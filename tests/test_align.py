@@ -31,7 +31,7 @@ def test_trained_data_is_more_likely_than_held_out(distilled_tiny, tiny_family, 
     for row in after.values():
         assert row["records"] == 8 and row["perplexity"] == pytest.approx(math.exp(row["nll"]))
         s = row["per_record"]
-        assert s["p10"] <= s["median"] <= s["p90"] and s["std"] >= 0
+        assert s["p10"] <= s["median"] <= s["p90"] and s["sd"] >= 0
     # The report: table, figure, manifest.
     table = (out / "align.md").read_text()
     assert "| train | 8 |" in table and "| verbose | 8 |" in table and "NLL/token" in table

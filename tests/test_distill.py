@@ -163,6 +163,10 @@ def test_loss_falls_and_output_is_a_model(distilled_tiny, chat_data, tiny_family
     assert man["data"]["kept"] == 16 and man["data"]["dropped_overlong"] == 0
     assert man["results"]["tokens_per_second"] > 0 and "trl" in man["versions"]
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from PIL import Image
+
+    # titled with what was learnt and the seed, not "1 file(s)"
+    assert Image.open(out / "loss.png").text["Title"] == f"short_cot on {Path(chat_data['train']).name}, seed 42"
     assert not Path(f"{out}.work").exists()  # checkpoints cleaned after success
     # A Hugging Face folder: loads, keeps the student's chat template and stop token, and changed.
     model = AutoModelForCausalLM.from_pretrained(out)
@@ -298,6 +302,20 @@ def test_two_processes_data_parallel(tiny_family, chat_data, tmp_path):
     assert (out / "model.safetensors").is_file() and not Path(f"{out}.work").exists()
 
 
+def test_loss_title_names_data_and_seed():
+    from micota_merge.training.distill import loss_title
+
+    # the pipeline's layout: data/<name>/data.correct.jsonl (generate) or data/<name>/data.jsonl (mix)
+    assert loss_title("micota_merge/assets/microworld/student", ["outputs/w/data/ta/data.correct.jsonl"], 1) == \
+        "student on ta data, seed 1"
+    assert loss_title("Qwen/Qwen2.5-3B-Instruct", ["w/data/mix_long/data.jsonl"], 42) == \
+        "Qwen2.5-3B-Instruct on mix_long data, seed 42"
+    # a file with a name of its own keeps it; several are joined
+    assert loss_title("s", ["a/gsm8k_ta.jsonl", "b/data/long_cot/data.correct.jsonl"], 0) == \
+        "s on gsm8k_ta.jsonl + long_cot data, seed 0"
+    assert loss_title("s", [f"f{i}.jsonl" for i in range(5)], 3) == "s on 5 data files (f0.jsonl, …), seed 3"
+
+
 def test_loss_plot_has_whole_step_ticks(tmp_path, monkeypatch):
     """Three optimizer steps: matplotlib's default ticks would read 1.25, 1.5, ...; steps are whole."""
     import matplotlib
@@ -313,3 +331,4 @@ def test_loss_plot_has_whole_step_ticks(tmp_path, monkeypatch):
     ticks = [t for t in figs[0].axes[0].get_xticks() if 1 <= t <= 3]
     assert ticks and all(float(t).is_integer() for t in ticks)
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert figs[0].axes[0].get_title() == "t"

@@ -145,6 +145,45 @@ def test_compare_table_and_chart(run_all, run_gsm8k, tmp_path):
     assert list(test["tasks"]) == ["gsm8k"] and test["tasks"]["gsm8k"]["questions"] == 2
 
 
+def test_compare_chart_reads_with_many_runs_and_one_task(tmp_path, monkeypatch):
+    """16 runs on one task (the demo pipeline's): one colour each, no "average" repeating the task,
+    values that do not collide, the legend off the axes and their tick labels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from micota_merge.evaluation.evaluate import compare_chart
+
+    figs = []
+    monkeypatch.setattr(plt, "close", lambda fig=None: figs.append(fig))
+
+    def summary(acc, tokens, cut=0.0):
+        return {"tasks": {"microworld": {"accuracy": acc, "ci95": [max(acc - 0.05, 0), min(acc + 0.05, 1)],
+                                         "mean_tokens": tokens, "truncated": cut, "n": 200}},
+                "average": acc, "average_ci95": [max(acc - 0.05, 0), min(acc + 0.05, 1)], "max_tokens": 400}
+
+    labels = [f"run{i}" for i in range(16)]
+    summaries = [summary(0.05 * i + 0.1, 80 + 5 * i, 0.01 * (i % 3)) for i in range(16)]
+    compare_chart(labels, summaries, tmp_path / "c.png")
+    fig = figs[0]
+    acc, tok = fig.axes
+    assert [t.get_text() for t in acc.get_xticklabels()] == ["microworld"]  # no "average" for one task
+    colors = [tuple(p.get_facecolor()) for p in acc.patches]
+    assert len(colors) == 16 and len(set(colors)) == 16  # no colour shared by two runs
+    renderer = fig.canvas.get_renderer()
+    for ax in (acc, tok):
+        boxes = [t.get_window_extent(renderer) for t in ax.texts]
+        assert len(boxes) == 16 and not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    legend = fig.legends[0].get_window_extent(renderer)
+    assert all(not legend.overlaps(ax.get_tightbbox(renderer)) for ax in (acc, tok))
+    # several tasks keep their average
+    for s in summaries:
+        s["tasks"]["gsm8k"] = dict(s["tasks"]["microworld"])
+    compare_chart(labels[:2], summaries[:2], tmp_path / "c2.png")
+    assert [t.get_text() for t in figs[1].axes[0].get_xticklabels()] == ["gsm8k", "microworld", "average"]
+
+
 def test_compare_needs_summaries(tmp_path):
     result = run_cli("eval", "--compare", str(tmp_path))
     assert result.exit_code == 2 and "summary.json" in result.output

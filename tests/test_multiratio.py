@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from micota_merge.cli import cli
-from micota_merge.merge.onepass.engine import build_points, build_ratios, supports_one_pass
+from micota_merge.merge.onepass.engine import build_points, supports_one_pass
 from micota_merge.merge.recipe import parse_recipe
 
 RATIOS = [0.0, 0.3, 0.5, 1.0]
@@ -35,7 +35,9 @@ def test_one_pass_equals_separate_builds(tiny_family, tmp_path, method, dtype):
     recipe_path.write_text(yaml.safe_dump(data))
     recipe = parse_recipe(data)
     assert supports_one_pass(recipe)
-    outs = build_ratios(recipe_path, recipe, {r: tmp_path / f"one-{r}" for r in RATIOS}, echo=lambda *_: None)
+    d = recipe.merge.density
+    done = build_points(recipe_path, recipe, {(r, d): tmp_path / f"one-{r}" for r in RATIOS}, echo=lambda *_: None)
+    outs = {p[0]: out for p, out in done.items()}
     for r in RATIOS:
         separate = tmp_path / f"sep-{r}"
         result = CliRunner().invoke(cli, ["build", str(recipe_path), "--ratio", str(r), "--output", str(separate)])

@@ -186,6 +186,107 @@ def test_spread_and_seed_groups():
     assert groups["student+ta"]["accuracy"]["mean"] == pytest.approx(0.3)
     assert groups["student+ta"]["mean_tokens"]["sd"] == pytest.approx(14.142, abs=1e-3)
     assert groups["student+mix_long"]["seeds"] == [None]
+    assert groups["student+ta"]["runs"] == ["student+ta@seed0", "student+ta@seed2"]
+    # per task too; a figure a run lacks is left out of its spread, not counted as 0
+    assert groups["student+ta"]["tasks"]["t"]["mean_tokens"]["mean"] == pytest.approx(20.0)
+    assert groups["student+ta"]["tasks"]["t"]["accuracy"] is None
+    scores["student+ta@seed1"] = {"average": None, "tasks": {"t": {"mean_tokens": None}, "u": {"accuracy": 0.5}}}
+    groups = seed_groups(scores)
+    assert groups["student+ta"]["seeds"] == [0, 2, 1]
+    assert groups["student+ta"]["accuracy"]["n"] == 2 and groups["student+ta"]["mean_tokens"]["n"] == 2
+    assert groups["student+ta"]["tasks"]["u"]["accuracy"] == pytest.approx(
+        {"mean": 0.5, "sd": 0.0, "min": 0.5, "max": 0.5, "n": 1})
+
+
+def _summary(tasks: dict, average=None, max_tokens=400):
+    """An eval summary.json as `micota-merge eval` writes it (only what the report reads)."""
+    accs = [t["accuracy"] for t in tasks.values() if t.get("accuracy") is not None]
+    return {"model": "m", "tasks": {n: {"samples": 1, "n": 200, **t} for n, t in tasks.items()},
+            "average": (sum(accs) / len(accs) if accs else None) if average is None else average,
+            "average_ci95": None, "max_tokens": max_tokens}
+
+
+def _write_runs(tmp_path, summaries: dict) -> dict:
+    evals = {}
+    for name, s in summaries.items():
+        run = tmp_path / "eval" / name.replace(":", "-").replace("+", "-").replace("@", "-") / "run"
+        run.mkdir(parents=True)
+        (run / "summary.json").write_text(json.dumps(s))
+        evals[name] = run
+    return evals
+
+
+def _task(acc, ci, tokens, cut=0.0):
+    return {"accuracy": acc, "ci95": ci, "mean_tokens": tokens, "truncated": cut}
+
+
+def test_report_scores_table_and_chart(tmp_path, monkeypatch):
+    """The report's score table: intervals as `eval --compare` writes them, Δ for distilled students
+    only, "–" for what is missing, no average column for one task; the chart one bar per data set."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from micota_merge.merge.recipe import PipelineSettings, Recipe
+    from micota_merge.pipeline.run import chart_bars, write_report
+
+    summaries = {"student": _summary({"microworld": _task(0.165, [0.115, 0.215], 117.1, 0.01)}),
+                 "student+ta@seed0": _summary({"microworld": _task(0.255, [0.195, 0.32], 210.6)}),
+                 "student+ta@seed1": _summary({"microworld": _task(0.205, [0.15, 0.265], 234.8)}),
+                 "student+long_cot@seed0": _summary({"microworld": _task(0.09, None, None)}),
+                 "student+long_cot@seed1": _summary({"microworld": _task(0.11, [0.07, 0.155], 331.7)}),
+                 "teacher:ta": _summary({"microworld": _task(0.98, [0.96, 0.995], 190.7)})}
+    evals = _write_runs(tmp_path, summaries)
+    data_file = tmp_path / "data" / "ta" / "data.correct.jsonl"
+    data_file.parent.mkdir(parents=True)
+    data_file.write_text(json.dumps({"num_tokens": 10}) + "\n")
+    recipe = Recipe.model_validate({"name": "r", "models": {"long_cot": "a", "short_cot": "b"},
+                                    "merge": {"method": "linear", "ratio": 0.5}, "output": str(tmp_path / "ta")})
+    settings = PipelineSettings(workdir=str(tmp_path), student="s")
+    figs = []
+    monkeypatch.setattr(plt, "close", lambda fig=None: figs.append(fig))
+    write_report(tmp_path, recipe, settings, tmp_path / "ta", {"ta": (data_file, "")}, evals)
+    report = (tmp_path / "report.md").read_text()
+    assert "| model | microworld acc % (95 % CI) | microworld tokens | microworld cut % | Δ |" in report
+    assert not [line for line in report.splitlines() if line.startswith("| model |") and "average" in line]
+    assert "| student | 16.5 (11.5–21.5) | 117.1 | 1.0 |  |" in report  # not "(12%–22%)"
+    assert "| student+ta@seed0 | 25.5 (19.5–32.0) | 210.6 | 0.0 | +9.0 |" in report
+    assert "| student+long_cot@seed0 | 9.0 | – | 0.0 | -7.5 |" in report  # no interval, no tokens: "–", not 0
+    assert "| teacher:ta | 98.0 (96.0–99.5) | 190.7 | 0.0 |  |" in report  # no Δ for a teacher
+    assert "| student+ta | 2 | 23.0 ± 3.5 (20.5–25.5) | 222.7 ± 17.1 | +6.5 |" in report
+    assert "| student+long_cot | 2 | 10.0 ± 1.4 (9.0–11.0) | 331.7 ± 0.0 | -6.5 |" in report
+    assert "| ta | 1 | – | 10.0 |" not in report and "| ta (mix) | 1 | – | 10.0 |" in report
+    assert (tmp_path / "report" / "scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the chart: the untrained student, one bar per data set, the teachers; grey for the runs that are not
+    # distilled students, a colour of its own for each data set
+    bars = chart_bars(summaries)
+    assert [b["kind"] for b in bars] == ["student", "distilled", "distilled", "teacher"]
+    assert bars[1]["runs"] == ["student+ta@seed0", "student+ta@seed1"] and bars[1]["seeds"] == [0, 1]
+    colors = [b["color"] for b in bars]
+    assert len({colors[1], colors[2]}) == 2 and colors[0] not in colors[1:3] and colors[3] not in colors[1:3]
+    fig = figs[-1]
+    acc_ax = fig.axes[0]
+    assert [t.get_text() for t in acc_ax.get_xticklabels()] == [b["label"] for b in bars]
+    assert len(fig.axes) == 2  # one task: accuracy and length, no average panels
+    values = sorted(t.get_text() for t in acc_ax.texts)  # one value per bar, the seeds' spread with it
+    assert values == ["10.0\n±1.4", "16.5", "23.0\n±3.5", "98.0"]
+    renderer = fig.canvas.get_renderer()
+    for ax in fig.axes:
+        boxes = [t.get_window_extent(renderer) for t in ax.texts]
+        assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    legend = fig.legends[0].get_window_extent(renderer)
+    for ax in fig.axes:  # the legend below the axes and their tick labels, not over them
+        assert legend.y1 <= ax.get_tightbbox(renderer).y0
+    # several tasks: an average row, tasks in --compare's order
+    more = {n: _summary({"gsm8k": _task(s["average"], None, 40.0), "math500": _task(0.1, None, 50.0)})
+            for n, s in summaries.items()}
+    from micota_merge.pipeline.run import scores_chart
+
+    scores_chart(more, tmp_path / "more.png")
+    titles = [ax.get_title() for ax in figs[-1].axes]
+    assert titles == ["math500: accuracy", "math500: length", "gsm8k: accuracy", "gsm8k: length",
+                      "average over tasks: accuracy", "average over tasks: length"]
 
 
 def test_distill_seeds_must_be_distinct():

@@ -60,10 +60,99 @@ def test_choice_is_explained_against_the_front():
     assert "off the length-accuracy front" in why and "ratio 0.5, density 0.5 (200.0 tokens" in why
     pick, why = choose(rows, target=200, tolerance=2.0)
     assert (pick["ratio"], pick["density"]) == (0.5, 0.5)
-    assert "on the length-accuracy front" in why and "ratio 0.75, density 0.5 at 380.0 tokens" in why
+    assert "on the length-accuracy front" in why and "ratio 0.75, density 0.5 (380.0 tokens, 70.0%)" in why
     assert "ratio 0.25" not in why.split("front")[-1]  # too inaccurate: not an alternative
     pick, _ = choose(rows, target=400, tolerance=2.0)
     assert (pick["ratio"], pick["density"]) == (0.75, 0.5)  # the other answer, for another target
+
+
+def test_reason_is_short_sentences_naming_target_qualifiers_and_why():
+    rows = [_row(0.3, 0.92, 84.4, 0.5), _row(0.4, 0.92, 84.4, 0.5), _row(0.5, 0.95, 130.0, 0.5),
+            _row(0.7, 1.0, 176.7, 0.5), _row(0.9, 0.80, 263.0, 0.5)]
+    pick, why = choose(rows, target=150.5, tolerance=10.0, target_from="the geometric mean of the experts")
+    assert (pick["ratio"], pick["density"]) == (0.5, 0.5)  # 130 is nearer 150.5 than 176.7
+    sentences = why.split(". ")
+    assert sentences[0] == "ratio 0.5, density 0.5"  # the choice first: "chosen: <reason>" reads as a sentence
+    assert "Target: 150.5 mean tokens, the geometric mean of the experts." in why
+    # the qualifiers, named once with their shared density; the one left out, with its accuracy
+    assert "at least 90.0% (within 10 points of the best, 100.0%): ratios 0.3, 0.4, 0.5, 0.7 at density 0.5." in why
+    assert "Left out as too inaccurate: 0.9/0.5 (80.0%)." in why
+    assert "closest to the target: 130.0 tokens, 95.0% accurate." in why
+    # the front: 0.3 and 0.4 measured alike are named together; 0.9 (dominated, too inaccurate) is no alternative
+    alternatives = why.split("which another target would pick: ")[1]
+    assert alternatives == ("ratios 0.3, 0.4 at density 0.5 (each 84.4 tokens, 92.0%); "
+                            "ratio 0.7, density 0.5 (176.7 tokens, 100.0%).")
+    assert len(sentences) == 7  # short sentences, not one run-on clause
+    assert all(len(x) < 80 for x in sentences if ":" not in x)  # the prose ones short; lists as long as they are
+    # off the front: the dominating point is named, and the target is what decided
+    pick, why = choose(rows, target=263.0, tolerance=25.0)
+    assert pick["ratio"] == 0.9 and "Target: 263.0 mean tokens." in why
+    assert ("It is off the length-accuracy front: ratios 0.3, 0.4 at density 0.5 (each 84.4 tokens, 92.0%); "
+            "ratio 0.5, density 0.5 (130.0 tokens, 95.0%); ratio 0.7, density 0.5 (176.7 tokens, 100.0%) are as "
+            "accurate or more and no longer.") in why
+    assert "Only the target length put this one ahead; a target nearer to them would pick one of them." in why
+    pick, why = choose([_row(0.2, 0.9, 100), _row(0.6, 0.85, 200)], target=200, tolerance=10.0)
+    assert pick["ratio"] == 0.6 and "front: ratio 0.2 (100.0 tokens, 90.0%) is as accurate" in why
+    assert "a target nearer to it would pick it." in why
+    # no density: ratios alone; a floor set by min_accuracy is said to be
+    rows = [_row(0.2, 0.50, 100), _row(0.6, 0.52, 200)]
+    _, why = choose(rows, target=150, tolerance=10.0, min_accuracy=0.45)
+    assert "ratios 0.2, 0.6." in why and "density" not in why
+    _, why = choose(rows, target=150, tolerance=10.0, min_accuracy=0.51)
+    assert "at least 51.0%" in why and "sweep.min_accuracy 51.0%" in why and "too inaccurate: 0.2 (50.0%)" in why
+
+
+def _front_result(rows, chosen, target=150.0):
+    return {"method": "dare_ties", "ratios": rows, "front": [[r["ratio"], r["density"]] for r in pareto_front(rows)],
+            "chosen": chosen[0], "chosen_density": chosen[1], "tolerance": 10.0, "target_tokens": target,
+            "endpoints": {"short_cot": {"mean_tokens": 84.4, "accuracy": 1.0},
+                          "long_cot": {"mean_tokens": 268.3, "accuracy": 1.0}},
+            "probe": {"max_tokens": 400, "benchmark": "gsm8k"}, "densities": None}
+
+
+def _front_texts(result, tmp_path, monkeypatch):
+    """plot_front's point labels and its notes, with their boxes on the canvas."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from micota_merge.merge.sweep.report import plot_front
+
+    figs = []
+    monkeypatch.setattr(plt, "close", lambda fig=None: figs.append(fig))
+    plot_front(result, tmp_path / "front.png")
+    assert (tmp_path / "front.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    fig = figs[0]
+    ax = fig.axes[0]
+    renderer = fig.canvas.get_renderer()
+    labels = [(t.get_text(), t.get_window_extent(renderer)) for t in ax.texts]
+    return labels, [t.get_text() for t in fig.texts], ax.get_window_extent(renderer)
+
+
+def test_front_labels_do_not_overprint(tmp_path, monkeypatch):
+    # the demo's sweep: four ratios measured alike at one place, two more a few tokens apart
+    rows = [_row(r, 1.0, 84.4, 0.5) for r in (0.3, 0.4, 0.5, 0.6)] + [
+        _row(0.7, 1.0, 176.7, 0.5), _row(0.8, 1.0, 255.8, 0.5), _row(0.9, 1.0, 263.0, 0.5)]
+    labels, notes, frame = _front_texts(_front_result(rows, (0.7, 0.5)), tmp_path, monkeypatch)
+    texts = [t for t, _ in labels]
+    assert sorted(texts) == ["0.3, 0.4, 0.5, 0.6", "0.7", "0.8", "0.9"]  # one label for the four alike
+    boxes = [b for _, b in labels]
+    for i, a in enumerate(boxes):
+        assert frame.x0 <= a.x0 and a.x1 <= frame.x1 and frame.y0 <= a.y0 and a.y1 <= frame.y1
+        for b in boxes[i + 1:]:
+            assert not a.overlaps(b)
+    assert not notes  # everything labelled: no note
+    # a crowded grid: the chosen point and the front are labelled, the rest is left to the table
+    rows = [_row(r / 20, 0.5 + r / 50 - d / 10, 100 + 15 * r + 40 * d, d) for r in range(1, 20) for d in (0.3, 0.7)]
+    res = _front_result(rows, (0.5, 0.3))
+    res["densities"] = [0.3, 0.7]
+    labels, notes, _ = _front_texts(res, tmp_path, monkeypatch)
+    front = {f"{r:g}/{d:g}" for r, d in res["front"]}
+    assert "0.5/0.3" in {t for t, _ in labels} and {t for t, _ in labels} <= front | {"0.5/0.3"}
+    assert any("only the chosen point and the front are labelled" in n for n in notes)
+    boxes = [b for _, b in labels]
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
 
 
 def _recipe(tmp_path, family, method="linear", ratios=(0.0, 0.5, 1.0)) -> Path:

@@ -103,7 +103,7 @@ def cli(debug: bool, verbose: int):
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-# ---------------------------------------------------------------- build (issue 2)
+# ---------------------------------------------------------------- build
 
 
 @cli.command()
@@ -140,7 +140,7 @@ def build(recipe, output, ratio, force, dry_run, print_mergekit, device, shard_s
                 shard_size=shard_size, echo=click.echo)
 
 
-# ---------------------------------------------------------------- demo (issue 2 / 7)
+# ---------------------------------------------------------------- demo
 
 
 @cli.group()
@@ -247,7 +247,7 @@ def demo_train(out, seed, scale, dtype, eval_questions, force):
     click.echo(f"wrote {out} in {rec['seconds']:.0f} s")
 
 
-# ---------------------------------------------------------------- eval (issue 3)
+# ---------------------------------------------------------------- eval
 
 
 @cli.command("eval")
@@ -358,7 +358,7 @@ def eval_cmd(runs, model, tasks, backend, limit, protocol, samples, temperature,
                       request_timeout=request_timeout, force=force, echo=click.echo)
 
 
-# ---------------------------------------------------------------- generate, mix (issue 4)
+# ---------------------------------------------------------------- generate, mix
 
 
 @cli.command()
@@ -462,7 +462,7 @@ def mix(parts, out, total, seed, per_question, force):
     run(parts, out, total=total, seed=seed, per_question=per_question, force=force, echo=click.echo)
 
 
-# ---------------------------------------------------------------- distill, align (issue 5)
+# ---------------------------------------------------------------- distill, align
 from micota_merge.training.distill import DistillConfig as _DistillConfig  # noqa: E402  (pydantic only; torch loads inside)
 from micota_merge.core.options import click_options as _click_options  # noqa: E402
 
@@ -525,7 +525,7 @@ def align(model, data_files, limit, batch_size, max_length, out, force):
               force=force, echo=click.echo)
 
 
-# ---------------------------------------------------------------- sweep (issue 6)
+# ---------------------------------------------------------------- sweep
 
 
 def _ratio_list(ctx, param, value):
@@ -580,7 +580,7 @@ def sweep(recipe, ratios, densities, tolerance, limit, max_tokens, backend, data
     run(recipe, ratios=ratios, densities=densities, keep_all=keep_all, tolerance=tolerance, limit=limit,
         max_tokens=max_tokens, backend=backend, data_parallel_size=data_parallel_size, force=force, echo=click.echo)
 
-# ---------------------------------------------------------------- run (issue 7)
+# ---------------------------------------------------------------- run
 
 
 @cli.command("run")

@@ -17,11 +17,7 @@ from pathlib import Path
 
 from micota_merge.core.artifacts import sha256_bytes
 from micota_merge.core.errors import UserError
-
-# bytes per element, by safetensors dtype name
-DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
-               "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
-TORCH_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
+from micota_merge.core.safetensors_io import DTYPE_BYTES, TORCH_DTYPE_BYTES, numel  # noqa: F401  (DTYPE_BYTES re-exported)
 
 # Config fields whose difference means the tensors cannot be merged at all.
 STRUCTURAL_FIELDS = ("model_type", "architectures", "hidden_size", "num_hidden_layers",
@@ -47,10 +43,7 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return numel(self.shape)
 
 
 @dataclass

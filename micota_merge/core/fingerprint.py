@@ -36,12 +36,9 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
 
 
 def _hasher():
-    try:
-        import xxhash
+    import xxhash  # a dependency (pyproject.toml): several GB/s, so identity by content costs little
 
-        return xxhash.xxh3_128(), "xxh3_128"
-    except ImportError:  # a minimal install still gets correct, if slower, identity
-        return hashlib.blake2b(digest_size=16), "blake2b128"
+    return xxhash.xxh3_128(), "xxh3_128"
 
 
 def file_digest(path: str | os.PathLike) -> str:

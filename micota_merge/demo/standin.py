@@ -19,12 +19,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import struct
 from pathlib import Path
 from typing import Optional
 
 from micota_merge.core.artifacts import atomic_dir, write_json_atomic
 from micota_merge.core.errors import UserError
+from micota_merge.core.safetensors_io import nbytes, numel, plan_shards, shard_file_names, write_header, write_index
 from micota_merge.core.fingerprint import data_fingerprint
 from micota_merge.core.ownership import claim, identity_of
 
@@ -34,7 +34,6 @@ FAMILY_TOKENS = MODEL_META / "added_tokens_by_family.json"
 QWEN2_BPE = ASSETS / "qwen2_tokenizer"
 
 _ST_DTYPE = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
-_ST_BYTES = {"BF16": 2, "F16": 2, "F32": 4}
 # Fields of a real tokenizer_config.json that the stand-in keeps (values verbatim).
 _TOKENIZER_FIELDS = ("chat_template", "bos_token", "eos_token", "pad_token", "unk_token", "add_bos_token",
                      "add_eos_token", "model_max_length", "clean_up_tokenization_spaces")
@@ -67,49 +66,16 @@ def tensor_layout(meta: Path) -> tuple[dict[str, tuple[str, tuple[int, ...]]], i
         if tied and name == "lm_head.weight":
             continue  # save_pretrained writes a tied head once, as the embedding
         layout[name] = (_ST_DTYPE[str(t.dtype).removeprefix("torch.")], tuple(t.shape))
-    n_params = sum(_numel(shape) for _, shape in layout.values())
+    n_params = sum(numel(shape) for _, shape in layout.values())
     return layout, n_params
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def write_sparse_safetensors(path: Path, tensors: dict[str, tuple[str, tuple[int, ...]]]) -> int:
     """A valid safetensors file whose data section is a hole. Returns its size in bytes."""
-    header, offset = {}, 0
-    for name in sorted(tensors):
-        dtype, shape = tensors[name]
-        n = _numel(shape) * _ST_BYTES[dtype]
-        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    header["__metadata__"] = {"format": "pt", "micota_standin": "data is a hole: no weights"}
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # the safetensors writer aligns the data to 8 bytes
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        f.truncate(8 + len(raw) + offset)
-    return 8 + len(raw) + offset
-
-
-def _shards(layout: dict, shard_bytes: Optional[int]) -> list[dict]:
-    if not shard_bytes:
-        return [layout]
-    shards, current, size = [], {}, 0
-    for name in layout:  # model order, as save_pretrained fills its shards
-        dtype, shape = layout[name]
-        n = _numel(shape) * _ST_BYTES[dtype]
-        if current and size + n > shard_bytes:
-            shards.append(current)
-            current, size = {}, 0
-        current[name] = layout[name]
-        size += n
-    shards.append(current)
-    return shards
+        size = write_header(f, tensors, sorted(tensors), {"format": "pt", "micota_standin": "data is a hole: no weights"})
+        f.truncate(f.tell() + size)
+        return f.tell() + size
 
 
 def family_tokens(folder_name: str) -> tuple[Optional[str], dict]:
@@ -163,18 +129,14 @@ def make_standin(meta: str | os.PathLike, out: str | os.PathLike, force: bool = 
                 prov["files"][name] = f"copied from {meta / name}"
             else:
                 prov["missing"].append(name)
-        shards = _shards(layout, shard_bytes)
-        if len(shards) == 1:
-            write_sparse_safetensors(staging / "model.safetensors", shards[0])
-        else:
-            weight_map, total = {}, 0
-            for i, shard in enumerate(shards, 1):
-                fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                write_sparse_safetensors(staging / fname, shard)
-                weight_map.update({n: fname for n in shard})
-                total += sum(_numel(s) * _ST_BYTES[d] for d, s in shard.values())
-            write_json_atomic(staging / "model.safetensors.index.json",
-                              {"metadata": {"total_size": total}, "weight_map": weight_map})
+        shards = plan_shards(layout, shard_bytes)
+        weight_map, total = {}, 0
+        for fname, names in zip(shard_file_names(len(shards)), shards):
+            write_sparse_safetensors(staging / fname, {n: layout[n] for n in names})
+            weight_map.update({n: fname for n in names})
+            total += sum(nbytes(layout[n]) for n in names)
+        if len(shards) > 1:
+            write_index(staging, total, weight_map)
         prov["files"]["*.safetensors"] = ("tensor names, shapes and dtypes of transformers' "
                                           f"{config.get('architectures', ['?'])[0]} for this config.json; data is a hole")
         _write_tokenizer(meta, staging, prov)

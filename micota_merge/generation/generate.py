@@ -43,7 +43,6 @@ import importlib.util
 import json
 import logging
 import os
-import statistics
 import time
 import zlib
 from pathlib import Path
@@ -54,6 +53,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator
 from micota_merge.core.artifacts import now, package_versions, write_json_atomic, write_jsonl_atomic
 from micota_merge.core.checkpoints import check_model_files
 from micota_merge.core.errors import UserError
+from micota_merge.core.stats import spread
 from micota_merge.core.ownership import claim, claim_sidecars, output_lock
 from micota_merge.core.lengths import finish, split_tokens
 from micota_merge.core.strict import Float, Int
@@ -696,11 +696,9 @@ def _generate(opts: GenerateOptions, echo) -> dict:
 
 
 def _lengths(records: list[dict], key: str = "num_tokens") -> dict:
-    n = sorted(r[key] for r in records)
-    if not n:
-        return {"mean": None, "median": None, "p90": None, "max": None}
-    p90 = n[min(len(n) - 1, int(round(0.9 * (len(n) - 1))))]
-    return {"mean": round(statistics.fmean(n), 1), "median": statistics.median(n), "p90": p90, "max": n[-1]}
+    s = spread([r[key] for r in records])
+    return {"mean": None if s["mean"] is None else round(s["mean"], 1), "median": s["median"], "p90": s["p90"],
+            "max": s["max"]}
 
 
 def finalize(out: Path, keep: str, settings: dict) -> dict:

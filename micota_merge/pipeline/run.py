@@ -408,8 +408,8 @@ def write_report(workdir: Path, recipe: Recipe, settings: PipelineSettings, ta_d
                   "| student data | seeds | accuracy % | mean tokens | Δ |", "| --- | ---: | ---: | ---: | ---: |"]
         for name, g in groups.items():
             acc, tok = g["accuracy"], g["mean_tokens"]
-            lines.append(f"| {name} | {len(g['seeds'])} | {_fmt_spread(acc, 100)} | {_fmt_spread(tok, 1, brackets=False)} "
-                         f"| {delta(name, acc['mean'] if acc else None)} |")
+            lines.append(f"| {name} | {len(g['seeds'])} | {_fmt_spread(acc, 100)} | "
+                         f"{_fmt_spread(tok, 1, brackets=False)} | {delta(name, acc['mean'] if acc else None)} |")
     scores_chart(summaries, report_dir / "scores.png")
     lines += ["", "![scores](report/scores.png)", ""]
     losses = sorted((workdir / "students").glob("**/model/loss.png"))  # students/<data>[/seed-<n>]/model
@@ -603,7 +603,8 @@ def scores_chart(summaries: dict[str, dict], path: Path) -> None:
                     if cut and sum(cut) / len(cut) > 0:
                         text += f"\n{100 * sum(cut) / len(cut):.0f}% cut"
                 ax.annotate(text, (bx, peak), xytext=(0, 5), textcoords="offset points", ha="center",
-                            va="bottom", fontsize=7.5, linespacing=1.0, zorder=5)
+                            va="bottom", fontsize=7.5, linespacing=1.0, zorder=5,
+                            bbox={"fc": "white", "ec": "none", "alpha": 0.8, "pad": 0.3})
                 top = max(top, peak)
             for sx in seps:
                 ax.axvline(sx, color="0.6", ls=":", lw=0.8)
@@ -625,10 +626,12 @@ def scores_chart(summaries: dict[str, dict], path: Path) -> None:
             ax.grid(axis="y", alpha=0.3, zorder=0)
             ax.set_axisbelow(True)
     handles = [Patch(facecolor="0.45", edgecolor="0.25", label="untrained student (one run, bar: 95 % CI)")]
+    seeded = any(b["kind"] == "distilled" and len(b["runs"]) > 1 for b in bars)
     if any(b["kind"] == "distilled" for b in bars):
-        handles += [Patch(facecolor="tab:blue", label="distilled student, one colour per data set: mean ± sd "
-                                                      "over distillation seeds"),
-                    Line2D([], [], ls="none", marker="o", mfc="white", mec="black", label="one distillation seed")]
+        handles.append(Patch(facecolor="tab:blue", label="distilled student, one colour per data set"
+                                                         + (": mean ± sd over distillation seeds" if seeded else "")))
+    if seeded:
+        handles.append(Line2D([], [], ls="none", marker="o", mfc="white", mec="black", label="one distillation seed"))
     if any(b["kind"] in ("teacher", "other") for b in bars):
         handles.append(Patch(facecolor="0.75", edgecolor="0.25", label="teacher (one run, bar: 95 % CI)"))
     if cap:

@@ -13,27 +13,11 @@ from __future__ import annotations
 
 import json
 import math
-import statistics
 from pathlib import Path
 from typing import Callable
 
 from micota_merge.core.errors import UserError
-
-
-def _quantile(sorted_vals: list[float], q: float) -> float:
-    """Linear-interpolated quantile (numpy's default), without numpy."""
-    if not sorted_vals:
-        return float("nan")
-    pos = (len(sorted_vals) - 1) * q
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return sorted_vals[lo] + (sorted_vals[hi] - sorted_vals[lo]) * (pos - lo)
-
-
-def spread(per_record: list[float]) -> dict:
-    vals = sorted(per_record)
-    return {"mean": statistics.fmean(vals) if vals else float("nan"),
-            "std": statistics.pstdev(vals) if len(vals) > 1 else 0.0,
-            "median": _quantile(vals, 0.5), "p10": _quantile(vals, 0.1), "p90": _quantile(vals, 0.9)}
+from micota_merge.core.stats import spread
 
 
 def score_examples(model, examples: list[tuple[list[int], list[int]]], batch_size: int, pad_id: int,
@@ -97,12 +81,12 @@ def markdown_table(model_name: str, rows: dict[str, dict]) -> str:
              "Per-token negative log-likelihood (nats) of each data set's assistant tokens, through the "
              "model's chat template; perplexity = exp(NLL). Spread columns are over records "
              "(each record's mean NLL per token).", "",
-             "| data | records | tokens | NLL/token | perplexity | record mean | std | median | p10 | p90 |",
+             "| data | records | tokens | NLL/token | perplexity | record mean | sd | median | p10 | p90 |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, r in rows.items():
         s = r["per_record"]
         lines.append(f"| {name} | {r['records']} | {r['tokens']:,} | {r['nll']:.4f} | {r['perplexity']:.3f} | "
-                     f"{s['mean']:.4f} | {s['std']:.4f} | {s['median']:.4f} | {s['p10']:.4f} | {s['p90']:.4f} |")
+                     f"{s['mean']:.4f} | {s['sd']:.4f} | {s['median']:.4f} | {s['p10']:.4f} | {s['p90']:.4f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -522,7 +522,7 @@ def _data_label(file: str | Path) -> str:
     (outputs/x/data/ta/data.correct.jsonl -> "ta data"), else the file's name."""
     f = Path(file)
     stem = f.name.split(".")[0]
-    if stem in ("data", "train", "records") and f.parent.name not in ("", ".", "data"):
+    if stem == "data" and f.parent.name not in ("", ".", "data"):
         return f"{f.parent.name} data"
     return f.name
 
@@ -552,7 +552,7 @@ def plot_loss(log_history: list[dict], path: Path, title: str) -> None:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, metadata={"Title": title})  # the title readable without looking
     plt.close(fig)
 
 
@@ -652,7 +652,6 @@ def _distill(cfg: DistillConfig, echo, student: Path, student_meta, identity: st
     from micota_merge.core.artifacts import (
         move_into_place,
         now,
-        package_versions,
         write_json_atomic,
         write_manifest,
     )
@@ -766,7 +765,7 @@ def _distill(cfg: DistillConfig, echo, student: Path, student_meta, identity: st
                 "tokens_per_second_logged_mean": round(sum(tps) / len(tps), 1) if tps else None,
                 "world_size": state.num_processes,
             },
-            started=started, finished=now(), package_versions=package_versions(), identity=identity,
+            started=started, finished=now(), identity=identity,  # write_manifest records the versions
         )
         claimed = claim(out, "distill", inputs=inputs, option="--out")  # ours or new: we hold the lock
         if claimed.state == "ours" and not cfg.force:

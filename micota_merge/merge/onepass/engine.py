@@ -13,8 +13,6 @@ tensors in flight are held in memory, and no output is read back.
 
 from __future__ import annotations
 
-import json
-import struct
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -22,6 +20,7 @@ from pathlib import Path
 from micota_merge.core.artifacts import atomic_dir, now
 from micota_merge.core.checkpoints import weight_files
 from micota_merge.core.errors import StageFailed
+from micota_merge.core.safetensors_io import SAFETENSORS_DTYPE, plan_shards, shard_file_names, write_header, write_index
 from micota_merge.merge.build import BuildPlan, give_identity, plan_build, with_ratio, write_build_manifest
 from micota_merge.merge.recipe import SPARSIFYING_METHODS, Recipe
 from micota_merge.merge.onepass.replay import Point, TaskVectorReplay, Unsupported, check_mergekit_version
@@ -29,7 +28,6 @@ from micota_merge.merge.onepass.replay import Point, TaskVectorReplay, Unsupport
 FIXED_COMBINATION_METHODS = ("linear", "task_arithmetic")
 ONE_PASS_METHODS = FIXED_COMBINATION_METHODS + SPARSIFYING_METHODS
 _SHARD_BYTES = 5 * 10**9
-_ST_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 
 
 def supports_one_pass(recipe: Recipe) -> bool:
@@ -61,42 +59,16 @@ class StreamingSafetensorsWriter:
 
     def __init__(self, folder: Path, specs: dict[str, tuple[int, ...]], dtype: str):
         self.folder, self.dtype = folder, dtype
-        per = {"float32": 4, "float16": 2, "bfloat16": 2}[dtype]
-        shards: list[list[str]] = [[]]
-        size = 0
-        for name, shape in specs.items():
-            n = per
-            for d in shape:
-                n *= d
-            if shards[-1] and size + n > _SHARD_BYTES:
-                shards.append([])
-                size = 0
-            shards[-1].append(name)
-            size += n
-        self.files = {}
-        self.where = {}
-        total = 0
-        single = len(shards) == 1
-        for i, names in enumerate(shards):
-            fname = "model.safetensors" if single else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            header, offset = {}, 0
-            for name in names:
-                n = per
-                for d in specs[name]:
-                    n *= d
-                header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(specs[name]), "data_offsets": [offset, offset + n]}
-                offset += n
-                self.where[name] = fname
-            total += offset
-            header["__metadata__"] = {"format": "pt"}
-            raw = json.dumps(header, separators=(",", ":")).encode()
-            raw += b" " * (-len(raw) % 8)  # the format aligns the data section to 8 bytes
+        entries = {name: (SAFETENSORS_DTYPE[dtype], tuple(shape)) for name, shape in specs.items()}
+        shards = plan_shards(entries, _SHARD_BYTES)
+        self.files, self.where, total = {}, {}, 0
+        for fname, names in zip(shard_file_names(len(shards)), shards):
             f = open(folder / fname, "wb")
-            f.write(struct.pack("<Q", len(raw)) + raw)
+            total += write_header(f, entries, names, {"format": "pt"})
             self.files[fname] = f
-        if not single:
-            index = {"metadata": {"total_size": total}, "weight_map": self.where}
-            (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+            self.where.update({name: fname for name in names})
+        if len(shards) > 1:
+            write_index(folder, total, self.where)
 
     def write(self, name: str, tensor) -> None:
         import torch
@@ -141,14 +113,6 @@ def combine(method: str, ratio: float, long_cot, short_cot, base=None):
         weights.unsqueeze_(-1)
     deltas.mul_(weights)
     return (base + deltas.sum(dim=0)).to(base.dtype)
-
-
-def build_ratios(recipe_path: str | Path, recipe: Recipe, outputs: dict[float, Path], force: bool = False,
-                 echo=print) -> dict[float, Path]:
-    """Write one TA per ratio (at the recipe's density) from a single read. Returns {ratio: folder}."""
-    d = recipe.merge.density
-    done = build_points(recipe_path, recipe, {(r, d): out for r, out in outputs.items()}, force=force, echo=echo)
-    return {p[0]: out for p, out in done.items()}
 
 
 def build_points(recipe_path: str | Path, recipe: Recipe, outputs: dict[Point, Path], force: bool = False,

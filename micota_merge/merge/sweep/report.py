@@ -24,8 +24,9 @@ def table_md(result: dict) -> str:
         def fmt(x, spec):
             return "–" if x is None else format(x, spec)
 
-        lines.append(f"| {name} | {ratio} | {density} | {fmt(r.get('accuracy'), '.1%')} | {fmt(r.get('mean_tokens'), '.1f')} | "
-                     f"{fmt(r.get('median_tokens'), 'g')} | {fmt(r.get('truncation_rate'), '.0%')} | {front} |")
+        lines.append(f"| {name} | {ratio} | {density} | {fmt(r.get('accuracy'), '.1%')} | "
+                     f"{fmt(r.get('mean_tokens'), '.1f')} | {fmt(r.get('median_tokens'), 'g')} | "
+                     f"{fmt(r.get('truncation_rate'), '.0%')} | {front} |")
 
     row("short_cot", "–", "–", result["endpoints"]["short_cot"])
     for r in result["ratios"]:

@@ -186,21 +186,23 @@ def choose(rows: list[dict], target: float, tolerance: float, min_accuracy: floa
             pts=", ".join(f"{point_label(_point(r))}: {_truncated(r):.0%} truncated" for r in cut))
     pick = min(eligible, key=lambda r: (abs(r["mean_tokens"] - target), -_acc(r), r["ratio"], r.get("density") or 0))
     too_inaccurate = [r for r in rows if not any(r is a for a in accurate)]
+    by_min = min_accuracy > best - tolerance / 100  # the floor is min_accuracy's, not the tolerance's
     sentences = [f"{point_label(_point(pick))}.",
                  f"Target: {target:.1f} mean tokens" + (f", {target_from}." if target_from else "."),
                  f"Qualified, with accuracy at least {max(floor, 0):.1%} (within {tolerance:g} points of the best, "
-                 f"{best:.1%}" + (f", and sweep.min_accuracy {min_accuracy:.1%}" if min_accuracy > best - tolerance / 100
-                                  else "") + f"): {_point_list(eligible)}."]
+                 f"{best:.1%}" + (f", and sweep.min_accuracy {min_accuracy:.1%}" if by_min else "")
+                 + f"): {_point_list(eligible)}."]
     if too_inaccurate:
         sentences.append("Left out as too inaccurate: " + ", ".join(
             f"{_short(_point(r))} ({_acc(r):.1%})" for r in sorted(too_inaccurate, key=_point)) + ".")
     if cut:
         sentences.append(f"Left out as mostly truncated (over {max_truncated:.0%} of answers at the cap): "
                          + ", ".join(f"{_short(_point(r))} ({_truncated(r):.0%})" for r in cut) + ".")
-    ties = [r for r in eligible if r is not pick and abs(r["mean_tokens"] - target) == abs(pick["mean_tokens"] - target)]
+    gap = abs(pick["mean_tokens"] - target)
+    ties = [r for r in eligible if r is not pick and abs(r["mean_tokens"] - target) == gap]
     sentences.append(f"This one is the qualifier closest to the target: {pick['mean_tokens']:.1f} tokens, "
                      f"{_acc(pick):.1%} accurate"
-                     + (" (tied on length with " + _point_list(ties) + "; the more accurate, then the lower ratio, wins)"
+                     + (f" (tied on length with {_point_list(ties)}; the more accurate, then the lower ratio, wins)"
                         if ties else "") + ".")
     front = pareto_front(rows)
     if any(r is pick for r in front):
@@ -212,8 +214,8 @@ def choose(rows: list[dict], target: float, tolerance: float, min_accuracy: floa
         better = [r for r in front if dominates(r, pick)]
         sentences.append(f"It is off the length-accuracy front: {_measured(better)} "
                          f"{'are' if len(better) > 1 else 'is'} as accurate or more and no longer.")
-        sentences.append(f"Only the target length put this one ahead; a target nearer to "
-                         f"{'them' if len(better) > 1 else 'it'} would pick {'one of them' if len(better) > 1 else 'it'}.")
+        them, one = ("them", "one of them") if len(better) > 1 else ("it", "it")
+        sentences.append(f"Only the target length put this one ahead; a target nearer to {them} would pick {one}.")
     return pick, " ".join(sentences)
 
 
