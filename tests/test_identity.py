@@ -382,3 +382,14 @@ def test_compare_warns_when_runs_differ_in_settings():
     assert any("limit" in w for w in warnings)
     assert not any("max_tokens" in w or "backend" in w for w in warnings)
     assert compare_warnings(["A", "A2"], [a, dict(a)]) == []
+
+
+def test_one_rule_says_what_changed():
+    """micota_merge.core.identity: every resume, cache and skip names a change the same way."""
+    from micota_merge.core.identity import changed, describe, digest
+
+    old = {"model_content": "a", "seed": 0, "prompt": {"x": [1, 2]}}
+    new = {"model_content": "a", "seed": 1, "prompt": {"x": [1, 2]}}
+    assert changed(old, new) == ["seed"] and changed(None, new) == list(new)
+    assert describe(old, new, {"seed": "seed (--seed)"}, values=True) == "seed (--seed): was 0, now 1"
+    assert digest({"b": 1, "a": [1]}) == digest({"a": [1], "b": 1}) != digest({"a": [1], "b": 2})

@@ -71,11 +71,10 @@ def inside(child: Path, folder: Path) -> bool:
 
 
 def identity_of(obj) -> str:
-    """The digest that says "same input" for a stage's output: its options and its inputs'
-    *content* fingerprints, never their paths. Written into the output's manifest as `identity`."""
-    import hashlib
+    """The digest an output's manifest records as `identity` (micota_merge.core.identity)."""
+    from micota_merge.core.identity import digest
 
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+    return digest(obj)
 
 
 # ---------------------------------------------------------------- protected paths

@@ -46,6 +46,8 @@ from typing import Callable, Iterable, Optional, Sequence
 from micota_merge.evaluation import scoring
 from micota_merge.core.artifacts import atomic_dir, now, sha256_bytes, write_json_atomic, write_manifest, write_text_atomic
 from micota_merge.core.errors import StageFailed, UserError, disk_full, free_mib
+from micota_merge.core.identity import changed
+from micota_merge.core.identity import describe as describe_changes
 from micota_merge.core.ownership import claim, claim_workdir, distributed_rank, identity_of, is_workdir, output_lock, remove_ours
 from micota_merge.evaluation.tasks import ALL_TASKS, BENCHMARKS, GROUP, TASK_DIR, benchmark_of, task_name
 
@@ -564,9 +566,8 @@ def claim_response_cache(cache_dir: Path, identity: dict, out: Path, force: bool
             old = json.loads(marker.read_text())
         except json.JSONDecodeError:
             old = {}
-        changed = [k for k in identity if old.get(k) != identity[k]]
-        if changed:
-            what = ", ".join(_IDENTITY_NAMES.get(k, k) for k in changed)
+        if changed(old, identity):
+            what = describe_changes(old, identity, _IDENTITY_NAMES)
             raise UserError(f"{out} has an interrupted run with other inputs ({what} changed); resuming would score "
                             "that run's cached answers as this one's: pass --force to discard them, or choose "
                             "another --output")

@@ -53,6 +53,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator
 from micota_merge.core.artifacts import now, package_versions, write_json_atomic, write_jsonl_atomic
 from micota_merge.core.checkpoints import check_model_files
 from micota_merge.core.errors import UserError
+from micota_merge.core.identity import changed, describe
 from micota_merge.core.stats import spread
 from micota_merge.core.ownership import claim, claim_sidecars, output_lock
 from micota_merge.core.lengths import finish, split_tokens
@@ -260,10 +261,8 @@ def prepare_output(out: Path, settings: dict, force: bool, inputs=None) -> set[t
             old = json.loads(mp.read_text(encoding="utf-8"))["settings"]
         except (json.JSONDecodeError, KeyError):
             raise UserError(f"{mp} is unreadable: pass --force to start {out} over") from None
-        changed = [k for k in settings if old.get(k) != settings[k]]
-        if changed:
-            what = "; ".join(f"{_SETTING_NAMES.get(k, k)}: was {_short(old.get(k))}, now {_short(settings[k])}"
-                             for k in changed)
+        if changed(old, settings):
+            what = describe(old, settings, _SETTING_NAMES, values=True, sep="; ")
             raise UserError(f"{out} was generated with other settings ({what}). Resuming would mix two "
                             "generations in one file: use a new --out, or pass --force to start over")
         cut = repair_tail(out)

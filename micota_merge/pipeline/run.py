@@ -15,7 +15,6 @@ JSONL, distill's checkpoints, sweep's per-ratio files); one whose fingerprint ch
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import shutil
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from typing import Any, Callable, Optional
 
 from micota_merge.core.artifacts import MANIFEST, now, write_json_atomic, write_text_atomic
 from micota_merge.core.fingerprint import data_fingerprint
+from micota_merge.core.identity import digest
 from micota_merge.core.ownership import claim, output_lock, plain_name
 from micota_merge.core.ownership import claim_workdir as own_claim_workdir
 from micota_merge.generation.generate import TRANSPORT_OPTIONS
@@ -33,7 +33,7 @@ STAGES = ("build", "generate", "mix", "distill", "eval", "report")
 
 
 def _hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return digest(obj)[:16]  # a stage's fingerprint in stage.json (micota_merge.core.identity)
 
 
 def _checkpoint_fp(path: str | Path) -> str:

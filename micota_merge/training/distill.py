@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from micota_merge.data.questions import jsonl_lines
 from micota_merge.core.errors import UserError, disk_full, free_mib
+from micota_merge.core.identity import changed, describe
 from micota_merge.core.ownership import (
     check_free_space,
     check_replaceable,
@@ -704,11 +705,11 @@ def _distill(cfg: DistillConfig, echo, student: Path, student_meta, identity: st
     resume_from = last_complete_checkpoint(ckpt_dir) if cfg.resume else None
     if resume_from is not None and run_file.is_file():
         before = json.loads(run_file.read_text())
-        if before != json.loads(json.dumps(run_id)):
-            diff = [k for k in _RESUME_KEYS if before.get("options", {}).get(k) != run_id["options"][k]]
+        if changed(before, run_id):
+            diff = changed(before.get("options"), run_id["options"])
             what = (f"options {', '.join(diff)}" if diff else
-                    "student (its weights, config or tokenizer changed)"
-                    if before.get("student_content") != run_id["student_content"] else "data files (content changed)")
+                    describe(before, run_id, {"student_content": "student (its weights, config or tokenizer changed)",
+                                              "data": "data files (content changed)"}))
             raise UserError(f"--resume: the checkpoints in {ckpt_dir} come from a run with different {what}; "
                             f"rerun with the same options, or --force without --resume to start over")
     if main:

@@ -100,9 +100,11 @@ def plot(result: dict, path: Path) -> None:
     label = f"chosen {result['chosen']:g}"
     if result.get("chosen_density") is not None and len(densities) > 1:
         label += f" / density {result['chosen_density']:g}"
-    right = result["chosen"] > sum(ax.get_xlim()) / 2  # the label on the side with room: never past the spine
+    lo, hi = ax.get_xlim()
+    right = result["chosen"] > lo + 0.75 * (hi - lo)  # left of the line near the right spine: never past it
     ax.annotate(label, (result["chosen"], 0.0), xycoords=("data", "axes fraction"), xytext=(-3 if right else 3, 3),
-                textcoords="offset points", ha="right" if right else "left", va="bottom", fontsize=9, color="gray")
+                textcoords="offset points", ha="right" if right else "left", va="bottom", fontsize=9, color="gray",
+                bbox={"fc": "white", "ec": "none", "alpha": 0.8, "pad": 0.5})
     handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
     # below the axes: a legend inside would cover points
     fig.legend(handles, [h.get_label() for h in handles], fontsize=7, loc="lower center", ncol=3, frameon=False)

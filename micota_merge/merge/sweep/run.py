@@ -29,6 +29,7 @@ from pydantic import ValidationError
 
 from micota_merge.core.artifacts import move_into_place, read_manifest, write_json_atomic, write_text_atomic
 from micota_merge.core.errors import UserError
+from micota_merge.core.identity import changed
 from micota_merge.core.ownership import check_replaceable, claim, claim_workdir, output_lock, plain_name, remove_ours
 from micota_merge.generation.generate import TRANSPORT_OPTIONS
 
@@ -279,9 +280,9 @@ def _sweep(recipe_path, ratios, densities, keep_all, tolerance, limit, max_token
             echo(f"sweep already done: chosen ratio {result['chosen']:g} in {output} (use --force to redo)")
             echo(result["table_md"])
             return result
-        changed = [k for k in identity if (result.get("identity") or {}).get(k) != identity[k]]
-        raise UserError(f"{output} holds a sweep made with other {', '.join(changed)} "
-                        f"({'input content' if 'inputs' in changed else 'settings'} changed): pass --force to redo it")
+        what = changed(result.get("identity"), identity)
+        raise UserError(f"{output} holds a sweep made with other {', '.join(what)} "
+                        f"({'input content' if 'inputs' in what else 'settings'} changed): pass --force to redo it")
     if claimed.state == "ours":
         check_replaceable(output)  # before the probes, not after
     if claimed.state == "ours" and not force:
