@@ -39,7 +39,9 @@ def worker(a) -> None:
     from micota_merge.evaluation import evaluate
 
     if a.backend == "vllm":
-        evaluate.prepare_vllm()
+        from micota_merge.generation.backends.vllm import prepare_vllm
+
+        prepare_vllm()
         from lm_eval.models.vllm_causallms import VLLM as cls
     else:
         from lm_eval.models.huggingface import HFLM as cls
@@ -93,7 +95,7 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--batch-size", default="8", help="hf: prompts per batch (8 is eval's CPU default)")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--backend", default="hf")
+    p.add_argument("--backend", default="transformers")
     p.add_argument("--vllm-python")
     p.add_argument("--no-vllm", action="store_true")
     p.add_argument("--json", type=Path)
@@ -104,7 +106,7 @@ def main() -> None:
         return
     rows = []
     for k, bs in ((1, a.batch_size), (a.samples, a.batch_size), (a.samples, "1")):
-        rows.append(run(sys.executable, a, "hf", k, bs))
+        rows.append(run(sys.executable, a, "transformers", k, bs))
     vllm_py = a.vllm_python or os.environ.get("MICOTA_VLLM_PYTHON")
     for cand in (REPO / ".venv-vllm" / "bin" / "python", Path("/work/main/.venv-vllm/bin/python")):
         if not vllm_py and cand.is_file():

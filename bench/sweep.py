@@ -31,6 +31,8 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from merge_throughput import measure, write_family  # noqa: E402
 
+from micota_merge.merge import methods  # noqa: E402
+
 ONE_PASS = r"""
 import sys, yaml
 from pathlib import Path
@@ -42,8 +44,7 @@ recipe = parse_recipe(yaml.safe_load(recipe_path.read_text()))
 build_points(recipe_path, recipe, {(r, recipe.merge.density): out / f"one-{r}" for r in ratios}, force=True)
 """
 
-METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties",
-           "della", "della_linear")
+METHODS = methods.one_pass()  # the methods the one pass covers (the method table)
 
 
 def main():
@@ -60,13 +61,13 @@ def main():
     work.mkdir(parents=True)
     model_bytes, _ = write_family(work, args.size_gb)
     merge = {"method": args.method, "ratio": 0.5, "dtype": "bfloat16", "seed": 0}
-    if args.method not in ("linear", "task_arithmetic"):
+    if methods.get(args.method).density:
         merge["density"] = args.density
     recipe = {"models": {r: str(work / r) for r in ("long_cot", "short_cot", "base")},
               "merge": merge, "tokenizer": "short_cot", "output": str(work / "ta")}
     (work / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     ratios = [float(r) for r in args.ratios.split(",")]
-    inputs = 2 if args.method == "linear" else 3
+    inputs = 3 if methods.get(args.method).base else 2
 
     one_s, _, one_anon = measure([sys.executable, "-c", ONE_PASS, str(work / "recipe.yaml"), str(work), args.ratios])
     micota = str(Path(sys.executable).parent / "micota-merge")

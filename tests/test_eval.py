@@ -584,3 +584,62 @@ def test_vllm_cpu_samples(tiny_family, tmp_path):
     assert any(len(set(r["filtered_resps"][0])) > 1 for r in records)  # sampled, not copies
     manifest = json.loads((out / "micota.json").read_text())
     assert manifest["options"]["model_args"]["enable_prefix_caching"] is True
+
+
+# ------------------------------------------------------------------- adding a benchmark
+
+@pytest.fixture
+def toy_benchmark(tmp_path, monkeypatch):
+    """A benchmark added the documented way, outside the package: its data, a task YAML that
+    includes the shared template, and one registry entry (removed afterwards)."""
+    from micota_merge.evaluation import benchmarks
+
+    monkeypatch.setattr(benchmarks, "_REGISTRY", dict(benchmarks._REGISTRY))
+    folder = tmp_path / "toy_tasks"
+    (folder / "data").mkdir(parents=True)
+    rows = [{"key": "a", "q": "What is 9 + 9?", "gold": "18"}, {"key": "b", "q": "What is 10 + 9?", "gold": "19"}]
+    (folder / "data" / "toy.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    fn = "!function micota_merge.evaluation.tasks.utils"
+    (folder / "toy.yaml").write_text(f"include: {TASK_DIR / '_template.yaml'}\ntask: micota_toy\n"
+                                     f"custom_dataset: {fn}.load_toy\ndoc_to_text: {fn}.doc_to_text_toy\n"
+                                     f"doc_to_target: {fn}.doc_to_target_toy\n"
+                                     f"process_results: {fn}.process_results_toy\n")
+    benchmarks.register_benchmark("toy", folder / "data" / "toy.jsonl", question_field="q", gold_field="gold",
+                                  id_field="key", r1_samples=3, prompt="Toy: {question}\nBox it: \\boxed{}",
+                                  task_dir=folder)
+    return folder
+
+
+def test_a_new_benchmark_is_one_registry_entry(toy_benchmark, tmp_path):
+    """eval scores a model on it (its prompt, fields and grading from the entry), `--protocol r1`
+    takes its k from the entry, and generate reads it as a question set."""
+    from test_generate import bigram_model  # tests/ is on the path, as for conftest
+
+    from micota_merge.data.questions import load_questions
+    from micota_merge.evaluation.evaluate import parse_tasks, sampling_settings
+
+    model = bigram_model(tmp_path / "boxed", "\\boxed{18}")  # answers every question 18
+    out = tmp_path / "eval"
+    result = run_cli("eval", "--model", str(model), "--tasks", "toy", "--max-tokens", "16", "--dtype", "float32",
+                     "--output", str(out))
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary["tasks"]) == ["toy"] and summary["tasks"]["toy"]["n"] == 2
+    assert summary["tasks"]["toy"]["accuracy"] == 0.5  # 18 is right for the first question only
+    records = read_jsonl(out / summary["files"]["samples"]["toy"])
+    prompts = [r["arguments"]["gen_args_0"]["arg_0"] for r in sorted(records, key=lambda r: r["doc_id"])]
+    assert "Toy: What is 9 + 9?\nBox it: \\boxed{}<|im_end|>" in prompts[0]
+    assert [r["target"] for r in sorted(records, key=lambda r: r["doc_id"])] == ["18", "19"]
+    assert parse_tasks("all") == list(BENCHMARKS)  # not one of the papers'
+    assert sampling_settings("r1", None, None, None, ["toy", "gsm8k"])["samples"] == {"toy": 3, "gsm8k": 1}
+    # a question set for generate and the sweep probe, graded as the entry says
+    qs = load_questions("toy")
+    assert [(q["id"], q["question"], q["answer"], q["benchmark"]) for q in qs] == [
+        ("toy-a", "What is 9 + 9?", "18", "toy"), ("toy-b", "What is 10 + 9?", "19", "toy")]
+    gen = tmp_path / "gen.jsonl"
+    result = run_cli("generate", "--model", str(model), "--questions", "toy", "--max-tokens", "12",
+                     "--backend", "transformers", "--out", str(gen))
+    assert result.exit_code == 0, result.output
+    recs = {r["id"]: r for r in read_jsonl(gen)}
+    assert recs.keys() == {"toy-a", "toy-b"}
+    assert recs["toy-a"]["correct"] is True and recs["toy-b"]["correct"] is False

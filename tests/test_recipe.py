@@ -185,3 +185,46 @@ def test_shipped_recipes_parse():
         if "merge_method" in data or "stages" in data or "pipeline" in data:
             continue
         parse_recipe(data, str(p))
+
+
+@pytest.fixture
+def toy_method(monkeypatch):
+    """A mergekit method not in the shipped table, added as one table entry (removed afterwards)."""
+    from micota_merge.merge import methods
+
+    monkeypatch.setattr(methods, "_TABLE", dict(methods._TABLE))
+    return methods.register_method("multislerp", base=False, params={"normalize_weights"})
+
+
+def test_a_new_method_is_one_table_entry(toy_method, tiny_family, tmp_path):
+    """Adding a method = one entry in merge/methods.py: the recipe takes it (its parameters too),
+    build prints and plans its mergekit config, and the sweep knows to build it point by point."""
+    from micota_merge.merge.onepass.engine import supports_one_pass
+
+    r = _recipe(tiny_family, tmp_path, method="multislerp", ratio=0.3, normalize_weights=True)
+    del r["merge"]["density"]
+    recipe = parse_recipe(r)
+    assert recipe.model_specs().keys() == {"long_cot", "short_cot"}  # no base: it interpolates
+    assert not supports_one_pass(recipe)
+    p = _write(tmp_path, r)
+    result = _build(p, "--print-mergekit")
+    assert result.exit_code == 0, result.output
+    cfg = yaml.safe_load(result.output)
+    assert cfg["merge_method"] == "multislerp" and "base_model" not in cfg
+    assert {m["model"]: m["parameters"] for m in cfg["models"]} == {
+        str(tiny_family["long_cot"]): {"weight": 0.3}, str(tiny_family["short_cot"]): {"weight": pytest.approx(0.7)}}
+    assert cfg["parameters"] == {"normalize_weights": True}
+    result = _build(p, "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert "merge_method: multislerp" in result.output and "GiB" in result.output
+    assert not (tmp_path / "ta").exists()
+    # only the entry's parameters pass through
+    r["merge"]["gamma"] = 0.1
+    with pytest.raises(UserError, match="unknown key 'gamma' for method multislerp"):
+        parse_recipe(r)
+
+
+def test_without_its_entry_the_method_is_unknown(tiny_family, tmp_path):
+    r = _recipe(tiny_family, tmp_path, method="multislerp")
+    with pytest.raises(UserError, match="unknown method 'multislerp'"):
+        parse_recipe(r)

@@ -13,6 +13,7 @@ import click
 
 from micota_merge import __version__
 from micota_merge.core.errors import StageFailed, UserError
+from micota_merge.evaluation import benchmarks as _benchmarks  # the registry (no heavy import)
 
 _LOG_LEVELS = (logging.WARNING, logging.INFO, logging.DEBUG)
 _DEBUG_HELP = "Show full tracebacks instead of one-line errors."
@@ -28,6 +29,36 @@ def _end_progress_bars() -> None:
             bar.close()
         except (OSError, ValueError, AttributeError):  # a bar of a dead stream: nothing to tidy
             pass
+
+
+class _Backend(click.ParamType):
+    """--backend: "auto" or a name in the backend registry (micota_merge.generation.backends), read when the
+    option is parsed, so a backend registered by a plugin is a choice too; "hf" passes as transformers."""
+
+    name = "backend"
+
+    def __init__(self, auto: bool = True, remote: bool = True):
+        self.auto, self.remote = auto, remote
+
+    def choices(self) -> list[str]:
+        from micota_merge.generation import backends
+
+        return (["auto"] if self.auto else []) + backends.names(remote=None if self.remote else False)
+
+    def get_metavar(self, param, ctx=None) -> str:
+        return "[" + "|".join(self.choices()) + "]"
+
+    def convert(self, value, param, ctx):
+        from micota_merge.generation import backends
+
+        choices = self.choices()
+        try:
+            name = backends.canonical(value)
+        except UserError:
+            name = None
+        if name not in choices:
+            self.fail(f"{value!r} is not one of {', '.join(choices)}", param, ctx)
+        return name
 
 
 _OWN = (" --force never widens what is replaced: a foreign file or folder, an input, the home or current folder "
@@ -254,10 +285,11 @@ def demo_train(out, seed, scale, dtype, eval_questions, force):
 @click.argument("runs", nargs=-1, type=click.Path(file_okay=False))
 @click.option("--model", help="Checkpoint to score: a local Hugging Face folder (or a cached hub id).")
 @click.option("--tasks", default="all", show_default=True,
-              help="Comma-separated benchmarks: aime24, amc23, olympiadbench, math500, gsm8k, or 'all'.")
-@click.option("--backend", type=click.Choice(["hf", "vllm", "openai"]),
-              help="lm-eval model backend. Default: openai with --base-url, else vllm when a GPU and vLLM are "
-                   "present, else hf. openai: OpenAI-compatible servers through lm-eval's local-chat-completions.")
+              help=f"Comma-separated benchmarks: {', '.join(_benchmarks.papers())}, or 'all'.")
+@click.option("--backend", type=_Backend(), default="auto", show_default=True,
+              help="auto: openai with --base-url, else vllm when vLLM and a CUDA GPU are present, else "
+                   "transformers (lm-eval's hf model; 'hf' is a deprecated alias). openai: OpenAI-compatible "
+                   "servers through lm-eval's local-chat-completions.")
 @click.option("--limit", type=int, help="Score only the first N questions of each benchmark (quick checks).")
 @click.option("--protocol", type=click.Choice(["greedy", "r1"]), default="greedy", show_default=True,
               help="greedy: one greedy answer per question, the papers' pass@1. r1: DeepSeek-R1's "
@@ -368,9 +400,10 @@ def eval_cmd(runs, model, tasks, backend, limit, protocol, samples, temperature,
               help="A shipped set (gsm8k-train, gsm8k, math500, aime24, amc23, olympiadbench), a JSONL file, "
                    "or a Hugging Face dataset folder saved with save_to_disk.")
 @click.option("--out", required=True, help="Raw records, appended as they finish (FILE.jsonl).")
-@click.option("--backend", type=click.Choice(["auto", "vllm", "transformers", "openai"]), default="auto",
-              show_default=True, help="auto: openai when --base-url is given, else vllm when it is installed, else "
-                                      "transformers. openai: OpenAI-compatible servers (vllm serve, SGLang, a hosted API).")
+@click.option("--backend", type=_Backend(), default="auto", show_default=True,
+              help="auto: openai when --base-url is given, else vllm when vLLM and a CUDA GPU are present (or "
+                   "with --data-parallel-size / --serve-args), else transformers; vllm-cpu only when asked "
+                   "for by name. openai: OpenAI-compatible servers (vllm serve, SGLang, a hosted API).")
 @click.option("--n", "n", type=int, default=1, show_default=True, help="Samples per question.")
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
 @click.option("--top-p", type=float, default=1.0, show_default=True)
@@ -380,8 +413,7 @@ def eval_cmd(runs, model, tasks, backend, limit, protocol, samples, temperature,
 @click.option("--limit", type=int, help="Only the first N questions.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--prompt", default="", help="User message template with {question}; default: the papers' "
-                                           "'{question}\\nPlease reason step by step, and put your final "
-                                           "answer within \\boxed{}.'")
+                                           + repr(_benchmarks.PROMPT).replace("\\\\", "\\"))
 @click.option("--keep", type=click.Choice(["correct", "all"]), default="correct", show_default=True,
               help="correct: also write OUT.correct.jsonl with verified-correct, untruncated answers.")
 @click.option("--question-field", help="Field holding the question (default: question / problem / prompt).")
@@ -389,7 +421,7 @@ def eval_cmd(runs, model, tasks, backend, limit, protocol, samples, temperature,
 @click.option("--id-field", help="Field holding a unique id (default: id if present, else a content hash).")
 @click.option("--split", help="Split of a saved DatasetDict.")
 @click.option("--benchmark", help="Grade a custom file's gold the way this benchmark's is parsed "
-                                  "(gsm8k, math500, aime24, amc23, olympiadbench).")
+                                  f"({', '.join(_benchmarks.graded())}).")
 @click.option("--dtype", default="auto", show_default=True, help="auto (the checkpoint's), bfloat16, float16, float32.")
 @click.option("--tensor-parallel-size", type=int, default=1, show_default=True, help="vllm: GPUs per model.")
 @click.option("--max-model-len", type=int, help="vllm: context length to reserve (default: the model's).")
@@ -555,7 +587,8 @@ def _density_list(ctx, param, value):
 @click.option("--tolerance", type=float, help="Accuracy points below the best that still qualify (default 2).")
 @click.option("--limit", type=int, help="Probe questions (default: sweep.probe.limit).")
 @click.option("--max-tokens", type=int, help="Probe answer length cap (default: sweep.probe.max_tokens).")
-@click.option("--backend", type=click.Choice(["auto", "vllm", "transformers"]), help="Probe generation backend.")
+@click.option("--backend", type=_Backend(remote=False),
+              help="Probe generation backend (default: sweep.probe.backend, else auto as in generate).")
 @click.option("--data-parallel-size", type=int,
               help="vllm: probe each checkpoint through `vllm serve` with this many replicas (default: "
                    "sweep.probe.data_parallel_size).")

@@ -2,7 +2,7 @@
 
 - `num_tokens`: the tokens the engine generated for the answer, up to and including the stop token
   it ended on (EOS or the chat template's end of turn). Where the engine returns the generated ids
-  (transformers, vLLM: in `generate` and in `eval`'s hf and vllm backends) they are counted; an
+  (transformers, vLLM: in `generate` and in `eval`'s transformers and vllm backends) they are counted; an
   OpenAI-compatible server's count is its `usage.completion_tokens` (vLLM's server counts the same
   ids). It is never a re-tokenisation of the decoded text, which differs wherever the model spelled
   out, token by token, a string its tokenizer merges (a random tiny model's 16 newlines re-tokenize

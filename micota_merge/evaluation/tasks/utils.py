@@ -1,7 +1,11 @@
 """Functions the task YAMLs reach with `!function utils.<name>`.
 
-Data: each task loads `data/<benchmark>/test.jsonl` (beside this file) with the `json`
-dataset builder, so no network and no dependence on where the package is installed.
+Data: each task loads its benchmark's JSONL (`micota_merge.evaluation.benchmarks`: the registry
+that says, per benchmark, its file, question and gold fields, prompt and gold format) with the
+`json` dataset builder, so no network and no dependence on where the package is installed.
+The per-benchmark functions the YAMLs name (`load_<name>`, `doc_to_text_<name>`,
+`doc_to_target_<name>`, `process_results_<name>`) are made for every registered benchmark on
+first access (`__getattr__` below), so a new benchmark needs no code here.
 
 Samples: a task may draw k answers per question (`repeats: k`, with the filter
 `take_first_k` keeping all k; `micota-merge eval --samples/--protocol` sets both). Each
@@ -42,14 +46,16 @@ from pathlib import Path
 from micota_merge.evaluation import grading
 from micota_merge.core import lengths
 from micota_merge.evaluation import scoring
-from micota_merge.evaluation.tasks import DATA_DIR as _PACKAGE_DATA, EXTRA_TASKS, GOLD_FIELD, PROMPT
+from micota_merge.evaluation import benchmarks
+from micota_merge.evaluation.benchmarks import PROMPT
 
 LOG = logging.getLogger("micota_merge.evaluation.tasks")
 
 # lm-eval imports this file by path (module name = the path), so a user-copied eval/ folder
 # still reads the data next to it; the installed package's data is the fallback.
-_HERE_DATA = Path(__file__).resolve().parent / "data"
-DATA_DIR = _HERE_DATA if _HERE_DATA.is_dir() else _PACKAGE_DATA
+_HERE = Path(__file__).resolve().parent
+_DATA_ROOT = _HERE if (_HERE / "data").is_dir() else benchmarks.TASK_DIR
+DATA_DIR = _DATA_ROOT / "data"
 
 _tokenizer_lock = threading.Lock()
 _tokenizer = None
@@ -64,11 +70,7 @@ _max_gen_toks: dict[str, int] = {}
 
 
 def data_file(benchmark: str) -> Path:
-    if benchmark == "microworld":
-        from micota_merge.demo.microworld import ASSETS
-
-        return ASSETS / "heldout.jsonl"
-    path = DATA_DIR / benchmark / "test.jsonl"
+    path = benchmarks.get(benchmark).data_file(_DATA_ROOT)
     if not path.is_file():
         raise FileNotFoundError(f"benchmark data {path} is missing: reinstall micota-merge "
                                 f"(the data ships in eval/data/) or restore the file")
@@ -94,26 +96,38 @@ def _loader(benchmark: str):
 
 
 def doc_to_text(doc: dict) -> str:
+    """The template's default: the papers' prompt around `question` (or `problem`)."""
     question = doc.get("question") if doc.get("question") is not None else doc.get("problem")
-    return PROMPT.format(question=question.strip())
+    return PROMPT.replace("{question}", question.strip())
 
 
-def doc_to_text_bare(doc: dict) -> str:
-    """The micro world's experts were trained on the bare question as the user turn."""
-    return doc["question"].strip()
+def prompt_text(doc: dict, benchmark: str) -> str:
+    """The user turn of one question: the benchmark's prompt, or the bare question (prompt None)."""
+    entry = benchmarks.get(benchmark)
+    question = doc[entry.question_field].strip()
+    return question if entry.prompt is None else entry.prompt.replace("{question}", question)
+
+
+def _doc_to_text(benchmark: str):
+    def doc_to_text(doc: dict) -> str:
+        return prompt_text(doc, benchmark)
+
+    doc_to_text.__name__ = f"doc_to_text_{benchmark}"
+    return doc_to_text
 
 
 def grader_benchmark(benchmark: str):
-    """Extra tasks have no gold format of their own: the grader's generic rules apply."""
-    return None if benchmark in EXTRA_TASKS else benchmark
+    """A benchmark without a gold format of its own (the micro world's) is graded by the generic rules."""
+    return benchmarks.get(benchmark).grader
 
 
 def gold_of(doc: dict, benchmark: str):
-    """The gold as grading.parse_gold reads it: the raw field; for OlympiadBench the answers
-    with their numerical tolerance (`error`, e.g. "1e-1"), which the grader honours."""
-    if benchmark == "olympiadbench":
-        return {"final_answer": doc["final_answer"], "error": doc.get("error")}
-    return doc[GOLD_FIELD[benchmark]]
+    """The gold as grading.parse_gold reads it: the raw field; where the benchmark has a tolerance
+    field (OlympiadBench's `error`, e.g. "1e-1") the answers with it, which the grader honours."""
+    entry = benchmarks.get(benchmark)
+    if entry.tolerance_field:
+        return {"final_answer": doc[entry.gold_field], "error": doc.get(entry.tolerance_field)}
+    return doc[entry.gold_field]
 
 
 def target_text(gold, benchmark: str) -> str:
@@ -242,12 +256,16 @@ def _process_results(benchmark: str):
     return process_results
 
 
-# One named function per benchmark: YAML `!function` needs a plain attribute name.
-load_aime24, load_amc23, load_olympiadbench, load_math500, load_gsm8k, load_microworld = (
-    _loader(b) for b in ("aime24", "amc23", "olympiadbench", "math500", "gsm8k", "microworld"))
-doc_to_target_microworld = _doc_to_target("microworld")
-process_results_microworld = _process_results("microworld")
-doc_to_target_aime24, doc_to_target_amc23, doc_to_target_olympiadbench, doc_to_target_math500, \
-    doc_to_target_gsm8k = (_doc_to_target(b) for b in ("aime24", "amc23", "olympiadbench", "math500", "gsm8k"))
-process_results_aime24, process_results_amc23, process_results_olympiadbench, process_results_math500, \
-    process_results_gsm8k = (_process_results(b) for b in ("aime24", "amc23", "olympiadbench", "math500", "gsm8k"))
+# One named function per benchmark (YAML `!function` needs a plain attribute name), made for any
+# registered benchmark when lm-eval (or anyone) asks for it.
+_MAKERS = {"load_": _loader, "doc_to_text_": _doc_to_text, "doc_to_target_": _doc_to_target,
+           "process_results_": _process_results}
+
+
+def __getattr__(name: str):
+    for prefix, make in _MAKERS.items():
+        if name.startswith(prefix) and name[len(prefix):] in benchmarks.names():
+            fn = make(name[len(prefix):])
+            globals()[name] = fn
+            return fn
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

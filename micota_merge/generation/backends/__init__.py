@@ -97,6 +97,7 @@ class Backend:
     summary: str = ""            # one line for --help and docs
     remote: bool = False         # answers come from servers: needs --base-url; the model may be a served name
     data_parallel: bool = False  # takes --data-parallel-size (and generate's --serve-args)
+    eval_fixed_batch_size: Optional[int] = None  # lm-eval batch size whatever --batch-size says
 
     # ---- choosing
     def available(self) -> bool:
@@ -105,6 +106,11 @@ class Backend:
 
     def check(self, serve: bool = False) -> None:
         """Raise UserError (one line) when this backend, asked for by name, cannot run here."""
+
+    def connect(self, base_urls: Sequence[str], api_key_env: Optional[str], model: str, local: Optional[Path],
+                served_model: Optional[str]) -> tuple[list[str], Optional[str], str]:
+        """Remote backends: (normalized URLs, API key, the model name the servers know)."""
+        raise NotImplementedError(f"backend {self.name} has no servers")
 
     # ---- generate
     def prepare_generate(self, opts, model_dir: Path, local: bool):
@@ -159,17 +165,20 @@ def names(remote: Optional[bool] = None) -> list[str]:
     return [n for n, b in REGISTRY.items() if remote is None or b.remote == remote]
 
 
+def unknown(name: str) -> str:
+    return f"unknown backend {name!r}: choose from {', '.join([AUTO, *names()])}"
+
+
 def canonical(name: Optional[str], option: str = "--backend", note: bool = True) -> str:
     """The backend's registered name (or "auto"); an alias is mapped (with a one-line note), an
     unknown name is refused with the valid ones."""
     name = AUTO if name is None else str(name).strip()
     if name in ALIASES:
         if note:
-            log.warning("%s %s is deprecated: it is the %s backend, say %s", option, name, ALIASES[name],
-                        ALIASES[name])
+            log.warning("%s %s is deprecated: say %s %s (the same backend)", option, name, option, ALIASES[name])
         name = ALIASES[name]
     if name != AUTO and name not in names():
-        raise UserError(f"{option} {name!r}: unknown backend; choose from {', '.join([AUTO, *names()])}")
+        raise UserError(f"{option}: {unknown(name)}")
     return name
 
 

@@ -72,7 +72,8 @@ class OpenAI(Backend):
                 served_model: Optional[str]) -> tuple[list[str], Optional[str], str]:
         """(normalized URLs, API key, the served model name): every server is asked before anything is
         written, so a typo in one URL is one line, not a late failure."""
-        from micota_merge.generation.servers.client import api_key, normalize_url, served_model as find_served
+        from micota_merge.generation.servers.client import api_key, normalize_url
+        from micota_merge.generation.servers.client import served_model as find_served
 
         urls = list(dict.fromkeys(normalize_url(u) for u in base_urls))
         key = api_key(api_key_env)

