@@ -47,17 +47,34 @@ def student_dir(spec: str, work: Path) -> Path:
 def write_records(path: Path, tokenizer, n: int, median: int, sigma: float, max_length: int, seed: int) -> list[int]:
     """Records whose full tokenized length is log-normal (median `median`), capped below max_length."""
     rng = random.Random(seed)
-    words = [w for w in Path(__file__).resolve().parents[1].joinpath(
-        "micota_merge/assets/train/gsm8k_train.jsonl").read_text().split()[:20000] if w.isalpha()]
+    words = [
+        w
+        for w in Path(__file__)
+        .resolve()
+        .parents[1]
+        .joinpath("micota_merge/assets/train/gsm8k_train.jsonl")
+        .read_text()
+        .split()[:20000]
+        if w.isalpha()
+    ]
     lengths, lines = [], []
     for i in range(n):
         target = min(max_length - 64, max(16, int(rng.lognormvariate(math.log(median), sigma))))
         text = " ".join(rng.choice(words) for _ in range(target))
         ids = tokenizer(text, add_special_tokens=False)["input_ids"][:target]
         answer = tokenizer.decode(ids)
-        lines.append(json.dumps({"id": f"bench-{i}", "messages": [
-            {"role": "user", "content": f"Question {i}: reason step by step."},
-            {"role": "assistant", "content": answer}], "correct": True}))
+        lines.append(
+            json.dumps(
+                {
+                    "id": f"bench-{i}",
+                    "messages": [
+                        {"role": "user", "content": f"Question {i}: reason step by step."},
+                        {"role": "assistant", "content": answer},
+                    ],
+                    "correct": True,
+                }
+            )
+        )
         lengths.append(target)
     path.write_text("\n".join(lines) + "\n")
     return lengths
@@ -72,13 +89,26 @@ def run_mode(packing: bool, student: Path, data: Path, args, work: Path) -> dict
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(student)
     length = args.pack_length if packing else args.max_length
-    cfg = DistillConfig(student=str(student), data=[str(data)], out=str(work / "unused"), epochs=1, lr=1e-5,
-                        batch_size=1 if packing else args.batch_size, max_length=length, packing=packing,
-                        save_steps=10 ** 9, logging_steps=10 ** 9, seed=0, warmup_ratio=0.0,
-                        dtype=args.dtype, attn_implementation=args.attn)
+    cfg = DistillConfig(
+        student=str(student),
+        data=[str(data)],
+        out=str(work / "unused"),
+        epochs=1,
+        lr=1e-5,
+        batch_size=1 if packing else args.batch_size,
+        max_length=length,
+        packing=packing,
+        save_steps=10**9,
+        logging_steps=10**9,
+        seed=0,
+        warmup_ratio=0.0,
+        dtype=args.dtype,
+        attn_implementation=args.attn,
+    )
     examples, report = prepare_examples(tok, [str(data)], length)
-    trainer = build_trainer(cfg, student, tok, examples, work / ("packed" if packing else "padded"),
-                            callbacks=[_step_counter_class()()])
+    trainer = build_trainer(
+        cfg, student, tok, examples, work / ("packed" if packing else "padded"), callbacks=[_step_counter_class()()]
+    )
     rows = trainer.train_dataset
     if packing:
         positions = sum(len(r) for r in rows["input_ids"])
@@ -92,10 +122,16 @@ def run_mode(packing: bool, student: Path, data: Path, args, work: Path) -> dict
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
-    return {"mode": "packed (padding-free)" if packing else f"padded (batch {args.batch_size})",
-            "steps": trainer.state.global_step, "records": report.kept, "real_tokens": report.tokens,
-            "positions": positions, "pad_share": 1 - report.tokens / positions, "seconds": seconds,
-            "tokens_per_second": report.tokens / seconds}
+    return {
+        "mode": "packed (padding-free)" if packing else f"padded (batch {args.batch_size})",
+        "steps": trainer.state.global_step,
+        "records": report.kept,
+        "real_tokens": report.tokens,
+        "positions": positions,
+        "pad_share": 1 - report.tokens / positions,
+        "seconds": seconds,
+        "tokens_per_second": report.tokens / seconds,
+    }
 
 
 def main(argv=None):
@@ -126,15 +162,19 @@ def main(argv=None):
         data = work / "records.jsonl"
         lengths = write_records(data, tok, args.records, args.median_tokens, args.sigma, args.max_length, seed=0)
         s = sorted(lengths)
-        print(f"student {student} | {args.records} records, answer tokens median {s[len(s) // 2]}, "
-              f"p90 {s[int(0.9 * (len(s) - 1))]}, max {s[-1]} | device "
-              f"{'cuda' if torch.cuda.is_available() else f'cpu x{torch.get_num_threads()} threads'}")
+        print(
+            f"student {student} | {args.records} records, answer tokens median {s[len(s) // 2]}, "
+            f"p90 {s[int(0.9 * (len(s) - 1))]}, max {s[-1]} | device "
+            f"{'cuda' if torch.cuda.is_available() else f'cpu x{torch.get_num_threads()} threads'}"
+        )
         results = [run_mode(False, student, data, args, work), run_mode(True, student, data, args, work)]
     print("\n| mode | steps | real tokens | positions computed | pad share | seconds | tokens/s |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in results:
-        print(f"| {r['mode']} | {r['steps']} | {r['real_tokens']:,} | {r['positions']:,} | {r['pad_share']:.1%} | "
-              f"{r['seconds']:.1f} | {r['tokens_per_second']:,.1f} |")
+        print(
+            f"| {r['mode']} | {r['steps']} | {r['real_tokens']:,} | {r['positions']:,} | {r['pad_share']:.1%} | "
+            f"{r['seconds']:.1f} | {r['tokens_per_second']:,.1f} |"
+        )
     ratio = results[1]["tokens_per_second"] / results[0]["tokens_per_second"]
     print(f"\npacked / padded throughput: {ratio:.2f}x")
     if args.json:

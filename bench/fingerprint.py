@@ -71,8 +71,10 @@ def main():
     print(f"{'build, again (inputs cached)':34}{again:8.1f} s")
     print(f"{'fingerprint only (4 checkpoints)':34}{fp:8.1f} s  ({gib / fp:.1f} GiB/s)")
     print(f"{'read floor (cat, page cache)':34}{cat:8.1f} s  ({gib / cat:.1f} GiB/s)")
-    print(f"fingerprinting adds {100 * fp / (first - fp):.1f} % to a first build "
-          f"(and about {100 * checkpoint_share(work) / (again):.1f} % once the inputs are cached)")
+    print(
+        f"fingerprinting adds {100 * fp / (first - fp):.1f} % to a first build "
+        f"(and about {100 * checkpoint_share(work) / (again):.1f} % once the inputs are cached)"
+    )
     shutil.rmtree(work, ignore_errors=True)
 
 

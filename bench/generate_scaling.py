@@ -30,14 +30,31 @@ def run(model: Path, urls: list[str], concurrency: int, a, work: Path) -> dict:
     from micota_merge.generation.generate import generate, options
 
     out = work / f"c{concurrency}-s{len(urls)}.jsonl"
-    opts = options(model=str(model), questions=str(REPO / "micota_merge/assets/microworld/train.jsonl"),
-                   out=str(out), limit=a.questions, max_tokens=a.max_tokens, prompt="{question}", keep="all",
-                   dtype="float32", base_url=urls, concurrency=concurrency, force=True)
+    opts = options(
+        model=str(model),
+        questions=str(REPO / "micota_merge/assets/microworld/train.jsonl"),
+        out=str(out),
+        limit=a.questions,
+        max_tokens=a.max_tokens,
+        prompt="{question}",
+        keep="all",
+        dtype="float32",
+        base_url=urls,
+        concurrency=concurrency,
+        force=True,
+    )
     last = generate(opts, echo=lambda s: None)["last_run"]
     secs = last["generate_seconds"]
-    return {"servers": len(urls), "concurrency": concurrency, "records": last["records"],
-            "tokens": last["generated_tokens"], "seconds": secs, "records_per_s": round(last["records"] / secs, 2),
-            "tokens_per_s": round(last["generated_tokens"] / secs, 1), "per_server": last["requests_per_server"]}
+    return {
+        "servers": len(urls),
+        "concurrency": concurrency,
+        "records": last["records"],
+        "tokens": last["generated_tokens"],
+        "seconds": secs,
+        "records_per_s": round(last["records"] / secs, 2),
+        "tokens_per_s": round(last["generated_tokens"] / secs, 1),
+        "per_server": last["requests_per_server"],
+    }
 
 
 def main() -> None:
@@ -58,10 +75,16 @@ def main() -> None:
     with ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
         servers = []
         for i in range(2):
-            env = {"VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1",
-                   "VLLM_CPU_OMP_THREADS_BIND": str(cores[i % len(cores)])}
-            servers.append(stack.enter_context(vllm_server(a.model, args, python=a.vllm_python, env=env,
-                                                           startup_timeout=1200, echo=print)))
+            env = {
+                "VLLM_CPU_KVCACHE_SPACE": "1",
+                "OMP_NUM_THREADS": "1",
+                "VLLM_CPU_OMP_THREADS_BIND": str(cores[i % len(cores)]),
+            }
+            servers.append(
+                stack.enter_context(
+                    vllm_server(a.model, args, python=a.vllm_python, env=env, startup_timeout=1200, echo=print)
+                )
+            )
         work = Path(tmp)
         run(Path(a.model), [servers[0].url], 4, a, work)  # warm-up: first requests pay one-time costs
         run(Path(a.model), [servers[1].url], 4, a, work)
@@ -74,8 +97,10 @@ def main() -> None:
     print("| servers | concurrency | records/s | tokens/s | x (1 server, concurrency 1) | requests per server |")
     print("| ---: | ---: | ---: | ---: | ---: | --- |")
     for r in rows:
-        print(f"| {r['servers']} | {r['concurrency']} | {r['records_per_s']} | {r['tokens_per_s']} | "
-              f"{r['tokens_per_s'] / base['tokens_per_s']:.2f} | {', '.join(map(str, r['per_server'].values()))} |")
+        print(
+            f"| {r['servers']} | {r['concurrency']} | {r['records_per_s']} | {r['tokens_per_s']} | "
+            f"{r['tokens_per_s'] / base['tokens_per_s']:.2f} | {', '.join(map(str, r['per_server'].values()))} |"
+        )
     two, one = rows[-1], rows[2]
     print(f"\n2 servers / 1 server at concurrency 16: {two['tokens_per_s'] / one['tokens_per_s']:.2f}x tokens/s")
     if a.json:

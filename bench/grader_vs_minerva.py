@@ -96,8 +96,7 @@ def synthesise(answer: str) -> list[tuple[str, bool, str]]:
     """(response, right verdict, rewrite name) for one MATH-500 gold."""
     out = [
         (_box(answer), True, "verbatim box"),
-        (f"Final Answer: The final answer is ${answer}$. I hope it is correct.", True,
-         "minerva sentence"),
+        (f"Final Answer: The final answer is ${answer}$. I hope it is correct.", True, "minerva sentence"),
     ]
     nospace = re.sub(r"\s*([,()\[\]=+\-])\s*", r"\1", answer)
     if nospace != answer:
@@ -151,14 +150,24 @@ def synthesise(answer: str) -> list[tuple[str, bool, str]]:
 def synth_cases() -> list[dict]:
     rows = [
         json.loads(line)
-        for line in (ROOT / "micota_merge" / "evaluation" / "tasks" / "data" / "math500" / "test.jsonl").read_text().splitlines()
+        for line in (ROOT / "micota_merge" / "evaluation" / "tasks" / "data" / "math500" / "test.jsonl")
+        .read_text()
+        .splitlines()
         if line
     ]
     cases = []
     for i, row in enumerate(rows):
         for response, verdict, name in synthesise(row["answer"]):
-            cases.append({"benchmark": "math500", "src": i, "gold": row["answer"],
-                          "response": response, "correct": verdict, "why": name})
+            cases.append(
+                {
+                    "benchmark": "math500",
+                    "src": i,
+                    "gold": row["answer"],
+                    "response": response,
+                    "correct": verdict,
+                    "why": name,
+                }
+            )
     return cases
 
 
@@ -168,10 +177,21 @@ def synth_cases() -> list[dict]:
 def ensure_antlr(path: Path) -> Path:
     if (path / "antlr4").is_dir():
         return path
-    print(f"installing antlr4-python3-runtime 4.11 (for lm-eval's minerva_math) into {path}",
-          file=sys.stderr)
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target",
-                    str(path), "antlr4-python3-runtime==4.11.1"], check=True)
+    print(f"installing antlr4-python3-runtime 4.11 (for lm-eval's minerva_math) into {path}", file=sys.stderr)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--target",
+            str(path),
+            "antlr4-python3-runtime==4.11.1",
+        ],
+        check=True,
+    )
     return path
 
 
@@ -181,8 +201,7 @@ def run_minerva(cases: list[dict], antlr: Path) -> list[dict]:
         with src.open("w") as f:
             for c in cases:
                 f.write(json.dumps({"response": c["response"], "gold_text": c["gold_text"]}) + "\n")
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-            [str(antlr), *filter(None, [os.environ.get("PYTHONPATH")])]))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(antlr), *filter(None, [os.environ.get("PYTHONPATH")])]))
         subprocess.run([sys.executable, "-c", MINERVA, str(src), str(dst)], check=True, env=env)
         return json.loads(dst.read_text())
 
@@ -190,8 +209,10 @@ def run_minerva(cases: list[dict], antlr: Path) -> list[dict]:
 def report(name: str, cases: list[dict], n_examples: int) -> dict:
     n = len(cases)
     summary = {"cases": n, "right_true": sum(c["correct"] for c in cases)}
-    print(f"\n== {name}: {n} responses ({summary['right_true']} right, "
-          f"{n - summary['right_true']} wrong by construction/reading)")
+    print(
+        f"\n== {name}: {n} responses ({summary['right_true']} right, "
+        f"{n - summary['right_true']} wrong by construction/reading)"
+    )
     print(f"{'grader':<16}{'agrees with verdict':>22}{'false pos':>11}{'false neg':>11}")
     for key in ("ours", "minerva_em", "minerva_boxed"):
         agree = sum(c[key] == c["correct"] for c in cases)
@@ -215,21 +236,26 @@ def report(name: str, cases: list[dict], n_examples: int) -> dict:
     diff.sort(key=lambda c: (c["ours"] == c["correct"], c["correct"]))
     kinds = Counter(c["why"] for c in diff)
     if diff:
-        print(f"where they differ ({len(diff)}), by kind: "
-              + ", ".join(f"{k} {v}" for k, v in kinds.most_common(8)))
+        print(f"where they differ ({len(diff)}), by kind: " + ", ".join(f"{k} {v}" for k, v in kinds.most_common(8)))
     for c in diff[:n_examples]:
         who = "ours" if c["ours"] == c["correct"] else "minerva"
-        print(f"  [{who} right] gold={c['gold_text']!r} response={c['response'][-70:]!r}\n"
-              f"      ours pred={c['pred']!r} -> {c['ours']}, minerva pred={c['minerva_pred']!r}"
-              f" -> {c['minerva_boxed']}, right={c['correct']} ({c['why']})")
+        print(
+            f"  [{who} right] gold={c['gold_text']!r} response={c['response'][-70:]!r}\n"
+            f"      ours pred={c['pred']!r} -> {c['ours']}, minerva pred={c['minerva_pred']!r}"
+            f" -> {c['minerva_boxed']}, right={c['correct']} ({c['why']})"
+        )
     return summary
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--examples", type=int, default=8, help="differing examples shown per set")
-    ap.add_argument("--antlr-dir", type=Path, default=DEFAULT_ANTLR,
-                    help="where the antlr4 4.11 copy for minerva_math lives (pip-installed once)")
+    ap.add_argument(
+        "--antlr-dir",
+        type=Path,
+        default=DEFAULT_ANTLR,
+        help="where the antlr4 4.11 copy for minerva_math lives (pip-installed once)",
+    )
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args()
 

@@ -38,19 +38,29 @@ save_file(out, str(work / "floor.safetensors"))
 
 
 def shapes(hidden: int, layers: int, inter: int, vocab: int, kv_heads: int, head_dim: int) -> dict:
-    s = {"model.embed_tokens.weight": (vocab, hidden), "lm_head.weight": (vocab, hidden),
-         "model.norm.weight": (hidden,)}
+    s = {
+        "model.embed_tokens.weight": (vocab, hidden),
+        "lm_head.weight": (vocab, hidden),
+        "model.norm.weight": (hidden,),
+    }
     for i in range(layers):
         p = f"model.layers.{i}."
-        s.update({p + "self_attn.q_proj.weight": (hidden, hidden), p + "self_attn.q_proj.bias": (hidden,),
-                  p + "self_attn.k_proj.weight": (kv_heads * head_dim, hidden),
-                  p + "self_attn.k_proj.bias": (kv_heads * head_dim,),
-                  p + "self_attn.v_proj.weight": (kv_heads * head_dim, hidden),
-                  p + "self_attn.v_proj.bias": (kv_heads * head_dim,),
-                  p + "self_attn.o_proj.weight": (hidden, hidden),
-                  p + "mlp.gate_proj.weight": (inter, hidden), p + "mlp.up_proj.weight": (inter, hidden),
-                  p + "mlp.down_proj.weight": (hidden, inter),
-                  p + "input_layernorm.weight": (hidden,), p + "post_attention_layernorm.weight": (hidden,)})
+        s.update(
+            {
+                p + "self_attn.q_proj.weight": (hidden, hidden),
+                p + "self_attn.q_proj.bias": (hidden,),
+                p + "self_attn.k_proj.weight": (kv_heads * head_dim, hidden),
+                p + "self_attn.k_proj.bias": (kv_heads * head_dim,),
+                p + "self_attn.v_proj.weight": (kv_heads * head_dim, hidden),
+                p + "self_attn.v_proj.bias": (kv_heads * head_dim,),
+                p + "self_attn.o_proj.weight": (hidden, hidden),
+                p + "mlp.gate_proj.weight": (inter, hidden),
+                p + "mlp.up_proj.weight": (inter, hidden),
+                p + "mlp.down_proj.weight": (hidden, inter),
+                p + "input_layernorm.weight": (hidden,),
+                p + "post_attention_layernorm.weight": (hidden,),
+            }
+        )
     return s
 
 
@@ -63,18 +73,34 @@ def write_family(work: Path, size_gb: float) -> tuple[int, int]:
     per_layer = 2 * hidden * hidden + 2 * kv * head_dim * hidden + 3 * hidden * inter
     layers = max(1, int((size_gb * 2**30 / 2 - 2 * vocab * hidden) / per_layer))
     spec = shapes(hidden, layers, inter, vocab, kv, head_dim)
-    config = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": hidden,
-              "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": hidden // head_dim,
-              "num_key_value_heads": kv, "vocab_size": vocab, "max_position_embeddings": 4096,
-              "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
-              "rope_theta": 10000.0, "hidden_act": "silu"}
+    config = {
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "num_hidden_layers": layers,
+        "num_attention_heads": hidden // head_dim,
+        "num_key_value_heads": kv,
+        "vocab_size": vocab,
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "rope_theta": 10000.0,
+        "hidden_act": "silu",
+    }
     gen = torch.Generator().manual_seed(0)
     base = {k: (torch.randn(s, generator=gen) * 0.02).to(torch.bfloat16) for k, s in spec.items()}
     for i, role in enumerate(("base", "long_cot", "short_cot")):
         d = work / role
         d.mkdir(parents=True, exist_ok=True)
-        state = base if role == "base" else {
-            k: (v.float() + torch.randn(v.shape, generator=gen) * 0.002).to(torch.bfloat16) for k, v in base.items()}
+        state = (
+            base
+            if role == "base"
+            else {
+                k: (v.float() + torch.randn(v.shape, generator=gen) * 0.002).to(torch.bfloat16) for k, v in base.items()
+            }
+        )
         save_file(state, str(d / "model.safetensors"), metadata={"format": "pt"})
         (d / "config.json").write_text(json.dumps(config))
     n_bytes = sum(v.numel() * 2 for v in base.values())
@@ -89,9 +115,12 @@ def family_recipe(workdir: str | Path, size_gb: float, method: str = "linear", *
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     model_bytes, _ = write_family(work, size_gb)
-    recipe = {"models": {r: str(work / r) for r in ("long_cot", "short_cot", "base")},
-              "merge": {"method": method, "ratio": 0.5, "dtype": "bfloat16", **merge},
-              "tokenizer": "short_cot", "output": str(work / "ta")}
+    recipe = {
+        "models": {r: str(work / r) for r in ("long_cot", "short_cot", "base")},
+        "merge": {"method": method, "ratio": 0.5, "dtype": "bfloat16", **merge},
+        "tokenizer": "short_cot",
+        "output": str(work / "ta"),
+    }
     (work / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     return work, model_bytes, work / "recipe.yaml"
 
@@ -104,8 +133,9 @@ def measure(cmd: list[str]) -> tuple[float, int, int]:
     allocated, the figure that decides whether a merge fits in RAM. Sampled every 20 ms.
     """
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     peak_rss = peak_anon = 0
     status = Path(f"/proc/{proc.pid}/status")
     while proc.poll() is None:
@@ -135,12 +165,17 @@ def main():
     work.mkdir(parents=True)
     t0 = time.perf_counter()
     model_bytes, largest = write_family(work, args.size_gb)
-    print(f"generated 3 checkpoints of {model_bytes / 2**30:.2f} GiB in {time.perf_counter() - t0:.0f} s "
-          f"(largest tensor {largest / 2**20:.0f} MiB)")
+    print(
+        f"generated 3 checkpoints of {model_bytes / 2**30:.2f} GiB in {time.perf_counter() - t0:.0f} s "
+        f"(largest tensor {largest / 2**20:.0f} MiB)"
+    )
 
-    recipe = {"models": {r: str(work / r) for r in ("long_cot", "short_cot", "base")},
-              "merge": {"method": "linear", "ratio": 0.5, "density": 0.5, "seed": 0, "dtype": "bfloat16"},
-              "tokenizer": "short_cot", "output": str(work / "ta")}
+    recipe = {
+        "models": {r: str(work / r) for r in ("long_cot", "short_cot", "base")},
+        "merge": {"method": "linear", "ratio": 0.5, "density": 0.5, "seed": 0, "dtype": "bfloat16"},
+        "tokenizer": "short_cot",
+        "output": str(work / "ta"),
+    }
     (work / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     micota = str(Path(sys.executable).parent / "micota-merge")
 
@@ -150,8 +185,12 @@ def main():
     for method in args.methods.split(","):
         recipe["merge"]["method"] = method
         (work / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-        rows.append((f"build {method}", *measure([micota, "build", str(work / "recipe.yaml"), "--force",
-                                                    "--shard-size", args.shard_size])))
+        rows.append(
+            (
+                f"build {method}",
+                *measure([micota, "build", str(work / "recipe.yaml"), "--force", "--shard-size", args.shard_size]),
+            )
+        )
 
     gib = 2**30
     print(f"\n{'':26}{'wall s':>8}{'peak RSS GiB':>14}{'peak anon GiB':>15}")
@@ -159,8 +198,10 @@ def main():
         print(f"{name:26}{s:>8.1f}{rss / gib:>14.2f}{anon / gib:>15.2f}")
     print(f"\nmodel size {model_bytes / gib:.2f} GiB, largest tensor {largest / 2**20:.0f} MiB")
     for name, s, rss, anon in rows[1:]:
-        print(f"{name}: wall {s / floor_s:.2f}x floor; peak anon {anon / model_bytes:.2f}x model size, "
-              f"{anon / largest:.1f}x largest tensor; peak RSS {rss / model_bytes:.2f}x model size")
+        print(
+            f"{name}: wall {s / floor_s:.2f}x floor; peak anon {anon / model_bytes:.2f}x model size, "
+            f"{anon / largest:.1f}x largest tensor; peak RSS {rss / model_bytes:.2f}x model size"
+        )
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -63,8 +63,12 @@ def main():
     merge = {"method": args.method, "ratio": 0.5, "dtype": "bfloat16", "seed": 0}
     if methods.get(args.method).density:
         merge["density"] = args.density
-    recipe = {"models": {r: str(work / r) for r in ("long_cot", "short_cot", "base")},
-              "merge": merge, "tokenizer": "short_cot", "output": str(work / "ta")}
+    recipe = {
+        "models": {r: str(work / r) for r in ("long_cot", "short_cot", "base")},
+        "merge": merge,
+        "tokenizer": "short_cot",
+        "output": str(work / "ta"),
+    }
     (work / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     ratios = [float(r) for r in args.ratios.split(",")]
     inputs = 3 if methods.get(args.method).base else 2
@@ -73,8 +77,18 @@ def main():
     micota = str(Path(sys.executable).parent / "micota-merge")
     sep_s, sep_anon, single_s, single_r = 0.0, 0, None, None
     for r in ratios:
-        s, _, anon = measure([micota, "build", str(work / "recipe.yaml"), "--ratio", str(r), "--output",
-                              str(work / f"sep-{r}"), "--force"])
+        s, _, anon = measure(
+            [
+                micota,
+                "build",
+                str(work / "recipe.yaml"),
+                "--ratio",
+                str(r),
+                "--output",
+                str(work / f"sep-{r}"),
+                "--force",
+            ]
+        )
         sep_s += s
         sep_anon = max(sep_anon, anon)
         if single_r is None or abs(r - 0.5) < abs(single_r - 0.5):  # an interior ratio: both sides merged
@@ -86,24 +100,38 @@ def main():
     cat_s, _, _ = measure(["bash", "-c", f"cat {in_files} > /dev/null"])
     (work / "copies").mkdir()
     outs = " ".join(str(work / f"one-{r}" / "model.safetensors") for r in ratios)
-    cp_s, _, _ = measure(["bash", "-c", "for f in " + outs + "; do cp \"$f\" " + str(work / "copies") +
-                          "/$(basename $(dirname \"$f\")).safetensors; done && sync -f " + str(work / "copies")])
+    cp_s, _, _ = measure(
+        [
+            "bash",
+            "-c",
+            "for f in "
+            + outs
+            + '; do cp "$f" '
+            + str(work / "copies")
+            + '/$(basename $(dirname "$f")).safetensors; done && sync -f '
+            + str(work / "copies"),
+        ]
+    )
     sep_read = sum((inputs - (1 if r in (0.0, 1.0) else 0)) for r in ratios) * model_bytes
     one_read = inputs * model_bytes
 
     gib = 2**30
-    print(f"{len(ratios)} ratios ({args.ratios}) of a {args.method} merge"
-          + (f" at density {args.density:g}" if "density" in merge else "")
-          + f", {model_bytes / gib:.2f} GiB bf16 checkpoints, one torch thread")
+    print(
+        f"{len(ratios)} ratios ({args.ratios}) of a {args.method} merge"
+        + (f" at density {args.density:g}" if "density" in merge else "")
+        + f", {model_bytes / gib:.2f} GiB bf16 checkpoints, one torch thread"
+    )
     print(f"{'':34}{'wall s':>8}{'input GiB read':>16}{'peak anon GiB':>15}")
     print(f"{'one pass (5 TAs)':34}{one_s:>8.1f}{one_read / gib:>16.2f}{one_anon / gib:>15.2f}")
     print(f"{'separate builds (5 TAs)':34}{sep_s:>8.1f}{sep_read / gib:>16.2f}{sep_anon / gib:>15.2f}")
     print(f"{f'one build (ratio {single_r:g})':34}{single_s:>8.1f}{one_read / gib:>16.2f}")
     print(f"{'I/O floor: cat inputs once':34}{cat_s:>8.1f}{one_read / gib:>16.2f}")
     print(f"{'I/O floor: cp 5 outputs once':34}{cp_s:>8.1f}")
-    print(f"\none pass: {one_s / single_s:.2f}x one build (target <= 2x), {one_s / (cat_s + cp_s):.1f}x the I/O "
-          f"floor ({cat_s + cp_s:.1f} s); separate / one pass: {sep_s / one_s:.2f}x time, "
-          f"{sep_read / one_read:.2f}x bytes read")
+    print(
+        f"\none pass: {one_s / single_s:.2f}x one build (target <= 2x), {one_s / (cat_s + cp_s):.1f}x the I/O "
+        f"floor ({cat_s + cp_s:.1f} s); separate / one pass: {sep_s / one_s:.2f}x time, "
+        f"{sep_read / one_read:.2f}x bytes read"
+    )
     shutil.rmtree(work, ignore_errors=True)
 
 

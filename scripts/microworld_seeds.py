@@ -31,8 +31,21 @@ from micota_merge.pipeline.run import spread  # noqa: E402
 
 def train(seed: int, out: Path) -> Path:
     if not (out / "training.json").is_file():
-        subprocess.run([sys.executable, "-m", "micota_merge.cli", "demo", "train", "--out", str(out),
-                        "--seed", str(seed), "--force"], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "micota_merge.cli",
+                "demo",
+                "train",
+                "--out",
+                str(out),
+                "--seed",
+                str(seed),
+                "--force",
+            ],
+            check=True,
+        )
     return out
 
 
@@ -61,11 +74,15 @@ def figures(work: Path) -> dict:
     sweep = json.loads((work / "ta" / "sweep" / "sweep.json").read_text())
     summary = json.loads((work / "report" / "summary.json").read_text())
     chosen = next(r for r in sweep["ratios"] if r["ratio"] == sweep["chosen"])
-    out = {"chosen_ratio": sweep["chosen"], "ta_probe_accuracy": chosen["accuracy"],
-           "ta_median_tokens": chosen["median_tokens"], "ta_mean_tokens": chosen["mean_tokens"],
-           "long_cot_median_tokens": sweep["endpoints"]["long_cot"]["median_tokens"],
-           "short_cot_median_tokens": sweep["endpoints"]["short_cot"]["median_tokens"],
-           "student untrained accuracy": summary["scores"]["student"]["average"]}
+    out = {
+        "chosen_ratio": sweep["chosen"],
+        "ta_probe_accuracy": chosen["accuracy"],
+        "ta_median_tokens": chosen["median_tokens"],
+        "ta_mean_tokens": chosen["mean_tokens"],
+        "long_cot_median_tokens": sweep["endpoints"]["long_cot"]["median_tokens"],
+        "short_cot_median_tokens": sweep["endpoints"]["short_cot"]["median_tokens"],
+        "student untrained accuracy": summary["scores"]["student"]["average"],
+    }
     for name, g in summary["students"].items():
         out[f"{name} accuracy"] = g["accuracy"]["mean"]
         out[f"{name} accuracy sd over distill seeds"] = g["accuracy"]["sd"]
@@ -84,12 +101,24 @@ def figures(work: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="world seeds")
-    ap.add_argument("--world", action="append", default=[], metavar="SEED=PATH",
-                    help="an already trained world for a seed (e.g. 0=micota_merge/assets/microworld)")
-    ap.add_argument("--done", action="append", default=[], metavar="SEED=WORKDIR",
-                    help="a world whose pipeline already ran (e.g. 0=outputs/demo-pipeline, the README's "
-                         "first command): its figures are read, nothing is run")
-    ap.add_argument("--recipe", type=Path, default=REPO / "micota_merge" / "recipes" / "pipeline" / "demo-pipeline.yaml")
+    ap.add_argument(
+        "--world",
+        action="append",
+        default=[],
+        metavar="SEED=PATH",
+        help="an already trained world for a seed (e.g. 0=micota_merge/assets/microworld)",
+    )
+    ap.add_argument(
+        "--done",
+        action="append",
+        default=[],
+        metavar="SEED=WORKDIR",
+        help="a world whose pipeline already ran (e.g. 0=outputs/demo-pipeline, the README's "
+        "first command): its figures are read, nothing is run",
+    )
+    ap.add_argument(
+        "--recipe", type=Path, default=REPO / "micota_merge" / "recipes" / "pipeline" / "demo-pipeline.yaml"
+    )
     ap.add_argument("--out", type=Path, default=Path("outputs/microworld-seeds"))
     args = ap.parse_args()
     given = {int(k): Path(v) for k, v in (w.split("=", 1) for w in args.world)}
@@ -108,17 +137,23 @@ def main() -> None:
         per_world[seed] = figures(work)
     keys = list(dict.fromkeys(k for f in per_world.values() for k in f))
     table = {k: spread([f[k] for f in per_world.values() if f.get(k) is not None]) for k in keys}
-    lines = [f"World seeds {args.seeds}: mean ± sample sd (min–max) over worlds", "",
-             "| figure | mean ± sd | min–max | " + " | ".join(f"seed {s}" for s in per_world) + " |",
-             "| --- | ---: | ---: |" + " ---: |" * len(per_world)]
+    lines = [
+        f"World seeds {args.seeds}: mean ± sample sd (min–max) over worlds",
+        "",
+        "| figure | mean ± sd | min–max | " + " | ".join(f"seed {s}" for s in per_world) + " |",
+        "| --- | ---: | ---: |" + " ---: |" * len(per_world),
+    ]
     for k, t in table.items():
         pct = "accuracy" in k or "share" in k or "reflected" in k
 
         def fmt(v: float | None, pct: bool = pct) -> str:
             return "-" if v is None else (f"{v:.1%}" if pct else f"{v:.3g}")
 
-        lines.append(f"| {k} | {fmt(t['mean'])} ± {fmt(t['sd'])} | {fmt(t['min'])}–{fmt(t['max'])} | "
-                     + " | ".join(fmt(f.get(k)) for f in per_world.values()) + " |")
+        lines.append(
+            f"| {k} | {fmt(t['mean'])} ± {fmt(t['sd'])} | {fmt(t['min'])}–{fmt(t['max'])} | "
+            + " | ".join(fmt(f.get(k)) for f in per_world.values())
+            + " |"
+        )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "seeds.json").write_text(json.dumps({"worlds": per_world, "spread": table}, indent=1) + "\n")
     (args.out / "seeds.md").write_text("\n".join(lines) + "\n")

@@ -62,6 +62,7 @@ def smollm2_dir() -> Path:
 
 # ---- distill / align (issue 5)
 
+
 def _arith_records(seed: int, n: int, style: str) -> list[dict]:
     import random
 
@@ -69,11 +70,20 @@ def _arith_records(seed: int, n: int, style: str) -> list[dict]:
     out = []
     for i in range(n):
         a, b = rng.randint(2, 60), rng.randint(2, 60)
-        answer = {"terse": f"{a}+{b}={a + b}. \\boxed{{{a + b}}}",
-                  "verbose": f"Let me think. Taking {a} and adding {b} gives {a + b}, so the answer is {a + b}."}[style]
-        out.append({"id": f"{style}-{seed}-{i}", "messages": [{"role": "user", "content": f"{a} plus {b}?"},
-                                                              {"role": "assistant", "content": answer}],
-                    "answer": str(a + b), "pred": str(a + b), "correct": True, "num_tokens": 20})
+        answer = {
+            "terse": f"{a}+{b}={a + b}. \\boxed{{{a + b}}}",
+            "verbose": f"Let me think. Taking {a} and adding {b} gives {a + b}, so the answer is {a + b}.",
+        }[style]
+        out.append(
+            {
+                "id": f"{style}-{seed}-{i}",
+                "messages": [{"role": "user", "content": f"{a} plus {b}?"}, {"role": "assistant", "content": answer}],
+                "answer": str(a + b),
+                "pred": str(a + b),
+                "correct": True,
+                "num_tokens": 20,
+            }
+        )
     return out
 
 
@@ -84,8 +94,11 @@ def chat_data(tmp_path_factory) -> dict[str, Path]:
     import json
 
     d = tmp_path_factory.mktemp("chat_data")
-    files = {"train": _arith_records(0, 16, "terse"), "heldout": _arith_records(1, 16, "terse"),
-             "verbose": _arith_records(2, 16, "verbose")}
+    files = {
+        "train": _arith_records(0, 16, "terse"),
+        "heldout": _arith_records(1, 16, "terse"),
+        "verbose": _arith_records(2, 16, "verbose"),
+    }
     paths = {}
     for name, recs in files.items():
         paths[name] = d / f"{name}.jsonl"
@@ -99,8 +112,17 @@ def distilled_tiny(tiny_family, chat_data, tmp_path_factory) -> Path:
     from micota_merge.training.distill import DistillConfig, distill
 
     out = tmp_path_factory.mktemp("distilled") / "student"
-    cfg = DistillConfig(student=str(tiny_family["short_cot"]), data=[str(chat_data["train"])], out=str(out),
-                        lr=1e-2, max_steps=6, batch_size=2, logging_steps=1, warmup_ratio=0.0, save_steps=100)
+    cfg = DistillConfig(
+        student=str(tiny_family["short_cot"]),
+        data=[str(chat_data["train"])],
+        out=str(out),
+        lr=1e-2,
+        max_steps=6,
+        batch_size=2,
+        logging_steps=1,
+        warmup_ratio=0.0,
+        save_steps=100,
+    )
     return distill(cfg, echo=lambda s: None)
 
 

@@ -8,8 +8,8 @@ import math
 import pytest
 from click.testing import CliRunner
 
-from micota_merge.training.align import align, spread
 from micota_merge.cli import cli
+from micota_merge.training.align import align, spread
 
 
 def test_trained_data_is_more_likely_than_held_out(distilled_tiny, tiny_family, chat_data, tmp_path):
@@ -18,8 +18,22 @@ def test_trained_data_is_more_likely_than_held_out(distilled_tiny, tiny_family, 
     files = [str(chat_data["train"]), str(chat_data["verbose"])]
     before = align(str(tiny_family["short_cot"]), files, limit=8, batch_size=8, echo=lambda s: None)["rows"]
     out = tmp_path / "align"
-    r = CliRunner().invoke(cli, ["align", "--model", str(distilled_tiny), "--data", ",".join(files),
-                                 "--limit", "8", "--batch-size", "8", "--out", str(out)])
+    r = CliRunner().invoke(
+        cli,
+        [
+            "align",
+            "--model",
+            str(distilled_tiny),
+            "--data",
+            ",".join(files),
+            "--limit",
+            "8",
+            "--batch-size",
+            "8",
+            "--out",
+            str(out),
+        ],
+    )
     assert r.exit_code == 0, r.output
     after = json.loads((out / "align.json").read_text())["rows"]
 

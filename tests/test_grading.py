@@ -40,9 +40,7 @@ def _params():
 @pytest.mark.parametrize("case", list(_params()))
 def test_table(case):
     out = grade(case["response"], case["gold"], case["benchmark"])
-    assert out["correct"] is case["correct"], (
-        f"{case['why']}: pred={out['pred']!r} gold={out['gold']!r}"
-    )
+    assert out["correct"] is case["correct"], f"{case['why']}: pred={out['pred']!r} gold={out['gold']!r}"
 
 
 def test_table_covers_every_benchmark_and_both_verdicts():
@@ -145,9 +143,7 @@ def test_parse_gold_per_benchmark():
     assert parse_gold(27.0, "amc23") == ["27"]
     assert parse_gold(-1.0, "amc23") == ["-1"]
     assert parse_gold("033", "aime24") == ["033"]
-    assert parse_gold(r"\left( 3, \frac{\pi}{2} \right)", "math500") == [
-        r"\left( 3, \frac{\pi}{2} \right)"
-    ]
+    assert parse_gold(r"\left( 3, \frac{\pi}{2} \right)", "math500") == [r"\left( 3, \frac{\pi}{2} \right)"]
     assert parse_gold(["$69$,$84$"], "olympiadbench") == ["69", "84"]
     assert parse_gold(["$(2,4)$"], "olympiadbench") == ["(2,4)"]
     assert parse_gold(["$[\\frac{1}{2}, 8]$"], "olympiadbench") == [r"[\frac{1}{2}, 8]"]
@@ -226,9 +222,7 @@ PATHOLOGICAL = {
     "phrase spam": "The answer is " * 10_000,
     "final answer spam": "Final Answer: $" * 10_000,
     "dollar spam": "$" * 100_000,
-    "30x30 matrix": "\\boxed{\\begin{pmatrix}"
-    + "\\\\".join(["&".join(["1"] * 30)] * 30)
-    + "\\end{pmatrix}}",
+    "30x30 matrix": "\\boxed{\\begin{pmatrix}" + "\\\\".join(["&".join(["1"] * 30)] * 30) + "\\end{pmatrix}}",
     "nested sqrt": "\\boxed{" + "\\sqrt{" * 300 + "2" + "}" * 300 + "}",
     "float overflow": r"\boxed{1e100000}",
     "sin of tower": r"\boxed{\sin(10^{10^{10}})}",
@@ -333,7 +327,10 @@ R1_PROMPT_TAIL = "<｜Assistant｜><think>\n"
 
 def test_split_thinking_r1_format():
     assert grading.split_thinking("<think>\nhmm 5\n</think>\n\nIt is $\\boxed{6}$.") == (
-        "<think>\nhmm 5\n</think>", "\n\nIt is $\\boxed{6}$.", True)
+        "<think>\nhmm 5\n</think>",
+        "\n\nIt is $\\boxed{6}$.",
+        True,
+    )
     # an unfinished think block: everything is thinking, nothing is the answer
     assert grading.split_thinking("<think>\nso \\boxed{5} but wait") == ("<think>\nso \\boxed{5} but wait", "", False)
     # no tags: no thinking
@@ -358,17 +355,20 @@ def test_grade_only_after_thinking():
     assert grade("6 apples.\n</think>\n\\boxed{6}", "6", "math500", thinking_open=True)["correct"]
 
 
-@pytest.mark.parametrize("response,expected", [
-    ("So the bakery sells 42 loaves in all.", "42"),
-    ("Adding up.\n\nTherefore, the area is $\\frac{3}{2}$.", r"\frac{3}{2}"),
-    ("Thus $x = 5$.", "5"),
-    ("In total, Tom has 1,234 marbles.", "1234"),
-    ("So we need to find x such that x = 4.", None),   # plans, does not conclude
-    ("Therefore, 3 + 4 = 7, and then", None),          # truncated
-    ("Hence the answer must be 7 or 8?", None),        # asks
-    ("She makes 18 dollars.", None),                   # no conclusion word
-    ("So maybe it is 12.", None),                      # hedges
-])
+@pytest.mark.parametrize(
+    "response,expected",
+    [
+        ("So the bakery sells 42 loaves in all.", "42"),
+        ("Adding up.\n\nTherefore, the area is $\\frac{3}{2}$.", r"\frac{3}{2}"),
+        ("Thus $x = 5$.", "5"),
+        ("In total, Tom has 1,234 marbles.", "1234"),
+        ("So we need to find x such that x = 4.", None),  # plans, does not conclude
+        ("Therefore, 3 + 4 = 7, and then", None),  # truncated
+        ("Hence the answer must be 7 or 8?", None),  # asks
+        ("She makes 18 dollars.", None),  # no conclusion word
+        ("So maybe it is 12.", None),  # hedges
+    ],
+)
 def test_concluding_sentence_rule(response, expected):
     assert extract_answer(response, "math500") == expected
     # generated-data filtering (benchmark None) still wants an explicit final answer

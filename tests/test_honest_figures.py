@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-
 from conftest import LoopbackAPI
+
 from micota_merge.cli import cli
 
 
@@ -42,8 +42,9 @@ class FakeServer(LoopbackAPI):
     async def models(self, request):
         from aiohttp import web
 
-        return web.json_response({"object": "list", "data": [{"id": self.model_id, "object": "model",
-                                                              "root": self.model_id}]})
+        return web.json_response(
+            {"object": "list", "data": [{"id": self.model_id, "object": "model", "root": self.model_id}]}
+        )
 
     async def chat(self, request):
         from aiohttp import web
@@ -51,9 +52,14 @@ class FakeServer(LoopbackAPI):
         body = await request.json()
         self.seen.append(body)
         content, reason, tokens = self.answer(body["messages"][-1]["content"])
-        return web.json_response({
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": reason}],
-            "usage": {"prompt_tokens": 5, "completion_tokens": tokens, "total_tokens": 5 + tokens}})
+        return web.json_response(
+            {
+                "choices": [
+                    {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": reason}
+                ],
+                "usage": {"prompt_tokens": 5, "completion_tokens": tokens, "total_tokens": 5 + tokens},
+            }
+        )
 
 
 def local_count(model: Path, text: str) -> int:
@@ -82,8 +88,21 @@ def test_eval_truncation_and_count_come_from_the_server(tiny_family, tmp_path):
     api = FakeServer(str(model), answer)
     try:
         out = tmp_path / "ev"
-        code, text = run_cli("eval", "--model", model, "--base-url", api.url, "--tasks", "gsm8k", "--limit", "3",
-                             "--max-tokens", CAP, "--output", out)
+        code, text = run_cli(
+            "eval",
+            "--model",
+            model,
+            "--base-url",
+            api.url,
+            "--tasks",
+            "gsm8k",
+            "--limit",
+            "3",
+            "--max-tokens",
+            CAP,
+            "--output",
+            out,
+        )
         assert code == 0, text
     finally:
         api.close()
@@ -115,12 +134,40 @@ def test_generate_and_eval_count_alike_from_one_server(tiny_family, tmp_path):
     api = FakeServer(str(model), answer)
     try:
         gen_out = tmp_path / "g.jsonl"
-        code, text = run_cli("generate", "--model", model, "--base-url", api.url, "--questions", "gsm8k", "--limit",
-                             "3", "--max-tokens", "64", "--keep", "all", "--out", gen_out)
+        code, text = run_cli(
+            "generate",
+            "--model",
+            model,
+            "--base-url",
+            api.url,
+            "--questions",
+            "gsm8k",
+            "--limit",
+            "3",
+            "--max-tokens",
+            "64",
+            "--keep",
+            "all",
+            "--out",
+            gen_out,
+        )
         assert code == 0, text
         ev_out = tmp_path / "ev"
-        code, text = run_cli("eval", "--model", model, "--base-url", api.url, "--tasks", "gsm8k", "--limit", "3",
-                             "--max-tokens", "64", "--output", ev_out)
+        code, text = run_cli(
+            "eval",
+            "--model",
+            model,
+            "--base-url",
+            api.url,
+            "--tasks",
+            "gsm8k",
+            "--limit",
+            "3",
+            "--max-tokens",
+            "64",
+            "--output",
+            ev_out,
+        )
         assert code == 0, text
     finally:
         api.close()
@@ -143,13 +190,48 @@ def test_eval_hf_counts_generated_ids_like_generate(tiny_family, tmp_path):
     both from the generated ids (a random tiny model's text re-tokenizes to another count)."""
     model = tiny_family["long_cot"]
     gen_out = tmp_path / "g.jsonl"
-    code, text = run_cli("generate", "--model", model, "--questions", "gsm8k", "--limit", "2", "--max-tokens", "12",
-                         "--backend", "transformers", "--batch-size", "1", "--dtype", "float32", "--keep", "all",
-                         "--out", gen_out)
+    code, text = run_cli(
+        "generate",
+        "--model",
+        model,
+        "--questions",
+        "gsm8k",
+        "--limit",
+        "2",
+        "--max-tokens",
+        "12",
+        "--backend",
+        "transformers",
+        "--batch-size",
+        "1",
+        "--dtype",
+        "float32",
+        "--keep",
+        "all",
+        "--out",
+        gen_out,
+    )
     assert code == 0, text
     ev_out = tmp_path / "ev"
-    code, text = run_cli("eval", "--model", model, "--tasks", "gsm8k", "--limit", "2", "--max-tokens", "12",
-                         "--batch-size", "1", "--dtype", "float32", "--backend", "hf", "--output", ev_out)
+    code, text = run_cli(
+        "eval",
+        "--model",
+        model,
+        "--tasks",
+        "gsm8k",
+        "--limit",
+        "2",
+        "--max-tokens",
+        "12",
+        "--batch-size",
+        "1",
+        "--dtype",
+        "float32",
+        "--backend",
+        "hf",
+        "--output",
+        ev_out,
+    )
     assert code == 0, text
     records = {r["id"]: r for r in read_jsonl(gen_out)}
     for rec in eval_samples(ev_out):
@@ -168,8 +250,21 @@ def test_resumed_eval_keeps_the_engines_figures(tiny_family, tmp_path, monkeypat
     from micota_merge.evaluation import evaluate as ev
 
     model = tiny_family["long_cot"]
-    args = ["eval", "--model", model, "--tasks", "gsm8k", "--limit", "2", "--max-tokens", "12", "--dtype",
-            "float32", "--batch-size", "1"]
+    args = [
+        "eval",
+        "--model",
+        model,
+        "--tasks",
+        "gsm8k",
+        "--limit",
+        "2",
+        "--max-tokens",
+        "12",
+        "--dtype",
+        "float32",
+        "--batch-size",
+        "1",
+    ]
     code, text = run_cli(*args, "--output", tmp_path / "clean")
     assert code == 0, text
     clean = [r["samples"] for r in eval_samples(tmp_path / "clean")]
@@ -221,10 +316,16 @@ def test_choose_refuses_noise_and_cut_answers():
 def _sweep_recipe(tmp_path: Path, family: dict, **sweep) -> Path:
     import yaml
 
-    data = {"models": {k: str(v) for k, v in family.items()}, "merge": {"method": "linear", "dtype": "float32"},
-            "output": str(tmp_path / "ta"),
-            "sweep": {"ratios": [0.0, 1.0], "probe": {"benchmark": "gsm8k", "limit": 2, "max_tokens": 4,
-                                                       "backend": "transformers"}, **sweep}}
+    data = {
+        "models": {k: str(v) for k, v in family.items()},
+        "merge": {"method": "linear", "dtype": "float32"},
+        "output": str(tmp_path / "ta"),
+        "sweep": {
+            "ratios": [0.0, 1.0],
+            "probe": {"benchmark": "gsm8k", "limit": 2, "max_tokens": 4, "backend": "transformers"},
+            **sweep,
+        },
+    }
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
@@ -264,18 +365,31 @@ def test_sweep_of_noise_chooses_nothing_and_keeps_the_output(tiny_family, tmp_pa
 
 
 def _base_recipe(tmp_path: Path) -> dict:
-    return {"models": {"long_cot": "a", "short_cot": "b", "base": "c"},
-            "merge": {"method": "dare_ties", "ratio": 0.5, "density": 0.5, "seed": 0},
-            "output": str(tmp_path / "ta"),
-            "sweep": {"ratios": [0.0, 0.5], "probe": {"benchmark": "gsm8k", "limit": 4}},
-            "pipeline": {"workdir": str(tmp_path / "w"), "student": "s", "mix": {"ta": 1, "short_cot": 4}}}
+    return {
+        "models": {"long_cot": "a", "short_cot": "b", "base": "c"},
+        "merge": {"method": "dare_ties", "ratio": 0.5, "density": 0.5, "seed": 0},
+        "output": str(tmp_path / "ta"),
+        "sweep": {"ratios": [0.0, 0.5], "probe": {"benchmark": "gsm8k", "limit": 4}},
+        "pipeline": {"workdir": str(tmp_path / "w"), "student": "s", "mix": {"ta": 1, "short_cot": 4}},
+    }
 
 
-BOOL_FIELDS = [("merge", "ratio"), ("merge", "density"), ("merge", "seed"), ("merge", "lambda"),
-               ("sweep", "tolerance"), ("sweep", "min_accuracy"), ("sweep", "max_truncated"),
-               ("sweep", "target_tokens"), ("sweep.probe", "limit"), ("sweep.probe", "max_tokens"),
-               ("sweep.probe", "batch_size"), ("pipeline", "seed"), ("pipeline", "question_limit"),
-               ("pipeline", "mix_total")]
+BOOL_FIELDS = [
+    ("merge", "ratio"),
+    ("merge", "density"),
+    ("merge", "seed"),
+    ("merge", "lambda"),
+    ("sweep", "tolerance"),
+    ("sweep", "min_accuracy"),
+    ("sweep", "max_truncated"),
+    ("sweep", "target_tokens"),
+    ("sweep.probe", "limit"),
+    ("sweep.probe", "max_tokens"),
+    ("sweep.probe", "batch_size"),
+    ("pipeline", "seed"),
+    ("pipeline", "question_limit"),
+    ("pipeline", "mix_total"),
+]
 
 
 @pytest.mark.parametrize("section,key", BOOL_FIELDS)
@@ -315,8 +429,11 @@ def test_ratio_true_is_refused_by_build(tiny_family, tmp_path):
     """`merge.ratio: true` merged at 1.0; now one line naming the field, exit 2, nothing written."""
     import yaml
 
-    data = {"models": {k: str(v) for k, v in tiny_family.items()},
-            "merge": {"method": "linear", "ratio": True, "dtype": "float32"}, "output": str(tmp_path / "ta")}
+    data = {
+        "models": {k: str(v) for k, v in tiny_family.items()},
+        "merge": {"method": "linear", "ratio": True, "dtype": "float32"},
+        "output": str(tmp_path / "ta"),
+    }
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump(data))
     code, text = run_cli("build", recipe)
@@ -324,8 +441,22 @@ def test_ratio_true_is_refused_by_build(tiny_family, tmp_path):
     assert not (tmp_path / "ta").exists()
 
 
-@pytest.mark.parametrize("field", ["n", "temperature", "top_p", "max_tokens", "batch_size", "limit", "seed",
-                                   "concurrency", "retries", "request_timeout", "max_model_len"])
+@pytest.mark.parametrize(
+    "field",
+    [
+        "n",
+        "temperature",
+        "top_p",
+        "max_tokens",
+        "batch_size",
+        "limit",
+        "seed",
+        "concurrency",
+        "retries",
+        "request_timeout",
+        "max_model_len",
+    ],
+)
 def test_a_boolean_is_not_a_number_in_generate_options(field):
     from micota_merge.core.errors import UserError
     from micota_merge.generation.generate import options
@@ -340,14 +471,14 @@ def _questions(tmp_path: Path, *rows: dict) -> Path:
     return path
 
 
-@pytest.mark.parametrize("gold,what", [({"value": 3}, "dict"), (True, "bool"), ([1, 2], "list"),
-                                       ([{"a": 1}], "list")])
+@pytest.mark.parametrize("gold,what", [({"value": 3}, "dict"), (True, "bool"), ([1, 2], "list"), ([{"a": 1}], "list")])
 def test_a_gold_that_is_not_a_string_or_number_is_refused(tmp_path, gold, what):
-    from micota_merge.data.questions import load_questions
     from micota_merge.core.errors import UserError
+    from micota_merge.data.questions import load_questions
 
-    path = _questions(tmp_path, {"id": "a", "question": "1+1?", "answer": "2"},
-                      {"id": "b", "question": "2+2?", "answer": gold})
+    path = _questions(
+        tmp_path, {"id": "a", "question": "1+1?", "answer": "2"}, {"id": "b", "question": "2+2?", "answer": gold}
+    )
     with pytest.raises(UserError) as e:
         load_questions(str(path))
     line = str(e.value)
@@ -358,11 +489,13 @@ def test_a_gold_that_is_not_a_string_or_number_is_refused(tmp_path, gold, what):
 def test_golds_that_are_strings_numbers_or_olympiad_lists_load(tmp_path):
     from micota_merge.data.questions import load_questions
 
-    path = _questions(tmp_path, {"question": "a?", "answer": "2"}, {"question": "b?", "answer": 3},
-                      {"question": "c?", "answer": 2.5})
+    path = _questions(
+        tmp_path, {"question": "a?", "answer": "2"}, {"question": "b?", "answer": 3}, {"question": "c?", "answer": 2.5}
+    )
     assert [q["answer"] for q in load_questions(str(path))] == ["2", "3", "2.5"]
-    path = _questions(tmp_path, {"question": "a?", "final_answer": ["$1$", "$2$"]},
-                      {"question": "b?", "final_answer": [7]})
+    path = _questions(
+        tmp_path, {"question": "a?", "final_answer": ["$1$", "$2$"]}, {"question": "b?", "final_answer": [7]}
+    )
     qs = load_questions(str(path), benchmark="olympiadbench")
     assert [q["answer"] for q in qs] == [["1", "2"], "7"]
     assert load_questions("olympiadbench", limit=2)  # the shipped multi-answer golds
@@ -380,23 +513,42 @@ def test_grading_never_reads_a_dict_as_its_repr():
 
 def test_generate_refuses_a_dict_gold_in_one_line(tiny_family, tmp_path):
     path = _questions(tmp_path, {"question": "1+1?", "answer": {"value": 2}})
-    code, text = run_cli("generate", "--model", tiny_family["short_cot"], "--questions", path, "--out",
-                         tmp_path / "o.jsonl", "--backend", "transformers")
+    code, text = run_cli(
+        "generate",
+        "--model",
+        tiny_family["short_cot"],
+        "--questions",
+        path,
+        "--out",
+        tmp_path / "o.jsonl",
+        "--backend",
+        "transformers",
+    )
     assert code == 2 and "'answer'" in text and "record 1" in text and len(text.strip().splitlines()) == 1, text
 
 
-@pytest.mark.parametrize("section,key", [("generate", "max_tokens"), ("generate", "temperature"),
-                                         ("eval", "temperature"), ("eval", "top_p"), ("eval", "seed")])
+@pytest.mark.parametrize(
+    "section,key",
+    [
+        ("generate", "max_tokens"),
+        ("generate", "temperature"),
+        ("eval", "temperature"),
+        ("eval", "top_p"),
+        ("eval", "seed"),
+    ],
+)
 def test_run_refuses_a_boolean_in_a_stage_option(tiny_family, tmp_path, section, key):
     """A pipeline's stage options reach generate's model and eval's arguments: true is no number there."""
     from micota_merge.core.errors import UserError
-    from micota_merge.pipeline.check import validate_pipeline
     from micota_merge.merge.recipe import parse_recipe
+    from micota_merge.pipeline.check import validate_pipeline
 
-    data = {"models": {k: str(v) for k, v in tiny_family.items()}, "merge": {"method": "linear"},
-            "output": str(tmp_path / "ta"),
-            "pipeline": {"workdir": str(tmp_path / "w"), "student": str(tiny_family["short_cot"]),
-                         section: {key: True}}}
+    data = {
+        "models": {k: str(v) for k, v in tiny_family.items()},
+        "merge": {"method": "linear"},
+        "output": str(tmp_path / "ta"),
+        "pipeline": {"workdir": str(tmp_path / "w"), "student": str(tiny_family["short_cot"]), section: {key: True}},
+    }
     recipe = parse_recipe(data)
     with pytest.raises(UserError) as e:
         validate_pipeline(recipe, recipe.pipeline, tmp_path)
@@ -408,9 +560,27 @@ def test_every_sampled_answer_carries_the_engines_figures(tiny_family, tmp_path)
     """k samples of one prompt go to the engine together: each of the k answers is matched to its own
     generation (the repeats share a context), none falls back to the estimate."""
     out = tmp_path / "ev"
-    code, text = run_cli("eval", "--model", tiny_family["long_cot"], "--tasks", "gsm8k", "--limit", "2",
-                         "--samples", "3", "--temperature", "1.0", "--max-tokens", "10", "--dtype", "float32",
-                         "--backend", "hf", "--output", out)
+    code, text = run_cli(
+        "eval",
+        "--model",
+        tiny_family["long_cot"],
+        "--tasks",
+        "gsm8k",
+        "--limit",
+        "2",
+        "--samples",
+        "3",
+        "--temperature",
+        "1.0",
+        "--max-tokens",
+        "10",
+        "--dtype",
+        "float32",
+        "--backend",
+        "hf",
+        "--output",
+        out,
+    )
     assert code == 0, text
     recs = eval_samples(out)
     assert [len(r["samples"]) for r in recs] == [3, 3]

@@ -14,8 +14,8 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from micota_merge.core.checkpoints import read_checkpoint
 from micota_merge.cli import cli
+from micota_merge.core.checkpoints import read_checkpoint
 from micota_merge.core.fingerprint import CACHE_NAME, checkpoint_fingerprint, content_id, hub_blob_digest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -109,8 +109,15 @@ def test_hub_cache_blob_name_is_its_identity(tmp_path):
 
 def test_build_records_its_output_fingerprint(tiny_family, tmp_path):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump({"models": {k: str(v) for k, v in tiny_family.items()},
-                                      "merge": {"method": "linear", "ratio": 0.5}, "output": str(tmp_path / "ta")}))
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "models": {k: str(v) for k, v in tiny_family.items()},
+                "merge": {"method": "linear", "ratio": 0.5},
+                "output": str(tmp_path / "ta"),
+            }
+        )
+    )
     code, text = run("build", recipe)
     assert code == 0, text
     manifest = json.loads((tmp_path / "ta" / "micota.json").read_text())
@@ -127,13 +134,30 @@ def test_generate_refuses_to_resume_from_a_ta_rebuilt_at_another_ratio(tiny_fami
     the file would mix two teachers, so it is refused and left as it was."""
     recipe = tmp_path / "r.yaml"
     ta = tmp_path / "ta"
-    recipe.write_text(yaml.safe_dump({"models": {k: str(v) for k, v in tiny_family.items()},
-                                      "merge": {"method": "linear", "ratio": 0.55, "dtype": "float32"},
-                                      "output": str(ta)}))
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "models": {k: str(v) for k, v in tiny_family.items()},
+                "merge": {"method": "linear", "ratio": 0.55, "dtype": "float32"},
+                "output": str(ta),
+            }
+        )
+    )
     assert run("build", recipe)[0] == 0
     out = tmp_path / "ta.jsonl"
-    gen = ["generate", "--model", ta, "--questions", "gsm8k", "--max-tokens", "4", "--backend", "transformers",
-           "--out", out]
+    gen = [
+        "generate",
+        "--model",
+        ta,
+        "--questions",
+        "gsm8k",
+        "--max-tokens",
+        "4",
+        "--backend",
+        "transformers",
+        "--out",
+        out,
+    ]
     code, text = run(*gen, "--limit", "2")
     assert code == 0, text
     before = out.read_bytes()
@@ -149,11 +173,25 @@ def test_generate_refuses_to_resume_from_a_ta_rebuilt_at_another_ratio(tiny_fami
 
 def test_generate_refuses_a_changed_question_file(tiny_family, tmp_path):
     q = tmp_path / "q.jsonl"
-    q.write_text("".join(json.dumps({"id": f"q{i}", "question": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n"
-                         for i in range(3)))
+    q.write_text(
+        "".join(
+            json.dumps({"id": f"q{i}", "question": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n" for i in range(3)
+        )
+    )
     out = tmp_path / "o.jsonl"
-    gen = ["generate", "--model", tiny_family["short_cot"], "--questions", q, "--max-tokens", "4",
-           "--backend", "transformers", "--out", out]
+    gen = [
+        "generate",
+        "--model",
+        tiny_family["short_cot"],
+        "--questions",
+        q,
+        "--max-tokens",
+        "4",
+        "--backend",
+        "transformers",
+        "--out",
+        out,
+    ]
     assert run(*gen)[0] == 0
     q.write_text(q.read_text().replace('"answer": "2"', '"answer": "3"'))
     one_line_error(*run(*gen), "question file content")
@@ -184,10 +222,12 @@ def test_eval_interrupted_then_another_model_is_refused(tiny_family, tmp_path, m
     assert code == 0, text
     fresh = tmp_path / "fresh"
     assert run(*args[:-1], fresh, "--model", tiny_family["long_cot"])[0] == 0
-    resumed_samples = [json.loads(x)["resps"] for f in sorted(out.glob("samples_*.jsonl"))
-                       for x in f.read_text().splitlines()]
-    fresh_samples = [json.loads(x)["resps"] for f in sorted(fresh.glob("samples_*.jsonl"))
-                     for x in f.read_text().splitlines()]
+    resumed_samples = [
+        json.loads(x)["resps"] for f in sorted(out.glob("samples_*.jsonl")) for x in f.read_text().splitlines()
+    ]
+    fresh_samples = [
+        json.loads(x)["resps"] for f in sorted(fresh.glob("samples_*.jsonl")) for x in f.read_text().splitlines()
+    ]
     assert resumed_samples == fresh_samples and len(resumed_samples) == 2
     assert not cache.exists()  # a finished run leaves no cache behind
     # --force discards another model's cache and scores the model asked for
@@ -201,14 +241,21 @@ def test_eval_interrupted_then_another_model_is_refused(tiny_family, tmp_path, m
 
 
 def test_distill_resume_refuses_another_student(tiny_family, chat_data, tmp_path):
-    from micota_merge.training.distill import DistillConfig, distill
     from micota_merge.core.errors import UserError
+    from micota_merge.training.distill import DistillConfig, distill
 
     student = tmp_path / "student"
     shutil.copytree(tiny_family["short_cot"], student)
     out = tmp_path / "out"
-    kw = dict(data=[str(chat_data["train"])], out=str(out), max_steps=2, save_steps=1, batch_size=2,
-              keep_checkpoints=True, logging_steps=1)
+    kw = dict(
+        data=[str(chat_data["train"])],
+        out=str(out),
+        max_steps=2,
+        save_steps=1,
+        batch_size=2,
+        keep_checkpoints=True,
+        logging_steps=1,
+    )
     distill(DistillConfig(student=str(student), **kw), echo=lambda s: None)
     shutil.rmtree(out)  # as if killed after its checkpoints: OUT.work/ holds them
     shutil.rmtree(student)
@@ -225,12 +272,21 @@ def test_sweep_refuses_a_finished_sweep_of_other_inputs(tiny_family, tmp_path):
     for role, path in tiny_family.items():
         shutil.copytree(path, models / role)
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "models": {r: str(models / r) for r in tiny_family}, "merge": {"method": "linear", "dtype": "float32"},
-        "output": str(tmp_path / "ta"),
-        "sweep": {"ratios": [0.25, 0.75], "probe": {"benchmark": "gsm8k", "limit": 2, "max_tokens": 4,
-                                                     "backend": "transformers"},
-                  "min_accuracy": 0.0, "max_truncated": 1.0}}))  # random models: no floor to reach
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "models": {r: str(models / r) for r in tiny_family},
+                "merge": {"method": "linear", "dtype": "float32"},
+                "output": str(tmp_path / "ta"),
+                "sweep": {
+                    "ratios": [0.25, 0.75],
+                    "probe": {"benchmark": "gsm8k", "limit": 2, "max_tokens": 4, "backend": "transformers"},
+                    "min_accuracy": 0.0,
+                    "max_truncated": 1.0,
+                },
+            }
+        )
+    )  # random models: no floor to reach
     first = sweep(recipe, keep_all=True, echo=lambda s: None)
     again = sweep(recipe, echo=lambda s: None)
     assert again == first  # done, same content: reported, not redone
@@ -252,26 +308,38 @@ def test_sweep_refuses_a_finished_sweep_of_other_inputs(tiny_family, tmp_path):
 
 
 def _pipeline(tiny_family, tmp_path, **pipeline) -> Path:
-    data = {"models": {k: str(v) for k, v in tiny_family.items()},
-            "merge": {"method": "linear", "ratio": 0.5}, "output": str(tmp_path / "ta"),
-            "pipeline": {"workdir": str(tmp_path / "w"), "student": str(tiny_family["short_cot"]),
-                         "select": "build", "questions": "gsm8k", "question_limit": 2,
-                         "generate": {"max_tokens": 4, "backend": "transformers"}, **pipeline}}
+    data = {
+        "models": {k: str(v) for k, v in tiny_family.items()},
+        "merge": {"method": "linear", "ratio": 0.5},
+        "output": str(tmp_path / "ta"),
+        "pipeline": {
+            "workdir": str(tmp_path / "w"),
+            "student": str(tiny_family["short_cot"]),
+            "select": "build",
+            "questions": "gsm8k",
+            "question_limit": 2,
+            "generate": {"max_tokens": 4, "backend": "transformers"},
+            **pipeline,
+        },
+    }
     path = tmp_path / "p.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
 
 
-@pytest.mark.parametrize("change, needles", [
-    ({"distill": {"learning_rate": 1e-5}}, ["pipeline.distill", "'learning_rate'", "did you mean 'lr'"]),
-    ({"distill": {"max_steps": 0}}, ["pipeline.distill", "max_steps"]),
-    ({"generate": {"max_token": 4}}, ["pipeline.generate", "did you mean 'max_tokens'"]),
-    ({"eval": {"tasks": "gsm8k,aime25"}}, ["pipeline.eval.tasks", "aime25"]),
-    ({"eval": {"limt": 2}}, ["pipeline.eval", "did you mean 'limit'"]),
-    ({"student": "no/such/student"}, ["pipeline.student"]),
-    ({"student": "EMPTY"}, ["pipeline.student", "config.json"]),
-    ({"questions": "NOANSWER"}, ["pipeline.questions", "--answer-field"]),
-])
+@pytest.mark.parametrize(
+    "change, needles",
+    [
+        ({"distill": {"learning_rate": 1e-5}}, ["pipeline.distill", "'learning_rate'", "did you mean 'lr'"]),
+        ({"distill": {"max_steps": 0}}, ["pipeline.distill", "max_steps"]),
+        ({"generate": {"max_token": 4}}, ["pipeline.generate", "did you mean 'max_tokens'"]),
+        ({"eval": {"tasks": "gsm8k,aime25"}}, ["pipeline.eval.tasks", "aime25"]),
+        ({"eval": {"limt": 2}}, ["pipeline.eval", "did you mean 'limit'"]),
+        ({"student": "no/such/student"}, ["pipeline.student"]),
+        ({"student": "EMPTY"}, ["pipeline.student", "config.json"]),
+        ({"questions": "NOANSWER"}, ["pipeline.questions", "--answer-field"]),
+    ],
+)
 def test_run_refuses_a_bad_pipeline_before_the_first_stage(tiny_family, tmp_path, change, needles):
     if change.get("student") == "EMPTY":
         (tmp_path / "empty").mkdir()
@@ -319,10 +387,14 @@ def test_outputs_that_cannot_be_written(tiny_family, chat_data, tmp_path, a_file
 
 def test_a_folder_where_a_file_is_expected(tiny_family, tmp_path):
     (tmp_path / "o.jsonl").mkdir()
-    one_line_error(*run("generate", "--model", tiny_family["short_cot"], "--questions", "gsm8k",
-                        "--out", tmp_path / "o.jsonl"), "is a folder")
-    one_line_error(*run("distill", "--student", tiny_family["short_cot"], "--data", tmp_path,
-                        "--out", tmp_path / "m"), "is a folder")
+    one_line_error(
+        *run("generate", "--model", tiny_family["short_cot"], "--questions", "gsm8k", "--out", tmp_path / "o.jsonl"),
+        "is a folder",
+    )
+    one_line_error(
+        *run("distill", "--student", tiny_family["short_cot"], "--data", tmp_path, "--out", tmp_path / "m"),
+        "is a folder",
+    )
 
 
 def test_eval_refuses_a_model_without_a_chat_template(tiny_family, tmp_path):
@@ -338,35 +410,63 @@ def test_eval_refuses_a_model_without_a_chat_template(tiny_family, tmp_path):
 def test_generate_refuses_questions_without_answers(tiny_family, tmp_path):
     q = tmp_path / "q.jsonl"
     q.write_text(json.dumps({"question": "What is 1 + 1?"}) + "\n")
-    one_line_error(*run("generate", "--model", tiny_family["short_cot"], "--questions", q,
-                        "--out", tmp_path / "o.jsonl"), "no gold answers", "--answer-field")
+    one_line_error(
+        *run("generate", "--model", tiny_family["short_cot"], "--questions", q, "--out", tmp_path / "o.jsonl"),
+        "no gold answers",
+        "--answer-field",
+    )
     q.write_text(json.dumps({"question": "1 + 1?", "answer": "2"}) + "\n" + json.dumps({"question": "2+2?"}) + "\n")
-    one_line_error(*run("generate", "--model", tiny_family["short_cot"], "--questions", q,
-                        "--out", tmp_path / "o.jsonl"), "1 of 2", "row 2")
+    one_line_error(
+        *run("generate", "--model", tiny_family["short_cot"], "--questions", q, "--out", tmp_path / "o.jsonl"),
+        "1 of 2",
+        "row 2",
+    )
     assert not (tmp_path / "o.jsonl").exists()
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["generate", "--questions", "gsm8k", "--limit", "0"], "--limit"),
-    (["generate", "--questions", "gsm8k", "--max-tokens", "40000"], "context"),
-    (["distill", "--data", "DATA", "--max-length", "0"], "max_length"),
-    (["distill", "--data", "DATA", "--max-steps", "0"], "max_steps"),
-    (["distill", "--data", "DATA", "--limit", "0"], "limit"),
-    (["eval", "--tasks", "gsm8k", "--limit", "0"], "--limit"),
-    (["eval", "--tasks", "gsm8k", "--max-tokens", "40000"], "context"),
-    (["align", "--data", "DATA", "--limit", "0"], "--limit"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["generate", "--questions", "gsm8k", "--limit", "0"], "--limit"),
+        (["generate", "--questions", "gsm8k", "--max-tokens", "40000"], "context"),
+        (["distill", "--data", "DATA", "--max-length", "0"], "max_length"),
+        (["distill", "--data", "DATA", "--max-steps", "0"], "max_steps"),
+        (["distill", "--data", "DATA", "--limit", "0"], "limit"),
+        (["eval", "--tasks", "gsm8k", "--limit", "0"], "--limit"),
+        (["eval", "--tasks", "gsm8k", "--max-tokens", "40000"], "context"),
+        (["align", "--data", "DATA", "--limit", "0"], "--limit"),
+    ],
+)
 def test_bad_numbers_are_one_line(tiny_family, chat_data, tmp_path, args, needle):
     args = [str(chat_data["train"]) if a == "DATA" else a for a in args]
     flag = {"generate": "--model", "eval": "--model", "distill": "--student", "align": "--model"}[args[0]]
-    out_flag = {"generate": ["--out", tmp_path / "o.jsonl"], "eval": ["-o", tmp_path / "r"],
-                "distill": ["--out", tmp_path / "m"], "align": []}[args[0]]
+    out_flag = {
+        "generate": ["--out", tmp_path / "o.jsonl"],
+        "eval": ["-o", tmp_path / "r"],
+        "distill": ["--out", tmp_path / "m"],
+        "align": [],
+    }[args[0]]
     one_line_error(*run(*args, flag, tiny_family["short_cot"], *out_flag), needle)
 
 
 def test_n_samples_with_greedy_decoding_warns(tiny_family, tmp_path):
-    code, text = run("generate", "--model", tiny_family["short_cot"], "--questions", "gsm8k", "--limit", "1",
-                     "--n", "2", "--max-tokens", "4", "--backend", "transformers", "--out", tmp_path / "o.jsonl")
+    code, text = run(
+        "generate",
+        "--model",
+        tiny_family["short_cot"],
+        "--questions",
+        "gsm8k",
+        "--limit",
+        "1",
+        "--n",
+        "2",
+        "--max-tokens",
+        "4",
+        "--backend",
+        "transformers",
+        "--out",
+        tmp_path / "o.jsonl",
+    )
     assert code == 0, text
     assert "--n 2 with temperature 0" in text
 

@@ -81,8 +81,11 @@ def test_matches_mergekit_run_directly(tiny_family_f32, tmp_path, method):
     mk_yaml.write_text(printed.output)
     direct = tmp_path / "direct"
     mergekit_yaml = Path(sys.executable).parent / "mergekit-yaml"
-    subprocess.run([str(mergekit_yaml), str(mk_yaml), str(direct), "--random-seed", "3", "--lazy-unpickle",
-                    "--quiet"], check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    subprocess.run(
+        [str(mergekit_yaml), str(mk_yaml), str(direct), "--random-seed", "3", "--lazy-unpickle", "--quiet"],
+        check=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     a, b = _weights(ours), _weights(direct)
     assert set(a) == set(b)
     for name in a:
@@ -126,8 +129,9 @@ def test_ta_folder_is_complete_and_generates(tiny_family, tmp_path):
     tok = AutoTokenizer.from_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out)
     assert tok.chat_template and "<|im_start|>" in tok.chat_template
-    ids = tok.apply_chat_template([{"role": "user", "content": "1+1?"}], add_generation_prompt=True,
-                                  return_tensors="pt", return_dict=True)
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "1+1?"}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
     gen = model.generate(**ids, max_new_tokens=4, do_sample=False)
     assert gen.shape[1] == ids["input_ids"].shape[1] + 4
     assert not [p for p in out.iterdir() if p.is_file() and not os.access(p, os.R_OK)]
@@ -236,9 +240,14 @@ def test_nan_in_merge_fails_and_writes_nothing(tiny_family_f32, tmp_path):
 
 
 def test_plain_mergekit_yaml_is_a_recipe(tiny_family_f32, tmp_path):
-    cfg = {"merge_method": "linear", "dtype": "float32",
-           "models": [{"model": str(tiny_family_f32["long_cot"]), "parameters": {"weight": 0.25}},
-                      {"model": str(tiny_family_f32["short_cot"]), "parameters": {"weight": 0.75}}]}
+    cfg = {
+        "merge_method": "linear",
+        "dtype": "float32",
+        "models": [
+            {"model": str(tiny_family_f32["long_cot"]), "parameters": {"weight": 0.25}},
+            {"model": str(tiny_family_f32["short_cot"]), "parameters": {"weight": 0.75}},
+        ],
+    }
     p = tmp_path / "mk.yaml"
     p.write_text(yaml.safe_dump(cfg))
     result = CliRunner().invoke(cli, ["build", str(p)])
@@ -253,11 +262,16 @@ def test_plain_mergekit_yaml_is_a_recipe(tiny_family_f32, tmp_path):
 
 def test_killed_build_leaves_nothing_and_next_run_succeeds(tiny_family, tmp_path):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump(_recipe(tiny_family, tmp_path / "ta", method="dare_ties", density=0.5,
-                                             dtype="float32")))
+    recipe.write_text(
+        yaml.safe_dump(_recipe(tiny_family, tmp_path / "ta", method="dare_ties", density=0.5, dtype="float32"))
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "micota_merge.cli", "build", str(recipe)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "micota_merge.cli", "build", str(recipe)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     while time.time() < deadline and not list(tmp_path.glob(".ta.partial-*")):
         time.sleep(0.005)

@@ -54,23 +54,30 @@ def test_committed_question_files_are_the_seeded_splits():
 
 def test_answers_follow_the_story():
     p = mw.Problem("Tom", "he", "apples", 27, [(1, 5, "buys 5 more"), (-1, 3, "gives 3 away"), (1, 2, "finds 2 more")])
-    assert p.question == ("Tom has 27 apples. He buys 5 more. " + p._connective(1)
-                          + " he gives 3 away. " + p._connective(2) + " he finds 2 more. How many apples does Tom have now?")
+    assert p.question == (
+        "Tom has 27 apples. He buys 5 more. "
+        + p._connective(1)
+        + " he gives 3 away. "
+        + p._connective(2)
+        + " he finds 2 more. How many apples does Tom have now?"
+    )
     assert p.answer == 31
-    assert mw.short_cot(p) == ("Tom starts with 27 apples.\nStep 1: he buys 5 more: 27 + 5 = 32.\n"
-                               "Step 2: he gives 3 away: 32 - 3 = 29.\nStep 3: he finds 2 more: 29 + 2 = 31.\n"
-                               "The answer is \\boxed{31}.")
+    assert mw.short_cot(p) == (
+        "Tom starts with 27 apples.\nStep 1: he buys 5 more: 27 + 5 = 32.\n"
+        "Step 2: he gives 3 away: 32 - 3 = 29.\nStep 3: he finds 2 more: 29 + 2 = 31.\n"
+        "The answer is \\boxed{31}."
+    )
     for q in mw.generate_problems(1, 300):
         assert all(0 <= v <= mw.MAX_VALUE for v in q.values())
         assert mw.OPS_RANGE[0] <= len(q.ops) <= mw.OPS_RANGE[1]
 
 
 def test_carry_steps_split_at_the_multiple_of_ten():
-    assert mw.carry_split(47, 1, 8) == (3, 5)      # 47 + 3 = 50, 50 + 5 = 55
-    assert mw.carry_split(32, -1, 5) == (2, 3)     # 32 - 2 = 30, 30 - 3 = 27
-    assert mw.carry_split(41, 1, 5) is None        # 46: no carry
-    assert mw.carry_split(40, -1, 8) is None       # starts on a ten: nothing to split first
-    assert mw.carry_split(47, 1, 3) is None        # lands on 50: one part only
+    assert mw.carry_split(47, 1, 8) == (3, 5)  # 47 + 3 = 50, 50 + 5 = 55
+    assert mw.carry_split(32, -1, 5) == (2, 3)  # 32 - 2 = 30, 30 - 3 = 27
+    assert mw.carry_split(41, 1, 5) is None  # 46: no carry
+    assert mw.carry_split(40, -1, 8) is None  # starts on a ten: nothing to split first
+    assert mw.carry_split(47, 1, 3) is None  # lands on 50: one part only
 
 
 def _skeleton(text: str) -> list[str]:
@@ -204,8 +211,8 @@ def test_experts_answer_heldout_questions_in_their_styles():
 def test_demo_train_end_to_end_is_deterministic(tmp_path):
     from click.testing import CliRunner
 
-    from micota_merge.core.artifacts import sha256_file
     from micota_merge.cli import cli
+    from micota_merge.core.artifacts import sha256_file
 
     args = ["demo", "train", "--seed", "1", "--scale", "0.02", "--eval-questions", "8"]
     runs = [tmp_path / "a", tmp_path / "b"]

@@ -15,10 +15,25 @@ from micota_merge.cli import cli
 def part(path: Path, ids: list[str], style: str, tokens: int) -> Path:
     with open(path, "w") as f:
         for i in ids:
-            f.write(json.dumps({"id": i, "messages": [{"role": "user", "content": f"q {i}"},
-                                                      {"role": "assistant", "content": f"{style} \\boxed{{1}}"}],
-                                "answer": "1", "pred": "1", "correct": True, "num_tokens": tokens,
-                                "finish_reason": "stop", "model": style, "sample": 0}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "id": i,
+                        "messages": [
+                            {"role": "user", "content": f"q {i}"},
+                            {"role": "assistant", "content": f"{style} \\boxed{{1}}"},
+                        ],
+                        "answer": "1",
+                        "pred": "1",
+                        "correct": True,
+                        "num_tokens": tokens,
+                        "finish_reason": "stop",
+                        "model": style,
+                        "sample": 0,
+                    }
+                )
+                + "\n"
+            )
     return path
 
 
@@ -44,8 +59,10 @@ def test_one_to_four_mix(parts, tmp_path):
     assert all(r["messages"][1]["content"].startswith(r["mix_part"]) for r in recs)
     assert len({r["id"] for r in recs}) == 50  # one answer per question
     stats = json.loads((tmp_path / "mix.stats.json").read_text())
-    assert [(p["label"], p["drawn"], p["mean_tokens"]) for p in stats["parts"]] == [("long", 10, 900.0),
-                                                                                  ("short", 40, 150.0)]
+    assert [(p["label"], p["drawn"], p["mean_tokens"]) for p in stats["parts"]] == [
+        ("long", 10, 900.0),
+        ("short", 40, 150.0),
+    ]
     assert "long" in text and "drew     10" in text
     # same seed, same mix; another seed, another draw
     out2 = tmp_path / "mix2.jsonl"
@@ -99,8 +116,7 @@ def test_default_total_fits_parts_that_share_questions(tmp_path):
     n = Counter(r["mix_part"] for r in recs)
     assert n["short"] == 4 * n["long"] and len({r["id"] for r in recs}) == len(recs)
     # largest: one more is refused with the draw's own reason
-    code, text = run(f"{long}=1", f"{short}=4", "--out", tmp_path / "more.jsonl", "--seed", 0,
-                     "--total", len(recs) + 1)
+    code, text = run(f"{long}=1", f"{short}=4", "--out", tmp_path / "more.jsonl", "--seed", 0, "--total", len(recs) + 1)
     assert code == 2 and "lower --total" in text
 
 
@@ -154,24 +170,33 @@ def test_mix_rerun_and_force(parts, tmp_path):
     assert code == 0 and out.read_bytes() != first
 
 
-@pytest.mark.parametrize("case, message", [
-    ("twice", "given twice"),
-    ("folder", "is a folder"),
-    ("system_last", "must end with the assistant"),
-    ("tool_role", "role 'tool'"),
-    ("no_user", "must end with the assistant's answer to a user turn"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("twice", "given twice"),
+        ("folder", "is a folder"),
+        ("system_last", "must end with the assistant"),
+        ("tool_role", "role 'tool'"),
+        ("no_user", "must end with the assistant's answer to a user turn"),
+    ],
+)
 def test_bad_parts_refused_with_one_line(parts, tmp_path, case, message):
     long, short = parts
     bad = tmp_path / "bad.jsonl"
-    msgs = {"system_last": [{"role": "user", "content": "q"}, {"role": "system", "content": "s"}],
-            "tool_role": [{"role": "user", "content": "q"}, {"role": "tool", "content": "t"},
-                          {"role": "assistant", "content": "a"}],
-            "no_user": [{"role": "system", "content": "s"}, {"role": "assistant", "content": "a"}]}.get(case)
+    msgs = {
+        "system_last": [{"role": "user", "content": "q"}, {"role": "system", "content": "s"}],
+        "tool_role": [
+            {"role": "user", "content": "q"},
+            {"role": "tool", "content": "t"},
+            {"role": "assistant", "content": "a"},
+        ],
+        "no_user": [{"role": "system", "content": "s"}, {"role": "assistant", "content": "a"}],
+    }.get(case)
     if msgs:
         bad.write_text(json.dumps({"id": "x", "messages": msgs}) + "\n")
     specs = {"twice": [f"{long}=1", f"{long}=4"], "folder": [f"{long}=1", f"{tmp_path}=4"]}.get(
-        case, [f"{long}=1", f"{bad}=4"])
+        case, [f"{long}=1", f"{bad}=4"]
+    )
     out = tmp_path / "mix.jsonl"
     code, text = run(*specs, "--out", out)
     assert code == 2, text

@@ -26,11 +26,15 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("method,dtype", [("linear", "bfloat16"), ("task_arithmetic", "bfloat16"),
-                                          ("task_arithmetic", "float32")])
+@pytest.mark.parametrize(
+    "method,dtype", [("linear", "bfloat16"), ("task_arithmetic", "bfloat16"), ("task_arithmetic", "float32")]
+)
 def test_one_pass_equals_separate_builds(tiny_family, tmp_path, method, dtype):
-    data = {"models": {k: str(v) for k, v in tiny_family.items()},
-            "merge": {"method": method, "ratio": 0.5, "dtype": dtype}, "output": str(tmp_path / "ta")}
+    data = {
+        "models": {k: str(v) for k, v in tiny_family.items()},
+        "merge": {"method": method, "ratio": 0.5, "dtype": dtype},
+        "output": str(tmp_path / "ta"),
+    }
     recipe_path = tmp_path / "r.yaml"
     recipe_path.write_text(yaml.safe_dump(data))
     recipe = parse_recipe(data)
@@ -69,8 +73,12 @@ def small_vocab_families(tmp_path_factory) -> dict[str, dict[str, Path]]:
     from micota_merge.demo.family import make_family
 
     root = tmp_path_factory.mktemp("small_vocab")
-    return {dtype: make_family(root / dtype, seed=3, dtype=dtype, vocab_size=1024, bos_token_id=0, eos_token_id=1,
-                               pad_token_id=0) for dtype in ("bfloat16", "float32")}
+    return {
+        dtype: make_family(
+            root / dtype, seed=3, dtype=dtype, vocab_size=1024, bos_token_id=0, eos_token_id=1, pad_token_id=0
+        )
+        for dtype in ("bfloat16", "float32")
+    }
 
 
 # (ratio, density) points: both endpoints (a side left out of mergekit's config, so a random
@@ -88,24 +96,34 @@ def _separate_build(recipe_path: Path, data: dict, point, out: Path) -> Path:
     return out
 
 
-@pytest.mark.parametrize("method,dtype,extra", [
-    ("ties", "bfloat16", {}), ("dare_ties", "bfloat16", {}), ("dare_linear", "bfloat16", {}),
-    ("breadcrumbs", "bfloat16", {}), ("breadcrumbs_ties", "bfloat16", {}), ("della", "bfloat16", {}),
-    ("della_linear", "bfloat16", {}),
-    ("dare_ties", "float32", {"rescale": False, "int8_mask": True, "lambda": 0.9}),
-    ("della", "float32", {"epsilon": 0.1, "normalize": False}),
-    ("breadcrumbs_ties", "float32", {"gamma": 0.05}),
-    ("task_arithmetic", "bfloat16", {"lambda": 0.8}),
-])
-def test_task_vector_family_one_pass_equals_separate_builds(small_vocab_families, tmp_path, monkeypatch,
-                                                            method, dtype, extra):
+@pytest.mark.parametrize(
+    "method,dtype,extra",
+    [
+        ("ties", "bfloat16", {}),
+        ("dare_ties", "bfloat16", {}),
+        ("dare_linear", "bfloat16", {}),
+        ("breadcrumbs", "bfloat16", {}),
+        ("breadcrumbs_ties", "bfloat16", {}),
+        ("della", "bfloat16", {}),
+        ("della_linear", "bfloat16", {}),
+        ("dare_ties", "float32", {"rescale": False, "int8_mask": True, "lambda": 0.9}),
+        ("della", "float32", {"epsilon": 0.1, "normalize": False}),
+        ("breadcrumbs_ties", "float32", {"gamma": 0.05}),
+        ("task_arithmetic", "bfloat16", {"lambda": 0.8}),
+    ],
+)
+def test_task_vector_family_one_pass_equals_separate_builds(
+    small_vocab_families, tmp_path, monkeypatch, method, dtype, extra
+):
     """Every ratio x density point of one read is bit-for-bit what `build` writes at that point."""
     import safetensors
 
     family = small_vocab_families[dtype]
-    data = {"models": {k: str(v) for k, v in family.items()},
-            "merge": {"method": method, "ratio": 0.5, "density": 0.5, "dtype": dtype, "seed": 7, **extra},
-            "output": str(tmp_path / "ta")}
+    data = {
+        "models": {k: str(v) for k, v in family.items()},
+        "merge": {"method": method, "ratio": 0.5, "density": 0.5, "dtype": dtype, "seed": 7, **extra},
+        "output": str(tmp_path / "ta"),
+    }
     recipe_path = tmp_path / "r.yaml"
     recipe_path.write_text(yaml.safe_dump(data))
     recipe = parse_recipe(data)
@@ -136,8 +154,7 @@ def test_task_vector_family_one_pass_equals_separate_builds(small_vocab_families
     monkeypatch.setattr(safetensors, "safe_open", CountingOpen)
     torch.manual_seed(123)
     rng_before = torch.get_rng_state()
-    outs = build_points(recipe_path, recipe, {p: tmp_path / f"one-{p[0]}-{p[1]}" for p in points},
-                        echo=lambda *_: None)
+    outs = build_points(recipe_path, recipe, {p: tmp_path / f"one-{p[0]}-{p[1]}" for p in points}, echo=lambda *_: None)
     assert torch.equal(torch.get_rng_state(), rng_before)  # the caller's generator is left alone
     monkeypatch.setattr(safetensors, "safe_open", real_open)
     n_tensors = len(_weights(family["base"]))
@@ -171,8 +188,11 @@ def test_one_pass_refuses_non_finite_merges_without_writing(tiny_family_f32, tmp
     weights = _weights(bad)
     weights["model.norm.weight"][0] = float("inf")
     save_file(weights, str(bad / "model.safetensors"), metadata={"format": "pt"})
-    data = {"models": {**{k: str(v) for k, v in tiny_family_f32.items()}, "long_cot": str(bad)},
-            "merge": {"method": "dare_ties", "density": 0.5, "dtype": "float32"}, "output": str(tmp_path / "ta")}
+    data = {
+        "models": {**{k: str(v) for k, v in tiny_family_f32.items()}, "long_cot": str(bad)},
+        "merge": {"method": "dare_ties", "density": 0.5, "dtype": "float32"},
+        "output": str(tmp_path / "ta"),
+    }
     recipe_path = tmp_path / "r.yaml"
     recipe_path.write_text(yaml.safe_dump(data))
     outs = {(r, 0.5): tmp_path / f"one-{r}" for r in (0.0, 0.5)}
@@ -199,8 +219,11 @@ def test_all_finite_catches_every_non_finite_and_survives_overflowing_sums():
 def test_task_vector_one_pass_steps_aside_when_builds_would_run_on_a_gpu(tiny_family, tmp_path, monkeypatch):
     from micota_merge.merge.onepass.replay import Unsupported
 
-    data = {"models": {k: str(v) for k, v in tiny_family.items()}, "merge": {"method": "dare_ties", "density": 0.5},
-            "output": str(tmp_path / "ta")}
+    data = {
+        "models": {k: str(v) for k, v in tiny_family.items()},
+        "merge": {"method": "dare_ties", "density": 0.5},
+        "output": str(tmp_path / "ta"),
+    }
     recipe_path = tmp_path / "r.yaml"
     recipe_path.write_text(yaml.safe_dump(data))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -221,9 +244,15 @@ def test_an_unverified_mergekit_builds_point_by_point(tiny_family, tmp_path, mon
     from micota_merge.merge.recipe import load_recipe
 
     recipe_path = tmp_path / "r.yaml"
-    recipe_path.write_text(yaml.safe_dump({
-        "models": {r: str(p) for r, p in tiny_family.items()}, "output": str(tmp_path / "ta"),
-        "merge": {"method": "dare_ties", "ratio": 0.5, "density": 0.5, "dtype": "float32"}}))
+    recipe_path.write_text(
+        yaml.safe_dump(
+            {
+                "models": {r: str(p) for r, p in tiny_family.items()},
+                "output": str(tmp_path / "ta"),
+                "merge": {"method": "dare_ties", "ratio": 0.5, "density": 0.5, "dtype": "float32"},
+            }
+        )
+    )
     real = metadata.version
     monkeypatch.setattr(metadata, "version", lambda name: "9.9.9" if name == "mergekit" else real(name))
     with pytest.raises(replay.Unsupported, match="mergekit 9.9.9 is not a release"):

@@ -60,8 +60,12 @@ def snapshot(*roots: Path) -> dict[str, str]:
 
 
 def write_recipe(path: Path, family: dict[str, Path], output: Path, **extra) -> Path:
-    data = {"models": {r: str(p) for r, p in family.items()},
-            "merge": {"method": "linear", "ratio": 0.5, "dtype": "float32"}, "output": str(output), **extra}
+    data = {
+        "models": {r: str(p) for r, p in family.items()},
+        "merge": {"method": "linear", "ratio": 0.5, "dtype": "float32"},
+        "output": str(output),
+        **extra,
+    }
     path.write_text(yaml.safe_dump(data))
     return path
 
@@ -104,9 +108,17 @@ def test_protected_paths(tmp_path, monkeypatch):
     hard = tmp_path / "hardlink.jsonl"
     os.link(data, hard)
     inputs = {"--model": ckpt, "--questions": data}
-    cases = {"/": "root folder", home: "home folder", tmp_path: "holds your home folder", cwd: "current folder",
-             ckpt: "is the input --model", tmp_path / "inputs": "holds the input", ckpt / "sub": "inside the input",
-             data: "is the input --questions", hard: "is the input --questions"}
+    cases = {
+        "/": "root folder",
+        home: "home folder",
+        tmp_path: "holds your home folder",
+        cwd: "current folder",
+        ckpt: "is the input --model",
+        tmp_path / "inputs": "holds the input",
+        ckpt / "sub": "inside the input",
+        data: "is the input --questions",
+        hard: "is the input --questions",
+    }
     for path, why in cases.items():
         assert why in (protected_reason(path, inputs) or ""), (path, protected_reason(path, inputs))
     assert protected_reason(tmp_path / "new-out", inputs) is None
@@ -150,10 +162,20 @@ def lock_path(path: Path) -> Path:
 
 
 def _hold(path: Path, stage: str = "build", seconds: int = 60) -> subprocess.Popen:
-    p = subprocess.Popen([sys.executable, "-c", (
-        "import time\nfrom micota_merge.core.ownership import output_lock\n"
-        f"with output_lock({str(path)!r}, {stage!r}):\n    print('held', flush=True)\n    time.sleep({seconds})\n")],
-        stdout=subprocess.PIPE, text=True, cwd=REPO)
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import time\nfrom micota_merge.core.ownership import output_lock\n"
+                f"with output_lock({str(path)!r}, {stage!r}):\n"
+                f"    print('held', flush=True)\n    time.sleep({seconds})\n"
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
     assert p.stdout.readline().strip() == "held"
     return p
 
@@ -187,8 +209,12 @@ def test_lock_refuses_a_second_process_takes_over_a_dead_ones_and_leaves_nothing
 def test_two_builds_at_once_one_writes(family, tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", family, tmp_path / "ta")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    procs = [subprocess.Popen(CLI + ["build", str(recipe)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, cwd=REPO, env=env) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            CLI + ["build", str(recipe)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env
+        )
+        for _ in range(2)
+    ]
     outs = [(p.wait(timeout=300), p.stdout.read()) for p in procs]
     written = [o for code, o in outs if "teacher assistant written" in o]
     assert len(written) == 1, outs
@@ -205,12 +231,29 @@ def test_busy_outputs_refused_in_every_stage(family, chat_data, tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", family, tmp_path / "ta")
     student = family["short_cot"]
     pipeline = tmp_path / "p.yaml"
-    write_recipe(pipeline, family, tmp_path / "work" / "ta",
-                 pipeline={"workdir": str(tmp_path / "work"), "student": str(student), "select": "build"})
+    write_recipe(
+        pipeline,
+        family,
+        tmp_path / "work" / "ta",
+        pipeline={"workdir": str(tmp_path / "work"), "student": str(student), "select": "build"},
+    )
     cases = [
         (tmp_path / "ta", ["build", recipe]),
-        (tmp_path / "s", ["distill", "--student", student, "--data", chat_data["train"], "--out", tmp_path / "s",
-                          "--resume", "--max-steps", "1"]),
+        (
+            tmp_path / "s",
+            [
+                "distill",
+                "--student",
+                student,
+                "--data",
+                chat_data["train"],
+                "--out",
+                tmp_path / "s",
+                "--resume",
+                "--max-steps",
+                "1",
+            ],
+        ),
         (tmp_path / "e", ["eval", "--model", student, "--tasks", "gsm8k", "--limit", "1", "-o", tmp_path / "e"]),
         (tmp_path / "a", ["align", "--model", student, "--data", chat_data["train"], "--out", tmp_path / "a"]),
         (tmp_path / "m.jsonl", ["mix", f"{chat_data['train']}=1", "--out", tmp_path / "m.jsonl"]),
@@ -248,8 +291,12 @@ def test_force_never_widens(family, tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(home))
     recipe = write_recipe(tmp_path / "r.yaml", family, tmp_path / "ta")
     before = snapshot(home, family["long_cot"].parent)
-    for target, why in ((home, "home folder"), (family["long_cot"], "is the input long_cot"),
-                        (family["long_cot"].parent, "holds the input"), (family["long_cot"] / "sub", "inside the input")):
+    for target, why in (
+        (home, "home folder"),
+        (family["long_cot"], "is the input long_cot"),
+        (family["long_cot"].parent, "holds the input"),
+        (family["long_cot"] / "sub", "inside the input"),
+    ):
         line = one_line_error(*run("build", recipe, "-o", target, "--force"), why)
         assert "pass --force" not in line
     assert snapshot(home, family["long_cot"].parent) == before
@@ -262,15 +309,37 @@ def test_sidecars_and_work_folders_of_others_are_refused(family, chat_data, tmp_
         d.mkdir()
         (d / side).write_text("mine")
         before = snapshot(d)
-        one_line_error(*run("generate", "--model", family["short_cot"], "--questions", "gsm8k", "--limit", "1",
-                            "--max-tokens", "2", "--backend", "transformers", "--out", d / "q.jsonl"), side)
+        one_line_error(
+            *run(
+                "generate",
+                "--model",
+                family["short_cot"],
+                "--questions",
+                "gsm8k",
+                "--limit",
+                "1",
+                "--max-tokens",
+                "2",
+                "--backend",
+                "transformers",
+                "--out",
+                d / "q.jsonl",
+            ),
+            side,
+        )
         assert snapshot(d) == before
     # a foreign <output>.sweep/ folder
     (tmp_path / "ta.sweep").mkdir()
     (tmp_path / "ta.sweep" / "results.csv").write_text("mine")
-    recipe = write_recipe(tmp_path / "r.yaml", family, tmp_path / "ta",
-                          sweep={"ratios": [0.5], "probe": {"benchmark": "gsm8k", "limit": 1, "max_tokens": 2,
-                                                            "backend": "transformers"}})
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        family,
+        tmp_path / "ta",
+        sweep={
+            "ratios": [0.5],
+            "probe": {"benchmark": "gsm8k", "limit": 1, "max_tokens": 2, "backend": "transformers"},
+        },
+    )
     before = snapshot(tmp_path / "ta.sweep")
     for flags in ([], ["--force"]):
         one_line_error(*run("sweep", recipe, *flags), "ta.sweep", "not made by micota-merge sweep")
@@ -280,8 +349,21 @@ def test_sidecars_and_work_folders_of_others_are_refused(family, chat_data, tmp_
     (tmp_path / "s.work" / "run.log").write_text("mine")
     before = snapshot(tmp_path / "s.work")
     for flags in ([], ["--force"]):
-        one_line_error(*run("distill", "--student", family["short_cot"], "--data", chat_data["train"], "--out",
-                            tmp_path / "s", "--max-steps", "1", *flags), "s.work")
+        one_line_error(
+            *run(
+                "distill",
+                "--student",
+                family["short_cot"],
+                "--data",
+                chat_data["train"],
+                "--out",
+                tmp_path / "s",
+                "--max-steps",
+                "1",
+                *flags,
+            ),
+            "s.work",
+        )
     assert snapshot(tmp_path / "s.work") == before and not (tmp_path / "s").exists()
 
 
@@ -298,9 +380,17 @@ def test_staging_look_alikes_are_not_removed(family, tmp_path):
 
 def test_baseline_names_stay_inside_the_work_folder(family, tmp_path):
     pipeline = tmp_path / "p.yaml"
-    write_recipe(pipeline, family, tmp_path / "work" / "ta",
-                 pipeline={"workdir": str(tmp_path / "work"), "student": str(family["short_cot"]), "select": "build",
-                           "baselines": [{"name": "../../../escaped", "mix": {"short_cot": 1}}]})
+    write_recipe(
+        pipeline,
+        family,
+        tmp_path / "work" / "ta",
+        pipeline={
+            "workdir": str(tmp_path / "work"),
+            "student": str(family["short_cot"]),
+            "select": "build",
+            "baselines": [{"name": "../../../escaped", "mix": {"short_cot": 1}}],
+        },
+    )
     one_line_error(*run("run", pipeline), "name", "plain name")
     assert not (tmp_path / "work").exists() and not (tmp_path.parent.parent / "escaped").exists()
 
@@ -325,18 +415,66 @@ def test_reruns_of_a_finished_output_say_so_and_exit_0(family, chat_data, tmp_pa
     runs = {
         "build": (["build", recipe], "already built"),
         "mix": (["mix", f"{chat_data['train']}=1", "--out", tmp_path / "m.jsonl"], "already mixed"),
-        "align": (["align", "--model", student, "--data", chat_data["train"], "--limit", "2", "--out",
-                   tmp_path / "al"], "already measured"),
-        "distill": (["distill", "--student", student, "--data", chat_data["train"], "--out", tmp_path / "s",
-                     "--max-steps", "1", "--limit", "4", "--max-length", "64"], "already distilled"),
+        "align": (
+            ["align", "--model", student, "--data", chat_data["train"], "--limit", "2", "--out", tmp_path / "al"],
+            "already measured",
+        ),
+        "distill": (
+            [
+                "distill",
+                "--student",
+                student,
+                "--data",
+                chat_data["train"],
+                "--out",
+                tmp_path / "s",
+                "--max-steps",
+                "1",
+                "--limit",
+                "4",
+                "--max-length",
+                "64",
+            ],
+            "already distilled",
+        ),
         "demo": (["demo", "init", "--out", tmp_path / "demo"], "nothing to do"),
-        "standin": (["demo", "standin", "--meta", next(p for p in (REPO / "micota_merge" / "assets" / "model_meta")
-                                                       .iterdir() if (p / "config.json").is_file()),
-                     "--out", tmp_path / "standin"], "nothing to do"),
-        "generate": (["generate", "--model", student, "--questions", "gsm8k", "--limit", "2", "--max-tokens", "2",
-                      "--backend", "transformers", "--out", tmp_path / "g.jsonl"], "nothing to do"),
-        "eval": (["eval", "--model", student, "--tasks", "gsm8k", "--limit", "1", "--max-tokens", "2", "-o",
-                  tmp_path / "e"], "already evaluated"),
+        "standin": (
+            [
+                "demo",
+                "standin",
+                "--meta",
+                next(
+                    p
+                    for p in (REPO / "micota_merge" / "assets" / "model_meta").iterdir()
+                    if (p / "config.json").is_file()
+                ),
+                "--out",
+                tmp_path / "standin",
+            ],
+            "nothing to do",
+        ),
+        "generate": (
+            [
+                "generate",
+                "--model",
+                student,
+                "--questions",
+                "gsm8k",
+                "--limit",
+                "2",
+                "--max-tokens",
+                "2",
+                "--backend",
+                "transformers",
+                "--out",
+                tmp_path / "g.jsonl",
+            ],
+            "nothing to do",
+        ),
+        "eval": (
+            ["eval", "--model", student, "--tasks", "gsm8k", "--limit", "1", "--max-tokens", "2", "-o", tmp_path / "e"],
+            "already evaluated",
+        ),
     }
     for stage, (args, said) in runs.items():
         code, text = run(*args)
@@ -379,10 +517,15 @@ def small_disk(tmp_path):
 
 def test_sweep_checks_space_for_every_point_before_probing(family, small_disk, tmp_path):
     out = small_disk / "ta"
-    recipe = write_recipe(tmp_path / "r.yaml", family, out,
-                          sweep={"ratios": [0.1, 0.3, 0.5, 0.7, 0.9], "probe": {"benchmark": "gsm8k", "limit": 1,
-                                                                                "max_tokens": 2,
-                                                                                "backend": "transformers"}})
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        family,
+        out,
+        sweep={
+            "ratios": [0.1, 0.3, 0.5, 0.7, 0.9],
+            "probe": {"benchmark": "gsm8k", "limit": 1, "max_tokens": 2, "backend": "transformers"},
+        },
+    )
     code, text = run("sweep", recipe)
     line = one_line_error(code, text, "not enough disk space for the sweep", "5 points", "--ratios")
     assert "enough for" in line
@@ -417,28 +560,62 @@ def test_no_stage_touches_a_protected_path(family, chat_data, tmp_path, monkeypa
     shutil.copyfile(chat_data["train"], train)
     student = family["short_cot"]
     meta = next(p for p in (REPO / "micota_merge" / "assets" / "model_meta").iterdir() if (p / "config.json").is_file())
-    targets = {"home": home, "long_cot": family["long_cot"], "base": family["base"], "student": student,
-               "inputs' folder": family["long_cot"].parent, "cwd": cwd, "foreign": foreign, "questions": questions,
-               "train data": train}
+    targets = {
+        "home": home,
+        "long_cot": family["long_cot"],
+        "base": family["base"],
+        "student": student,
+        "inputs' folder": family["long_cot"].parent,
+        "cwd": cwd,
+        "foreign": foreign,
+        "questions": questions,
+        "train data": train,
+    }
     protected = [home, family["long_cot"].parent, cwd, foreign, data_dir]
     before = snapshot(*protected)
 
     def commands(t: Path, name: str) -> list[list]:
-        bare = write_recipe(tmp_path / f"bare-{name}.yaml", family, t,
-                            sweep={"ratios": [0.5], "probe": {"questions": str(questions), "limit": 1, "max_tokens": 2,
-                                                              "backend": "transformers"}})
-        pipe = write_recipe(tmp_path / f"pipe-{name}.yaml", family, t / "ta",
-                            pipeline={"workdir": str(t), "student": str(student), "select": "build",
-                                      "questions": str(questions)})
+        bare = write_recipe(
+            tmp_path / f"bare-{name}.yaml",
+            family,
+            t,
+            sweep={
+                "ratios": [0.5],
+                "probe": {"questions": str(questions), "limit": 1, "max_tokens": 2, "backend": "transformers"},
+            },
+        )
+        pipe = write_recipe(
+            tmp_path / f"pipe-{name}.yaml",
+            family,
+            t / "ta",
+            pipeline={"workdir": str(t), "student": str(student), "select": "build", "questions": str(questions)},
+        )
         return [
-            ["build", bare, "-o", t], ["sweep", bare], ["run", bare], ["run", pipe],
-            ["generate", "--model", family["long_cot"], "--questions", questions, "--limit", "1", "--max-tokens", "2",
-             "--backend", "transformers", "--out", t],
+            ["build", bare, "-o", t],
+            ["sweep", bare],
+            ["run", bare],
+            ["run", pipe],
+            [
+                "generate",
+                "--model",
+                family["long_cot"],
+                "--questions",
+                questions,
+                "--limit",
+                "1",
+                "--max-tokens",
+                "2",
+                "--backend",
+                "transformers",
+                "--out",
+                t,
+            ],
             ["mix", f"{train}=1", "--out", t],
             ["distill", "--student", student, "--data", train, "--out", t, "--max-steps", "1"],
             ["eval", "--model", student, "--tasks", "gsm8k", "--limit", "1", "-o", t],
             ["align", "--model", student, "--data", train, "--out", t],
-            ["demo", "init", "--out", t], ["demo", "standin", "--meta", meta, "--out", t],
+            ["demo", "init", "--out", t],
+            ["demo", "standin", "--meta", meta, "--out", t],
         ]
 
     for name, t in targets.items():
@@ -454,8 +631,19 @@ def test_no_stage_touches_a_protected_path(family, chat_data, tmp_path, monkeypa
 
 def test_distill_checks_space_before_loading_the_student(family, chat_data, small_disk):
     out = small_disk / "student"
-    code, text = run("distill", "--student", family["short_cot"], "--data", chat_data["train"], "--out", out,
-                     "--max-steps", "1", "--dtype", "float32")
+    code, text = run(
+        "distill",
+        "--student",
+        family["short_cot"],
+        "--data",
+        chat_data["train"],
+        "--out",
+        out,
+        "--max-steps",
+        "1",
+        "--dtype",
+        "float32",
+    )
     one_line_error(code, text, "not enough disk space", str(out))
     assert not list(small_disk.iterdir())
 
@@ -463,7 +651,16 @@ def test_distill_checks_space_before_loading_the_student(family, chat_data, smal
 def test_distill_numbers_are_not_booleans(family, chat_data, tmp_path):
     cfg = tmp_path / "d.yaml"
     cfg.write_text(yaml.safe_dump({"epochs": True}))
-    code, text = run("distill", "--config", cfg, "--student", family["short_cot"], "--data", chat_data["train"],
-                     "--out", tmp_path / "s")
+    code, text = run(
+        "distill",
+        "--config",
+        cfg,
+        "--student",
+        family["short_cot"],
+        "--data",
+        chat_data["train"],
+        "--out",
+        tmp_path / "s",
+    )
     one_line_error(code, text, "epochs", "not true/false")
     assert not (tmp_path / "s").exists()

@@ -57,9 +57,15 @@ def test_from_forces_later_stages_and_until_stops(tmp_path):
 
 def test_bare_recipe_runs_only_the_build_and_then_nothing(tiny_family, tmp_path):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump({"models": {k: str(v) for k, v in tiny_family.items()},
-                                      "merge": {"method": "linear", "ratio": 0.5, "dtype": "bfloat16"},
-                                      "output": str(tmp_path / "ta")}))
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "models": {k: str(v) for k, v in tiny_family.items()},
+                "merge": {"method": "linear", "ratio": 0.5, "dtype": "bfloat16"},
+                "output": str(tmp_path / "ta"),
+            }
+        )
+    )
     first = CliRunner().invoke(cli, ["run", str(recipe)])
     assert first.exit_code == 0, first.output
     assert (tmp_path / "ta" / "micota.json").is_file() and "[run ] build" in first.output
@@ -76,10 +82,16 @@ def test_bare_recipe_runs_only_the_build_and_then_nothing(tiny_family, tmp_path)
 
 def test_pipeline_section_is_validated(tiny_family, tmp_path):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump({"models": {k: str(v) for k, v in tiny_family.items()},
-                                      "merge": {"method": "linear"}, "output": str(tmp_path / "ta"),
-                                      "pipeline": {"workdir": str(tmp_path / "w"), "student": "s",
-                                                   "mix": {"ta": 1, "long": 4}}}))
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "models": {k: str(v) for k, v in tiny_family.items()},
+                "merge": {"method": "linear"},
+                "output": str(tmp_path / "ta"),
+                "pipeline": {"workdir": str(tmp_path / "w"), "student": "s", "mix": {"ta": 1, "long": 4}},
+            }
+        )
+    )
     result = CliRunner().invoke(cli, ["run", str(recipe)])
     assert result.exit_code == 2 and "mix part 'long'" in result.output
     result = CliRunner().invoke(cli, ["run", str(recipe), "--from", "nowhere"])
@@ -98,8 +110,15 @@ def test_demo_pipeline_end_to_end_small(tmp_path):
     p = data["pipeline"]
     student = tmp_path / "student"  # a copy, so its weights can be changed in place below
     shutil.copytree(repo / p["student"], student)
-    p.update(workdir=str(tmp_path / "w"), student=str(student), questions=str(repo / p["questions"]),
-             question_limit=40, baselines=["long_cot"], eval_teachers=False, distill_seeds=[0, 1])
+    p.update(
+        workdir=str(tmp_path / "w"),
+        student=str(student),
+        questions=str(repo / p["questions"]),
+        question_limit=40,
+        baselines=["long_cot"],
+        eval_teachers=False,
+        distill_seeds=[0, 1],
+    )
     p["distill"].update(epochs=1)
     p["eval"].update(limit=12)
     pipeline = tmp_path / "pipeline.yaml"
@@ -107,28 +126,46 @@ def test_demo_pipeline_end_to_end_small(tmp_path):
 
     plan = CliRunner().invoke(cli, ["run", str(pipeline), "--dry-run"])
     assert plan.exit_code == 0, plan.output
-    for stage in ("build: teacher assistant (sweep)", "generate: ta data", "generate: long_cot data",
-                  "distill: student on ta data (seed 1)", "eval: student+long_cot@seed1", "report"):
+    for stage in (
+        "build: teacher assistant (sweep)",
+        "generate: ta data",
+        "generate: long_cot data",
+        "distill: student on ta data (seed 1)",
+        "eval: student+long_cot@seed1",
+        "report",
+    ):
         assert f"[plan] {stage}: would run" in plan.output, plan.output
     assert not (tmp_path / "w").exists()  # a plan writes nothing
 
     first = CliRunner().invoke(cli, ["run", str(pipeline)])
     assert first.exit_code == 0, first.output
     report = (tmp_path / "w" / "report.md").read_text()
-    for row in ("| student |", "| student+ta@seed0 |", "| student+long_cot@seed1 |", "| TA **chosen** |",
-                "| student+ta | 2 |", "| student+long_cot | 2 |"):
+    for row in (
+        "| student |",
+        "| student+ta@seed0 |",
+        "| student+long_cot@seed1 |",
+        "| TA **chosen** |",
+        "| student+ta | 2 |",
+        "| student+long_cot | 2 |",
+    ):
         assert row in report
     summary = json.loads((tmp_path / "w" / "report" / "summary.json").read_text())
-    assert set(summary["scores"]) == {"student", "student+ta@seed0", "student+ta@seed1",
-                                      "student+long_cot@seed0", "student+long_cot@seed1"}
+    assert set(summary["scores"]) == {
+        "student",
+        "student+ta@seed0",
+        "student+ta@seed1",
+        "student+long_cot@seed0",
+        "student+long_cot@seed1",
+    }
     for s in summary["scores"].values():
         assert s["tasks"]["microworld"]["n"] == 12 and 0.0 <= s["average"] <= 1.0
     # each distillation seed is its own student (the seed reaches the trainer), and the report's
     # spread is over exactly those students
     from safetensors.torch import load_file
 
-    w0, w1 = (load_file(tmp_path / "w" / "students" / "ta" / f"seed-{k}" / "model" / "model.safetensors")
-              for k in (0, 1))
+    w0, w1 = (
+        load_file(tmp_path / "w" / "students" / "ta" / f"seed-{k}" / "model" / "model.safetensors") for k in (0, 1)
+    )
     assert any(not torch.equal(w0[k], w1[k]) for k in w0)
     group = summary["students"]["student+ta"]
     accs = [summary["scores"][f"student+ta@seed{k}"]["average"] for k in (0, 1)]
@@ -161,8 +198,10 @@ def test_demo_pipeline_end_to_end_small(tmp_path):
     save_file(weights, student / "model.safetensors", metadata={"format": "pt"})
     plan = CliRunner().invoke(cli, ["run", str(pipeline), "--dry-run"])
     assert plan.exit_code == 0 and "[done] build" in plan.output, plan.output
-    assert (f"[plan] distill: student on ta data (seed 0): would start over; replaces "
-            f"{tmp_path / 'w' / 'students' / 'ta' / 'seed-0' / 'model'}") in plan.output
+    assert (
+        f"[plan] distill: student on ta data (seed 0): would start over; replaces "
+        f"{tmp_path / 'w' / 'students' / 'ta' / 'seed-0' / 'model'}"
+    ) in plan.output
     assert "[plan] eval: student: would start over" in plan.output
     third = CliRunner().invoke(cli, ["run", str(pipeline)])
     assert third.exit_code == 0, third.output
@@ -175,11 +214,13 @@ def test_spread_and_seed_groups():
 
     assert spread([0.2, 0.4, 0.3]) == pytest.approx({"mean": 0.3, "sd": 0.1, "min": 0.2, "max": 0.4, "n": 3})
     assert spread([0.5])["sd"] == 0.0
-    scores = {"student": {"average": 0.1, "tasks": {"t": {"mean_tokens": 9}}},
-              "teacher:ta": {"average": 0.9, "tasks": {"t": {"mean_tokens": 50}}},
-              "student+ta@seed0": {"average": 0.2, "tasks": {"t": {"mean_tokens": 10}}},
-              "student+ta@seed2": {"average": 0.4, "tasks": {"t": {"mean_tokens": 30}}},
-              "student+mix_long": {"average": 0.3, "tasks": {"t": {"mean_tokens": 20}}}}
+    scores = {
+        "student": {"average": 0.1, "tasks": {"t": {"mean_tokens": 9}}},
+        "teacher:ta": {"average": 0.9, "tasks": {"t": {"mean_tokens": 50}}},
+        "student+ta@seed0": {"average": 0.2, "tasks": {"t": {"mean_tokens": 10}}},
+        "student+ta@seed2": {"average": 0.4, "tasks": {"t": {"mean_tokens": 30}}},
+        "student+mix_long": {"average": 0.3, "tasks": {"t": {"mean_tokens": 20}}},
+    }
     groups = seed_groups(scores)
     assert set(groups) == {"student+ta", "student+mix_long"}
     assert groups["student+ta"]["seeds"] == [0, 2]
@@ -195,15 +236,20 @@ def test_spread_and_seed_groups():
     assert groups["student+ta"]["seeds"] == [0, 2, 1]
     assert groups["student+ta"]["accuracy"]["n"] == 2 and groups["student+ta"]["mean_tokens"]["n"] == 2
     assert groups["student+ta"]["tasks"]["u"]["accuracy"] == pytest.approx(
-        {"mean": 0.5, "sd": 0.0, "min": 0.5, "max": 0.5, "n": 1})
+        {"mean": 0.5, "sd": 0.0, "min": 0.5, "max": 0.5, "n": 1}
+    )
 
 
 def _summary(tasks: dict, average=None, max_tokens=400):
     """An eval summary.json as `micota-merge eval` writes it (only what the report reads)."""
     accs = [t["accuracy"] for t in tasks.values() if t.get("accuracy") is not None]
-    return {"model": "m", "tasks": {n: {"samples": 1, "n": 200, **t} for n, t in tasks.items()},
-            "average": (sum(accs) / len(accs) if accs else None) if average is None else average,
-            "average_ci95": None, "max_tokens": max_tokens}
+    return {
+        "model": "m",
+        "tasks": {n: {"samples": 1, "n": 200, **t} for n, t in tasks.items()},
+        "average": (sum(accs) / len(accs) if accs else None) if average is None else average,
+        "average_ci95": None,
+        "max_tokens": max_tokens,
+    }
 
 
 def _write_runs(tmp_path, summaries: dict) -> dict:
@@ -231,18 +277,26 @@ def test_report_scores_table_and_chart(tmp_path, monkeypatch):
     from micota_merge.merge.recipe import PipelineSettings, Recipe
     from micota_merge.pipeline.run import chart_bars, write_report
 
-    summaries = {"student": _summary({"microworld": _task(0.165, [0.115, 0.215], 117.1, 0.01)}),
-                 "student+ta@seed0": _summary({"microworld": _task(0.255, [0.195, 0.32], 210.6)}),
-                 "student+ta@seed1": _summary({"microworld": _task(0.205, [0.15, 0.265], 234.8)}),
-                 "student+long_cot@seed0": _summary({"microworld": _task(0.09, None, None)}),
-                 "student+long_cot@seed1": _summary({"microworld": _task(0.11, [0.07, 0.155], 331.7)}),
-                 "teacher:ta": _summary({"microworld": _task(0.98, [0.96, 0.995], 190.7)})}
+    summaries = {
+        "student": _summary({"microworld": _task(0.165, [0.115, 0.215], 117.1, 0.01)}),
+        "student+ta@seed0": _summary({"microworld": _task(0.255, [0.195, 0.32], 210.6)}),
+        "student+ta@seed1": _summary({"microworld": _task(0.205, [0.15, 0.265], 234.8)}),
+        "student+long_cot@seed0": _summary({"microworld": _task(0.09, None, None)}),
+        "student+long_cot@seed1": _summary({"microworld": _task(0.11, [0.07, 0.155], 331.7)}),
+        "teacher:ta": _summary({"microworld": _task(0.98, [0.96, 0.995], 190.7)}),
+    }
     evals = _write_runs(tmp_path, summaries)
     data_file = tmp_path / "data" / "ta" / "data.correct.jsonl"
     data_file.parent.mkdir(parents=True)
     data_file.write_text(json.dumps({"num_tokens": 10}) + "\n")
-    recipe = Recipe.model_validate({"name": "r", "models": {"long_cot": "a", "short_cot": "b"},
-                                    "merge": {"method": "linear", "ratio": 0.5}, "output": str(tmp_path / "ta")})
+    recipe = Recipe.model_validate(
+        {
+            "name": "r",
+            "models": {"long_cot": "a", "short_cot": "b"},
+            "merge": {"method": "linear", "ratio": 0.5},
+            "output": str(tmp_path / "ta"),
+        }
+    )
     settings = PipelineSettings(workdir=str(tmp_path), student="s")
     figs = []
     monkeypatch.setattr(plt, "close", lambda fig=None: figs.append(fig))
@@ -274,19 +328,27 @@ def test_report_scores_table_and_chart(tmp_path, monkeypatch):
     renderer = fig.canvas.get_renderer()
     for ax in fig.axes:
         boxes = [t.get_window_extent(renderer) for t in ax.texts]
-        assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+        assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1 :])
     legend = fig.legends[0].get_window_extent(renderer)
     for ax in fig.axes:  # the legend below the axes and their tick labels, not over them
         assert legend.y1 <= ax.get_tightbbox(renderer).y0
     # several tasks: an average row, tasks in --compare's order
-    more = {n: _summary({"gsm8k": _task(s["average"], None, 40.0), "math500": _task(0.1, None, 50.0)})
-            for n, s in summaries.items()}
+    more = {
+        n: _summary({"gsm8k": _task(s["average"], None, 40.0), "math500": _task(0.1, None, 50.0)})
+        for n, s in summaries.items()
+    }
     from micota_merge.pipeline.run import scores_chart
 
     scores_chart(more, tmp_path / "more.png")
     titles = [ax.get_title() for ax in figs[-1].axes]
-    assert titles == ["math500: accuracy", "math500: length", "gsm8k: accuracy", "gsm8k: length",
-                      "average over tasks: accuracy", "average over tasks: length"]
+    assert titles == [
+        "math500: accuracy",
+        "math500: length",
+        "gsm8k: accuracy",
+        "gsm8k: length",
+        "average over tasks: accuracy",
+        "average over tasks: length",
+    ]
 
 
 def test_distill_seeds_must_be_distinct():

@@ -77,13 +77,16 @@ def run_cli(*args) -> tuple[int, str]:
 # ---------------------------------------------------------------- stand-ins
 
 
-@pytest.mark.parametrize("folder,params", [
-    # the HF API's parameter counts (model_meta/SOURCES.md); tied heads are counted once
-    ("Qwen__Qwen2.5-1.5B-Instruct", 1_543_714_304),
-    ("Qwen__Qwen2.5-3B-Instruct", 3_085_938_688),
-    ("Qwen__Qwen2.5-7B-Instruct", 7_615_616_512),
-    ("deepseek-ai__DeepSeek-R1-Distill-Qwen-32B", 32_763_876_352),
-])
+@pytest.mark.parametrize(
+    "folder,params",
+    [
+        # the HF API's parameter counts (model_meta/SOURCES.md); tied heads are counted once
+        ("Qwen__Qwen2.5-1.5B-Instruct", 1_543_714_304),
+        ("Qwen__Qwen2.5-3B-Instruct", 3_085_938_688),
+        ("Qwen__Qwen2.5-7B-Instruct", 7_615_616_512),
+        ("deepseek-ai__DeepSeek-R1-Distill-Qwen-32B", 32_763_876_352),
+    ],
+)
 def test_standin_headers_carry_the_real_sizes_and_cost_no_disk(tmp_path, folder, params):
     from safetensors import safe_open
 
@@ -102,21 +105,25 @@ def test_standin_headers_carry_the_real_sizes_and_cost_no_disk(tmp_path, folder,
             assert st.get_tensor("model.norm.weight").abs().sum() == 0
     tied = json.loads((MODEL_META / folder / "config.json").read_text())["tie_word_embeddings"]
     assert ("lm_head.weight" in meta.tensors) == (not tied)
-    assert json.loads((out / "config.json").read_bytes()) == json.loads((MODEL_META / folder / "config.json").read_bytes())
+    assert json.loads((out / "config.json").read_bytes()) == json.loads(
+        (MODEL_META / folder / "config.json").read_bytes()
+    )
 
 
 def test_standin_shards_with_an_index(tmp_path):
     from micota_merge.core.checkpoints import read_checkpoint
 
     whole = read_checkpoint(make_standin(QWEN_15B_INSTRUCT, tmp_path / "one"))
-    code, text = run_cli("demo", "standin", "--meta", QWEN_15B_INSTRUCT, "--out", tmp_path / "sharded",
-                         "--shard-size", "1GB")
+    code, text = run_cli(
+        "demo", "standin", "--meta", QWEN_15B_INSTRUCT, "--out", tmp_path / "sharded", "--shard-size", "1GB"
+    )
     assert code == 0, text
     index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) == 4  # 3.09 GB in <= 1 GB shards
     sharded = read_checkpoint(tmp_path / "sharded")
-    assert {n: (t.dtype, t.shape) for n, t in sharded.tensors.items()} == \
-        {n: (t.dtype, t.shape) for n, t in whole.tensors.items()}
+    assert {n: (t.dtype, t.shape) for n, t in sharded.tensors.items()} == {
+        n: (t.dtype, t.shape) for n, t in whole.tensors.items()
+    }
     assert index["metadata"]["total_size"] == whole.n_bytes()
 
 
@@ -128,8 +135,16 @@ def test_standin_tokenizers_read_the_collision_as_each_family_does(tmp_path):
     # The re-saved R1-Distill tokenizer's own example (SOURCES.md, "Token-id evidence").
     ids = r1("<｜begin▁of▁sentence｜><｜User｜>Hello, world!<｜Assistant｜>", add_special_tokens=False)["input_ids"]
     assert ids == [151646, 151644, 9707, 11, 1879, 0, 151645]
-    assert qwen("<|im_start|>user\nHello, world!<|im_end|>", add_special_tokens=False)["input_ids"] == \
-        [151644, 872, 198, 9707, 11, 1879, 0, 151645]
+    assert qwen("<|im_start|>user\nHello, world!<|im_end|>", add_special_tokens=False)["input_ids"] == [
+        151644,
+        872,
+        198,
+        9707,
+        11,
+        1879,
+        0,
+        151645,
+    ]
     assert (r1.eos_token_id, qwen.eos_token_id) == (151643, 151645)
     assert r1.convert_ids_to_tokens([151648, 151649]) == ["<think>", "</think>"]
     assert qwen.convert_ids_to_tokens([151648, 151649]) == ["<|box_start|>", "<|box_end|>"]
@@ -139,8 +154,14 @@ def test_standin_refuses_missing_metadata(tmp_path):
     (tmp_path / "meta").mkdir()
     with pytest.raises(UserError, match="no config.json"):
         make_standin(tmp_path / "meta", tmp_path / "out")
-    code, text = run_cli("demo", "standin", "--recipe", REPO / "micota_merge" / "recipes" / "merge" / "r1-qwen32b-ta.yaml",
-                         "--out", tmp_path / "s")
+    code, text = run_cli(
+        "demo",
+        "standin",
+        "--recipe",
+        REPO / "micota_merge" / "recipes" / "merge" / "r1-qwen32b-ta.yaml",
+        "--out",
+        tmp_path / "s",
+    )
     assert code == 2 and "Qwen/Qwen2.5-32B-Instruct" in text and "nothing is guessed" in text
     assert not (tmp_path / "s").exists()
 
@@ -169,8 +190,14 @@ def test_paper_recipe_metadata_found_or_named(name, tmp_path):
 
 def test_r1_qwen7b_dry_run_on_standins_prints_the_real_traps(tmp_path, no_weight_reads):
     """The one paper recipe whose three checkpoints all have real metadata: a full dry-run."""
-    code, text = run_cli("demo", "standin", "--recipe", REPO / "micota_merge" / "recipes" / "merge" / "r1-qwen7b-ta.yaml",
-                         "--out", tmp_path / "s")
+    code, text = run_cli(
+        "demo",
+        "standin",
+        "--recipe",
+        REPO / "micota_merge" / "recipes" / "merge" / "r1-qwen7b-ta.yaml",
+        "--out",
+        tmp_path / "s",
+    )
     assert code == 0, text
     code, text = run_cli("build", tmp_path / "s" / "recipe.yaml", "--dry-run")
     assert code == 0, text
@@ -241,8 +268,11 @@ def test_tie_mismatch_merges_with_the_tied_sides_embedding_as_its_head(tiny_fami
 
     fam = dict(tiny_family_f32, long_cot=_untied_copy(tiny_family_f32["long_cot"], tmp_path / "long_untied", 5))
     assert "lm_head.weight" not in load_file(fam["short_cot"] / "model.safetensors")
-    recipe = {"models": {k: str(v) for k, v in fam.items()}, "output": str(tmp_path / "ta"),
-              "merge": {"method": method, "ratio": 0.3, "dtype": "float32"}}
+    recipe = {
+        "models": {k: str(v) for k, v in fam.items()},
+        "output": str(tmp_path / "ta"),
+        "merge": {"method": method, "ratio": 0.3, "dtype": "float32"},
+    }
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     code, text = run_cli("build", tmp_path / "r.yaml")
     assert code == 0, text
@@ -284,8 +314,9 @@ def _chain_model(dst: Path, meta: Path, chain: list[int], config_eos: int, token
 
     from micota_merge.demo.family import tiny_config
 
-    config = tiny_config("qwen2", tie_word_embeddings=False, vocab_size=151936, bos_token_id=151643,
-                         eos_token_id=config_eos)
+    config = tiny_config(
+        "qwen2", tie_word_embeddings=False, vocab_size=151936, bos_token_id=151643, eos_token_id=config_eos
+    )
     from conftest import chain_model
 
     model = chain_model(config, chain)
@@ -308,24 +339,44 @@ def collision_pair(tmp_path_factory) -> dict:
     r1_tok = make_standin(R1_32B, root / "r1_standin")
     qwen_tok = make_standin(QWEN_15B_INSTRUCT, root / "qwen_standin")
     tok = AutoTokenizer.from_pretrained(r1_tok)
-    prompt = tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=True, add_generation_prompt=True,
-                                     return_dict=False)
-    body = tok("ok", add_special_tokens=False)["input_ids"] + [151649] + \
-        tok("\\boxed{42}", add_special_tokens=False)["input_ids"]
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "x"}], tokenize=True, add_generation_prompt=True, return_dict=False
+    )
+    body = (
+        tok("ok", add_special_tokens=False)["input_ids"]
+        + [151649]
+        + tok("\\boxed{42}", add_special_tokens=False)["input_ids"]
+    )
     chain = [prompt[-1]] + body + [151645]
     assert len(set(chain)) == len(chain)
-    paths = {"long_cot": _chain_model(root / "long_cot", R1_32B, chain, 151643, r1_tok),
-             "short_cot": _chain_model(root / "short_cot", QWEN_15B_INSTRUCT, chain, 151645, qwen_tok),
-             "base": _chain_model(root / "base", QWEN_15B_INSTRUCT, chain, 151645, qwen_tok)}
+    paths = {
+        "long_cot": _chain_model(root / "long_cot", R1_32B, chain, 151643, r1_tok),
+        "short_cot": _chain_model(root / "short_cot", QWEN_15B_INSTRUCT, chain, 151645, qwen_tok),
+        "base": _chain_model(root / "base", QWEN_15B_INSTRUCT, chain, 151645, qwen_tok),
+    }
     questions = root / "q.jsonl"
-    questions.write_text("".join(json.dumps({"id": f"q{i}", "question": f"{i} + 40?", "answer": "42"}) + "\n"
-                                 for i in (1, 2)))
+    questions.write_text(
+        "".join(json.dumps({"id": f"q{i}", "question": f"{i} + 40?", "answer": "42"}) + "\n" for i in (1, 2))
+    )
     return {**paths, "questions": questions, "root": root, "answer_tokens": len(body) + 1}
 
 
 def _generate(model: Path, questions: Path, out: Path):
-    code, text = run_cli("generate", "--model", model, "--questions", questions, "--out", out, "--backend",
-                         "transformers", "--max-tokens", "10", "--keep", "all")
+    code, text = run_cli(
+        "generate",
+        "--model",
+        model,
+        "--questions",
+        questions,
+        "--out",
+        out,
+        "--backend",
+        "transformers",
+        "--max-tokens",
+        "10",
+        "--keep",
+        "all",
+    )
     assert code == 0, text
     return [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
 
@@ -333,12 +384,16 @@ def _generate(model: Path, questions: Path, out: Path):
 def test_ta_keeping_r1_tokens_stops_on_qwens_end_of_turn(collision_pair, tmp_path):
     from transformers import AutoTokenizer
 
-    from micota_merge.training.distill import encode_records, read_chat_records
     from micota_merge.core.templates import render_completion, render_with_tokenizer
+    from micota_merge.training.distill import encode_records, read_chat_records
 
     p = collision_pair
-    recipe = {"models": {r: str(p[r]) for r in ("long_cot", "short_cot", "base")}, "tokenizer": "long_cot",
-              "merge": {"method": "task_arithmetic", "ratio": 0.5, "dtype": "float32"}, "output": str(tmp_path / "ta")}
+    recipe = {
+        "models": {r: str(p[r]) for r in ("long_cot", "short_cot", "base")},
+        "tokenizer": "long_cot",
+        "merge": {"method": "task_arithmetic", "ratio": 0.5, "dtype": "float32"},
+        "output": str(tmp_path / "ta"),
+    }
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     code, text = run_cli("build", tmp_path / "r.yaml")
     assert code == 0, text
@@ -368,7 +423,7 @@ def test_ta_keeping_r1_tokens_stops_on_qwens_end_of_turn(collision_pair, tmp_pat
     [(ids, mask)] = encode_records(tok, read_chat_records(tmp_path / "ta.jsonl")[:1])
     learnt = tok.decode([i for i, m in zip(ids, mask) if m])
     assert learnt == "ok</think>\\boxed{42}<｜end▁of▁sentence｜>"
-    assert tok.decode(ids[:mask.index(1)]) == prompt_text
+    assert tok.decode(ids[: mask.index(1)]) == prompt_text
 
 
 def test_qwen_default_system_prompt_is_recorded_and_can_be_dropped(collision_pair, tmp_path):
@@ -387,7 +442,7 @@ def test_qwen_default_system_prompt_is_recorded_and_can_be_dropped(collision_pai
     # Same template: keeping the recorded system prompt re-renders exactly what the model saw.
     [(ids, mask)] = encode_records(qwen, records[:1])
     seen = qwen.apply_chat_template(recs[0]["messages"][:1], tokenize=False, add_generation_prompt=True)
-    assert qwen.decode(ids[:mask.index(1)]) == seen
+    assert qwen.decode(ids[: mask.index(1)]) == seen
     # A student with R1's template: kept, the prompt carries it; dropped, the student's template decides.
     [(kept, _)] = encode_records(r1, records[:1], template_system="keep")
     [(dropped, _)] = encode_records(r1, records[:1], template_system="drop")
@@ -398,18 +453,29 @@ def test_real_templates_facts():
     from micota_merge.core.checkpoints import read_chat_template
     from micota_merge.core.templates import render_with_template, template_facts
 
-    r1 = template_facts(render_with_template(json.loads((R1_32B / "tokenizer_config.json").read_text())["chat_template"]))
-    assert (r1.prefill, r1.default_system, r1.end_of_turn, r1.rewrites_answer) == \
-        ("<think>\n", None, "<｜end▁of▁sentence｜>", True)
+    r1 = template_facts(
+        render_with_template(json.loads((R1_32B / "tokenizer_config.json").read_text())["chat_template"])
+    )
+    assert (r1.prefill, r1.default_system, r1.end_of_turn, r1.rewrites_answer) == (
+        "<think>\n",
+        None,
+        "<｜end▁of▁sentence｜>",
+        True,
+    )
     qwen_t = json.loads((QWEN_15B_INSTRUCT / "tokenizer_config.hf_api_subset.json").read_text())["chat_template"]
     qwen = template_facts(render_with_template(qwen_t))
-    assert (qwen.prefill, qwen.default_system, qwen.end_of_turn, qwen.rewrites_answer) == \
-        ("", QWEN_DEFAULT_SYSTEM, "<|im_end|>\n", False)
+    assert (qwen.prefill, qwen.default_system, qwen.end_of_turn, qwen.rewrites_answer) == (
+        "",
+        QWEN_DEFAULT_SYSTEM,
+        "<|im_end|>\n",
+        False,
+    )
     assert read_chat_template(R1_32B)  # the reconstructed tokenizer_config.json carries it
 
 
-def test_tie_mismatch_refused_before_reading_where_mergekit_cannot_untie(tiny_family_f32, tmp_path, monkeypatch,
-                                                                       no_weight_reads):
+def test_tie_mismatch_refused_before_reading_where_mergekit_cannot_untie(
+    tiny_family_f32, tmp_path, monkeypatch, no_weight_reads
+):
     """Where mergekit's architecture lists no lm_head -> embedding tie, the build stops at the
     metadata, saying how to untie the checkpoint, instead of failing mid-merge."""
     from mergekit.architecture import base as arch_base
@@ -418,28 +484,38 @@ def test_tie_mismatch_refused_before_reading_where_mergekit_cannot_untie(tiny_fa
     original = arch_base.ModelArchitecture.all_weights
 
     def without_tie(self, config):
-        return [w.model_copy(update={"tied_names": None}) if w.name == "lm_head.weight" else w
-                for w in original(self, config)]
+        return [
+            w.model_copy(update={"tied_names": None}) if w.name == "lm_head.weight" else w
+            for w in original(self, config)
+        ]
 
     monkeypatch.setattr(arch_base.ModelArchitecture, "all_weights", without_tie)
-    recipe = {"models": {k: str(v) for k, v in fam.items()}, "output": str(tmp_path / "ta"),
-              "merge": {"method": "linear", "ratio": 0.5, "dtype": "float32"}}
+    recipe = {
+        "models": {k: str(v) for k, v in fam.items()},
+        "output": str(tmp_path / "ta"),
+        "merge": {"method": "linear", "ratio": 0.5, "dtype": "float32"},
+    }
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     code, text = run_cli("build", tmp_path / "r.yaml")
     assert code == 2 and "Untie it first" in text and "short_cot" in text
     assert not (tmp_path / "ta").exists()
 
 
-@pytest.mark.parametrize("long_cot,base,warned", [
-    ("deepseek-ai__DeepSeek-R1-Distill-Qwen-7B", "Qwen__Qwen2.5-7B", True),  # from Qwen2.5-Math-7B
-    ("deepseek-ai__DeepSeek-R1-Distill-Qwen-32B", "Qwen__Qwen2.5-32B", False),  # byte-identical configs
-])
+@pytest.mark.parametrize(
+    "long_cot,base,warned",
+    [
+        ("deepseek-ai__DeepSeek-R1-Distill-Qwen-7B", "Qwen__Qwen2.5-7B", True),  # from Qwen2.5-Math-7B
+        ("deepseek-ai__DeepSeek-R1-Distill-Qwen-32B", "Qwen__Qwen2.5-32B", False),  # byte-identical configs
+    ],
+)
 def test_lineage_from_the_real_configs(long_cot, base, warned):
     from micota_merge.core.checkpoints import CheckpointMeta
     from micota_merge.merge.preflight import lineage_warnings
 
-    metas = {role: CheckpointMeta(MODEL_META / name, json.loads((MODEL_META / name / "config.json").read_text()), {})
-             for role, name in (("long_cot", long_cot), ("base", base))}
+    metas = {
+        role: CheckpointMeta(MODEL_META / name, json.loads((MODEL_META / name / "config.json").read_text()), {})
+        for role, name in (("long_cot", long_cot), ("base", base))
+    }
     assert bool(lineage_warnings(metas)) == warned
     if long_cot.endswith("32B"):
         assert (MODEL_META / long_cot / "config.json").read_bytes() == (MODEL_META / base / "config.json").read_bytes()

@@ -9,8 +9,8 @@ import yaml
 from click.testing import CliRunner
 
 from micota_merge.cli import cli
-from micota_merge.merge.recipe import Recipe, parse_recipe
 from micota_merge.core.errors import UserError
+from micota_merge.merge.recipe import Recipe, parse_recipe
 
 
 def _recipe(family, tmp_path, **merge) -> dict:
@@ -61,29 +61,44 @@ def test_unknown_model_role(tiny_family, tmp_path):
 
 @pytest.mark.parametrize("ratio", [-0.1, 1.5])
 def test_ratio_out_of_range(tiny_family, tmp_path, ratio):
-    _assert_clean_failure(_build(_write(tmp_path, _recipe(tiny_family, tmp_path, ratio=ratio))), tmp_path,
-                          "merge.ratio", "between 0 and 1")
+    _assert_clean_failure(
+        _build(_write(tmp_path, _recipe(tiny_family, tmp_path, ratio=ratio))),
+        tmp_path,
+        "merge.ratio",
+        "between 0 and 1",
+    )
 
 
 def test_ratio_override_out_of_range(tiny_family, tmp_path):
-    _assert_clean_failure(_build(_write(tmp_path, _recipe(tiny_family, tmp_path)), "--ratio", "2"), tmp_path,
-                          "ratio", "between 0 and 1")
+    _assert_clean_failure(
+        _build(_write(tmp_path, _recipe(tiny_family, tmp_path)), "--ratio", "2"), tmp_path, "ratio", "between 0 and 1"
+    )
 
 
 @pytest.mark.parametrize("density", [0, 1.2, -0.5])
 def test_density_out_of_range(tiny_family, tmp_path, density):
-    _assert_clean_failure(_build(_write(tmp_path, _recipe(tiny_family, tmp_path, density=density))), tmp_path,
-                          "merge.density", "(0, 1]")
+    _assert_clean_failure(
+        _build(_write(tmp_path, _recipe(tiny_family, tmp_path, density=density))), tmp_path, "merge.density", "(0, 1]"
+    )
 
 
 def test_unknown_method_lists_valid_ones(tiny_family, tmp_path):
-    _assert_clean_failure(_build(_write(tmp_path, _recipe(tiny_family, tmp_path, method="dare_tie"))), tmp_path,
-                          "unknown method 'dare_tie'", "did you mean 'dare_ties'", "task_arithmetic")
+    _assert_clean_failure(
+        _build(_write(tmp_path, _recipe(tiny_family, tmp_path, method="dare_tie"))),
+        tmp_path,
+        "unknown method 'dare_tie'",
+        "did you mean 'dare_ties'",
+        "task_arithmetic",
+    )
 
 
 def test_unknown_method_parameter(tiny_family, tmp_path):
-    _assert_clean_failure(_build(_write(tmp_path, _recipe(tiny_family, tmp_path, gama=0.1, method="breadcrumbs"))),
-                          tmp_path, "gama", "did you mean 'gamma'")
+    _assert_clean_failure(
+        _build(_write(tmp_path, _recipe(tiny_family, tmp_path, gama=0.1, method="breadcrumbs"))),
+        tmp_path,
+        "gama",
+        "did you mean 'gamma'",
+    )
 
 
 def test_task_vector_method_needs_base(tiny_family, tmp_path):
@@ -110,8 +125,9 @@ def test_hub_id_offline_says_so(tiny_family, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     r = _recipe(tiny_family, tmp_path)
     r["models"]["long_cot"] = "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B"
-    _assert_clean_failure(_build(_write(tmp_path, r)), tmp_path, "models.long_cot",
-                          "HF_HUB_OFFLINE=1", "huggingface-cli download")
+    _assert_clean_failure(
+        _build(_write(tmp_path, r)), tmp_path, "models.long_cot", "HF_HUB_OFFLINE=1", "huggingface-cli download"
+    )
 
 
 def test_invalid_yaml_says_where(tmp_path):
@@ -212,7 +228,9 @@ def test_a_new_method_is_one_table_entry(toy_method, tiny_family, tmp_path):
     cfg = yaml.safe_load(result.output)
     assert cfg["merge_method"] == "multislerp" and "base_model" not in cfg
     assert {m["model"]: m["parameters"] for m in cfg["models"]} == {
-        str(tiny_family["long_cot"]): {"weight": 0.3}, str(tiny_family["short_cot"]): {"weight": pytest.approx(0.7)}}
+        str(tiny_family["long_cot"]): {"weight": 0.3},
+        str(tiny_family["short_cot"]): {"weight": pytest.approx(0.7)},
+    }
     assert cfg["parameters"] == {"normalize_weights": True}
     result = _build(p, "--dry-run")
     assert result.exit_code == 0, result.output

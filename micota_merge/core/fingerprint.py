@@ -29,9 +29,19 @@ _SHA256_NAME = re.compile(r"^[0-9a-f]{64}$")
 
 # Besides the weights, the files that change what a model generates: its config, generation
 # defaults, tokenizer and chat template. README, micota.json, sweep tables and the like do not.
-MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-               "vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json", "tokenizer.model",
-               "chat_template.jinja", "chat_template.json")
+MODEL_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
 
 
@@ -99,8 +109,11 @@ def model_files(folder: Path) -> list[Path]:
     for p in sorted(folder.iterdir()):
         if p.name.startswith("."):
             continue
-        if p.name in MODEL_FILES or (p.suffix in WEIGHT_SUFFIXES and p.is_file()) or \
-                p.name.endswith(".safetensors.index.json"):
+        if (
+            p.name in MODEL_FILES
+            or (p.suffix in WEIGHT_SUFFIXES and p.is_file())
+            or p.name.endswith(".safetensors.index.json")
+        ):
             out.append(p)
     return out
 
@@ -151,8 +164,10 @@ def data_fingerprint(path: str | os.PathLike) -> str:
     if path.is_file():
         return file_digest(path)
     if path.is_dir():
-        parts = {str(p.relative_to(path)): file_digest(p) for p in sorted(path.rglob("*"))
-                 if p.is_file() and not p.name.startswith(".")}
+        parts = {
+            str(p.relative_to(path)): file_digest(p)
+            for p in sorted(path.rglob("*"))
+            if p.is_file() and not p.name.startswith(".")
+        }
         return "tree:" + hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
     raise UserError(f"{path} does not exist")
-

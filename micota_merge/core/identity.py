@@ -22,8 +22,11 @@ def digest(obj: Any) -> str:
 def changed(old: Optional[Mapping], new: Mapping) -> list[str]:
     """The parts of `new` whose value differs from `old`'s (all of them when nothing was recorded)."""
     old = old or {}
-    return [k for k in new if json.dumps(old.get(k), sort_keys=True, default=str)
-            != json.dumps(new[k], sort_keys=True, default=str)]
+    return [
+        k
+        for k in new
+        if json.dumps(old.get(k), sort_keys=True, default=str) != json.dumps(new[k], sort_keys=True, default=str)
+    ]
 
 
 def _short(v: Any) -> str:
@@ -31,8 +34,9 @@ def _short(v: Any) -> str:
     return s if len(s) <= 80 else s[:77] + "..."
 
 
-def describe(old: Optional[Mapping], new: Mapping, names: Mapping[str, str] = {}, values: bool = False,
-             sep: str = ", ") -> str:
+def describe(
+    old: Optional[Mapping], new: Mapping, names: Mapping[str, str] = {}, values: bool = False, sep: str = ", "
+) -> str:
     """What changed, in the words a user acts on (`names` spells each part), with the old and new
     values when `values`."""
     parts = []

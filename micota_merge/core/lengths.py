@@ -55,8 +55,9 @@ def finish(token_ids: list[int], stop_ids: set[int], max_tokens: int) -> tuple[l
     return list(token_ids[:max_tokens]), LENGTH if len(token_ids) >= max_tokens else STOP
 
 
-def from_server(finish_reason: Optional[str], completion_tokens,
-                max_tokens: Optional[int] = None) -> tuple[Optional[str], Optional[int]]:
+def from_server(
+    finish_reason: Optional[str], completion_tokens, max_tokens: Optional[int] = None
+) -> tuple[Optional[str], Optional[int]]:
     """An OpenAI-compatible server's verdict: "stop" covers EOS, stop tokens and stop strings, "length"
     is the max_tokens cap. Where it gives no finish reason: the estimate, from its count and `max_tokens`
     (None without them)."""

@@ -50,11 +50,18 @@ def click_options(model: type[BaseModel], skip: tuple[str, ...] = ()):
             if ann is bool:
                 opt = click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=help_text)
             elif typing.get_origin(ann) is Literal:
-                opt = click.option(flag, name, type=click.Choice([str(a) for a in typing.get_args(ann)]),
-                                   default=None, help=help_text)
+                opt = click.option(
+                    flag, name, type=click.Choice([str(a) for a in typing.get_args(ann)]), default=None, help=help_text
+                )
             elif typing.get_origin(ann) is list:
-                opt = click.option(flag, name, multiple=True, default=None, metavar="FILE[,FILE...]",
-                                   help=help_text + " (repeat the flag or separate with commas)")
+                opt = click.option(
+                    flag,
+                    name,
+                    multiple=True,
+                    default=None,
+                    metavar="FILE[,FILE...]",
+                    help=help_text + " (repeat the flag or separate with commas)",
+                )
             else:
                 typ = {int: int, float: float}.get(ann, str)
                 opt = click.option(flag, name, type=typ, default=None, help=help_text)
@@ -64,8 +71,9 @@ def click_options(model: type[BaseModel], skip: tuple[str, ...] = ()):
     return decorate
 
 
-def resolve(model: type[BaseModel], flags: dict[str, Any], config_file: str | None = None,
-            label: str = "options") -> BaseModel:
+def resolve(
+    model: type[BaseModel], flags: dict[str, Any], config_file: str | None = None, label: str = "options"
+) -> BaseModel:
     """Build `model` from defaults, then the YAML `config_file`, then the flags that were given."""
     from micota_merge.merge.recipe import format_validation_error, read_yaml
 
@@ -93,7 +101,7 @@ def resolve(model: type[BaseModel], flags: dict[str, Any], config_file: str | No
         # A missing required field is a missing flag for most users: name both ways to give it.
         for name, field in model.model_fields.items():
             if field.is_required():
-                msg = msg.replace(f"{name}: required field is missing",
-                                  f"{_flag_name(name)} is required (or `{name}:` in --config)")
+                msg = msg.replace(
+                    f"{name}: required field is missing", f"{_flag_name(name)} is required (or `{name}:` in --config)"
+                )
         raise UserError(msg) from None
-

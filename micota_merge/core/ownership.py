@@ -56,8 +56,10 @@ def plain_name(value: str, field: str) -> str:
     no `..`, nothing a shell or a file system reads specially, so no path built from it can leave
     its work folder."""
     if not isinstance(value, str) or not _PLAIN_NAME.fullmatch(value) or set(value) <= {"."}:
-        raise UserError(f"{field} {value!r}: use a plain name of letters, digits and _ . + = @ - "
-                        "(no '/', no '..', at most 128 characters)")
+        raise UserError(
+            f"{field} {value!r}: use a plain name of letters, digits and _ . + = @ - "
+            "(no '/', no '..', at most 128 characters)"
+        )
     return value
 
 
@@ -206,8 +208,9 @@ def check_replaceable(path: PathLike, option: str = "output") -> None:
         extra = foreign_files(path)
         if extra:
             shown = ", ".join(extra[:3]) + (f" and {len(extra) - 3} more" if len(extra) > 3 else "")
-            raise refuse(path, f"holds files micota-merge did not write ({shown}); move them out first, "
-                               "then run again", option)
+            raise refuse(
+                path, f"holds files micota-merge did not write ({shown}); move them out first, then run again", option
+            )
 
 
 def record_inventory(folder: PathLike) -> None:
@@ -226,8 +229,15 @@ def refuse(path: PathLike, why: str, option: str = "output") -> UserError:
     return UserError(f"{option} {path}: {why}; nothing was changed")
 
 
-def claim(path: PathLike, stage: str, *, kind: str = "dir", inputs: Inputs = None, option: str = "output",
-          stages: Iterable[str] = ()) -> Claim:
+def claim(
+    path: PathLike,
+    stage: str,
+    *,
+    kind: str = "dir",
+    inputs: Inputs = None,
+    option: str = "output",
+    stages: Iterable[str] = (),
+) -> Claim:
     """Check `path` as an output of `stage` (a folder, or with kind="file" a file) before any work.
 
     `stages` names other stages whose outputs this one may also take as its own (e.g. `sweep`
@@ -248,8 +258,11 @@ def claim(path: PathLike, stage: str, *, kind: str = "dir", inputs: Inputs = Non
                 return Claim(path, stage, "ours", manifest)
             if not any(path.iterdir()):
                 return Claim(path, stage, "empty")
-            found = f"written by micota-merge {manifest['stage']}" if manifest and manifest.get("stage") else \
-                "not written by micota-merge (no micota.json)"
+            found = (
+                f"written by micota-merge {manifest['stage']}"
+                if manifest and manifest.get("stage")
+                else "not written by micota-merge (no micota.json)"
+            )
             raise refuse(path, f"exists and is {found}, not by {stage}; choose another path", option)
     else:
         if path.is_dir():
@@ -258,8 +271,12 @@ def claim(path: PathLike, stage: str, *, kind: str = "dir", inputs: Inputs = Non
             manifest = _read_json(file_manifest(path))
             if manifest and _stage_of(manifest) in ok:
                 return Claim(path, stage, "ours", manifest)
-            raise refuse(path, f"exists and was not written by micota-merge {stage} (no {file_manifest(path).name} "
-                               f"naming it); choose another file name", option)
+            raise refuse(
+                path,
+                f"exists and was not written by micota-merge {stage} (no {file_manifest(path).name} "
+                f"naming it); choose another file name",
+                option,
+            )
         if file_manifest(path).exists():
             m = _read_json(file_manifest(path))
             if not (m and _stage_of(m) in ok):
@@ -276,12 +293,23 @@ def claim_sidecars(owner: Claim, sidecars: Iterable[PathLike], option: str = "ou
     for p in sidecars:
         p = Path(p)
         if os.path.lexists(p):
-            raise refuse(p, f"exists beside {owner.path}, which micota-merge has not written; move it away or "
-                            "choose another output name", option)
+            raise refuse(
+                p,
+                f"exists beside {owner.path}, which micota-merge has not written; move it away or "
+                "choose another output name",
+                option,
+            )
 
 
-def claim_workdir(path: PathLike, stage: str, owner: PathLike, inputs: Inputs = None, option: str = "output",
-                  adopt: Iterable[str] = (), create: bool = True) -> bool:
+def claim_workdir(
+    path: PathLike,
+    stage: str,
+    owner: PathLike,
+    inputs: Inputs = None,
+    option: str = "output",
+    adopt: Iterable[str] = (),
+    create: bool = True,
+) -> bool:
     """A work folder beside an output (`OUT.sweep/`, `OUT.work/`, a response cache): ours when it
     carries our marker, new when absent. Foreign content is refused. `adopt` names the only files a
     folder from before the marker existed may hold to be taken as ours. Returns whether it existed."""
@@ -297,8 +325,12 @@ def claim_workdir(path: PathLike, stage: str, owner: PathLike, inputs: Inputs = 
             return True
         entries = {p.name for p in path.iterdir()}
         if entries and not (adopt and entries <= set(adopt)):
-            raise refuse(path, f"exists and was not made by micota-merge {stage} as {owner}'s work folder; "
-                               "move it away or choose another output", option)
+            raise refuse(
+                path,
+                f"exists and was not made by micota-merge {stage} as {owner}'s work folder; "
+                "move it away or choose another output",
+                option,
+            )
     if not create:  # checked only: made when the first file goes in
         return path.is_dir()
     existed = path.is_dir()
@@ -320,8 +352,12 @@ def remove_ours(path: PathLike, stage: str) -> None:
     if not os.path.lexists(path):
         return
     if path.is_dir() and not path.is_symlink():
-        if owner_stage(path) == stage or is_workdir(path, stage) or (path / STAGING_MARKER).is_file() \
-                or not any(path.iterdir()):
+        if (
+            owner_stage(path) == stage
+            or is_workdir(path, stage)
+            or (path / STAGING_MARKER).is_file()
+            or not any(path.iterdir())
+        ):
             check_replaceable(path)
             shutil.rmtree(path)
             return
@@ -344,15 +380,15 @@ def check_writable_location(path: PathLike, option: str) -> None:
             break
         parent = parent.parent
     if parent.exists() and not parent.is_dir():
-        raise UserError(f"{option} {path}: {parent} is a file, so nothing can be created under it; "
-                        "choose another path")
+        raise UserError(f"{option} {path}: {parent} is a file, so nothing can be created under it; choose another path")
     try:  # os.access says yes to root on a read-only mount; only a real write tells
         fd, probe = tempfile.mkstemp(prefix=".micota-write-test-", dir=parent)
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise UserError(f"{option} {path}: cannot write in {parent} ({e.strerror or e}); "
-                        "choose a writable location") from None
+        raise UserError(
+            f"{option} {path}: cannot write in {parent} ({e.strerror or e}); choose a writable location"
+        ) from None
 
 
 def check_free_space(path: PathLike, needed: int, what: str, hint: str = "") -> None:
@@ -362,8 +398,10 @@ def check_free_space(path: PathLike, needed: int, what: str, hint: str = "") -> 
         probe = probe.parent
     free = shutil.disk_usage(probe).free
     if free < needed:
-        raise UserError(f"not enough disk space for {what}: about {needed / 2**30:.2f} GiB needed and {probe} has "
-                        f"{free / 2**30:.2f} GiB free{'; ' + hint if hint else ''}")
+        raise UserError(
+            f"not enough disk space for {what}: about {needed / 2**30:.2f} GiB needed and {probe} has "
+            f"{free / 2**30:.2f} GiB free{'; ' + hint if hint else ''}"
+        )
 
 
 # ---------------------------------------------------------------- locks
@@ -433,8 +471,10 @@ def _locked(lp: Path, path: PathLike, stage: str, log) -> Iterator[None]:
             if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                 raise
             pid = owner.get("pid", "?")
-            raise UserError(f"another micota-merge process (pid {pid}) is writing {path}; wait for it to finish, "
-                            "or choose another output") from None
+            raise UserError(
+                f"another micota-merge process (pid {pid}) is writing {path}; wait for it to finish, "
+                "or choose another output"
+            ) from None
         try:
             same = os.fstat(fd).st_ino == os.stat(lp).st_ino
         except FileNotFoundError:
@@ -450,8 +490,12 @@ def _locked(lp: Path, path: PathLike, stage: str, log) -> Iterator[None]:
             log(f"note: took over the lock on {path} left by pid {old['pid']} (no longer running)")
         os.ftruncate(fd, 0)
         os.lseek(fd, 0, os.SEEK_SET)
-        os.write(fd, json.dumps({"format": LOCK_FORMAT, "pid": os.getpid(), "stage": stage,
-                                 "host": socket.gethostname()}).encode())
+        os.write(
+            fd,
+            json.dumps(
+                {"format": LOCK_FORMAT, "pid": os.getpid(), "stage": stage, "host": socket.gethostname()}
+            ).encode(),
+        )
         os.fsync(fd)
     except BaseException:
         os.close(fd)

@@ -24,6 +24,13 @@ def spread(values: Sequence[float]) -> dict:
     vals = sorted(values)
     if not vals:
         return {"n": 0, "mean": None, "sd": None, "min": None, "max": None, "median": None, "p10": None, "p90": None}
-    return {"n": len(vals), "mean": statistics.fmean(vals), "sd": statistics.stdev(vals) if len(vals) > 1 else 0.0,
-            "min": vals[0], "max": vals[-1], "median": quantile(vals, 0.5), "p10": quantile(vals, 0.1),
-            "p90": quantile(vals, 0.9)}
+    return {
+        "n": len(vals),
+        "mean": statistics.fmean(vals),
+        "sd": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+        "min": vals[0],
+        "max": vals[-1],
+        "median": quantile(vals, 0.5),
+        "p10": quantile(vals, 0.1),
+        "p90": quantile(vals, 0.9),
+    }

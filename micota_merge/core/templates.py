@@ -37,6 +37,7 @@ class TemplateFacts:
 def render_with_tokenizer(tokenizer) -> Render:
     def render(messages: list, add_generation_prompt: bool) -> str:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
     return render
 
 
@@ -54,8 +55,10 @@ def render_with_template(template: str, bos_token: str = "", eos_token: str = ""
     compiled = env.from_string(template)
 
     def render(messages: list, add_generation_prompt: bool) -> str:
-        return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                               bos_token=bos_token, eos_token=eos_token)
+        return compiled.render(
+            messages=messages, add_generation_prompt=add_generation_prompt, bos_token=bos_token, eos_token=eos_token
+        )
+
     return render
 
 
@@ -71,7 +74,7 @@ def template_facts(render: Render) -> TemplateFacts:
         before, after = turn.split(_ANSWER, 1)
         facts.end_of_turn = after
         if prompt.startswith(before):
-            facts.prefill = prompt[len(before):]
+            facts.prefill = prompt[len(before) :]
     thought = "x</think>y"
     facts.rewrites_answer = thought not in render([_user(), {"role": "assistant", "content": thought}], False)
     try:
@@ -81,7 +84,7 @@ def template_facts(render: Render) -> TemplateFacts:
     if _SYSTEM in with_system:
         pre, post = with_system.split(_SYSTEM, 1)
         if prompt.startswith(pre) and prompt.endswith(post) and len(prompt) > len(pre) + len(post):
-            facts.default_system = prompt[len(pre): len(prompt) - len(post)]
+            facts.default_system = prompt[len(pre) : len(prompt) - len(post)]
     return facts
 
 

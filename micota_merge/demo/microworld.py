@@ -45,8 +45,16 @@ ROLES = ("base", "long_cot", "short_cot", "student")
 
 # Few names, items and phrasings: surface variety costs a tiny model capacity and training
 # steps without making the reasoning any harder.
-NAMES = [("Tom", "he"), ("Anna", "she"), ("Ben", "he"), ("Mia", "she"), ("Sam", "he"),
-         ("Lily", "she"), ("Max", "he"), ("Emma", "she")]
+NAMES = [
+    ("Tom", "he"),
+    ("Anna", "she"),
+    ("Ben", "he"),
+    ("Mia", "she"),
+    ("Sam", "he"),
+    ("Lily", "she"),
+    ("Max", "he"),
+    ("Emma", "she"),
+]
 ITEMS = ["apples", "pencils", "marbles", "stickers", "cookies", "coins"]
 # Clauses as they appear in the question; {n} is the amount, {other} another person.
 ADD_CLAUSES = ["buys {n} more", "finds {n} more", "gets {n} more from {other}"]
@@ -58,12 +66,12 @@ CONNECTIVES = ["Then", "After that", "Later", "Next"]
 # steps cross a multiple of ten (a carry or a borrow): those are the steps worth reflecting on.
 # Values up to 50 with amounts up to 12 (1,100 facts instead of 600) left one seed's experts
 # at 34-52 %: the base had not finished learning the facts in its budget.
-START_RANGE = (5, 35)   # first amount
-STEP_RANGE = (2, 9)     # each operation's amount
-MAX_VALUE = 40          # every intermediate value stays in [0, MAX_VALUE]
-OPS_RANGE = (3, 5)      # operations per problem
-HELDOUT_SHARE = 10      # 1 in 10 distinct questions is held out (by a hash of its text)
-MAX_NUMBER = 99         # every number 0..MAX_NUMBER is one token in both spellings
+START_RANGE = (5, 35)  # first amount
+STEP_RANGE = (2, 9)  # each operation's amount
+MAX_VALUE = 40  # every intermediate value stays in [0, MAX_VALUE]
+OPS_RANGE = (3, 5)  # operations per problem
+HELDOUT_SHARE = 10  # 1 in 10 distinct questions is held out (by a hash of its text)
+MAX_NUMBER = 99  # every number 0..MAX_NUMBER is one token in both spellings
 
 
 @dataclass
@@ -160,11 +168,11 @@ def generate_problems(seed: int, n: int, split: str = "train") -> list[Problem]:
 # preference to reflect is strongest where the arithmetic is hardest; a merge that leans
 # towards the short expert keeps the strongest preferences first.
 
-P_REFLECT_CARRY = 0.95   # a step that crosses a multiple of ten
-P_REFLECT_PLAIN = 0.75   # any other step
-P_MISTAKE = 0.25         # a carry step first written wrong, then corrected
+P_REFLECT_CARRY = 0.95  # a step that crosses a multiple of ten
+P_REFLECT_PLAIN = 0.75  # any other step
+P_MISTAKE = 0.25  # a carry step first written wrong, then corrected
 P_FINAL_CHECK = 0.9
-STEP_START = "Step"      # the token every skeleton line starts with
+STEP_START = "Step"  # the token every skeleton line starts with
 
 
 def carry_split(a: int, sign: int, n: int) -> tuple[int, int] | None:
@@ -195,8 +203,7 @@ def _closing(p: Problem) -> str:
 
 def short_cot(p: Problem) -> str:
     vals = p.values()
-    return "\n".join([_start_line(p)] + [_step_line(p, i, vals[i + 1]) for i in range(len(p.ops))]
-                     + [_closing(p)])
+    return "\n".join([_start_line(p)] + [_step_line(p, i, vals[i + 1]) for i in range(len(p.ops))] + [_closing(p)])
 
 
 def _reflection(p: Problem, i: int, rng: random.Random) -> tuple[list[str], int | None]:
@@ -204,8 +211,10 @@ def _reflection(p: Problem, i: int, rng: random.Random) -> tuple[list[str], int 
     sign, n, clause = p.ops[i]
     a, b = p.values()[i], p.values()[i + 1]
     inverse = f"Let me check: {b} {_op(-sign)} {n} = {a}. Yes."
-    reread = (f"Let me re-read the question: {p.pronoun} {clause}, so I {'add' if sign > 0 else 'subtract'} {n}."
-              f" Yes, it is {b}.")
+    reread = (
+        f"Let me re-read the question: {p.pronoun} {clause}, so I {'add' if sign > 0 else 'subtract'} {n}."
+        f" Yes, it is {b}."
+    )
     split = carry_split(a, sign, n)
     if split:
         m = a + sign * split[0]
@@ -213,8 +222,10 @@ def _reflection(p: Problem, i: int, rng: random.Random) -> tuple[list[str], int 
         if rng.random() < P_MISTAKE:
             wrong = b - sign * 10 if rng.random() < 0.5 else b + rng.choice((-1, 1))  # a lost carry, or off by one
             if 0 <= wrong <= MAX_NUMBER and wrong != b:
-                return [f"Wait, that's not right. Let me recompute: {recompute}. So it is {b}, not {wrong}.",
-                        inverse], wrong
+                return [
+                    f"Wait, that's not right. Let me recompute: {recompute}. So it is {b}, not {wrong}.",
+                    inverse,
+                ], wrong
         out = [f"Wait, let me recompute: {recompute}. Yes, it is {b}."]
         if rng.random() < 0.5:
             out.append(inverse)
@@ -271,8 +282,10 @@ def reflection_shares(texts: Sequence[str]) -> dict:
     and the share of answers that reflect on some steps but not all (mid-length *within* one)."""
     profiles = [reflection_profile(t) for t in texts]
     steps = sum(p["steps"] for p in profiles)
-    return {"reflected_steps": sum(p["reflected_steps"] for p in profiles) / steps if steps else None,
-            "partly_reflected": sum(0 < p["reflected_steps"] < p["steps"] for p in profiles) / max(len(profiles), 1)}
+    return {
+        "reflected_steps": sum(p["reflected_steps"] for p in profiles) / steps if steps else None,
+        "partly_reflected": sum(0 < p["reflected_steps"] < p["steps"] for p in profiles) / max(len(profiles), 1),
+    }
 
 
 def question_record(p: Problem) -> dict:
@@ -295,12 +308,14 @@ def _pre_tokenizer():
 
     # Words keep their leading space as "▁" (Metaspace), punctuation and newlines stand alone,
     # so decode(encode(text)) == text exactly and "\boxed{9}" comes back intact for the grader.
-    return pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(r"\n"), behavior="isolated"),
-        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True),
-        pre_tokenizers.Split(Regex(r"[^\w▁]"), behavior="isolated"),
-        pre_tokenizers.Split(Regex(r"▁"), behavior="merged_with_next"),
-    ])
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(r"\n"), behavior="isolated"),
+            pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True),
+            pre_tokenizers.Split(Regex(r"[^\w▁]"), behavior="isolated"),
+            pre_tokenizers.Split(Regex(r"▁"), behavior="merged_with_next"),
+        ]
+    )
 
 
 def build_tokenizer(texts: Iterable[str]):
@@ -329,9 +344,14 @@ def build_tokenizer(texts: Iterable[str]):
     tok.pre_tokenizer = pre
     tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="never", split=True)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-        unk_token="<|unk|>", additional_special_tokens=["<|im_start|>", "<|im_end|>"],
-        model_max_length=1024, clean_up_tokenization_spaces=False)
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|unk|>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+        model_max_length=1024,
+        clean_up_tokenization_spaces=False,
+    )
     fast.chat_template = CHAT_TEMPLATE
     return fast
 
@@ -353,13 +373,15 @@ MODEL_SIZES = {
     # Four layers of width 64, two heads of 64 dims. A first version with one head and bare
     # "a + n = b" steps (no restated clause) copied the wrong amount in 22 % (short style) to
     # 93 % (long style) of its steps: it lost its place among the question's 3-5 clauses.
-    "base": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=4,
-                 num_attention_heads=2, num_key_value_heads=2),
+    "base": dict(
+        hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=2
+    ),
     # The small student of the papers, in miniature: three layers instead of four and a
     # narrower MLP (less room for the arithmetic facts, so every extra value it computes is a
     # new chance of an error; with two layers and half the MLP it could not do the task at all) ...
-    "student": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=3,
-                    num_attention_heads=2, num_key_value_heads=2),
+    "student": dict(
+        hidden_size=64, intermediate_size=192, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=2
+    ),
 }
 # ... and a shorter context in pretraining: the student saw 160-token windows, the base whole
 # documents. A long-CoT answer (about 235 tokens after a 45-token prompt) runs far past what
@@ -374,10 +396,17 @@ def model_config(size: str, tokenizer, **overrides):
 
     # Llama rather than Qwen2: transformers forces its byte-level Qwen2Tokenizer onto any
     # qwen2 checkpoint, which would drop this word-level tokenizer; Llama keeps it as saved.
-    kw = dict(vocab_size=len(tokenizer), head_dim=64, max_position_embeddings=1024,
-              tie_word_embeddings=True, rope_theta=10000.0,
-              bos_token_id=tokenizer.pad_token_id, pad_token_id=tokenizer.pad_token_id,
-              eos_token_id=tokenizer.eos_token_id, **MODEL_SIZES[size])
+    kw = dict(
+        vocab_size=len(tokenizer),
+        head_dim=64,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        rope_theta=10000.0,
+        bos_token_id=tokenizer.pad_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **MODEL_SIZES[size],
+    )
     kw.update(overrides)
     return LlamaConfig(**kw)
 
@@ -385,8 +414,9 @@ def model_config(size: str, tokenizer, **overrides):
 def chat_ids(tokenizer, question: str, solution: str | None = None) -> tuple[list[int], int]:
     """ChatML token ids of a question (and answer); returns (ids, prompt length)."""
     msgs = [{"role": "user", "content": question}]
-    prompt = list(tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True,
-                                                return_dict=True)["input_ids"])
+    prompt = list(
+        tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    )
     if solution is None:
         return prompt, len(prompt)
     answer = tokenizer(solution + "<|im_end|>", add_special_tokens=False)["input_ids"]
@@ -409,16 +439,22 @@ def _lr_at(step: int, spec: TrainSpec) -> float:
     return spec.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train_lm(model, examples: Sequence[tuple[list[int], int]], spec: TrainSpec, seed: int,
-             pad_id: int, desc: str, log: Callable[[str], None] | None = None) -> list[float]:
+def train_lm(
+    model,
+    examples: Sequence[tuple[list[int], int]],
+    spec: TrainSpec,
+    seed: int,
+    pad_id: int,
+    desc: str,
+    log: Callable[[str], None] | None = None,
+) -> list[float]:
     """Next-token training on (ids, n_masked) examples: the first n_masked tokens carry no loss
     (the chat prompt), so pretraining passes 0. Returns the loss of every step."""
     import torch
     from tqdm.auto import tqdm
 
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, betas=(0.9, 0.98),
-                            weight_decay=spec.weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, betas=(0.9, 0.98), weight_decay=spec.weight_decay)
     model.train()
     losses: list[float] = []
     order = torch.randperm(len(examples), generator=gen).tolist()
@@ -436,9 +472,9 @@ def train_lm(model, examples: Sequence[tuple[list[int], int]], spec: TrainSpec, 
         labels = torch.full((len(batch), width), -100, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
         for i, (ids, n_masked) in enumerate(batch):
-            input_ids[i, :len(ids)] = torch.tensor(ids)
-            labels[i, n_masked:len(ids)] = torch.tensor(ids[n_masked:])
-            mask[i, :len(ids)] = 1
+            input_ids[i, : len(ids)] = torch.tensor(ids)
+            labels[i, n_masked : len(ids)] = torch.tensor(ids[n_masked:])
+            mask[i, : len(ids)] = 1
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, spec)
         loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
@@ -468,8 +504,9 @@ def _grade(pred_text: str, gold: str) -> bool:
     return bool(is_correct(pred_text, gold))
 
 
-def generate_answers(model, tokenizer, questions: Sequence[str], max_new_tokens: int = 256,
-                     batch_size: int = 64, chat: bool = True) -> list[tuple[str, int]]:
+def generate_answers(
+    model, tokenizer, questions: Sequence[str], max_new_tokens: int = 256, batch_size: int = 64, chat: bool = True
+) -> list[tuple[str, int]]:
     """Greedy answers (text, number of generated tokens before <|im_end|>)."""
     import torch
 
@@ -477,42 +514,52 @@ def generate_answers(model, tokenizer, questions: Sequence[str], max_new_tokens:
     eos = tokenizer.eos_token_id
     stops = [eos, tokenizer.pad_token_id]
     for start in range(0, len(questions), batch_size):
-        chunk = questions[start:start + batch_size]
+        chunk = questions[start : start + batch_size]
         if chat:
             prompts = [chat_ids(tokenizer, q)[0] for q in chunk]
         else:
-            prompts = [tokenizer(PRETRAIN_TEMPLATE.format(question=q, solution=""),
-                                 add_special_tokens=False)["input_ids"] for q in chunk]
+            prompts = [
+                tokenizer(PRETRAIN_TEMPLATE.format(question=q, solution=""), add_special_tokens=False)["input_ids"]
+                for q in chunk
+            ]
         width = max(map(len, prompts))
         ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for i, p in enumerate(prompts):  # left padding, so every row continues from its end
-            ids[i, width - len(p):] = torch.tensor(p)
-            mask[i, width - len(p):] = 1
+            ids[i, width - len(p) :] = torch.tensor(p)
+            mask[i, width - len(p) :] = 1
         with torch.no_grad():
-            gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                 do_sample=False, eos_token_id=stops, pad_token_id=tokenizer.pad_token_id)
+            gen = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=stops,
+                pad_token_id=tokenizer.pad_token_id,
+            )
         for row in gen[:, width:].tolist():
             n = next((i for i, t in enumerate(row) if t in stops), len(row))
             out.append((tokenizer.decode(row[:n], skip_special_tokens=True), n))
     return out
 
 
-def evaluate(model, tokenizer, problems: Sequence[Problem], max_new_tokens: int = 256,
-             chat: bool = True) -> dict:
+def evaluate(model, tokenizer, problems: Sequence[Problem], max_new_tokens: int = 256, chat: bool = True) -> dict:
     answers = generate_answers(model, tokenizer, [p.question for p in problems], max_new_tokens, chat=chat)
     correct = [_grade(text, str(p.answer)) for (text, _), p in zip(answers, problems)]
-    return {"accuracy": round(sum(correct) / len(problems), 4),
-            "mean_tokens": round(sum(n for _, n in answers) / len(problems), 1),
-            "median_tokens": sorted(n for _, n in answers)[len(answers) // 2],
-            "reflected_steps": round(reflection_shares([t for t, _ in answers])["reflected_steps"] or 0.0, 3),
-            "n": len(problems), "example": answers[0][0][:600]}
+    return {
+        "accuracy": round(sum(correct) / len(problems), 4),
+        "mean_tokens": round(sum(n for _, n in answers) / len(problems), 1),
+        "median_tokens": sorted(n for _, n in answers)[len(answers) // 2],
+        "reflected_steps": round(reflection_shares([t for t, _ in answers])["reflected_steps"] or 0.0, 3),
+        "n": len(problems),
+        "example": answers[0][0][:600],
+    }
 
 
 def pack(token_lists: Iterable[list[int]], block: int) -> list[tuple[list[int], int]]:
     """Concatenate documents into full blocks: pretraining then wastes no compute on padding."""
     flat = [t for ids in token_lists for t in ids]
-    return [(flat[i:i + block], 0) for i in range(0, len(flat) - block + 1, block)]
+    return [(flat[i : i + block], 0) for i in range(0, len(flat) - block + 1, block)]
 
 
 # ---------------------------------------------------------------------------- the whole training
@@ -522,9 +569,9 @@ def pack(token_lists: Iterable[list[int]], block: int) -> list[tuple[list[int], 
 # format and one style each while staying close to the base, so merges of them still work.
 SCHEDULE = {
     "n_pretrain_problems": 40000,
-    "n_train_questions": 2000,     # exported for the generate stage (a subset of the train split)
-    "n_heldout": 500,              # exported held-out questions
-    "n_eval": 200,                 # held-out questions scored in training.json
+    "n_train_questions": 2000,  # exported for the generate stage (a subset of the train split)
+    "n_heldout": 500,  # exported held-out questions
+    "n_eval": 200,  # held-out questions scored in training.json
     # every pretraining step sees about 4096 tokens: 8 x 512 (base), 26 x 160 (student)
     "base": TrainSpec(steps=2500, batch_size=8, lr=3e-3, warmup=40),
     "expert": TrainSpec(steps=150, batch_size=16, lr=1e-3, warmup=10),
@@ -572,9 +619,15 @@ def linear_merge(a, b, weight_a: float):
     return merged
 
 
-def train_world(out: str | Path = "outputs/microworld", seed: int = 0, scale: float = 1.0,
-                n_eval: int | None = None, dtype: str = "float32", force: bool = False,
-                log: Callable[[str], None] = print) -> dict:
+def train_world(
+    out: str | Path = "outputs/microworld",
+    seed: int = 0,
+    scale: float = 1.0,
+    n_eval: int | None = None,
+    dtype: str = "float32",
+    force: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict:
     """Train the micro world from `seed` and write it to `out`:
 
     ``base/ long_cot/ short_cot/ student/`` (Hugging Face Qwen2 folders with the tokenizer),
@@ -605,8 +658,13 @@ def train_world(out: str | Path = "outputs/microworld", seed: int = 0, scale: fl
 
     def steps(spec: TrainSpec) -> TrainSpec:
         n = max(2, round(spec.steps * scale))
-        return TrainSpec(steps=n, batch_size=spec.batch_size, lr=spec.lr,
-                         warmup=max(1, round(spec.warmup * scale)), weight_decay=spec.weight_decay)
+        return TrainSpec(
+            steps=n,
+            batch_size=spec.batch_size,
+            lr=spec.lr,
+            warmup=max(1, round(spec.warmup * scale)),
+            weight_decay=spec.weight_decay,
+        )
 
     n_pre = max(500, round(SCHEDULE["n_pretrain_problems"] * scale))
     n_eval = n_eval or SCHEDULE["n_eval"]
@@ -616,29 +674,50 @@ def train_world(out: str | Path = "outputs/microworld", seed: int = 0, scale: fl
     if tokenizer.unk_token_id in chat_ids(tokenizer, heldout[0].question, short_cot(heldout[0]))[0]:
         raise RuntimeError("the micro world tokenizer does not cover the chat template")
     pad = tokenizer.pad_token_id
-    record: dict = {"seed": seed, "scale": scale, "started": started, "versions": package_versions(),
-                    "task": {"start_range": START_RANGE, "step_range": STEP_RANGE, "max_value": MAX_VALUE,
-                             "ops_range": OPS_RANGE,
-                             "long_cot": {"p_reflect_carry": P_REFLECT_CARRY, "p_reflect_plain": P_REFLECT_PLAIN,
-                                          "p_mistake": P_MISTAKE,
-                                          "p_final_check": P_FINAL_CHECK},
-                             "heldout_share": f"1/{HELDOUT_SHARE}",
-                             "n_pretrain_problems": n_pre},
-                    "tokenizer": {"vocab_size": len(tokenizer)},
-                    "models": {}, "training": {}, "heldout": {}}
+    record: dict = {
+        "seed": seed,
+        "scale": scale,
+        "started": started,
+        "versions": package_versions(),
+        "task": {
+            "start_range": START_RANGE,
+            "step_range": STEP_RANGE,
+            "max_value": MAX_VALUE,
+            "ops_range": OPS_RANGE,
+            "long_cot": {
+                "p_reflect_carry": P_REFLECT_CARRY,
+                "p_reflect_plain": P_REFLECT_PLAIN,
+                "p_mistake": P_MISTAKE,
+                "p_final_check": P_FINAL_CHECK,
+            },
+            "heldout_share": f"1/{HELDOUT_SHARE}",
+            "n_pretrain_problems": n_pre,
+        },
+        "tokenizer": {"vocab_size": len(tokenizer)},
+        "models": {},
+        "training": {},
+        "heldout": {},
+    }
 
     docs = _pretrain_docs(tokenizer, problems[:n_pre], seed)
     models = {}
-    for role, size, spec, init_seed in (("base", "base", steps(SCHEDULE["base"]), seed),
-                                        ("student", "student", steps(SCHEDULE["student"]), seed + 1)):
+    for role, size, spec, init_seed in (
+        ("base", "base", steps(SCHEDULE["base"]), seed),
+        ("student", "student", steps(SCHEDULE["student"]), seed + 1),
+    ):
         torch.manual_seed(init_seed)
         model = AutoModelForCausalLM.from_config(model_config(size, tokenizer))
         t = time.time()
         block = PRETRAIN_CONTEXT[size]
         losses = train_lm(model, pack(docs, block), spec, seed, pad, f"pretrain {role}", log)
-        record["training"][role] = {"kind": "pretrain", **spec.__dict__, "context": block,
-                                    "tokens_per_step": spec.batch_size * block,
-                                    "seconds": round(time.time() - t, 1), "losses": losses}
+        record["training"][role] = {
+            "kind": "pretrain",
+            **spec.__dict__,
+            "context": block,
+            "tokens_per_step": spec.batch_size * block,
+            "seconds": round(time.time() - t, 1),
+            "losses": losses,
+        }
         models[role] = model
 
     import copy
@@ -650,21 +729,30 @@ def train_world(out: str | Path = "outputs/microworld", seed: int = 0, scale: fl
         spec = steps(SCHEDULE["expert"])
         t = time.time()
         losses = train_lm(model, chats, spec, seed + 2, pad, f"fine-tune {role}", log)
-        record["training"][role] = {"kind": "chat fine-tune of base", "style": role, **spec.__dict__,
-                                    "seconds": round(time.time() - t, 1), "losses": losses}
+        record["training"][role] = {
+            "kind": "chat fine-tune of base",
+            "style": role,
+            **spec.__dict__,
+            "seconds": round(time.time() - t, 1),
+            "losses": losses,
+        }
         models[role] = model
 
     for role, model in models.items():
-        record["models"][role] = {"parameters": sum(p.numel() for p in model.parameters()),
-                                  **MODEL_SIZES["student" if role == "student" else "base"]}
+        record["models"][role] = {
+            "parameters": sum(p.numel() for p in model.parameters()),
+            **MODEL_SIZES["student" if role == "student" else "base"],
+        }
 
     # Scored in the saved precision, so the figures describe the committed weights.
     with atomic_dir(out, "demo-train", force=force, option="--out", identity=ident) as staging:
         for role in ROLES:
             _save_model(models[role], tokenizer, staging / role, dtype)
             models[role] = AutoModelForCausalLM.from_pretrained(staging / role, dtype=torch.float32).eval()
-        write_jsonl_atomic(staging / "train.jsonl", [question_record(p) for p in problems[:SCHEDULE["n_train_questions"]]])
-        write_jsonl_atomic(staging / "heldout.jsonl", [question_record(p) for p in heldout[:SCHEDULE["n_heldout"]]])
+        write_jsonl_atomic(
+            staging / "train.jsonl", [question_record(p) for p in problems[: SCHEDULE["n_train_questions"]]]
+        )
+        write_jsonl_atomic(staging / "heldout.jsonl", [question_record(p) for p in heldout[: SCHEDULE["n_heldout"]]])
         evalset = heldout[:n_eval]
         t = time.time()
         max_new = SCHEDULE["max_new_tokens"]
@@ -679,8 +767,11 @@ def train_world(out: str | Path = "outputs/microworld", seed: int = 0, scale: fl
         record["heldout"]["linear merge 0.5"] = evaluate(merged, tokenizer, evalset, max_new)
         log(f"held-out merge 0.5: {record['heldout']['linear merge 0.5']}")
         record["reference_tokens"] = {
-            style: round(sum(len(tokenizer(fn(p), add_special_tokens=False)["input_ids"]) for p in evalset) / len(evalset), 1)
-            for style, fn in STYLES.items()}
+            style: round(
+                sum(len(tokenizer(fn(p), add_special_tokens=False)["input_ids"]) for p in evalset) / len(evalset), 1
+            )
+            for style, fn in STYLES.items()
+        }
         record["eval_seconds"] = round(time.time() - t, 1)
         record["seconds"] = round(time.time() - t0, 1)
         record["finished"] = now()

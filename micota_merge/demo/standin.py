@@ -24,9 +24,9 @@ from typing import Optional
 
 from micota_merge.core.artifacts import atomic_dir, write_json_atomic
 from micota_merge.core.errors import UserError
-from micota_merge.core.safetensors_io import nbytes, numel, plan_shards, shard_file_names, write_header, write_index
 from micota_merge.core.fingerprint import data_fingerprint
 from micota_merge.core.ownership import claim, identity_of
+from micota_merge.core.safetensors_io import nbytes, numel, plan_shards, shard_file_names, write_header, write_index
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 MODEL_META = ASSETS / "model_meta"
@@ -35,8 +35,17 @@ QWEN2_BPE = ASSETS / "qwen2_tokenizer"
 
 _ST_DTYPE = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 # Fields of a real tokenizer_config.json that the stand-in keeps (values verbatim).
-_TOKENIZER_FIELDS = ("chat_template", "bos_token", "eos_token", "pad_token", "unk_token", "add_bos_token",
-                     "add_eos_token", "model_max_length", "clean_up_tokenization_spaces")
+_TOKENIZER_FIELDS = (
+    "chat_template",
+    "bos_token",
+    "eos_token",
+    "pad_token",
+    "unk_token",
+    "add_bos_token",
+    "add_eos_token",
+    "model_max_length",
+    "clean_up_tokenization_spaces",
+)
 
 
 def meta_folder_name(hub_id: str) -> str:
@@ -59,8 +68,10 @@ def tensor_layout(meta: Path) -> tuple[dict[str, tuple[str, tuple[int, ...]]], i
         raise UserError(f"config.json: torch_dtype {dtype_name!r} is not one of {sorted(_ST_DTYPE)}")
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, dtype_name))
-    tied = model.get_output_embeddings() is not None and \
-        model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    tied = (
+        model.get_output_embeddings() is not None
+        and model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    )
     layout = {}
     for name, t in model.state_dict().items():
         if tied and name == "lm_head.weight":
@@ -73,7 +84,9 @@ def tensor_layout(meta: Path) -> tuple[dict[str, tuple[str, tuple[int, ...]]], i
 def write_sparse_safetensors(path: Path, tensors: dict[str, tuple[str, tuple[int, ...]]]) -> int:
     """A valid safetensors file whose data section is a hole. Returns its size in bytes."""
     with open(path, "wb") as f:
-        size = write_header(f, tensors, sorted(tensors), {"format": "pt", "micota_standin": "data is a hole: no weights"})
+        size = write_header(
+            f, tensors, sorted(tensors), {"format": "pt", "micota_standin": "data is a hole: no weights"}
+        )
         f.truncate(f.tell() + size)
         return f.tell() + size
 
@@ -105,13 +118,15 @@ def _already(out: Path, identity: str, force: bool) -> bool:
     if c.same(identity) and not force:
         return True
     if c.state == "ours" and not force:
-        raise UserError(f"--out {out} already exists and holds a stand-in of other metadata: pass --force to "
-                        "replace it")
+        raise UserError(
+            f"--out {out} already exists and holds a stand-in of other metadata: pass --force to replace it"
+        )
     return False
 
 
-def make_standin(meta: str | os.PathLike, out: str | os.PathLike, force: bool = False,
-                 shard_bytes: Optional[int] = None) -> Path:
+def make_standin(
+    meta: str | os.PathLike, out: str | os.PathLike, force: bool = False, shard_bytes: Optional[int] = None
+) -> Path:
     """Write a stand-in checkpoint for the metadata in `meta` into `out`. Returns `out`."""
     meta, out = Path(meta), Path(out)
     if not (meta / "config.json").is_file():
@@ -137,8 +152,10 @@ def make_standin(meta: str | os.PathLike, out: str | os.PathLike, force: bool = 
             total += sum(nbytes(layout[n]) for n in names)
         if len(shards) > 1:
             write_index(staging, total, weight_map)
-        prov["files"]["*.safetensors"] = ("tensor names, shapes and dtypes of transformers' "
-                                          f"{config.get('architectures', ['?'])[0]} for this config.json; data is a hole")
+        prov["files"]["*.safetensors"] = (
+            "tensor names, shapes and dtypes of transformers' "
+            f"{config.get('architectures', ['?'])[0]} for this config.json; data is a hole"
+        )
         _write_tokenizer(meta, staging, prov)
         write_json_atomic(staging / "STANDIN.json", prov)
     return out
@@ -152,19 +169,35 @@ def _write_tokenizer(meta: Path, staging: Path, prov: dict) -> None:
         return
     for name in ("vocab.json", "merges.txt"):
         shutil.copyfile(QWEN2_BPE / name, staging / name)
-    prov["files"]["vocab.json, merges.txt"] = ("the Qwen2 byte-level BPE (assets/qwen2_tokenizer; its merges.txt "
-                                              "is the Qwen2.5-Instruct blob, see model_meta/SOURCES.md)")
-    cfg: dict = {"tokenizer_class": "Qwen2Tokenizer", "errors": "replace", "split_special_tokens": False,
-                 "added_tokens_decoder": {i: {"content": t["content"], "special": t["special"], "lstrip": False,
-                                               "rstrip": False, "normalized": False, "single_word": False}
-                                          for i, t in tokens.items()}}
+    prov["files"]["vocab.json, merges.txt"] = (
+        "the Qwen2 byte-level BPE (assets/qwen2_tokenizer; its merges.txt "
+        "is the Qwen2.5-Instruct blob, see model_meta/SOURCES.md)"
+    )
+    cfg: dict = {
+        "tokenizer_class": "Qwen2Tokenizer",
+        "errors": "replace",
+        "split_special_tokens": False,
+        "added_tokens_decoder": {
+            i: {
+                "content": t["content"],
+                "special": t["special"],
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "single_word": False,
+            }
+            for i, t in tokens.items()
+        },
+    }
     cfg.update(tok_cfg)
-    (staging / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n",
-                                                   encoding="utf-8")
+    (staging / "tokenizer_config.json").write_text(
+        json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
     prov["files"]["tokenizer_config.json"] = (
-        (f"{', '.join(sorted(tok_cfg))} verbatim from {tok_src}; " if tok_src else "") +
-        (f"added_tokens_decoder from the {family} table (added_tokens_by_family.json); " if family else "") +
-        "tokenizer_class Qwen2Tokenizer, because the real tokenizer.json was not found")
+        (f"{', '.join(sorted(tok_cfg))} verbatim from {tok_src}; " if tok_src else "")
+        + (f"added_tokens_decoder from the {family} table (added_tokens_by_family.json); " if family else "")
+        + "tokenizer_class Qwen2Tokenizer, because the real tokenizer.json was not found"
+    )
     if not tok_src:
         prov["missing"].append("tokenizer_config.json (so no chat template, no bos/eos strings)")
     elif "chat_template" not in tok_cfg:
@@ -174,8 +207,13 @@ def _write_tokenizer(meta: Path, staging: Path, prov: dict) -> None:
 # ---------------------------------------------------------------- whole recipes
 
 
-def recipe_standins(recipe_path: str | os.PathLike, meta_root: str | os.PathLike, out: str | os.PathLike,
-                    force: bool = False, shard_bytes: Optional[int] = None) -> Path:
+def recipe_standins(
+    recipe_path: str | os.PathLike,
+    meta_root: str | os.PathLike,
+    out: str | os.PathLike,
+    force: bool = False,
+    shard_bytes: Optional[int] = None,
+) -> Path:
     """Stand-ins for every checkpoint a recipe names, and `out/recipe.yaml` pointing at them."""
     import yaml
 
@@ -184,17 +222,33 @@ def recipe_standins(recipe_path: str | os.PathLike, meta_root: str | os.PathLike
     recipe = load_recipe(recipe_path)
     meta_root, out = Path(meta_root), Path(out)
     specs = recipe.model_specs()
-    missing = [f"{spec} ({meta_root / meta_folder_name(spec) / 'config.json'})" for spec in specs.values()
-               if not (meta_root / meta_folder_name(spec) / "config.json").is_file()]
+    missing = [
+        f"{spec} ({meta_root / meta_folder_name(spec) / 'config.json'})"
+        for spec in specs.values()
+        if not (meta_root / meta_folder_name(spec) / "config.json").is_file()
+    ]
     if missing:
-        raise UserError(f"{recipe_path}: no metadata for {'; '.join(missing)}: a stand-in needs the real "
-                        "config.json at least (nothing is guessed)")
-    ident = identity_of({"recipe": data_fingerprint(recipe_path), "shard_bytes": shard_bytes,
-                         "meta": [data_fingerprint(meta_root / meta_folder_name(spec)) for spec in specs.values()]})
+        raise UserError(
+            f"{recipe_path}: no metadata for {'; '.join(missing)}: a stand-in needs the real "
+            "config.json at least (nothing is guessed)"
+        )
+    ident = identity_of(
+        {
+            "recipe": data_fingerprint(recipe_path),
+            "shard_bytes": shard_bytes,
+            "meta": [data_fingerprint(meta_root / meta_folder_name(spec)) for spec in specs.values()],
+        }
+    )
     if _already(out, ident, force):
         return out / "recipe.yaml"
-    with atomic_dir(out, "standin", force=force, inputs={"--meta": meta_root, "--recipe": recipe_path},
-                    option="--out", identity=ident) as staging:
+    with atomic_dir(
+        out,
+        "standin",
+        force=force,
+        inputs={"--meta": meta_root, "--recipe": recipe_path},
+        option="--out",
+        identity=ident,
+    ) as staging:
         done: dict[str, str] = {}
         for spec in dict.fromkeys(specs.values()):
             name = meta_folder_name(spec)
@@ -206,5 +260,7 @@ def recipe_standins(recipe_path: str | os.PathLike, meta_root: str | os.PathLike
         data["output"] = str(out.resolve() / "ta")
         (staging / "recipe.yaml").write_text(
             f"# {recipe_path} on metadata stand-ins (micota-merge demo standin): dry-run only\n"
-            + yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+            + yaml.safe_dump(data, sort_keys=False),
+            encoding="utf-8",
+        )
     return out / "recipe.yaml"

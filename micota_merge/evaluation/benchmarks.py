@@ -29,29 +29,29 @@ PROMPT = "{question}\nPlease reason step by step, and put your final answer with
 
 # Gold formats: how grading.parse_gold reads a gold and which fallback extract_answer uses
 # when a response has neither a box nor a final-answer phrase.
-NUMBER = "number"          # GSM8K: the solution text with the answer after "####", or a bare number;
-                           # commas dropped; falls back to the response's last number
-LATEX = "latex"            # one LaTeX answer (a float such as 27.0 reads "27"); falls back to a
-                           # concluding sentence
+NUMBER = "number"  # GSM8K: the solution text with the answer after "####", or a bare number;
+# commas dropped; falls back to the response's last number
+LATEX = "latex"  # one LaTeX answer (a float such as 27.0 reads "27"); falls back to a
+# concluding sentence
 LATEX_LIST = "latex_list"  # OlympiadBench: one or several LaTeX answers, all required (a list, or
-                           # split on top-level commas); golds may be lists; falls back as LATEX
+# split on top-level commas); golds may be lists; falls back as LATEX
 GOLD_FORMATS = (NUMBER, LATEX, LATEX_LIST)
 
 
 @dataclass(frozen=True)
 class Benchmark:
     name: str
-    data: Path                    # its JSONL; a relative path is under the task folder (tasks/)
+    data: Path  # its JSONL; a relative path is under the task folder (tasks/)
     question_field: str = "question"
     gold_field: str = "answer"
-    id_field: Optional[str] = "id"   # None: the row number
-    id_prefix: str = ""              # question ids are <id_prefix>-<id>; "" means the name
+    id_field: Optional[str] = "id"  # None: the row number
+    id_prefix: str = ""  # question ids are <id_prefix>-<id>; "" means the name
     gold_format: Optional[str] = LATEX  # None: the grader's generic rules (grading benchmark None)
     tolerance_field: Optional[str] = None  # a numerical tolerance beside the gold (OlympiadBench "error")
-    r1_samples: int = 1           # answers per question under `eval --protocol r1`
+    r1_samples: int = 1  # answers per question under `eval --protocol r1`
     prompt: Optional[str] = PROMPT  # the user turn, with {question}; None: the bare question
-    paper: bool = False           # one of the papers' benchmarks: in `eval --tasks all` and micota_math
-    question_set: bool = True     # a `generate --questions NAME` / `sweep.probe.benchmark` set
+    paper: bool = False  # one of the papers' benchmarks: in `eval --tasks all` and micota_math
+    question_set: bool = True  # a `generate --questions NAME` / `sweep.probe.benchmark` set
     task_dir: Optional[Path] = None  # folder of its task YAML; None: tasks/
 
     @property
@@ -140,7 +140,7 @@ def task_name(benchmark: str) -> str:
 
 
 def benchmark_of(task: str) -> str:
-    return task[len(PREFIX):] if task.startswith(PREFIX) else task
+    return task[len(PREFIX) :] if task.startswith(PREFIX) else task
 
 
 # ------------------------------------------------------------------------ the shipped ones
@@ -149,13 +149,28 @@ def benchmark_of(task: str) -> str:
 
 register_benchmark("aime24", "data/aime24/test.jsonl", r1_samples=64, paper=True)
 register_benchmark("amc23", "data/amc23/test.jsonl", r1_samples=64, paper=True)
-register_benchmark("olympiadbench", "data/olympiadbench/test.jsonl", gold_field="final_answer",
-                   gold_format=LATEX_LIST, tolerance_field="error", r1_samples=4, paper=True)
-register_benchmark("math500", "data/math500/test.jsonl", question_field="problem", id_field=None,
-                   r1_samples=4, paper=True)
-register_benchmark("gsm8k", "data/gsm8k/test.jsonl", id_field="idx", id_prefix="gsm8k-test",
-                   gold_format=NUMBER, paper=True)
+register_benchmark(
+    "olympiadbench",
+    "data/olympiadbench/test.jsonl",
+    gold_field="final_answer",
+    gold_format=LATEX_LIST,
+    tolerance_field="error",
+    r1_samples=4,
+    paper=True,
+)
+register_benchmark(
+    "math500", "data/math500/test.jsonl", question_field="problem", id_field=None, r1_samples=4, paper=True
+)
+register_benchmark(
+    "gsm8k", "data/gsm8k/test.jsonl", id_field="idx", id_prefix="gsm8k-test", gold_format=NUMBER, paper=True
+)
 # The micro world's held-out questions: the embedded demo's benchmark (micota_merge/assets/microworld).
 # Its experts were trained on the bare question; its golds are graded by the generic rules.
-register_benchmark("microworld", Path(__file__).resolve().parents[1] / "assets" / "microworld" / "heldout.jsonl",
-                   gold_format=None, r1_samples=4, prompt=None, question_set=False)
+register_benchmark(
+    "microworld",
+    Path(__file__).resolve().parents[1] / "assets" / "microworld" / "heldout.jsonl",
+    gold_format=None,
+    r1_samples=4,
+    prompt=None,
+    question_set=False,
+)

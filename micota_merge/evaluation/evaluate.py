@@ -43,13 +43,28 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
-from micota_merge.evaluation import scoring
-from micota_merge.core.artifacts import atomic_dir, now, sha256_bytes, write_json_atomic, write_manifest, write_text_atomic
+from micota_merge.core.artifacts import (
+    atomic_dir,
+    now,
+    sha256_bytes,
+    write_json_atomic,
+    write_manifest,
+    write_text_atomic,
+)
 from micota_merge.core.errors import StageFailed, UserError, disk_full, free_mib
 from micota_merge.core.identity import changed
 from micota_merge.core.identity import describe as describe_changes
-from micota_merge.core.ownership import claim, claim_workdir, distributed_rank, identity_of, is_workdir, output_lock, remove_ours
+from micota_merge.core.ownership import (
+    claim,
+    claim_workdir,
+    distributed_rank,
+    identity_of,
+    is_workdir,
+    output_lock,
+    remove_ours,
+)
 from micota_merge.evaluation import benchmarks as registry
+from micota_merge.evaluation import scoring
 from micota_merge.evaluation.tasks import GROUP, TASK_DIR, benchmark_of, task_name
 
 LOG = logging.getLogger("micota_merge.evaluation.evaluate")
@@ -90,8 +105,10 @@ def parse_tasks(spec: str | Sequence[str] | None) -> list[str]:
             continue
         bench = benchmark_of(name)
         if bench not in registry.names():
-            raise UserError(f"--tasks: unknown task {name!r}: choose from {', '.join(registry.names())} "
-                            f"(or 'all' for the papers' five; lm-eval names {task_name('gsm8k')} etc. work too)")
+            raise UserError(
+                f"--tasks: unknown task {name!r}: choose from {', '.join(registry.names())} "
+                f"(or 'all' for the papers' five; lm-eval names {task_name('gsm8k')} etc. work too)"
+            )
         chosen.add(bench)
     return [b for b in registry.names() if b in chosen]
 
@@ -118,8 +135,7 @@ def load_task_manager(metadata: dict | None = None, task_dir: Path = TASK_DIR):
             except Exception as e:  # any parse error is the answer we are looking for
                 problems.append(f"{path.name}: {type(e).__name__}: {e}")
         detail = "; ".join(problems) or "no YAML failed to parse; check the `task:`/`group:` names"
-        raise StageFailed(f"lm-eval did not register {', '.join(missing)} from "
-                          f"{', '.join(map(str, dirs))}: {detail}")
+        raise StageFailed(f"lm-eval did not register {', '.join(missing)} from {', '.join(map(str, dirs))}: {detail}")
     return tm
 
 
@@ -142,22 +158,26 @@ def parse_samples(spec, benchmarks: Sequence[str], protocol: str = "greedy") -> 
         item = item.strip()
         name, _, value = item.rpartition("=")
         if not value.strip().isdigit() or int(value) < 1:
-            raise UserError(f"--samples {spec!r}: give a positive number of answers per question, "
-                            "for all benchmarks (8) or some (aime24=16,math500=2)")
+            raise UserError(
+                f"--samples {spec!r}: give a positive number of answers per question, "
+                "for all benchmarks (8) or some (aime24=16,math500=2)"
+            )
         if not name:
             per_task = {b: int(value) for b in benchmarks}
             continue
         bench = benchmark_of(name.strip())
         if bench not in registry.names():
-            raise UserError(f"--samples {spec!r}: unknown benchmark {name!r}: choose from "
-                            f"{', '.join(registry.names())}")
+            raise UserError(
+                f"--samples {spec!r}: unknown benchmark {name!r}: choose from {', '.join(registry.names())}"
+            )
         if bench in per_task:
             per_task[bench] = int(value)
     return per_task
 
 
-def sampling_settings(protocol: str, samples, temperature: Optional[float], top_p: Optional[float],
-                      benchmarks: Sequence[str]) -> dict:
+def sampling_settings(
+    protocol: str, samples, temperature: Optional[float], top_p: Optional[float], benchmarks: Sequence[str]
+) -> dict:
     """{"protocol", "temperature", "top_p", "samples": {bench: k}} with the options applied."""
     per_task = parse_samples(samples, benchmarks, protocol)
     base = PROTOCOLS[protocol]
@@ -168,21 +188,26 @@ def sampling_settings(protocol: str, samples, temperature: Optional[float], top_
     if not 0 < top_p <= 1:
         raise UserError(f"--top-p {top_p}: give a number in (0, 1]")
     if temperature == 0 and any(k > 1 for k in per_task.values()):
-        raise UserError("--samples above 1 with greedy decoding repeats one answer k times: pass "
-                        "--temperature > 0 (e.g. --protocol r1: 0.6, top-p 0.95)")
+        raise UserError(
+            "--samples above 1 with greedy decoding repeats one answer k times: pass "
+            "--temperature > 0 (e.g. --protocol r1: 0.6, top-p 0.95)"
+        )
     return {"protocol": protocol, "temperature": temperature, "top_p": top_p, "samples": per_task}
 
 
 def generation_kwargs(sampling: dict, max_tokens: int) -> dict:
-    kw = {"until": [], "do_sample": sampling["temperature"] > 0, "temperature": sampling["temperature"],
-          "max_gen_toks": max_tokens}
+    kw = {
+        "until": [],
+        "do_sample": sampling["temperature"] > 0,
+        "temperature": sampling["temperature"],
+        "max_gen_toks": max_tokens,
+    }
     if sampling["temperature"] > 0:
         kw["top_p"] = sampling["top_p"]
     return kw
 
 
-def task_specs(tm, benchmarks: Sequence[str], sampling: dict, max_tokens: int,
-               task_dir: Path = TASK_DIR) -> list:
+def task_specs(tm, benchmarks: Sequence[str], sampling: dict, max_tokens: int, task_dir: Path = TASK_DIR) -> list:
     """lm-eval tasks: ours with this run's sampling laid over their YAML as config overrides.
 
     All five benchmarks go in as the `micota_math` group (lm-eval then reports the papers'
@@ -197,12 +222,22 @@ def task_specs(tm, benchmarks: Sequence[str], sampling: dict, max_tokens: int,
     for bench in benchmarks:
         k = sampling["samples"][bench]
         # a task given as a dict is taken whole: its YAML (includes resolved), then ours
-        specs.append({**load_yaml(registry.get(bench).yaml_file(task_dir), resolve_func=True, recursive=True),
-                      "repeats": k, "generation_kwargs": dict(gen),
-                      "filter_list": [{"name": "none", "filter": [{"function": "take_first_k", "k": k}]}],
-                      "metric_list": [{"metric": m, "aggregation": "mean",
-                                       "higher_is_better": not (m.startswith("mean_") or m == "truncated")}
-                                      for m in sample_metrics(k)]})
+        specs.append(
+            {
+                **load_yaml(registry.get(bench).yaml_file(task_dir), resolve_func=True, recursive=True),
+                "repeats": k,
+                "generation_kwargs": dict(gen),
+                "filter_list": [{"name": "none", "filter": [{"function": "take_first_k", "k": k}]}],
+                "metric_list": [
+                    {
+                        "metric": m,
+                        "aggregation": "mean",
+                        "higher_is_better": not (m.startswith("mean_") or m == "truncated"),
+                    }
+                    for m in sample_metrics(k)
+                ],
+            }
+        )
     tasks = tm.load(specs)["tasks"]
     if list(benchmarks) != list(registry.papers()):
         return [tasks[task_name(b)] for b in benchmarks]
@@ -226,15 +261,29 @@ def task_specs(tm, benchmarks: Sequence[str], sampling: dict, max_tokens: int,
 # shared with `generate`.
 
 
-def model_args_for(backend: str, model_path: Path, *, dtype: str, max_tokens: int,
-                   tensor_parallel_size: int, gpu_memory_utilization: float,
-                   max_model_len: Optional[int], data_parallel_size: int = 1) -> dict:
+def model_args_for(
+    backend: str,
+    model_path: Path,
+    *,
+    dtype: str,
+    max_tokens: int,
+    tensor_parallel_size: int,
+    gpu_memory_utilization: float,
+    max_model_len: Optional[int],
+    data_parallel_size: int = 1,
+) -> dict:
     """lm-eval model_args of a local backend (batch size and device travel as simple_evaluate's own arguments)."""
     from micota_merge.generation import backends
 
-    job = backends.EvalJob(model_path=model_path, dtype=dtype, max_tokens=max_tokens,
-                           tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
-                           max_model_len=max_model_len, data_parallel_size=data_parallel_size)
+    job = backends.EvalJob(
+        model_path=model_path,
+        dtype=dtype,
+        max_tokens=max_tokens,
+        tensor_parallel_size=tensor_parallel_size,
+        gpu_memory_utilization=gpu_memory_utilization,
+        max_model_len=max_model_len,
+        data_parallel_size=data_parallel_size,
+    )
     if backends.canonical(backend) == "vllm":
         from micota_merge.generation.backends.vllm import lm_eval_args
 
@@ -282,16 +331,34 @@ def _holding_output_lock(fn):
 
 
 @_holding_output_lock
-def evaluate(model: str, tasks: str | Sequence[str] | None = None, backend: Optional[str] = None,
-             limit: Optional[int] = None, max_tokens: Optional[int] = None, batch_size=None,
-             output: Optional[str] = None, dtype: str = "auto", device: Optional[str] = None,
-             tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.9,
-             max_model_len: Optional[int] = None, data_parallel_size: int = 1,
-             base_url: Sequence[str] | str | None = None, api_key_env: Optional[str] = None,
-             served_model: Optional[str] = None, concurrency: int = 16, retries: int = 8,
-             request_timeout: float = 3600.0, force: bool = False, protocol: str = "greedy",
-             samples=None, temperature: Optional[float] = None, top_p: Optional[float] = None,
-             seed: int = 0, echo: Echo = print) -> dict:
+def evaluate(
+    model: str,
+    tasks: str | Sequence[str] | None = None,
+    backend: Optional[str] = None,
+    limit: Optional[int] = None,
+    max_tokens: Optional[int] = None,
+    batch_size=None,
+    output: Optional[str] = None,
+    dtype: str = "auto",
+    device: Optional[str] = None,
+    tensor_parallel_size: int = 1,
+    gpu_memory_utilization: float = 0.9,
+    max_model_len: Optional[int] = None,
+    data_parallel_size: int = 1,
+    base_url: Sequence[str] | str | None = None,
+    api_key_env: Optional[str] = None,
+    served_model: Optional[str] = None,
+    concurrency: int = 16,
+    retries: int = 8,
+    request_timeout: float = 3600.0,
+    force: bool = False,
+    protocol: str = "greedy",
+    samples=None,
+    temperature: Optional[float] = None,
+    top_p: Optional[float] = None,
+    seed: int = 0,
+    echo: Echo = print,
+) -> dict:
     """Score `model` on `tasks` with lm-eval; write results, samples and summary to `output`."""
     from micota_merge.core.checkpoints import check_model_files, context_length, read_chat_template, resolve_model_path
     from micota_merge.generation import backends
@@ -307,11 +374,15 @@ def evaluate(model: str, tasks: str | Sequence[str] | None = None, backend: Opti
         import importlib.util
 
         if not engine.data_parallel:
-            raise UserError("--data-parallel-size is for --backend vllm (lm-eval's vLLM replicas); with servers, "
-                            "start `vllm serve --data-parallel-size N` or pass several --base-url")
+            raise UserError(
+                "--data-parallel-size is for --backend vllm (lm-eval's vLLM replicas); with servers, "
+                "start `vllm serve --data-parallel-size N` or pass several --base-url"
+            )
         if importlib.util.find_spec("ray") is None:
-            raise UserError("--data-parallel-size > 1: lm-eval runs its vLLM replicas through Ray, which is not "
-                            "installed here (pip install ray)")
+            raise UserError(
+                "--data-parallel-size > 1: lm-eval runs its vLLM replicas through Ray, which is not "
+                "installed here (pip install ray)"
+            )
     if concurrency < 1 or retries < 0:
         raise UserError("--concurrency must be at least 1 and --retries at least 0")
     if dtype not in DTYPES:
@@ -344,16 +415,22 @@ def evaluate(model: str, tasks: str | Sequence[str] | None = None, backend: Opti
         if default_max_tokens and context is not None and max_tokens >= context:
             # a short context (the micro world's 1024, Qwen2.5-Instruct's 32768 under r1): leave room
             # for the prompt
-            echo(f"max new tokens {max_tokens} would not fit {model}'s context of {context}: using "
-                 f"{context // 2} (pass --max-tokens to choose)")
+            echo(
+                f"max new tokens {max_tokens} would not fit {model}'s context of {context}: using "
+                f"{context // 2} (pass --max-tokens to choose)"
+            )
             max_tokens = context // 2
         if context is not None and max_tokens >= context:
-            raise UserError(f"--max-tokens {max_tokens} does not fit {model}'s context of {context} tokens "
-                            f"(prompt plus answer must fit): pass --max-tokens below {context}")
+            raise UserError(
+                f"--max-tokens {max_tokens} does not fit {model}'s context of {context} tokens "
+                f"(prompt plus answer must fit): pass --max-tokens below {context}"
+            )
         if read_chat_template(model_path) is None:
-            raise UserError(f"--model {model}: no chat template (chat_template.jinja or tokenizer_config.json); the "
-                            "benchmarks are asked through the model's chat template, as in the papers: use a chat "
-                            "model, or add its template")
+            raise UserError(
+                f"--model {model}: no chat template (chat_template.jinja or tokenizer_config.json); the "
+                "benchmarks are asked through the model's chat template, as in the papers: use a chat "
+                "model, or add its template"
+            )
     served = None
     if engine.remote:  # every server is asked before anything is written
         urls, _, served = engine.connect(urls, api_key_env, model, model_path, served_model)
@@ -374,16 +451,40 @@ def evaluate(model: str, tasks: str | Sequence[str] | None = None, backend: Opti
     # lm-eval's model: for the local backends, subclasses whose answers carry the engine's finish
     # reason and count (models.py; lengths.py defines them for every stage); for servers,
     # local-chat-completions over all of them (servers/client.py)
-    lm_model, args = engine.lm_eval(backends.EvalJob(
-        model_path=model_path, dtype=dtype, max_tokens=max_tokens, seed=seed, samples=sampling["samples"], gpu=gpu,
-        tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
-        max_model_len=max_model_len, data_parallel_size=data_parallel_size, urls=urls, served=served,
-        api_key_env=api_key_env, concurrency=concurrency, retries=retries, request_timeout=request_timeout))
+    lm_model, args = engine.lm_eval(
+        backends.EvalJob(
+            model_path=model_path,
+            dtype=dtype,
+            max_tokens=max_tokens,
+            seed=seed,
+            samples=sampling["samples"],
+            gpu=gpu,
+            tensor_parallel_size=tensor_parallel_size,
+            gpu_memory_utilization=gpu_memory_utilization,
+            max_model_len=max_model_len,
+            data_parallel_size=data_parallel_size,
+            urls=urls,
+            served=served,
+            api_key_env=api_key_env,
+            concurrency=concurrency,
+            retries=retries,
+            request_timeout=request_timeout,
+        )
+    )
     if engine.eval_fixed_batch_size is not None:
         batch_size = engine.eval_fixed_batch_size
-    options = {"tasks": benchmarks, "backend": backend, "limit": limit, "max_tokens": max_tokens,
-               "batch_size": batch_size, "dtype": dtype, "device": device, "model_args": args,
-               **sampling, "seed": seed}
+    options = {
+        "tasks": benchmarks,
+        "backend": backend,
+        "limit": limit,
+        "max_tokens": max_tokens,
+        "batch_size": batch_size,
+        "dtype": dtype,
+        "device": device,
+        "model_args": args,
+        **sampling,
+        "seed": seed,
+    }
 
     # Responses are cached as they are generated (lm-eval's sqlite cache, keyed by prompt and
     # generation settings), so a killed run resumes where it stopped. The cache belongs to one model
@@ -394,75 +495,131 @@ def evaluate(model: str, tasks: str | Sequence[str] | None = None, backend: Opti
     fp = meta.fingerprint() if meta else {"served_model": served, "content": None}
     # transformers is spelled "hf" here, as before the rename: runs and caches written then stay resumable
     same = {"transformers": "hf"}.get(backend, backend)
-    identity = {"model_content": fp["content"] if meta else f"served:{served}", "backend": same, "dtype": dtype,
-                "max_tokens": max_tokens}
-    run_id = identity_of({"model": identity["model_content"], "tasks": benchmarks, "limit": limit,
-                          "max_tokens": max_tokens, "sampling": sampling, "seed": seed, "backend": same,
-                          "dtype": dtype})
+    identity = {
+        "model_content": fp["content"] if meta else f"served:{served}",
+        "backend": same,
+        "dtype": dtype,
+        "max_tokens": max_tokens,
+    }
+    run_id = identity_of(
+        {
+            "model": identity["model_content"],
+            "tasks": benchmarks,
+            "limit": limit,
+            "max_tokens": max_tokens,
+            "sampling": sampling,
+            "seed": seed,
+            "backend": same,
+            "dtype": dtype,
+        }
+    )
     if claimed.same(run_id) and not force:
         echo(f"already evaluated: {out} holds this model's scores with the same settings; nothing to do")
         return load_summary(out)
     if claimed.state == "ours" and not force:
-        raise UserError(f"--output {out} already exists and holds an eval of another model or other settings: pass --force to replace "
-                        "it, or choose another --output")
+        raise UserError(
+            f"--output {out} already exists and holds an eval of another model or other settings: "
+            "pass --force to replace "
+            "it, or choose another --output"
+        )
     cache_dir = out.parent / f".{out.name}.responses"
     claim_response_cache(cache_dir, identity, out, force)
     model_key = sha256_bytes(json.dumps(identity, sort_keys=True).encode())[:16]
 
     # ---- run
-    echo(f"scoring {model} on {', '.join(benchmarks)} with lm-eval ({backend}, {describe(sampling)}, "
-         f"max {max_tokens} new tokens{f', {limit} per task' if limit else ''}) -> {out}")
+    echo(
+        f"scoring {model} on {', '.join(benchmarks)} with lm-eval ({backend}, {describe(sampling)}, "
+        f"max {max_tokens} new tokens{f', {limit} per task' if limit else ''}) -> {out}"
+    )
     started, t0 = now(), time.time()
     tracker = EvaluationTracker()  # records model and chat template; told where to write below
     try:
         results = lm_eval.simple_evaluate(
-            model=lm_model, model_args=args, tasks=lm_tasks, task_manager=tm,
-            limit=limit, batch_size=batch_size, device=device, apply_chat_template=True,
-            log_samples=True, evaluation_tracker=tracker,
-            use_cache=str(cache_dir / model_key), confirm_run_unsafe_code=False,
-            random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+            model=lm_model,
+            model_args=args,
+            tasks=lm_tasks,
+            task_manager=tm,
+            limit=limit,
+            batch_size=batch_size,
+            device=device,
+            apply_chat_template=True,
+            log_samples=True,
+            evaluation_tracker=tracker,
+            use_cache=str(cache_dir / model_key),
+            confirm_run_unsafe_code=False,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
         )
     except Exception as e:
         if disk_full(e, cache_dir):  # sqlite's "database or disk is full" is no OSError
-            raise UserError(f"no space left on the disk holding {cache_dir} (lm-eval's response cache, "
-                            f"{free_mib(cache_dir)} MiB free): free space there (or give --output on a bigger disk) "
-                            "and run the same command again; the answers cached so far are kept") from None
+            raise UserError(
+                f"no space left on the disk holding {cache_dir} (lm-eval's response cache, "
+                f"{free_mib(cache_dir)} MiB free): free space there (or give --output on a bigger disk) "
+                "and run the same command again; the answers cached so far are kept"
+            ) from None
         if not engine.remote:
             raise
         # lm-eval gave up after its retries on every server; each answer it got is in the cache
-        raise StageFailed(f"requests to {', '.join(urls)} kept failing ({type(e).__name__}: {str(e)[:200]}); the "
-                          "answers received so far are cached: run the same command again to resume") from None
+        raise StageFailed(
+            f"requests to {', '.join(urls)} kept failing ({type(e).__name__}: {str(e)[:200]}); the "
+            "answers received so far are cached: run the same command again to resume"
+        ) from None
     if results is None:  # not the main process of a multi-process run: that one writes
         return {}
     logged = results.pop("samples")
-    mismatches, per_question, majority = audit_samples(logged, tokenizer=str(model_path) if model_path else None,
-                                                   max_tokens=max_tokens)
-    with atomic_dir(out, "eval", force=force, inputs={"--model": model_path} if model_path else None,
-                    option="--output") as staging:
+    mismatches, per_question, majority = audit_samples(
+        logged, tokenizer=str(model_path) if model_path else None, max_tokens=max_tokens
+    )
+    with atomic_dir(
+        out, "eval", force=force, inputs={"--model": model_path} if model_path else None, option="--output"
+    ) as staging:
         tracker.output_path = str(staging / "results.json")  # lm-eval writes results_<date>.json beside it
         tracker.save_results_aggregated(results=results, samples=logged)
         for name in results["configs"]:
             tracker.save_results_samples(task_name=name, samples=logged[name])
         files = _written_files(staging, results["configs"])
-        summary = summarize(results, model=model, benchmarks=benchmarks, per_question=per_question,
-                            majority=majority, seed=seed)
-        summary.update(backend=backend, max_tokens=max_tokens, limit=limit, **sampling, seed=seed,
-                       files=files, seconds=round(time.time() - t0, 1))
+        summary = summarize(
+            results, model=model, benchmarks=benchmarks, per_question=per_question, majority=majority, seed=seed
+        )
+        summary.update(
+            backend=backend,
+            max_tokens=max_tokens,
+            limit=limit,
+            **sampling,
+            seed=seed,
+            files=files,
+            seconds=round(time.time() - t0, 1),
+        )
         if mismatches:
             summary["regrade_mismatches"] = mismatches
         write_json_atomic(staging / SUMMARY, summary)
         write_text_atomic(staging / "summary.md", summary_markdown(summary))
-        write_manifest(staging, "eval", model=model, options=options, inputs={"model": fp},
-                       started=started, finished=now(), seconds=summary["seconds"], results=summary,
-                       identity=run_id)
+        write_manifest(
+            staging,
+            "eval",
+            model=model,
+            options=options,
+            inputs={"model": fp},
+            started=started,
+            finished=now(),
+            seconds=summary["seconds"],
+            results=summary,
+            identity=run_id,
+        )
     remove_ours(cache_dir, "eval")
     echo(summary_markdown(summary))
     echo(f"wrote {out}/summary.json, summary.md, lm-eval results and per-sample logs")
     return summary
 
 
-_IDENTITY_NAMES = {"model_content": "model content (weights, config or tokenizer)", "backend": "backend",
-                   "dtype": "dtype", "max_tokens": "max tokens"}
+_IDENTITY_NAMES = {
+    "model_content": "model content (weights, config or tokenizer)",
+    "backend": "backend",
+    "dtype": "dtype",
+    "max_tokens": "max tokens",
+}
 
 
 def claim_response_cache(cache_dir: Path, identity: dict, out: Path, force: bool) -> None:
@@ -479,23 +636,27 @@ def claim_response_cache(cache_dir: Path, identity: dict, out: Path, force: bool
             old = {}
         if changed(old, identity):
             what = describe_changes(old, identity, _IDENTITY_NAMES)
-            raise UserError(f"{out} has an interrupted run with other inputs ({what} changed); resuming would score "
-                            "that run's cached answers as this one's: pass --force to discard them, or choose "
-                            "another --output")
+            raise UserError(
+                f"{out} has an interrupted run with other inputs ({what} changed); resuming would score "
+                "that run's cached answers as this one's: pass --force to discard them, or choose "
+                "another --output"
+            )
     claim_workdir(cache_dir, "eval", out, option="--output")
     if not marker.is_file():
         write_json_atomic(marker, identity)
 
 
-def audit_samples(samples: dict[str, list[dict]], tokenizer: Optional[str] = None,
-                  max_tokens: Optional[int] = None) -> tuple[int, dict, dict]:
+def audit_samples(
+    samples: dict[str, list[dict]], tokenizer: Optional[str] = None, max_tokens: Optional[int] = None
+) -> tuple[int, dict, dict]:
     """Add every answer's grading and lengths to its lm-eval sample record.
 
     Each record gets `samples` (per answer, in the order of `filtered_resps[0]`: pred,
     correct, num_tokens, thinking_tokens, answer_tokens, thinking_finished, finish_reason,
     truncated) and
     `majority` (the majority answer, with k > 1). `tokenizer` and `max_tokens` are the
-    run's (lm-eval loads the task functions as a module of its own, so ours is told again). Grading is recomputed by the same code that gave lm-eval its per-question
+    run's (lm-eval loads the task functions as a module of its own, so ours is told again). Grading is
+    recomputed by the same code that gave lm-eval its per-question
     `accuracy`; they agree unless math-verify timed out on one side. Returns how many
     disagree; per benchmark the correctness of every answer of every question (in doc
     order: what the intervals and the paired test resample); and per benchmark with k > 1
@@ -520,16 +681,20 @@ def audit_samples(samples: dict[str, list[dict]], tokenizer: Optional[str] = Non
             rec["samples"] = scored
             if len(scored) > 1:
                 bench_g = utils.grader_benchmark(bench)
-                winner = scoring.majority([x["pred"] for x in scored],
-                                          lambda a, b: grading.equivalent(a, b, bench_g))
+                winner = scoring.majority([x["pred"] for x in scored], lambda a, b: grading.equivalent(a, b, bench_g))
                 rec["majority"] = None if winner is None else scored[winner]["pred"]
                 majority.setdefault(bench, []).append(float(winner is not None and scored[winner]["correct"]))
             rows.append([float(x["correct"]) for x in scored])
             acc = sum(x["correct"] for x in scored) / len(scored)
             if "accuracy" in rec and abs(acc - float(rec["accuracy"])) > 1e-9:
                 mismatches += 1
-                LOG.warning("%s doc %s: regrading gave %s, lm-eval's run gave %s (math-verify timeout?)",
-                            name, rec.get("doc_id"), acc, rec["accuracy"])
+                LOG.warning(
+                    "%s doc %s: regrading gave %s, lm-eval's run gave %s (math-verify timeout?)",
+                    name,
+                    rec.get("doc_id"),
+                    acc,
+                    rec["accuracy"],
+                )
         per_question[bench] = rows
     return mismatches, per_question, majority
 
@@ -559,9 +724,14 @@ def _metric(task_results: dict, name: str) -> Optional[float]:
 LENGTHS = ("mean_tokens", "mean_thinking_tokens", "mean_answer_tokens", "truncated")
 
 
-def summarize(results: dict, model: str, benchmarks: Sequence[str],
-              per_question: Optional[dict[str, list[list[float]]]] = None,
-              majority: Optional[dict[str, list[float]]] = None, seed: int = 0) -> dict:
+def summarize(
+    results: dict,
+    model: str,
+    benchmarks: Sequence[str],
+    per_question: Optional[dict[str, list[list[float]]]] = None,
+    majority: Optional[dict[str, list[float]]] = None,
+    seed: int = 0,
+) -> dict:
     """Our summary from lm-eval's results: per task avg@k, pass@k and maj@k with their 95 %
     intervals, lengths, truncation and n; their plain average with its interval."""
     tasks = {}
@@ -580,21 +750,29 @@ def summarize(results: dict, model: str, benchmarks: Sequence[str],
             t["pass@k"] = {str(j): _metric(res, f"pass@{j}") for j in scoring.pass_ks(k)}
             t["maj@k"] = {str(k): _metric(res, f"maj@{k}")}
             if rows:  # pass@k is already an expectation per question: questions are resampled
-                t["pass@k_ci95"] = {str(j): list(scoring.accuracy_interval(
-                    [[scoring.pass_at_k(len(r), int(sum(r)), j)] for r in rows], seed=seed))
-                    for j in scoring.pass_ks(k)}
+                t["pass@k_ci95"] = {
+                    str(j): list(
+                        scoring.accuracy_interval(
+                            [[scoring.pass_at_k(len(r), int(sum(r)), j)] for r in rows], seed=seed
+                        )
+                    )
+                    for j in scoring.pass_ks(k)
+                }
             if (majority or {}).get(bench):
-                t["maj@k_ci95"] = {str(k): list(scoring.accuracy_interval([[m] for m in majority[bench]],
-                                                                          seed=seed))}
+                t["maj@k_ci95"] = {str(k): list(scoring.accuracy_interval([[m] for m in majority[bench]], seed=seed))}
         t.update({m: _metric(res, m) for m in LENGTHS})
         t["n"] = int(n) if n is not None else None
         tasks[bench] = t
     accs = [t["accuracy"] for t in tasks.values() if t["accuracy"] is not None]
     toks = [t["mean_tokens"] for t in tasks.values() if t["mean_tokens"] is not None]
     # The papers' "Avg." is the plain mean over benchmarks, not weighted by their sizes.
-    out = {"model": model, "tasks": tasks,
-           "average": sum(accs) / len(accs) if accs else None, "average_ci95": None,
-           "mean_tokens": sum(toks) / len(toks) if toks else None}
+    out = {
+        "model": model,
+        "tasks": tasks,
+        "average": sum(accs) / len(accs) if accs else None,
+        "average_ci95": None,
+        "mean_tokens": sum(toks) / len(toks) if toks else None,
+    }
     if per_question and all(per_question.get(b) for b in benchmarks):
         out["average_ci95"] = list(scoring.average_interval([per_question[b] for b in benchmarks], seed=seed))
     return out
@@ -606,8 +784,7 @@ def describe(sampling: dict) -> str:
     ks = sorted(set(sampling["samples"].values()))
     k = ", ".join(f"{b} {n}" for b, n in sampling["samples"].items()) if len(ks) > 1 else str(ks[0])
     name = "r1 protocol" if sampling["protocol"] == "r1" else "sampling"
-    return f"{name}: temperature {sampling['temperature']:g}, top-p {sampling['top_p']:g}, " \
-           f"samples per question {k}"
+    return f"{name}: temperature {sampling['temperature']:g}, top-p {sampling['top_p']:g}, samples per question {k}"
 
 
 def _fmt_acc(x) -> str:
@@ -636,8 +813,11 @@ def summary_markdown(summary: dict) -> str:
     what = "avg@k" if sampled else "accuracy"
     lines = [f"### {summary['model']}", ""]
     if summary.get("protocol"):
-        lines += [f"{describe(summary)}; max {summary.get('max_tokens')} new tokens; "
-                  "95 % bootstrap intervals over questions (samples nested)", ""]
+        lines += [
+            f"{describe(summary)}; max {summary.get('max_tokens')} new tokens; "
+            "95 % bootstrap intervals over questions (samples nested)",
+            "",
+        ]
     head = f"| benchmark | k | {what} (%) | 95 % CI |"
     rule = "| --- | ---: | ---: | :---: |"
     if sampled:
@@ -653,24 +833,35 @@ def summary_markdown(summary: dict) -> str:
             mk, mv = _top(t, "maj@k")
             pci = (t.get("pass@k_ci95") or {}).get(pk)
             mci = (t.get("maj@k_ci95") or {}).get(mk)
-            row += (f" {_fmt_acc(pv)} (k={pk}{', ' + _fmt_ci(pci) if pci else ''}) |" if pk else " – |")
-            row += (f" {_fmt_acc(mv)} (k={mk}{', ' + _fmt_ci(mci) if mci else ''}) |" if mk else " – |")
-        row += (f" {_fmt_tok(t.get('mean_tokens'))} | {_fmt_tok(t.get('mean_thinking_tokens'))} |"
-                f" {_fmt_tok(t.get('mean_answer_tokens'))} | {_fmt_acc(t.get('truncated'))} | {t['n']} |")
+            row += f" {_fmt_acc(pv)} (k={pk}{', ' + _fmt_ci(pci) if pci else ''}) |" if pk else " – |"
+            row += f" {_fmt_acc(mv)} (k={mk}{', ' + _fmt_ci(mci) if mci else ''}) |" if mk else " – |"
+        row += (
+            f" {_fmt_tok(t.get('mean_tokens'))} | {_fmt_tok(t.get('mean_thinking_tokens'))} |"
+            f" {_fmt_tok(t.get('mean_answer_tokens'))} | {_fmt_acc(t.get('truncated'))} | {t['n']} |"
+        )
         lines.append(row)
     avg = f"| **average** | | **{_fmt_acc(summary['average'])}** | {_fmt_ci(summary.get('average_ci95'))} |"
     avg += " | |" if sampled else ""
     avg += f" {_fmt_tok(summary.get('mean_tokens'))} | | | | |"
     lines.append(avg)
-    passes = [f"{bench}: " + ", ".join(f"pass@{k} {_fmt_acc(v)}" + (
-                  f" ({_fmt_ci(t['pass@k_ci95'][k])})" if (t.get("pass@k_ci95") or {}).get(k) else "")
-                  for k, v in t["pass@k"].items())
-              for bench, t in summary["tasks"].items() if len(t.get("pass@k") or {}) > 1]
+    passes = [
+        f"{bench}: "
+        + ", ".join(
+            f"pass@{k} {_fmt_acc(v)}"
+            + (f" ({_fmt_ci(t['pass@k_ci95'][k])})" if (t.get("pass@k_ci95") or {}).get(k) else "")
+            for k, v in t["pass@k"].items()
+        )
+        for bench, t in summary["tasks"].items()
+        if len(t.get("pass@k") or {}) > 1
+    ]
     if passes:
         lines += ["", "pass@k (%), unbiased estimator: " + "; ".join(passes)]
     if summary.get("max_tokens") and any((t.get("truncated") or 0) > 0 for t in summary["tasks"].values()):
-        lines += ["", f"truncated: the share of answers that reached the cap of {summary['max_tokens']} new "
-                      "tokens (graded as they stand: an unfinished answer is usually wrong)"]
+        lines += [
+            "",
+            f"truncated: the share of answers that reached the cap of {summary['max_tokens']} new "
+            "tokens (graded as they stand: an unfinished answer is usually wrong)",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -707,8 +898,9 @@ def _acc_cell(t: dict) -> str:
 
 def compare_markdown(labels: Sequence[str], summaries: Sequence[dict], tests: Sequence[dict] = ()) -> str:
     benches = [b for b in registry.names() if any(b in s["tasks"] for s in summaries)]
-    header = "| benchmark | " + " | ".join(f"{lab} acc % (95 % CI) | {lab} tokens | {lab} trunc %"
-                                          for lab in labels) + " |"
+    header = (
+        "| benchmark | " + " | ".join(f"{lab} acc % (95 % CI) | {lab} tokens | {lab} trunc %" for lab in labels) + " |"
+    )
     rule = "| --- |" + " ---: | ---: | ---: |" * len(labels)
     lines = [header, rule]
     for bench in benches:
@@ -722,10 +914,13 @@ def compare_markdown(labels: Sequence[str], summaries: Sequence[dict], tests: Se
         avg = _fmt_acc(s.get("average")) + (f" ({_fmt_ci(s['average_ci95'])})" if s.get("average_ci95") else "")
         cells += [f"**{avg}**", _fmt_tok(s.get("mean_tokens")), ""]
     lines.append("| **average** | " + " | ".join(cells) + " |")
-    notes = [f"- {lab}: {s.get('model', '?')}" + (f", {describe(s)}" if s.get("protocol") else "")
-             + (f", {s['limit']} per task" if s.get("limit") else "")
-             + (f", max {s['max_tokens']} tokens" if s.get("max_tokens") else "")
-             for lab, s in zip(labels, summaries)]
+    notes = [
+        f"- {lab}: {s.get('model', '?')}"
+        + (f", {describe(s)}" if s.get("protocol") else "")
+        + (f", {s['limit']} per task" if s.get("limit") else "")
+        + (f", max {s['max_tokens']} tokens" if s.get("max_tokens") else "")
+        for lab, s in zip(labels, summaries)
+    ]
     if len({tuple(sorted(s["tasks"])) for s in summaries}) > 1:
         notes.append("- the runs scored different benchmarks: each average is over its own, so they do not compare")
     out = "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
@@ -735,17 +930,23 @@ def compare_markdown(labels: Sequence[str], summaries: Sequence[dict], tests: Se
 
 
 def paired_markdown(test: dict) -> str:
-    lines = [f"Paired bootstrap, {test['run']} − {test['against']} (points; questions both answered, "
-             f"{test['draws']} draws, seed {test['seed']}):", "",
-             "| benchmark | Δ | 95 % CI | p | questions | verdict |", "| --- | ---: | :---: | ---: | ---: | --- |"]
+    lines = [
+        f"Paired bootstrap, {test['run']} − {test['against']} (points; questions both answered, "
+        f"{test['draws']} draws, seed {test['seed']}):",
+        "",
+        "| benchmark | Δ | 95 % CI | p | questions | verdict |",
+        "| --- | ---: | :---: | ---: | ---: | --- |",
+    ]
     rows = list(test["tasks"].items()) + ([("**average**", test["average"])] if test.get("average") else [])
     for bench, r in rows:
         if r.get("difference") is None:
             lines.append(f"| {bench} | – | – | – | – | {r.get('note', 'not comparable')} |")
             continue
         verdict = "**significant**" if r["significant"] else "noise (CI includes 0)"
-        lines.append(f"| {bench} | {100 * r['difference']:+.1f} | {100 * r['ci95'][0]:+.1f} to "
-                     f"{100 * r['ci95'][1]:+.1f} | {r['p_value']:.3f} | {r.get('questions', '')} | {verdict} |")
+        lines.append(
+            f"| {bench} | {100 * r['difference']:+.1f} | {100 * r['ci95'][0]:+.1f} to "
+            f"{100 * r['ci95'][1]:+.1f} | {r['p_value']:.3f} | {r.get('questions', '')} | {verdict} |"
+        )
     if test.get("average_note"):
         lines += ["", test["average_note"]]
     return "\n".join(lines) + "\n"
@@ -770,8 +971,13 @@ def per_question_scores(run: Path, summary: dict, bench: str) -> Optional[dict[i
     return scores
 
 
-def paired_tests(paths: Sequence[Path], labels: Sequence[str], summaries: Sequence[dict], seed: int = 0,
-                 draws: int = scoring.BOOTSTRAP_DRAWS) -> list[dict]:
+def paired_tests(
+    paths: Sequence[Path],
+    labels: Sequence[str],
+    summaries: Sequence[dict],
+    seed: int = 0,
+    draws: int = scoring.BOOTSTRAP_DRAWS,
+) -> list[dict]:
     """Each run after the first against the first: per benchmark and on the average."""
     tests = []
     base_dir = paths[0] if paths[0].is_dir() else paths[0].parent
@@ -790,15 +996,20 @@ def paired_tests(paths: Sequence[Path], labels: Sequence[str], summaries: Sequen
                 test["tasks"][bench] = {"difference": None, "note": "no question in common"}
                 continue
             ta, tb = [a[q] for q in common], [b[q] for q in common]
-            test["tasks"][bench] = {**scoring.paired_bootstrap([ta], [tb], seed=seed, draws=draws),
-                                    "questions": len(common)}
+            test["tasks"][bench] = {
+                **scoring.paired_bootstrap([ta], [tb], seed=seed, draws=draws),
+                "questions": len(common),
+            }
             pairs.append((ta, tb))
         if pairs:
-            test["average"] = {**scoring.paired_bootstrap([p[0] for p in pairs], [p[1] for p in pairs],
-                                                          seed=seed, draws=draws)}
+            test["average"] = {
+                **scoring.paired_bootstrap([p[0] for p in pairs], [p[1] for p in pairs], seed=seed, draws=draws)
+            }
             if len(pairs) < len(set(s["tasks"]) | set(summaries[0]["tasks"])):
-                test["average_note"] = (f"The average test is over the {len(pairs)} benchmarks both runs "
-                                        "scored, on the questions both answered.")
+                test["average_note"] = (
+                    f"The average test is over the {len(pairs)} benchmarks both runs "
+                    "scored, on the questions both answered."
+                )
         tests.append(test)
     return tests
 
@@ -835,12 +1046,14 @@ def compare_chart(labels: Sequence[str], summaries: Sequence[dict], path: Path) 
     width = 0.8 / n
     upright = n > 4  # side by side, horizontal values overlap past a few bars
     fig, (ax_acc, ax_tok) = plt.subplots(
-        1, 2, figsize=(min(20, 4 + max(len(groups), 1) * max(2.0, 0.45 * n)), 5.2),
-        gridspec_kw={"width_ratios": [len(groups), max(len(benches), 1)]})
+        1,
+        2,
+        figsize=(min(20, 4 + max(len(groups), 1) * max(2.0, 0.45 * n)), 5.2),
+        gridspec_kw={"width_ratios": [len(groups), max(len(benches), 1)]},
+    )
     colors = _run_colors(n)
     top_acc, top_tok = 1.0, 1.0
-    label_kw = dict(textcoords="offset points", ha="center", va="bottom", fontsize=7,
-                    rotation=90 if upright else 0)
+    label_kw = dict(textcoords="offset points", ha="center", va="bottom", fontsize=7, rotation=90 if upright else 0)
     for i, (lab, s) in enumerate(zip(labels, summaries)):
         color = colors[i]
         rows = [(s["tasks"].get(b) or {}) for b in benches]
@@ -849,18 +1062,29 @@ def compare_chart(labels: Sequence[str], summaries: Sequence[dict], path: Path) 
         if len(groups) > len(benches):
             acc.append(100 * _or_nan(s.get("average")))
             cis.append(s.get("average_ci95"))
-        err = [[0.0 if not ci or math.isnan(a) else max(a - 100 * ci[0], 0.0) for a, ci in zip(acc, cis)],
-               [0.0 if not ci or math.isnan(a) else max(100 * ci[1] - a, 0.0) for a, ci in zip(acc, cis)]]
+        err = [
+            [0.0 if not ci or math.isnan(a) else max(a - 100 * ci[0], 0.0) for a, ci in zip(acc, cis)],
+            [0.0 if not ci or math.isnan(a) else max(100 * ci[1] - a, 0.0) for a, ci in zip(acc, cis)],
+        ]
         offs = [x + (i - (n - 1) / 2) * width for x in range(len(groups))]
-        ax_acc.bar(offs, acc, width, label=lab, color=color, yerr=err, capsize=min(3, 30 / n), ecolor="black",
-                   error_kw={"lw": 0.8})
+        ax_acc.bar(
+            offs,
+            acc,
+            width,
+            label=lab,
+            color=color,
+            yerr=err,
+            capsize=min(3, 30 / n),
+            ecolor="black",
+            error_kw={"lw": 0.8},
+        )
         for x, a, hi in zip(offs, acc, err[1]):
             if not math.isnan(a):
                 # the value on every bar, so a 0 % bar is seen as measured, not missing
                 ax_acc.annotate(f"{a:.1f}" if a < 10 else f"{a:.0f}", (x, a + hi), xytext=(0, 2), **label_kw)
                 top_acc = max(top_acc, a + hi)
         tok = [_or_nan(t.get("mean_tokens")) for t in rows]
-        ax_tok.bar(offs[:len(benches)], tok, width, label=lab, color=color)
+        ax_tok.bar(offs[: len(benches)], tok, width, label=lab, color=color)
         for x, ntok, t in zip(offs, tok, rows):
             if not math.isnan(ntok):
                 trunc = t.get("truncated")
@@ -888,14 +1112,26 @@ def compare_chart(labels: Sequence[str], summaries: Sequence[dict], path: Path) 
     ax_acc.set_title("avg@k (pass@1 over k samples)" if sampled else "pass@1", pad=10)
     ax_tok.set_xticks(range(len(benches)), benches, **tilt)
     ax_tok.set_ylabel("mean response tokens")
-    cap_text = f"dashed: length cap {caps[0]}" if caps and caps[0] and len(set(caps)) == 1 else \
-        "dashed: length caps" if any(caps) else ""
+    cap_text = (
+        f"dashed: length cap {caps[0]}"
+        if caps and caps[0] and len(set(caps)) == 1
+        else "dashed: length caps"
+        if any(caps)
+        else ""
+    )
     ax_tok.set_title("CoT length" + (f" ({cap_text})" if cap_text else ""), pad=10)
     # the legend right of the axes, never on the bars or the tick labels
     handles, names = ax_acc.get_legend_handles_labels()
     fig.tight_layout()
-    fig.legend(handles, names, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize="small", frameon=False,
-               ncol=1 if n <= 20 else 2)
+    fig.legend(
+        handles,
+        names,
+        loc="center left",
+        bbox_to_anchor=(1.0, 0.5),
+        fontsize="small",
+        frameon=False,
+        ncol=1 if n <= 20 else 2,
+    )
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
@@ -910,15 +1146,21 @@ def compare_warnings(labels: Sequence[str], summaries: Sequence[dict]) -> list[s
     out = []
     tasks = [tuple(sorted(s["tasks"])) for s in summaries]
     if len(set(tasks)) > 1:
-        out.append("the runs scored different tasks: " + "; ".join(f"{lab}: {', '.join(t)}"
-                                                                   for lab, t in zip(labels, tasks)))
-    ns = {bench: [(s["tasks"].get(bench) or {}).get("n") for s in summaries]
-          for bench in sorted({b for s in summaries for b in s["tasks"]})}
+        out.append(
+            "the runs scored different tasks: " + "; ".join(f"{lab}: {', '.join(t)}" for lab, t in zip(labels, tasks))
+        )
+    ns = {
+        bench: [(s["tasks"].get(bench) or {}).get("n") for s in summaries]
+        for bench in sorted({b for s in summaries for b in s["tasks"]})
+    }
     for bench, values in ns.items():
         present = [v for v in values if v is not None]
         if len(set(present)) > 1:
-            out.append(f"{bench}: the runs scored different numbers of questions (n = "
-                       + ", ".join(f"{lab}: {v}" for lab, v in zip(labels, values) if v is not None) + ")")
+            out.append(
+                f"{bench}: the runs scored different numbers of questions (n = "
+                + ", ".join(f"{lab}: {v}" for lab, v in zip(labels, values) if v is not None)
+                + ")"
+            )
     for key in _COMPARABLE:
         values = [s.get(key) for s in summaries]
         if key == "backend":  # a run scored before the rename says hf: the same backend as transformers
@@ -930,8 +1172,9 @@ def compare_warnings(labels: Sequence[str], summaries: Sequence[dict]) -> list[s
     return out
 
 
-def compare(runs: Sequence[str], output: Optional[str] = None, force: bool = False, seed: int = 0,
-            echo: Echo = print) -> str:
+def compare(
+    runs: Sequence[str], output: Optional[str] = None, force: bool = False, seed: int = 0, echo: Echo = print
+) -> str:
     """Markdown table (and, with `output`, compare.md, compare.json, compare.png) of several runs."""
     if not runs:
         raise UserError("--compare needs run folders: micota-merge eval --compare RUN_DIR RUN_DIR ...")
@@ -946,10 +1189,13 @@ def compare(runs: Sequence[str], output: Optional[str] = None, force: bool = Fal
     if output:
         with atomic_dir(output, "eval-compare", force=force, inputs={f"run {p}": p for p in paths}) as staging:
             write_text_atomic(staging / "compare.md", table)
-            write_json_atomic(staging / "compare.json",
-                              {"runs": [{"label": lab, "dir": str(p), **s}
-                                        for lab, p, s in zip(labels, paths, summaries)],
-                               "tests": tests})
+            write_json_atomic(
+                staging / "compare.json",
+                {
+                    "runs": [{"label": lab, "dir": str(p), **s} for lab, p, s in zip(labels, paths, summaries)],
+                    "tests": tests,
+                },
+            )
             compare_chart(labels, summaries, staging / "compare.png")
         echo(f"wrote {output}/compare.md, compare.json, compare.png")
     return table

@@ -104,9 +104,7 @@ def check_benchmark(benchmark: str | None) -> str | None:
     name = str(benchmark).strip().lower()
     valid = _benchmarks.graded()
     if name not in valid:
-        raise ValueError(
-            f"unknown benchmark {benchmark!r}; valid: {', '.join(valid)} (or None)"
-        )
+        raise ValueError(f"unknown benchmark {benchmark!r}; valid: {', '.join(valid)} (or None)")
     return name
 
 
@@ -367,12 +365,12 @@ def _concluding(tail: str) -> str | None:
         return None  # no full stop: a truncated response, or one that trails off
     body = text[:-1]
     starts = [m.end() for m in _SENTENCE_END_RE.finditer(body)]
-    sentence = body[starts[-1]:] if starts else body
+    sentence = body[starts[-1] :] if starts else body
     sentence = sentence.strip().lstrip("*#> ").strip()
     sentence = re.sub(r"^(?:and|,)\s*", "", sentence, flags=re.IGNORECASE)
     if len(sentence) > 300 or not _CONCLUDE_RE.match(sentence):
         return None
-    rest = sentence[_CONCLUDE_RE.match(sentence).end():]
+    rest = sentence[_CONCLUDE_RE.match(sentence).end() :]
     if _NOT_ANSWER_RE.search(re.sub(r"\$[^$]*\$", " ", rest)):
         return None
     maths = re.findall(r"\$\$(.+?)\$\$|\$([^$]+)\$|\\\((.+?)\\\)", sentence)
@@ -618,14 +616,13 @@ class _alarm:
         self.active = False
 
     def __enter__(self):
-        if threading.current_thread() is not threading.main_thread() or not hasattr(
-            signal, "setitimer"
-        ):
+        if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
             return self
         try:
-            if signal.getsignal(signal.SIGVTALRM) not in (signal.SIG_DFL, None) or signal.getitimer(
-                signal.ITIMER_VIRTUAL
-            )[0]:
+            if (
+                signal.getsignal(signal.SIGVTALRM) not in (signal.SIG_DFL, None)
+                or signal.getitimer(signal.ITIMER_VIRTUAL)[0]
+            ):
                 return self
 
             def handler(signum, frame):

@@ -72,9 +72,11 @@ class _Recorder:
                 out.append(text if answer is None else answer)
             if unmatched and not _Recorder._unmatched_warned:
                 _Recorder._unmatched_warned = True
-                LOG.warning("%d answer(s) could not be matched to what the engine returned (a context cut to fit "
-                            "the model's length?); their length and truncation are estimated from the text",
-                            unmatched)
+                LOG.warning(
+                    "%d answer(s) could not be matched to what the engine returned (a context cut to fit "
+                    "the model's length?); their length and truncation are estimated from the text",
+                    unmatched,
+                )
             return out
         finally:
             self._ledger = None
@@ -157,12 +159,13 @@ def _register_hf() -> None:
                 # the text exactly as HFLM.generate_until makes it, to match the two up
                 shown = toks
                 if isinstance(think, int) and think in shown:
-                    shown = shown[len(shown) - shown[::-1].index(think):]
+                    shown = shown[len(shown) - shown[::-1].index(think) :]
                 text = self.tok_decode(shown)
                 if isinstance(think, int):
                     text = text.lstrip()
-                text = postprocess_generated_text(generation=text, stop=stop,
-                                                  think_end_token=think if isinstance(think, str) else None)
+                text = postprocess_generated_text(
+                    generation=text, stop=stop, think_end_token=think if isinstance(think, str) else None
+                )
                 self._ledger.add(ctx, text, reason, num)
             return cont
 

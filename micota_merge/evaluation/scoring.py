@@ -86,8 +86,12 @@ def _matrix(per_question: Sequence[Sequence[float]]) -> np.ndarray:
     return np.asarray(per_question, dtype=float)
 
 
-def bootstrap_draws(per_question: Sequence[Sequence[float]], rng: np.random.Generator,
-                    questions: Optional[np.ndarray] = None, draws: int = BOOTSTRAP_DRAWS) -> np.ndarray:
+def bootstrap_draws(
+    per_question: Sequence[Sequence[float]],
+    rng: np.random.Generator,
+    questions: Optional[np.ndarray] = None,
+    draws: int = BOOTSTRAP_DRAWS,
+) -> np.ndarray:
     """`draws` bootstrap replicates of the mean score: questions resampled, samples nested.
 
     `questions` (draws x Q indices) lets two runs share the same resampled questions.
@@ -107,22 +111,28 @@ def interval(draws: np.ndarray, confidence: float = CONFIDENCE) -> tuple[float, 
     return float(lo), float(hi)
 
 
-def accuracy_interval(per_question: Sequence[Sequence[float]], seed: int = SEED,
-                      draws: int = BOOTSTRAP_DRAWS) -> tuple[float, float]:
+def accuracy_interval(
+    per_question: Sequence[Sequence[float]], seed: int = SEED, draws: int = BOOTSTRAP_DRAWS
+) -> tuple[float, float]:
     """95 % percentile interval of the mean score (avg@k) of one benchmark."""
     return interval(bootstrap_draws(per_question, np.random.default_rng(seed), draws=draws))
 
 
-def average_interval(tables: Sequence[Sequence[Sequence[float]]], seed: int = SEED,
-                     draws: int = BOOTSTRAP_DRAWS) -> tuple[float, float]:
+def average_interval(
+    tables: Sequence[Sequence[Sequence[float]]], seed: int = SEED, draws: int = BOOTSTRAP_DRAWS
+) -> tuple[float, float]:
     """Interval of the plain average over benchmarks (each resampled on its own)."""
     rng = np.random.default_rng(seed)
     reps = np.mean([bootstrap_draws(t, rng, draws=draws) for t in tables], axis=0)
     return interval(reps)
 
 
-def paired_bootstrap(a: Sequence[Sequence[Sequence[float]]], b: Sequence[Sequence[Sequence[float]]],
-                     seed: int = SEED, draws: int = BOOTSTRAP_DRAWS) -> dict:
+def paired_bootstrap(
+    a: Sequence[Sequence[Sequence[float]]],
+    b: Sequence[Sequence[Sequence[float]]],
+    seed: int = SEED,
+    draws: int = BOOTSTRAP_DRAWS,
+) -> dict:
     """Paired test of mean(a) - mean(b) over one or more benchmarks (the average of their means).
 
     a[t][q] and b[t][q] are the sample scores of run A and B on question q of benchmark t
@@ -148,7 +158,4 @@ def paired_bootstrap(a: Sequence[Sequence[Sequence[float]]], b: Sequence[Sequenc
     # count half to each side, else they alone would push p towards 1
     ties = float(np.mean(diffs == 0))
     p = min(1.0, 2 * min(float(np.mean(diffs < 0)), float(np.mean(diffs > 0))) + ties)
-    return {"difference": float(observed), "ci95": [lo, hi], "p_value": p,
-            "significant": bool(lo > 0 or hi < 0)}
-
-
+    return {"difference": float(observed), "ci95": [lo, hi], "p_value": p, "significant": bool(lo > 0 or hi < 0)}

@@ -54,9 +54,9 @@ from micota_merge.core.artifacts import now, package_versions, write_json_atomic
 from micota_merge.core.checkpoints import check_model_files
 from micota_merge.core.errors import UserError
 from micota_merge.core.identity import changed, describe
-from micota_merge.core.stats import spread
-from micota_merge.core.ownership import claim, claim_sidecars, output_lock
 from micota_merge.core.lengths import finish, split_tokens
+from micota_merge.core.ownership import claim, claim_sidecars, output_lock
+from micota_merge.core.stats import spread
 from micota_merge.core.strict import Float, Int
 
 log = logging.getLogger(__name__)
@@ -67,14 +67,29 @@ META_FORMAT = 1
 RECORD_FORMAT = 2
 # End-of-turn tokens of common chat templates: a chat model ends its answer with one of these,
 # which is not always its config's eos_token_id.
-_END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<end_of_turn>", "<|endoftext|>",
-                "<|end▁of▁sentence|>", "<｜end▁of▁sentence｜>", "</s>")  # DeepSeek's bars are fullwidth
+_END_OF_TURN = (
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|end_of_text|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "<|end▁of▁sentence|>",
+    "<｜end▁of▁sentence｜>",
+    "</s>",
+)  # DeepSeek's bars are fullwidth
 
 
 # How requests travel, never what is answered (records are the same with one server or four, at any
 # concurrency, with any number of data-parallel replicas): left out of every "same input" decision.
-TRANSPORT_OPTIONS = ("base_url", "api_key_env", "served_model", "concurrency", "retries", "request_timeout",
-                     "data_parallel_size")
+TRANSPORT_OPTIONS = (
+    "base_url",
+    "api_key_env",
+    "served_model",
+    "concurrency",
+    "retries",
+    "request_timeout",
+    "data_parallel_size",
+)
 
 
 class GenerateOptions(BaseModel):
@@ -157,6 +172,7 @@ def options(**kw) -> GenerateOptions:
 
 # ---------------------------------------------------------------- output files
 
+
 def sibling(out: Path, suffix: str) -> Path:
     """OUT.jsonl -> OUT<suffix> (e.g. OUT.correct.jsonl, OUT.stats.json)."""
     stem = out.name[: -len(".jsonl")] if out.name.endswith(".jsonl") else out.name
@@ -199,8 +215,10 @@ def read_records(out: Path) -> list[dict]:
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError:
-                raise UserError(f"{out}:{lineno} is not valid JSON, and it is not the last line, so it was not "
-                                "left by an interrupted run; fix or remove that line, or pass --force to start over") from None
+                raise UserError(
+                    f"{out}:{lineno} is not valid JSON, and it is not the last line, so it was not "
+                    "left by an interrupted run; fix or remove that line, or pass --force to start over"
+                ) from None
     return records
 
 
@@ -211,8 +229,8 @@ def _settings(opts: GenerateOptions, model_dir: Path, prompt: str) -> dict:
     tokenizer and config; the question file's bytes), never by path, shape or header: two
     fine-tunes of one architecture, or a TA rebuilt at another ratio in the same folder, differ here.
     """
-    from micota_merge.data.questions import questions_source
     from micota_merge.core.fingerprint import content_id, data_fingerprint
+    from micota_merge.data.questions import questions_source
 
     if (model_dir / "config.json").is_file():
         model = {"model": str(model_dir.resolve()), "model_content": content_id(model_dir)}
@@ -225,19 +243,30 @@ def _settings(opts: GenerateOptions, model_dir: Path, prompt: str) -> dict:
         "questions_content": data_fingerprint(questions_source(opts.questions)),
         "question_fields": [opts.question_field, opts.answer_field, opts.id_field, opts.split, opts.benchmark],
         "prompt": prompt,
-        "n": opts.n, "temperature": opts.temperature, "top_p": opts.top_p, "max_tokens": opts.max_tokens,
-        "seed": opts.seed, "dtype": opts.dtype,
+        "n": opts.n,
+        "temperature": opts.temperature,
+        "top_p": opts.top_p,
+        "max_tokens": opts.max_tokens,
+        "seed": opts.seed,
+        "dtype": opts.dtype,
     }
 
 
 # How a refusal names each setting: what changed, in words a user acts on.
 _SETTING_NAMES = {
     "record_format": "record format (this micota-merge writes the template's prefill and system prompt)",
-    "model": "model path", "model_content": "model content (weights, config or tokenizer)",
-    "questions": "question set", "questions_content": "question file content",
-    "question_fields": "question/answer/id fields, split or benchmark", "prompt": "prompt",
-    "n": "samples per question (--n)", "temperature": "temperature", "top_p": "top-p",
-    "max_tokens": "max tokens", "seed": "seed", "dtype": "dtype",
+    "model": "model path",
+    "model_content": "model content (weights, config or tokenizer)",
+    "questions": "question set",
+    "questions_content": "question file content",
+    "question_fields": "question/answer/id fields, split or benchmark",
+    "prompt": "prompt",
+    "n": "samples per question (--n)",
+    "temperature": "temperature",
+    "top_p": "top-p",
+    "max_tokens": "max tokens",
+    "seed": "seed",
+    "dtype": "dtype",
 }
 
 
@@ -273,8 +302,10 @@ def prepare_output(out: Path, settings: dict, force: bool, inputs=None) -> set[t
             raise UserError(f"{mp} is unreadable: pass --force to start {out} over") from None
         if changed(old, settings):
             what = describe(old, settings, _SETTING_NAMES, values=True, sep="; ")
-            raise UserError(f"{out} was generated with other settings ({what}). Resuming would mix two "
-                            "generations in one file: use a new --out, or pass --force to start over")
+            raise UserError(
+                f"{out} was generated with other settings ({what}). Resuming would mix two "
+                "generations in one file: use a new --out, or pass --force to start over"
+            )
         cut = repair_tail(out)
         if cut:
             log.warning("%s: removed a torn last line (%d bytes) left by an interrupted run", out, cut)
@@ -312,6 +343,7 @@ class RecordWriter:
 
 # ---------------------------------------------------------------- tokens
 
+
 def stop_token_ids(tokenizer, model_dir: Path) -> list[int]:
     """EOS ids from the tokenizer and generation_config.json, plus the chat template's end-of-turn token."""
     ids = set()
@@ -333,8 +365,11 @@ def chat_template_facts(tokenizer):
     """What the model's chat template adds on its own: a prefill after the assistant tag, a default system prompt."""
     from micota_merge.core.templates import TemplateFacts, render_with_tokenizer, template_facts
 
-    return template_facts(render_with_tokenizer(tokenizer)) if getattr(tokenizer, "chat_template", None) \
+    return (
+        template_facts(render_with_tokenizer(tokenizer))
+        if getattr(tokenizer, "chat_template", None)
         else TemplateFacts()
+    )
 
 
 def answer_text(tokenizer, toks: list[int], stop_ids: set[int], facts) -> str:
@@ -347,8 +382,9 @@ def answer_text(tokenizer, toks: list[int], stop_ids: set[int], facts) -> str:
     return facts.prefill + tokenizer.decode(toks, skip_special_tokens=True)
 
 
-def check_context(model_dir: Path, prompt_ids: list[list[int]], max_tokens: int, questions: list[dict],
-                  source: str) -> None:
+def check_context(
+    model_dir: Path, prompt_ids: list[list[int]], max_tokens: int, questions: list[dict], source: str
+) -> None:
     """Refuse a question or a token budget the model cannot hold: answers would be cut by the context,
     not the cap. The longest prompt is named, since only the user knows whether to drop it."""
     from micota_merge.core.checkpoints import context_length
@@ -363,29 +399,35 @@ def check_context(model_dir: Path, prompt_ids: list[list[int]], max_tokens: int,
     if n >= context:
         over = sum(len(p) >= context for p in prompt_ids)
         others = f" ({over - 1} more question(s) are too long as well)" if over > 1 else ""
-        raise UserError(f"questions {source}: question {qid!r} is {n:,} tokens as a prompt, more than {model_dir}'s "
-                        f"context of {context} tokens, so no answer fits{others}; drop it from the question file, "
-                        "or use a model with a longer context")
-    raise UserError(f"--max-tokens {max_tokens}: question {qid!r} has the longest prompt ({n:,} tokens), which leaves "
-                    f"{context - n} of {model_dir}'s context of {context} tokens for the answer; pass --max-tokens "
-                    f"{context - n} or less, drop that question, or use a model with a longer context")
+        raise UserError(
+            f"questions {source}: question {qid!r} is {n:,} tokens as a prompt, more than {model_dir}'s "
+            f"context of {context} tokens, so no answer fits{others}; drop it from the question file, "
+            "or use a model with a longer context"
+        )
+    raise UserError(
+        f"--max-tokens {max_tokens}: question {qid!r} has the longest prompt ({n:,} tokens), which leaves "
+        f"{context - n} of {model_dir}'s context of {context} tokens for the answer; pass --max-tokens "
+        f"{context - n} or less, drop that question, or use a model with a longer context"
+    )
 
 
 # ---------------------------------------------------------------- shared by the backends (backends/)
+
 
 def _plan(items: list[tuple[int, int]], prompt_ids: list[list[int]], size: int) -> list[list[tuple[int, int]]]:
     """Fixed batches over all (question, sample) items: longest prompts first (OOM shows at once,
     less padding), ties in question order; the same plan on every resume."""
     order = sorted(items, key=lambda it: (-len(prompt_ids[it[0]]), it[0], it[1]))
-    return [order[i: i + size] for i in range(0, len(order), size)]
+    return [order[i : i + size] for i in range(0, len(order), size)]
 
 
 def question_seed(seed: int, question_id: str) -> int:
     """A question's sampling seed: the same on every backend, whatever batch or server it lands in."""
-    return (seed * 1_000_003 + zlib.crc32(question_id.encode())) % (2 ** 31)
+    return (seed * 1_000_003 + zlib.crc32(question_id.encode())) % (2**31)
 
 
 # ---------------------------------------------------------------- the stage
+
 
 def generate(opts: GenerateOptions, echo=print) -> dict:
     """Answer every question (n samples each), appending to opts.out; returns the stats."""
@@ -413,9 +455,9 @@ def _inputs(opts: GenerateOptions) -> dict:
 def _generate(opts: GenerateOptions, echo) -> dict:
     from tqdm import tqdm
 
+    from micota_merge.core.templates import TemplateFacts
     from micota_merge.data.questions import DEFAULT_PROMPT, format_prompt, load_questions, require_answers
     from micota_merge.evaluation.grading import grade, prompt_opens_thinking, split_thinking
-    from micota_merge.core.templates import TemplateFacts
     from micota_merge.generation import backends
 
     # ---- setup
@@ -429,20 +471,38 @@ def _generate(opts: GenerateOptions, echo) -> dict:
     if not local and not engine.remote:
         raise UserError(f"--model {model_dir}: not a checkpoint folder (no config.json)")
     if not engine.data_parallel and serve:
-        raise UserError(f"--data-parallel-size and --serve-args are for --backend vllm; with {backend} "
-                        + ("start the servers with `vllm serve --data-parallel-size N` (or several servers)"
-                           if engine.remote else "use --backend vllm"))
+        raise UserError(
+            f"--data-parallel-size and --serve-args are for --backend vllm; with {backend} "
+            + (
+                "start the servers with `vllm serve --data-parallel-size N` (or several servers)"
+                if engine.remote
+                else "use --backend vllm"
+            )
+        )
     opts = engine.prepare_generate(opts, model_dir, local)  # e.g. the servers asked for their model
 
     # ---- data
-    questions = load_questions(opts.questions, opts.question_field, opts.answer_field, opts.id_field,
-                               benchmark=opts.benchmark, split=opts.split, limit=opts.limit)
+    questions = load_questions(
+        opts.questions,
+        opts.question_field,
+        opts.answer_field,
+        opts.id_field,
+        benchmark=opts.benchmark,
+        split=opts.split,
+        limit=opts.limit,
+    )
     require_answers(questions, opts.questions)
     if opts.n > 1 and opts.temperature == 0:
-        log.warning("--n %d with temperature 0: greedy decoding writes %d identical answers per question; "
-                    "set --temperature (e.g. 0.6) for distinct samples", opts.n, opts.n)
-        echo(f"warning: --n {opts.n} with temperature 0 gives {opts.n} identical answers per question; "
-             "set --temperature (e.g. 0.6) for distinct samples")
+        log.warning(
+            "--n %d with temperature 0: greedy decoding writes %d identical answers per question; "
+            "set --temperature (e.g. 0.6) for distinct samples",
+            opts.n,
+            opts.n,
+        )
+        echo(
+            f"warning: --n {opts.n} with temperature 0 gives {opts.n} identical answers per question; "
+            "set --temperature (e.g. 0.6) for distinct samples"
+        )
     settings = _settings(opts, model_dir, template)
 
     users, prompt_ids, stop_ids, tokenizer, opens_thinking, pad_id = [], [], [], None, [], None
@@ -472,8 +532,10 @@ def _generate(opts: GenerateOptions, echo) -> dict:
 
     items = [(qi, s) for qi in range(len(questions)) for s in range(opts.n)]
     pending = [it for it in items if (questions[it[0]]["id"], it[1]) not in done]
-    echo(f"{len(questions)} questions x {opts.n} sample(s): {len(items) - len(pending)} records already in "
-         f"{out}, {len(pending)} to generate with {backend}")
+    echo(
+        f"{len(questions)} questions x {opts.n} sample(s): {len(items) - len(pending)} records already in "
+        f"{out}, {len(pending)} to generate with {backend}"
+    )
     stats_file = sibling(out, ".stats.json")
     if not pending and stats_file.is_file() and (opts.keep != "correct" or sibling(out, ".correct.jsonl").is_file()):
         echo(f"already generated: every record is in {out}; nothing to do (--force starts it over)")
@@ -489,22 +551,37 @@ def _generate(opts: GenerateOptions, echo) -> dict:
         g = grade(text, q["answer"], q["benchmark"], opens_thinking[qi])
         thinking, _, finished = split_thinking(text, opens_thinking[qi])
         # lengths count generated tokens only: the template's prefill was prompt, not output
-        generated_thinking = thinking[len(facts.prefill):] if thinking.startswith(facts.prefill) else thinking
+        generated_thinking = thinking[len(facts.prefill) :] if thinking.startswith(facts.prefill) else thinking
         # lengths.py: the split eval makes too (a hosted model's tokenizer is not here: by characters)
         n_thinking = split_tokens(num_tokens, generated_thinking, len(text) - len(facts.prefill), count)
-        return {"id": q["id"], "messages": [{"role": "user", "content": users[qi]},
-                                            {"role": "assistant", "content": text}],
-                "answer": q["answer"], "pred": g["pred"], "correct": g["correct"], "num_tokens": num_tokens,
-                "thinking_tokens": n_thinking, "answer_tokens": num_tokens - n_thinking,
-                "thinking_finished": finished,
-                "finish_reason": reason, "model": opts.model, "sample": sample,
-                "system": facts.default_system}
+        return {
+            "id": q["id"],
+            "messages": [{"role": "user", "content": users[qi]}, {"role": "assistant", "content": text}],
+            "answer": q["answer"],
+            "pred": g["pred"],
+            "correct": g["correct"],
+            "num_tokens": num_tokens,
+            "thinking_tokens": n_thinking,
+            "answer_tokens": num_tokens - n_thinking,
+            "thinking_finished": finished,
+            "finish_reason": reason,
+            "model": opts.model,
+            "sample": sample,
+            "system": facts.default_system,
+        }
 
     # ---- generate
     t0, n_tokens, n_written, n_accepted = time.perf_counter(), 0, 0, 0
     # One tick per record: the ETA then counts what is left, whatever n and the batch size are.
-    bar = tqdm(total=len(items), initial=len(items) - len(pending), unit="rec", desc="generate",
-               dynamic_ncols=True, disable=None, smoothing=0.1)
+    bar = tqdm(
+        total=len(items),
+        initial=len(items) - len(pending),
+        unit="rec",
+        desc="generate",
+        dynamic_ncols=True,
+        disable=None,
+        smoothing=0.1,
+    )
 
     def written(recs: list[dict]) -> None:
         nonlocal n_tokens, n_written, n_accepted
@@ -522,10 +599,26 @@ def _generate(opts: GenerateOptions, echo) -> dict:
     writer = RecordWriter(out)
     try:
         if pending:  # the backend (backends/) turns prompts into records, through `written`
-            shared = engine.generate(backends.GenerateJob(
-                opts=opts, model_dir=model_dir, out=out, questions=questions, users=users, prompt_ids=prompt_ids,
-                stop_ids=stop_ids, pad_id=pad_id, items=items, pending=pending, record=record,
-                answer_record=answer_record, write=written, prefill=facts.prefill, timing=timing, echo=echo))
+            shared = engine.generate(
+                backends.GenerateJob(
+                    opts=opts,
+                    model_dir=model_dir,
+                    out=out,
+                    questions=questions,
+                    users=users,
+                    prompt_ids=prompt_ids,
+                    stop_ids=stop_ids,
+                    pad_id=pad_id,
+                    items=items,
+                    pending=pending,
+                    record=record,
+                    answer_record=answer_record,
+                    write=written,
+                    prefill=facts.prefill,
+                    timing=timing,
+                    echo=echo,
+                )
+            )
     finally:
         writer.close()
         bar.close()
@@ -535,27 +628,41 @@ def _generate(opts: GenerateOptions, echo) -> dict:
 
     # ---- save
     stats = finalize(out, opts.keep, settings)
-    stats["last_run"] = {"backend": backend, "records": n_written, "generated_tokens": n_tokens,
-                         "seconds": round(elapsed, 2), "load_seconds": round(load, 2),
-                         "generate_seconds": round(gen_s, 2),
-                         "tokens_per_second": round(n_tokens / gen_s, 2) if gen_s > 0 and n_written else None}
+    stats["last_run"] = {
+        "backend": backend,
+        "records": n_written,
+        "generated_tokens": n_tokens,
+        "seconds": round(elapsed, 2),
+        "load_seconds": round(load, 2),
+        "generate_seconds": round(gen_s, 2),
+        "tokens_per_second": round(n_tokens / gen_s, 2) if gen_s > 0 and n_written else None,
+    }
     if opts.data_parallel_size > 1:
         stats["last_run"]["data_parallel_size"] = opts.data_parallel_size
     if shared:  # servers: how the work was shared, and what failed over
         stats["last_run"].update(shared)
     write_json_atomic(sibling(out, ".stats.json"), stats)
     kept = f", kept {stats['kept']} in {stats['kept_file']}" if opts.keep == "correct" else ""
-    thinking = (f" ({stats['thinking_tokens']['mean']} thinking, {stats['answer_tokens']['mean']} answer)"
-                if stats.get("thinking_tokens", {}).get("mean") else "")
-    echo(f"{stats['records']} records in {out}: {stats['correct']} correct, {stats['truncated']} truncated"
-         f"{kept}; mean {stats['num_tokens']['mean']} tokens{thinking}")
+    thinking = (
+        f" ({stats['thinking_tokens']['mean']} thinking, {stats['answer_tokens']['mean']} answer)"
+        if stats.get("thinking_tokens", {}).get("mean")
+        else ""
+    )
+    echo(
+        f"{stats['records']} records in {out}: {stats['correct']} correct, {stats['truncated']} truncated"
+        f"{kept}; mean {stats['num_tokens']['mean']} tokens{thinking}"
+    )
     return stats
 
 
 def _lengths(records: list[dict], key: str = "num_tokens") -> dict:
     s = spread([r[key] for r in records])
-    return {"mean": None if s["mean"] is None else round(s["mean"], 1), "median": s["median"], "p90": s["p90"],
-            "max": s["max"]}
+    return {
+        "mean": None if s["mean"] is None else round(s["mean"], 1),
+        "median": s["median"],
+        "p90": s["p90"],
+        "max": s["max"],
+    }
 
 
 def finalize(out: Path, keep: str, settings: dict) -> dict:
@@ -569,7 +676,8 @@ def finalize(out: Path, keep: str, settings: dict) -> dict:
         seen.add(key)
     accepted = [r for r in records if r["correct"] is True and r["finish_reason"] == "stop"]
     stats = {
-        "records": len(records), "questions": len({r["id"] for r in records}),
+        "records": len(records),
+        "questions": len({r["id"] for r in records}),
         "correct": sum(r["correct"] is True for r in records),
         "graded": sum(r["correct"] is not None for r in records),
         "truncated": sum(r["finish_reason"] == "length" for r in records),
@@ -577,11 +685,17 @@ def finalize(out: Path, keep: str, settings: dict) -> dict:
         "kept": len(accepted) if keep == "correct" else len(records),
         "acceptance_rate": round(len(accepted) / len(records), 4) if records else None,
         "questions_with_accepted_answer": len({r["id"] for r in accepted}),
-        "num_tokens": _lengths(records), "accepted_num_tokens": _lengths(accepted),
+        "num_tokens": _lengths(records),
+        "accepted_num_tokens": _lengths(accepted),
         "truncation_rate": round(sum(r["finish_reason"] == "length" for r in records) / len(records), 4)
-        if records else None,
-        "raw_file": str(out), "kept_file": None, "keep": keep,
-        "settings": settings, "versions": package_versions(), "updated": now(),
+        if records
+        else None,
+        "raw_file": str(out),
+        "kept_file": None,
+        "keep": keep,
+        "settings": settings,
+        "versions": package_versions(),
+        "updated": now(),
     }
     if all("thinking_tokens" in r for r in records):  # files written before the split have none
         stats["thinking_tokens"] = _lengths(records, "thinking_tokens")

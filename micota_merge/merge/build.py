@@ -21,11 +21,27 @@ import yaml
 from pydantic import ValidationError
 
 from micota_merge.core.artifacts import atomic_dir, now, write_manifest
-from micota_merge.core.checkpoints import (DTYPE_BYTES, TORCH_DTYPE_BYTES, CheckpointMeta, check_compatible, check_model_files,
-                          copy_tokenizer, resolve_model_path, tokenizer_fingerprint, weight_files)
+from micota_merge.core.checkpoints import (
+    DTYPE_BYTES,
+    TORCH_DTYPE_BYTES,
+    CheckpointMeta,
+    check_compatible,
+    check_model_files,
+    copy_tokenizer,
+    resolve_model_path,
+    tokenizer_fingerprint,
+    weight_files,
+)
 from micota_merge.core.errors import StageFailed, UserError
 from micota_merge.core.ownership import Claim, claim, identity_of, output_lock
-from micota_merge.merge.preflight import check_untie_supported, lineage_warnings, tie_warnings, token_report, untie_config, write_stop_ids
+from micota_merge.merge.preflight import (
+    check_untie_supported,
+    lineage_warnings,
+    tie_warnings,
+    token_report,
+    untie_config,
+    write_stop_ids,
+)
 from micota_merge.merge.recipe import Recipe, is_mergekit_config, parse_recipe, read_yaml
 
 LOG = logging.getLogger("micota_merge.merge.build")
@@ -58,7 +74,8 @@ class BuildPlan:
     def describe(self) -> str:
         state = {"new": "new", "empty": "an empty folder, will be filled", None: "?"}.get(
             self.claim.state if self.claim else None,
-            "already built from this recipe and inputs" if self.done else "an earlier build, replaced with --force")
+            "already built from this recipe and inputs" if self.done else "an earlier build, replaced with --force",
+        )
         lines = [f"output: {self.output}  ({self.output_bytes / 2**30:.2f} GiB)  [{state}]"]
         for role, path in self.paths.items():
             lines.append(f"{role:>9}: {path}  [{self.metas[role].architecture}]")
@@ -96,8 +113,14 @@ def mergekit_yaml(recipe_path: str | Path, ratio: Optional[float] = None) -> str
     return with_ratio(recipe, ratio).to_mergekit_yaml()
 
 
-def plan_build(recipe_path: str | Path, output: Optional[str] = None, ratio: Optional[float] = None,
-               force: bool = False, recipe: Optional[Recipe] = None, dry_run: bool = False) -> BuildPlan:
+def plan_build(
+    recipe_path: str | Path,
+    output: Optional[str] = None,
+    ratio: Optional[float] = None,
+    force: bool = False,
+    recipe: Optional[Recipe] = None,
+    dry_run: bool = False,
+) -> BuildPlan:
     """Validate the recipe and the checkpoints from metadata only; raise UserError on anything wrong.
 
     With `dry_run`, too little disk for the output is a warning: a recipe is often checked on a
@@ -146,8 +169,10 @@ def plan_build(recipe_path: str | Path, output: Optional[str] = None, ratio: Opt
     what = recipe.model_dump(mode="json", exclude={"output", "sweep", "pipeline", "models"}) if recipe else mk
     build_id = identity_of({"build": what, "inputs": inputs_content})
     if claimed.state == "ours" and not force and not dry_run and claimed.identity() != build_id:
-        raise UserError(f"output {out} already exists and holds a TA built from another recipe or other inputs: pass --force to "
-                        "replace it, or choose another --output")
+        raise UserError(
+            f"output {out} already exists and holds a TA built from another recipe or other inputs: pass --force to "
+            "replace it, or choose another --output"
+        )
 
     output_bytes = metas[identity].n_bytes(dtype)
     head = next((m.tensors["lm_head.weight"] for m in metas.values() if "lm_head.weight" in m.tensors), None)
@@ -160,8 +185,9 @@ def plan_build(recipe_path: str | Path, output: Optional[str] = None, ratio: Opt
             if not dry_run:
                 raise
             warnings.append(f"{e} (a real build stops here)")
-    return BuildPlan(recipe, mk_cfg, out, paths, metas, output_bytes, warnings, str(recipe_path), stop_ids,
-                     claimed, build_id)
+    return BuildPlan(
+        recipe, mk_cfg, out, paths, metas, output_bytes, warnings, str(recipe_path), stop_ids, claimed, build_id
+    )
 
 
 def parse_size(text: str | int) -> int:
@@ -176,9 +202,17 @@ def parse_size(text: str | int) -> int:
         raise UserError(f"--shard-size {text!r}: give a size such as 5GB, 500MB or a byte count") from None
 
 
-def build(recipe_path: str | Path, output: Optional[str] = None, ratio: Optional[float] = None,
-          force: bool = False, dry_run: bool = False, device: Optional[str] = None,
-          recipe: Optional[Recipe] = None, shard_size: str | int = "5GB", echo=print) -> Path:
+def build(
+    recipe_path: str | Path,
+    output: Optional[str] = None,
+    ratio: Optional[float] = None,
+    force: bool = False,
+    dry_run: bool = False,
+    device: Optional[str] = None,
+    recipe: Optional[Recipe] = None,
+    shard_size: str | int = "5GB",
+    echo=print,
+) -> Path:
     """Merge the recipe's checkpoints into a teacher assistant folder. Returns its path."""
     shard_bytes = parse_size(shard_size)
     check_device(device)
@@ -192,8 +226,10 @@ def build(recipe_path: str | Path, output: Optional[str] = None, ratio: Optional
     with output_lock(plan.output, "build", log=echo):
         plan.claim = claim(plan.output, "build", inputs=plan.paths)  # again, now that no one else can write
         if plan.done and not force:
-            echo(f"already built: {plan.output} holds this recipe's TA from inputs of the same content; nothing "
-                 "to do (--force rebuilds it)")
+            echo(
+                f"already built: {plan.output} holds this recipe's TA from inputs of the same content; nothing "
+                "to do (--force rebuilds it)"
+            )
             return plan.output
         _merge_into(plan, force, device, shard_bytes, echo)
     return plan.output
@@ -233,8 +269,9 @@ def check_device(device: Optional[str]) -> None:
         raise UserError(f"--device {device}: mergekit merges on cpu or cuda only")
 
 
-def run_mergekit(config: dict, out_dir: Path, seed: int = 0, device: Optional[str] = None,
-                 shard_bytes: int = 5 * 10**9) -> None:
+def run_mergekit(
+    config: dict, out_dir: Path, seed: int = 0, device: Optional[str] = None, shard_bytes: int = 5 * 10**9
+) -> None:
     """mergekit's own merge: lazy loading, sharded safetensors, GPU when there is one.
 
     mergekit's writer holds one whole output shard in memory before writing it, so peak memory
@@ -283,8 +320,10 @@ def check_finite(folder: Path) -> int:
         t = handle.get_tensor(name)
         if t.is_floating_point() and not torch.isfinite(t).all():
             n_bad = int((~torch.isfinite(t)).sum())
-            raise StageFailed(f"merged tensor {name} has {n_bad} NaN/Inf values; nothing was written. "
-                              "Try dtype float32, a different density, or check the inputs.")
+            raise StageFailed(
+                f"merged tensor {name} has {n_bad} NaN/Inf values; nothing was written. "
+                "Try dtype float32, a different density, or check the inputs."
+            )
     return len(names)
 
 
@@ -309,14 +348,19 @@ def write_build_manifest(staging: Path, plan: BuildPlan, started: str, t0: float
     # this leaves in the folder (keyed by size and mtime) serves every later stage that reads it.
     output = checkpoint_fingerprint(staging)
     write_manifest(
-        staging, "build",
+        staging,
+        "build",
         recipe=plan.recipe.model_dump(mode="json") if plan.recipe else None,
         recipe_file=str(plan.source),
         mergekit_config=plan.mergekit_config,
         inputs={role: m.fingerprint() for role, m in plan.metas.items()},
-        seed=plan.recipe.merge.seed if plan.recipe else 0, warnings=plan.warnings,
-        started=started, finished=now(), seconds=round(time.time() - t0, 3),
-        results={"output_bytes": plan.output_bytes}, output={"content": output["content"], "files": output["files"]},
+        seed=plan.recipe.merge.seed if plan.recipe else 0,
+        warnings=plan.warnings,
+        started=started,
+        finished=now(),
+        seconds=round(time.time() - t0, 3),
+        results={"output_bytes": plan.output_bytes},
+        output={"content": output["content"], "files": output["files"]},
         identity=plan.identity,
         **extra,
     )
@@ -326,12 +370,15 @@ def _tokenizer_warnings(paths: dict[str, Path], keep: str) -> list[str]:
     fps = {role: tokenizer_fingerprint(p) for role, p in paths.items() if role != "base"}
     out = []
     if len({fp["vocab"] for fp in fps.values()}) > 1:
-        out.append(f"long_cot and short_cot have different tokenizers (vocabulary or added tokens); "
-                   f"the TA keeps {keep}'s tokenizer ({paths[keep]})")
+        out.append(
+            f"long_cot and short_cot have different tokenizers (vocabulary or added tokens); "
+            f"the TA keeps {keep}'s tokenizer ({paths[keep]})"
+        )
     if len({fp["chat_template"] for fp in fps.values()}) > 1:
         out.append(f"long_cot and short_cot have different chat templates; the TA keeps {keep}'s")
-    if keep in paths and not any((paths[keep] / f).is_file() for f in ("tokenizer.json", "vocab.json",
-                                                                     "tokenizer.model")):
+    if keep in paths and not any(
+        (paths[keep] / f).is_file() for f in ("tokenizer.json", "vocab.json", "tokenizer.model")
+    ):
         out.append(f"{keep} ({paths[keep]}) has no tokenizer files: the TA will have no tokenizer")
     return out
 
@@ -381,5 +428,7 @@ def _check_disk(out: Path, needed: int) -> None:
     free = shutil.disk_usage(probe).free
     want = int(needed * _DISK_MARGIN) + _DISK_SLACK_BYTES
     if free < want:
-        raise UserError(f"not enough disk space for {out}: the TA needs about {want / 2**30:.2f} GiB "
-                        f"and {probe} has {free / 2**30:.2f} GiB free")
+        raise UserError(
+            f"not enough disk space for {out}: the TA needs about {want / 2**30:.2f} GiB "
+            f"and {probe} has {free / 2**30:.2f} GiB free"
+        )

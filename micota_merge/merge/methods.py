@@ -29,10 +29,10 @@ ONE_PASS_KINDS = ("combine", "replay", None)
 @dataclass(frozen=True)
 class Method:
     name: str
-    base: bool                  # merges task vectors from models.base (needs it)
-    density: bool = False       # sparsifying: takes merge.density and sweep.densities
+    base: bool  # merges task vectors from models.base (needs it)
+    density: bool = False  # sparsifying: takes merge.density and sweep.densities
     one_pass: Optional[str] = None  # "combine", "replay" or None (see above)
-    ratio: str = "weights"      # how the ratio reaches mergekit (see above)
+    ratio: str = "weights"  # how the ratio reaches mergekit (see above)
     params: frozenset = frozenset()  # mergekit parameters a recipe may pass through
     numeric: frozenset = frozenset()  # those of them that must be numbers
 
@@ -40,8 +40,16 @@ class Method:
 _TABLE: dict[str, Method] = {}
 
 
-def register_method(name: str, *, base: bool, density: bool = False, one_pass: Optional[str] = None,
-                    ratio: str = "weights", params=(), numeric=()) -> Method:
+def register_method(
+    name: str,
+    *,
+    base: bool,
+    density: bool = False,
+    one_pass: Optional[str] = None,
+    ratio: str = "weights",
+    params=(),
+    numeric=(),
+) -> Method:
     """Add (or replace) a method; `name` must be one mergekit registers (build checks it there)."""
     if one_pass not in ONE_PASS_KINDS:
         raise ValueError(f"method {name}: one_pass {one_pass!r}; use combine, replay or None")
@@ -89,8 +97,10 @@ register_method("task_arithmetic", base=True, one_pass="combine", params=_TV, nu
 for _name in ("ties", "dare_ties", "dare_linear"):
     register_method(_name, base=True, density=True, one_pass="replay", params=_TV, numeric={"lambda"})
 for _name in ("breadcrumbs", "breadcrumbs_ties"):
-    register_method(_name, base=True, density=True, one_pass="replay", params=_TV + ("gamma",),
-                    numeric={"lambda", "gamma"})
+    register_method(
+        _name, base=True, density=True, one_pass="replay", params=_TV + ("gamma",), numeric={"lambda", "gamma"}
+    )
 for _name in ("della", "della_linear"):
-    register_method(_name, base=True, density=True, one_pass="replay", params=_TV + ("epsilon",),
-                    numeric={"lambda", "epsilon"})
+    register_method(
+        _name, base=True, density=True, one_pass="replay", params=_TV + ("epsilon",), numeric={"lambda", "epsilon"}
+    )

@@ -109,15 +109,17 @@ def token_report(paths: dict[str, Path], keep: str) -> TokenReport:
         rows = [f"    {'id':>6}  {other:<{width}}  {keep} (kept)"]
         for i, a, b in rep.collisions:
             rows.append(f"    {i:>6}  {a:<{width}}  {b}{'*' if kept_tokens[i][1] else ''}")
-        stops = "; ".join(f"{i} = {kept_tokens.get(i, ('?', False))[0]} (ends a turn for {', '.join(stop[i])})"
-                          for i in rep.stop_ids)
+        stops = "; ".join(
+            f"{i} = {kept_tokens.get(i, ('?', False))[0]} (ends a turn for {', '.join(stop[i])})" for i in rep.stop_ids
+        )
         rep.warnings.append(
             f"{len(rep.collisions)} token ids mean different tokens to {other} and {keep} (the vocabularies have "
             f"the same size, so nothing fails):\n" + "\n".join(rows) + "\n"
             f"  The TA keeps {keep}'s tokenizer, chat template and stop tokens: whichever side's habit the merged "
             f"weights follow, an id is read as {keep}'s token (* = special there: dropped from decoded text, so "
             f"{other}'s token at that id leaves no trace in the records). The TA's generation_config.json stops "
-            f"on every id that ends a turn for either side: {stops}")
+            f"on every id that ends a turn for either side: {stops}"
+        )
     return rep
 
 
@@ -132,10 +134,12 @@ def lineage_warnings(metas: dict[str, CheckpointMeta]) -> list[str]:
             continue
         a, b = config_value(metas[r].config, "rope_theta"), config_value(base.config, "rope_theta")
         if a is not None and b is not None and float(a) != float(b):
-            out.append(f"lineage: {r} has rope_theta {a} but base has {b}, so {r} was not fine-tuned from this base "
-                       f"(DeepSeek-R1-Distill-Qwen-1.5B/7B derive from Qwen2.5-Math, rope_theta 10000); its task "
-                       f"vector against base also holds the pre-training difference. Prefer the base it was "
-                       f"tuned from (see r1-qwen7b-math-ta.yaml), or compare ratios with `sweep` before trusting it")
+            out.append(
+                f"lineage: {r} has rope_theta {a} but base has {b}, so {r} was not fine-tuned from this base "
+                f"(DeepSeek-R1-Distill-Qwen-1.5B/7B derive from Qwen2.5-Math, rope_theta 10000); its task "
+                f"vector against base also holds the pre-training difference. Prefer the base it was "
+                f"tuned from (see r1-qwen7b-math-ta.yaml), or compare ratios with `sweep` before trusting it"
+            )
     return out
 
 
@@ -145,10 +149,12 @@ def tie_warnings(metas: dict[str, CheckpointMeta]) -> list[str]:
     untied = [r for r, m in metas.items() if "lm_head.weight" in m.tensors]
     if not tied or not untied:
         return []
-    line = (f"tie mismatch: {', '.join(untied)} {'has' if len(untied) == 1 else 'have'} a separate lm_head, "
-            f"{', '.join(tied)} {'ties' if len(tied) == 1 else 'tie'} it to the embeddings; the merge reads "
-            f"{'its' if len(tied) == 1 else 'their'} embedding as lm_head (untied), so the TA gets its own "
-            f"lm_head.weight and tie_word_embeddings: false")
+    line = (
+        f"tie mismatch: {', '.join(untied)} {'has' if len(untied) == 1 else 'have'} a separate lm_head, "
+        f"{', '.join(tied)} {'ties' if len(tied) == 1 else 'tie'} it to the embeddings; the merge reads "
+        f"{'its' if len(tied) == 1 else 'their'} embedding as lm_head (untied), so the TA gets its own "
+        f"lm_head.weight and tie_word_embeddings: false"
+    )
     return [line]
 
 
@@ -177,7 +183,8 @@ def check_untie_supported(metas: dict[str, CheckpointMeta]) -> None:
             f"tie mismatch: {', '.join(tied)} ties lm_head to its embeddings and mergekit's {meta.architecture} "
             f"definition cannot read the embedding in its place. Untie it first: load it, set "
             f"config.tie_word_embeddings = False and lm_head.weight = a copy of {embed}, save_pretrained, "
-            f"and use that folder")
+            f"and use that folder"
+        )
 
 
 def untie_config(folder: Path) -> bool:

@@ -88,17 +88,18 @@ class MergeSettings(BaseModel):
     def _passthrough(self) -> "MergeSettings":
         spec = methods.get(self.method)
         allowed = spec.params
-        for key in (self.model_extra or {}):
+        for key in self.model_extra or {}:
             if key not in allowed:
                 valid = sorted(set(type(self).model_fields) | allowed)
                 close = difflib.get_close_matches(key, valid, n=1)
                 hint = f"did you mean {close[0]!r}? " if close else ""
-                raise ValueError(f"unknown key {key!r} for method {self.method}: {hint}"
-                                 f"valid keys: {', '.join(valid)}")
+                raise ValueError(f"unknown key {key!r} for method {self.method}: {hint}valid keys: {', '.join(valid)}")
             value = self.model_extra[key]
             if key in spec.numeric and (isinstance(value, bool) or not isinstance(value, (int, float))):
-                raise ValueError(f"{key!r} is passed to mergekit as a number: a number is needed here, not "
-                                 f"{'true/false' if isinstance(value, bool) else repr(value)}")
+                raise ValueError(
+                    f"{key!r} is passed to mergekit as a number: a number is needed here, not "
+                    f"{'true/false' if isinstance(value, bool) else repr(value)}"
+                )
         return self
 
     @property
@@ -121,27 +122,36 @@ class Probe(_Strict):
     serve_args: Optional[str] = Field(None, description="vllm: more `vllm serve` flags, e.g. Ray data parallelism")
     max_model_len: Optional[Int] = Field(None, ge=16, description="vllm: context length to reserve")
     enforce_eager: bool = Field(False, description="vllm: no torch.compile / CUDA graphs")
-    dtype: str = Field("auto", description="auto (vLLM runs float32 checkpoints in 16 bits), bfloat16, float16, float32")
+    dtype: str = Field(
+        "auto", description="auto (vLLM runs float32 checkpoints in 16 bits), bfloat16, float16, float32"
+    )
 
 
 class SweepSettings(_Strict):
     ratios: list[Float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
     densities: Optional[list[Float]] = Field(
-        None, description="densities to sweep with every ratio (sparsifying methods); default: merge.density only")
+        None, description="densities to sweep with every ratio (sparsifying methods); default: merge.density only"
+    )
     probe: Probe = Field(default_factory=Probe)
     target_tokens: Union[Literal["mid"], Float] = Field(
-        "mid", description="'mid' = geometric mean of the endpoints' mean lengths, or a number of tokens")
+        "mid", description="'mid' = geometric mean of the endpoints' mean lengths, or a number of tokens"
+    )
     tolerance: Float = Field(2.0, ge=0, description="accuracy points below the best that still qualify")
     # 5 % of the default 64 probe questions is 4 right answers: well below any working model (instruct
     # models of 1.5B and up score 60-90 % on GSM8K) and above what noise scores on free-form numeric
     # answers (about 0): below it the probe cannot tell the TAs apart, and a "choice" by length would
     # ship a broken merge
-    min_accuracy: Float = Field(0.05, ge=0, le=1, description="the probe accuracy (0..1) some point must reach "
-                                                              "before the sweep chooses a TA")
+    min_accuracy: Float = Field(
+        0.05, ge=0, le=1, description="the probe accuracy (0..1) some point must reach before the sweep chooses a TA"
+    )
     # an answer cut at probe.max_tokens has the cap's length and an accuracy that is a floor: once most
     # of a point's answers are cut, its mean length measures the cap, not the model
-    max_truncated: Float = Field(0.5, ge=0, le=1, description="the largest share (0..1) of a point's probe answers "
-                                                              "cut at probe.max_tokens for it to be chosen")
+    max_truncated: Float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="the largest share (0..1) of a point's probe answers cut at probe.max_tokens for it to be chosen",
+    )
 
     @field_validator("ratios")
     @classmethod
@@ -204,17 +214,22 @@ class PipelineSettings(_Strict):
     prompt: Optional[str] = Field(None, description="prompt template with {question}; default: the papers'")
     generate: dict[str, Any] = Field(default_factory=dict, description="generate options (max_tokens, backend...)")
     mix: Optional[dict[str, Float]] = Field(
-        None, description="mix the TA's data with the experts': {ta: 1, short_cot: 4}")
+        None, description="mix the TA's data with the experts': {ta: 1, short_cot: 4}"
+    )
     mix_total: Optional[Int] = Field(None, gt=0)
     distill: dict[str, Any] = Field(default_factory=dict, description="distill options (epochs, lr, max_length...)")
     eval: dict[str, Any] = Field(default_factory=dict, description="eval options (tasks, limit, max_tokens...)")
     baselines: list[Union[Literal["long_cot", "short_cot"], MixBaseline]] = Field(
-        default_factory=list, description="other data to distil from: long_cot, short_cot, or {name, mix}")
+        default_factory=list, description="other data to distil from: long_cot, short_cot, or {name, mix}"
+    )
     eval_teachers: bool = Field(True, description="also score the TA and the experts")
     seed: Int = 0
     distill_seeds: Optional[list[Int]] = Field(
-        None, min_length=1, description="distil one student per data set and seed (the report gives mean ± spread "
-                                        "over them); default: [seed]")
+        None,
+        min_length=1,
+        description="distil one student per data set and seed (the report gives mean ± spread "
+        "over them); default: [seed]",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "PipelineSettings":
@@ -247,7 +262,8 @@ class Recipe(_Strict):
     merge: MergeSettings = Field(default_factory=MergeSettings)
     tokenizer: Role = Field("short_cot", description="whose tokenizer and chat template the TA keeps")
     config_from: Optional[Role] = Field(
-        None, description="whose config.json (rope_theta, context length...) the TA keeps; default: the tokenizer side")
+        None, description="whose config.json (rope_theta, context length...) the TA keeps; default: the tokenizer side"
+    )
     output: str = Field(description="folder the teacher assistant is written to")
     sweep: Optional[SweepSettings] = None
     pipeline: Optional[PipelineSettings] = Field(None, description="what `micota-merge run` does after the build")
@@ -255,8 +271,10 @@ class Recipe(_Strict):
     @model_validator(mode="after")
     def _base_when_needed(self) -> "Recipe":
         if methods.get(self.merge.method).base and not self.models.base:
-            raise ValueError(f"method {self.merge.method} merges task vectors and needs models.base "
-                             "(the checkpoint both sides were fine-tuned from), or use linear / slerp")
+            raise ValueError(
+                f"method {self.merge.method} merges task vectors and needs models.base "
+                "(the checkpoint both sides were fine-tuned from), or use linear / slerp"
+            )
         for role in ("tokenizer", "config_from"):
             if getattr(self, role) == "base" and not self.models.base:
                 raise ValueError(f"{role}: base is named but models.base is not set")
@@ -286,9 +304,14 @@ class Recipe(_Strict):
         extra = m.extra_params
         if spec.ratio == "slerp_t":
             # slerp interpolates from base_model (t=0) towards the other model (t=1).
-            return {"merge_method": m.method, "base_model": p["short_cot"],
-                    "models": [{"model": p["short_cot"]}, {"model": p["long_cot"]}],
-                    "parameters": {"t": lam, **extra}, "dtype": m.dtype, "out_dtype": m.dtype}
+            return {
+                "merge_method": m.method,
+                "base_model": p["short_cot"],
+                "models": [{"model": p["short_cot"]}, {"model": p["long_cot"]}],
+                "parameters": {"t": lam, **extra},
+                "dtype": m.dtype,
+                "out_dtype": m.dtype,
+            }
         sides = [(p["long_cot"], lam), (p["short_cot"], 1.0 - lam)]
         models = []
         for path, weight in sides:

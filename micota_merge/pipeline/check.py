@@ -19,10 +19,16 @@ from micota_merge.merge.recipe import PipelineSettings, Recipe, format_validatio
 
 # Names users bring from other tools (transformers' TrainingArguments, vLLM, lm-eval).
 _ALIASES = {
-    "learning_rate": "lr", "num_train_epochs": "epochs", "max_seq_length": "max_length",
-    "per_device_train_batch_size": "batch_size", "gradient_accumulation_steps": "grad_accum",
-    "lr_scheduler_type": "lr_scheduler", "max_new_tokens": "max_tokens", "max_gen_toks": "max_tokens",
-    "num_samples": "n", "model_name_or_path": "student",
+    "learning_rate": "lr",
+    "num_train_epochs": "epochs",
+    "max_seq_length": "max_length",
+    "per_device_train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum",
+    "lr_scheduler_type": "lr_scheduler",
+    "max_new_tokens": "max_tokens",
+    "max_gen_toks": "max_tokens",
+    "num_samples": "n",
+    "model_name_or_path": "student",
 }
 
 
@@ -54,17 +60,25 @@ def check_order(run_from: Optional[str], until: Optional[str], stages: tuple[str
         if value is not None and value not in stages:
             raise UserError(f"{opt} {value!r}: choose one of {', '.join(stages)}")
     if run_from and until and stages.index(run_from) > stages.index(until):
-        raise UserError(f"--from {run_from} comes after --until {until}: nothing would run; "
-                        f"stages run in the order {' -> '.join(stages)}")
+        raise UserError(
+            f"--from {run_from} comes after --until {until}: nothing would run; "
+            f"stages run in the order {' -> '.join(stages)}"
+        )
 
 
 def _check_questions(section: str, spec: str, base_dir: Path, limit: Optional[int], fields: dict) -> None:
     from micota_merge.data.questions import load_questions, require_answers
 
     try:
-        questions = load_questions(spec, fields.get("question_field"), fields.get("answer_field"),
-                                   fields.get("id_field"), benchmark=fields.get("benchmark"),
-                                   split=fields.get("split"), limit=limit)
+        questions = load_questions(
+            spec,
+            fields.get("question_field"),
+            fields.get("answer_field"),
+            fields.get("id_field"),
+            benchmark=fields.get("benchmark"),
+            split=fields.get("split"),
+            limit=limit,
+        )
         require_answers(questions, spec)
     except UserError as e:
         raise UserError(f"{section}: {e}") from None
@@ -73,8 +87,8 @@ def _check_questions(section: str, spec: str, base_dir: Path, limit: Optional[in
 def validate_pipeline(recipe: Recipe, settings: Optional[PipelineSettings], base_dir: Path) -> None:
     """Everything `run` can know to be wrong before it starts; raises UserError (one line)."""
     from micota_merge.core.checkpoints import check_model_files, resolve_model_path
-    from micota_merge.training.distill import DistillConfig
     from micota_merge.generation.generate import GenerateOptions
+    from micota_merge.training.distill import DistillConfig
 
     models = {role: resolve_model_path(spec, f"models.{role}", base_dir) for role, spec in recipe.model_specs().items()}
     for role, path in models.items():
@@ -86,10 +100,13 @@ def validate_pipeline(recipe: Recipe, settings: Optional[PipelineSettings], base
         _check_questions("sweep.probe.questions", probe.questions or probe.benchmark, base_dir, probe.limit, {})
 
     # ---- generate
-    gen = _model_check("pipeline.generate", GenerateOptions, dict(settings.generate),
-                       {"model": "-", "questions": settings.questions, "out": "-.jsonl"})
-    _check_questions("pipeline.questions", settings.questions, base_dir, settings.question_limit,
-                     gen.model_dump())
+    gen = _model_check(
+        "pipeline.generate",
+        GenerateOptions,
+        dict(settings.generate),
+        {"model": "-", "questions": settings.questions, "out": "-.jsonl"},
+    )
+    _check_questions("pipeline.questions", settings.questions, base_dir, settings.question_limit, gen.model_dump())
     serve = gen.data_parallel_size > 1 or bool(gen.serve_args)
     if serve or gen.backend != "auto" or gen.base_url:
         from micota_merge.generation import backends
@@ -100,8 +117,9 @@ def validate_pipeline(recipe: Recipe, settings: Optional[PipelineSettings], base
     # ---- distill
     student = resolve_model_path(settings.student, "pipeline.student", base_dir)
     check_model_files(student, "pipeline.student")
-    _model_check("pipeline.distill", DistillConfig, dict(settings.distill),
-                 {"student": str(student), "data": ["-"], "out": "-"})
+    _model_check(
+        "pipeline.distill", DistillConfig, dict(settings.distill), {"student": str(student), "data": ["-"], "out": "-"}
+    )
 
     # ---- eval: its options are evaluate()'s keyword arguments
     from micota_merge.evaluation.evaluate import DTYPES, evaluate, parse_tasks
@@ -117,8 +135,17 @@ def validate_pipeline(recipe: Recipe, settings: Optional[PipelineSettings], base
         v = ev.get(key)
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
             raise UserError(f"pipeline.eval.{key}: give a positive whole number, got {v!r}")
-    for key in ("max_model_len", "retries", "seed", "temperature", "top_p", "gpu_memory_utilization",
-                "request_timeout", "batch_size", "samples"):
+    for key in (
+        "max_model_len",
+        "retries",
+        "seed",
+        "temperature",
+        "top_p",
+        "gpu_memory_utilization",
+        "request_timeout",
+        "batch_size",
+        "samples",
+    ):
         if isinstance(ev.get(key), bool):  # evaluate() would read true as 1 (temperature 1, top-p 1)
             raise UserError(f"pipeline.eval.{key}: a number is needed here, not true/false")
     if ev.get("backend") is not None:

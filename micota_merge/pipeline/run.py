@@ -62,8 +62,15 @@ class Runner:
     def forced(self, kind: str) -> bool:
         return self.run_from is not None and STAGES.index(kind) >= STAGES.index(self.run_from)
 
-    def stage(self, kind: str, name: str, folder: Path, fingerprint: str, fn: Callable[[bool], Any],
-              output: Optional[Path] = None) -> bool:
+    def stage(
+        self,
+        kind: str,
+        name: str,
+        folder: Path,
+        fingerprint: str,
+        fn: Callable[[bool], Any],
+        output: Optional[Path] = None,
+    ) -> bool:
         """Run `fn(fresh)` unless done; `fresh` = start over rather than resume. Returns whether it ran
         (with --dry-run: whether it would).
 
@@ -85,11 +92,18 @@ class Runner:
             return True
         self.echo(f"[{'redo' if fresh else 'run '}] {name}")
         folder.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(marker, {"stage": name, "fingerprint": fingerprint, "status": "running",
-                                   "started": now()})
+        write_json_atomic(marker, {"stage": name, "fingerprint": fingerprint, "status": "running", "started": now()})
         fn(fresh)
-        write_json_atomic(marker, {"stage": name, "fingerprint": fingerprint, "status": "done",
-                                   "started": _read_state(marker).get("started"), "finished": now()})
+        write_json_atomic(
+            marker,
+            {
+                "stage": name,
+                "fingerprint": fingerprint,
+                "status": "done",
+                "started": _read_state(marker).get("started"),
+                "finished": now(),
+            },
+        )
         self.ran.append(name)
         return True
 
@@ -113,8 +127,14 @@ def claim_workdir(workdir: Path, pipeline: str | Path) -> None:
         write_json_atomic(workdir / MANIFEST, {"stage": "run", "pipeline": str(pipeline), "created": now()})
 
 
-def run(path: str | Path, run_from: Optional[str] = None, until: Optional[str] = None,
-        echo: Callable[[str], None] = print, force: bool = False, dry_run: bool = False) -> dict:
+def run(
+    path: str | Path,
+    run_from: Optional[str] = None,
+    until: Optional[str] = None,
+    echo: Callable[[str], None] = print,
+    force: bool = False,
+    dry_run: bool = False,
+) -> dict:
     """Run the pipeline file (a recipe with a `pipeline:` section; a bare recipe only builds).
 
     `force` starts every stage over (by the ownership rule: only outputs this pipeline wrote are
@@ -142,8 +162,9 @@ def run(path: str | Path, run_from: Optional[str] = None, until: Optional[str] =
         return _run(path, recipe, settings, workdir, run_from, until, echo, dry_run)
 
 
-def _run(path, recipe: Recipe, settings: Optional[PipelineSettings], workdir: Path, run_from, until, echo,
-         dry_run: bool) -> dict:
+def _run(
+    path, recipe: Recipe, settings: Optional[PipelineSettings], workdir: Path, run_from, until, echo, dry_run: bool
+) -> dict:
     runner = Runner(workdir, run_from, until, echo, dry_run=dry_run)
     results: dict[str, Any] = {"pipeline": str(path), "workdir": str(workdir)}
 
@@ -162,8 +183,13 @@ def _run(path, recipe: Recipe, settings: Optional[PipelineSettings], workdir: Pa
     models = {role: resolve_model_path(spec, f"models.{role}", base_dir) for role, spec in specs.items()}
     ta_dir = Path(recipe.output)
     use_sweep = settings is not None and settings.select == "sweep"
-    ta_fp = _hash({"recipe": recipe.model_dump(mode="json", exclude={"pipeline"}), "sweep": use_sweep,
-                   "inputs": {r: _checkpoint_fp(p) for r, p in models.items()}})
+    ta_fp = _hash(
+        {
+            "recipe": recipe.model_dump(mode="json", exclude={"pipeline"}),
+            "sweep": use_sweep,
+            "inputs": {r: _checkpoint_fp(p) for r, p in models.items()},
+        }
+    )
 
     def make_ta(fresh: bool) -> None:
         if use_sweep:
@@ -180,8 +206,14 @@ def _run(path, recipe: Recipe, settings: Optional[PipelineSettings], workdir: Pa
     stage_dir = ta_dir.parent / f".{ta_dir.name}.stage"
     if not dry_run:
         own_claim_workdir(stage_dir, "run", ta_dir, inputs=models, option="output", adopt=["stage.json"])
-    ran = runner.stage("build", "build: teacher assistant" + (" (sweep)" if use_sweep else ""),
-                       stage_dir, ta_fp, make_ta, output=ta_dir)
+    ran = runner.stage(
+        "build",
+        "build: teacher assistant" + (" (sweep)" if use_sweep else ""),
+        stage_dir,
+        ta_fp,
+        make_ta,
+        output=ta_dir,
+    )
     if settings is None or not runner.active("generate"):
         results["ta"] = str(ta_dir)
         return _finish(runner, results)
@@ -196,8 +228,12 @@ def _run(path, recipe: Recipe, settings: Optional[PipelineSettings], workdir: Pa
     for name, (model, model_fp) in teachers.items():
         folder = workdir / "data" / plain_name(name, "data set")
         opts = _generate_options(settings, model, folder / "data.jsonl")
-        fp = _hash({"model": model_fp, "options": {k: v for k, v in opts.items()
-                                                   if k not in ("model", "out", *TRANSPORT_OPTIONS)}})
+        fp = _hash(
+            {
+                "model": model_fp,
+                "options": {k: v for k, v in opts.items() if k not in ("model", "out", *TRANSPORT_OPTIONS)},
+            }
+        )
 
         def gen(fresh: bool, opts=opts) -> None:
             from micota_merge.generation import generate as g
@@ -214,14 +250,26 @@ def _run(path, recipe: Recipe, settings: Optional[PipelineSettings], workdir: Pa
     for name, weights in _mixes(settings).items():
         folder = workdir / "data" / plain_name(name, "pipeline.baselines name")
         parts = {part: data[part] for part in weights}
-        fp = _hash({"weights": weights, "parts": {p: f for p, (_, f) in parts.items()}, "seed": settings.seed,
-                    "total": settings.mix_total})
+        fp = _hash(
+            {
+                "weights": weights,
+                "parts": {p: f for p, (_, f) in parts.items()},
+                "seed": settings.seed,
+                "total": settings.mix_total,
+            }
+        )
 
         def do_mix(fresh: bool, folder=folder, weights=weights, parts=parts) -> None:
             from micota_merge.data.mix import run as mix_run
 
-            mix_run([f"{parts[p][0]}={w}" for p, w in weights.items()], str(folder / "data.jsonl"),
-                    total=settings.mix_total, seed=settings.seed, force=True, echo=echo)
+            mix_run(
+                [f"{parts[p][0]}={w}" for p, w in weights.items()],
+                str(folder / "data.jsonl"),
+                total=settings.mix_total,
+                seed=settings.seed,
+                force=True,
+                echo=echo,
+            )
 
         mixed = folder / "data.jsonl"
         ran = runner.stage("mix", f"mix: {name}", folder, fp, do_mix, output=mixed)
@@ -240,20 +288,36 @@ def _run(path, recipe: Recipe, settings: Optional[PipelineSettings], workdir: Pa
             tag = "" if len(seeds) == 1 else f"@seed{seed}"
             folder = workdir / "students" / plain_name(name, "student data") / (f"seed-{seed}" if tag else "")
             data_file, data_fp = data[name]
-            fp = _hash({"student": student_fp, "data": data_fp, "distill": settings.distill,
-                        **({"seed": seed} if tag else {})})
+            fp = _hash(
+                {"student": student_fp, "data": data_fp, "distill": settings.distill, **({"seed": seed} if tag else {})}
+            )
 
             def do_distill(fresh: bool, folder=folder, data_file=data_file, seed=seed) -> None:
                 from micota_merge.training.distill import DistillConfig, distill
 
                 out = folder / "model"
-                cfg = DistillConfig(**{**settings.distill, "student": str(student), "data": [str(data_file)],
-                                       "out": str(out), "force": True, "resume": not fresh, "seed": seed})
+                cfg = DistillConfig(
+                    **{
+                        **settings.distill,
+                        "student": str(student),
+                        "data": [str(data_file)],
+                        "out": str(out),
+                        "force": True,
+                        "resume": not fresh,
+                        "seed": seed,
+                    }
+                )
                 distill(cfg, echo=echo)
 
             model_dir = folder / "model"
-            ran = runner.stage("distill", f"distill: student on {name} data" + (f" (seed {seed})" if tag else ""),
-                               folder, fp, do_distill, output=model_dir)
+            ran = runner.stage(
+                "distill",
+                f"distill: student on {name} data" + (f" (seed {seed})" if tag else ""),
+                folder,
+                fp,
+                do_distill,
+                output=model_dir,
+            )
             students[f"student+{name}{tag}"] = (model_dir, known(model_dir, ran, fp, _checkpoint_fp))
     if not runner.active("eval"):
         return _finish(runner, results)
@@ -273,8 +337,13 @@ def _run(path, recipe: Recipe, settings: Optional[PipelineSettings], workdir: Pa
 
             # a stage that is resumed (same fingerprint) keeps lm-eval's response cache; a changed
             # one (fresh) starts it over
-            evaluate(str(model), output=str(folder / "run"), force=fresh or (folder / "run").exists(), echo=echo,
-                     **settings.eval)
+            evaluate(
+                str(model),
+                output=str(folder / "run"),
+                force=fresh or (folder / "run").exists(),
+                echo=echo,
+                **settings.eval,
+            )
 
         runner.stage("eval", f"eval: {name}", folder, fp, do_eval, output=folder / "run")
         evals[name] = folder / "run"
@@ -284,8 +353,13 @@ def _run(path, recipe: Recipe, settings: Optional[PipelineSettings], workdir: Pa
 
     # ---- report
     report_fp = _hash({"evals": list(eval_fps.items())})
-    runner.stage("report", "report", workdir / "report", report_fp,
-                 lambda fresh: write_report(workdir, recipe, settings, ta_dir, data, evals))
+    runner.stage(
+        "report",
+        "report",
+        workdir / "report",
+        report_fp,
+        lambda fresh: write_report(workdir, recipe, settings, ta_dir, data, evals),
+    )
     results["report"] = str(workdir / "report.md")
     return _finish(runner, results)
 
@@ -305,8 +379,13 @@ def _finish(runner: Runner, results: dict) -> dict:
 
 
 def _generate_options(settings: PipelineSettings, model: Path, out: Path) -> dict:
-    opts = {"model": str(model), "questions": settings.questions, "out": str(out), "keep": "correct",
-            "seed": settings.seed}
+    opts = {
+        "model": str(model),
+        "questions": settings.questions,
+        "out": str(out),
+        "keep": "correct",
+        "seed": settings.seed,
+    }
     if settings.question_limit:
         opts["limit"] = settings.question_limit
     if settings.prompt:
@@ -342,8 +421,14 @@ def _student_data(settings: PipelineSettings) -> list[str]:
 # ------------------------------------------------------------------ report
 
 
-def write_report(workdir: Path, recipe: Recipe, settings: PipelineSettings, ta_dir: Path,
-                 data: dict[str, tuple[Path, str]], evals: dict[str, Path]) -> None:
+def write_report(
+    workdir: Path,
+    recipe: Recipe,
+    settings: PipelineSettings,
+    ta_dir: Path,
+    data: dict[str, tuple[Path, str]],
+    evals: dict[str, Path],
+) -> None:
     # the figures in the formats of `eval --compare`: percent with one decimal, "–" for what is missing
     from micota_merge.evaluation.evaluate import _acc_cell, _fmt_acc, load_summary
 
@@ -353,25 +438,43 @@ def write_report(workdir: Path, recipe: Recipe, settings: PipelineSettings, ta_d
     before = summaries.get("student")
     report_dir = workdir / "report"
     report_dir.mkdir(parents=True, exist_ok=True)
-    lines = [f"# {recipe.name or 'micota-merge'}: pipeline report", "",
-             f"Work folder: `{settings.workdir}` · written {now()}", ""]
+    lines = [
+        f"# {recipe.name or 'micota-merge'}: pipeline report",
+        "",
+        f"Work folder: `{settings.workdir}` · written {now()}",
+        "",
+    ]
     sweep_json = ta_dir / "sweep" / "sweep.json"
     if sweep_json.is_file():
         sw = json.loads(sweep_json.read_text())
         shutil.copyfile(ta_dir / "sweep" / "sweep.png", report_dir / "sweep.png")
-        lines += ["## Teacher assistant: merge-ratio sweep", "", sw["table_md"], "", f"Chosen: {sw['reason']}", "",
-                  "![sweep](report/sweep.png)", ""]
+        lines += [
+            "## Teacher assistant: merge-ratio sweep",
+            "",
+            sw["table_md"],
+            "",
+            f"Chosen: {sw['reason']}",
+            "",
+            "![sweep](report/sweep.png)",
+            "",
+        ]
         if (ta_dir / "sweep" / "front.png").is_file():
             shutil.copyfile(ta_dir / "sweep" / "front.png", report_dir / "front.png")
             lines += ["![length-accuracy front](report/front.png)", ""]
-    lines += ["## Distillation data", "", "| data | records kept | acceptance rate (%) | mean tokens |",
-              "| --- | ---: | ---: | ---: |"]
+    lines += [
+        "## Distillation data",
+        "",
+        "| data | records kept | acceptance rate (%) | mean tokens |",
+        "| --- | ---: | ---: | ---: |",
+    ]
     for name, (file, _) in data.items():
         stats_file = file.parent / "data.stats.json"
         st = json.loads(stats_file.read_text()) if stats_file.is_file() else {}
         if "kept" in st:  # generate's statistics (a mix writes its composition under the same name)
-            lines.append(f"| {name} | {st['kept']} | {_fmt_acc(st.get('acceptance_rate'))} | "
-                         f"{_fmt_num((st.get('accepted_num_tokens') or {}).get('mean'))} |")
+            lines.append(
+                f"| {name} | {st['kept']} | {_fmt_acc(st.get('acceptance_rate'))} | "
+                f"{_fmt_num((st.get('accepted_num_tokens') or {}).get('mean'))} |"
+            )
         else:
             recs = [json.loads(x) for x in file.read_text().splitlines() if x.strip()]
             mean = sum(r.get("num_tokens", 0) for r in recs) / len(recs) if recs else None
@@ -383,12 +486,21 @@ def write_report(workdir: Path, recipe: Recipe, settings: PipelineSettings, ta_d
             return ""
         return f"{(value - before['average']) * 100:+.1f}"
 
-    lines += ["", "## Scores", "", "Accuracy in % (avg@k; with one greedy answer the papers' pass@1) with its 95 % "
-              "bootstrap interval, mean response tokens and the share of answers cut at the length cap (%) per task; "
-              "Δ is a distilled student's accuracy change in points against the untrained student "
-              "(`micota-merge eval --compare` tests it).", ""]
-    header = "| model | " + " | ".join(f"{t} acc % (95 % CI) | {t} tokens | {t} cut %" for t in tasks) + \
-        (" | average % | Δ avg |" if several else " | Δ |")
+    lines += [
+        "",
+        "## Scores",
+        "",
+        "Accuracy in % (avg@k; with one greedy answer the papers' pass@1) with its 95 % "
+        "bootstrap interval, mean response tokens and the share of answers cut at the length cap (%) per task; "
+        "Δ is a distilled student's accuracy change in points against the untrained student "
+        "(`micota-merge eval --compare` tests it).",
+        "",
+    ]
+    header = (
+        "| model | "
+        + " | ".join(f"{t} acc % (95 % CI) | {t} tokens | {t} cut %" for t in tasks)
+        + (" | average % | Δ avg |" if several else " | Δ |")
+    )
     lines += [header, "| --- |" + " ---: | ---: | ---: |" * len(tasks) + (" ---: | ---: |" if several else " ---: |")]
     for name, s in summaries.items():
         cells = []
@@ -401,24 +513,36 @@ def write_report(workdir: Path, recipe: Recipe, settings: PipelineSettings, ta_d
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     groups = seed_groups(summaries)
     if any(len(g["seeds"]) > 1 for g in groups.values()):
-        lines += ["", "### Students over distillation seeds", "",
-                  "Mean ± sample standard deviation over the seeds (min–max in brackets) of the "
-                  + ("average " if several else "") + "accuracy (%) and of the mean response tokens; "
-                  "Δ in points against the untrained student.", "",
-                  "| student data | seeds | accuracy % | mean tokens | Δ |", "| --- | ---: | ---: | ---: | ---: |"]
+        lines += [
+            "",
+            "### Students over distillation seeds",
+            "",
+            "Mean ± sample standard deviation over the seeds (min–max in brackets) of the "
+            + ("average " if several else "")
+            + "accuracy (%) and of the mean response tokens; "
+            "Δ in points against the untrained student.",
+            "",
+            "| student data | seeds | accuracy % | mean tokens | Δ |",
+            "| --- | ---: | ---: | ---: | ---: |",
+        ]
         for name, g in groups.items():
             acc, tok = g["accuracy"], g["mean_tokens"]
-            lines.append(f"| {name} | {len(g['seeds'])} | {_fmt_spread(acc, 100)} | "
-                         f"{_fmt_spread(tok, 1, brackets=False)} | {delta(name, acc['mean'] if acc else None)} |")
+            lines.append(
+                f"| {name} | {len(g['seeds'])} | {_fmt_spread(acc, 100)} | "
+                f"{_fmt_spread(tok, 1, brackets=False)} | {delta(name, acc['mean'] if acc else None)} |"
+            )
     scores_chart(summaries, report_dir / "scores.png")
     lines += ["", "![scores](report/scores.png)", ""]
     losses = sorted((workdir / "students").glob("**/model/loss.png"))  # students/<data>[/seed-<n>]/model
     if losses:
-        lines += ["## Training loss", ""] + [f"![{p.parent.parent.relative_to(workdir / 'students')}]"
-                                             f"({p.relative_to(workdir)})" for p in losses]
+        lines += ["## Training loss", ""] + [
+            f"![{p.parent.parent.relative_to(workdir / 'students')}]({p.relative_to(workdir)})" for p in losses
+        ]
     write_text_atomic(workdir / "report.md", "\n".join(lines) + "\n")
-    write_json_atomic(report_dir / "summary.json", {"scores": summaries, "students": groups,
-                                                    "data": {n: str(f) for n, (f, _) in data.items()}})
+    write_json_atomic(
+        report_dir / "summary.json",
+        {"scores": summaries, "students": groups, "data": {n: str(f) for n, (f, _) in data.items()}},
+    )
 
 
 def _task_order(summaries: dict[str, dict]) -> list[str]:
@@ -445,8 +569,13 @@ def spread(values: list[float]) -> dict:
     """Mean, sample standard deviation (0 for one value), min and max."""
     import statistics
 
-    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "min": min(values), "max": max(values), "n": len(values)}
+    return {
+        "mean": statistics.fmean(values),
+        "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "min": min(values),
+        "max": max(values),
+        "n": len(values),
+    }
 
 
 def _spread_or_none(values: list[Optional[float]]) -> Optional[dict]:
@@ -481,18 +610,33 @@ def seed_groups(summaries: dict[str, dict]) -> dict[str, dict]:
         per_task = {}
         for task in g["tasks"]:
             rows = [summaries[run]["tasks"].get(task) or {} for run in g["runs"]]
-            per_task[task] = {key: _spread_or_none([r.get(key) for r in rows])
-                              for key in ("accuracy", "mean_tokens", "truncated")}
-        out[base] = {"seeds": g["seeds"], "runs": g["runs"], "accuracy": _spread_or_none(g["acc"]),
-                     "mean_tokens": _spread_or_none(g["tok"]), "tasks": per_task}
+            per_task[task] = {
+                key: _spread_or_none([r.get(key) for r in rows]) for key in ("accuracy", "mean_tokens", "truncated")
+            }
+        out[base] = {
+            "seeds": g["seeds"],
+            "runs": g["runs"],
+            "accuracy": _spread_or_none(g["acc"]),
+            "mean_tokens": _spread_or_none(g["tok"]),
+            "tasks": per_task,
+        }
     return out
 
 
 # ------------------------------------------------------------------ the score chart
 
 # one colour per data set; grey is kept for the untrained student and the teachers
-_DATA_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink",
-                "tab:olive", "tab:cyan")
+_DATA_COLORS = (
+    "tab:blue",
+    "tab:orange",
+    "tab:green",
+    "tab:red",
+    "tab:purple",
+    "tab:brown",
+    "tab:pink",
+    "tab:olive",
+    "tab:cyan",
+)
 
 
 def chart_bars(summaries: dict[str, dict]) -> list[dict]:
@@ -506,12 +650,25 @@ def chart_bars(summaries: dict[str, dict]) -> list[dict]:
     for i, (name, g) in enumerate(groups.items()):
         data_name = name.removeprefix("student+")
         n = len(g["seeds"])
-        bars.append({"kind": "distilled", "label": f"on {data_name}" + (f"\n{n} seeds" if n > 1 else ""),
-                     "color": _DATA_COLORS[i % len(_DATA_COLORS)], "runs": g["runs"], "seeds": g["seeds"]})
+        bars.append(
+            {
+                "kind": "distilled",
+                "label": f"on {data_name}" + (f"\n{n} seeds" if n > 1 else ""),
+                "color": _DATA_COLORS[i % len(_DATA_COLORS)],
+                "runs": g["runs"],
+                "seeds": g["seeds"],
+            }
+        )
     for name in summaries:
         if name.startswith("teacher:"):
-            bars.append({"kind": "teacher", "label": "teacher\n" + name.removeprefix("teacher:"), "color": "0.75",
-                         "runs": [name]})
+            bars.append(
+                {
+                    "kind": "teacher",
+                    "label": "teacher\n" + name.removeprefix("teacher:"),
+                    "color": "0.75",
+                    "runs": [name],
+                }
+            )
         elif name != "student" and not name.startswith("student+"):
             bars.append({"kind": "other", "label": name, "color": "0.75", "runs": [name]})
     return bars
@@ -585,14 +742,22 @@ def scores_chart(summaries: dict[str, dict], path: Path) -> None:
                     ci = t.get("average_ci95") if task is None else (t["tasks"].get(task) or {}).get("ci95")
                     if ci:
                         lo, hi = max(mean - 100 * ci[0], 0.0), max(100 * ci[1] - mean, 0.0)
-                ax.bar(bx, mean, width, color=b["color"], edgecolor="0.25" if b["kind"] != "distilled" else None,
-                       lw=0.6, zorder=2)
+                ax.bar(
+                    bx,
+                    mean,
+                    width,
+                    color=b["color"],
+                    edgecolor="0.25" if b["kind"] != "distilled" else None,
+                    lw=0.6,
+                    zorder=2,
+                )
                 if lo or hi:
                     ax.errorbar(bx, mean, yerr=[[lo], [hi]], fmt="none", ecolor="black", capsize=4, lw=1, zorder=3)
                 if b["kind"] == "distilled" and len(vals) > 1:
                     jitter = [(-0.18 + 0.36 * k / (len(vals) - 1)) for k in range(len(vals))]
-                    ax.scatter([bx + j for j in jitter], vals, s=16, color="white", edgecolors="black", lw=0.8,
-                               zorder=4)
+                    ax.scatter(
+                        [bx + j for j in jitter], vals, s=16, color="white", edgecolors="black", lw=0.8, zorder=4
+                    )
                 peak = max([mean + hi] + vals)
                 text = f"{mean:.1f}" if key == "accuracy" else f"{mean:.0f}"
                 if b["kind"] == "distilled" and len(vals) > 1:
@@ -602,9 +767,18 @@ def scores_chart(summaries: dict[str, dict], path: Path) -> None:
                     cut = [c for c in cut if c is not None]
                     if cut and sum(cut) / len(cut) > 0:
                         text += f"\n{100 * sum(cut) / len(cut):.0f}% cut"
-                ax.annotate(text, (bx, peak), xytext=(0, 5), textcoords="offset points", ha="center",
-                            va="bottom", fontsize=7.5, linespacing=1.0, zorder=5,
-                            bbox={"fc": "white", "ec": "none", "alpha": 0.8, "pad": 0.3})
+                ax.annotate(
+                    text,
+                    (bx, peak),
+                    xytext=(0, 5),
+                    textcoords="offset points",
+                    ha="center",
+                    va="bottom",
+                    fontsize=7.5,
+                    linespacing=1.0,
+                    zorder=5,
+                    bbox={"fc": "white", "ec": "none", "alpha": 0.8, "pad": 0.3},
+                )
                 top = max(top, peak)
             for sx in seps:
                 ax.axvline(sx, color="0.6", ls=":", lw=0.8)
@@ -628,8 +802,13 @@ def scores_chart(summaries: dict[str, dict], path: Path) -> None:
     handles = [Patch(facecolor="0.45", edgecolor="0.25", label="untrained student (one run, bar: 95 % CI)")]
     seeded = any(b["kind"] == "distilled" and len(b["runs"]) > 1 for b in bars)
     if any(b["kind"] == "distilled" for b in bars):
-        handles.append(Patch(facecolor="tab:blue", label="distilled student, one colour per data set"
-                                                         + (": mean ± sd over distillation seeds" if seeded else "")))
+        handles.append(
+            Patch(
+                facecolor="tab:blue",
+                label="distilled student, one colour per data set"
+                + (": mean ± sd over distillation seeds" if seeded else ""),
+            )
+        )
     if seeded:
         handles.append(Line2D([], [], ls="none", marker="o", mfc="white", mec="black", label="one distillation seed"))
     if any(b["kind"] in ("teacher", "other") for b in bars):

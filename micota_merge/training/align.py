@@ -20,8 +20,9 @@ from micota_merge.core.errors import UserError
 from micota_merge.core.stats import spread
 
 
-def score_examples(model, examples: list[tuple[list[int], list[int]]], batch_size: int, pad_id: int,
-                   desc: str = "") -> list[tuple[float, int]]:
+def score_examples(
+    model, examples: list[tuple[list[int], list[int]]], batch_size: int, pad_id: int, desc: str = ""
+) -> list[tuple[float, int]]:
     """(sum of NLL, number of scored tokens) per example, in the order given."""
     import torch
     from tqdm.auto import tqdm
@@ -31,7 +32,7 @@ def score_examples(model, examples: list[tuple[list[int], list[int]]], batch_siz
     results: list[tuple[float, int]] = [(0.0, 0)] * len(examples)
     with torch.inference_mode(), tqdm(total=len(examples), desc=desc or "scoring", unit="rec") as bar:
         for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
+            idx = order[start : start + batch_size]
             width = max(len(examples[i][0]) for i in idx)
             ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
             att = torch.zeros((len(idx), width), dtype=torch.long)
@@ -39,11 +40,12 @@ def score_examples(model, examples: list[tuple[list[int], list[int]]], batch_siz
             for row, i in enumerate(idx):
                 toks, mask = examples[i]
                 t = torch.tensor(toks)
-                ids[row, :len(toks)] = t
-                att[row, :len(toks)] = 1
-                labels[row, :len(toks)] = torch.where(torch.tensor(mask, dtype=torch.bool), t, -100)
-            out = model(input_ids=ids.to(device), attention_mask=att.to(device), labels=labels.to(device),
-                        fused_lm_head=True)
+                ids[row, : len(toks)] = t
+                att[row, : len(toks)] = 1
+                labels[row, : len(toks)] = torch.where(torch.tensor(mask, dtype=torch.bool), t, -100)
+            out = model(
+                input_ids=ids.to(device), attention_mask=att.to(device), labels=labels.to(device), fused_lm_head=True
+            )
             nll = (-out.log_probs.float()).sum(dim=1).cpu()
             n = out.label_mask.sum(dim=1).cpu()
             for row, i in enumerate(idx):
@@ -77,16 +79,22 @@ def _labels(files: list[str]) -> list[str]:
 
 
 def markdown_table(model_name: str, rows: dict[str, dict]) -> str:
-    lines = [f"# Assistant-token NLL under `{model_name}`", "",
-             "Per-token negative log-likelihood (nats) of each data set's assistant tokens, through the "
-             "model's chat template; perplexity = exp(NLL). Spread columns are over records "
-             "(each record's mean NLL per token).", "",
-             "| data | records | tokens | NLL/token | perplexity | record mean | sd | median | p10 | p90 |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        f"# Assistant-token NLL under `{model_name}`",
+        "",
+        "Per-token negative log-likelihood (nats) of each data set's assistant tokens, through the "
+        "model's chat template; perplexity = exp(NLL). Spread columns are over records "
+        "(each record's mean NLL per token).",
+        "",
+        "| data | records | tokens | NLL/token | perplexity | record mean | sd | median | p10 | p90 |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for name, r in rows.items():
         s = r["per_record"]
-        lines.append(f"| {name} | {r['records']} | {r['tokens']:,} | {r['nll']:.4f} | {r['perplexity']:.3f} | "
-                     f"{s['mean']:.4f} | {s['sd']:.4f} | {s['median']:.4f} | {s['p10']:.4f} | {s['p90']:.4f} |")
+        lines.append(
+            f"| {name} | {r['records']} | {r['tokens']:,} | {r['nll']:.4f} | {r['perplexity']:.3f} | "
+            f"{s['mean']:.4f} | {s['sd']:.4f} | {s['median']:.4f} | {s['p10']:.4f} | {s['p90']:.4f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -101,23 +109,39 @@ def plot(rows: dict[str, dict], path: Path, model_name: str) -> None:
     ax.boxplot([rows[n]["record_nll"] for n in names], whis=(10, 90), showmeans=True)
     ax.set_xticks(range(1, len(names) + 1), names, rotation=15 if len(names) > 3 else 0)
     ax.set_ylabel("mean NLL per assistant token (nats)")
-    ax.set_title(f"data likelihood under {model_name}\n(box: quartiles, whiskers: p10-p90, triangle: mean)",
-                 fontsize=10)
+    ax.set_title(
+        f"data likelihood under {model_name}\n(box: quartiles, whiskers: p10-p90, triangle: mean)", fontsize=10
+    )
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def align(model: str, data: list[str], limit: int | None = None, batch_size: int = 4,
-          max_length: int = 16384, out: str | None = None, force: bool = False,
-          dtype: str = "auto", echo: Callable[[str], None] = print) -> dict:
+def align(
+    model: str,
+    data: list[str],
+    limit: int | None = None,
+    batch_size: int = 4,
+    max_length: int = 16384,
+    out: str | None = None,
+    force: bool = False,
+    dtype: str = "auto",
+    echo: Callable[[str], None] = print,
+) -> dict:
     """Score every data file under `model`; print the table and write the report folder if `out`."""
     from transformers import AutoTokenizer
 
-    from micota_merge.core.artifacts import atomic_dir, now, sha256_file, write_json_atomic, write_manifest, write_text_atomic
-    from micota_merge.core.ownership import claim, identity_of
+    from micota_merge.core.artifacts import (
+        atomic_dir,
+        now,
+        sha256_file,
+        write_json_atomic,
+        write_manifest,
+        write_text_atomic,
+    )
     from micota_merge.core.checkpoints import check_model_files, resolve_model_path
+    from micota_merge.core.ownership import claim, identity_of
     from micota_merge.training.distill import encode_records, read_chat_records
 
     if not data:
@@ -134,14 +158,24 @@ def align(model: str, data: list[str], limit: int | None = None, batch_size: int
     inputs = {"--model": model_path, **{f"--data {f}": f for f in data}}
     if out:
         claimed = claim(out, "align", inputs=inputs, option="--out")
-        run_id = identity_of({"model": meta.fingerprint()["content"], "data": [sha256_file(f) for f in data],
-                              "limit": limit, "max_length": max_length, "dtype": dtype})
+        run_id = identity_of(
+            {
+                "model": meta.fingerprint()["content"],
+                "data": [sha256_file(f) for f in data],
+                "limit": limit,
+                "max_length": max_length,
+                "dtype": dtype,
+            }
+        )
         if claimed.same(run_id) and not force:
             echo(f"already measured: {out} holds this model's NLL on data of the same content; nothing to do")
             return json.loads((Path(out) / "align.json").read_text(encoding="utf-8"))
         if claimed.state == "ours" and not force:
-            raise UserError(f"--out {out} already exists and holds an align report of another model or data: pass --force to replace "
-                            "it, or choose another --out")
+            raise UserError(
+                f"--out {out} already exists and holds an align report of another model or data: "
+                "pass --force to replace "
+                "it, or choose another --out"
+            )
     records = {f: read_chat_records(f) for f in data}  # read all first: a bad file fails before the model loads
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -164,10 +198,18 @@ def align(model: str, data: list[str], limit: int | None = None, batch_size: int
         total_nll, total_n = sum(s for s, _ in kept), sum(n for _, n in kept)
         per_record = [s / n for s, n in kept]
         nll = total_nll / total_n
-        rows[label] = {"file": str(Path(f).resolve()), "sha256": sha256_file(f), "records": len(kept),
-                       "skipped_empty": len(scored) - len(kept), "truncated": truncated, "tokens": total_n,
-                       "nll": nll, "perplexity": math.exp(nll), "per_record": spread(per_record),
-                       "record_nll": per_record}
+        rows[label] = {
+            "file": str(Path(f).resolve()),
+            "sha256": sha256_file(f),
+            "records": len(kept),
+            "skipped_empty": len(scored) - len(kept),
+            "truncated": truncated,
+            "tokens": total_n,
+            "nll": nll,
+            "perplexity": math.exp(nll),
+            "per_record": spread(per_record),
+            "record_nll": per_record,
+        }
 
     table = markdown_table(model_path.name, rows)
     echo(table)
@@ -177,13 +219,21 @@ def align(model: str, data: list[str], limit: int | None = None, batch_size: int
             write_text_atomic(staging / "align.md", table)
             write_json_atomic(staging / "align.json", result)
             plot(rows, staging / "align.png", model_path.name)
-            write_manifest(staging, "align",
-                           options={"limit": limit, "batch_size": batch_size, "max_length": max_length,
-                                    "dtype": dtype},
-                           inputs={"model": meta.fingerprint(),
-                                   "data": [{"path": r["file"], "sha256": r["sha256"]} for r in rows.values()]},
-                           results={k: {"nll": v["nll"], "perplexity": v["perplexity"], "tokens": v["tokens"],
-                                        "records": v["records"]} for k, v in rows.items()},
-                           started=started, finished=now(), identity=run_id)
+            write_manifest(
+                staging,
+                "align",
+                options={"limit": limit, "batch_size": batch_size, "max_length": max_length, "dtype": dtype},
+                inputs={
+                    "model": meta.fingerprint(),
+                    "data": [{"path": r["file"], "sha256": r["sha256"]} for r in rows.values()],
+                },
+                results={
+                    k: {"nll": v["nll"], "perplexity": v["perplexity"], "tokens": v["tokens"], "records": v["records"]}
+                    for k, v in rows.items()
+                },
+                started=started,
+                finished=now(),
+                identity=run_id,
+            )
         echo(f"wrote {out}/align.md, align.json, align.png")
     return result

@@ -29,7 +29,6 @@ from typing import Any, Callable, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from micota_merge.data.questions import jsonl_lines
 from micota_merge.core.errors import UserError, disk_full, free_mib
 from micota_merge.core.identity import changed, describe
 from micota_merge.core.ownership import (
@@ -43,6 +42,7 @@ from micota_merge.core.ownership import (
     remove_ours,
 )
 from micota_merge.core.strict import Float, Int
+from micota_merge.data.questions import jsonl_lines
 
 log = logging.getLogger(__name__)
 
@@ -52,63 +52,90 @@ class DistillConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    student: str = Field(description="Student checkpoint: a Hugging Face folder or hub id (e.g. "
-                                     "Qwen/Qwen2.5-3B-Instruct).")
-    data: list[str] = Field(description="Training JSONL file(s) of chat records, as `generate` / `mix` "
-                                        "write them (messages = [user, assistant]).")
+    student: str = Field(
+        description="Student checkpoint: a Hugging Face folder or hub id (e.g. Qwen/Qwen2.5-3B-Instruct)."
+    )
+    data: list[str] = Field(
+        description="Training JSONL file(s) of chat records, as `generate` / `mix` "
+        "write them (messages = [user, assistant])."
+    )
     out: str = Field(description="Output folder for the distilled student.")
     # -- what to train
-    lora: bool = Field(False, description="Train LoRA adapters (peft) instead of all weights; the "
-                                          "saved model is still the merged full model.")
+    lora: bool = Field(
+        False,
+        description="Train LoRA adapters (peft) instead of all weights; the "
+        "saved model is still the merged full model.",
+    )
     lora_r: Int = Field(64, description="LoRA rank.")
     lora_alpha: Int = Field(128, description="LoRA alpha (scale = alpha / r).")
     lora_dropout: Float = Field(0.05, description="Dropout on the LoRA path.")
-    lora_target: str = Field("all-linear", description="Modules that get adapters (peft target_modules; "
-                                                       "comma-separated names or all-linear).")
+    lora_target: str = Field(
+        "all-linear",
+        description="Modules that get adapters (peft target_modules; comma-separated names or all-linear).",
+    )
     save_adapter: bool = Field(False, description="With --lora, also keep the adapter in OUT/adapter/.")
     # -- schedule (the papers: AdamW, lr 1e-5, 2 epochs, cosine)
     epochs: Float = Field(2.0, description="Passes over the data.")
     max_steps: Int = Field(-1, description="Stop after this many optimizer steps (-1: run all epochs).")
     lr: Float = Field(1e-5, description="Peak learning rate (AdamW).")
-    lr_scheduler: str = Field("cosine", description="transformers scheduler name (cosine, linear, "
-                                                    "constant_with_warmup, ...).")
+    lr_scheduler: str = Field(
+        "cosine", description="transformers scheduler name (cosine, linear, constant_with_warmup, ...)."
+    )
     warmup_ratio: Float = Field(0.05, description="Share of the steps spent warming the lr up linearly.")
     weight_decay: Float = Field(0.0, description="AdamW weight decay.")
     batch_size: Int = Field(1, description="Records (or packed sequences with --packing) per device per step.")
-    grad_accum: Int = Field(1, description="Gradient accumulation steps (global batch = batch-size x "
-                                           "grad-accum x GPUs).")
+    grad_accum: Int = Field(
+        1, description="Gradient accumulation steps (global batch = batch-size x grad-accum x GPUs)."
+    )
     # -- data
     max_length: Int = Field(16384, description="Longest training sequence in tokens (prompt + answer).")
     overlong: Literal["drop", "truncate"] = Field(
-        "drop", description="Records longer than --max-length: drop them (a cut CoT loses its answer) or "
-                            "keep their first max-length tokens.")
-    keep_incorrect: bool = Field(False, description="Also train on records marked \"correct\": false or cut "
-                                                    "off at generate's token limit (finish_reason \"length\"); "
-                                                    "by default only verified, finished answers are learnt.")
+        "drop",
+        description="Records longer than --max-length: drop them (a cut CoT loses its answer) or "
+        "keep their first max-length tokens.",
+    )
+    keep_incorrect: bool = Field(
+        False,
+        description='Also train on records marked "correct": false or cut '
+        'off at generate\'s token limit (finish_reason "length"); '
+        "by default only verified, finished answers are learnt.",
+    )
     limit: Optional[Int] = Field(None, description="Use only the first N usable records (quick runs).")
     template_system: Literal["keep", "drop"] = Field(
-        "keep", description="The system prompt the teacher's chat template injected (Qwen2.5-Instruct's "
-                            "\"You are Qwen...\", kept in each record's \"system\"): keep it in the student's "
-                            "prompt, or drop it and let the student's template decide (R1's card: no system prompt).")
-    packing: bool = Field(False, description="Padding-free packing: records are packed (best-fit) into "
-                                             "max-length rows with no padding and no cross-record attention.")
+        "keep",
+        description="The system prompt the teacher's chat template injected (Qwen2.5-Instruct's "
+        '"You are Qwen...", kept in each record\'s "system"): keep it in the student\'s '
+        "prompt, or drop it and let the student's template decide (R1's card: no system prompt).",
+    )
+    packing: bool = Field(
+        False,
+        description="Padding-free packing: records are packed (best-fit) into "
+        "max-length rows with no padding and no cross-record attention.",
+    )
     # -- machinery
-    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass "
-                                                            "(needed for long CoT on big students).")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass (needed for long CoT on big students)."
+    )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
-        "auto", description="Weights' dtype while training; auto = bfloat16 on a GPU that has it, else float32.")
-    attn_implementation: Optional[str] = Field(None, description="Attention kernel (sdpa, eager, "
-                                                                  "flash_attention_2); default: transformers' choice.")
+        "auto", description="Weights' dtype while training; auto = bfloat16 on a GPU that has it, else float32."
+    )
+    attn_implementation: Optional[str] = Field(
+        None, description="Attention kernel (sdpa, eager, flash_attention_2); default: transformers' choice."
+    )
     seed: Int = Field(42, description="Seed for init of adapters, shuffling and dropout.")
     save_steps: Int = Field(200, description="Write a resumable checkpoint every N optimizer steps.")
     save_total_limit: Int = Field(2, description="Keep only the newest N checkpoints.")
     logging_steps: Int = Field(10, description="Log loss, lr and tokens/s every N steps.")
     report_to: str = Field("none", description="Trainer loggers: none, tensorboard, wandb, ...")
     keep_checkpoints: bool = Field(False, description="Keep OUT.work/ (checkpoints) after a successful run.")
-    resume: bool = Field(False, description="Continue from the newest complete checkpoint in OUT.work/ "
-                                            "(starts fresh if there is none).")
-    force: bool = Field(False, description="Replace an OUT that distill wrote itself (its micota.json says so; "
-                       "anything else is refused); without --resume also discard old checkpoints.")
+    resume: bool = Field(
+        False, description="Continue from the newest complete checkpoint in OUT.work/ (starts fresh if there is none)."
+    )
+    force: bool = Field(
+        False,
+        description="Replace an OUT that distill wrote itself (its micota.json says so; "
+        "anything else is refused); without --resume also discard old checkpoints.",
+    )
 
     @field_validator("data", mode="before")
     @classmethod
@@ -122,8 +149,17 @@ class DistillConfig(BaseModel):
             raise ValueError("give at least one JSONL file")
         return v
 
-    @field_validator("lr", "epochs", "lora_alpha", "lora_r", "batch_size", "grad_accum", "save_steps",
-                     "logging_steps", "save_total_limit")
+    @field_validator(
+        "lr",
+        "epochs",
+        "lora_alpha",
+        "lora_r",
+        "batch_size",
+        "grad_accum",
+        "save_steps",
+        "logging_steps",
+        "save_total_limit",
+    )
     @classmethod
     def _positive(cls, v):
         if v <= 0:
@@ -160,9 +196,27 @@ class DistillConfig(BaseModel):
 
 
 # Options that change what a checkpoint means: resuming with different ones would mix two runs.
-_RESUME_KEYS = ("student", "lora", "lora_r", "lora_alpha", "lora_target", "epochs", "max_steps", "lr",
-                "lr_scheduler", "warmup_ratio", "batch_size", "grad_accum", "max_length", "overlong",
-                "keep_incorrect", "limit", "packing", "seed", "template_system")
+_RESUME_KEYS = (
+    "student",
+    "lora",
+    "lora_r",
+    "lora_alpha",
+    "lora_target",
+    "epochs",
+    "max_steps",
+    "lr",
+    "lr_scheduler",
+    "warmup_ratio",
+    "batch_size",
+    "grad_accum",
+    "max_length",
+    "overlong",
+    "keep_incorrect",
+    "limit",
+    "packing",
+    "seed",
+    "template_system",
+)
 
 
 # ---------------------------------------------------------------- data
@@ -198,30 +252,45 @@ def read_chat_records(path: str | os.PathLike, option: str = "--data") -> list[C
             raise UserError(f"{where}: not valid JSON ({e.msg}); each line must be one JSON record") from None
         msgs = rec.get("messages") if isinstance(rec, dict) else None
         if not isinstance(msgs, list) or not msgs:
-            raise UserError(f"{where}: no \"messages\" list; records need messages = [{{role: user, ...}}, "
-                            f"{{role: assistant, ...}}] (the format `micota-merge generate` writes)")
+            raise UserError(
+                f'{where}: no "messages" list; records need messages = [{{role: user, ...}}, '
+                f"{{role: assistant, ...}}] (the format `micota-merge generate` writes)"
+            )
         for i, m in enumerate(msgs):
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                raise UserError(f"{where}: messages[{i}] must be an object with string \"role\" and \"content\"")
+                raise UserError(f'{where}: messages[{i}] must be an object with string "role" and "content"')
         last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=None)
         if last is None:
-            raise UserError(f"{where}: record has no assistant message, so there is nothing to learn; "
-                            f"give records with the answer as a message of role \"assistant\"")
+            raise UserError(
+                f"{where}: record has no assistant message, so there is nothing to learn; "
+                f'give records with the answer as a message of role "assistant"'
+            )
         if last != len(msgs) - 1:
-            raise UserError(f"{where}: messages continue after the last assistant message "
-                            f"(role {msgs[-1]['role']!r}); the assistant's answer must come last")
+            raise UserError(
+                f"{where}: messages continue after the last assistant message "
+                f"(role {msgs[-1]['role']!r}); the assistant's answer must come last"
+            )
         if last == 0:
             raise UserError(f"{where}: the assistant message has no prompt before it")
         correct = rec.get("correct")
-        out.append(ChatRecord(str(path), n, msgs[:last], msgs[last],
-                              correct if isinstance(correct, bool) else None, rec.get("id"),
-                              rec.get("finish_reason") == "length",
-                              rec.get("system") if isinstance(rec.get("system"), str) else None))
+        out.append(
+            ChatRecord(
+                str(path),
+                n,
+                msgs[:last],
+                msgs[last],
+                correct if isinstance(correct, bool) else None,
+                rec.get("id"),
+                rec.get("finish_reason") == "length",
+                rec.get("system") if isinstance(rec.get("system"), str) else None,
+            )
+        )
     return out
 
 
-def encode_records(tokenizer, records: list[ChatRecord], batch: int = 256,
-                   template_system: str = "keep") -> list[tuple[list[int], list[int]]]:
+def encode_records(
+    tokenizer, records: list[ChatRecord], batch: int = 256, template_system: str = "keep"
+) -> list[tuple[list[int], list[int]]]:
     """(input_ids, completion_mask) per record, through the tokenizer's own chat template.
 
     The same rule as TRL's conversational prompt-completion tokenization: render the prompt with
@@ -239,14 +308,17 @@ def encode_records(tokenizer, records: list[ChatRecord], batch: int = 256,
     from micota_merge.core.templates import render_completion, render_with_tokenizer
 
     if not getattr(tokenizer, "chat_template", None):
-        raise UserError("the model's tokenizer has no chat template; distill and align format records "
-                        "through the student's own template (use an -Instruct checkpoint, or add one)")
+        raise UserError(
+            "the model's tokenizer has no chat template; distill and align format records "
+            "through the student's own template (use an -Instruct checkpoint, or add one)"
+        )
     render = render_with_tokenizer(tokenizer)
     out = []
     for start in range(0, len(records), batch):
-        chunk = records[start:start + batch]
-        rendered = [render_completion(render, _prompt_messages(r, template_system), r.completion["content"])
-                    for r in chunk]
+        chunk = records[start : start + batch]
+        rendered = [
+            render_completion(render, _prompt_messages(r, template_system), r.completion["content"]) for r in chunk
+        ]
         prompts = [p for p, _ in rendered]
         fulls = [f for _, f in rendered]
         p_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
@@ -284,18 +356,33 @@ class DataReport:
 
     def summary(self) -> str:
         parts = [f"{self.kept} records kept of {self.records_read}"]
-        for name in ("dropped_incorrect", "dropped_cut_off", "dropped_overlong", "truncated", "dropped_empty", "limited"):
+        for name in (
+            "dropped_incorrect",
+            "dropped_cut_off",
+            "dropped_overlong",
+            "truncated",
+            "dropped_empty",
+            "limited",
+        ):
             if getattr(self, name):
                 parts.append(f"{name.replace('_', ' ')}: {getattr(self, name)}")
         if self.kept:
-            parts.append(f"{self.tokens:,} tokens ({self.completion_tokens:,} trained), "
-                         f"mean {self.tokens / self.kept:,.0f}, max {self.max_tokens:,}")
+            parts.append(
+                f"{self.tokens:,} tokens ({self.completion_tokens:,} trained), "
+                f"mean {self.tokens / self.kept:,.0f}, max {self.max_tokens:,}"
+            )
         return "; ".join(parts)
 
 
-def prepare_examples(tokenizer, files: list[str], max_length: int, overlong: str = "drop",
-                     keep_incorrect: bool = False, limit: int | None = None, template_system: str = "keep"
-                     ) -> tuple[list[tuple[list[int], list[int]]], DataReport]:
+def prepare_examples(
+    tokenizer,
+    files: list[str],
+    max_length: int,
+    overlong: str = "drop",
+    keep_incorrect: bool = False,
+    limit: int | None = None,
+    template_system: str = "keep",
+) -> tuple[list[tuple[list[int], list[int]]], DataReport]:
     """Read, filter and tokenize the training files; count every record that is left out."""
     from micota_merge.core.artifacts import sha256_file
 
@@ -390,8 +477,9 @@ def _progress_callback_class():
             if "tokens_per_second" in logs:
                 post["tok/s"] = f"{logs['tokens_per_second']:,.0f}"
             self.training_bar.set_postfix(post, refresh=False)
-            self.training_bar.write(f"step {state.global_step}/{state.max_steps}  " +
-                                    "  ".join(f"{k} {v}" for k, v in post.items()))
+            self.training_bar.write(
+                f"step {state.global_step}/{state.max_steps}  " + "  ".join(f"{k} {v}" for k, v in post.items())
+            )
 
     return DistillProgress
 
@@ -489,8 +577,15 @@ def sft_config(cfg: DistillConfig, output_dir: Path):
     return args
 
 
-def build_trainer(cfg: DistillConfig, student_path: Path, tokenizer, examples, output_dir: Path,
-                  callbacks: list | None = None, args=None):
+def build_trainer(
+    cfg: DistillConfig,
+    student_path: Path,
+    tokenizer,
+    examples,
+    output_dir: Path,
+    callbacks: list | None = None,
+    args=None,
+):
     """The SFTTrainer for these pre-tokenized examples (also used by bench/distill_throughput.py)."""
     from datasets import Dataset
     from trl import SFTTrainer
@@ -500,13 +595,27 @@ def build_trainer(cfg: DistillConfig, student_path: Path, tokenizer, examples, o
     if cfg.lora:
         from peft import LoraConfig
 
-        targets = cfg.lora_target if cfg.lora_target == "all-linear" else [t.strip() for t in cfg.lora_target.split(",")]
-        peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                 target_modules=targets, task_type="CAUSAL_LM")
-    dataset = Dataset.from_dict({"input_ids": [ids for ids, _ in examples],
-                                 "completion_mask": [m for _, m in examples]})
-    trainer = SFTTrainer(model=str(student_path), args=args, train_dataset=dataset,
-                         processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
+        targets = (
+            cfg.lora_target if cfg.lora_target == "all-linear" else [t.strip() for t in cfg.lora_target.split(",")]
+        )
+        peft_config = LoraConfig(
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            target_modules=targets,
+            task_type="CAUSAL_LM",
+        )
+    dataset = Dataset.from_dict(
+        {"input_ids": [ids for ids, _ in examples], "completion_mask": [m for _, m in examples]}
+    )
+    trainer = SFTTrainer(
+        model=str(student_path),
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=callbacks,
+    )
     from transformers.trainer_callback import ProgressCallback
 
     if any(isinstance(cb, ProgressCallback) for cb in trainer.callback_handler.callbacks):
@@ -590,8 +699,18 @@ def _merge_lora(student: Path, adapter: Path, dst: Path, dtype: str) -> None:
 
 
 # Options that only say where, how often or whether to keep: not part of what the student is.
-_NOT_IDENTITY = {"out", "force", "resume", "student", "data", "keep_checkpoints", "save_steps", "save_total_limit",
-                 "logging_steps", "report_to"}
+_NOT_IDENTITY = {
+    "out",
+    "force",
+    "resume",
+    "student",
+    "data",
+    "keep_checkpoints",
+    "save_steps",
+    "save_total_limit",
+    "logging_steps",
+    "report_to",
+}
 
 
 def distill(cfg: DistillConfig, echo: Callable[[str], None] = print) -> Path:
@@ -616,24 +735,34 @@ def distill(cfg: DistillConfig, echo: Callable[[str], None] = print) -> Path:
         check_utf8(f)  # before OUT.work/ exists; the records themselves are parsed once, in _distill
     inputs = {"--student": student, **{f"--data {f}": f for f in cfg.data}}
     claimed = claim(out, "distill", inputs=inputs, option="--out")
-    identity = identity_of({"options": {k: v for k, v in cfg.model_dump(mode="json").items() if k not in _NOT_IDENTITY},
-                            "student": student_meta.fingerprint()["content"],
-                            "data": [sha256_file(f) for f in cfg.data]})
+    identity = identity_of(
+        {
+            "options": {k: v for k, v in cfg.model_dump(mode="json").items() if k not in _NOT_IDENTITY},
+            "student": student_meta.fingerprint()["content"],
+            "data": [sha256_file(f) for f in cfg.data],
+        }
+    )
     if claimed.same(identity):
-        echo(f"already distilled: {out} holds this student trained on data of the same content with the same "
-             "options; nothing to do")
+        echo(
+            f"already distilled: {out} holds this student trained on data of the same content with the same "
+            "options; nothing to do"
+        )
         return out
     if claimed.state == "ours":
         check_replaceable(out, "--out")  # before hours of training, not after
     if claimed.state == "ours" and not cfg.force:
-        raise UserError(f"output {out} already exists and holds a student distilled from other data or options: pass --force to replace "
-                        "it, or choose another --out")
+        raise UserError(
+            f"output {out} already exists and holds a student distilled from other data or options: "
+            "pass --force to replace "
+            "it, or choose another --out"
+        )
     if distributed_rank() == 0 and claimed.state != "ours":
         # The floor, not an estimate: the final weights plus one checkpoint's weights. A checkpoint's
         # optimizer state (2x fp32 per trained parameter for AdamW) comes on top; LoRA trains far fewer.
         weights = student_meta.n_bytes(None if cfg.dtype == "auto" else cfg.dtype)
-        check_free_space(out.parent, 2 * weights, f"{out} and its checkpoints in {work}",
-                         "free space, or choose another --out")
+        check_free_space(
+            out.parent, 2 * weights, f"{out} and its checkpoints in {work}", "free space, or choose another --out"
+        )
     with output_lock(out, "distill", log=echo) if distributed_rank() == 0 else contextlib.nullcontext():
         if distributed_rank() == 0:
             claim_workdir(work, "distill", out, inputs=inputs, option="--out", create=False)
@@ -643,10 +772,12 @@ def distill(cfg: DistillConfig, echo: Callable[[str], None] = print) -> Path:
             # torch.save and safetensors report a full disk as RuntimeError / SafetensorError, not OSError
             if isinstance(e, UserError) or not disk_full(e, work):
                 raise
-            raise UserError(f"no space left on the disk holding {work} ({free_mib(work)} MiB free) while distill "
-                            f"wrote its checkpoints or model: free space there (or give --out on a bigger disk), "
-                            f"then run the same command with --resume to continue from the last complete "
-                            f"checkpoint") from None
+            raise UserError(
+                f"no space left on the disk holding {work} ({free_mib(work)} MiB free) while distill "
+                f"wrote its checkpoints or model: free space there (or give --out on a bigger disk), "
+                f"then run the same command with --resume to continue from the last complete "
+                f"checkpoint"
+            ) from None
 
 
 def _distill(cfg: DistillConfig, echo, student: Path, student_meta, identity: str, inputs: dict) -> Path:
@@ -665,8 +796,10 @@ def _distill(cfg: DistillConfig, echo, student: Path, student_meta, identity: st
         import importlib.util
 
         if importlib.util.find_spec("flash_attn") is None:
-            raise UserError("attn_implementation flash_attention_2 needs the flash-attn package (pip install "
-                            "flash-attn, GPU only); or pass --attn-implementation sdpa")
+            raise UserError(
+                "attn_implementation flash_attention_2 needs the flash-attn package (pip install "
+                "flash-attn, GPU only); or pass --attn-implementation sdpa"
+            )
 
     from accelerate import PartialState
     from transformers import AutoTokenizer
@@ -676,16 +809,21 @@ def _distill(cfg: DistillConfig, echo, student: Path, student_meta, identity: st
     main = state.is_main_process
     existing = last_complete_checkpoint(ckpt_dir)
     if existing and not cfg.resume and not cfg.force:
-        raise UserError(f"{ckpt_dir} holds checkpoints of an earlier run (newest {existing.name}): pass --resume "
-                        f"to continue it, or --force to start over")
+        raise UserError(
+            f"{ckpt_dir} holds checkpoints of an earlier run (newest {existing.name}): pass --resume "
+            f"to continue it, or --force to start over"
+        )
 
     # -- data
     tokenizer = AutoTokenizer.from_pretrained(student)
-    examples, report = prepare_examples(tokenizer, cfg.data, cfg.max_length, cfg.overlong,
-                                        cfg.keep_incorrect, cfg.limit, cfg.template_system)
+    examples, report = prepare_examples(
+        tokenizer, cfg.data, cfg.max_length, cfg.overlong, cfg.keep_incorrect, cfg.limit, cfg.template_system
+    )
     if not examples:
-        raise UserError(f"nothing left to train on after filtering: {report.summary()} "
-                        f"(see --keep-incorrect, --max-length, --overlong truncate)")
+        raise UserError(
+            f"nothing left to train on after filtering: {report.summary()} "
+            f"(see --keep-incorrect, --max-length, --overlong truncate)"
+        )
     echo(f"data: {report.summary()}")
     if main:
         if cfg.force and not cfg.resume:
@@ -699,19 +837,32 @@ def _distill(cfg: DistillConfig, echo, student: Path, student_meta, identity: st
     # -- resume: the checkpoints must belong to this very run
     run_file = work / "run.json"
     # identity by content: the student's weights and the data's bytes, not their paths
-    run_id = {"options": {k: getattr(cfg, k) for k in _RESUME_KEYS},
-              "student_content": student_meta.fingerprint()["content"],
-              "data": [{"sha256": f["sha256"]} for f in report.files]}
+    run_id = {
+        "options": {k: getattr(cfg, k) for k in _RESUME_KEYS},
+        "student_content": student_meta.fingerprint()["content"],
+        "data": [{"sha256": f["sha256"]} for f in report.files],
+    }
     resume_from = last_complete_checkpoint(ckpt_dir) if cfg.resume else None
     if resume_from is not None and run_file.is_file():
         before = json.loads(run_file.read_text())
         if changed(before, run_id):
             diff = changed(before.get("options"), run_id["options"])
-            what = (f"options {', '.join(diff)}" if diff else
-                    describe(before, run_id, {"student_content": "student (its weights, config or tokenizer changed)",
-                                              "data": "data files (content changed)"}))
-            raise UserError(f"--resume: the checkpoints in {ckpt_dir} come from a run with different {what}; "
-                            f"rerun with the same options, or --force without --resume to start over")
+            what = (
+                f"options {', '.join(diff)}"
+                if diff
+                else describe(
+                    before,
+                    run_id,
+                    {
+                        "student_content": "student (its weights, config or tokenizer changed)",
+                        "data": "data files (content changed)",
+                    },
+                )
+            )
+            raise UserError(
+                f"--resume: the checkpoints in {ckpt_dir} come from a run with different {what}; "
+                f"rerun with the same options, or --force without --resume to start over"
+            )
     if main:
         write_json_atomic(run_file, run_id)
     if cfg.resume:
@@ -745,11 +896,12 @@ def _distill(cfg: DistillConfig, echo, student: Path, student_meta, identity: st
         history = trainer.state.log_history
         losses = [h for h in history if "loss" in h]
         tps = [h["tokens_per_second"] for h in losses if "tokens_per_second" in h]
-        tokens_run = (losses[-1].get("num_tokens") if losses else None)
+        tokens_run = losses[-1].get("num_tokens") if losses else None
         plot_loss(history, final / "loss.png", loss_title(cfg.student, cfg.data, cfg.seed))  # as the user named it
         write_json_atomic(final / "train_log.json", history)
         write_manifest(
-            final, "distill",
+            final,
+            "distill",
             options=cfg.model_dump(),
             inputs={"student": student_meta.fingerprint(), "data": report.files},
             data=report.__dict__ | {"files": None},
@@ -766,7 +918,9 @@ def _distill(cfg: DistillConfig, echo, student: Path, student_meta, identity: st
                 "tokens_per_second_logged_mean": round(sum(tps) / len(tps), 1) if tps else None,
                 "world_size": state.num_processes,
             },
-            started=started, finished=now(), identity=identity,  # write_manifest records the versions
+            started=started,
+            finished=now(),
+            identity=identity,  # write_manifest records the versions
         )
         claimed = claim(out, "distill", inputs=inputs, option="--out")  # ours or new: we hold the lock
         if claimed.state == "ours" and not cfg.force:
@@ -775,7 +929,6 @@ def _distill(cfg: DistillConfig, echo, student: Path, student_meta, identity: st
         if not cfg.keep_checkpoints:
             remove_ours(work, "distill")
         loss_txt = f"{losses[-1]['loss']:.4f}" if losses else "n/a"
-        echo(f"wrote {out} (step {trainer.state.global_step}, final loss {loss_txt}, "
-             f"{train_seconds:.0f} s this run)")
+        echo(f"wrote {out} (step {trainer.state.global_step}, final loss {loss_txt}, {train_seconds:.0f} s this run)")
     state.wait_for_everyone()
     return out

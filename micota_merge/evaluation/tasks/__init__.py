@@ -28,5 +28,15 @@ BENCHMARKS = papers()
 EXTRA_TASKS = tuple(b for b in names() if b not in BENCHMARKS)
 ALL_TASKS = BENCHMARKS + EXTRA_TASKS
 
-__all__ = ["ALL_TASKS", "BENCHMARKS", "DATA_DIR", "EXTRA_TASKS", "GROUP", "PREFIX", "PROMPT", "TASK_DIR",
-           "benchmark_of", "task_name"]
+__all__ = [
+    "ALL_TASKS",
+    "BENCHMARKS",
+    "DATA_DIR",
+    "EXTRA_TASKS",
+    "GROUP",
+    "PREFIX",
+    "PROMPT",
+    "TASK_DIR",
+    "benchmark_of",
+    "task_name",
+]

@@ -43,10 +43,8 @@ import logging
 import threading
 from pathlib import Path
 
-from micota_merge.evaluation import grading
 from micota_merge.core import lengths
-from micota_merge.evaluation import scoring
-from micota_merge.evaluation import benchmarks
+from micota_merge.evaluation import benchmarks, grading, scoring
 from micota_merge.evaluation.benchmarks import PROMPT
 
 LOG = logging.getLogger("micota_merge.evaluation.tasks")
@@ -72,8 +70,10 @@ _max_gen_toks: dict[str, int] = {}
 def data_file(benchmark: str) -> Path:
     path = benchmarks.get(benchmark).data_file(_DATA_ROOT)
     if not path.is_file():
-        raise FileNotFoundError(f"benchmark data {path} is missing: reinstall micota-merge "
-                                f"(the data ships in eval/data/) or restore the file")
+        raise FileNotFoundError(
+            f"benchmark data {path} is missing: reinstall micota-merge "
+            f"(the data ships in eval/data/) or restore the file"
+        )
     return path
 
 
@@ -168,8 +168,9 @@ def template_opens_thinking(tokenizer) -> bool:
     if not getattr(tokenizer, "chat_template", None):
         return False
     try:
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": "1+1?"}], tokenize=False,
-                                               add_generation_prompt=True)
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "1+1?"}], tokenize=False, add_generation_prompt=True
+        )
     except Exception:  # a template that cannot render a plain turn: lm-eval will say so
         return False
     return grading.prompt_opens_thinking(prompt)
@@ -179,8 +180,10 @@ def count_tokens(text: str) -> int | None:
     global _warned_no_tokenizer
     if _tokenizer is None:
         if not _warned_no_tokenizer:
-            LOG.warning("mean_tokens needs the model's tokenizer: pass metadata tokenizer=<path> "
-                        "(micota-merge eval does) or --model_args pretrained=<path>; leaving it out")
+            LOG.warning(
+                "mean_tokens needs the model's tokenizer: pass metadata tokenizer=<path> "
+                "(micota-merge eval does) or --model_args pretrained=<path>; leaving it out"
+            )
             _warned_no_tokenizer = True
         return None
     return len(_tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -206,9 +209,16 @@ def score(response: str, doc: dict, benchmark: str) -> dict:
         num = count_tokens(response)
     estimated = lengths.estimate(num, _max_gen_toks.get(benchmark)) if reason is None else reason
     truncated = None if estimated is None else estimated == lengths.LENGTH
-    out = {"pred": graded["pred"], "correct": bool(graded["correct"]), "num_tokens": num,
-           "thinking_tokens": None, "answer_tokens": None, "thinking_finished": finished,
-           "finish_reason": reason, "truncated": truncated}
+    out = {
+        "pred": graded["pred"],
+        "correct": bool(graded["correct"]),
+        "num_tokens": num,
+        "thinking_tokens": None,
+        "answer_tokens": None,
+        "thinking_finished": finished,
+        "finish_reason": reason,
+        "truncated": truncated,
+    }
     if num is not None:
         # the answer part is the rest: the two add up to the whole, and a 32k-token response is
         # tokenized twice rather than three times
@@ -236,11 +246,13 @@ def question_metrics(samples: list[dict], benchmark: str) -> dict:
         for k in scoring.pass_ks(n):
             out[f"pass@{k}"] = scoring.pass_at_k(n, correct, k)
         bench = grader_benchmark(benchmark)
-        winner = scoring.majority([s["pred"] for s in samples],
-                                  lambda a, b: grading.equivalent(a, b, bench))
+        winner = scoring.majority([s["pred"] for s in samples], lambda a, b: grading.equivalent(a, b, bench))
         out[f"maj@{n}"] = float(winner is not None and samples[winner]["correct"])
-    for key, name in (("num_tokens", "mean_tokens"), ("thinking_tokens", "mean_thinking_tokens"),
-                      ("answer_tokens", "mean_answer_tokens")):
+    for key, name in (
+        ("num_tokens", "mean_tokens"),
+        ("thinking_tokens", "mean_thinking_tokens"),
+        ("answer_tokens", "mean_answer_tokens"),
+    ):
         if all(s[key] is not None for s in samples):
             out[name] = sum(s[key] for s in samples) / n
     if all(s["truncated"] is not None for s in samples):
@@ -258,14 +270,18 @@ def _process_results(benchmark: str):
 
 # One named function per benchmark (YAML `!function` needs a plain attribute name), made for any
 # registered benchmark when lm-eval (or anyone) asks for it.
-_MAKERS = {"load_": _loader, "doc_to_text_": _doc_to_text, "doc_to_target_": _doc_to_target,
-           "process_results_": _process_results}
+_MAKERS = {
+    "load_": _loader,
+    "doc_to_text_": _doc_to_text,
+    "doc_to_target_": _doc_to_target,
+    "process_results_": _process_results,
+}
 
 
 def __getattr__(name: str):
     for prefix, make in _MAKERS.items():
-        if name.startswith(prefix) and name[len(prefix):] in benchmarks.names():
-            fn = make(name[len(prefix):])
+        if name.startswith(prefix) and name[len(prefix) :] in benchmarks.names():
+            fn = make(name[len(prefix) :])
             globals()[name] = fn
             return fn
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

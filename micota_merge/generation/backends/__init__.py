@@ -50,20 +50,20 @@ class GenerateJob:
     Local checkpoints come with `prompt_ids` (the chat template applied here) and `stop_ids`;
     a model known only to servers with `users` (the user messages; the server applies its template)."""
 
-    opts: Any                                  # generate.GenerateOptions
+    opts: Any  # generate.GenerateOptions
     model_dir: Path
     out: Path
     questions: list[dict]
-    users: list[str]                           # user message per question
-    prompt_ids: list[list[int]]                # rendered prompt ids per question (local checkpoints)
+    users: list[str]  # user message per question
+    prompt_ids: list[list[int]]  # rendered prompt ids per question (local checkpoints)
     stop_ids: list[int]
     pad_id: Optional[int]
-    items: list[tuple[int, int]]               # every (question index, sample) of the run
-    pending: list[tuple[int, int]]             # those not yet in the file
-    record: Callable[[int, int, list[int]], dict]            # generated ids -> record
+    items: list[tuple[int, int]]  # every (question index, sample) of the run
+    pending: list[tuple[int, int]]  # those not yet in the file
+    record: Callable[[int, int, list[int]], dict]  # generated ids -> record
     answer_record: Callable[[int, int, str, int, str], dict]  # (text, num_tokens, finish reason) -> record
-    write: Callable[[list[dict]], None]        # append records (flushed, counted, progress bar)
-    prefill: str = ""                          # the chat template's assistant prefill (R1's "<think>\n")
+    write: Callable[[list[dict]], None]  # append records (flushed, counted, progress bar)
+    prefill: str = ""  # the chat template's assistant prefill (R1's "<think>\n")
     timing: dict = field(default_factory=dict)  # a backend sets timing["loaded"] once its model is up
     echo: Callable[[str], None] = print
 
@@ -72,7 +72,7 @@ class GenerateJob:
 class EvalJob:
     """What `eval` hands a backend to build lm-eval's model from (`Backend.lm_eval`)."""
 
-    model_path: Optional[Path]                 # None: a model only the servers know
+    model_path: Optional[Path]  # None: a model only the servers know
     dtype: str = "auto"
     max_tokens: int = 1024
     seed: int = 0
@@ -94,8 +94,8 @@ class Backend:
     """One way to get answers. Subclasses set `name` and implement `generate` and `lm_eval`."""
 
     name: str = ""
-    summary: str = ""            # one line for --help and docs
-    remote: bool = False         # answers come from servers: needs --base-url; the model may be a served name
+    summary: str = ""  # one line for --help and docs
+    remote: bool = False  # answers come from servers: needs --base-url; the model may be a served name
     data_parallel: bool = False  # takes --data-parallel-size (and generate's --serve-args)
     eval_fixed_batch_size: Optional[int] = None  # lm-eval batch size whatever --batch-size says
 
@@ -107,8 +107,14 @@ class Backend:
     def check(self, serve: bool = False) -> None:
         """Raise UserError (one line) when this backend, asked for by name, cannot run here."""
 
-    def connect(self, base_urls: Sequence[str], api_key_env: Optional[str], model: str, local: Optional[Path],
-                served_model: Optional[str]) -> tuple[list[str], Optional[str], str]:
+    def connect(
+        self,
+        base_urls: Sequence[str],
+        api_key_env: Optional[str],
+        model: str,
+        local: Optional[Path],
+        served_model: Optional[str],
+    ) -> tuple[list[str], Optional[str], str]:
         """Remote backends: (normalized URLs, API key, the model name the servers know)."""
         raise NotImplementedError(f"backend {self.name} has no servers")
 
@@ -212,8 +218,10 @@ def pick(name: Optional[str], base_urls: Sequence[str] = (), *, serve: bool = Fa
     if base_urls and backend is not None and not backend.remote:
         raise UserError(f"--base-url is for --backend openai (servers), not --backend {name}: drop one of them")
     if backend is not None and backend.remote and not base_urls:
-        raise UserError(f"--backend {name} needs --base-url URL (e.g. http://127.0.0.1:8000/v1 of `vllm serve`); "
-                        "repeat it for several servers")
+        raise UserError(
+            f"--backend {name} needs --base-url URL (e.g. http://127.0.0.1:8000/v1 of `vllm serve`); "
+            "repeat it for several servers"
+        )
     if backend is None:
         if base_urls:
             backend = get("openai")

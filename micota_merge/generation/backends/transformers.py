@@ -9,9 +9,15 @@ from typing import Iterator, Optional
 from micota_merge.generation.backends import Backend, EvalJob, GenerateJob, register
 
 
-def run_transformers(opts, model_dir: Path, prompt_ids: list[list[int]],
-                     batches: list[tuple[int, list[tuple[int, int]]]], stop_ids: list[int], pad_id: int, timing: dict
-                     ) -> Iterator[tuple[list[tuple[int, int]], list[list[int]]]]:
+def run_transformers(
+    opts,
+    model_dir: Path,
+    prompt_ids: list[list[int]],
+    batches: list[tuple[int, list[tuple[int, int]]]],
+    stop_ids: list[int],
+    pad_id: int,
+    timing: dict,
+) -> Iterator[tuple[list[tuple[int, int]], list[list[int]]]]:
     """Batched generate with left padding and the KV cache; yields (batch, generated token ids).
 
     `batches` are (index in the plan, items): the index seeds the batch's sampling."""
@@ -25,9 +31,15 @@ def run_transformers(opts, model_dir: Path, prompt_ids: list[list[int]],
     # Replace the checkpoint's generation defaults whole: a TA merged from R1 ships do_sample=True,
     # temperature 0.6, which would otherwise leak into a greedy run.
     model.generation_config = GenerationConfig(
-        max_new_tokens=opts.max_tokens, do_sample=sampling,
-        temperature=opts.temperature if sampling else None, top_p=opts.top_p if sampling else None,
-        top_k=None, eos_token_id=stop_ids, pad_token_id=pad_id, use_cache=True)
+        max_new_tokens=opts.max_tokens,
+        do_sample=sampling,
+        temperature=opts.temperature if sampling else None,
+        top_p=opts.top_p if sampling else None,
+        top_k=None,
+        eos_token_id=stop_ids,
+        pad_token_id=pad_id,
+        use_cache=True,
+    )
     timing["loaded"] = time.perf_counter()
     for b, batch in batches:
         rows = [prompt_ids[q] for q, _ in batch]
@@ -52,10 +64,14 @@ class Transformers(Backend):
         pending = set(job.pending)
         # The plan covers every item and is the same on every run; each batch keeps its index in
         # it, which seeds its sampling, so a batch recomputed after a kill draws the same tokens.
-        batches = [(b, batch) for b, batch in enumerate(_plan(job.items, job.prompt_ids, size))
-                   if any(it in pending for it in batch)]
-        for batch, gens in run_transformers(job.opts, job.model_dir, job.prompt_ids, batches, job.stop_ids,
-                                            job.pad_id, job.timing):
+        batches = [
+            (b, batch)
+            for b, batch in enumerate(_plan(job.items, job.prompt_ids, size))
+            if any(it in pending for it in batch)
+        ]
+        for batch, gens in run_transformers(
+            job.opts, job.model_dir, job.prompt_ids, batches, job.stop_ids, job.pad_id, job.timing
+        ):
             job.write([job.record(qi, s, g) for (qi, s), g in zip(batch, gens) if (qi, s) in pending])
         return None
 

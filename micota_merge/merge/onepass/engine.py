@@ -22,10 +22,10 @@ from micota_merge.core.artifacts import atomic_dir, now
 from micota_merge.core.checkpoints import weight_files
 from micota_merge.core.errors import StageFailed
 from micota_merge.core.safetensors_io import SAFETENSORS_DTYPE, plan_shards, shard_file_names, write_header, write_index
-from micota_merge.merge.build import BuildPlan, give_identity, plan_build, with_ratio, write_build_manifest
 from micota_merge.merge import methods
-from micota_merge.merge.recipe import Recipe
+from micota_merge.merge.build import BuildPlan, give_identity, plan_build, with_ratio, write_build_manifest
 from micota_merge.merge.onepass.replay import Point, TaskVectorReplay, Unsupported, check_mergekit_version
+from micota_merge.merge.recipe import Recipe
 
 _SHARD_BYTES = 5 * 10**9
 
@@ -40,8 +40,7 @@ def _replays_mergekit(recipe: Recipe) -> bool:
     task-vector one with a pass-through parameter or a density is replayed too."""
     m = recipe.merge
     spec = methods.get(m.method)
-    return spec.one_pass == "replay" or (spec.one_pass == "combine" and spec.base
-                                         and bool(m.extra_params or m.density))
+    return spec.one_pass == "replay" or (spec.one_pass == "combine" and spec.base and bool(m.extra_params or m.density))
 
 
 def at_point(recipe: Recipe, point: Point) -> Recipe:
@@ -119,8 +118,9 @@ def combine(method: str, ratio: float, long_cot, short_cot, base=None):
     return (base + deltas.sum(dim=0)).to(base.dtype)
 
 
-def build_points(recipe_path: str | Path, recipe: Recipe, outputs: dict[Point, Path], force: bool = False,
-                 echo=print) -> dict[Point, Path]:
+def build_points(
+    recipe_path: str | Path, recipe: Recipe, outputs: dict[Point, Path], force: bool = False, echo=print
+) -> dict[Point, Path]:
     """Write one TA per (ratio, density) point from a single read of the inputs. Returns {point: folder}.
 
     Raises Unsupported (before writing anything) where a separate build per point is needed.
@@ -136,8 +136,9 @@ def build_points(recipe_path: str | Path, recipe: Recipe, outputs: dict[Point, P
     if not spec.density and any(p[1] != recipe.merge.density for p in outputs):
         raise Unsupported(f"{method} has no density to sweep")
     points = sorted(outputs, key=lambda p: (p[0], p[1] or 0.0))
-    plans: dict[Point, BuildPlan] = {p: plan_build(recipe_path, str(outputs[p]), None, force,
-                                                   recipe=at_point(recipe, p)) for p in points}
+    plans: dict[Point, BuildPlan] = {
+        p: plan_build(recipe_path, str(outputs[p]), None, force, recipe=at_point(recipe, p)) for p in points
+    }
     plan0 = plans[points[0]]
     dtype = recipe.merge.dtype
     tdtype = getattr(torch, dtype)
@@ -161,8 +162,9 @@ def build_points(recipe_path: str | Path, recipe: Recipe, outputs: dict[Point, P
     specs = {name: identity.tensors[name].shape for name in order}
     started, t0 = now(), time.time()
     with ExitStack() as stack:
-        stagings = {p: stack.enter_context(atomic_dir(outputs[p], "build", force=force, inputs=plans[p].paths))
-                    for p in points}
+        stagings = {
+            p: stack.enter_context(atomic_dir(outputs[p], "build", force=force, inputs=plans[p].paths)) for p in points
+        }
         handles = {}
         for role in sorted({role for names in reads for role in names}):
             for f in weight_files(plan0.paths[role]):
@@ -175,19 +177,22 @@ def build_points(recipe_path: str | Path, recipe: Recipe, outputs: dict[Point, P
         try:
             desc = f"One-pass merge of {len(points)} {'points' if len({p[1] for p in points}) > 1 else 'ratios'}"
             for i, name in enumerate(tqdm(order, desc=desc, unit="tensor")):
-                inputs = {role: handles[(role, src)].get_tensor(src).to(tdtype)
-                          for role, src in reads[i].items()}
+                inputs = {role: handles[(role, src)].get_tensor(src).to(tdtype) for role, src in reads[i].items()}
                 if replay is not None:
                     merged = replay.merge(i, inputs)
                 else:
-                    merged = ((p, combine(method, p[0], inputs["long_cot"], inputs["short_cot"], inputs.get("base")))
-                              for p in points)
+                    merged = (
+                        (p, combine(method, p[0], inputs["long_cot"], inputs["short_cot"], inputs.get("base")))
+                        for p in points
+                    )
                 for p, out in merged:
                     if not all_finite(out):
-                        raise StageFailed(f"merged tensor {name} at ratio {p[0]:g}"
-                                          + (f", density {p[1]:g}" if p[1] is not None else "")
-                                          + " has NaN/Inf values; nothing was written. "
-                                          "Try dtype float32, a different density, or check the inputs.")
+                        raise StageFailed(
+                            f"merged tensor {name} at ratio {p[0]:g}"
+                            + (f", density {p[1]:g}" if p[1] is not None else "")
+                            + " has NaN/Inf values; nothing was written. "
+                            "Try dtype float32, a different density, or check the inputs."
+                        )
                     writers[p].write(name, out)
                 del inputs
         finally:

@@ -55,8 +55,10 @@ def check_mergekit_version() -> None:
     except metadata.PackageNotFoundError:
         raise Unsupported("mergekit is not installed") from None
     if found not in VERIFIED_MERGEKIT:
-        raise Unsupported(f"mergekit {found} is not a release the one-pass replay was verified against "
-                          f"({', '.join(VERIFIED_MERGEKIT)})")
+        raise Unsupported(
+            f"mergekit {found} is not a release the one-pass replay was verified against "
+            f"({', '.join(VERIFIED_MERGEKIT)})"
+        )
 
 
 def merge_schedule(config: dict) -> list:
@@ -82,8 +84,9 @@ def merge_schedule(config: dict) -> list:
     out_config = _model_out_config(merge_config, arch_info, trust_remote_code=False)
     for model in merge_config.referenced_models():
         loader_cache.get(model)
-    targets = MergePlanner(merge_config, arch_info, options=options,
-                           out_model_config=out_config).plan_to_disk(out_path="unused")
+    targets = MergePlanner(merge_config, arch_info, options=options, out_model_config=out_config).plan_to_disk(
+        out_path="unused"
+    )
     schedule = Executor(targets=targets, math_device="cpu", storage_device="cpu").schedule
     return [h.task() for h in schedule.tasks if isinstance(h.task(), ExecuteMergeMethodTask)]
 
@@ -140,8 +143,7 @@ class TaskVectorReplay:
                 sides = tuple(self.role_of[self._path(m)] for m in tasks[0].model_order if m != tasks[0].base_model)
                 if sides != key[1]:
                     raise Unsupported(f"mergekit orders the sides {sides}, the recipe {key[1]}")
-                streams[key] = _Stream(point[1], sides, tasks,
-                                       generator=_Generator(seed) if self.random else None)
+                streams[key] = _Stream(point[1], sides, tasks, generator=_Generator(seed) if self.random else None)
             streams[key].points.append(point)
         # by density, so that magnitude-trimmed deltas shared within a density are dropped early
         self.streams = sorted(streams.values(), key=lambda s: (s.density or 0.0, s.sides))
@@ -203,13 +205,17 @@ class TaskVectorReplay:
                         delta = inputs[side] - base
                         if self.method.sparsification_method:
                             own = per_side[side]
-                            delta = sparsify(delta, density=own["density"], method=self.method.sparsification_method,
-                                             rescale_norm=RescaleNorm.l1 if params["rescale"] else None,
-                                             **{k: own[k] for k in ("gamma", "epsilon") if k in own})
+                            delta = sparsify(
+                                delta,
+                                density=own["density"],
+                                method=self.method.sparsification_method,
+                                rescale_norm=RescaleNorm.l1 if params["rescale"] else None,
+                                **{k: own[k] for k in ("gamma", "epsilon") if k in own},
+                            )
                         sparsified[self._key(stream, side)] = delta
                         del delta
             deltas = [sparsified[self._key(stream, s)] for s in stream.sides]
-            later = {self._key(s, side) for s in self.streams[i + 1:] for side in s.sides}
+            later = {self._key(s, side) for s in self.streams[i + 1 :] for side in s.sides}
             for k in [k for k in sparsified if k not in later]:
                 del sparsified[k]
             for point in stream.points:
@@ -252,4 +258,3 @@ class TaskVectorReplay:
         if params["lambda"] != 1:
             mixed *= params["lambda"]
         return (base + mixed).to(base.dtype)
-

@@ -32,7 +32,6 @@ from micota_merge.core.errors import UserError
 from micota_merge.core.identity import changed
 from micota_merge.core.ownership import check_replaceable, claim, claim_workdir, output_lock, plain_name, remove_ours
 from micota_merge.generation.generate import TRANSPORT_OPTIONS
-
 from micota_merge.merge import methods
 from micota_merge.merge.recipe import Recipe, SweepSettings, format_validation_error, load_recipe
 from micota_merge.merge.sweep.report import plot, plot_front, table_csv, table_md
@@ -53,9 +52,9 @@ def _probe(model: Path, name: str, work: Path, settings: SweepSettings, echo) ->
 
     A finished probe is reused only for the same model *content* and probe settings; a probe file
     left by another model (a TA rebuilt from changed inputs) is started over, never resumed."""
-    from micota_merge.generation import generate as gen
-    from micota_merge.data.questions import DEFAULT_PROMPT
     from micota_merge.core.fingerprint import content_id
+    from micota_merge.data.questions import DEFAULT_PROMPT
+    from micota_merge.generation import generate as gen
 
     stats_file = work / f"{name}.stats.json"
     out = work / f"{name}.probe.jsonl"
@@ -65,20 +64,37 @@ def _probe(model: Path, name: str, work: Path, settings: SweepSettings, echo) ->
         row = json.loads(stats_file.read_text())
         if row.get("probe") == probe and row.get("model_content") == model_content:
             return row  # written only once every question was answered
-    opts = gen.options(model=str(model), questions=settings.probe.questions or settings.probe.benchmark,
-                       out=str(out), backend=settings.probe.backend or "auto", max_tokens=settings.probe.max_tokens,
-                       limit=settings.probe.limit, batch_size=settings.probe.batch_size, keep="all", temperature=0.0,
-                       prompt=settings.probe.prompt or "", data_parallel_size=settings.probe.data_parallel_size,
-                       tensor_parallel_size=settings.probe.tensor_parallel_size, serve_args=settings.probe.serve_args,
-                       max_model_len=settings.probe.max_model_len, enforce_eager=settings.probe.enforce_eager,
-                       dtype=settings.probe.dtype)
+    opts = gen.options(
+        model=str(model),
+        questions=settings.probe.questions or settings.probe.benchmark,
+        out=str(out),
+        backend=settings.probe.backend or "auto",
+        max_tokens=settings.probe.max_tokens,
+        limit=settings.probe.limit,
+        batch_size=settings.probe.batch_size,
+        keep="all",
+        temperature=0.0,
+        prompt=settings.probe.prompt or "",
+        data_parallel_size=settings.probe.data_parallel_size,
+        tensor_parallel_size=settings.probe.tensor_parallel_size,
+        serve_args=settings.probe.serve_args,
+        max_model_len=settings.probe.max_model_len,
+        enforce_eager=settings.probe.enforce_eager,
+        dtype=settings.probe.dtype,
+    )
     fresh = not gen.written_with(out, gen._settings(opts, model, opts.prompt or DEFAULT_PROMPT))
     stats = gen.generate(opts.model_copy(update={"force": fresh}), echo=echo)
-    row = {"records": stats["records"], "accuracy": stats["accuracy"],
-           "mean_tokens": stats["num_tokens"]["mean"], "median_tokens": stats["num_tokens"]["median"],
-           "p90_tokens": stats["num_tokens"]["p90"],
-           "truncation_rate": round(stats["truncated"] / stats["records"], 4) if stats["records"] else None,
-           "probe_file": str(out), "probe": probe, "model_content": model_content}
+    row = {
+        "records": stats["records"],
+        "accuracy": stats["accuracy"],
+        "mean_tokens": stats["num_tokens"]["mean"],
+        "median_tokens": stats["num_tokens"]["median"],
+        "p90_tokens": stats["num_tokens"]["p90"],
+        "truncation_rate": round(stats["truncated"] / stats["records"], 4) if stats["records"] else None,
+        "probe_file": str(out),
+        "probe": probe,
+        "model_content": model_content,
+    }
     write_json_atomic(stats_file, row)
     return row
 
@@ -106,8 +122,11 @@ def point_label(point: Point) -> str:
 
 def dominates(a: dict, b: dict) -> bool:
     """a is at most as long and at least as accurate as b, and strictly better on one of the two."""
-    return (a["mean_tokens"] <= b["mean_tokens"] and _acc(a) >= _acc(b)
-            and (a["mean_tokens"] < b["mean_tokens"] or _acc(a) > _acc(b)))
+    return (
+        a["mean_tokens"] <= b["mean_tokens"]
+        and _acc(a) >= _acc(b)
+        and (a["mean_tokens"] < b["mean_tokens"] or _acc(a) > _acc(b))
+    )
 
 
 def pareto_front(rows: list[dict]) -> list[dict]:
@@ -156,8 +175,14 @@ def _measured(rows: list[dict]) -> str:
     return "; ".join(parts)
 
 
-def choose(rows: list[dict], target: float, tolerance: float, min_accuracy: float = 0.0,
-           max_truncated: float = 1.0, target_from: Optional[str] = None) -> tuple[Optional[dict], str]:
+def choose(
+    rows: list[dict],
+    target: float,
+    tolerance: float,
+    min_accuracy: float = 0.0,
+    max_truncated: float = 1.0,
+    target_from: Optional[str] = None,
+) -> tuple[Optional[dict], str]:
     """The point closest to the target length among the accurate-enough ones, and why, against the front.
 
     Accurate enough: at least `min_accuracy`, within `tolerance` points of the best, and at most
@@ -171,41 +196,59 @@ def choose(rows: list[dict], target: float, tolerance: float, min_accuracy: floa
     best = max(_acc(r) for r in rows)
     if best < min_accuracy - 1e-12:
         top = max(rows, key=_acc)
-        return None, (f"no point reaches sweep.min_accuracy {min_accuracy:.1%} (the best, {point_label(_point(top))}, "
-                      f"has {best:.1%}): the probe cannot tell these TAs apart, so their lengths decide nothing; check "
-                      "the checkpoints and the probe (questions, prompt, probe.max_tokens), or lower "
-                      "sweep.min_accuracy")
+        return None, (
+            f"no point reaches sweep.min_accuracy {min_accuracy:.1%} (the best, {point_label(_point(top))}, "
+            f"has {best:.1%}): the probe cannot tell these TAs apart, so their lengths decide nothing; check "
+            "the checkpoints and the probe (questions, prompt, probe.max_tokens), or lower "
+            "sweep.min_accuracy"
+        )
     floor = max(best - tolerance / 100.0, min_accuracy)
     accurate = [r for r in rows if _acc(r) >= floor - 1e-12]
     cut = [r for r in accurate if _truncated(r) > max_truncated + 1e-12]
     eligible = [r for r in accurate if not any(r is c for c in cut)]
     if not eligible:
-        return None, ("every point within {tol:g} points of the best accuracy ({best:.1%}) has more than "
-                      "sweep.max_truncated {mt:.0%} of its probe answers cut at probe.max_tokens ({pts}): their "
-                      "lengths are the cap's and their accuracies a floor; raise sweep.probe.max_tokens, or "
-                      "sweep.max_truncated").format(
-            tol=tolerance, best=best, mt=max_truncated,
-            pts=", ".join(f"{point_label(_point(r))}: {_truncated(r):.0%} truncated" for r in cut))
+        return None, (
+            "every point within {tol:g} points of the best accuracy ({best:.1%}) has more than "
+            "sweep.max_truncated {mt:.0%} of its probe answers cut at probe.max_tokens ({pts}): their "
+            "lengths are the cap's and their accuracies a floor; raise sweep.probe.max_tokens, or "
+            "sweep.max_truncated"
+        ).format(
+            tol=tolerance,
+            best=best,
+            mt=max_truncated,
+            pts=", ".join(f"{point_label(_point(r))}: {_truncated(r):.0%} truncated" for r in cut),
+        )
     pick = min(eligible, key=lambda r: (abs(r["mean_tokens"] - target), -_acc(r), r["ratio"], r.get("density") or 0))
     too_inaccurate = [r for r in rows if not any(r is a for a in accurate)]
     by_min = min_accuracy > best - tolerance / 100  # the floor is min_accuracy's, not the tolerance's
-    sentences = [f"{point_label(_point(pick))}.",
-                 f"Target: {target:.1f} mean tokens" + (f", {target_from}." if target_from else "."),
-                 f"Qualified, with accuracy at least {max(floor, 0):.1%} (within {tolerance:g} points of the best, "
-                 f"{best:.1%}" + (f", and sweep.min_accuracy {min_accuracy:.1%}" if by_min else "")
-                 + f"): {_point_list(eligible)}."]
+    sentences = [
+        f"{point_label(_point(pick))}.",
+        f"Target: {target:.1f} mean tokens" + (f", {target_from}." if target_from else "."),
+        f"Qualified, with accuracy at least {max(floor, 0):.1%} (within {tolerance:g} points of the best, "
+        f"{best:.1%}"
+        + (f", and sweep.min_accuracy {min_accuracy:.1%}" if by_min else "")
+        + f"): {_point_list(eligible)}.",
+    ]
     if too_inaccurate:
-        sentences.append("Left out as too inaccurate: " + ", ".join(
-            f"{_short(_point(r))} ({_acc(r):.1%})" for r in sorted(too_inaccurate, key=_point)) + ".")
+        sentences.append(
+            "Left out as too inaccurate: "
+            + ", ".join(f"{_short(_point(r))} ({_acc(r):.1%})" for r in sorted(too_inaccurate, key=_point))
+            + "."
+        )
     if cut:
-        sentences.append(f"Left out as mostly truncated (over {max_truncated:.0%} of answers at the cap): "
-                         + ", ".join(f"{_short(_point(r))} ({_truncated(r):.0%})" for r in cut) + ".")
+        sentences.append(
+            f"Left out as mostly truncated (over {max_truncated:.0%} of answers at the cap): "
+            + ", ".join(f"{_short(_point(r))} ({_truncated(r):.0%})" for r in cut)
+            + "."
+        )
     gap = abs(pick["mean_tokens"] - target)
     ties = [r for r in eligible if r is not pick and abs(r["mean_tokens"] - target) == gap]
-    sentences.append(f"This one is the qualifier closest to the target: {pick['mean_tokens']:.1f} tokens, "
-                     f"{_acc(pick):.1%} accurate"
-                     + (f" (tied on length with {_point_list(ties)}; the more accurate, then the lower ratio, wins)"
-                        if ties else "") + ".")
+    sentences.append(
+        f"This one is the qualifier closest to the target: {pick['mean_tokens']:.1f} tokens, "
+        f"{_acc(pick):.1%} accurate"
+        + (f" (tied on length with {_point_list(ties)}; the more accurate, then the lower ratio, wins)" if ties else "")
+        + "."
+    )
     front = pareto_front(rows)
     if any(r is pick for r in front):
         others = [r for r in front if r is not pick and r in eligible]
@@ -214,27 +257,50 @@ def choose(rows: list[dict], target: float, tolerance: float, min_accuracy: floa
             sentences.append(f"Other qualified front points, which another target would pick: {_measured(others)}.")
     else:
         better = [r for r in front if dominates(r, pick)]
-        sentences.append(f"It is off the length-accuracy front: {_measured(better)} "
-                         f"{'are' if len(better) > 1 else 'is'} as accurate or more and no longer.")
+        sentences.append(
+            f"It is off the length-accuracy front: {_measured(better)} "
+            f"{'are' if len(better) > 1 else 'is'} as accurate or more and no longer."
+        )
         them, one = ("them", "one of them") if len(better) > 1 else ("it", "it")
         sentences.append(f"Only the target length put this one ahead; a target nearer to {them} would pick {one}.")
     return pick, " ".join(sentences)
 
 
-def sweep(recipe_path: str | Path, ratios: Optional[list[float]] = None, densities: Optional[list[float]] = None,
-          keep_all: bool = False, tolerance: Optional[float] = None, limit: Optional[int] = None,
-          max_tokens: Optional[int] = None, backend: Optional[str] = None, data_parallel_size: Optional[int] = None,
-          force: bool = False, echo=print) -> dict:
+def sweep(
+    recipe_path: str | Path,
+    ratios: Optional[list[float]] = None,
+    densities: Optional[list[float]] = None,
+    keep_all: bool = False,
+    tolerance: Optional[float] = None,
+    limit: Optional[int] = None,
+    max_tokens: Optional[int] = None,
+    backend: Optional[str] = None,
+    data_parallel_size: Optional[int] = None,
+    force: bool = False,
+    echo=print,
+) -> dict:
     """Sweep the recipe's merge points and leave the chosen TA at the recipe's output (see module doc)."""
     output = Path(load_recipe(recipe_path).output)
     # one lock for the output and its work folder: two sweeps would build into one `.sweep/`
     with output_lock(output, "sweep", log=echo):
-        return _sweep(recipe_path, ratios, densities, keep_all, tolerance, limit, max_tokens, backend,
-                      data_parallel_size, force, echo)
+        return _sweep(
+            recipe_path,
+            ratios,
+            densities,
+            keep_all,
+            tolerance,
+            limit,
+            max_tokens,
+            backend,
+            data_parallel_size,
+            force,
+            echo,
+        )
 
 
-def _sweep(recipe_path, ratios, densities, keep_all, tolerance, limit, max_tokens, backend, data_parallel_size,
-           force, echo) -> dict:
+def _sweep(
+    recipe_path, ratios, densities, keep_all, tolerance, limit, max_tokens, backend, data_parallel_size, force, echo
+) -> dict:
     from micota_merge.merge.build import build
     from micota_merge.merge.onepass.engine import at_point, build_points, supports_one_pass
     from micota_merge.merge.onepass.replay import Unsupported
@@ -249,18 +315,25 @@ def _sweep(recipe_path, ratios, densities, keep_all, tolerance, limit, max_token
             settings = SweepSettings.model_validate({**settings.model_dump(), "densities": densities})
         if tolerance is not None:
             settings.tolerance = tolerance
-        for key, value in (("limit", limit), ("max_tokens", max_tokens), ("backend", backend),
-                           ("data_parallel_size", data_parallel_size)):
+        for key, value in (
+            ("limit", limit),
+            ("max_tokens", max_tokens),
+            ("backend", backend),
+            ("data_parallel_size", data_parallel_size),
+        ):
             if value is not None:
                 setattr(settings.probe, key, value)
     except ValidationError as e:
         raise UserError(format_validation_error("sweep options", e, SweepSettings)) from None
     if settings.densities is not None and not methods.get(recipe.merge.method).density:
-        raise UserError(f"sweep.densities: method {recipe.merge.method} keeps every delta and has no density to "
-                        f"sweep; remove densities, or use one of {', '.join(methods.sparsifying())}")
+        raise UserError(
+            f"sweep.densities: method {recipe.merge.method} keeps every delta and has no density to "
+            f"sweep; remove densities, or use one of {', '.join(methods.sparsifying())}"
+        )
     grid = settings.densities is not None
-    points: list[Point] = [(r, d) for d in (settings.densities if grid else [recipe.merge.density])
-                           for r in settings.ratios]
+    points: list[Point] = [
+        (r, d) for d in (settings.densities if grid else [recipe.merge.density]) for r in settings.ratios
+    ]
     output = Path(recipe.output)
     work = output.with_name(output.name + ".sweep")
     from micota_merge.core.checkpoints import check_model_files, resolve_model_path
@@ -271,9 +344,11 @@ def _sweep(recipe_path, ratios, densities, keep_all, tolerance, limit, max_token
     for role, p in paths.items():  # before anything is claimed or written: the endpoints are probed as they are
         check_model_files(p, f"models.{role}", tokenizer=role != "base")
     # What the sweep's result depends on: the recipe, the sweep settings and the inputs' *content*.
-    identity = {"recipe": recipe.model_dump(mode="json", exclude={"sweep", "pipeline", "output"}),
-                "sweep": settings.model_dump(mode="json", exclude={"probe": set(TRANSPORT_OPTIONS)}),
-                "inputs": {role: content_id(p) for role, p in paths.items()}}
+    identity = {
+        "recipe": recipe.model_dump(mode="json", exclude={"sweep", "pipeline", "output"}),
+        "sweep": settings.model_dump(mode="json", exclude={"probe": set(TRANSPORT_OPTIONS)}),
+        "inputs": {role: content_id(p) for role, p in paths.items()},
+    }
     claimed = claim(output, "sweep", inputs=paths, stages=["build"])  # a TA is what a sweep writes
     if claimed.state == "ours" and (output / "sweep" / "sweep.json").is_file() and not force:
         result = json.loads((output / "sweep" / "sweep.json").read_text())
@@ -282,12 +357,17 @@ def _sweep(recipe_path, ratios, densities, keep_all, tolerance, limit, max_token
             echo(result["table_md"])
             return result
         what = changed(result.get("identity"), identity)
-        raise UserError(f"{output} holds a sweep made with other {', '.join(what)} "
-                        f"({'input content' if 'inputs' in what else 'settings'} changed): pass --force to redo it")
+        raise UserError(
+            f"{output} holds a sweep made with other {', '.join(what)} "
+            f"({'input content' if 'inputs' in what else 'settings'} changed): pass --force to redo it"
+        )
     if claimed.state == "ours":
         check_replaceable(output)  # before the probes, not after
     if claimed.state == "ours" and not force:
-        raise UserError(f"output {output} already exists and holds a TA that no sweep of this recipe made: pass --force to replace it")
+        raise UserError(
+            f"output {output} already exists and holds a TA that no sweep of this recipe made: "
+            "pass --force to replace it"
+        )
     grid_tags = {p: _tag(p[0], p[1] if grid else None) for p in points}
     for p, t in grid_tags.items():
         plain_name(t, "sweep point")
@@ -322,19 +402,36 @@ def _sweep(recipe_path, ratios, densities, keep_all, tolerance, limit, max_token
 
     # ---- choose and report
     target = target_length(settings, endpoints)
-    pick, reason = choose(rows, target, settings.tolerance, settings.min_accuracy, settings.max_truncated,
-                          target_from=target_source(settings, endpoints))
+    pick, reason = choose(
+        rows,
+        target,
+        settings.tolerance,
+        settings.min_accuracy,
+        settings.max_truncated,
+        target_from=target_source(settings, endpoints),
+    )
     for stale in ("sweep.md", "sweep.json"):  # a refusal's table, from an earlier run
         (work / stale).unlink(missing_ok=True)
     if pick is None:
         # nothing worth choosing: the output stays as it is; the table goes to the work folder, whose probes
         # and TAs a rerun (other settings, a longer probe) reuses
-        refused = {"recipe": str(recipe_path), "identity": identity, "method": recipe.merge.method,
-                   "probe": settings.probe.model_dump(mode="json"), "tolerance": settings.tolerance,
-                   "min_accuracy": settings.min_accuracy, "max_truncated": settings.max_truncated,
-                   "densities": settings.densities, "ratios": rows, "endpoints": endpoints,
-                   "target_tokens": round(target, 2), "front": [list(_point(r)) for r in pareto_front(rows)],
-                   "chosen": None, "chosen_density": None, "reason": reason}
+        refused = {
+            "recipe": str(recipe_path),
+            "identity": identity,
+            "method": recipe.merge.method,
+            "probe": settings.probe.model_dump(mode="json"),
+            "tolerance": settings.tolerance,
+            "min_accuracy": settings.min_accuracy,
+            "max_truncated": settings.max_truncated,
+            "densities": settings.densities,
+            "ratios": rows,
+            "endpoints": endpoints,
+            "target_tokens": round(target, 2),
+            "front": [list(_point(r)) for r in pareto_front(rows)],
+            "chosen": None,
+            "chosen_density": None,
+            "reason": reason,
+        }
         refused["table_md"] = table_md(refused)
         write_json_atomic(work / "sweep.json", refused)
         write_text_atomic(work / "sweep.md", refused["table_md"] + f"\n\nno TA chosen: {reason}\n")
@@ -342,11 +439,21 @@ def _sweep(recipe_path, ratios, densities, keep_all, tolerance, limit, max_token
         raise UserError(f"sweep chose no TA: {reason}. {output} was not touched; the table is in {work / 'sweep.md'}")
     chosen = _point(pick)
     front = [list(_point(r)) for r in pareto_front(rows)]
-    result = {"recipe": str(recipe_path), "identity": identity, "method": recipe.merge.method,
-              "probe": settings.probe.model_dump(mode="json"), "tolerance": settings.tolerance,
-              "densities": settings.densities, "ratios": rows, "endpoints": endpoints,
-              "target_tokens": round(target, 2), "front": front,
-              "chosen": chosen[0], "chosen_density": chosen[1], "reason": reason}
+    result = {
+        "recipe": str(recipe_path),
+        "identity": identity,
+        "method": recipe.merge.method,
+        "probe": settings.probe.model_dump(mode="json"),
+        "tolerance": settings.tolerance,
+        "densities": settings.densities,
+        "ratios": rows,
+        "endpoints": endpoints,
+        "target_tokens": round(target, 2),
+        "front": front,
+        "chosen": chosen[0],
+        "chosen_density": chosen[1],
+        "reason": reason,
+    }
     result["table_md"] = table_md(result)
     _finish(output, work, tas, chosen, result, keep_all, force)
     echo(result["table_md"])
@@ -367,12 +474,17 @@ def _built(folder: Path, recipe: Recipe, point: Point, inputs: dict[str, str]) -
     want = recipe.model_dump(mode="json")
     want["merge"]["ratio"], want["merge"]["density"] = point
     got = dict(manifest.get("recipe") or {})
-    return got.get("models") == want["models"] and got.get("merge") == want["merge"] and \
-        got.get("tokenizer") == want["tokenizer"] and got.get("config_from") == want["config_from"]
+    return (
+        got.get("models") == want["models"]
+        and got.get("merge") == want["merge"]
+        and got.get("tokenizer") == want["tokenizer"]
+        and got.get("config_from") == want["config_from"]
+    )
 
 
-def _finish(output: Path, work: Path, tas: dict[Point, Path], chosen: Point, result: dict, keep_all: bool,
-            force: bool) -> None:
+def _finish(
+    output: Path, work: Path, tas: dict[Point, Path], chosen: Point, result: dict, keep_all: bool, force: bool
+) -> None:
     """Tables and plot into the chosen TA, then rename it to the recipe's output path."""
     ta = tas[chosen]
     report = ta / "sweep"
@@ -406,6 +518,8 @@ def check_sweep_disk(recipe_path, recipe: Recipe, work: Path, missing: list[Poin
     free = shutil.disk_usage(work).free
     if free < each * len(missing):
         fit = free // each
-        raise UserError(f"not enough disk space for the sweep: {len(missing)} points of about {each / 2**30:.2f} GiB "
-                        f"each are written at once to {work}, which has {free / 2**30:.2f} GiB free, enough "
-                        f"for {fit}; free space, or sweep at most {max(fit, 1)} points at a time (--ratios)")
+        raise UserError(
+            f"not enough disk space for the sweep: {len(missing)} points of about {each / 2**30:.2f} GiB "
+            f"each are written at once to {work}, which has {free / 2**30:.2f} GiB free, enough "
+            f"for {fit}; free space, or sweep at most {max(fit, 1)} points at a time (--ratios)"
+        )
