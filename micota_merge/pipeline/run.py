@@ -547,10 +547,11 @@ def write_report(
 
 def _task_order(summaries: dict[str, dict]) -> list[str]:
     """The tasks scored, in `eval --compare`'s order (the known tasks first, then any other by name)."""
-    from micota_merge.evaluation.evaluate import ALL_TASKS
+    from micota_merge.evaluation import benchmarks
 
+    known = benchmarks.papers() + tuple(b for b in benchmarks.names() if b not in benchmarks.papers())
     names = {t for s in summaries.values() for t in s["tasks"]}
-    return [t for t in ALL_TASKS if t in names] + sorted(names - set(ALL_TASKS))
+    return [t for t in known if t in names] + sorted(names - set(known))
 
 
 def _fmt_num(x: Optional[float]) -> str:
