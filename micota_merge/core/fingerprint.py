@@ -20,6 +20,7 @@ import os
 import re
 from pathlib import Path
 
+from micota_merge.core.checkpoints import TOKENIZER_FILES
 from micota_merge.core.errors import UserError
 
 CACHE_NAME = ".micota-fingerprint.json"
@@ -29,19 +30,7 @@ _SHA256_NAME = re.compile(r"^[0-9a-f]{64}$")
 
 # Besides the weights, the files that change what a model generates: its config, generation
 # defaults, tokenizer and chat template. README, micota.json, sweep tables and the like do not.
-MODEL_FILES = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "vocab.json",
-    "merges.txt",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "tokenizer.model",
-    "chat_template.jinja",
-    "chat_template.json",
-)
+MODEL_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
 
 
