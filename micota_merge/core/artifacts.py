@@ -22,7 +22,6 @@ from micota_merge.core.ownership import (  # noqa: F401
     MANIFEST,
     STAGING_MARKER,
     check_replaceable,
-    check_writable_location,
     claim,
     output_lock,
     record_inventory,
@@ -129,22 +128,6 @@ def write_manifest(folder: str | os.PathLike, stage: str, **fields: Any) -> dict
     manifest = {"stage": stage, **fields, "versions": package_versions()}
     write_json_atomic(Path(folder) / MANIFEST, manifest)
     return manifest
-
-
-def check_output_file(path: str | os.PathLike, option: str) -> None:
-    """An output file path: not an existing folder, and in a writable place."""
-    path = Path(path)
-    if path.is_dir():
-        raise UserError(f"{option} {path} is a folder; give a file name")
-    check_writable_location(path, option)
-
-
-def check_output_dir(path: str | os.PathLike, option: str) -> None:
-    """An output folder path: not an existing file, and in a writable place."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise UserError(f"{option} {path} is a file; give a folder path")
-    check_writable_location(path, option)
 
 
 def _staging_name(target: Path) -> Path:

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Optional, Union
 
 from micota_merge.core.errors import UserError
+from micota_merge.core.identity import digest as identity_of  # noqa: F401  (what a manifest records as `identity`)
 
 MANIFEST = "micota.json"
 WORK_MARKER = ".micota-work.json"
@@ -70,13 +71,6 @@ def inside(child: Path, folder: Path) -> bool:
         return True
     except ValueError:
         return False
-
-
-def identity_of(obj) -> str:
-    """The digest an output's manifest records as `identity` (micota_merge.core.identity)."""
-    from micota_merge.core.identity import digest
-
-    return digest(obj)
 
 
 # ---------------------------------------------------------------- protected paths
@@ -167,10 +161,6 @@ class Claim:
     stage: str
     state: str
     manifest: Optional[dict] = None
-
-    @property
-    def exists(self) -> bool:
-        return self.state != "new"
 
     def identity(self) -> Optional[str]:
         return (self.manifest or {}).get("identity")
@@ -508,10 +498,6 @@ def _locked(lp: Path, path: PathLike, stage: str, log) -> Iterator[None]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(lp)
         os.close(fd)
-
-
-def held(path: PathLike) -> bool:
-    return lock_path(path) in _HELD
 
 
 def distributed_rank() -> int:

@@ -59,7 +59,6 @@ from micota_merge.core.ownership import (
     claim_workdir,
     distributed_rank,
     identity_of,
-    is_workdir,
     output_lock,
     remove_ours,
 )
@@ -625,8 +624,6 @@ _IDENTITY_NAMES = {
 def claim_response_cache(cache_dir: Path, identity: dict, out: Path, force: bool) -> None:
     """Make `cache_dir` hold responses of this identity only: resume it, refuse another, or (force) clear it."""
     marker = cache_dir / "identity.json"
-    if marker.is_file() and not is_workdir(cache_dir, "eval"):
-        claim_workdir(cache_dir, "eval", out)  # a cache from before the ownership rule: its identity.json says ours
     if force:
         remove_ours(cache_dir, "eval")
     elif marker.is_file():

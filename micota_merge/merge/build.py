@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +32,7 @@ from micota_merge.core.checkpoints import (
     weight_files,
 )
 from micota_merge.core.errors import StageFailed, UserError
-from micota_merge.core.ownership import Claim, claim, identity_of, output_lock
+from micota_merge.core.ownership import Claim, check_free_space, claim, identity_of, output_lock
 from micota_merge.merge.preflight import (
     check_untie_supported,
     lineage_warnings,
@@ -422,13 +421,4 @@ def _validate_with_mergekit(cfg: dict, source: str) -> None:
 
 
 def _check_disk(out: Path, needed: int) -> None:
-    probe = out.parent if out.parent.exists() else Path.cwd()
-    while not probe.exists():
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
-    want = int(needed * _DISK_MARGIN) + _DISK_SLACK_BYTES
-    if free < want:
-        raise UserError(
-            f"not enough disk space for {out}: the TA needs about {want / 2**30:.2f} GiB "
-            f"and {probe} has {free / 2**30:.2f} GiB free"
-        )
+    check_free_space(out, int(needed * _DISK_MARGIN) + _DISK_SLACK_BYTES, f"{out} (the TA)")
