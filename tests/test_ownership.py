@@ -372,10 +372,21 @@ def test_staging_look_alikes_are_not_removed(family, tmp_path):
     look_alike = tmp_path / ".ta.partial-999999"
     look_alike.mkdir()
     (look_alike / "data.bin").write_text("mine")
+    # a backup of a TA under the trash name: it holds a micota.json, but no staging marker
+    backup = tmp_path / ".ta.old-999999"
+    backup.mkdir()
+    (backup / "micota.json").write_text('{"stage": "build"}')
     recipe = write_recipe(tmp_path / "r.yaml", family, tmp_path / "ta")
     code, text = run("build", recipe)
     assert code == 0, text
     assert (look_alike / "data.bin").read_text() == "mine"
+    assert (backup / "micota.json").read_text() == '{"stage": "build"}'
+    # a marked staging folder of a dead process is ours and cleaned
+    stale = tmp_path / ".ta.partial-999998"
+    stale.mkdir()
+    (stale / ".micota-staging.json").write_text("{}")
+    assert run("build", recipe, "--ratio", "0.25", "--force")[0] == 0
+    assert not stale.exists() and backup.is_dir()
 
 
 def test_baseline_names_stay_inside_the_work_folder(family, tmp_path):

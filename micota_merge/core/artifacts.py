@@ -141,7 +141,7 @@ def clean_stale_staging(target: Path) -> None:
         pid = p.name.rsplit("-", 1)[-1]
         if not pid.isdigit() or (int(pid) != os.getpid() and _pid_alive(int(pid))):
             continue
-        if p.is_dir() and not p.is_symlink() and ((p / STAGING_MARKER).is_file() or (p / MANIFEST).is_file()):
+        if p.is_dir() and not p.is_symlink() and (p / STAGING_MARKER).is_file():
             shutil.rmtree(p, ignore_errors=True)
 
 
@@ -212,6 +212,8 @@ def move_into_place(finished: Path, target: Path) -> None:
         check_replaceable(target)
         trash = target.parent / f".{target.name}.old-{os.getpid()}"
         os.replace(target, trash)
+        # marked before anything else: a kill from here on leaves a trash folder the next run may clean
+        write_json_atomic(trash / STAGING_MARKER, {"pid": os.getpid(), "for": str(target), "replaced": True})
         os.replace(finished, target)
         shutil.rmtree(trash, ignore_errors=True)
     else:
