@@ -61,8 +61,8 @@ def worker(a) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
         t0 = time.perf_counter()
-        summary = evaluate.evaluate(
-            str(MODEL),
+        opts = evaluate.EvalOptions(
+            model=str(MODEL),
             tasks=["microworld"],
             backend=a.backend,
             limit=a.questions,
@@ -74,8 +74,8 @@ def worker(a) -> None:
             temperature=0.6,
             top_p=0.95,
             max_model_len=1024 if a.backend == "vllm" else None,
-            echo=lambda s: None,
         )
+        summary = evaluate.evaluate(opts, echo=lambda s: None)
         wall = time.perf_counter() - t0
         log = out / summary["files"]["samples"]["microworld"]
         recs = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]

@@ -9,14 +9,16 @@ import pytest
 from click.testing import CliRunner
 
 from micota_merge.cli import cli
-from micota_merge.training.align import align, spread
+from micota_merge.training.align import AlignOptions, align, spread
 
 
 def test_trained_data_is_more_likely_than_held_out(distilled_tiny, tiny_family, chat_data, tmp_path):
     """After a few steps on the terse set, the student finds it far likelier than a differently
     written set; the untrained student shows no such gap (both near ln(vocab))."""
     files = [str(chat_data["train"]), str(chat_data["verbose"])]
-    before = align(str(tiny_family["short_cot"]), files, limit=8, batch_size=8, echo=lambda s: None)["rows"]
+    before = align(
+        AlignOptions(model=str(tiny_family["short_cot"]), data=files, limit=8, batch_size=8), echo=lambda s: None
+    )["rows"]
     out = tmp_path / "align"
     r = CliRunner().invoke(
         cli,
@@ -66,7 +68,9 @@ def test_scores_exactly_the_trained_tokens(tiny_family, tmp_path):
     rec = {"messages": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi there!"}]}
     f = tmp_path / "one.jsonl"
     f.write_text(json.dumps(rec) + "\n")
-    row = align(str(tiny_family["base"]), [str(f)], echo=lambda s: None, dtype="float32")["rows"]["one"]
+    row = align(AlignOptions(model=str(tiny_family["base"]), data=[str(f)], dtype="float32"), echo=lambda s: None)[
+        "rows"
+    ]["one"]
     tok = AutoTokenizer.from_pretrained(tiny_family["base"])
     [(ids, mask)] = encode_records(tok, read_chat_records(f))
     assert row["tokens"] == sum(mask) == len(tok("Hi there!<|im_end|>\n", add_special_tokens=False)["input_ids"])

@@ -266,7 +266,7 @@ def test_distill_resume_refuses_another_student(tiny_family, chat_data, tmp_path
 
 def test_sweep_refuses_a_finished_sweep_of_other_inputs(tiny_family, tmp_path):
     from micota_merge.core.errors import UserError
-    from micota_merge.merge.sweep.run import sweep
+    from micota_merge.merge.sweep.run import SweepOptions, sweep
 
     models = tmp_path / "models"
     for role, path in tiny_family.items():
@@ -287,15 +287,15 @@ def test_sweep_refuses_a_finished_sweep_of_other_inputs(tiny_family, tmp_path):
             }
         )
     )  # random models: no floor to reach
-    first = sweep(recipe, keep_all=True, echo=lambda s: None)
-    again = sweep(recipe, echo=lambda s: None)
+    first = sweep(SweepOptions(recipe=str(recipe), keep_all=True), echo=lambda s: None)
+    again = sweep(SweepOptions(recipe=str(recipe)), echo=lambda s: None)
     assert again == first  # done, same content: reported, not redone
     # how probes would travel (replicas, servers) is not what they answer: still the same sweep
-    assert sweep(recipe, data_parallel_size=2, echo=lambda s: None) == first
+    assert sweep(SweepOptions(recipe=str(recipe), data_parallel_size=2), echo=lambda s: None) == first
     flip_one_weight(models / "long_cot")
     with pytest.raises(UserError, match="input content"):
-        sweep(recipe, echo=lambda s: None)
-    redone = sweep(recipe, force=True, keep_all=True, echo=lambda s: None)
+        sweep(SweepOptions(recipe=str(recipe)), echo=lambda s: None)
+    redone = sweep(SweepOptions(recipe=str(recipe), force=True, keep_all=True), echo=lambda s: None)
     work = tmp_path / "ta.sweep"
     manifest = json.loads((work / "ratio-0.75" / "micota.json").read_text())
     assert manifest["inputs"]["long_cot"]["content"] == content_id(models / "long_cot")  # rebuilt, not reused
@@ -429,9 +429,9 @@ def test_generate_refuses_questions_without_answers(tiny_family, tmp_path):
     [
         (["generate", "--questions", "gsm8k", "--limit", "0"], "--limit"),
         (["generate", "--questions", "gsm8k", "--max-tokens", "40000"], "context"),
-        (["distill", "--data", "DATA", "--max-length", "0"], "max_length"),
-        (["distill", "--data", "DATA", "--max-steps", "0"], "max_steps"),
-        (["distill", "--data", "DATA", "--limit", "0"], "limit"),
+        (["distill", "--data", "DATA", "--max-length", "0"], "--max-length"),
+        (["distill", "--data", "DATA", "--max-steps", "0"], "--max-steps"),
+        (["distill", "--data", "DATA", "--limit", "0"], "--limit"),
         (["eval", "--tasks", "gsm8k", "--limit", "0"], "--limit"),
         (["eval", "--tasks", "gsm8k", "--max-tokens", "40000"], "context"),
         (["align", "--data", "DATA", "--limit", "0"], "--limit"),

@@ -13,7 +13,18 @@ import click
 
 from micota_merge import __version__
 from micota_merge.core.errors import StageFailed, UserError
-from micota_merge.evaluation import benchmarks as _benchmarks  # the registry (no heavy import)
+from micota_merge.core.options import click_options, resolve
+from micota_merge.core.ownership import OWN as _OWN
+from micota_merge.data.mix import MixOptions
+from micota_merge.evaluation.evaluate import EvalOptions
+from micota_merge.generation.options import GenerateOptions
+from micota_merge.merge.build import BuildOptions
+from micota_merge.merge.sweep.run import SweepOptions
+from micota_merge.training.align import AlignOptions
+from micota_merge.training.distill import DistillConfig
+
+# Every stage's flags, help and defaults come from its options model (core/options.py); a command
+# only names its positional arguments and hands the resolved model to its stage.
 
 _LOG_LEVELS = (logging.WARNING, logging.INFO, logging.DEBUG)
 _DEBUG_HELP = "Show full tracebacks instead of one-line errors."
@@ -29,42 +40,6 @@ def _end_progress_bars() -> None:
             bar.close()
         except (OSError, ValueError, AttributeError):  # a bar of a dead stream: nothing to tidy
             pass
-
-
-class _Backend(click.ParamType):
-    """--backend: "auto" or a name in the backend registry (micota_merge.generation.backends), read when the
-    option is parsed, so a backend registered by a plugin is a choice too; "hf" passes as transformers."""
-
-    name = "backend"
-
-    def __init__(self, auto: bool = True, remote: bool = True):
-        self.auto, self.remote = auto, remote
-
-    def choices(self) -> list[str]:
-        from micota_merge.generation import backends
-
-        return (["auto"] if self.auto else []) + backends.names(remote=None if self.remote else False)
-
-    def get_metavar(self, param, ctx=None) -> str:
-        return "[" + "|".join(self.choices()) + "]"
-
-    def convert(self, value, param, ctx):
-        from micota_merge.generation import backends
-
-        choices = self.choices()
-        try:
-            name = backends.canonical(value)
-        except UserError:
-            name = None
-        if name not in choices:
-            self.fail(f"{value!r} is not one of {', '.join(choices)}", param, ctx)
-        return name
-
-
-_OWN = (
-    " --force never widens what is replaced: a foreign file or folder, an input, the home or current folder "
-    "is refused with or without it."
-)
 
 
 def _run_stage(fn):
@@ -122,6 +97,15 @@ def _run_stage(fn):
     return wrapper
 
 
+def _config_option(example: str):
+    return click.option(
+        "--config",
+        "config_file",
+        type=click.Path(dir_okay=False),
+        help=f"YAML of these options (e.g. {example}); flags win.",
+    )
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="micota-merge")
 @click.option("--debug", is_flag=True, help=_DEBUG_HELP)
@@ -147,21 +131,9 @@ def cli(debug: bool, verbose: int):
 
 @cli.command()
 @click.argument("recipe", type=click.Path(dir_okay=False))
-@click.option("-o", "--output", help="Where to write the TA (default: the recipe's `output`).")
-@click.option("--ratio", type=float, help="Override merge.ratio: the long-CoT share, 0..1.")
-@click.option("--force", is_flag=True, help="Replace an output that this command wrote itself." + _OWN)
-@click.option("--dry-run", is_flag=True, help="Validate and plan from metadata only; read no weights.")
-@click.option("--print-mergekit", is_flag=True, help="Print the mergekit YAML this recipe means and exit.")
-@click.option("--device", help="Where mergekit does the math (default: cuda if available, else cpu).")
-@click.option(
-    "--shard-size",
-    default="5GB",
-    show_default=True,
-    help="Largest output shard. Peak memory is about one shard plus a few tensors: "
-    "use e.g. 1GB to merge 32B models on a 16 GB machine.",
-)
+@click_options(BuildOptions, skip=("recipe",))
 @_run_stage
-def build(recipe, output, ratio, force, dry_run, print_mergekit, device, shard_size):
+def build(**flags):
     """Merge a long-CoT and a short-CoT checkpoint into a teacher assistant.
 
     RECIPE is a micota recipe (models.long_cot / short_cot / base, merge.method / ratio /
@@ -176,19 +148,11 @@ def build(recipe, output, ratio, force, dry_run, print_mergekit, device, shard_s
     """
     from micota_merge.merge import build as merge
 
-    if print_mergekit:
-        click.echo(merge.mergekit_yaml(recipe, ratio), nl=False)
+    opts = resolve(BuildOptions, flags)
+    if opts.print_mergekit:
+        click.echo(merge.mergekit_yaml(opts.recipe, opts.ratio), nl=False)
         return
-    merge.build(
-        recipe,
-        output=output,
-        ratio=ratio,
-        force=force,
-        dry_run=dry_run,
-        device=device,
-        shard_size=shard_size,
-        echo=click.echo,
-    )
+    merge.build(opts, echo=click.echo)
 
 
 # ---------------------------------------------------------------- demo
@@ -342,145 +306,10 @@ def demo_train(out, seed, scale, dtype, eval_questions, force):
 
 @cli.command("eval")
 @click.argument("runs", nargs=-1, type=click.Path(file_okay=False))
-@click.option("--model", help="Checkpoint to score: a local Hugging Face folder (or a cached hub id).")
-@click.option(
-    "--tasks",
-    default="all",
-    show_default=True,
-    help=f"Comma-separated benchmarks: {', '.join(_benchmarks.papers())}, or 'all'.",
-)
-@click.option(
-    "--backend",
-    type=_Backend(),
-    default="auto",
-    show_default=True,
-    help="auto: openai with --base-url, else vllm when vLLM and a CUDA GPU are present, else "
-    "transformers (lm-eval's hf model; 'hf' is a deprecated alias). openai: OpenAI-compatible "
-    "servers through lm-eval's local-chat-completions.",
-)
-@click.option("--limit", type=int, help="Score only the first N questions of each benchmark (quick checks).")
-@click.option(
-    "--protocol",
-    type=click.Choice(["greedy", "r1"]),
-    default="greedy",
-    show_default=True,
-    help="greedy: one greedy answer per question, the papers' pass@1. r1: DeepSeek-R1's "
-    "protocol (open-r1, lighteval): temperature 0.6, top-p 0.95, 32768 new tokens on a GPU, "
-    "answers per question AIME24 64, AMC23 64, OlympiadBench 4, MATH-500 4, GSM8K 1; "
-    "reports avg@k, pass@k and maj@k. Each setting can be overridden below.",
-)
-@click.option(
-    "--samples",
-    metavar="K|BENCH=K,...",
-    help="Answers sampled per question: '8' for every benchmark, 'aime24=16,math500=2' for some "
-    "(the rest keep the protocol's). Needs --temperature > 0.",
-)
-@click.option("--temperature", type=float, help="Sampling temperature (0 = greedy). Default: the protocol's.")
-@click.option("--top-p", type=float, help="Nucleus sampling threshold in (0, 1]. Default: the protocol's.")
-@click.option(
-    "--seed",
-    type=int,
-    default=0,
-    show_default=True,
-    help="Seed of the sampling and of the bootstrap intervals: a rerun draws the same answers "
-    "on the same backend and hardware.",
-)
-@click.option(
-    "--max-tokens",
-    type=int,
-    help="Most new tokens per answer. Default on a GPU or with --backend openai 16384 (greedy) or "
-    "32768 (r1): long-CoT answers run to many thousands of tokens; 1024 on CPU (at most half "
-    "the model's context), where 16k-token answers take hours each: enough for short-CoT "
-    "answers, and long-CoT ones show in the truncated column.",
-)
-@click.option("--batch-size", help="Prompts per batch, or 'auto'. Default: 8 on CPU, auto on GPU.")
-@click.option(
-    "--dtype",
-    type=click.Choice(["auto", "bfloat16", "float16", "float32"]),
-    default="auto",
-    show_default=True,
-    help="Weight dtype for inference.",
-)
-@click.option(
-    "--tensor-parallel-size", type=int, default=1, show_default=True, help="vllm: GPUs to split the model over."
-)
-@click.option(
-    "--gpu-memory-utilization",
-    type=float,
-    default=0.9,
-    show_default=True,
-    help="vllm: share of GPU memory for weights and KV cache.",
-)
-@click.option("--max-model-len", type=int, help="vllm: context length to allocate (prompt + answer).")
-@click.option(
-    "--data-parallel-size",
-    type=int,
-    default=1,
-    show_default=True,
-    help="vllm: engine replicas, each on its own --tensor-parallel-size GPUs (lm-eval's data "
-    "parallelism, through Ray); the scores are those of one replica.",
-)
-@click.option(
-    "--base-url",
-    "base_url",
-    multiple=True,
-    help="openai: API root of a server, e.g. http://127.0.0.1:8000/v1; repeat for several servers.",
-)
-@click.option("--api-key-env", help="openai: environment variable holding the API key (default: no key).")
-@click.option("--served-model", help="openai: the model name the servers know (default: found from --model).")
-@click.option(
-    "--concurrency",
-    type=int,
-    default=16,
-    show_default=True,
-    help="openai: requests in flight over all servers together.",
-)
-@click.option(
-    "--retries",
-    type=int,
-    default=8,
-    show_default=True,
-    help="openai: further tries of a failed request (lm-eval's backoff), each on the least busy server.",
-)
-@click.option(
-    "--request-timeout", type=float, default=3600.0, show_default=True, help="openai: seconds a request may take."
-)
-@click.option(
-    "-o",
-    "--output",
-    help="Run folder (default outputs/eval/<model name>); with --compare, where compare.md/.json/.png go.",
-)
-@click.option("--force", is_flag=True, help="Replace an output that this command wrote itself." + _OWN)
+@click_options(EvalOptions)
 @click.option("--compare", is_flag=True, help="Compare finished runs: micota-merge eval --compare DIR DIR ...")
 @_run_stage
-def eval_cmd(
-    runs,
-    model,
-    tasks,
-    backend,
-    limit,
-    protocol,
-    samples,
-    temperature,
-    top_p,
-    seed,
-    max_tokens,
-    batch_size,
-    dtype,
-    tensor_parallel_size,
-    gpu_memory_utilization,
-    max_model_len,
-    data_parallel_size,
-    base_url,
-    api_key_env,
-    served_model,
-    concurrency,
-    retries,
-    request_timeout,
-    output,
-    force,
-    compare,
-):
+def eval_cmd(runs, compare, **flags):
     """Score a checkpoint on AIME24, AMC23, OlympiadBench, MATH-500 and GSM8K with lm-eval.
 
     Zero-shot, the model's chat template, the papers' prompt ("... put your final answer
@@ -513,168 +342,29 @@ def eval_cmd(
     from micota_merge.evaluation import evaluate
 
     if compare:
-        if model:
+        if flags.get("model"):
             raise UserError("--compare reads finished runs; drop --model (or drop --compare to score a model)")
-        evaluate.compare(runs, output=output, force=force, seed=seed, echo=click.echo)
+        seed = flags.get("seed") or 0
+        evaluate.compare(runs, output=flags.get("output"), force=bool(flags.get("force")), seed=seed, echo=click.echo)
         return
     if runs:
         raise UserError(f"unexpected arguments {' '.join(runs)}: to compare runs pass --compare")
-    if not model:
+    if not flags.get("model"):
         raise UserError("--model is required: the checkpoint folder to score (or --compare DIR DIR ...)")
-    tasks_list = evaluate.parse_tasks(tasks)  # checked before any heavy import
-    evaluate.sampling_settings(protocol, samples, temperature, top_p, tasks_list)
-    evaluate.evaluate(
-        model,
-        tasks=tasks_list,
-        backend=backend,
-        limit=limit,
-        max_tokens=max_tokens,
-        protocol=protocol,
-        samples=samples,
-        temperature=temperature,
-        top_p=top_p,
-        seed=seed,
-        batch_size=batch_size,
-        output=output,
-        dtype=dtype,
-        tensor_parallel_size=tensor_parallel_size,
-        gpu_memory_utilization=gpu_memory_utilization,
-        max_model_len=max_model_len,
-        data_parallel_size=data_parallel_size,
-        base_url=list(base_url),
-        api_key_env=api_key_env,
-        served_model=served_model,
-        concurrency=concurrency,
-        retries=retries,
-        request_timeout=request_timeout,
-        force=force,
-        echo=click.echo,
-    )
+    opts = resolve(EvalOptions, flags)
+    tasks = evaluate.parse_tasks(opts.tasks)  # checked before any heavy import
+    evaluate.sampling_settings(opts.protocol, opts.samples, opts.temperature, opts.top_p, tasks)
+    evaluate.evaluate(opts, echo=click.echo)
 
 
 # ---------------------------------------------------------------- generate, mix
 
 
 @cli.command()
-@click.option(
-    "--model",
-    required=True,
-    help="Checkpoint folder of the teacher assistant (or any model); with "
-    "--backend openai also a model only the server has (e.g. a hosted one).",
-)
-@click.option(
-    "--questions",
-    required=True,
-    help="A shipped set (gsm8k-train, gsm8k, math500, aime24, amc23, olympiadbench), a JSONL file, "
-    "or a Hugging Face dataset folder saved with save_to_disk.",
-)
-@click.option("--out", required=True, help="Raw records, appended as they finish (FILE.jsonl).")
-@click.option(
-    "--backend",
-    type=_Backend(),
-    default="auto",
-    show_default=True,
-    help="auto: openai when --base-url is given, else vllm when vLLM and a CUDA GPU are present (or "
-    "with --data-parallel-size / --serve-args), else transformers; vllm-cpu only when asked "
-    "for by name. openai: OpenAI-compatible servers (vllm serve, SGLang, a hosted API).",
-)
-@click.option("--n", "n", type=int, default=1, show_default=True, help="Samples per question.")
-@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
-@click.option("--top-p", type=float, default=1.0, show_default=True)
-@click.option("--max-tokens", type=int, default=16384, show_default=True, help="New tokens per answer.")
-@click.option(
-    "--batch-size",
-    type=int,
-    help="transformers: prompts per batch (16); vllm: questions per "
-    "LLM.generate chunk, the most a kill can lose (256).",
-)
-@click.option("--limit", type=int, help="Only the first N questions.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option(
-    "--prompt",
-    default="",
-    help="User message template with {question}; default: the papers' "
-    + repr(_benchmarks.PROMPT).replace("\\\\", "\\"),
-)
-@click.option(
-    "--keep",
-    type=click.Choice(["correct", "all"]),
-    default="correct",
-    show_default=True,
-    help="correct: also write OUT.correct.jsonl with verified-correct, untruncated answers.",
-)
-@click.option("--question-field", help="Field holding the question (default: question / problem / prompt).")
-@click.option("--answer-field", help="Field holding the gold answer (default: answer / final_answer).")
-@click.option("--id-field", help="Field holding a unique id (default: id if present, else a content hash).")
-@click.option("--split", help="Split of a saved DatasetDict.")
-@click.option(
-    "--benchmark",
-    help=f"Grade a custom file's gold the way this benchmark's is parsed ({', '.join(_benchmarks.graded())}).",
-)
-@click.option("--dtype", default="auto", show_default=True, help="auto (the checkpoint's), bfloat16, float16, float32.")
-@click.option("--tensor-parallel-size", type=int, default=1, show_default=True, help="vllm: GPUs per model.")
-@click.option("--max-model-len", type=int, help="vllm: context length to reserve (default: the model's).")
-@click.option("--enforce-eager", is_flag=True, help="vllm: no torch.compile / CUDA graphs (faster start, slower run).")
-@click.option(
-    "--data-parallel-size",
-    type=int,
-    default=1,
-    show_default=True,
-    help="vllm: engine replicas in this command, each on its own --tensor-parallel-size GPUs; the "
-    "records are the same as with one.",
-)
-@click.option(
-    "--serve-args",
-    help="vllm: more `vllm serve` flags for the server that --data-parallel-size "
-    'starts (given alone, it starts one too), e.g. "--data-parallel-backend ray '
-    "--data-parallel-size 32\" for replicas over a Ray cluster's nodes.",
-)
-@click.option(
-    "--base-url",
-    "base_url",
-    multiple=True,
-    help="openai: API root of a server, e.g. http://127.0.0.1:8000/v1. Repeat for several servers "
-    "(one per node): requests go to the least busy one, and fail over when one dies.",
-)
-@click.option(
-    "--api-key-env",
-    help="openai: name of the environment variable holding the API key "
-    "(e.g. OPENAI_API_KEY); default: no key (a local vllm serve needs none).",
-)
-@click.option(
-    "--served-model",
-    help="openai: the model name the servers know (default: the one they serve "
-    "from --model's folder, or --model itself).",
-)
-@click.option(
-    "--concurrency",
-    type=int,
-    default=16,
-    show_default=True,
-    help="openai: requests in flight over all servers together (a vLLM server batches them).",
-)
-@click.option(
-    "--retries",
-    type=int,
-    default=8,
-    show_default=True,
-    help="openai: further tries of a request that failed to connect, timed out or got HTTP 429/5xx; "
-    "awake servers first; a failing server rests 0.5 s, doubling per failure in a row up to 30 s.",
-)
-@click.option(
-    "--request-timeout",
-    type=float,
-    default=3600.0,
-    show_default=True,
-    help="openai: seconds to wait for a server's answer before retrying elsewhere.",
-)
-@click.option(
-    "--force",
-    is_flag=True,
-    help="Start OUT over instead of resuming (only an OUT generate wrote: its OUT.meta.json says so)." + _OWN,
-)
+@_config_option("a file holding `max_tokens: 8192` and `backend: vllm`")
+@click_options(GenerateOptions)
 @_run_stage
-def generate(**kw):
+def generate(config_file, **flags):
     """Answer a question set with a model; write chat records as they finish.
 
     Records (OUT.jsonl): id, messages [user, assistant], answer, pred, correct, num_tokens,
@@ -693,22 +383,15 @@ def generate(**kw):
         --base-url http://node1:8000/v1 --base-url http://node2:8000/v1 --concurrency 64
     """
     from micota_merge.generation.generate import generate as run
-    from micota_merge.generation.generate import options
 
-    run(options(**kw), echo=click.echo)
+    run(resolve(GenerateOptions, flags, config_file, label="generate options"), echo=click.echo)
 
 
 @cli.command()
 @click.argument("parts", nargs=-1, required=True, metavar="PART=WEIGHT...")
-@click.option("--out", required=True, help="Mixed records (JSONL), written atomically.")
-@click.option("--total", type=int, help="Records in the mix (default: the most the parts allow at these weights).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option(
-    "--per-question", type=int, default=1, show_default=True, help="Most answers per question id across the whole mix."
-)
-@click.option("--force", is_flag=True, help="Replace a mix that mix wrote (its OUT.meta.json says so)." + _OWN)
+@click_options(MixOptions, skip=("parts",))
 @_run_stage
-def mix(parts, out, total, seed, per_question, force):
+def mix(**flags):
     """Mix Distillation: draw records from several JSONL files by weight.
 
     Example, the long:short 1:4 mix that beat either alone for students <= 3B
@@ -719,22 +402,16 @@ def mix(parts, out, total, seed, per_question, force):
     """
     from micota_merge.data.mix import run
 
-    run(parts, out, total=total, seed=seed, per_question=per_question, force=force, echo=click.echo)
+    flags["parts"] = list(flags["parts"])  # PART=WEIGHT arguments: no commas to split
+    run(resolve(MixOptions, {}, base={k: v for k, v in flags.items() if v is not None}), echo=click.echo)
 
 
 # ---------------------------------------------------------------- distill, align
-from micota_merge.core.options import click_options as _click_options  # noqa: E402
-from micota_merge.training.distill import DistillConfig as _DistillConfig  # noqa: E402  (pydantic only; torch loads inside)
 
 
 @cli.command()
-@click.option(
-    "--config",
-    "config_file",
-    type=click.Path(dir_okay=False),
-    help="YAML of these options (e.g. micota_merge/recipes/distill/qwen2.5-7b-instruct.yaml); flags win.",
-)
-@_click_options(_DistillConfig)
+@_config_option("micota_merge/recipes/distill/qwen2.5-7b-instruct.yaml")
+@click_options(DistillConfig)
 @_run_stage
 def distill(config_file, **flags):
     """Fine-tune a student on chat records (TRL SFT), learning the assistant's tokens only.
@@ -752,10 +429,9 @@ def distill(config_file, **flags):
                        -m micota_merge.cli distill --config micota_merge/recipes/distill/qwen2.5-7b-instruct.yaml \\
                        --data mid.jsonl --out outputs/qwen7b-mid
     """
-    from micota_merge.core.options import resolve
     from micota_merge.training.distill import distill as run_distill
 
-    cfg = resolve(_DistillConfig, flags, config_file, label="distill options")
+    cfg = resolve(DistillConfig, flags, config_file, label="distill options")
     try:
         run_distill(cfg, echo=click.echo)
     except KeyboardInterrupt:
@@ -768,27 +444,9 @@ def distill(config_file, **flags):
 
 
 @cli.command()
-@click.option("--model", required=True, help="Checkpoint whose likelihood to measure (usually the student).")
-@click.option(
-    "--data",
-    "data_files",
-    required=True,
-    multiple=True,
-    help="JSONL file(s) of chat records; one row per file (repeat the flag or use commas).",
-)
-@click.option("--limit", type=int, help="Score only the first N records of each file.")
-@click.option("--batch-size", default=4, show_default=True, type=int, help="Records per forward pass.")
-@click.option(
-    "--max-length",
-    default=16384,
-    show_default=True,
-    type=int,
-    help="Longer records are truncated to this many tokens (and counted).",
-)
-@click.option("--out", help="Folder for align.md, align.json, align.png and micota.json.")
-@click.option("--force", is_flag=True, help="Replace an align report that align wrote." + _OWN)
+@click_options(AlignOptions)
 @_run_stage
-def align(model, data_files, limit, batch_size, max_length, out, force):
+def align(**flags):
     """Per-token NLL and perplexity of each data set's assistant tokens under MODEL.
 
     The paper's measure of how close long-, short- and mid-CoT data are to a student: the lower
@@ -797,60 +455,17 @@ def align(model, data_files, limit, batch_size, max_length, out, force):
     """
     from micota_merge.training.align import align as run_align
 
-    files = [p.strip() for spec in data_files for p in spec.split(",") if p.strip()]
-    run_align(
-        model, files, limit=limit, batch_size=batch_size, max_length=max_length, out=out, force=force, echo=click.echo
-    )
+    run_align(resolve(AlignOptions, flags), echo=click.echo)
 
 
 # ---------------------------------------------------------------- sweep
 
 
-def _ratio_list(ctx, param, value):
-    if value is None:
-        return None
-    try:
-        return [float(x) for x in value.split(",") if x.strip()]
-    except ValueError:
-        raise click.BadParameter("give ratios as comma-separated numbers, e.g. 0,0.25,0.5,0.75,1") from None
-
-
-def _density_list(ctx, param, value):
-    if value is None:
-        return None
-    try:
-        return [float(x) for x in value.split(",") if x.strip()]
-    except ValueError:
-        raise click.BadParameter("give densities as comma-separated numbers, e.g. 0.5,0.7") from None
-
-
 @cli.command()
 @click.argument("recipe", type=click.Path(dir_okay=False))
-@click.option("--ratios", callback=_ratio_list, help="Comma-separated ratios (default: the recipe's sweep.ratios).")
-@click.option(
-    "--densities",
-    callback=_density_list,
-    help="Comma-separated densities: sweep every ratio at each (ties/dare/breadcrumbs/della methods; "
-    "default: the recipe's sweep.densities, else merge.density alone).",
-)
-@click.option("--tolerance", type=float, help="Accuracy points below the best that still qualify (default 2).")
-@click.option("--limit", type=int, help="Probe questions (default: sweep.probe.limit).")
-@click.option("--max-tokens", type=int, help="Probe answer length cap (default: sweep.probe.max_tokens).")
-@click.option(
-    "--backend",
-    type=_Backend(remote=False),
-    help="Probe generation backend (default: sweep.probe.backend, else auto as in generate).",
-)
-@click.option(
-    "--data-parallel-size",
-    type=int,
-    help="vllm: probe each checkpoint through `vllm serve` with this many replicas (default: "
-    "sweep.probe.data_parallel_size).",
-)
-@click.option("--keep-all", is_flag=True, help="Keep every point's TA in <output>.sweep/ (default: only the chosen).")
-@click.option("--force", is_flag=True, help="Redo a finished sweep and replace the TA it left." + _OWN)
+@click_options(SweepOptions, skip=("recipe",))
 @_run_stage
-def sweep(recipe, ratios, densities, tolerance, limit, max_tokens, backend, data_parallel_size, keep_all, force):
+def sweep(**flags):
     """Merge at several ratios (x densities), measure CoT length and accuracy, keep the intermediate TA.
 
     Every point's TA is built in one pass over the inputs (each input tensor read once, outputs
@@ -865,19 +480,7 @@ def sweep(recipe, ratios, densities, tolerance, limit, max_tokens, backend, data
     """
     from micota_merge.merge.sweep.run import sweep as run
 
-    run(
-        recipe,
-        ratios=ratios,
-        densities=densities,
-        keep_all=keep_all,
-        tolerance=tolerance,
-        limit=limit,
-        max_tokens=max_tokens,
-        backend=backend,
-        data_parallel_size=data_parallel_size,
-        force=force,
-        echo=click.echo,
-    )
+    run(resolve(SweepOptions, flags), echo=click.echo)
 
 
 # ---------------------------------------------------------------- run

@@ -45,6 +45,12 @@ LOCK_FORMAT = "micota-merge lock"
 PathLike = Union[str, os.PathLike]
 Inputs = Union[Mapping[str, PathLike], Iterable[PathLike], None]
 
+# What every --force help says: the rule above, in one sentence.
+OWN = (
+    " --force never widens what is replaced: a foreign file or folder, an input, the home or current folder "
+    "is refused with or without it."
+)
+
 
 # ---------------------------------------------------------------- names
 

@@ -8,12 +8,36 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from micota_merge.core.artifacts import now, package_versions, write_json_atomic, write_jsonl_atomic
 from micota_merge.core.errors import UserError
 from micota_merge.core.fingerprint import data_fingerprint
-from micota_merge.core.ownership import claim, claim_sidecars, file_manifest, identity_of, output_lock
+from micota_merge.core.options import cli
+from micota_merge.core.ownership import OWN, claim, claim_sidecars, file_manifest, identity_of, output_lock
+from micota_merge.core.strict import Int
 from micota_merge.data.questions import mix, parse_parts
+
+
+class MixOptions(BaseModel):
+    """What `micota-merge mix` takes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    parts: list[str] = Field(description="PART=WEIGHT: a JSONL file of chat records and its weight in the mix.")
+    out: str = Field(description="Mixed records (JSONL), written atomically.")
+    total: Optional[Int] = Field(
+        None, description="Records in the mix (default: the most the parts allow at these weights)."
+    )
+    seed: Int = Field(0, description="Seed of the draw.")
+    per_question: Int = Field(1, description="Most answers per question id across the whole mix.")
+    force: bool = Field(
+        False,
+        description="Replace a mix that mix wrote (its OUT.meta.json says so)." + OWN,
+        json_schema_extra=cli(flag=True),
+    )
 
 
 def stats_path(out: Path) -> Path:
@@ -21,16 +45,9 @@ def stats_path(out: Path) -> Path:
     return out.with_name(stem + ".stats.json")
 
 
-def run(
-    parts: list[str],
-    out: str,
-    total: int | None = None,
-    seed: int = 0,
-    per_question: int = 1,
-    force: bool = False,
-    echo=print,
-) -> dict:
-    out_p = Path(out)
+def run(opts: MixOptions, echo=print) -> dict:
+    parts, total, seed, per_question, force = opts.parts, opts.total, opts.seed, opts.per_question, opts.force
+    out_p = Path(opts.out)
     parsed = parse_parts(parts)
     inputs = {f"part {label}": p for label, p, _ in parsed}
     claimed = claim(out_p, "mix", kind="file", inputs=inputs, option="--out")

@@ -619,31 +619,19 @@ def linear_merge(a, b, weight_a: float):
     return merged
 
 
-def train_world(
-    out: str | Path = "outputs/microworld",
-    seed: int = 0,
-    scale: float = 1.0,
-    n_eval: int | None = None,
-    dtype: str = "float32",
-    force: bool = False,
-    log: Callable[[str], None] = print,
-) -> dict:
-    """Train the micro world from `seed` and write it to `out`:
+def _scaled(spec: TrainSpec, scale: float) -> TrainSpec:
+    return TrainSpec(
+        steps=max(2, round(spec.steps * scale)),
+        batch_size=spec.batch_size,
+        lr=spec.lr,
+        warmup=max(1, round(spec.warmup * scale)),
+        weight_decay=spec.weight_decay,
+    )
 
-    ``base/ long_cot/ short_cot/ student/`` (Hugging Face Qwen2 folders with the tokenizer),
-    ``train.jsonl`` and ``heldout.jsonl`` (question records) and ``training.json`` (steps,
-    losses, held-out accuracy and mean tokens of every model and of a 0.5 linear merge).
-    Deterministic on CPU: one thread, seeded initialisation and data order.
-    """
-    import torch
-    from transformers import AutoModelForCausalLM
 
-    if not 0 < scale <= 1:
-        raise UserError(f"scale must be in (0, 1], got {scale}")
-    out = Path(out)
-    # the rule before 20 minutes of training, not after (micota_merge.core.ownership)
-    claimed = claim(out, "demo-train", option="--out")
-    ident = identity_of({"seed": seed, "scale": scale, "n_eval": n_eval, "dtype": dtype})
+def _existing_world(out: Path, claimed, ident: str, force: bool, log: Callable[[str], None]) -> dict | None:
+    """The record of the world in `out` when it was trained with these settings (None otherwise);
+    refuses to replace another world without --force."""
     if claimed.same(ident) and not force and (out / "training.json").is_file():
         log(f"{out} already holds the world of these settings; nothing to do (--force trains it again)")
         return json.loads((out / "training.json").read_text(encoding="utf-8"))
@@ -651,30 +639,19 @@ def train_world(
         raise UserError(f"--out {out} already exists and holds another micro world: pass --force to replace it")
     if claimed.state == "ours":
         check_replaceable(out, "--out")
-    torch.set_num_threads(1)  # determinism, and it leaves the other cores to the rest of the machine
-    torch.use_deterministic_algorithms(True)
-    t0 = time.time()
-    started = now()
+    return None
 
-    def steps(spec: TrainSpec) -> TrainSpec:
-        n = max(2, round(spec.steps * scale))
-        return TrainSpec(
-            steps=n,
-            batch_size=spec.batch_size,
-            lr=spec.lr,
-            warmup=max(1, round(spec.warmup * scale)),
-            weight_decay=spec.weight_decay,
-        )
 
-    n_pre = max(500, round(SCHEDULE["n_pretrain_problems"] * scale))
-    n_eval = n_eval or SCHEDULE["n_eval"]
-    problems = generate_problems(seed, max(n_pre, SCHEDULE["n_train_questions"]), "train")
-    heldout = generate_problems(seed, max(SCHEDULE["n_heldout"], n_eval), "heldout")
+def _world_tokenizer(problems: list[Problem], heldout: list[Problem]):
     tokenizer = build_tokenizer(corpus_texts(problems + heldout))
     if tokenizer.unk_token_id in chat_ids(tokenizer, heldout[0].question, short_cot(heldout[0]))[0]:
         raise RuntimeError("the micro world tokenizer does not cover the chat template")
-    pad = tokenizer.pad_token_id
-    record: dict = {
+    return tokenizer
+
+
+def _new_record(seed: int, scale: float, started: str, n_pre: int, tokenizer) -> dict:
+    """training.json before any model is trained: the settings and the task they train on."""
+    return {
         "seed": seed,
         "scale": scale,
         "started": started,
@@ -699,80 +676,150 @@ def train_world(
         "heldout": {},
     }
 
-    docs = _pretrain_docs(tokenizer, problems[:n_pre], seed)
-    models = {}
-    for role, size, spec, init_seed in (
-        ("base", "base", steps(SCHEDULE["base"]), seed),
-        ("student", "student", steps(SCHEDULE["student"]), seed + 1),
-    ):
-        torch.manual_seed(init_seed)
-        model = AutoModelForCausalLM.from_config(model_config(size, tokenizer))
-        t = time.time()
-        block = PRETRAIN_CONTEXT[size]
-        losses = train_lm(model, pack(docs, block), spec, seed, pad, f"pretrain {role}", log)
-        record["training"][role] = {
-            "kind": "pretrain",
-            **spec.__dict__,
-            "context": block,
-            "tokens_per_step": spec.batch_size * block,
-            "seconds": round(time.time() - t, 1),
-            "losses": losses,
-        }
-        models[role] = model
 
+def _pretrain(role: str, size: str, spec: TrainSpec, init_seed: int, docs: list[list[int]], tokenizer, seed: int, log):
+    """A fresh model of `size` pretrained on the packed documents, and its training record."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(init_seed)
+    model = AutoModelForCausalLM.from_config(model_config(size, tokenizer))
+    t = time.time()
+    block = PRETRAIN_CONTEXT[size]
+    losses = train_lm(model, pack(docs, block), spec, seed, tokenizer.pad_token_id, f"pretrain {role}", log)
+    return model, {
+        "kind": "pretrain",
+        **spec.__dict__,
+        "context": block,
+        "tokens_per_step": spec.batch_size * block,
+        "seconds": round(time.time() - t, 1),
+        "losses": losses,
+    }
+
+
+def _fine_tune(base, role: str, spec: TrainSpec, problems: Sequence[Problem], tokenizer, seed: int, log):
+    """A copy of `base` chat-tuned on the `role` style's answers, and its training record."""
     import copy
 
-    for role in ("long_cot", "short_cot"):
-        style = STYLES[role]
-        chats = [chat_ids(tokenizer, p.question, style(p)) for p in problems[:n_pre]]
-        model = copy.deepcopy(models["base"])
-        spec = steps(SCHEDULE["expert"])
-        t = time.time()
-        losses = train_lm(model, chats, spec, seed + 2, pad, f"fine-tune {role}", log)
-        record["training"][role] = {
-            "kind": "chat fine-tune of base",
-            "style": role,
-            **spec.__dict__,
-            "seconds": round(time.time() - t, 1),
-            "losses": losses,
-        }
-        models[role] = model
+    chats = [chat_ids(tokenizer, p.question, STYLES[role](p)) for p in problems]
+    model = copy.deepcopy(base)
+    t = time.time()
+    losses = train_lm(model, chats, spec, seed + 2, tokenizer.pad_token_id, f"fine-tune {role}", log)
+    return model, {
+        "kind": "chat fine-tune of base",
+        "style": role,
+        **spec.__dict__,
+        "seconds": round(time.time() - t, 1),
+        "losses": losses,
+    }
 
+
+def _train_models(tokenizer, problems: list[Problem], seed: int, scale: float, log) -> tuple[dict, dict]:
+    """The four models and their training records, by role. The experts are fine-tunes of the
+    trained base, as real merge pairs share their base, so the pretraining comes first."""
+    docs = _pretrain_docs(tokenizer, problems, seed)
+    models, training = {}, {}
+    for role, size, spec, init_seed in (
+        ("base", "base", _scaled(SCHEDULE["base"], scale), seed),
+        ("student", "student", _scaled(SCHEDULE["student"], scale), seed + 1),
+    ):
+        models[role], training[role] = _pretrain(role, size, spec, init_seed, docs, tokenizer, seed, log)
+    for role in ("long_cot", "short_cot"):
+        spec = _scaled(SCHEDULE["expert"], scale)
+        models[role], training[role] = _fine_tune(models["base"], role, spec, problems, tokenizer, seed, log)
+    return models, training
+
+
+def _save_models(models: dict, tokenizer, staging: Path, dtype: str) -> dict:
+    """Saves every model in `dtype` and returns them as loaded back: scored in the saved precision,
+    the figures describe the committed weights."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    saved = {}
+    for role in ROLES:
+        _save_model(models[role], tokenizer, staging / role, dtype)
+        saved[role] = AutoModelForCausalLM.from_pretrained(staging / role, dtype=torch.float32).eval()
+    return saved
+
+
+def _write_questions(staging: Path, problems: list[Problem], heldout: list[Problem]) -> None:
+    write_jsonl_atomic(staging / "train.jsonl", [question_record(p) for p in problems[: SCHEDULE["n_train_questions"]]])
+    write_jsonl_atomic(staging / "heldout.jsonl", [question_record(p) for p in heldout[: SCHEDULE["n_heldout"]]])
+
+
+def _evaluate_world(models: dict, tokenizer, evalset: list[Problem], record: dict, log) -> None:
+    """Scores every model, the pretrained ones outside chat too, and a 0.5 merge of the experts, into `record`."""
+    t = time.time()
+    max_new = SCHEDULE["max_new_tokens"]
+    for role in ROLES:
+        record["heldout"][role] = evaluate(models[role], tokenizer, evalset, max_new)
+        log(f"held-out {role}: {record['heldout'][role]}")
+    for role in ("base", "student"):  # the pretrained models do know the task, outside chat
+        r = evaluate(models[role], tokenizer, evalset, max_new, chat=False)
+        record["heldout"][f"{role} (plain completion)"] = r
+        log(f"held-out {role} plain: {r}")
+    merged = linear_merge(models["long_cot"], models["short_cot"], 0.5)
+    record["heldout"]["linear merge 0.5"] = evaluate(merged, tokenizer, evalset, max_new)
+    log(f"held-out merge 0.5: {record['heldout']['linear merge 0.5']}")
+    record["reference_tokens"] = {
+        style: round(
+            sum(len(tokenizer(fn(p), add_special_tokens=False)["input_ids"]) for p in evalset) / len(evalset), 1
+        )
+        for style, fn in STYLES.items()
+    }
+    record["eval_seconds"] = round(time.time() - t, 1)
+
+
+def train_world(
+    out: str | Path = "outputs/microworld",
+    seed: int = 0,
+    scale: float = 1.0,
+    n_eval: int | None = None,
+    dtype: str = "float32",
+    force: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Train the micro world from `seed` and write it to `out`:
+
+    ``base/ long_cot/ short_cot/ student/`` (Hugging Face Qwen2 folders with the tokenizer),
+    ``train.jsonl`` and ``heldout.jsonl`` (question records) and ``training.json`` (steps,
+    losses, held-out accuracy and mean tokens of every model and of a 0.5 linear merge).
+    Deterministic on CPU: one thread, seeded initialisation and data order.
+    """
+    import torch
+
+    if not 0 < scale <= 1:
+        raise UserError(f"scale must be in (0, 1], got {scale}")
+    out = Path(out)
+    # the rule before 20 minutes of training, not after (micota_merge.core.ownership)
+    claimed = claim(out, "demo-train", option="--out")
+    ident = identity_of({"seed": seed, "scale": scale, "n_eval": n_eval, "dtype": dtype})
+    existing = _existing_world(out, claimed, ident, force, log)
+    if existing is not None:
+        return existing
+    torch.set_num_threads(1)  # determinism, and it leaves the other cores to the rest of the machine
+    torch.use_deterministic_algorithms(True)
+    t0 = time.time()
+    started = now()
+
+    n_pre = max(500, round(SCHEDULE["n_pretrain_problems"] * scale))
+    n_eval = n_eval or SCHEDULE["n_eval"]
+    problems = generate_problems(seed, max(n_pre, SCHEDULE["n_train_questions"]), "train")
+    heldout = generate_problems(seed, max(SCHEDULE["n_heldout"], n_eval), "heldout")
+    tokenizer = _world_tokenizer(problems, heldout)
+    record = _new_record(seed, scale, started, n_pre, tokenizer)
+    models, record["training"] = _train_models(tokenizer, problems[:n_pre], seed, scale, log)
     for role, model in models.items():
         record["models"][role] = {
             "parameters": sum(p.numel() for p in model.parameters()),
             **MODEL_SIZES["student" if role == "student" else "base"],
         }
 
-    # Scored in the saved precision, so the figures describe the committed weights.
     with atomic_dir(out, "demo-train", force=force, option="--out", identity=ident) as staging:
-        for role in ROLES:
-            _save_model(models[role], tokenizer, staging / role, dtype)
-            models[role] = AutoModelForCausalLM.from_pretrained(staging / role, dtype=torch.float32).eval()
-        write_jsonl_atomic(
-            staging / "train.jsonl", [question_record(p) for p in problems[: SCHEDULE["n_train_questions"]]]
-        )
-        write_jsonl_atomic(staging / "heldout.jsonl", [question_record(p) for p in heldout[: SCHEDULE["n_heldout"]]])
-        evalset = heldout[:n_eval]
-        t = time.time()
-        max_new = SCHEDULE["max_new_tokens"]
-        for role in ROLES:
-            record["heldout"][role] = evaluate(models[role], tokenizer, evalset, max_new)
-            log(f"held-out {role}: {record['heldout'][role]}")
-        for role in ("base", "student"):  # the pretrained models do know the task, outside chat
-            r = evaluate(models[role], tokenizer, evalset, max_new, chat=False)
-            record["heldout"][f"{role} (plain completion)"] = r
-            log(f"held-out {role} plain: {r}")
-        merged = linear_merge(models["long_cot"], models["short_cot"], 0.5)
-        record["heldout"]["linear merge 0.5"] = evaluate(merged, tokenizer, evalset, max_new)
-        log(f"held-out merge 0.5: {record['heldout']['linear merge 0.5']}")
-        record["reference_tokens"] = {
-            style: round(
-                sum(len(tokenizer(fn(p), add_special_tokens=False)["input_ids"]) for p in evalset) / len(evalset), 1
-            )
-            for style, fn in STYLES.items()
-        }
-        record["eval_seconds"] = round(time.time() - t, 1)
+        models = _save_models(models, tokenizer, staging, dtype)
+        _write_questions(staging, problems, heldout)
+        _evaluate_world(models, tokenizer, heldout[:n_eval], record, log)
         record["seconds"] = round(time.time() - t0, 1)
         record["finished"] = now()
         write_json_atomic(staging / "training.json", record)

@@ -51,7 +51,7 @@ class Benchmark:
     r1_samples: int = 1  # answers per question under `eval --protocol r1`
     prompt: Optional[str] = PROMPT  # the user turn, with {question}; None: the bare question
     paper: bool = False  # one of the papers' benchmarks: in `eval --tasks all` and micota_math
-    question_set: bool = True  # a `generate --questions NAME` / `sweep.probe.benchmark` set
+    question_set: bool = True  # a `generate --questions NAME` / `sweep.probe.questions` set
     task_dir: Optional[Path] = None  # folder of its task YAML; None: tasks/
 
     @property

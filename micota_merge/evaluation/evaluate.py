@@ -40,8 +40,11 @@ import logging
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Annotated, Any, Callable, Iterable, Literal, Optional, Sequence, Union
+
+from pydantic import BeforeValidator, Field, field_validator
 
 from micota_merge.core.artifacts import (
     atomic_dir,
@@ -54,7 +57,9 @@ from micota_merge.core.artifacts import (
 from micota_merge.core.errors import StageFailed, UserError, disk_full, free_mib
 from micota_merge.core.identity import changed
 from micota_merge.core.identity import describe as describe_changes
+from micota_merge.core.options import MODEL_DTYPES, ModelDtype, cli
 from micota_merge.core.ownership import (
+    OWN,
     claim,
     claim_workdir,
     distributed_rank,
@@ -62,13 +67,15 @@ from micota_merge.core.ownership import (
     output_lock,
     remove_ours,
 )
+from micota_merge.core.strict import Float, Int, not_bool
 from micota_merge.evaluation import benchmarks as registry
 from micota_merge.evaluation import scoring
 from micota_merge.evaluation.tasks import GROUP, TASK_DIR, benchmark_of, task_name
+from micota_merge.generation.options import BackendName, ServerOptions, VllmOptions
 
 LOG = logging.getLogger("micota_merge.evaluation.evaluate")
 
-DTYPES = ("auto", "bfloat16", "float16", "float32")
+DTYPES = MODEL_DTYPES
 # Long-CoT models write thousands of tokens (R1-distill answers often pass 8k): the papers'
 # budget. On CPU that is hours per question, so the default there is a short-CoT budget.
 MAX_TOKENS_GPU = 16384
@@ -84,6 +91,80 @@ PROTOCOLS = {
 }
 
 Echo = Callable[[str], None]
+
+
+class EvalOptions(VllmOptions, ServerOptions):
+    """Everything `micota-merge eval` takes to score one model (the pipeline's `eval:` section too)."""
+
+    model: str = Field(description="Checkpoint to score: a local Hugging Face folder (or a cached hub id).")
+    tasks: Union[str, list[str]] = Field(
+        "all", description=f"Comma-separated benchmarks: {', '.join(registry.papers())}, or 'all'."
+    )
+    backend: BackendName = Field(
+        "auto",
+        description="auto: openai with --base-url, else vllm when vLLM and a CUDA GPU are present, else "
+        "transformers (lm-eval's hf model; 'hf' is a deprecated alias). openai: OpenAI-compatible servers "
+        "through lm-eval's local-chat-completions.",
+        json_schema_extra=cli(type="backend"),
+    )
+    limit: Optional[Int] = Field(
+        None, ge=1, description="Score only the first N questions of each benchmark (quick checks)."
+    )
+    protocol: Literal["greedy", "r1"] = Field(
+        "greedy",
+        description="greedy: one greedy answer per question, the papers' pass@1. r1: DeepSeek-R1's protocol "
+        "(open-r1, lighteval): temperature 0.6, top-p 0.95, 32768 new tokens on a GPU, answers per question "
+        "AIME24 64, AMC23 64, OlympiadBench 4, MATH-500 4, GSM8K 1; reports avg@k, pass@k and maj@k. Each "
+        "setting can be overridden below.",
+    )
+    samples: Optional[Annotated[Union[int, str, dict[str, int]], BeforeValidator(not_bool)]] = Field(
+        None,
+        description="Answers sampled per question: '8' for every benchmark, 'aime24=16,math500=2' for some (the "
+        "rest keep the protocol's). Needs --temperature > 0.",
+        json_schema_extra=cli(metavar="K|BENCH=K,..."),
+    )
+    temperature: Optional[Float] = Field(
+        None, description="Sampling temperature (0 = greedy). Default: the protocol's."
+    )
+    top_p: Optional[Float] = Field(None, description="Nucleus sampling threshold in (0, 1]. Default: the protocol's.")
+    seed: Int = Field(
+        0,
+        description="Seed of the sampling and of the bootstrap intervals: a rerun draws the same answers on "
+        "the same backend and hardware.",
+    )
+    max_tokens: Optional[Int] = Field(
+        None,
+        ge=1,
+        description=f"Most new tokens per answer. Default on a GPU or with --backend openai {MAX_TOKENS_GPU} "
+        "(greedy) or 32768 (r1): long-CoT answers run to many thousands of tokens; "
+        f"{MAX_TOKENS_CPU} on CPU (at most half the model's context), where 16k-token answers take hours "
+        "each: enough for short-CoT answers, and long-CoT ones show in the truncated column.",
+    )
+    batch_size: Optional[Annotated[Union[int, str], BeforeValidator(not_bool)]] = Field(
+        None, description="Prompts per batch, or 'auto'. Default: 8 on CPU, auto on GPU."
+    )
+    dtype: ModelDtype = Field("auto", description="Weight dtype for inference.")
+    device: Optional[str] = Field(None, description="lm-eval's device (default: the backend's choice).")
+    gpu_memory_utilization: Float = Field(
+        0.9, gt=0, le=1, description="vllm: share of GPU memory for weights and KV cache."
+    )
+    output: Optional[str] = Field(
+        None,
+        description="Run folder (default outputs/eval/<model name>); with --compare, where compare.md/.json/.png go.",
+        json_schema_extra=cli(short="-o"),
+    )
+    force: bool = Field(
+        False, description="Replace an output that this command wrote itself." + OWN, json_schema_extra=cli(flag=True)
+    )
+
+    @field_validator("batch_size")
+    @classmethod
+    def _batch_size(cls, v):
+        if v is None or str(v) == "auto":
+            return v
+        if not str(v).isdigit() or int(v) < 1:
+            raise ValueError(f"{v!r}: give a positive number or 'auto'")
+        return int(v)
 
 
 # ------------------------------------------------------------------------------- task names
@@ -320,56 +401,88 @@ def _holding_output_lock(fn):
     """One process at a time writes an eval run folder and its response cache (rank 0 under launch)."""
 
     @functools.wraps(fn)
-    def wrapper(model, *args, **kw):
+    def wrapper(opts: EvalOptions, *args, **kw):
         if distributed_rank() != 0:
-            return fn(model, *args, **kw)
-        with output_lock(Path(kw.get("output") or default_output(model)), "eval", log=kw.get("echo")):
-            return fn(model, *args, **kw)
+            return fn(opts, *args, **kw)
+        with output_lock(Path(opts.output or default_output(opts.model)), "eval", log=kw.get("echo")):
+            return fn(opts, *args, **kw)
 
     return wrapper
 
 
+@dataclass
+class _Plan:
+    """What the options mean on this machine, decided before anything is written."""
+
+    benchmarks: list[str]
+    engine: Any  # the backend (backends.Backend)
+    sampling: dict
+    gpu: bool
+    max_tokens: int
+    batch_size: Any
+    device: Optional[str]
+    urls: list[str]
+    model_path: Optional[Path] = None
+    meta: Any = None  # checkpoints.ModelFiles of a local model
+    served: Optional[str] = None
+
+    @property
+    def inputs(self) -> Optional[dict]:
+        return {"--model": self.model_path} if self.model_path else None
+
+
 @_holding_output_lock
-def evaluate(
-    model: str,
-    tasks: str | Sequence[str] | None = None,
-    backend: Optional[str] = None,
-    limit: Optional[int] = None,
-    max_tokens: Optional[int] = None,
-    batch_size=None,
-    output: Optional[str] = None,
-    dtype: str = "auto",
-    device: Optional[str] = None,
-    tensor_parallel_size: int = 1,
-    gpu_memory_utilization: float = 0.9,
-    max_model_len: Optional[int] = None,
-    data_parallel_size: int = 1,
-    base_url: Sequence[str] | str | None = None,
-    api_key_env: Optional[str] = None,
-    served_model: Optional[str] = None,
-    concurrency: int = 16,
-    retries: int = 8,
-    request_timeout: float = 3600.0,
-    force: bool = False,
-    protocol: str = "greedy",
-    samples=None,
-    temperature: Optional[float] = None,
-    top_p: Optional[float] = None,
-    seed: int = 0,
-    echo: Echo = print,
-) -> dict:
-    """Score `model` on `tasks` with lm-eval; write results, samples and summary to `output`."""
-    from micota_merge.core.checkpoints import check_model_files, context_length, read_chat_template, resolve_model_path
+def evaluate(opts: EvalOptions, echo: Echo = print) -> dict:
+    """Score `opts.model` on `opts.tasks` with lm-eval; write results, samples and summary to `opts.output`."""
+    plan = _plan(opts, echo)
+    out = Path(opts.output) if opts.output else default_output(opts.model)
+    claimed = claim(out, "eval", inputs=plan.inputs, option="--output")
+    identity, run_id = _identity(opts, plan)
+    if claimed.same(run_id) and not opts.force:
+        echo(f"already evaluated: {out} holds this model's scores with the same settings; nothing to do")
+        return load_summary(out)
+    if claimed.state == "ours" and not opts.force:
+        raise UserError(
+            f"--output {out} already exists and holds an eval of another model or other settings: "
+            "pass --force to replace it, or choose another --output"
+        )
+    # Responses are cached as they are generated (lm-eval's sqlite cache, keyed by prompt and
+    # generation settings), so a killed run resumes where it stopped. The cache belongs to one model
+    # *content* and one set of generation settings: another model (even one of the same architecture,
+    # whose config and headers are identical) is refused rather than served another's answers.
+    # (Greedy answers only: lm-eval's CachingLM never stores a do_sample request.)
+    cache_dir = out.parent / f".{out.name}.responses"
+    claim_response_cache(cache_dir, identity, out, opts.force)
+    model_key = sha256_bytes(json.dumps(identity, sort_keys=True).encode())[:16]
+    tm, lm_tasks, lm_model, args = _lm_eval_model(opts, plan)
+    if plan.engine.eval_fixed_batch_size is not None:
+        plan.batch_size = plan.engine.eval_fixed_batch_size
+    echo(
+        f"scoring {opts.model} on {', '.join(plan.benchmarks)} with lm-eval ({plan.engine.name}, "
+        f"{describe(plan.sampling)}, max {plan.max_tokens} new tokens"
+        f"{f', {opts.limit} per task' if opts.limit else ''}) -> {out}"
+    )
+    started, t0 = now(), time.time()
+    from lm_eval.loggers import EvaluationTracker
+
+    tracker = EvaluationTracker()  # records model and chat template; told where to write below
+    results = _simple_evaluate(opts, plan, tm, lm_tasks, lm_model, args, tracker, cache_dir / model_key, cache_dir)
+    if results is None:  # not the main process of a multi-process run: that one writes
+        return {}
+    summary = _write_run(opts, plan, out, results, tracker, args, run_id, started, t0)
+    remove_ours(cache_dir, "eval")
+    echo(summary_markdown(summary))
+    echo(f"wrote {out}/summary.json, summary.md, lm-eval results and per-sample logs")
+    return summary
+
+
+def _plan(opts: EvalOptions, echo: Echo) -> _Plan:
+    """The backend, token budget, batch size and model checks; every refusal before anything is written."""
     from micota_merge.generation import backends
 
-    # ---- options
-    benchmarks = parse_tasks(tasks)
-    urls = [base_url] if isinstance(base_url, str) else list(base_url or [])
-    engine = backends.pick(backend, urls)  # the auto policy, shared with generate
-    backend = engine.name
-    if data_parallel_size < 1:
-        raise UserError(f"--data-parallel-size {data_parallel_size}: give a positive number of replicas")
-    if data_parallel_size > 1:
+    benchmarks = parse_tasks(opts.tasks)
+    engine = backends.pick(opts.backend, opts.base_url)  # the auto policy, shared with generate
+    if opts.data_parallel_size > 1:
         import importlib.util
 
         if not engine.data_parallel:
@@ -382,174 +495,144 @@ def evaluate(
                 "--data-parallel-size > 1: lm-eval runs its vLLM replicas through Ray, which is not "
                 "installed here (pip install ray)"
             )
-    if concurrency < 1 or retries < 0:
-        raise UserError("--concurrency must be at least 1 and --retries at least 0")
-    if dtype not in DTYPES:
-        raise UserError(f"--dtype {dtype!r}: choose from {', '.join(DTYPES)}")
-    if limit is not None and limit < 1:
-        raise UserError(f"--limit {limit}: give a positive number of questions per task")
-    sampling = sampling_settings(protocol, samples, temperature, top_p, benchmarks)
     gpu = backends.cuda_visible()
-    default_max_tokens = max_tokens is None
-    if max_tokens is None:
+    plan = _Plan(
+        benchmarks=benchmarks,
+        engine=engine,
+        sampling=sampling_settings(opts.protocol, opts.samples, opts.temperature, opts.top_p, benchmarks),
+        gpu=gpu,
         # servers are where the GPUs are: the protocol's budget, whatever this machine has
-        max_tokens = PROTOCOLS[protocol]["max_tokens_gpu"] if gpu or engine.remote else MAX_TOKENS_CPU
-    if max_tokens < 1:
-        raise UserError(f"--max-tokens {max_tokens}: give a positive number")
-    if batch_size is None:
-        batch_size = engine.eval_batch_size(gpu)
-    elif str(batch_size) != "auto":
-        if not str(batch_size).isdigit() or int(batch_size) < 1:
-            raise UserError(f"--batch-size {batch_size!r}: give a positive number or 'auto'")
-        batch_size = int(batch_size)
-    if device is None:
-        device = engine.eval_device(gpu)
-    # with servers, --model may be a name only they know (a hosted model): no local checks, no tokenizer
-    local = not engine.remote or (Path(model) / "config.json").is_file()
-    model_path, meta = None, None
-    if local:
-        model_path = resolve_model_path(model, "--model")
-        meta = check_model_files(model_path, "--model")
-        context = max_model_len or context_length(meta.config)
-        if default_max_tokens and context is not None and max_tokens >= context:
-            # a short context (the micro world's 1024, Qwen2.5-Instruct's 32768 under r1): leave room
-            # for the prompt
-            echo(
-                f"max new tokens {max_tokens} would not fit {model}'s context of {context}: using "
-                f"{context // 2} (pass --max-tokens to choose)"
-            )
-            max_tokens = context // 2
-        if context is not None and max_tokens >= context:
-            raise UserError(
-                f"--max-tokens {max_tokens} does not fit {model}'s context of {context} tokens "
-                f"(prompt plus answer must fit): pass --max-tokens below {context}"
-            )
-        if read_chat_template(model_path) is None:
-            raise UserError(
-                f"--model {model}: no chat template (chat_template.jinja or tokenizer_config.json); the "
-                "benchmarks are asked through the model's chat template, as in the papers: use a chat "
-                "model, or add its template"
-            )
-    served = None
-    if engine.remote:  # every server is asked before anything is written
-        urls, _, served = engine.connect(urls, api_key_env, model, model_path, served_model)
-    out = Path(output) if output else default_output(model)
-    claimed = claim(out, "eval", inputs={"--model": model_path} if model_path else None, option="--output")
-
-    # ---- tasks
-    import lm_eval
-    from lm_eval.loggers import EvaluationTracker
-
-    _quiet_lm_eval()
-    # the token metrics count in the model's own tokenizer; a hosted model's is not here, so they are left out
-    metadata = {"max_gen_toks": max_tokens}
-    if model_path:
-        metadata["tokenizer"] = str(model_path)
-    tm = load_task_manager(metadata=metadata)
-    lm_tasks = task_specs(tm, benchmarks, sampling, max_tokens)
-    # lm-eval's model: for the local backends, subclasses whose answers carry the engine's finish
-    # reason and count (models.py; lengths.py defines them for every stage); for servers,
-    # local-chat-completions over all of them (servers/client.py)
-    lm_model, args = engine.lm_eval(
-        backends.EvalJob(
-            model_path=model_path,
-            dtype=dtype,
-            max_tokens=max_tokens,
-            seed=seed,
-            samples=sampling["samples"],
-            gpu=gpu,
-            tensor_parallel_size=tensor_parallel_size,
-            gpu_memory_utilization=gpu_memory_utilization,
-            max_model_len=max_model_len,
-            data_parallel_size=data_parallel_size,
-            urls=urls,
-            served=served,
-            api_key_env=api_key_env,
-            concurrency=concurrency,
-            retries=retries,
-            request_timeout=request_timeout,
-        )
+        max_tokens=opts.max_tokens
+        or (PROTOCOLS[opts.protocol]["max_tokens_gpu"] if gpu or engine.remote else MAX_TOKENS_CPU),
+        batch_size=engine.eval_batch_size(gpu) if opts.batch_size is None else opts.batch_size,
+        device=opts.device if opts.device is not None else engine.eval_device(gpu),
+        urls=list(opts.base_url),
     )
-    if engine.eval_fixed_batch_size is not None:
-        batch_size = engine.eval_fixed_batch_size
-    options = {
-        "tasks": benchmarks,
-        "backend": backend,
-        "limit": limit,
-        "max_tokens": max_tokens,
-        "batch_size": batch_size,
-        "dtype": dtype,
-        "device": device,
-        "model_args": args,
-        **sampling,
-        "seed": seed,
-    }
+    # with servers, --model may be a name only they know (a hosted model): no local checks, no tokenizer
+    if not engine.remote or (Path(opts.model) / "config.json").is_file():
+        _check_local_model(opts, plan, echo)
+    if engine.remote:  # every server is asked before anything is written
+        plan.urls, _, plan.served = engine.connect(
+            plan.urls, opts.api_key_env, opts.model, plan.model_path, opts.served_model
+        )
+    return plan
 
-    # Responses are cached as they are generated (lm-eval's sqlite cache, keyed by prompt and
-    # generation settings), so a killed run resumes where it stopped. The cache belongs to one model
-    # *content* and one set of generation settings: another model (even one of the same architecture,
-    # whose config and headers are identical) is refused rather than served another's answers.
-    # (Greedy answers only: lm-eval's CachingLM never stores a do_sample request.)
-    # A server-only model is known by its served name alone (README: Scale).
-    fp = meta.fingerprint() if meta else {"served_model": served, "content": None}
+
+def _check_local_model(opts: EvalOptions, plan: _Plan, echo: Echo) -> None:
+    from micota_merge.core.checkpoints import check_model_files, context_length, read_chat_template, resolve_model_path
+
+    model = opts.model
+    plan.model_path = resolve_model_path(model, "--model")
+    plan.meta = check_model_files(plan.model_path, "--model")
+    context = opts.max_model_len or context_length(plan.meta.config)
+    if opts.max_tokens is None and context is not None and plan.max_tokens >= context:
+        # a short context (the micro world's 1024, Qwen2.5-Instruct's 32768 under r1): leave room
+        # for the prompt
+        echo(
+            f"max new tokens {plan.max_tokens} would not fit {model}'s context of {context}: using "
+            f"{context // 2} (pass --max-tokens to choose)"
+        )
+        plan.max_tokens = context // 2
+    if context is not None and plan.max_tokens >= context:
+        raise UserError(
+            f"--max-tokens {plan.max_tokens} does not fit {model}'s context of {context} tokens "
+            f"(prompt plus answer must fit): pass --max-tokens below {context}"
+        )
+    if read_chat_template(plan.model_path) is None:
+        raise UserError(
+            f"--model {model}: no chat template (chat_template.jinja or tokenizer_config.json); the "
+            "benchmarks are asked through the model's chat template, as in the papers: use a chat "
+            "model, or add its template"
+        )
+
+
+def _identity(opts: EvalOptions, plan: _Plan) -> tuple[dict, str]:
+    """(the response cache's identity, the run's identity): model content and the settings that decide answers.
+
+    A server-only model is known by its served name alone (docs: scale)."""
+    backend = plan.engine.name
     # transformers is spelled "hf" here, as before the rename: runs and caches written then stay resumable
     same = {"transformers": "hf"}.get(backend, backend)
     identity = {
-        "model_content": fp["content"] if meta else f"served:{served}",
+        "model_content": plan.meta.fingerprint()["content"] if plan.meta else f"served:{plan.served}",
         "backend": same,
-        "dtype": dtype,
-        "max_tokens": max_tokens,
+        "dtype": opts.dtype,
+        "max_tokens": plan.max_tokens,
     }
     run_id = identity_of(
         {
             "model": identity["model_content"],
-            "tasks": benchmarks,
-            "limit": limit,
-            "max_tokens": max_tokens,
-            "sampling": sampling,
-            "seed": seed,
+            "tasks": plan.benchmarks,
+            "limit": opts.limit,
+            "max_tokens": plan.max_tokens,
+            "sampling": plan.sampling,
+            "seed": opts.seed,
             "backend": same,
-            "dtype": dtype,
+            "dtype": opts.dtype,
         }
     )
-    if claimed.same(run_id) and not force:
-        echo(f"already evaluated: {out} holds this model's scores with the same settings; nothing to do")
-        return load_summary(out)
-    if claimed.state == "ours" and not force:
-        raise UserError(
-            f"--output {out} already exists and holds an eval of another model or other settings: "
-            "pass --force to replace "
-            "it, or choose another --output"
-        )
-    cache_dir = out.parent / f".{out.name}.responses"
-    claim_response_cache(cache_dir, identity, out, force)
-    model_key = sha256_bytes(json.dumps(identity, sort_keys=True).encode())[:16]
+    return identity, run_id
 
-    # ---- run
-    echo(
-        f"scoring {model} on {', '.join(benchmarks)} with lm-eval ({backend}, {describe(sampling)}, "
-        f"max {max_tokens} new tokens{f', {limit} per task' if limit else ''}) -> {out}"
+
+def _lm_eval_model(opts: EvalOptions, plan: _Plan):
+    """lm-eval's task manager, task specs, model name and model_args for this run."""
+    from micota_merge.generation import backends
+
+    _quiet_lm_eval()
+    # the token metrics count in the model's own tokenizer; a hosted model's is not here, so they are left out
+    metadata = {"max_gen_toks": plan.max_tokens}
+    if plan.model_path:
+        metadata["tokenizer"] = str(plan.model_path)
+    tm = load_task_manager(metadata=metadata)
+    lm_tasks = task_specs(tm, plan.benchmarks, plan.sampling, plan.max_tokens)
+    # lm-eval's model: for the local backends, subclasses whose answers carry the engine's finish
+    # reason and count (models.py; lengths.py defines them for every stage); for servers,
+    # local-chat-completions over all of them (servers/client.py)
+    lm_model, args = plan.engine.lm_eval(
+        backends.EvalJob(
+            model_path=plan.model_path,
+            dtype=opts.dtype,
+            max_tokens=plan.max_tokens,
+            seed=opts.seed,
+            samples=plan.sampling["samples"],
+            gpu=plan.gpu,
+            tensor_parallel_size=opts.tensor_parallel_size,
+            gpu_memory_utilization=opts.gpu_memory_utilization,
+            max_model_len=opts.max_model_len,
+            data_parallel_size=opts.data_parallel_size,
+            urls=plan.urls,
+            served=plan.served,
+            api_key_env=opts.api_key_env,
+            concurrency=opts.concurrency,
+            retries=opts.retries,
+            request_timeout=opts.request_timeout,
+        )
     )
-    started, t0 = now(), time.time()
-    tracker = EvaluationTracker()  # records model and chat template; told where to write below
+    return tm, lm_tasks, lm_model, args
+
+
+def _simple_evaluate(opts, plan: _Plan, tm, lm_tasks, lm_model, args, tracker, cache: Path, cache_dir: Path):
+    """lm-eval's run, with its failures as one line: a full disk, or servers that kept failing."""
+    import lm_eval
+
     try:
-        results = lm_eval.simple_evaluate(
+        return lm_eval.simple_evaluate(
             model=lm_model,
             model_args=args,
             tasks=lm_tasks,
             task_manager=tm,
-            limit=limit,
-            batch_size=batch_size,
-            device=device,
+            limit=opts.limit,
+            batch_size=plan.batch_size,
+            device=plan.device,
             apply_chat_template=True,
             log_samples=True,
             evaluation_tracker=tracker,
-            use_cache=str(cache_dir / model_key),
+            use_cache=str(cache),
             confirm_run_unsafe_code=False,
-            random_seed=seed,
-            numpy_random_seed=seed,
-            torch_random_seed=seed,
-            fewshot_random_seed=seed,
+            random_seed=opts.seed,
+            numpy_random_seed=opts.seed,
+            torch_random_seed=opts.seed,
+            fewshot_random_seed=opts.seed,
         )
     except Exception as e:
         if disk_full(e, cache_dir):  # sqlite's "database or disk is full" is no OSError
@@ -558,36 +641,53 @@ def evaluate(
                 f"{free_mib(cache_dir)} MiB free): free space there (or give --output on a bigger disk) "
                 "and run the same command again; the answers cached so far are kept"
             ) from None
-        if not engine.remote:
+        if not plan.engine.remote:
             raise
         # lm-eval gave up after its retries on every server; each answer it got is in the cache
         raise StageFailed(
-            f"requests to {', '.join(urls)} kept failing ({type(e).__name__}: {str(e)[:200]}); the "
+            f"requests to {', '.join(plan.urls)} kept failing ({type(e).__name__}: {str(e)[:200]}); the "
             "answers received so far are cached: run the same command again to resume"
         ) from None
-    if results is None:  # not the main process of a multi-process run: that one writes
-        return {}
+
+
+def _write_run(opts: EvalOptions, plan: _Plan, out: Path, results, tracker, args, run_id, started, t0) -> dict:
+    """Regrade, summarize and commit the run folder atomically; returns the summary."""
     logged = results.pop("samples")
-    mismatches, per_question, majority = audit_samples(
-        logged, tokenizer=str(model_path) if model_path else None, max_tokens=max_tokens
-    )
-    with atomic_dir(
-        out, "eval", force=force, inputs={"--model": model_path} if model_path else None, option="--output"
-    ) as staging:
+    tokenizer = str(plan.model_path) if plan.model_path else None
+    mismatches, per_question, majority = audit_samples(logged, tokenizer=tokenizer, max_tokens=plan.max_tokens)
+    fp = plan.meta.fingerprint() if plan.meta else {"served_model": plan.served, "content": None}
+    options = {
+        "tasks": plan.benchmarks,
+        "backend": plan.engine.name,
+        "limit": opts.limit,
+        "max_tokens": plan.max_tokens,
+        "batch_size": plan.batch_size,
+        "dtype": opts.dtype,
+        "device": plan.device,
+        "model_args": args,
+        **plan.sampling,
+        "seed": opts.seed,
+    }
+    with atomic_dir(out, "eval", force=opts.force, inputs=plan.inputs, option="--output") as staging:
         tracker.output_path = str(staging / "results.json")  # lm-eval writes results_<date>.json beside it
         tracker.save_results_aggregated(results=results, samples=logged)
         for name in results["configs"]:
             tracker.save_results_samples(task_name=name, samples=logged[name])
         files = _written_files(staging, results["configs"])
         summary = summarize(
-            results, model=model, benchmarks=benchmarks, per_question=per_question, majority=majority, seed=seed
+            results,
+            model=opts.model,
+            benchmarks=plan.benchmarks,
+            per_question=per_question,
+            majority=majority,
+            seed=opts.seed,
         )
         summary.update(
-            backend=backend,
-            max_tokens=max_tokens,
-            limit=limit,
-            **sampling,
-            seed=seed,
+            backend=plan.engine.name,
+            max_tokens=plan.max_tokens,
+            limit=opts.limit,
+            **plan.sampling,
+            seed=opts.seed,
             files=files,
             seconds=round(time.time() - t0, 1),
         )
@@ -598,7 +698,7 @@ def evaluate(
         write_manifest(
             staging,
             "eval",
-            model=model,
+            model=opts.model,
             options=options,
             inputs={"model": fp},
             started=started,
@@ -607,9 +707,6 @@ def evaluate(
             results=summary,
             identity=run_id,
         )
-    remove_ours(cache_dir, "eval")
-    echo(summary_markdown(summary))
-    echo(f"wrote {out}/summary.json, summary.md, lm-eval results and per-sample logs")
     return summary
 
 

@@ -45,19 +45,19 @@ import logging
 import os
 import time
 import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
-
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from typing import Any, Optional
 
 from micota_merge.core.artifacts import now, package_versions, write_json_atomic, write_jsonl_atomic
 from micota_merge.core.checkpoints import check_model_files
 from micota_merge.core.errors import UserError
 from micota_merge.core.identity import changed, describe
 from micota_merge.core.lengths import finish, split_tokens
+from micota_merge.core.options import resolve
 from micota_merge.core.ownership import claim, claim_sidecars, output_lock
 from micota_merge.core.stats import spread
-from micota_merge.core.strict import Float, Int
+from micota_merge.generation.options import TRANSPORT_OPTIONS, GenerateOptions  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -79,95 +79,9 @@ _END_OF_TURN = (
 )  # DeepSeek's bars are fullwidth
 
 
-# How requests travel, never what is answered (records are the same with one server or four, at any
-# concurrency, with any number of data-parallel replicas): left out of every "same input" decision.
-TRANSPORT_OPTIONS = (
-    "base_url",
-    "api_key_env",
-    "served_model",
-    "concurrency",
-    "retries",
-    "request_timeout",
-    "data_parallel_size",
-)
-
-
-class GenerateOptions(BaseModel):
-    """Everything `micota-merge generate` takes; defaults are the papers' settings."""
-
-    model: str
-    questions: str
-    out: str
-    backend: str = "auto"  # a registered backend (backends.REGISTRY) or auto: backends.pick decides
-    n: Int = Field(1, ge=1)  # samples per question
-    temperature: Float = Field(0.0, ge=0)  # 0 = greedy, reproducible data
-    top_p: Float = Field(1.0, gt=0, le=1)
-    max_tokens: Int = Field(16384, ge=1)  # long-CoT answers run to thousands of tokens
-    batch_size: Optional[Int] = Field(None, ge=1)  # transformers: prompts per batch (16); vllm: per chunk (256)
-    limit: Optional[Int] = Field(None, ge=1)
-    seed: Int = 0
-    prompt: str = ""  # empty: data.DEFAULT_PROMPT
-    keep: Literal["correct", "all"] = "correct"
-    question_field: Optional[str] = None
-    answer_field: Optional[str] = None
-    id_field: Optional[str] = None
-    split: Optional[str] = None
-    benchmark: Optional[str] = None
-    dtype: str = "auto"  # the checkpoint's own dtype
-    tensor_parallel_size: Int = Field(1, ge=1)
-    max_model_len: Optional[Int] = Field(None, ge=16)
-    enforce_eager: bool = False  # vllm: skip torch.compile / CUDA graphs (starts faster, runs slower)
-    data_parallel_size: Int = Field(1, ge=1)  # vllm: engine replicas, each on its own tensor_parallel_size GPUs
-    serve_args: Optional[str] = None  # vllm: more `vllm serve` flags; starts it even for one replica (e.g. Ray)
-    # openai: OpenAI-compatible servers (vllm serve, SGLang, a hosted API)
-    base_url: list[str] = Field(default_factory=list)
-    api_key_env: Optional[str] = None  # the environment variable holding the key (never the key itself)
-    served_model: Optional[str] = None  # the model name the servers know (default: found from /v1/models)
-    concurrency: Int = Field(16, ge=1)  # requests in flight over all servers
-    retries: Int = Field(8, ge=0)  # further tries of a failed request, on the other servers first
-    request_timeout: Float = Field(3600.0, gt=0)  # seconds without a byte from the server before a retry
-    force: bool = False  # start the output over
-
-    @field_validator("prompt")
-    @classmethod
-    def _prompt_has_slot(cls, v: str) -> str:
-        if v and "{question}" not in v:
-            raise ValueError("must contain {question} where the question goes")
-        return v
-
-    @field_validator("backend")
-    @classmethod
-    def _backend_known(cls, v: str) -> str:
-        from micota_merge.generation import backends
-
-        try:
-            return backends.canonical(v)  # "hf" -> "transformers", with a note
-        except UserError:
-            raise ValueError(backends.unknown(v)) from None
-
-    @field_validator("base_url", mode="before")
-    @classmethod
-    def _urls(cls, v):
-        if isinstance(v, str):
-            v = [v]
-        return [u.strip() for x in (v or []) for u in str(x).split(",") if u.strip()]
-
-    @field_validator("dtype")
-    @classmethod
-    def _dtype_known(cls, v: str) -> str:
-        ok = ("auto", "bfloat16", "float16", "float32")
-        if v not in ok:
-            raise ValueError(f"unknown dtype {v!r}: use one of {list(ok)}")
-        return v
-
-
 def options(**kw) -> GenerateOptions:
-    try:
-        return GenerateOptions(**kw)
-    except ValidationError as e:
-        err = e.errors()[0]
-        field = ".".join(str(x) for x in err["loc"]) or "options"
-        raise UserError(f"--{field.replace('_', '-')}: {err['msg'].removeprefix('Value error, ')}") from None
+    """GenerateOptions from keyword values (the pipeline's and the probe's), a problem named as its flag."""
+    return resolve(GenerateOptions, {}, base=kw)
 
 
 # ---------------------------------------------------------------- output files
@@ -453,35 +367,55 @@ def _inputs(opts: GenerateOptions) -> dict:
 
 
 def _generate(opts: GenerateOptions, echo) -> dict:
-    from tqdm import tqdm
+    from micota_merge.data.questions import DEFAULT_PROMPT
 
-    from micota_merge.core.templates import TemplateFacts
-    from micota_merge.data.questions import DEFAULT_PROMPT, format_prompt, load_questions, require_answers
-    from micota_merge.evaluation.grading import grade, prompt_opens_thinking, split_thinking
-    from micota_merge.generation import backends
-
-    # ---- setup
-    out = Path(opts.out)
-    model_dir = Path(opts.model)
+    out, model_dir = Path(opts.out), Path(opts.model)
     local = (model_dir / "config.json").is_file()
     template = opts.prompt or DEFAULT_PROMPT
+    opts, engine = _engine(opts, model_dir, local)
+    questions = _questions(opts, echo)
+    settings = _settings(opts, model_dir, template)
+    prompts = _Prompts.make(opts, questions, model_dir, local, template)
+    # only now, with every question known to fit: a refusal above leaves no OUT behind
+    done = prepare_output(out, settings, opts.force, inputs=_inputs(opts))
+    items = [(qi, s) for qi in range(len(questions)) for s in range(opts.n)]
+    pending = [it for it in items if (questions[it[0]]["id"], it[1]) not in done]
+    echo(
+        f"{len(questions)} questions x {opts.n} sample(s): {len(items) - len(pending)} records already in "
+        f"{out}, {len(pending)} to generate with {engine.name}"
+    )
+    stats_file = sibling(out, ".stats.json")
+    if not pending and stats_file.is_file() and (opts.keep != "correct" or sibling(out, ".correct.jsonl").is_file()):
+        echo(f"already generated: every record is in {out}; nothing to do (--force starts it over)")
+        return json.loads(stats_file.read_text(encoding="utf-8"))
+    recorder = _Recorder(opts, questions, prompts)
+    run = _answer(opts, engine, model_dir, out, questions, prompts, recorder, items, pending, echo)
+    return _save(opts, out, settings, engine.name, run, echo)
+
+
+def _engine(opts: GenerateOptions, model_dir: Path, local: bool):
+    """(the options as the backend needs them, the backend): the auto policy shared with eval, and its refusals."""
+    from micota_merge.generation import backends
+
     serve = opts.data_parallel_size > 1 or bool(opts.serve_args)  # these start `vllm serve`
-    engine = backends.pick(opts.backend, opts.base_url, serve=serve)  # the auto policy, shared with eval
-    backend = engine.name
+    engine = backends.pick(opts.backend, opts.base_url, serve=serve)
     if not local and not engine.remote:
         raise UserError(f"--model {model_dir}: not a checkpoint folder (no config.json)")
     if not engine.data_parallel and serve:
         raise UserError(
-            f"--data-parallel-size and --serve-args are for --backend vllm; with {backend} "
+            f"--data-parallel-size and --serve-args are for --backend vllm; with {engine.name} "
             + (
                 "start the servers with `vllm serve --data-parallel-size N` (or several servers)"
                 if engine.remote
                 else "use --backend vllm"
             )
         )
-    opts = engine.prepare_generate(opts, model_dir, local)  # e.g. the servers asked for their model
+    return engine.prepare_generate(opts, model_dir, local), engine  # e.g. the servers asked for their model
 
-    # ---- data
+
+def _questions(opts: GenerateOptions, echo) -> list[dict]:
+    from micota_merge.data.questions import load_questions, require_answers
+
     questions = load_questions(
         opts.questions,
         opts.question_field,
@@ -503,60 +437,75 @@ def _generate(opts: GenerateOptions, echo) -> dict:
             f"warning: --n {opts.n} with temperature 0 gives {opts.n} identical answers per question; "
             "set --temperature (e.g. 0.6) for distinct samples"
         )
-    settings = _settings(opts, model_dir, template)
+    return questions
 
-    users, prompt_ids, stop_ids, tokenizer, opens_thinking, pad_id = [], [], [], None, [], None
-    facts = TemplateFacts()
-    if local:
+
+@dataclass
+class _Prompts:
+    """Each question as the model is asked it: the user message, and for a local model its token ids."""
+
+    users: list[str]
+    opens_thinking: list[bool]
+    prompt_ids: list[list[int]] = field(default_factory=list)
+    stop_ids: list[int] = field(default_factory=list)
+    tokenizer: Any = None
+    pad_id: Optional[int] = None
+    facts: Any = None  # templates.TemplateFacts
+
+    @classmethod
+    def make(cls, opts: GenerateOptions, questions: list[dict], model_dir: Path, local: bool, template: str):
+        from micota_merge.core.templates import TemplateFacts
+        from micota_merge.data.questions import format_prompt
+        from micota_merge.evaluation.grading import prompt_opens_thinking
+
+        if not local:  # the server applies its chat template, which is not here to read
+            users = [template.replace("{question}", q["question"]) for q in questions]
+            return cls(users, [False] * len(questions), facts=TemplateFacts())
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        facts = chat_template_facts(tokenizer)
+        p = cls([], [], tokenizer=tokenizer, facts=chat_template_facts(tokenizer))
         for q in questions:
             user, text = format_prompt(tokenizer, q["question"], template)
-            users.append(user)
-            opens_thinking.append(prompt_opens_thinking(text))  # R1-distill templates open <think>
+            p.users.append(user)
+            p.opens_thinking.append(prompt_opens_thinking(text))  # R1-distill templates open <think>
             # the template already holds any BOS it wants; both backends get exactly these ids
             # verbose=False: transformers' "longer than the maximum" warning; check_context names the question
-            prompt_ids.append(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
-        check_context(model_dir, prompt_ids, opts.max_tokens, questions, opts.questions)
-        stop_ids = stop_token_ids(tokenizer, model_dir)
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
-    else:  # the server applies its chat template, which is not here to read
-        users = [template.replace("{question}", q["question"]) for q in questions]
-        opens_thinking = [False] * len(questions)
-    stop_set = set(stop_ids)
-    # only now, with every question known to fit: a refusal above leaves no OUT behind
-    done = prepare_output(out, settings, opts.force, inputs=_inputs(opts))
-    count = (lambda t: len(tokenizer(t, add_special_tokens=False)["input_ids"])) if tokenizer is not None else None
+            p.prompt_ids.append(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+        check_context(model_dir, p.prompt_ids, opts.max_tokens, questions, opts.questions)
+        p.stop_ids = stop_token_ids(tokenizer, model_dir)
+        p.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else p.stop_ids[0]
+        return p
 
-    items = [(qi, s) for qi in range(len(questions)) for s in range(opts.n)]
-    pending = [it for it in items if (questions[it[0]]["id"], it[1]) not in done]
-    echo(
-        f"{len(questions)} questions x {opts.n} sample(s): {len(items) - len(pending)} records already in "
-        f"{out}, {len(pending)} to generate with {backend}"
-    )
-    stats_file = sibling(out, ".stats.json")
-    if not pending and stats_file.is_file() and (opts.keep != "correct" or sibling(out, ".correct.jsonl").is_file()):
-        echo(f"already generated: every record is in {out}; nothing to do (--force starts it over)")
-        return json.loads(stats_file.read_text(encoding="utf-8"))
 
-    def record(qi: int, sample: int, tokens: list[int]) -> dict:
-        toks, reason = finish(tokens, stop_set, opts.max_tokens)
-        return answer_record(qi, sample, answer_text(tokenizer, toks, stop_set, facts), len(toks), reason)
+class _Recorder:
+    """Turns an answer (generated ids, or a server's text) into its graded record."""
 
-    def answer_record(qi: int, sample: int, text: str, num_tokens: int, reason: str) -> dict:
-        q = questions[qi]
+    def __init__(self, opts: GenerateOptions, questions: list[dict], prompts: _Prompts):
+        self.opts, self.questions, self.p = opts, questions, prompts
+        self.stop_set = set(prompts.stop_ids)
+        tok = prompts.tokenizer
+        self.count = (lambda t: len(tok(t, add_special_tokens=False)["input_ids"])) if tok is not None else None
+
+    def record(self, qi: int, sample: int, tokens: list[int]) -> dict:
+        toks, reason = finish(tokens, self.stop_set, self.opts.max_tokens)
+        text = answer_text(self.p.tokenizer, toks, self.stop_set, self.p.facts)
+        return self.answer_record(qi, sample, text, len(toks), reason)
+
+    def answer_record(self, qi: int, sample: int, text: str, num_tokens: int, reason: str) -> dict:
+        from micota_merge.evaluation.grading import grade, split_thinking
+
+        q, facts, opens = self.questions[qi], self.p.facts, self.p.opens_thinking[qi]
         # graded after </think> only; an answer inside an unfinished think block is none
-        g = grade(text, q["answer"], q["benchmark"], opens_thinking[qi])
-        thinking, _, finished = split_thinking(text, opens_thinking[qi])
+        g = grade(text, q["answer"], q["benchmark"], opens)
+        thinking, _, finished = split_thinking(text, opens)
         # lengths count generated tokens only: the template's prefill was prompt, not output
         generated_thinking = thinking[len(facts.prefill) :] if thinking.startswith(facts.prefill) else thinking
         # lengths.py: the split eval makes too (a hosted model's tokenizer is not here: by characters)
-        n_thinking = split_tokens(num_tokens, generated_thinking, len(text) - len(facts.prefill), count)
+        n_thinking = split_tokens(num_tokens, generated_thinking, len(text) - len(facts.prefill), self.count)
         return {
             "id": q["id"],
-            "messages": [{"role": "user", "content": users[qi]}, {"role": "assistant", "content": text}],
+            "messages": [{"role": "user", "content": self.p.users[qi]}, {"role": "assistant", "content": text}],
             "answer": q["answer"],
             "pred": g["pred"],
             "correct": g["correct"],
@@ -565,13 +514,19 @@ def _generate(opts: GenerateOptions, echo) -> dict:
             "answer_tokens": num_tokens - n_thinking,
             "thinking_finished": finished,
             "finish_reason": reason,
-            "model": opts.model,
+            "model": self.opts.model,
             "sample": sample,
             "system": facts.default_system,
         }
 
-    # ---- generate
-    t0, n_tokens, n_written, n_accepted = time.perf_counter(), 0, 0, 0
+
+def _answer(opts, engine, model_dir, out, questions, prompts: _Prompts, recorder: _Recorder, items, pending, echo):
+    """Hand the pending (question, sample) pairs to the backend, writing records as batches finish."""
+    from tqdm import tqdm
+
+    from micota_merge.generation import backends
+
+    t0, count = time.perf_counter(), {"tokens": 0, "written": 0, "accepted": 0}
     # One tick per record: the ETA then counts what is left, whatever n and the batch size are.
     bar = tqdm(
         total=len(items),
@@ -582,19 +537,18 @@ def _generate(opts: GenerateOptions, echo) -> dict:
         disable=None,
         smoothing=0.1,
     )
+    timing: dict = {}
 
     def written(recs: list[dict]) -> None:
-        nonlocal n_tokens, n_written, n_accepted
         writer.write_batch(recs)
         for r in recs:
-            n_tokens += r["num_tokens"]
-            n_written += 1
-            n_accepted += bool(r["correct"]) and r["finish_reason"] == "stop"
+            count["tokens"] += r["num_tokens"]
+            count["written"] += 1
+            count["accepted"] += bool(r["correct"]) and r["finish_reason"] == "stop"
         bar.update(len(recs))
         dt = time.perf_counter() - timing.get("loaded", t0)
-        bar.set_postfix_str(f"{n_tokens / dt:.1f} tok/s, accepted {n_accepted}/{n_written}")
+        bar.set_postfix_str(f"{count['tokens'] / dt:.1f} tok/s, accepted {count['accepted']}/{count['written']}")
 
-    timing: dict = {}
     shared = None
     writer = RecordWriter(out)
     try:
@@ -605,16 +559,16 @@ def _generate(opts: GenerateOptions, echo) -> dict:
                     model_dir=model_dir,
                     out=out,
                     questions=questions,
-                    users=users,
-                    prompt_ids=prompt_ids,
-                    stop_ids=stop_ids,
-                    pad_id=pad_id,
+                    users=prompts.users,
+                    prompt_ids=prompts.prompt_ids,
+                    stop_ids=prompts.stop_ids,
+                    pad_id=prompts.pad_id,
                     items=items,
                     pending=pending,
-                    record=record,
-                    answer_record=answer_record,
+                    record=recorder.record,
+                    answer_record=recorder.answer_record,
                     write=written,
-                    prefill=facts.prefill,
+                    prefill=prompts.facts.prefill,
                     timing=timing,
                     echo=echo,
                 )
@@ -624,23 +578,27 @@ def _generate(opts: GenerateOptions, echo) -> dict:
         bar.close()
     elapsed = time.perf_counter() - t0
     load = timing.get("loaded", t0) - t0  # model load (and vllm's compile and warm-up)
-    gen_s = elapsed - load
+    return {**count, "elapsed": elapsed, "load": load, "shared": shared}
 
-    # ---- save
+
+def _save(opts: GenerateOptions, out: Path, settings: dict, backend: str, run: dict, echo) -> dict:
+    """The kept file and the stats, with this run's speed; one line of what the file now holds."""
     stats = finalize(out, opts.keep, settings)
+    gen_s = run["elapsed"] - run["load"]
+    n_tokens, n_written = run["tokens"], run["written"]
     stats["last_run"] = {
         "backend": backend,
         "records": n_written,
         "generated_tokens": n_tokens,
-        "seconds": round(elapsed, 2),
-        "load_seconds": round(load, 2),
+        "seconds": round(run["elapsed"], 2),
+        "load_seconds": round(run["load"], 2),
         "generate_seconds": round(gen_s, 2),
         "tokens_per_second": round(n_tokens / gen_s, 2) if gen_s > 0 and n_written else None,
     }
     if opts.data_parallel_size > 1:
         stats["last_run"]["data_parallel_size"] = opts.data_parallel_size
-    if shared:  # servers: how the work was shared, and what failed over
-        stats["last_run"].update(shared)
+    if run["shared"]:  # servers: how the work was shared, and what failed over
+        stats["last_run"].update(run["shared"])
     write_json_atomic(sibling(out, ".stats.json"), stats)
     kept = f", kept {stats['kept']} in {stats['kept_file']}" if opts.keep == "correct" else ""
     thinking = (

@@ -14,10 +14,10 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from micota_merge.core.artifacts import atomic_dir, now, write_manifest
 from micota_merge.core.checkpoints import (
@@ -32,7 +32,9 @@ from micota_merge.core.checkpoints import (
     weight_files,
 )
 from micota_merge.core.errors import StageFailed, UserError
-from micota_merge.core.ownership import Claim, check_free_space, claim, identity_of, output_lock
+from micota_merge.core.options import cli
+from micota_merge.core.ownership import OWN, Claim, check_free_space, claim, identity_of, output_lock
+from micota_merge.core.strict import Float, Int
 from micota_merge.merge.preflight import (
     check_untie_supported,
     lineage_warnings,
@@ -44,6 +46,36 @@ from micota_merge.merge.preflight import (
 from micota_merge.merge.recipe import Recipe, is_mergekit_config, parse_recipe, read_yaml
 
 LOG = logging.getLogger("micota_merge.merge.build")
+
+
+class BuildOptions(BaseModel):
+    """Everything `micota-merge build` takes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    recipe: str = Field(description="A micota recipe or a plain mergekit YAML.")
+    output: Optional[str] = Field(
+        None, description="Where to write the TA (default: the recipe's `output`).", json_schema_extra=cli(short="-o")
+    )
+    ratio: Optional[Float] = Field(None, description="Override merge.ratio: the long-CoT share, 0..1.")
+    force: bool = Field(
+        False, description="Replace an output that this command wrote itself." + OWN, json_schema_extra=cli(flag=True)
+    )
+    dry_run: bool = Field(
+        False, description="Validate and plan from metadata only; read no weights.", json_schema_extra=cli(flag=True)
+    )
+    print_mergekit: bool = Field(
+        False, description="Print the mergekit YAML this recipe means and exit.", json_schema_extra=cli(flag=True)
+    )
+    device: Optional[str] = Field(
+        None, description="Where mergekit does the math (default: cuda if available, else cpu)."
+    )
+    shard_size: Union[str, Int] = Field(
+        "5GB",
+        description="Largest output shard. Peak memory is about one shard plus a few tensors: use e.g. 1GB to "
+        "merge 32B models on a 16 GB machine.",
+    )
+
 
 # Safety margin over the computed output size: config, tokenizer, index and filesystem slack.
 _DISK_MARGIN = 1.05
@@ -201,19 +233,14 @@ def parse_size(text: str | int) -> int:
         raise UserError(f"--shard-size {text!r}: give a size such as 5GB, 500MB or a byte count") from None
 
 
-def build(
-    recipe_path: str | Path,
-    output: Optional[str] = None,
-    ratio: Optional[float] = None,
-    force: bool = False,
-    dry_run: bool = False,
-    device: Optional[str] = None,
-    recipe: Optional[Recipe] = None,
-    shard_size: str | int = "5GB",
-    echo=print,
-) -> Path:
-    """Merge the recipe's checkpoints into a teacher assistant folder. Returns its path."""
-    shard_bytes = parse_size(shard_size)
+def build(opts: BuildOptions, recipe: Optional[Recipe] = None, echo=print) -> Path:
+    """Merge the recipe's checkpoints into a teacher assistant folder. Returns its path.
+
+    `recipe`, when given, is the parsed recipe to use instead of re-reading `opts.recipe` (the sweep's
+    points)."""
+    recipe_path, output, ratio, force, dry_run = opts.recipe, opts.output, opts.ratio, opts.force, opts.dry_run
+    device = opts.device
+    shard_bytes = parse_size(opts.shard_size)
     check_device(device)
     plan = plan_build(recipe_path, output, ratio, force, recipe=recipe, dry_run=dry_run)
     for w in plan.warnings:

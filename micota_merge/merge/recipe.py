@@ -15,6 +15,7 @@ What each method takes (a base, a density, which parameters) is the method table
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -23,14 +24,18 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from micota_merge.core.errors import UserError
+from micota_merge.core.options import WEIGHT_DTYPES
 from micota_merge.core.strict import Float, Int, not_bool
+from micota_merge.generation.options import ProbeOptions
 from micota_merge.merge import methods
+
+log = logging.getLogger(__name__)
 
 Role = Literal["long_cot", "short_cot", "base"]
 
 # The methods as the table (methods.py) holds them at import; validation reads the table itself.
 METHODS = methods.names()
-DTYPES = ("float32", "float16", "bfloat16")
+DTYPES = WEIGHT_DTYPES
 
 
 class _Strict(BaseModel):
@@ -107,24 +112,29 @@ class MergeSettings(BaseModel):
         return dict(self.model_extra or {})
 
 
-class Probe(_Strict):
-    benchmark: Optional[str] = Field("gsm8k", description="shipped question set to probe with")
-    questions: Optional[str] = Field(None, description="or a JSONL file of questions")
-    limit: Int = Field(64, gt=0)
-    max_tokens: Int = Field(4096, gt=0)
-    backend: Optional[str] = Field(None, description="transformers or vllm (default: auto, generate's policy)")
-    batch_size: Int = Field(16, gt=0)
-    prompt: Optional[str] = Field(None, description="prompt template with {question}; default: the papers'")
-    # Each probed model (every ratio's TA, both experts) is a different checkpoint, so servers started
-    # beforehand cannot serve them: with vllm, these start `vllm serve` for each probe (generate's options).
-    data_parallel_size: Int = Field(1, ge=1, description="vllm: engine replicas per probe (starts vllm serve)")
-    tensor_parallel_size: Int = Field(1, ge=1, description="vllm: GPUs per replica")
-    serve_args: Optional[str] = Field(None, description="vllm: more `vllm serve` flags, e.g. Ray data parallelism")
-    max_model_len: Optional[Int] = Field(None, ge=16, description="vllm: context length to reserve")
-    enforce_eager: bool = Field(False, description="vllm: no torch.compile / CUDA graphs")
-    dtype: str = Field(
-        "auto", description="auto (vLLM runs float32 checkpoints in 16 bits), bfloat16, float16, float32"
-    )
+class Probe(ProbeOptions):
+    """The sweep's probe: `generate`'s options for one model answering a question set (declared once, in
+    generation/options.py), with a probe's own defaults: a short, greedy look at many checkpoints.
+
+    Each probed model (every ratio's TA, both experts) is a different checkpoint, so servers started
+    beforehand cannot serve them: with vllm, data_parallel_size / serve_args start `vllm serve` per probe."""
+
+    questions: str = Field("gsm8k", description="question set to probe with: a shipped set or a JSONL file")
+    limit: Int = Field(64, ge=1, description="probe questions")
+    max_tokens: Int = Field(4096, ge=1, description="probe answer length cap")
+    batch_size: Int = Field(16, ge=1, description="transformers: prompts per batch; vllm: per chunk")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _benchmark_is_questions(cls, data: Any) -> Any:
+        # `benchmark:` named the shipped set before `questions:` took both shipped sets and files
+        if isinstance(data, dict) and "benchmark" in data:
+            data = dict(data)
+            old = data.pop("benchmark")
+            log.warning("sweep.probe.benchmark is deprecated: say sweep.probe.questions: %s (the same set)", old)
+            if data.get("questions") is None and old is not None:
+                data["questions"] = old
+        return data
 
 
 class SweepSettings(_Strict):

@@ -8,7 +8,6 @@ distill stage: every stage's options (unknown keys named with the closest valid 
 from __future__ import annotations
 
 import difflib
-import inspect
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
@@ -97,7 +96,7 @@ def validate_pipeline(recipe: Recipe, settings: Optional[PipelineSettings], base
         return
     if settings.select == "sweep" and recipe.sweep is not None:
         probe = recipe.sweep.probe
-        _check_questions("sweep.probe.questions", probe.questions or probe.benchmark, base_dir, probe.limit, {})
+        _check_questions("sweep.probe.questions", probe.questions, base_dir, probe.limit, {})
 
     # ---- generate
     gen = _model_check(
@@ -121,36 +120,11 @@ def validate_pipeline(recipe: Recipe, settings: Optional[PipelineSettings], base
         "pipeline.distill", DistillConfig, dict(settings.distill), {"student": str(student), "data": ["-"], "out": "-"}
     )
 
-    # ---- eval: its options are evaluate()'s keyword arguments
-    from micota_merge.evaluation.evaluate import DTYPES, evaluate, parse_tasks
+    # ---- eval: the same options model as `micota-merge eval`
+    from micota_merge.evaluation.evaluate import EvalOptions, parse_tasks
 
-    params = set(inspect.signature(evaluate).parameters) - {"model", "output", "force", "echo"}
-    ev = dict(settings.eval)
-    unknown_keys("pipeline.eval", ev, params)
+    ev = _model_check("pipeline.eval", EvalOptions, dict(settings.eval), {"model": "-", "output": "-", "force": False})
     try:
-        parse_tasks(ev.get("tasks"))
+        parse_tasks(ev.tasks)
     except UserError as e:
         raise UserError(f"pipeline.eval.tasks: {e}") from None
-    for key in ("limit", "max_tokens", "tensor_parallel_size", "data_parallel_size", "concurrency"):
-        v = ev.get(key)
-        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-            raise UserError(f"pipeline.eval.{key}: give a positive whole number, got {v!r}")
-    for key in (
-        "max_model_len",
-        "retries",
-        "seed",
-        "temperature",
-        "top_p",
-        "gpu_memory_utilization",
-        "request_timeout",
-        "batch_size",
-        "samples",
-    ):
-        if isinstance(ev.get(key), bool):  # evaluate() would read true as 1 (temperature 1, top-p 1)
-            raise UserError(f"pipeline.eval.{key}: a number is needed here, not true/false")
-    if ev.get("backend") is not None:
-        from micota_merge.generation import backends
-
-        backends.canonical(ev["backend"], option="pipeline.eval.backend")  # an alias passes, with its note
-    if ev.get("dtype") is not None and ev["dtype"] not in DTYPES:
-        raise UserError(f"pipeline.eval.dtype {ev['dtype']!r}: choose from {', '.join(DTYPES)}")

@@ -14,10 +14,15 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from micota_merge.core.errors import UserError
+from micota_merge.core.options import ModelDtype, cli
+from micota_merge.core.ownership import OWN
 from micota_merge.core.stats import spread
+from micota_merge.core.strict import Int
 
 
 def score_examples(
@@ -118,18 +123,31 @@ def plot(rows: dict[str, dict], path: Path, model_name: str) -> None:
     plt.close(fig)
 
 
-def align(
-    model: str,
-    data: list[str],
-    limit: int | None = None,
-    batch_size: int = 4,
-    max_length: int = 16384,
-    out: str | None = None,
-    force: bool = False,
-    dtype: str = "auto",
-    echo: Callable[[str], None] = print,
-) -> dict:
+class AlignOptions(BaseModel):
+    """What `micota-merge align` takes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="Checkpoint whose likelihood to measure (usually the student).")
+    data: list[str] = Field(
+        min_length=1,
+        description="JSONL file(s) of chat records; one row per file.",
+        json_schema_extra=cli(metavar="FILE"),
+    )
+    limit: Optional[Int] = Field(None, ge=1, description="Score only the first N records of each file.")
+    batch_size: Int = Field(4, ge=1, description="Records per forward pass.")
+    max_length: Int = Field(16384, ge=16, description="Longer records are truncated to this many tokens (and counted).")
+    dtype: ModelDtype = Field("auto", description="Weights' dtype for the forward passes (auto: the checkpoint's).")
+    out: Optional[str] = Field(None, description="Folder for align.md, align.json, align.png and micota.json.")
+    force: bool = Field(
+        False, description="Replace an align report that align wrote." + OWN, json_schema_extra=cli(flag=True)
+    )
+
+
+def align(opts: AlignOptions, echo: Callable[[str], None] = print) -> dict:
     """Score every data file under `model`; print the table and write the report folder if `out`."""
+    model, data, limit, batch_size = opts.model, opts.data, opts.limit, opts.batch_size
+    max_length, out, force, dtype = opts.max_length, opts.out, opts.force, opts.dtype
     from transformers import AutoTokenizer
 
     from micota_merge.core.artifacts import (
@@ -144,14 +162,6 @@ def align(
     from micota_merge.core.ownership import claim, identity_of
     from micota_merge.training.distill import encode_records, read_chat_records
 
-    if not data:
-        raise UserError("--data: give at least one JSONL file")
-    if batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
-    if limit is not None and limit < 1:
-        raise UserError(f"--limit must be at least 1, got {limit}")
-    if max_length < 16:
-        raise UserError(f"--max-length must be at least 16 tokens, got {max_length}")
     started = now()
     model_path = resolve_model_path(model, "--model")
     meta = check_model_files(model_path, "--model")

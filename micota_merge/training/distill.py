@@ -780,18 +780,7 @@ def distill(cfg: DistillConfig, echo: Callable[[str], None] = print) -> Path:
             ) from None
 
 
-def _distill(cfg: DistillConfig, echo, student: Path, student_meta, identity: str, inputs: dict) -> Path:
-    from micota_merge.core.artifacts import (
-        move_into_place,
-        now,
-        write_json_atomic,
-        write_manifest,
-    )
-
-    started = now()
-    out = Path(cfg.out)
-    work = out.parent / f"{out.name}.work"
-    ckpt_dir = work / "checkpoints"
+def _check_attn_implementation(cfg: DistillConfig) -> None:
     if cfg.attn_implementation == "flash_attention_2":
         import importlib.util
 
@@ -801,12 +790,9 @@ def _distill(cfg: DistillConfig, echo, student: Path, student_meta, identity: st
                 "flash-attn, GPU only); or pass --attn-implementation sdpa"
             )
 
-    from accelerate import PartialState
-    from transformers import AutoTokenizer
 
-    args = sft_config(cfg, ckpt_dir)  # first: it initialises the process group under torchrun / accelerate
-    state = PartialState()
-    main = state.is_main_process
+def _refuse_earlier_checkpoints(cfg: DistillConfig, ckpt_dir: Path) -> None:
+    """An earlier run's checkpoints are neither resumed nor thrown away unless the user says which."""
     existing = last_complete_checkpoint(ckpt_dir)
     if existing and not cfg.resume and not cfg.force:
         raise UserError(
@@ -814,7 +800,11 @@ def _distill(cfg: DistillConfig, echo, student: Path, student_meta, identity: st
             f"to continue it, or --force to start over"
         )
 
-    # -- data
+
+def _training_data(cfg: DistillConfig, student: Path, echo) -> tuple[Any, list, DataReport]:
+    """The student's tokenizer and the examples it learns, refused when filtering leaves none."""
+    from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(student)
     examples, report = prepare_examples(
         tokenizer, cfg.data, cfg.max_length, cfg.overlong, cfg.keep_incorrect, cfg.limit, cfg.template_system
@@ -825,16 +815,25 @@ def _distill(cfg: DistillConfig, echo, student: Path, student_meta, identity: st
             f"(see --keep-incorrect, --max-length, --overlong truncate)"
         )
     echo(f"data: {report.summary()}")
-    if main:
-        if cfg.force and not cfg.resume:
-            remove_ours(work, "distill")
-        _drop_incomplete_checkpoints(ckpt_dir)
-        shutil.rmtree(work / "final", ignore_errors=True)
-        shutil.rmtree(work / "adapter", ignore_errors=True)
-        claim_workdir(work, "distill", out, option="--out")
-    state.wait_for_everyone()
+    return tokenizer, examples, report
 
-    # -- resume: the checkpoints must belong to this very run
+
+def _clear_workdir(cfg: DistillConfig, work: Path, out: Path) -> None:
+    """What an earlier, interrupted run left that must not become part of this one (main process only)."""
+    if cfg.force and not cfg.resume:
+        remove_ours(work, "distill")
+    _drop_incomplete_checkpoints(work / "checkpoints")
+    shutil.rmtree(work / "final", ignore_errors=True)
+    shutil.rmtree(work / "adapter", ignore_errors=True)
+    claim_workdir(work, "distill", out, option="--out")
+
+
+def _resume_checkpoint(cfg: DistillConfig, work: Path, student_meta, report: DataReport, main: bool, echo):
+    """The checkpoint --resume continues from (None without --resume or before the first one).
+    The checkpoints must belong to this very run, so run.json records what it is."""
+    from micota_merge.core.artifacts import write_json_atomic
+
+    ckpt_dir = work / "checkpoints"
     run_file = work / "run.json"
     # identity by content: the student's weights and the data's bytes, not their paths
     run_id = {
@@ -844,90 +843,148 @@ def _distill(cfg: DistillConfig, echo, student: Path, student_meta, identity: st
     }
     resume_from = last_complete_checkpoint(ckpt_dir) if cfg.resume else None
     if resume_from is not None and run_file.is_file():
-        before = json.loads(run_file.read_text())
-        if changed(before, run_id):
-            diff = changed(before.get("options"), run_id["options"])
-            what = (
-                f"options {', '.join(diff)}"
-                if diff
-                else describe(
-                    before,
-                    run_id,
-                    {
-                        "student_content": "student (its weights, config or tokenizer changed)",
-                        "data": "data files (content changed)",
-                    },
-                )
-            )
-            raise UserError(
-                f"--resume: the checkpoints in {ckpt_dir} come from a run with different {what}; "
-                f"rerun with the same options, or --force without --resume to start over"
-            )
+        _refuse_another_run(json.loads(run_file.read_text()), run_id, ckpt_dir)
     if main:
         write_json_atomic(run_file, run_id)
     if cfg.resume:
         echo(f"resuming from {resume_from}" if resume_from else "--resume: no checkpoint yet, starting at step 0")
+    return resume_from
 
-    # -- model + train
+
+def _refuse_another_run(before: dict, run_id: dict, ckpt_dir: Path) -> None:
+    if changed(before, run_id):
+        diff = changed(before.get("options"), run_id["options"])
+        what = (
+            f"options {', '.join(diff)}"
+            if diff
+            else describe(
+                before,
+                run_id,
+                {
+                    "student_content": "student (its weights, config or tokenizer changed)",
+                    "data": "data files (content changed)",
+                },
+            )
+        )
+        raise UserError(
+            f"--resume: the checkpoints in {ckpt_dir} come from a run with different {what}; "
+            f"rerun with the same options, or --force without --resume to start over"
+        )
+
+
+def _complete_model(cfg: DistillConfig, student: Path, tokenizer, work: Path, dtype: str) -> Path:
+    """work/final as a model folder of its own: full weights, the tokenizer, the student's special ids."""
+    final = work / "final"
+    if cfg.lora:
+        _merge_lora(student, work / "adapter", final, dtype)
+        if cfg.save_adapter:
+            shutil.copytree(work / "adapter", final / "adapter")
+    tokenizer.save_pretrained(final)
+    _restore_special_ids(student, final)
+    for junk in ("training_args.bin", "README.md"):  # Trainer's run files, not part of a model
+        if (final / junk).is_file():
+            (final / junk).unlink()
+    return final
+
+
+def _run_results(trainer, counter, result, resume_from: Path | None, train_seconds: float, world_size: int) -> dict:
+    """The manifest's `results`: where training ended and how fast this process got there."""
+    losses = [h for h in trainer.state.log_history if "loss" in h]
+    tps = [h["tokens_per_second"] for h in losses if "tokens_per_second" in h]
+    tokens_run = losses[-1].get("num_tokens") if losses else None
+    return {
+        "global_step": trainer.state.global_step,
+        "steps_this_run": counter.steps,
+        "resumed_from": str(resume_from) if resume_from else None,
+        "final_loss": losses[-1]["loss"] if losses else None,
+        "mean_train_loss": result.training_loss,
+        "epochs": trainer.state.epoch,
+        "train_seconds_this_run": round(train_seconds, 2),
+        "tokens_this_run": tokens_run,
+        "tokens_per_second": round(tokens_run / train_seconds, 1) if tokens_run else None,
+        "tokens_per_second_logged_mean": round(sum(tps) / len(tps), 1) if tps else None,
+        "world_size": world_size,
+    }
+
+
+def _write_records(
+    final: Path,
+    cfg: DistillConfig,
+    history: list[dict],
+    results: dict,
+    student_meta,
+    report: DataReport,
+    started: str,
+    identity: str,
+) -> None:
+    """The loss plot, the log history and the manifest beside the weights."""
+    from micota_merge.core.artifacts import now, write_json_atomic, write_manifest
+
+    plot_loss(history, final / "loss.png", loss_title(cfg.student, cfg.data, cfg.seed))  # as the user named it
+    write_json_atomic(final / "train_log.json", history)
+    write_manifest(
+        final,
+        "distill",
+        options=cfg.model_dump(),
+        inputs={"student": student_meta.fingerprint(), "data": report.files},
+        data=report.__dict__ | {"files": None},
+        results=results,
+        started=started,
+        finished=now(),
+        identity=identity,  # write_manifest records the versions
+    )
+
+
+def _publish(cfg: DistillConfig, final: Path, out: Path, work: Path, inputs: dict) -> None:
+    """Renames the finished model to `out` in one step, so `out` is either absent or complete."""
+    from micota_merge.core.artifacts import move_into_place
+
+    claimed = claim(out, "distill", inputs=inputs, option="--out")  # ours or new: we hold the lock
+    if claimed.state == "ours" and not cfg.force:
+        raise UserError(f"output {out} appeared during training: pass --force to replace it")
+    move_into_place(final, out)
+    if not cfg.keep_checkpoints:
+        remove_ours(work, "distill")
+
+
+def _distill(cfg: DistillConfig, echo, student: Path, student_meta, identity: str, inputs: dict) -> Path:
+    """`distill` once OUT is claimed and locked: train, then put the finished model in place."""
+    from micota_merge.core.artifacts import now
+
+    started = now()
+    out = Path(cfg.out)
+    work = out.parent / f"{out.name}.work"
+    ckpt_dir = work / "checkpoints"
+    _check_attn_implementation(cfg)
+
+    from accelerate import PartialState
+
+    args = sft_config(cfg, ckpt_dir)  # first: it initialises the process group under torchrun / accelerate
+    state = PartialState()
+    main = state.is_main_process
+    _refuse_earlier_checkpoints(cfg, ckpt_dir)
+    tokenizer, examples, report = _training_data(cfg, student, echo)
+    if main:
+        _clear_workdir(cfg, work, out)
+    state.wait_for_everyone()
+    resume_from = _resume_checkpoint(cfg, work, student_meta, report, main, echo)
+
     counter = _step_counter_class()()
     trainer = build_trainer(cfg, student, tokenizer, examples, ckpt_dir, callbacks=[counter], args=args)
     t0 = time.time()
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     train_seconds = time.time() - t0
 
-    # -- save: every rank takes part (FSDP / ZeRO-3 gather the weights), the main process finishes
-    final = work / "final"
+    # Every rank saves (FSDP / ZeRO-3 gather the weights); the main process finishes alone.
     dtype, _ = resolve_dtype(cfg.dtype)
-    if cfg.lora:
-        trainer.save_model(str(work / "adapter"))
-    else:
-        trainer.save_model(str(final))
+    trainer.save_model(str(work / "adapter") if cfg.lora else str(work / "final"))
     state.wait_for_everyone()
     if main:
-        if cfg.lora:
-            _merge_lora(student, work / "adapter", final, dtype)
-            if cfg.save_adapter:
-                shutil.copytree(work / "adapter", final / "adapter")
-        tokenizer.save_pretrained(final)
-        _restore_special_ids(student, final)
-        for junk in ("training_args.bin", "README.md"):  # Trainer's run files, not part of a model
-            if (final / junk).is_file():
-                (final / junk).unlink()
-        history = trainer.state.log_history
-        losses = [h for h in history if "loss" in h]
-        tps = [h["tokens_per_second"] for h in losses if "tokens_per_second" in h]
-        tokens_run = losses[-1].get("num_tokens") if losses else None
-        plot_loss(history, final / "loss.png", loss_title(cfg.student, cfg.data, cfg.seed))  # as the user named it
-        write_json_atomic(final / "train_log.json", history)
-        write_manifest(
-            final,
-            "distill",
-            options=cfg.model_dump(),
-            inputs={"student": student_meta.fingerprint(), "data": report.files},
-            data=report.__dict__ | {"files": None},
-            results={
-                "global_step": trainer.state.global_step,
-                "steps_this_run": counter.steps,
-                "resumed_from": str(resume_from) if resume_from else None,
-                "final_loss": losses[-1]["loss"] if losses else None,
-                "mean_train_loss": result.training_loss,
-                "epochs": trainer.state.epoch,
-                "train_seconds_this_run": round(train_seconds, 2),
-                "tokens_this_run": tokens_run,
-                "tokens_per_second": round(tokens_run / train_seconds, 1) if tokens_run else None,
-                "tokens_per_second_logged_mean": round(sum(tps) / len(tps), 1) if tps else None,
-                "world_size": state.num_processes,
-            },
-            started=started,
-            finished=now(),
-            identity=identity,  # write_manifest records the versions
-        )
-        claimed = claim(out, "distill", inputs=inputs, option="--out")  # ours or new: we hold the lock
-        if claimed.state == "ours" and not cfg.force:
-            raise UserError(f"output {out} appeared during training: pass --force to replace it")
-        move_into_place(final, out)
-        if not cfg.keep_checkpoints:
-            remove_ours(work, "distill")
+        final = _complete_model(cfg, student, tokenizer, work, dtype)
+        results = _run_results(trainer, counter, result, resume_from, train_seconds, state.num_processes)
+        _write_records(final, cfg, trainer.state.log_history, results, student_meta, report, started, identity)
+        _publish(cfg, final, out, work, inputs)
+        losses = [h for h in trainer.state.log_history if "loss" in h]
         loss_txt = f"{losses[-1]['loss']:.4f}" if losses else "n/a"
         echo(f"wrote {out} (step {trainer.state.global_step}, final loss {loss_txt}, {train_seconds:.0f} s this run)")
     state.wait_for_everyone()

@@ -35,6 +35,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from micota_merge.core.errors import UserError
+from micota_merge.core.options import default_of
+from micota_merge.generation.options import ServerOptions, VllmOptions
 
 log = logging.getLogger(__name__)
 
@@ -73,21 +75,21 @@ class EvalJob:
     """What `eval` hands a backend to build lm-eval's model from (`Backend.lm_eval`)."""
 
     model_path: Optional[Path]  # None: a model only the servers know
+    gpu_memory_utilization: float  # eval's option (EvalOptions holds its default)
     dtype: str = "auto"
     max_tokens: int = 1024
     seed: int = 0
     samples: dict = field(default_factory=dict)  # answers per question, per benchmark
     gpu: bool = False
-    tensor_parallel_size: int = 1
-    gpu_memory_utilization: float = 0.9
+    tensor_parallel_size: int = default_of(VllmOptions, "tensor_parallel_size")
     max_model_len: Optional[int] = None
-    data_parallel_size: int = 1
+    data_parallel_size: int = default_of(VllmOptions, "data_parallel_size")
     urls: list[str] = field(default_factory=list)
     served: Optional[str] = None
     api_key_env: Optional[str] = None
-    concurrency: int = 16
-    retries: int = 8
-    request_timeout: float = 3600.0
+    concurrency: int = default_of(ServerOptions, "concurrency")
+    retries: int = default_of(ServerOptions, "retries")
+    request_timeout: float = default_of(ServerOptions, "request_timeout")
 
 
 class Backend:

@@ -26,6 +26,8 @@ from typing import Any, Callable, Optional
 
 from micota_merge.core.errors import StageFailed, UserError
 from micota_merge.core.lengths import Answer, from_server
+from micota_merge.core.options import default_of
+from micota_merge.generation.options import ServerOptions
 
 log = logging.getLogger(__name__)
 
@@ -233,9 +235,10 @@ class Client:
     urls: list[str]
     model: str
     key: Optional[str] = None
-    concurrency: int = 8
-    retries: int = 8  # further tries of one request, over all servers
-    timeout: float = 3600.0  # one answer of 16k tokens on a busy server takes long
+    # the defaults are the stages' own (ServerOptions), so a client made here agrees with the CLI's
+    concurrency: int = default_of(ServerOptions, "concurrency")
+    retries: int = default_of(ServerOptions, "retries")  # further tries of one request, over all servers
+    timeout: float = default_of(ServerOptions, "request_timeout")
     backoff: float = 0.5  # first rest of a failing server; doubles per failure in a row
     max_backoff: float = 30.0
     pool: ServerPool = field(init=False)

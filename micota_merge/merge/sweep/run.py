@@ -25,13 +25,23 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from micota_merge.core.artifacts import move_into_place, read_manifest, write_json_atomic, write_text_atomic
 from micota_merge.core.errors import UserError
 from micota_merge.core.identity import changed
-from micota_merge.core.ownership import check_replaceable, claim, claim_workdir, output_lock, plain_name, remove_ours
-from micota_merge.generation.generate import TRANSPORT_OPTIONS
+from micota_merge.core.options import cli
+from micota_merge.core.ownership import (
+    OWN,
+    check_replaceable,
+    claim,
+    claim_workdir,
+    output_lock,
+    plain_name,
+    remove_ours,
+)
+from micota_merge.core.strict import Float, Int
+from micota_merge.generation.options import TRANSPORT_OPTIONS, BackendName
 from micota_merge.merge import methods
 from micota_merge.merge.recipe import Recipe, SweepSettings, format_validation_error, load_recipe
 from micota_merge.merge.sweep.report import plot, plot_front, table_csv, table_md
@@ -64,24 +74,8 @@ def _probe(model: Path, name: str, work: Path, settings: SweepSettings, echo) ->
         row = json.loads(stats_file.read_text())
         if row.get("probe") == probe and row.get("model_content") == model_content:
             return row  # written only once every question was answered
-    opts = gen.options(
-        model=str(model),
-        questions=settings.probe.questions or settings.probe.benchmark,
-        out=str(out),
-        backend=settings.probe.backend or "auto",
-        max_tokens=settings.probe.max_tokens,
-        limit=settings.probe.limit,
-        batch_size=settings.probe.batch_size,
-        keep="all",
-        temperature=0.0,
-        prompt=settings.probe.prompt or "",
-        data_parallel_size=settings.probe.data_parallel_size,
-        tensor_parallel_size=settings.probe.tensor_parallel_size,
-        serve_args=settings.probe.serve_args,
-        max_model_len=settings.probe.max_model_len,
-        enforce_eager=settings.probe.enforce_eager,
-        dtype=settings.probe.dtype,
-    )
+    # the probe's settings are generate's own fields: passed whole, greedy, every answer kept
+    opts = gen.options(**settings.probe.model_dump(), model=str(model), out=str(out), keep="all", temperature=0.0)
     fresh = not gen.written_with(out, gen._settings(opts, model, opts.prompt or DEFAULT_PROMPT))
     stats = gen.generate(opts.model_copy(update={"force": fresh}), echo=echo)
     row = {
@@ -266,63 +260,63 @@ def choose(
     return pick, " ".join(sentences)
 
 
-def sweep(
-    recipe_path: str | Path,
-    ratios: Optional[list[float]] = None,
-    densities: Optional[list[float]] = None,
-    keep_all: bool = False,
-    tolerance: Optional[float] = None,
-    limit: Optional[int] = None,
-    max_tokens: Optional[int] = None,
-    backend: Optional[str] = None,
-    data_parallel_size: Optional[int] = None,
-    force: bool = False,
-    echo=print,
-) -> dict:
+class SweepOptions(BaseModel):
+    """What `micota-merge sweep` takes: the recipe, and overrides of its `sweep:` section."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    recipe: str = Field(description="A micota recipe; its `sweep:` section holds the defaults below.")
+    ratios: Optional[list[Float]] = Field(
+        None, description="Ratios to merge at (default: the recipe's sweep.ratios).", json_schema_extra=cli(metavar="R")
+    )
+    densities: Optional[list[Float]] = Field(
+        None,
+        description="Densities: sweep every ratio at each (methods that sparsify; default: the recipe's "
+        "sweep.densities, else merge.density alone).",
+        json_schema_extra=cli(metavar="D"),
+    )
+    tolerance: Optional[Float] = Field(
+        None, description="Accuracy points below the best that still qualify (default 2)."
+    )
+    limit: Optional[Int] = Field(None, description="Probe questions (default: sweep.probe.limit).")
+    max_tokens: Optional[Int] = Field(None, description="Probe answer length cap (default: sweep.probe.max_tokens).")
+    backend: Optional[BackendName] = Field(
+        None,
+        description="Probe generation backend (default: sweep.probe.backend, else auto as in generate).",
+        json_schema_extra=cli(type="local-backend"),
+    )
+    data_parallel_size: Optional[Int] = Field(
+        None,
+        description="vllm: probe each checkpoint through `vllm serve` with this many replicas (default: "
+        "sweep.probe.data_parallel_size).",
+    )
+    keep_all: bool = Field(
+        False,
+        description="Keep every point's TA in <output>.sweep/ (default: only the chosen).",
+        json_schema_extra=cli(flag=True),
+    )
+    force: bool = Field(
+        False, description="Redo a finished sweep and replace the TA it left." + OWN, json_schema_extra=cli(flag=True)
+    )
+
+
+def sweep(opts: SweepOptions, echo=print) -> dict:
     """Sweep the recipe's merge points and leave the chosen TA at the recipe's output (see module doc)."""
-    output = Path(load_recipe(recipe_path).output)
+    output = Path(load_recipe(opts.recipe).output)
     # one lock for the output and its work folder: two sweeps would build into one `.sweep/`
     with output_lock(output, "sweep", log=echo):
-        return _sweep(
-            recipe_path,
-            ratios,
-            densities,
-            keep_all,
-            tolerance,
-            limit,
-            max_tokens,
-            backend,
-            data_parallel_size,
-            force,
-            echo,
-        )
+        return _sweep(opts, echo)
 
 
-def _sweep(
-    recipe_path, ratios, densities, keep_all, tolerance, limit, max_tokens, backend, data_parallel_size, force, echo
-) -> dict:
-    from micota_merge.merge.build import build
-    from micota_merge.merge.onepass.engine import at_point, build_points, supports_one_pass
-    from micota_merge.merge.onepass.replay import Unsupported
-
-    # ---- setup
-    recipe = load_recipe(recipe_path)
+def _settings(recipe: Recipe, opts: SweepOptions) -> SweepSettings:
+    """The recipe's sweep settings with the command line's overrides, validated as the YAML is."""
     settings = (recipe.sweep or SweepSettings()).model_copy(deep=True)
+    top = {k: getattr(opts, k) for k in ("ratios", "densities", "tolerance") if getattr(opts, k) is not None}
+    probe = {k: getattr(opts, k) for k in ("limit", "max_tokens", "backend", "data_parallel_size")}
+    probe = {k: v for k, v in probe.items() if v is not None}
     try:
-        if ratios is not None:
-            settings = SweepSettings.model_validate({**settings.model_dump(), "ratios": ratios})
-        if densities is not None:
-            settings = SweepSettings.model_validate({**settings.model_dump(), "densities": densities})
-        if tolerance is not None:
-            settings.tolerance = tolerance
-        for key, value in (
-            ("limit", limit),
-            ("max_tokens", max_tokens),
-            ("backend", backend),
-            ("data_parallel_size", data_parallel_size),
-        ):
-            if value is not None:
-                setattr(settings.probe, key, value)
+        data = settings.model_dump()
+        settings = SweepSettings.model_validate({**data, **top, "probe": {**data["probe"], **probe}})
     except ValidationError as e:
         raise UserError(format_validation_error("sweep options", e, SweepSettings)) from None
     if settings.densities is not None and not methods.get(recipe.merge.method).density:
@@ -330,15 +324,22 @@ def _sweep(
             f"sweep.densities: method {recipe.merge.method} keeps every delta and has no density to "
             f"sweep; remove densities, or use one of {', '.join(methods.sparsifying())}"
         )
+    return settings
+
+
+def _sweep(opts: SweepOptions, echo) -> dict:
+    from micota_merge.core.checkpoints import check_model_files, resolve_model_path
+    from micota_merge.core.fingerprint import content_id
+
+    recipe_path, force = opts.recipe, opts.force
+    recipe = load_recipe(recipe_path)
+    settings = _settings(recipe, opts)
     grid = settings.densities is not None
     points: list[Point] = [
         (r, d) for d in (settings.densities if grid else [recipe.merge.density]) for r in settings.ratios
     ]
     output = Path(recipe.output)
     work = output.with_name(output.name + ".sweep")
-    from micota_merge.core.checkpoints import check_model_files, resolve_model_path
-    from micota_merge.core.fingerprint import content_id
-
     specs = recipe.model_specs()
     paths = {role: resolve_model_path(spec, f"models.{role}", Path(recipe_path).parent) for role, spec in specs.items()}
     for role, p in paths.items():  # before anything is claimed or written: the endpoints are probed as they are
@@ -349,6 +350,66 @@ def _sweep(
         "sweep": settings.model_dump(mode="json", exclude={"probe": set(TRANSPORT_OPTIONS)}),
         "inputs": {role: content_id(p) for role, p in paths.items()},
     }
+    done = _claim(output, paths, identity, force, echo)
+    if done is not None:
+        return done
+    tags = {p: _tag(p[0], p[1] if grid else None) for p in points}
+    for t in tags.values():
+        plain_name(t, "sweep point")
+    claim_workdir(work, "sweep", output)
+    check_sweep_disk(recipe_path, recipe, work, [p for p in points if not (work / tags[p]).is_dir()], output)
+    write_json_atomic(work / "settings.json", identity)
+
+    # the two checkpoints as they are, then one TA per point
+    endpoints = {role: _probe(paths[role], role, work, settings, echo) for role in ("short_cot", "long_cot")}
+    tas = {p: work / tags[p] for p in points}
+    _build_points(recipe_path, recipe, tas, identity["inputs"], echo)
+    rows = [{"ratio": p[0], "density": p[1], **_probe(tas[p], tags[p], work, settings, echo)} for p in points]
+
+    target = target_length(settings, endpoints)
+    pick, reason = choose(
+        rows,
+        target,
+        settings.tolerance,
+        settings.min_accuracy,
+        settings.max_truncated,
+        target_from=target_source(settings, endpoints),
+    )
+    result = {
+        "recipe": str(recipe_path),
+        "identity": identity,
+        "method": recipe.merge.method,
+        "probe": settings.probe.model_dump(mode="json"),
+        "tolerance": settings.tolerance,
+        **({"min_accuracy": settings.min_accuracy, "max_truncated": settings.max_truncated} if pick is None else {}),
+        "densities": settings.densities,
+        "ratios": rows,
+        "endpoints": endpoints,
+        "target_tokens": round(target, 2),
+        "front": [list(_point(r)) for r in pareto_front(rows)],
+        "chosen": None if pick is None else _point(pick)[0],
+        "chosen_density": None if pick is None else _point(pick)[1],
+        "reason": reason,
+    }
+    result["table_md"] = table_md(result)
+    for stale in ("sweep.md", "sweep.json"):  # a refusal's table, from an earlier run
+        (work / stale).unlink(missing_ok=True)
+    if pick is None:
+        # nothing worth choosing: the output stays as it is; the table goes to the work folder, whose probes
+        # and TAs a rerun (other settings, a longer probe) reuses
+        write_json_atomic(work / "sweep.json", result)
+        write_text_atomic(work / "sweep.md", result["table_md"] + f"\n\nno TA chosen: {reason}\n")
+        echo(result["table_md"])
+        raise UserError(f"sweep chose no TA: {reason}. {output} was not touched; the table is in {work / 'sweep.md'}")
+    _finish(output, work, tas, _point(pick), result, opts.keep_all, force)
+    echo(result["table_md"])
+    echo(f"chosen: {reason}")
+    echo(f"teacher assistant at {output}; sweep table and plot in {output / 'sweep'}")
+    return result
+
+
+def _claim(output: Path, paths: dict[str, Path], identity: dict, force: bool, echo) -> Optional[dict]:
+    """Claim the output; a finished sweep of the same identity is returned (nothing to do)."""
     claimed = claim(output, "sweep", inputs=paths, stages=["build"])  # a TA is what a sweep writes
     if claimed.state == "ours" and (output / "sweep" / "sweep.json").is_file() and not force:
         result = json.loads((output / "sweep" / "sweep.json").read_text())
@@ -368,21 +429,16 @@ def _sweep(
             f"output {output} already exists and holds a TA that no sweep of this recipe made: "
             "pass --force to replace it"
         )
-    grid_tags = {p: _tag(p[0], p[1] if grid else None) for p in points}
-    for p, t in grid_tags.items():
-        plain_name(t, "sweep point")
-    claim_workdir(work, "sweep", output)
-    check_sweep_disk(recipe_path, recipe, work, [p for p in points if not (work / grid_tags[p]).is_dir()], output)
-    write_json_atomic(work / "settings.json", identity)
+    return None
 
-    # ---- endpoints: the two checkpoints as they are
 
-    endpoints = {role: _probe(paths[role], role, work, settings, echo) for role in ("short_cot", "long_cot")}
+def _build_points(recipe_path, recipe: Recipe, tas: dict[Point, Path], inputs: dict[str, str], echo) -> None:
+    """Every point's TA that is not built yet: all from one read of the inputs where mergekit allows."""
+    from micota_merge.merge.build import BuildOptions, build
+    from micota_merge.merge.onepass.engine import at_point, build_points, supports_one_pass
+    from micota_merge.merge.onepass.replay import Unsupported
 
-    # ---- teacher assistants, one per point, all from one read of the inputs where mergekit allows
-    tags = {p: _tag(p[0], p[1] if grid else None) for p in points}
-    tas = {p: work / tags[p] for p in points}
-    missing = [p for p in points if not _built(tas[p], recipe, p, identity["inputs"])]
+    missing = [p for p in tas if not _built(tas[p], recipe, p, inputs)]
     for p in missing:
         remove_ours(tas[p], "build")  # a point folder of an older build; never anything that is not a TA
     one_pass = bool(missing) and supports_one_pass(recipe)
@@ -394,72 +450,7 @@ def _sweep(
             one_pass = False
     if missing and not one_pass:
         for p in missing:
-            build(recipe_path, output=str(tas[p]), recipe=at_point(recipe, p), echo=echo)
-    rows = []
-    for p in points:
-        row = _probe(tas[p], tags[p], work, settings, echo)
-        rows.append({"ratio": p[0], "density": p[1], **row})
-
-    # ---- choose and report
-    target = target_length(settings, endpoints)
-    pick, reason = choose(
-        rows,
-        target,
-        settings.tolerance,
-        settings.min_accuracy,
-        settings.max_truncated,
-        target_from=target_source(settings, endpoints),
-    )
-    for stale in ("sweep.md", "sweep.json"):  # a refusal's table, from an earlier run
-        (work / stale).unlink(missing_ok=True)
-    if pick is None:
-        # nothing worth choosing: the output stays as it is; the table goes to the work folder, whose probes
-        # and TAs a rerun (other settings, a longer probe) reuses
-        refused = {
-            "recipe": str(recipe_path),
-            "identity": identity,
-            "method": recipe.merge.method,
-            "probe": settings.probe.model_dump(mode="json"),
-            "tolerance": settings.tolerance,
-            "min_accuracy": settings.min_accuracy,
-            "max_truncated": settings.max_truncated,
-            "densities": settings.densities,
-            "ratios": rows,
-            "endpoints": endpoints,
-            "target_tokens": round(target, 2),
-            "front": [list(_point(r)) for r in pareto_front(rows)],
-            "chosen": None,
-            "chosen_density": None,
-            "reason": reason,
-        }
-        refused["table_md"] = table_md(refused)
-        write_json_atomic(work / "sweep.json", refused)
-        write_text_atomic(work / "sweep.md", refused["table_md"] + f"\n\nno TA chosen: {reason}\n")
-        echo(refused["table_md"])
-        raise UserError(f"sweep chose no TA: {reason}. {output} was not touched; the table is in {work / 'sweep.md'}")
-    chosen = _point(pick)
-    front = [list(_point(r)) for r in pareto_front(rows)]
-    result = {
-        "recipe": str(recipe_path),
-        "identity": identity,
-        "method": recipe.merge.method,
-        "probe": settings.probe.model_dump(mode="json"),
-        "tolerance": settings.tolerance,
-        "densities": settings.densities,
-        "ratios": rows,
-        "endpoints": endpoints,
-        "target_tokens": round(target, 2),
-        "front": front,
-        "chosen": chosen[0],
-        "chosen_density": chosen[1],
-        "reason": reason,
-    }
-    result["table_md"] = table_md(result)
-    _finish(output, work, tas, chosen, result, keep_all, force)
-    echo(result["table_md"])
-    echo(f"chosen: {reason}")
-    echo(f"teacher assistant at {output}; sweep table and plot in {output / 'sweep'}")
-    return result
+            build(BuildOptions(recipe=str(recipe_path), output=str(tas[p])), recipe=at_point(recipe, p), echo=echo)
 
 
 def _built(folder: Path, recipe: Recipe, point: Point, inputs: dict[str, str]) -> bool:
