@@ -180,7 +180,7 @@ def test_compare_chart_reads_with_many_runs_and_one_task(tmp_path, monkeypatch):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from micota_merge.evaluation.evaluate import compare_chart
+    from micota_merge.evaluation.compare import compare_chart
 
     figs = []
     monkeypatch.setattr(plt, "close", lambda fig=None: figs.append(fig))

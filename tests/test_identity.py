@@ -472,7 +472,7 @@ def test_n_samples_with_greedy_decoding_warns(tiny_family, tmp_path):
 
 
 def test_compare_warns_when_runs_differ_in_settings():
-    from micota_merge.evaluation.evaluate import compare_warnings
+    from micota_merge.evaluation.compare import compare_warnings
 
     a = {"tasks": {"gsm8k": {"n": 4}, "math500": {"n": 4}}, "limit": 4, "max_tokens": 64, "backend": "hf"}
     b = {"tasks": {"gsm8k": {"n": 2}}, "limit": 2, "max_tokens": 64, "backend": "hf"}

@@ -20,6 +20,7 @@ from micota_merge.generation.options import GenerateOptions, ServerOptions, Vllm
 from micota_merge.merge.build import BuildOptions
 from micota_merge.merge.recipe import Probe
 from micota_merge.merge.sweep.run import SweepOptions
+from micota_merge.pipeline.run import RunOptions
 from micota_merge.training.align import AlignOptions
 from micota_merge.training.distill import DistillConfig
 
@@ -32,6 +33,7 @@ STAGES = [
     ("distill", DistillConfig, ()),
     ("eval", EvalOptions, ()),
     ("align", AlignOptions, ()),
+    ("run", RunOptions, ("pipeline",)),
 ]
 
 
@@ -54,7 +56,8 @@ def test_every_field_is_a_flag_with_the_models_default(command, model, positiona
             continue
         assert name in records, f"{command} has no flag for {name}"
         decl, text = records[name]
-        assert flag_name(name) in decl, (command, name, decl)
+        spelled = (field.json_schema_extra or {}).get("cli", {}).get("name", name)  # run's --from
+        assert flag_name(spelled) in decl, (command, name, decl)
         assert (field.description or "").split(".")[0] in text  # the field's own help
         default = default_of(model, name)
         if default not in (None, [], "", False, True) and not field.is_required():

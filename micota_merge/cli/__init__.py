@@ -20,6 +20,7 @@ from micota_merge.evaluation.evaluate import EvalOptions
 from micota_merge.generation.options import GenerateOptions
 from micota_merge.merge.build import BuildOptions
 from micota_merge.merge.sweep.run import SweepOptions
+from micota_merge.pipeline.run import RunOptions
 from micota_merge.training.align import AlignOptions
 from micota_merge.training.distill import DistillConfig
 
@@ -342,10 +343,12 @@ def eval_cmd(runs, compare, **flags):
     from micota_merge.evaluation import evaluate
 
     if compare:
+        from micota_merge.evaluation.compare import compare as compare_runs
+
         if flags.get("model"):
             raise UserError("--compare reads finished runs; drop --model (or drop --compare to score a model)")
         seed = flags.get("seed") or 0
-        evaluate.compare(runs, output=flags.get("output"), force=bool(flags.get("force")), seed=seed, echo=click.echo)
+        compare_runs(runs, output=flags.get("output"), force=bool(flags.get("force")), seed=seed, echo=click.echo)
         return
     if runs:
         raise UserError(f"unexpected arguments {' '.join(runs)}: to compare runs pass --compare")
@@ -488,31 +491,9 @@ def sweep(**flags):
 
 @cli.command("run")
 @click.argument("pipeline", type=click.Path(dir_okay=False))
-@click.option(
-    "--from",
-    "run_from",
-    type=click.Choice(["build", "generate", "mix", "distill", "eval", "report"]),
-    help="Rerun this stage and everything after it, even if done.",
-)
-@click.option(
-    "--until",
-    type=click.Choice(["build", "generate", "mix", "distill", "eval", "report"]),
-    help="Stop after this stage.",
-)
-@click.option(
-    "--force",
-    is_flag=True,
-    help="Start every stage over. Only outputs this pipeline wrote are replaced (their micota.json "
-    "says so); anything else in the way is refused, as without --force.",
-)
-@click.option(
-    "--dry-run",
-    is_flag=True,
-    help="Validate the pipeline, its inputs and every stage's options, and print the stage plan (what "
-    "is done, what would run, resume or start over, what would be replaced); write nothing.",
-)
+@click_options(RunOptions, skip=("pipeline",))
 @_run_stage
-def run_pipeline(pipeline, run_from, until, force, dry_run):
+def run_pipeline(**flags):
     """Run the whole method from one YAML file and write report.md.
 
     \b
@@ -524,7 +505,7 @@ def run_pipeline(pipeline, run_from, until, force, dry_run):
     """
     from micota_merge.pipeline.run import run
 
-    run(pipeline, run_from=run_from, until=until, force=force, dry_run=dry_run, echo=click.echo)
+    run(resolve(RunOptions, flags), echo=click.echo)
 
 
 def main():

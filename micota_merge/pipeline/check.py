@@ -84,10 +84,10 @@ def _check_questions(section: str, spec: str, base_dir: Path, limit: Optional[in
 
 
 def validate_pipeline(recipe: Recipe, settings: Optional[PipelineSettings], base_dir: Path) -> None:
-    """Everything `run` can know to be wrong before it starts; raises UserError (one line)."""
+    """Everything `run` can know to be wrong before it starts; raises UserError (one line).
+
+    Each section is validated by its stage's own options model, as the stage will read it."""
     from micota_merge.core.checkpoints import check_model_files, resolve_model_path
-    from micota_merge.generation.generate import GenerateOptions
-    from micota_merge.training.distill import DistillConfig
 
     models = {role: resolve_model_path(spec, f"models.{role}", base_dir) for role, spec in recipe.model_specs().items()}
     for role, path in models.items():
@@ -97,8 +97,14 @@ def validate_pipeline(recipe: Recipe, settings: Optional[PipelineSettings], base
     if settings.select == "sweep" and recipe.sweep is not None:
         probe = recipe.sweep.probe
         _check_questions("sweep.probe.questions", probe.questions, base_dir, probe.limit, {})
+    _check_generate(settings, base_dir)
+    _check_distill(settings, base_dir)
+    _check_eval(settings)
 
-    # ---- generate
+
+def _check_generate(settings: PipelineSettings, base_dir: Path) -> None:
+    from micota_merge.generation.options import GenerateOptions
+
     gen = _model_check(
         "pipeline.generate",
         GenerateOptions,
@@ -113,14 +119,19 @@ def validate_pipeline(recipe: Recipe, settings: Optional[PipelineSettings], base
         # generate's own choice and checks (`vllm serve` here or in $MICOTA_VLLM_PYTHON's virtualenv)
         backends.pick(gen.backend, gen.base_url, serve=serve)
 
-    # ---- distill
+
+def _check_distill(settings: PipelineSettings, base_dir: Path) -> None:
+    from micota_merge.core.checkpoints import check_model_files, resolve_model_path
+    from micota_merge.training.distill import DistillConfig
+
     student = resolve_model_path(settings.student, "pipeline.student", base_dir)
     check_model_files(student, "pipeline.student")
     _model_check(
         "pipeline.distill", DistillConfig, dict(settings.distill), {"student": str(student), "data": ["-"], "out": "-"}
     )
 
-    # ---- eval: the same options model as `micota-merge eval`
+
+def _check_eval(settings: PipelineSettings) -> None:
     from micota_merge.evaluation.evaluate import EvalOptions, parse_tasks
 
     ev = _model_check("pipeline.eval", EvalOptions, dict(settings.eval), {"model": "-", "output": "-", "force": False})

@@ -24,13 +24,9 @@ def write_report(
     data: dict[str, tuple[Path, str]],
     evals: dict[str, Path],
 ) -> None:
-    # the figures in the formats of `eval --compare`: percent with one decimal, "–" for what is missing
-    from micota_merge.evaluation.evaluate import _acc_cell, _fmt_acc, load_summary
+    from micota_merge.evaluation.summary import load_summary
 
     summaries = {name: load_summary(run) for name, run in evals.items()}
-    tasks = _task_order(summaries)
-    several = len(tasks) > 1  # one task's average is the task itself: no average column
-    before = summaries.get("student")
     report_dir = workdir / "report"
     report_dir.mkdir(parents=True, exist_ok=True)
     lines = [
@@ -39,24 +35,51 @@ def write_report(
         f"Work folder: `{settings.workdir}` · written {now()}",
         "",
     ]
-    sweep_json = ta_dir / "sweep" / "sweep.json"
-    if sweep_json.is_file():
-        sw = json.loads(sweep_json.read_text())
-        shutil.copyfile(ta_dir / "sweep" / "sweep.png", report_dir / "sweep.png")
-        lines += [
-            "## Teacher assistant: merge-ratio sweep",
-            "",
-            sw["table_md"],
-            "",
-            f"Chosen: {sw['reason']}",
-            "",
-            "![sweep](report/sweep.png)",
-            "",
+    lines += _sweep_section(ta_dir, report_dir)
+    lines += _data_section(data)
+    lines += _scores_section(summaries)
+    groups = seed_groups(summaries)
+    lines += _seeds_section(summaries, groups)
+    scores_chart(summaries, report_dir / "scores.png")
+    lines += ["", "![scores](report/scores.png)", ""]
+    losses = sorted((workdir / "students").glob("**/model/loss.png"))  # students/<data>[/seed-<n>]/model
+    if losses:
+        lines += ["## Training loss", ""] + [
+            f"![{p.parent.parent.relative_to(workdir / 'students')}]({p.relative_to(workdir)})" for p in losses
         ]
-        if (ta_dir / "sweep" / "front.png").is_file():
-            shutil.copyfile(ta_dir / "sweep" / "front.png", report_dir / "front.png")
-            lines += ["![length-accuracy front](report/front.png)", ""]
-    lines += [
+    write_text_atomic(workdir / "report.md", "\n".join(lines) + "\n")
+    write_json_atomic(
+        report_dir / "summary.json",
+        {"scores": summaries, "students": groups, "data": {n: str(f) for n, (f, _) in data.items()}},
+    )
+
+
+def _sweep_section(ta_dir: Path, report_dir: Path) -> list[str]:
+    sweep_json = ta_dir / "sweep" / "sweep.json"
+    if not sweep_json.is_file():
+        return []
+    sw = json.loads(sweep_json.read_text())
+    shutil.copyfile(ta_dir / "sweep" / "sweep.png", report_dir / "sweep.png")
+    lines = [
+        "## Teacher assistant: merge-ratio sweep",
+        "",
+        sw["table_md"],
+        "",
+        f"Chosen: {sw['reason']}",
+        "",
+        "![sweep](report/sweep.png)",
+        "",
+    ]
+    if (ta_dir / "sweep" / "front.png").is_file():
+        shutil.copyfile(ta_dir / "sweep" / "front.png", report_dir / "front.png")
+        lines += ["![length-accuracy front](report/front.png)", ""]
+    return lines
+
+
+def _data_section(data: dict[str, tuple[Path, str]]) -> list[str]:
+    from micota_merge.evaluation.summary import fmt_acc
+
+    lines = [
         "## Distillation data",
         "",
         "| data | records kept | acceptance rate (%) | mean tokens |",
@@ -67,21 +90,31 @@ def write_report(
         st = json.loads(stats_file.read_text()) if stats_file.is_file() else {}
         if "kept" in st:  # generate's statistics (a mix writes its composition under the same name)
             lines.append(
-                f"| {name} | {st['kept']} | {_fmt_acc(st.get('acceptance_rate'))} | "
+                f"| {name} | {st['kept']} | {fmt_acc(st.get('acceptance_rate'))} | "
                 f"{_fmt_num((st.get('accepted_num_tokens') or {}).get('mean'))} |"
             )
         else:
             recs = [json.loads(x) for x in file.read_text().splitlines() if x.strip()]
             mean = sum(r.get("num_tokens", 0) for r in recs) / len(recs) if recs else None
             lines.append(f"| {name} (mix) | {len(recs)} | – | {_fmt_num(mean)} |")
+    return lines
 
-    def delta(name: str, value: Optional[float]) -> str:
-        """Accuracy change against the untrained student, for the distilled students only."""
-        if before is None or not name.startswith("student+") or value is None or before.get("average") is None:
-            return ""
-        return f"{(value - before['average']) * 100:+.1f}"
 
-    lines += [
+def _delta(summaries: dict[str, dict], name: str, value: Optional[float]) -> str:
+    """Accuracy change against the untrained student, for the distilled students only."""
+    before = summaries.get("student")
+    if before is None or not name.startswith("student+") or value is None or before.get("average") is None:
+        return ""
+    return f"{(value - before['average']) * 100:+.1f}"
+
+
+def _scores_section(summaries: dict[str, dict]) -> list[str]:
+    # the figures in the formats of `eval --compare`: percent with one decimal, "–" for what is missing
+    from micota_merge.evaluation.summary import acc_cell, fmt_acc
+
+    tasks = _task_order(summaries)
+    several = len(tasks) > 1  # one task's average is the task itself: no average column
+    lines = [
         "",
         "## Scores",
         "",
@@ -101,43 +134,37 @@ def write_report(
         cells = []
         for t in tasks:
             r = s["tasks"].get(t) or {}
-            cells += [_acc_cell(r), _fmt_num(r.get("mean_tokens")), _fmt_acc(r.get("truncated"))]
+            cells += [acc_cell(r), _fmt_num(r.get("mean_tokens")), fmt_acc(r.get("truncated"))]
         if several:
-            cells.append(_fmt_acc(s.get("average")))
-        cells.append(delta(name, s.get("average")))
+            cells.append(fmt_acc(s.get("average")))
+        cells.append(_delta(summaries, name, s.get("average")))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    groups = seed_groups(summaries)
-    if any(len(g["seeds"]) > 1 for g in groups.values()):
-        lines += [
-            "",
-            "### Students over distillation seeds",
-            "",
-            "Mean ± sample standard deviation over the seeds (min–max in brackets) of the "
-            + ("average " if several else "")
-            + "accuracy (%) and of the mean response tokens; "
-            "Δ in points against the untrained student.",
-            "",
-            "| student data | seeds | accuracy % | mean tokens | Δ |",
-            "| --- | ---: | ---: | ---: | ---: |",
-        ]
-        for name, g in groups.items():
-            acc, tok = g["accuracy"], g["mean_tokens"]
-            lines.append(
-                f"| {name} | {len(g['seeds'])} | {_fmt_spread(acc, 100)} | "
-                f"{_fmt_spread(tok, 1, brackets=False)} | {delta(name, acc['mean'] if acc else None)} |"
-            )
-    scores_chart(summaries, report_dir / "scores.png")
-    lines += ["", "![scores](report/scores.png)", ""]
-    losses = sorted((workdir / "students").glob("**/model/loss.png"))  # students/<data>[/seed-<n>]/model
-    if losses:
-        lines += ["## Training loss", ""] + [
-            f"![{p.parent.parent.relative_to(workdir / 'students')}]({p.relative_to(workdir)})" for p in losses
-        ]
-    write_text_atomic(workdir / "report.md", "\n".join(lines) + "\n")
-    write_json_atomic(
-        report_dir / "summary.json",
-        {"scores": summaries, "students": groups, "data": {n: str(f) for n, (f, _) in data.items()}},
-    )
+    return lines
+
+
+def _seeds_section(summaries: dict[str, dict], groups: dict[str, dict]) -> list[str]:
+    if not any(len(g["seeds"]) > 1 for g in groups.values()):
+        return []
+    several = len(_task_order(summaries)) > 1
+    lines = [
+        "",
+        "### Students over distillation seeds",
+        "",
+        "Mean ± sample standard deviation over the seeds (min–max in brackets) of the "
+        + ("average " if several else "")
+        + "accuracy (%) and of the mean response tokens; "
+        "Δ in points against the untrained student.",
+        "",
+        "| student data | seeds | accuracy % | mean tokens | Δ |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for name, g in groups.items():
+        acc, tok = g["accuracy"], g["mean_tokens"]
+        lines.append(
+            f"| {name} | {len(g['seeds'])} | {_fmt_spread(acc, 100)} | "
+            f"{_fmt_spread(tok, 1, brackets=False)} | {_delta(summaries, name, acc['mean'] if acc else None)} |"
+        )
+    return lines
 
 
 def _task_order(summaries: dict[str, dict]) -> list[str]:
@@ -285,13 +312,34 @@ def scores_chart(summaries: dict[str, dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.lines import Line2D
-    from matplotlib.patches import Patch
 
     bars = chart_bars(summaries)
     tasks = _task_order(summaries)
     rows: list[Optional[str]] = tasks + ([None] if len(tasks) > 1 else [])  # None: the average
-    # x positions: a gap between the untrained student, the distilled students and the teachers
+    xs, seps = _bar_positions(bars)
+    panel_w = max(5.0, 0.8 * len(bars) + 1.2)
+    fig, axes = plt.subplots(len(rows), 2, figsize=(2 * panel_w, 4.4 * len(rows)), squeeze=False)
+    sampled = any((t.get("samples") or 1) > 1 for s in summaries.values() for t in s["tasks"].values())
+    caps = {s.get("max_tokens") for s in summaries.values()}
+    cap = next(iter(caps)) if len(caps) == 1 else None
+    for row, task in zip(axes, rows):
+        for ax, key in zip(row, ("accuracy", "mean_tokens")):
+            top = max([1.0] + [_bar(ax, b, bx, summaries, task, key) for b, bx in zip(bars, xs)])
+            for sx in seps:
+                ax.axvline(sx, color="0.6", ls=":", lw=0.8)
+            _style_panel(ax, key, task, top, cap, sampled)
+            ax.set_xticks(xs, [b["label"] for b in bars], fontsize=8)
+            ax.set_xlim(xs[0] - 0.6, xs[-1] + 0.6) if xs else None
+    fig.tight_layout()
+    handles = _legend_handles(bars, cap)
+    fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=2, fontsize=8, frameon=False)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _bar_positions(bars: list[dict]) -> tuple[list[float], list[float]]:
+    """x positions with a gap between the untrained student, the distilled students and the teachers,
+    and where the separating lines go."""
     xs, x, last = [], 0.0, None
     for b in bars:
         kind = "single" if b["kind"] in ("teacher", "other") else b["kind"]
@@ -301,87 +349,80 @@ def scores_chart(summaries: dict[str, dict], path: Path) -> None:
         x += 1.0
         last = kind
     seps = [(xs[i - 1] + xs[i]) / 2 for i in range(1, len(bars)) if xs[i] - xs[i - 1] > 1.0]
-    width = 0.7
-    panel_w = max(5.0, 0.8 * len(bars) + 1.2)
-    fig, axes = plt.subplots(len(rows), 2, figsize=(2 * panel_w, 4.4 * len(rows)), squeeze=False)
-    sampled = any((t.get("samples") or 1) > 1 for s in summaries.values() for t in s["tasks"].values())
-    caps = {s.get("max_tokens") for s in summaries.values()}
-    cap = next(iter(caps)) if len(caps) == 1 else None
-    for row, task in zip(axes, rows):
-        for ax, key in zip(row, ("accuracy", "mean_tokens")):
-            scale = 100.0 if key == "accuracy" else 1.0
-            top = 1.0
-            for b, bx in zip(bars, xs):
-                vals = [scale * v for v in _values(summaries, b["runs"], task, key) if v is not None]
-                if not vals:
-                    continue  # nothing measured: no bar (a 0 would claim a result)
-                mean = sum(vals) / len(vals)
-                sd = spread(vals)["sd"]
-                lo = hi = 0.0
-                if b["kind"] == "distilled" and len(vals) > 1:
-                    lo = hi = sd
-                elif key == "accuracy" and len(b["runs"]) == 1:
-                    t = summaries[b["runs"][0]]
-                    ci = t.get("average_ci95") if task is None else (t["tasks"].get(task) or {}).get("ci95")
-                    if ci:
-                        lo, hi = max(mean - 100 * ci[0], 0.0), max(100 * ci[1] - mean, 0.0)
-                ax.bar(
-                    bx,
-                    mean,
-                    width,
-                    color=b["color"],
-                    edgecolor="0.25" if b["kind"] != "distilled" else None,
-                    lw=0.6,
-                    zorder=2,
-                )
-                if lo or hi:
-                    ax.errorbar(bx, mean, yerr=[[lo], [hi]], fmt="none", ecolor="black", capsize=4, lw=1, zorder=3)
-                if b["kind"] == "distilled" and len(vals) > 1:
-                    jitter = [(-0.18 + 0.36 * k / (len(vals) - 1)) for k in range(len(vals))]
-                    ax.scatter(
-                        [bx + j for j in jitter], vals, s=16, color="white", edgecolors="black", lw=0.8, zorder=4
-                    )
-                peak = max([mean + hi] + vals)
-                text = f"{mean:.1f}" if key == "accuracy" else f"{mean:.0f}"
-                if b["kind"] == "distilled" and len(vals) > 1:
-                    text += f"\n±{sd:.1f}" if key == "accuracy" else f"\n±{sd:.0f}"
-                if key == "mean_tokens":
-                    cut = _values(summaries, b["runs"], task, "truncated")
-                    cut = [c for c in cut if c is not None]
-                    if cut and sum(cut) / len(cut) > 0:
-                        text += f"\n{100 * sum(cut) / len(cut):.0f}% cut"
-                ax.annotate(
-                    text,
-                    (bx, peak),
-                    xytext=(0, 5),
-                    textcoords="offset points",
-                    ha="center",
-                    va="bottom",
-                    fontsize=7.5,
-                    linespacing=1.0,
-                    zorder=5,
-                    bbox={"fc": "white", "ec": "none", "alpha": 0.8, "pad": 0.3},
-                )
-                top = max(top, peak)
-            for sx in seps:
-                ax.axvline(sx, color="0.6", ls=":", lw=0.8)
-            where = task or "average over tasks"
-            if key == "accuracy":
-                ax.set_ylim(0, min(100.0, top) * 1.25 + 2)
-                ax.set_yticks([t for t in ax.get_yticks() if 0 <= t <= 100])
-                ax.set_ylabel("avg@k (%)" if sampled else "accuracy (%, pass@1)")
-                ax.set_title(f"{where}: accuracy", pad=8)
-            else:
-                if cap:
-                    ax.axhline(cap, color="black", ls="--", lw=1, zorder=1)
-                    top = max(top, cap)
-                ax.set_ylim(0, top * 1.25)
-                ax.set_ylabel("mean response tokens")
-                ax.set_title(f"{where}: length", pad=8)
-            ax.set_xticks(xs, [b["label"] for b in bars], fontsize=8)
-            ax.set_xlim(xs[0] - 0.6, xs[-1] + 0.6) if xs else None
-            ax.grid(axis="y", alpha=0.3, zorder=0)
-            ax.set_axisbelow(True)
+    return xs, seps
+
+
+def _bar(ax, b: dict, bx: float, summaries: dict[str, dict], task: Optional[str], key: str) -> float:
+    """One bar with its spread (seeds) or interval (one run), its seeds as dots and its value written once;
+    returns how high it reaches (0 for a bar with nothing measured, which is not drawn: a 0 would claim a
+    result)."""
+    scale = 100.0 if key == "accuracy" else 1.0
+    vals = [scale * v for v in _values(summaries, b["runs"], task, key) if v is not None]
+    if not vals:
+        return 0.0
+    mean = sum(vals) / len(vals)
+    sd = spread(vals)["sd"]
+    seeds = b["kind"] == "distilled" and len(vals) > 1
+    lo = hi = 0.0
+    if seeds:
+        lo = hi = sd
+    elif key == "accuracy" and len(b["runs"]) == 1:
+        t = summaries[b["runs"][0]]
+        ci = t.get("average_ci95") if task is None else (t["tasks"].get(task) or {}).get("ci95")
+        if ci:
+            lo, hi = max(mean - 100 * ci[0], 0.0), max(100 * ci[1] - mean, 0.0)
+    edge = "0.25" if b["kind"] != "distilled" else None
+    ax.bar(bx, mean, 0.7, color=b["color"], edgecolor=edge, lw=0.6, zorder=2)
+    if lo or hi:
+        ax.errorbar(bx, mean, yerr=[[lo], [hi]], fmt="none", ecolor="black", capsize=4, lw=1, zorder=3)
+    if seeds:
+        jitter = [(-0.18 + 0.36 * k / (len(vals) - 1)) for k in range(len(vals))]
+        ax.scatter([bx + j for j in jitter], vals, s=16, color="white", edgecolors="black", lw=0.8, zorder=4)
+    peak = max([mean + hi] + vals)
+    text = f"{mean:.1f}" if key == "accuracy" else f"{mean:.0f}"
+    if seeds:
+        text += f"\n±{sd:.1f}" if key == "accuracy" else f"\n±{sd:.0f}"
+    if key == "mean_tokens":
+        cut = [c for c in _values(summaries, b["runs"], task, "truncated") if c is not None]
+        if cut and sum(cut) / len(cut) > 0:
+            text += f"\n{100 * sum(cut) / len(cut):.0f}% cut"
+    ax.annotate(
+        text,
+        (bx, peak),
+        xytext=(0, 5),
+        textcoords="offset points",
+        ha="center",
+        va="bottom",
+        fontsize=7.5,
+        linespacing=1.0,
+        zorder=5,
+        bbox={"fc": "white", "ec": "none", "alpha": 0.8, "pad": 0.3},
+    )
+    return peak
+
+
+def _style_panel(ax, key: str, task: Optional[str], top: float, cap: Optional[int], sampled: bool) -> None:
+    where = task or "average over tasks"
+    if key == "accuracy":
+        ax.set_ylim(0, min(100.0, top) * 1.25 + 2)
+        ax.set_yticks([t for t in ax.get_yticks() if 0 <= t <= 100])
+        ax.set_ylabel("avg@k (%)" if sampled else "accuracy (%, pass@1)")
+        ax.set_title(f"{where}: accuracy", pad=8)
+    else:
+        if cap:
+            ax.axhline(cap, color="black", ls="--", lw=1, zorder=1)
+            top = max(top, cap)
+        ax.set_ylim(0, top * 1.25)
+        ax.set_ylabel("mean response tokens")
+        ax.set_title(f"{where}: length", pad=8)
+    ax.grid(axis="y", alpha=0.3, zorder=0)
+    ax.set_axisbelow(True)
+
+
+def _legend_handles(bars: list[dict], cap: Optional[int]) -> list:
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
     handles = [Patch(facecolor="0.45", edgecolor="0.25", label="untrained student (one run, bar: 95 % CI)")]
     seeded = any(b["kind"] == "distilled" and len(b["runs"]) > 1 for b in bars)
     if any(b["kind"] == "distilled" for b in bars):
@@ -398,7 +439,4 @@ def scores_chart(summaries: dict[str, dict], path: Path) -> None:
         handles.append(Patch(facecolor="0.75", edgecolor="0.25", label="teacher (one run, bar: 95 % CI)"))
     if cap:
         handles.append(Line2D([], [], color="black", ls="--", lw=1, label=f"length cap ({cap} tokens)"))
-    fig.tight_layout()
-    fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=2, fontsize=8, frameon=False)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    return handles

@@ -18,11 +18,14 @@ import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from micota_merge.core.artifacts import MANIFEST, now, write_json_atomic
 from micota_merge.core.fingerprint import data_fingerprint
 from micota_merge.core.identity import digest
+from micota_merge.core.options import cli
 from micota_merge.core.ownership import claim, output_lock, plain_name
 from micota_merge.core.ownership import claim_workdir as own_claim_workdir
 from micota_merge.generation.options import TRANSPORT_OPTIONS
@@ -127,20 +130,43 @@ def claim_workdir(workdir: Path, pipeline: str | Path) -> None:
         write_json_atomic(workdir / MANIFEST, {"stage": "run", "pipeline": str(pipeline), "created": now()})
 
 
-def run(
-    path: str | Path,
-    run_from: Optional[str] = None,
-    until: Optional[str] = None,
-    echo: Callable[[str], None] = print,
-    force: bool = False,
-    dry_run: bool = False,
-) -> dict:
+Stage = Literal[STAGES]
+
+
+class RunOptions(BaseModel):
+    """What `micota-merge run` takes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pipeline: str = Field(description="A recipe with a `pipeline:` section (a bare recipe only builds).")
+    run_from: Optional[Stage] = Field(
+        None,
+        description="Rerun this stage and everything after it, even if done.",
+        json_schema_extra=cli(name="from"),
+    )
+    until: Optional[Stage] = Field(None, description="Stop after this stage.")
+    force: bool = Field(
+        False,
+        description="Start every stage over. Only outputs this pipeline wrote are replaced (their micota.json "
+        "says so); anything else in the way is refused, as without --force.",
+        json_schema_extra=cli(flag=True),
+    )
+    dry_run: bool = Field(
+        False,
+        description="Validate the pipeline, its inputs and every stage's options, and print the stage plan "
+        "(what is done, what would run, resume or start over, what would be replaced); write nothing.",
+        json_schema_extra=cli(flag=True),
+    )
+
+
+def run(opts: RunOptions, echo: Callable[[str], None] = print) -> dict:
     """Run the pipeline file (a recipe with a `pipeline:` section; a bare recipe only builds).
 
     `force` starts every stage over (by the ownership rule: only outputs this pipeline wrote are
     replaced); `dry_run` validates everything and prints the stage plan without running a stage."""
     from micota_merge.pipeline.check import check_order, validate_pipeline
 
+    path, run_from, until, force, dry_run = opts.pipeline, opts.run_from, opts.until, opts.force, opts.dry_run
     check_order(run_from, until, STAGES)
     if force:
         run_from = "build"

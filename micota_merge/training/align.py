@@ -146,104 +146,120 @@ class AlignOptions(BaseModel):
 
 def align(opts: AlignOptions, echo: Callable[[str], None] = print) -> dict:
     """Score every data file under `model`; print the table and write the report folder if `out`."""
-    model, data, limit, batch_size = opts.model, opts.data, opts.limit, opts.batch_size
-    max_length, out, force, dtype = opts.max_length, opts.out, opts.force, opts.dtype
     from transformers import AutoTokenizer
 
-    from micota_merge.core.artifacts import (
-        atomic_dir,
-        now,
-        sha256_file,
-        write_json_atomic,
-        write_manifest,
-        write_text_atomic,
-    )
+    from micota_merge.core.artifacts import now
     from micota_merge.core.checkpoints import check_model_files, resolve_model_path
-    from micota_merge.core.ownership import claim, identity_of
-    from micota_merge.training.distill import encode_records, read_chat_records
+    from micota_merge.training.distill import read_chat_records
 
     started = now()
-    model_path = resolve_model_path(model, "--model")
+    model_path = resolve_model_path(opts.model, "--model")
     meta = check_model_files(model_path, "--model")
-    inputs = {"--model": model_path, **{f"--data {f}": f for f in data}}
-    if out:
-        claimed = claim(out, "align", inputs=inputs, option="--out")
-        run_id = identity_of(
-            {
-                "model": meta.fingerprint()["content"],
-                "data": [sha256_file(f) for f in data],
-                "limit": limit,
-                "max_length": max_length,
-                "dtype": dtype,
-            }
-        )
-        if claimed.same(run_id) and not force:
-            echo(f"already measured: {out} holds this model's NLL on data of the same content; nothing to do")
-            return json.loads((Path(out) / "align.json").read_text(encoding="utf-8"))
-        if claimed.state == "ours" and not force:
-            raise UserError(
-                f"--out {out} already exists and holds an align report of another model or data: "
-                "pass --force to replace "
-                "it, or choose another --out"
-            )
-    records = {f: read_chat_records(f) for f in data}  # read all first: a bad file fails before the model loads
+    inputs = {"--model": model_path, **{f"--data {f}": f for f in opts.data}}
+    run_id, done = _claim_report(opts, meta, inputs, echo) if opts.out else (None, None)
+    if done is not None:
+        return done
+    records = {f: read_chat_records(f) for f in opts.data}  # read all first: a bad file fails before the model loads
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    lm = load_scoring_model(model_path, dtype)
-
-    rows: dict[str, dict] = {}
-    for label, f in zip(_labels(data), data):
-        recs = records[f][:limit] if limit else records[f]
-        if not recs:
-            raise UserError(f"--data {f}: no records")
-        examples, truncated = [], 0
-        for ids, mask in encode_records(tokenizer, recs):
-            if len(ids) > max_length:
-                ids, mask, truncated = ids[:max_length], mask[:max_length], truncated + 1
-            examples.append((ids, mask))
-        scored = score_examples(lm, examples, batch_size, pad_id, desc=label)
-        kept = [(s, n) for s, n in scored if n > 0]
-        if not kept:
-            raise UserError(f"--data {f}: no assistant tokens left to score (raise --max-length)")
-        total_nll, total_n = sum(s for s, _ in kept), sum(n for _, n in kept)
-        per_record = [s / n for s, n in kept]
-        nll = total_nll / total_n
-        rows[label] = {
-            "file": str(Path(f).resolve()),
-            "sha256": sha256_file(f),
-            "records": len(kept),
-            "skipped_empty": len(scored) - len(kept),
-            "truncated": truncated,
-            "tokens": total_n,
-            "nll": nll,
-            "perplexity": math.exp(nll),
-            "per_record": spread(per_record),
-            "record_nll": per_record,
-        }
-
+    lm = load_scoring_model(model_path, opts.dtype)
+    rows = {
+        label: _score_file(lm, tokenizer, f, records[f], opts, label) for label, f in zip(_labels(opts.data), opts.data)
+    }
     table = markdown_table(model_path.name, rows)
     echo(table)
     result = {"model": str(model_path), "rows": rows}
-    if out:
-        with atomic_dir(out, "align", force=force, inputs=inputs, option="--out") as staging:
-            write_text_atomic(staging / "align.md", table)
-            write_json_atomic(staging / "align.json", result)
-            plot(rows, staging / "align.png", model_path.name)
-            write_manifest(
-                staging,
-                "align",
-                options={"limit": limit, "batch_size": batch_size, "max_length": max_length, "dtype": dtype},
-                inputs={
-                    "model": meta.fingerprint(),
-                    "data": [{"path": r["file"], "sha256": r["sha256"]} for r in rows.values()],
-                },
-                results={
-                    k: {"nll": v["nll"], "perplexity": v["perplexity"], "tokens": v["tokens"], "records": v["records"]}
-                    for k, v in rows.items()
-                },
-                started=started,
-                finished=now(),
-                identity=run_id,
-            )
-        echo(f"wrote {out}/align.md, align.json, align.png")
+    if opts.out:
+        _write_report(opts, model_path, meta, inputs, rows, table, result, run_id, started)
+        echo(f"wrote {opts.out}/align.md, align.json, align.png")
     return result
+
+
+def _claim_report(opts: AlignOptions, meta, inputs: dict, echo) -> tuple[str, Optional[dict]]:
+    """(the report's identity, the finished report when --out already holds this one)."""
+    from micota_merge.core.artifacts import sha256_file
+    from micota_merge.core.ownership import claim, identity_of
+
+    claimed = claim(opts.out, "align", inputs=inputs, option="--out")
+    run_id = identity_of(
+        {
+            "model": meta.fingerprint()["content"],
+            "data": [sha256_file(f) for f in opts.data],
+            "limit": opts.limit,
+            "max_length": opts.max_length,
+            "dtype": opts.dtype,
+        }
+    )
+    if claimed.same(run_id) and not opts.force:
+        echo(f"already measured: {opts.out} holds this model's NLL on data of the same content; nothing to do")
+        return run_id, json.loads((Path(opts.out) / "align.json").read_text(encoding="utf-8"))
+    if claimed.state == "ours" and not opts.force:
+        raise UserError(
+            f"--out {opts.out} already exists and holds an align report of another model or data: "
+            "pass --force to replace it, or choose another --out"
+        )
+    return run_id, None
+
+
+def _score_file(lm, tokenizer, f: str, records: list, opts: AlignOptions, label: str) -> dict:
+    """One data file's row: per-token NLL over all its assistant tokens, and the spread over records."""
+    from micota_merge.core.artifacts import sha256_file
+    from micota_merge.training.distill import encode_records
+
+    recs = records[: opts.limit] if opts.limit else records
+    if not recs:
+        raise UserError(f"--data {f}: no records")
+    examples, truncated = [], 0
+    for ids, mask in encode_records(tokenizer, recs):
+        if len(ids) > opts.max_length:
+            ids, mask, truncated = ids[: opts.max_length], mask[: opts.max_length], truncated + 1
+        examples.append((ids, mask))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    scored = score_examples(lm, examples, opts.batch_size, pad_id, desc=label)
+    kept = [(s, n) for s, n in scored if n > 0]
+    if not kept:
+        raise UserError(f"--data {f}: no assistant tokens left to score (raise --max-length)")
+    total_nll, total_n = sum(s for s, _ in kept), sum(n for _, n in kept)
+    per_record = [s / n for s, n in kept]
+    nll = total_nll / total_n
+    return {
+        "file": str(Path(f).resolve()),
+        "sha256": sha256_file(f),
+        "records": len(kept),
+        "skipped_empty": len(scored) - len(kept),
+        "truncated": truncated,
+        "tokens": total_n,
+        "nll": nll,
+        "perplexity": math.exp(nll),
+        "per_record": spread(per_record),
+        "record_nll": per_record,
+    }
+
+
+def _write_report(opts: AlignOptions, model_path: Path, meta, inputs, rows, table, result, run_id, started) -> None:
+    from micota_merge.core.artifacts import atomic_dir, now, write_json_atomic, write_manifest, write_text_atomic
+
+    with atomic_dir(opts.out, "align", force=opts.force, inputs=inputs, option="--out") as staging:
+        write_text_atomic(staging / "align.md", table)
+        write_json_atomic(staging / "align.json", result)
+        plot(rows, staging / "align.png", model_path.name)
+        write_manifest(
+            staging,
+            "align",
+            options={
+                "limit": opts.limit,
+                "batch_size": opts.batch_size,
+                "max_length": opts.max_length,
+                "dtype": opts.dtype,
+            },
+            inputs={
+                "model": meta.fingerprint(),
+                "data": [{"path": r["file"], "sha256": r["sha256"]} for r in rows.values()],
+            },
+            results={
+                k: {"nll": v["nll"], "perplexity": v["perplexity"], "tokens": v["tokens"], "records": v["records"]}
+                for k, v in rows.items()
+            },
+            started=started,
+            finished=now(),
+            identity=run_id,
+        )

@@ -212,6 +212,16 @@ def plot_front(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.6))
+    chosen = _draw_front(ax, result)
+    fig.tight_layout()
+    _label_front(fig, ax, result, chosen)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _draw_front(ax, result: dict) -> dict:
+    """Every point, the front, the experts, the chosen point and the target, floor and cap lines; returns
+    the chosen row."""
     densities = _densities(result)
     grid = len(densities) > 1
     markers = "o^vsPX*"
@@ -277,7 +287,12 @@ def plot_front(result: dict, path: Path) -> None:
     ax.set_title(
         f"{result['method']}: length-accuracy front (labels: ratio" + ("/density" if grid else "") + ")", pad=10
     )
-    fig.tight_layout()
+    return chosen
+
+
+def _label_front(fig, ax, result: dict, chosen: dict) -> None:
+    """Labels where they overprint nothing, the legend under the axes, and a note of what was left out."""
+    grid = len(_densities(result)) > 1
     # labels: one per place (points measured alike share it), the chosen point's first, then the front's
     fig.canvas.draw()
     to_px = ax.transData.transform
@@ -343,5 +358,3 @@ def plot_front(result: dict, path: Path) -> None:
             fontsize=7,
             color="0.3",
         )
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
