@@ -14,6 +14,7 @@ from click.testing import CliRunner
 
 from micota_merge.cli import cli
 from micota_merge.core.options import default_of, flag_name, ordered_fields, resolve, transport_fields
+from micota_merge.data.export import ExportOptions
 from micota_merge.data.mix import MixOptions
 from micota_merge.evaluation.evaluate import EvalOptions
 from micota_merge.generation.options import GenerateOptions, ServerOptions, VllmOptions
@@ -34,6 +35,7 @@ STAGES = [
     ("eval", EvalOptions, ()),
     ("align", AlignOptions, ()),
     ("run", RunOptions, ("pipeline",)),
+    ("export", ExportOptions, ("data",)),
 ]
 
 

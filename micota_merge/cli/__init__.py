@@ -15,6 +15,7 @@ from micota_merge import __version__
 from micota_merge.core.errors import StageFailed, UserError
 from micota_merge.core.options import click_options, resolve
 from micota_merge.core.ownership import OWN as _OWN
+from micota_merge.data.export import ExportOptions
 from micota_merge.data.mix import MixOptions
 from micota_merge.evaluation.evaluate import EvalOptions
 from micota_merge.generation.options import GenerateOptions
@@ -407,6 +408,28 @@ def mix(**flags):
 
     flags["parts"] = list(flags["parts"])  # PART=WEIGHT arguments: no commas to split
     run(resolve(MixOptions, {}, base={k: v for k, v in flags.items() if v is not None}), echo=click.echo)
+
+
+@cli.command()
+@click.argument("data", type=click.Path(dir_okay=False))
+@click_options(ExportOptions, skip=("data",))
+@_run_stage
+def export(**flags):
+    """Write chat records (generate's or mix's JSONL) as a data set other trainers read.
+
+    \b
+    --to llama-factory:  OUT/NAME.json (ShareGPT: conversations of from/value turns, thinking kept)
+                         and OUT/dataset_info.json; train with `dataset: NAME`, `dataset_dir: OUT`.
+    --to hf:             a Hugging Face dataset folder: datasets.load_from_disk(OUT).
+
+    The records are those distill trains on (verified, not cut off) unless --keep all.
+
+    \b
+      micota-merge export outputs/demo-pipeline/data/ta/data.correct.jsonl --out exports/ta --name micota_ta
+    """
+    from micota_merge.data.export import export as run
+
+    run(resolve(ExportOptions, flags), echo=click.echo)
 
 
 # ---------------------------------------------------------------- distill, align

@@ -357,7 +357,10 @@ def check_finite(folder: Path) -> int:
 
 
 def give_identity(staging: Path, plan: BuildPlan) -> None:
-    """The TA speaks like one side: its tokenizer, chat template, generation config and config.json."""
+    """The TA speaks like one side: its tokenizer, chat template, generation config and config.json; and it
+    carries its own model card (in place of mergekit's, which knows nothing of the roles)."""
+    from micota_merge.core import cards
+
     recipe = plan.recipe
     copy_tokenizer(plan.paths[recipe.tokenizer], staging)
     cfg = json.loads((plan.paths[recipe.identity_role] / "config.json").read_text())
@@ -365,6 +368,7 @@ def give_identity(staging: Path, plan: BuildPlan) -> None:
     cfg["dtype"] = cfg["torch_dtype"] = recipe.merge.dtype
     (staging / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     write_stop_ids(staging, plan.stop_ids)
+    cards.write(staging, cards.ta_card(recipe, {role: m.fingerprint() for role, m in plan.metas.items()}))
 
 
 def write_build_manifest(staging: Path, plan: BuildPlan, started: str, t0: float, **extra: Any) -> None:

@@ -917,11 +917,13 @@ def _write_records(
     started: str,
     identity: str,
 ) -> None:
-    """The loss plot, the log history and the manifest beside the weights."""
+    """The loss plot, the log history, the model card and the manifest beside the weights."""
+    from micota_merge.core import cards
     from micota_merge.core.artifacts import now, write_json_atomic, write_manifest
 
     plot_loss(history, final / "loss.png", loss_title(cfg.student, cfg.data, cfg.seed))  # as the user named it
     write_json_atomic(final / "train_log.json", history)
+    cards.write(final, cards.student_card(cfg.student, report.files, cfg.model_dump(), results))
     write_manifest(
         final,
         "distill",

@@ -401,7 +401,7 @@ def _sweep(opts: SweepOptions, echo) -> dict:
         write_text_atomic(work / "sweep.md", result["table_md"] + f"\n\nno TA chosen: {reason}\n")
         echo(result["table_md"])
         raise UserError(f"sweep chose no TA: {reason}. {output} was not touched; the table is in {work / 'sweep.md'}")
-    _finish(output, work, tas, _point(pick), result, opts.keep_all, force)
+    _finish(output, work, tas, _point(pick), result, opts.keep_all, force, recipe)
     echo(result["table_md"])
     echo(f"chosen: {reason}")
     echo(f"teacher assistant at {output}; sweep table and plot in {output / 'sweep'}")
@@ -474,9 +474,19 @@ def _built(folder: Path, recipe: Recipe, point: Point, inputs: dict[str, str]) -
 
 
 def _finish(
-    output: Path, work: Path, tas: dict[Point, Path], chosen: Point, result: dict, keep_all: bool, force: bool
+    output: Path,
+    work: Path,
+    tas: dict[Point, Path],
+    chosen: Point,
+    result: dict,
+    keep_all: bool,
+    force: bool,
+    recipe: Recipe,
 ) -> None:
-    """Tables and plot into the chosen TA, then rename it to the recipe's output path."""
+    """Tables, plot and model card into the chosen TA, then rename it to the recipe's output path."""
+    from micota_merge.core import cards
+    from micota_merge.merge.onepass.engine import at_point
+
     ta = tas[chosen]
     report = ta / "sweep"
     report.mkdir(exist_ok=True)
@@ -487,6 +497,8 @@ def _finish(
     plot_front(result, report / "front.png")
     for f in work.glob("*.probe.jsonl"):
         shutil.copyfile(f, report / f.name)
+    # the card says why this point was chosen (the build wrote it without the sweep's table)
+    cards.write(ta, cards.ta_card(at_point(recipe, chosen), read_manifest(ta).get("inputs") or {}, sweep=result))
     claimed = claim(output, "sweep", stages=["build"])  # still ours or absent: we held the lock throughout
     if claimed.state == "ours" and not force:
         raise UserError(f"output {output} holds another TA: pass --force to replace it")
