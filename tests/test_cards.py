@@ -24,7 +24,7 @@ def _recipe(tmp_path: Path, family: dict, **sweep) -> Path:
     if sweep:
         data["sweep"] = {
             "ratios": [0.0, 0.5, 1.0],
-            "probe": {"questions": "gsm8k", "limit": 2, "max_tokens": 6, "backend": "transformers"},
+            "probe": {"questions": "gsm8k-train", "limit": 2, "max_tokens": 6, "backend": "transformers"},
             "min_accuracy": 0.0,
             "max_truncated": 1.0,
         }

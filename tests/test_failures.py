@@ -677,7 +677,7 @@ def test_every_command_takes_debug_and_verbose(path):
     "args",
     [
         ["build", "missing.yaml"],
-        ["generate", "--model", "missing", "--questions", "gsm8k", "--out", "o.jsonl"],
+        ["generate", "--model", "missing", "--questions", "gsm8k", "--decontaminate", "off", "--out", "o.jsonl"],
         ["demo", "standin", "--meta", "missing", "--out", "x"],
     ],
 )

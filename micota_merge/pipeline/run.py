@@ -428,8 +428,18 @@ def _generate_options(settings: PipelineSettings, model: Path, out: Path) -> dic
         opts["limit"] = settings.question_limit
     if settings.prompt:
         opts["prompt"] = settings.prompt
+    opts["decontaminate_against"] = decontaminate_against(settings)
     opts.update(settings.generate)
     return opts
+
+
+def decontaminate_against(settings: PipelineSettings) -> list[str]:
+    """The benchmarks training questions are checked against: the papers' five and every one this
+    pipeline evaluates."""
+    from micota_merge.data.decontaminate import default_against
+    from micota_merge.evaluation.evaluate import parse_tasks
+
+    return list(dict.fromkeys(default_against() + parse_tasks(settings.eval.get("tasks"))))
 
 
 def _mixes(settings: PipelineSettings) -> dict[str, dict[str, float]]:

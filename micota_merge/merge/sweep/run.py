@@ -74,8 +74,16 @@ def _probe(model: Path, name: str, work: Path, settings: SweepSettings, echo) ->
         row = json.loads(stats_file.read_text())
         if row.get("probe") == probe and row.get("model_content") == model_content:
             return row  # written only once every question was answered
-    # the probe's settings are generate's own fields: passed whole, greedy, every answer kept
-    opts = gen.options(**settings.probe.model_dump(), model=str(model), out=str(out), keep="all", temperature=0.0)
+    # the probe's settings are generate's own fields: passed whole, greedy, every answer kept; it
+    # measures checkpoints and trains nothing, so its questions are not decontaminated
+    opts = gen.options(
+        **settings.probe.model_dump(),
+        model=str(model),
+        out=str(out),
+        keep="all",
+        temperature=0.0,
+        decontaminate="off",
+    )
     fresh = not gen.written_with(out, gen._settings(opts, model, opts.prompt or DEFAULT_PROMPT))
     stats = gen.generate(opts.model_copy(update={"force": fresh}), echo=echo)
     row = {
