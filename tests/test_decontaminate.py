@@ -128,3 +128,76 @@ def test_generate_on_a_benchmarks_test_split_says_what_to_do(tiny_family, tmp_pa
     )
     assert code == 0, text
     assert len(out.read_text().splitlines()) == 1
+
+
+# ---- no selection on a test set: the sweep's probe
+
+
+def _recipe(tmp_path: Path, family: dict, probe: dict, pipeline: dict | None = None) -> Path:
+    import yaml
+
+    data = {
+        "models": {k: str(v) for k, v in family.items()},
+        "merge": {"method": "linear", "ratio": 0.5, "dtype": "float32"},
+        "output": str(tmp_path / "ta"),
+        "sweep": {"ratios": [0.0, 1.0], "probe": probe, "min_accuracy": 0.0, "max_truncated": 1.0},
+    }
+    if pipeline is not None:
+        data["pipeline"] = {"workdir": str(tmp_path / "work"), "student": str(family["short_cot"]), **pipeline}
+    p = tmp_path / "recipe.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+def test_the_probe_refuses_a_test_split_the_students_are_scored_on(tiny_family, tmp_path):
+    recipe = _recipe(tmp_path, tiny_family, {"questions": "gsm8k", "limit": 2, "max_tokens": 2})
+    r = CliRunner().invoke(cli, ["sweep", str(recipe)])
+    assert r.exit_code == 2 and "sweep.probe.questions gsm8k: the test split" in r.output, r.output
+    assert "allow_test_split" in r.output and not (tmp_path / "ta.sweep").exists()
+    pipe = _recipe(tmp_path, tiny_family, {"questions": "amc23"}, {"questions": "gsm8k-train", "question_limit": 2})
+    r = CliRunner().invoke(cli, ["run", str(pipe), "--dry-run"])
+    assert r.exit_code == 2 and "sweep.probe.questions amc23" in r.output and not (tmp_path / "work").exists()
+
+
+def test_the_probe_plan(tiny_family, tmp_path):
+    from micota_merge.merge.recipe import load_recipe
+    from micota_merge.merge.sweep.run import probe_plan
+
+    def plan(probe, pipeline=None):
+        r = load_recipe(_recipe(tmp_path, tiny_family, probe, pipeline))
+        return probe_plan(r, r.sweep)
+
+    # a plain sweep: gsm8k-train by default, decontaminated against the papers' benchmarks
+    p = plan({})
+    assert (p["questions"], p["offset"], p["decontaminate"]) == ("gsm8k-train", 0, "drop")
+    assert p["decontaminate_against"] == list(benchmarks.papers())
+    # a pipeline: a held-out slice of its own training questions, checked against what it evaluates too
+    pipe = {"questions": "gsm8k-train", "question_limit": 40, "eval": {"tasks": "microworld"}}
+    p = plan({"limit": 8}, pipe)
+    assert (p["questions"], p["offset"]) == ("gsm8k-train", 40) and "held out from the 40" in p["statement"]
+    assert p["decontaminate_against"] == [*benchmarks.papers(), "microworld"]
+    p = plan({"limit": 8, "held_out": False}, pipe)
+    assert p["offset"] == 0 and "which generate answers too" in p["statement"]
+    with pytest.raises(Exception, match="pipeline.question_limit"):
+        plan({}, {"questions": "gsm8k-train"})
+    # on purpose: allowed, and said
+    p = plan({"questions": "gsm8k", "allow_test_split": True})
+    assert p["decontaminate"] == "off" and "not decontaminated" in p["statement"]
+
+
+def test_no_shipped_recipe_selects_on_a_test_split():
+    from micota_merge.merge.recipe import load_recipe
+    from micota_merge.merge.sweep.run import probe_plan
+
+    recipes = sorted((REPO / "micota_merge/recipes").glob("*/*.yaml"))
+    swept = 0
+    for path in recipes:
+        if "merge_method" in path.read_text() or path.parent.name in ("distill", "accelerate"):
+            continue
+        recipe = load_recipe(path)
+        if recipe.sweep is None:
+            continue
+        p = probe_plan(recipe, recipe.sweep)
+        assert p["questions"] not in benchmarks.question_sets() and p["decontaminate"] == "drop", path
+        swept += 1
+    assert swept >= 6

@@ -105,7 +105,7 @@ def recipe_file(folder: Path, family: dict, output: Path, **overrides) -> Path:
         "output": str(output),
         "sweep": {
             "ratios": [0.5],
-            "probe": {"benchmark": "gsm8k", "limit": 1, "max_tokens": 4, "backend": "transformers"},
+            "probe": {"questions": "gsm8k-train", "limit": 1, "max_tokens": 4, "backend": "transformers"},
         },
     }
     path = folder / "recipe.yaml"

@@ -326,7 +326,7 @@ def _sweep_recipe(tmp_path: Path, family: dict, **sweep) -> Path:
         "output": str(tmp_path / "ta"),
         "sweep": {
             "ratios": [0.0, 1.0],
-            "probe": {"benchmark": "gsm8k", "limit": 2, "max_tokens": 4, "backend": "transformers"},
+            "probe": {"questions": "gsm8k-train", "limit": 2, "max_tokens": 4, "backend": "transformers"},
             **sweep,
         },
     }
@@ -373,7 +373,7 @@ def _base_recipe(tmp_path: Path) -> dict:
         "models": {"long_cot": "a", "short_cot": "b", "base": "c"},
         "merge": {"method": "dare_ties", "ratio": 0.5, "density": 0.5, "seed": 0},
         "output": str(tmp_path / "ta"),
-        "sweep": {"ratios": [0.0, 0.5], "probe": {"benchmark": "gsm8k", "limit": 4}},
+        "sweep": {"ratios": [0.0, 0.5], "probe": {"questions": "gsm8k-train", "limit": 4}},
         "pipeline": {"workdir": str(tmp_path / "w"), "student": "s", "mix": {"ta": 1, "short_cot": 4}},
     }
 

@@ -282,7 +282,7 @@ def test_sweep_refuses_a_finished_sweep_of_other_inputs(tiny_family, tmp_path):
                 "output": str(tmp_path / "ta"),
                 "sweep": {
                     "ratios": [0.25, 0.75],
-                    "probe": {"benchmark": "gsm8k", "limit": 2, "max_tokens": 4, "backend": "transformers"},
+                    "probe": {"questions": "gsm8k-train", "limit": 2, "max_tokens": 4, "backend": "transformers"},
                     "min_accuracy": 0.0,
                     "max_truncated": 1.0,
                 },

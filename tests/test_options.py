@@ -145,9 +145,9 @@ def test_a_bad_flag_is_one_line_naming_it(tmp_path, args, needle):
 
 
 def test_probe_is_generates_options_with_a_probes_defaults(caplog):
-    assert set(Probe.model_fields) - {"questions"} <= set(GenerateOptions.model_fields)
+    assert set(Probe.model_fields) - {"held_out", "allow_test_split"} <= set(GenerateOptions.model_fields)
     p = Probe()
-    assert (p.limit, p.max_tokens, p.questions) == (64, 4096, "gsm8k")
+    assert (p.limit, p.max_tokens, p.questions) == (64, 4096, None)  # None: the sweep's choice (probe_plan)
     assert p.dtype == default_of(GenerateOptions, "dtype")  # not re-declared: generate's own default
     # the key users wrote before `questions:` took both shipped sets and files
     with caplog.at_level("WARNING"):
@@ -189,11 +189,12 @@ def test_the_probe_hands_every_field_to_generate(monkeypatch, tmp_path):
         "dtype": "bfloat16",
         "backend": "transformers",
     }
-    settings = SweepSettings.model_validate({"probe": probe})
+    settings = SweepSettings.model_validate({"probe": {**probe, "allow_test_split": True}})
+    plan = {"questions": "math500", "offset": 5, "decontaminate": "off", "decontaminate_against": ["aime24"]}
     with pytest.raises(Stop):
-        sweep_run._probe(tmp_path / "m", "long_cot", tmp_path, settings, echo=lambda s: None)
+        sweep_run._probe(tmp_path / "m", "long_cot", tmp_path, settings, {**plan, "statement": ""}, echo=print)
     opts = seen["opts"]
-    for key, value in probe.items():
+    for key, value in {**probe, **plan}.items():
         assert getattr(opts, key) == value, key
     assert (opts.keep, opts.temperature) == ("all", 0.0)
 

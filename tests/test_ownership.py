@@ -339,7 +339,7 @@ def test_sidecars_and_work_folders_of_others_are_refused(family, chat_data, tmp_
         tmp_path / "ta",
         sweep={
             "ratios": [0.5],
-            "probe": {"benchmark": "gsm8k", "limit": 1, "max_tokens": 2, "backend": "transformers"},
+            "probe": {"questions": "gsm8k-train", "limit": 1, "max_tokens": 2, "backend": "transformers"},
         },
     )
     before = snapshot(tmp_path / "ta.sweep")
@@ -538,7 +538,7 @@ def test_sweep_checks_space_for_every_point_before_probing(family, small_disk, t
         out,
         sweep={
             "ratios": [0.1, 0.3, 0.5, 0.7, 0.9],
-            "probe": {"benchmark": "gsm8k", "limit": 1, "max_tokens": 2, "backend": "transformers"},
+            "probe": {"questions": "gsm8k-train", "limit": 1, "max_tokens": 2, "backend": "transformers"},
         },
     )
     code, text = run("sweep", recipe)

@@ -188,7 +188,7 @@ def test_sweep_section_validated(tiny_family, tmp_path):
     r = _recipe(tiny_family, tmp_path)
     r["sweep"] = {"ratios": [0.2, 1.4]}
     _assert_clean_failure(_build(_write(tmp_path, r)), tmp_path, "sweep.ratios", "between 0 and 1")
-    r["sweep"] = {"ratios": [0.5, 0.2, 0.5], "target_tokens": 300, "probe": {"benchmark": "gsm8k", "limit": 4}}
+    r["sweep"] = {"ratios": [0.5, 0.2, 0.5], "target_tokens": 300, "probe": {"questions": "gsm8k-train", "limit": 4}}
     assert parse_recipe(r).sweep.ratios == [0.2, 0.5]
 
 

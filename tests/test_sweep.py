@@ -141,7 +141,7 @@ def _front_result(rows, chosen, target=150.0):
             "short_cot": {"mean_tokens": 84.4, "accuracy": 1.0},
             "long_cot": {"mean_tokens": 268.3, "accuracy": 1.0},
         },
-        "probe": {"max_tokens": 400, "benchmark": "gsm8k"},
+        "probe": {"max_tokens": 400, "questions": "gsm8k-train"},
         "densities": None,
     }
 
@@ -202,7 +202,7 @@ def _recipe(tmp_path, family, method="linear", ratios=(0.0, 0.5, 1.0)) -> Path:
         # random tiny models answer nothing right and run to the cap: no floor, the machinery is under test
         "sweep": {
             "ratios": list(ratios),
-            "probe": {"benchmark": "gsm8k", "limit": 2, "max_tokens": 6, "backend": "transformers"},
+            "probe": {"questions": "gsm8k-train", "limit": 2, "max_tokens": 6, "backend": "transformers"},
             "min_accuracy": 0.0,
             "max_truncated": 1.0,
         },

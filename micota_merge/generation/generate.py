@@ -163,6 +163,7 @@ def _settings(opts: GenerateOptions, model_dir: Path, prompt: str, clean=None) -
         "max_tokens": opts.max_tokens,
         "seed": opts.seed,
         "dtype": opts.dtype,
+        "offset": opts.offset or None,  # None, not 0: a file from before --offset existed resumes
         # set only when questions were left out: then the set answered is not the file's (None otherwise,
         # so a file generated before decontamination existed, from questions none of which overlaps, resumes)
         "decontaminated": _dropped(clean) if clean is not None and clean.dropped else None,
@@ -190,6 +191,7 @@ _SETTING_NAMES = {
     "max_tokens": "max tokens",
     "seed": "seed",
     "decontaminated": "questions left out as overlapping a benchmark (--decontaminate)",
+    "offset": "questions skipped (--offset)",
     "dtype": "dtype",
 }
 
@@ -440,8 +442,12 @@ def _questions(opts: GenerateOptions, echo):
         opts.id_field,
         benchmark=opts.benchmark,
         split=opts.split,
-        limit=opts.limit,
+        limit=opts.offset + opts.limit if opts.limit else None,
     )
+    if opts.offset:
+        if len(questions) <= opts.offset:
+            raise UserError(f"--offset {opts.offset}: {opts.questions} has only {len(questions)} questions")
+        questions = questions[opts.offset :]
     require_answers(questions, opts.questions)
     if opts.n > 1 and opts.temperature == 0:
         log.warning(

@@ -123,7 +123,10 @@ class ProbeOptions(VllmOptions):
         description="transformers: prompts per batch (16); vllm: questions per LLM.generate chunk, the most "
         "a kill can lose (256).",
     )
-    limit: Optional[Int] = Field(None, ge=1, description="Only the first N questions.")
+    limit: Optional[Int] = Field(None, ge=1, description="Only the first N questions (after --offset).")
+    offset: Int = Field(
+        0, ge=0, description="Skip the first N questions (a probe's held-out slice, or one shard of a large set)."
+    )
     prompt: PromptTemplate = Field(
         "",
         description="User message template with {question}; default: the papers' "

@@ -119,7 +119,21 @@ class Probe(ProbeOptions):
     Each probed model (every ratio's TA, both experts) is a different checkpoint, so servers started
     beforehand cannot serve them: with vllm, data_parallel_size / serve_args start `vllm serve` per probe."""
 
-    questions: str = Field("gsm8k", description="question set to probe with: a shipped set or a JSONL file")
+    questions: Optional[str] = Field(
+        None,
+        description="question set to probe with: a shipped set or a JSONL file (default: pipeline.questions "
+        "in a pipeline, else gsm8k-train); never a benchmark the students are scored on, unless allow_test_split",
+    )
+    held_out: bool = Field(
+        True,
+        description="probing pipeline.questions: the questions after the pipeline.question_limit that generate "
+        "answers (a held-out slice); false: the first ones, which generate answers too",
+    )
+    allow_test_split: bool = Field(
+        False,
+        description="probe on a benchmark the students are scored on, on purpose (the TA is then chosen on "
+        "that test set, and its scores there are no longer a clean measure)",
+    )
     limit: Int = Field(64, ge=1, description="probe questions")
     max_tokens: Int = Field(4096, ge=1, description="probe answer length cap")
     batch_size: Int = Field(16, ge=1, description="transformers: prompts per batch; vllm: per chunk")

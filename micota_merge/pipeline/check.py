@@ -65,7 +65,9 @@ def check_order(run_from: Optional[str], until: Optional[str], stages: tuple[str
         )
 
 
-def _check_questions(section: str, spec: str, base_dir: Path, limit: Optional[int], fields: dict) -> None:
+def _check_questions(
+    section: str, spec: str, base_dir: Path, limit: Optional[int], fields: dict, offset: int = 0
+) -> None:
     from micota_merge.data.questions import load_questions, require_answers
 
     try:
@@ -78,7 +80,12 @@ def _check_questions(section: str, spec: str, base_dir: Path, limit: Optional[in
             split=fields.get("split"),
             limit=limit,
         )
-        require_answers(questions, spec)
+        if len(questions) <= offset:
+            raise UserError(
+                f"{spec} has {len(questions)} questions: none is left after the {offset} that generate answers "
+                "(lower pipeline.question_limit, or say sweep.probe.held_out: false)"
+            )
+        require_answers(questions[offset:], spec)
     except UserError as e:
         raise UserError(f"{section}: {e}") from None
 
@@ -95,8 +102,11 @@ def validate_pipeline(recipe: Recipe, settings: Optional[PipelineSettings], base
     if settings is None:
         return
     if settings.select == "sweep" and recipe.sweep is not None:
-        probe = recipe.sweep.probe
-        _check_questions("sweep.probe.questions", probe.questions, base_dir, probe.limit, {})
+        from micota_merge.merge.sweep.run import probe_plan
+
+        plan = probe_plan(recipe, recipe.sweep)  # never a test split the students are scored on
+        limit = plan["offset"] + recipe.sweep.probe.limit
+        _check_questions("sweep.probe.questions", plan["questions"], base_dir, limit, {}, offset=plan["offset"])
     _check_generate(settings, base_dir)
     _check_distill(settings, base_dir)
     _check_eval(settings)

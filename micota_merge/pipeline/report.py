@@ -67,6 +67,7 @@ def _sweep_section(ta_dir: Path, report_dir: Path) -> list[str]:
         "",
         f"Chosen: {sw['reason']}",
         "",
+        *([f"Probe questions: {sw['probe_questions']}.", ""] if sw.get("probe_questions") else []),
         "![sweep](report/sweep.png)",
         "",
     ]

@@ -57,7 +57,60 @@ def _tag(ratio: float, density: Optional[float] = None) -> str:
     return tag
 
 
-def _probe(model: Path, name: str, work: Path, settings: SweepSettings, echo) -> dict:
+def probe_plan(recipe: Recipe, settings: SweepSettings) -> dict:
+    """Which questions the probe answers, decided before any work (for the sweep and `run`'s check).
+
+    The TA is a model selection, so it is never made on a test set the students are scored on: the probe
+    answers training questions (by default a held-out slice of the pipeline's own, else gsm8k-train), is
+    decontaminated against the benchmarks the students are scored on as training data is, and a
+    benchmark's own test split is refused unless `allow_test_split` says it is meant."""
+    from micota_merge.data.decontaminate import default_against
+    from micota_merge.evaluation import benchmarks
+
+    probe, pipe = settings.probe, recipe.pipeline
+    if pipe is not None:
+        from micota_merge.pipeline.run import decontaminate_against
+
+        against = decontaminate_against(pipe)
+    else:
+        against = default_against()
+    questions = probe.questions or (pipe.questions if pipe is not None else "gsm8k-train")
+    offset, where = probe.offset, f"the first {probe.limit} of {questions}"
+    if offset:  # said outright
+        where = f"{probe.limit} of {questions} from question {offset + 1} on (sweep.probe.offset)"
+    elif pipe is not None and questions == pipe.questions:
+        if probe.held_out:
+            if pipe.question_limit is None:
+                raise UserError(
+                    "sweep.probe: a held-out slice of pipeline.questions needs pipeline.question_limit (generate "
+                    "answers every question otherwise): set it, or say sweep.probe.held_out: false to probe on "
+                    "questions generate answers too, or give sweep.probe.questions"
+                )
+            offset = pipe.question_limit
+            where = (
+                f"{probe.limit} of {questions} from question {offset + 1} on, held out from the "
+                f"{pipe.question_limit} that generate answers"
+            )
+        else:
+            where += ", which generate answers too (sweep.probe.held_out: false)"
+    if questions in benchmarks.question_sets() and questions in against and not probe.allow_test_split:
+        raise UserError(
+            f"sweep.probe.questions {questions}: the test split of a benchmark the students are scored on; a TA "
+            "chosen on it is selected on the test set. Probe on training questions (the default), or set "
+            "sweep.probe.allow_test_split: true to do it on purpose"
+        )
+    if probe.allow_test_split:
+        where += "; not decontaminated (sweep.probe.allow_test_split)"
+    return {
+        "questions": questions,
+        "offset": offset,
+        "decontaminate": "off" if probe.allow_test_split else "drop",
+        "decontaminate_against": against,
+        "statement": where,
+    }
+
+
+def _probe(model: Path, name: str, work: Path, settings: SweepSettings, plan: dict, echo) -> dict:
     """Answer the probe questions with one model; resumable through generate's own JSONL.
 
     A finished probe is reused only for the same model *content* and probe settings; a probe file
@@ -68,21 +121,21 @@ def _probe(model: Path, name: str, work: Path, settings: SweepSettings, echo) ->
 
     stats_file = work / f"{name}.stats.json"
     out = work / f"{name}.probe.jsonl"
-    probe = settings.probe.model_dump(mode="json", exclude=set(TRANSPORT_OPTIONS))
+    chosen = {k: plan[k] for k in ("questions", "offset", "decontaminate", "decontaminate_against")}
+    probe = {**settings.probe.model_dump(mode="json", exclude=set(TRANSPORT_OPTIONS)), "plan": chosen}
     model_content = content_id(model)
     if stats_file.is_file():
         row = json.loads(stats_file.read_text())
         if row.get("probe") == probe and row.get("model_content") == model_content:
             return row  # written only once every question was answered
-    # the probe's settings are generate's own fields: passed whole, greedy, every answer kept; it
-    # measures checkpoints and trains nothing, so its questions are not decontaminated
+    # the probe's settings are generate's own fields: passed whole, greedy, every answer kept
     opts = gen.options(
-        **settings.probe.model_dump(),
+        **settings.probe.model_dump(exclude={"questions", "offset", "held_out", "allow_test_split"}),
+        **chosen,
         model=str(model),
         out=str(out),
         keep="all",
         temperature=0.0,
-        decontaminate="off",
     )
     fresh = not gen.written_with(out, gen._settings(opts, model, opts.prompt or DEFAULT_PROMPT))
     stats = gen.generate(opts.model_copy(update={"force": fresh}), echo=echo)
@@ -342,6 +395,7 @@ def _sweep(opts: SweepOptions, echo) -> dict:
     recipe_path, force = opts.recipe, opts.force
     recipe = load_recipe(recipe_path)
     settings = _settings(recipe, opts)
+    plan = probe_plan(recipe, settings)
     grid = settings.densities is not None
     points: list[Point] = [
         (r, d) for d in (settings.densities if grid else [recipe.merge.density]) for r in settings.ratios
@@ -356,6 +410,7 @@ def _sweep(opts: SweepOptions, echo) -> dict:
     identity = {
         "recipe": recipe.model_dump(mode="json", exclude={"sweep", "pipeline", "output"}),
         "sweep": settings.model_dump(mode="json", exclude={"probe": set(TRANSPORT_OPTIONS)}),
+        "probe_plan": {k: v for k, v in plan.items() if k != "statement"},
         "inputs": {role: content_id(p) for role, p in paths.items()},
     }
     done = _claim(output, paths, identity, force, echo)
@@ -369,10 +424,11 @@ def _sweep(opts: SweepOptions, echo) -> dict:
     write_json_atomic(work / "settings.json", identity)
 
     # the two checkpoints as they are, then one TA per point
-    endpoints = {role: _probe(paths[role], role, work, settings, echo) for role in ("short_cot", "long_cot")}
+    echo(f"probe: {plan['statement']}")
+    endpoints = {role: _probe(paths[role], role, work, settings, plan, echo) for role in ("short_cot", "long_cot")}
     tas = {p: work / tags[p] for p in points}
     _build_points(recipe_path, recipe, tas, identity["inputs"], echo)
-    rows = [{"ratio": p[0], "density": p[1], **_probe(tas[p], tags[p], work, settings, echo)} for p in points]
+    rows = [{"ratio": p[0], "density": p[1], **_probe(tas[p], tags[p], work, settings, plan, echo)} for p in points]
 
     target = target_length(settings, endpoints)
     pick, reason = choose(
@@ -388,6 +444,7 @@ def _sweep(opts: SweepOptions, echo) -> dict:
         "identity": identity,
         "method": recipe.merge.method,
         "probe": settings.probe.model_dump(mode="json"),
+        "probe_questions": plan["statement"],
         "tolerance": settings.tolerance,
         **({"min_accuracy": settings.min_accuracy, "max_truncated": settings.max_truncated} if pick is None else {}),
         "densities": settings.densities,
@@ -500,7 +557,8 @@ def _finish(
     report.mkdir(exist_ok=True)
     write_json_atomic(report / "sweep.json", result)
     write_text_atomic(report / "sweep.csv", table_csv(result))
-    write_text_atomic(report / "sweep.md", result["table_md"] + f"\n\nchosen: {result['reason']}\n")
+    probe = f"\n\nprobe questions: {result['probe_questions']}\n" if result.get("probe_questions") else "\n"
+    write_text_atomic(report / "sweep.md", result["table_md"] + f"\n\nchosen: {result['reason']}" + probe)
     plot(result, report / "sweep.png")
     plot_front(result, report / "front.png")
     for f in work.glob("*.probe.jsonl"):
