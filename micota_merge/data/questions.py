@@ -9,7 +9,16 @@ Where questions come from (`load_questions(spec)`):
   (`gsm8k`, `math500`, `aime24`, `amc23`, `olympiadbench`: every question set of the benchmark
   registry, `micota_merge.evaluation.benchmarks`, which says each one's file and fields);
 - a JSONL file, one object per line;
-- a Hugging Face dataset saved with `save_to_disk` (a folder; `split` picks from a DatasetDict).
+- a Hugging Face dataset saved with `save_to_disk` (a folder; `split` picks from a DatasetDict);
+- a Hub dataset, `hf:ORG/NAME[:CONFIG][@SPLIT]` (split `train` unless said), through
+  huggingface_hub's cache and `datasets.load_dataset`: downloaded once, read offline from the
+  cache after that (with `HF_HUB_OFFLINE=1` only the cache is read). Its identity is the resolved
+  revision's snapshot and the content of its files.
+
+Fields are detected as for a file (question: question / problem / prompt / ...; answer: answer /
+final_answer / ...); a `solution` field gives its last `\\boxed{}` as the gold answer, and rows that
+are chat records (`messages`) give their first user turn as the question and the box of the last
+assistant turn as the gold when no answer field exists.
 
 Ids. Shipped sets use the source's own id (`aime24-60`, `gsm8k-test-17`, `math500-<row>`).
 A user's file uses `id_field` when given (or an `id` column when there is one); otherwise the id
@@ -64,11 +73,57 @@ def shipped_path(name: str) -> Path:
     return _shipped()[name][0]
 
 
+HUB = "hf:"
+
+
+def parse_hub(spec: str) -> tuple[str, str | None, str]:
+    """hf:ORG/NAME[:CONFIG][@SPLIT] -> (repo id, config or None, split)."""
+    body, split = spec[len(HUB) :], "train"
+    if "@" in body:
+        body, split = body.rsplit("@", 1)
+    repo, _, config = body.partition(":")
+    org, _, name = repo.partition("/")
+    if not org or not name or "/" in name or not split:
+        raise UserError(f"questions {spec!r}: write a Hub dataset as hf:ORG/NAME[:CONFIG][@SPLIT]")
+    return repo, config or None, split
+
+
+def hub_snapshot(spec: str) -> Path:
+    """The local snapshot of a Hub dataset: from the cache when offline, downloaded (once) otherwise."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    repo, _, _ = parse_hub(spec)
+    offline = bool(constants.HF_HUB_OFFLINE)
+    try:
+        return Path(huggingface_hub.snapshot_download(repo, repo_type="dataset", local_files_only=offline))
+    except Exception as e:  # not cached offline, no such repository, no network: all one line
+        where = "is not in the Hugging Face cache and the hub is offline (HF_HUB_OFFLINE)" if offline else "failed"
+        raise UserError(
+            f"questions {spec}: {repo} {where} ({type(e).__name__}); fetch it once with "
+            f"`huggingface-cli download --repo-type dataset {repo}`, or give a local file"
+        ) from None
+
+
+def _read_hub_dataset(spec: str) -> list[dict]:
+    import datasets
+
+    repo, config, split = parse_hub(spec)
+    folder = hub_snapshot(spec)
+    try:
+        ds = datasets.load_dataset(str(folder), name=config, split=split)
+    except Exception as e:  # a missing split or config: datasets says which exist
+        raise UserError(f"questions {spec}: {str(e).splitlines()[0][:300]}") from None
+    return [dict(r) for r in ds]
+
+
 def questions_source(spec: str | Path) -> Path:
-    """The file or folder a question set is read from (a shipped set's own file)."""
+    """The file or folder a question set is read from (a shipped set's own file, a Hub dataset's snapshot)."""
     spec_s = str(spec)
     if spec_s in _shipped():
         return shipped_path(spec_s)
+    if spec_s.startswith(HUB):
+        return hub_snapshot(spec_s)
     path = Path(spec_s)
     if not path.exists():
         raise UserError(
@@ -169,6 +224,16 @@ def _read_jsonl(path: Path) -> list[dict]:
 def _read_hf_dataset(path: Path, split: str | None) -> list[dict]:
     import datasets
 
+    saved = any((path / f).is_file() for f in ("state.json", "dataset_dict.json"))
+    if not saved:  # a dataset repository's files (data/train.jsonl, parquet shards, a README's configs)
+        try:
+            ds = datasets.load_dataset(str(path), split=split or "train")
+        except Exception as e:
+            raise UserError(
+                f"{path}: neither a dataset saved with save_to_disk nor a dataset repository datasets can read "
+                f"({str(e).splitlines()[0][:200]})"
+            ) from None
+        return [dict(r) for r in ds]
     try:
         ds = datasets.load_from_disk(str(path))
     except Exception as e:  # datasets raises FileNotFoundError / ValueError with varying text
@@ -209,6 +274,31 @@ def _pick(
     return None
 
 
+def _solution_answer(text: Any) -> str | None:
+    from micota_merge.evaluation.grading import _boxed
+
+    return _boxed(text) if isinstance(text, str) else None
+
+
+def _from_chat_records(rows: list[dict], question_field: str | None, answer_field: str | None) -> list[dict]:
+    """Rows that are chat records (a `messages` list and no question field): the first user turn is the
+    question, and without an answer field the last assistant turn's box is the gold."""
+    first = rows[0]
+    if question_field or any(f in first for f in _QUESTION_FIELDS) or not isinstance(first.get("messages"), list):
+        return rows
+    has_answer = answer_field is not None or any(f in first for f in _ANSWER_FIELDS)
+    out = []
+    for r in rows:
+        msgs = [m for m in r.get("messages") or [] if isinstance(m, dict)]
+        user = next((m.get("content") for m in msgs if m.get("role") == "user"), None)
+        reply = next((m.get("content") for m in reversed(msgs) if m.get("role") == "assistant"), None)
+        row = {**r, "question": user}
+        if not has_answer:
+            row["answer"] = _solution_answer(reply)
+        out.append(row)
+    return out
+
+
 def content_id(prefix: str, question: str) -> str:
     return f"{prefix}-{hashlib.sha256(question.encode('utf-8')).hexdigest()[:12]}"
 
@@ -235,18 +325,25 @@ def load_questions(
         qf, af, idf = question_field or qf, answer_field or af, id_field or idf
         benchmark = benchmark or bench
     else:
-        path = Path(spec_s)
-        if not path.exists():
-            raise UserError(
-                f"questions {spec_s!r}: no such file or folder, and not a shipped set (shipped: {', '.join(shipped)})"
-            )
-        rows = _read_hf_dataset(path, split) if path.is_dir() else _read_jsonl(path)
+        if spec_s.startswith(HUB):
+            rows, source, prefix = _read_hub_dataset(spec_s), spec_s, parse_hub(spec_s)[0].split("/")[1]
+        else:
+            path = Path(spec_s)
+            if not path.exists():
+                raise UserError(
+                    f"questions {spec_s!r}: no such file or folder, and not a shipped set (shipped: "
+                    f"{', '.join(shipped)}), and not a Hub dataset (hf:ORG/NAME)"
+                )
+            rows = _read_hf_dataset(path, split) if path.is_dir() else _read_jsonl(path)
+            source, prefix = str(path), path.name.split(".")[0] if path.is_file() else path.name
         if not rows:
-            raise UserError(f"{path}: no questions in it")
-        source, prefix = str(path), path.name.split(".")[0] if path.is_file() else path.name
+            raise UserError(f"{source}: no questions in it")
+        rows = _from_chat_records(rows, question_field, answer_field)
         qf = _pick(rows[0], question_field, _QUESTION_FIELDS, "question", source, "--question-field")
         af = _pick(rows[0], answer_field, _ANSWER_FIELDS, "answer", source, "--answer-field", required=False)
         idf = _pick(rows[0], id_field, _ID_FIELDS, "id", source, "--id-field", required=False)
+        if af == "solution":  # a worked solution: its final boxed answer is the gold
+            rows = [{**r, "solution": _solution_answer(r.get("solution"))} for r in rows]
     out, seen = [], Counter()
     for i, row in enumerate(rows):
         q = row.get(qf)

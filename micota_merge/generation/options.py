@@ -158,8 +158,9 @@ class GenerateOptions(ProbeOptions, ServerOptions):
     questions: str = Field(
         description="A shipped set (gsm8k-train, "
         + ", ".join(_benchmarks.question_sets())
-        + "), a JSONL file, or a Hugging "
-        "Face dataset folder saved with save_to_disk."
+        + "), a JSONL file, a dataset folder "
+        "(save_to_disk, or a dataset repository's files), or a Hub dataset hf:ORG/NAME[:CONFIG][@SPLIT] (read "
+        "from the Hugging Face cache when offline)."
     )
     out: str = Field(description="Raw records, appended as they finish (FILE.jsonl).")
     n: Int = Field(1, ge=1, description="Samples per question.")
