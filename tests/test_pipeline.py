@@ -184,6 +184,14 @@ def test_demo_pipeline_end_to_end_small(tmp_path):
     for stage in ("data/ta", "students/ta/seed-0", "students/ta/seed-1", "eval/student-ta-seed1"):
         assert json.loads((tmp_path / "w" / stage / "stage.json").read_text())["status"] == "done"
     assert (tmp_path / "w" / "students" / "ta" / "seed-0" / "model" / "micota.json").is_file()
+    # each distilled student's model card has its scores once they are known; the report states the
+    # probe's questions and the data's decontamination
+    from micota_merge.core import cards
+
+    _, body = cards.read(tmp_path / "w" / "students" / "ta" / "seed-1" / "model")
+    acc = summary["scores"]["student+ta@seed1"]["tasks"]["microworld"]["accuracy"]
+    assert "## Scores" in body and f"{100 * acc:.1f}" in body
+    assert "Probe questions: the first 12 of" in report and "| 0 of 40 |" in report
 
     again = CliRunner().invoke(cli, ["run", str(pipeline)])
     assert again.exit_code == 0 and "nothing to run" in again.output and "[run" not in again.output

@@ -387,9 +387,27 @@ def _evaluate(ctx: _Context) -> None:
             opts = EvalOptions(**settings.eval, model=str(model), output=str(run), force=fresh or run.exists())
             evaluate(opts, echo=ctx.echo)
 
-        ctx.runner.stage("eval", f"eval: {name}", folder, fp, do_eval, output=folder / "run")
+        ran = ctx.runner.stage("eval", f"eval: {name}", folder, fp, do_eval, output=folder / "run")
         ctx.evals[name] = folder / "run"
         ctx.eval_fps[name] = fp
+        if ran and not ctx.runner.dry_run and name.startswith("student+"):
+            _card_with_scores(model, folder / "run")
+
+
+def _card_with_scores(model_dir: Path, run: Path) -> None:
+    """A student this pipeline distilled gets its scores in its model card once they are known."""
+    from micota_merge.core import cards
+    from micota_merge.core.artifacts import read_manifest
+    from micota_merge.evaluation.summary import load_summary
+
+    m = read_manifest(model_dir) or {}
+    if m.get("stage") != "distill" or not (model_dir / cards.CARD).is_file():
+        return
+    options, inputs = m.get("options") or {}, m.get("inputs") or {}
+    card = cards.student_card(
+        options.get("student", ""), inputs.get("data") or [], options, m.get("results") or {}, load_summary(run)
+    )
+    cards.write(model_dir, card)
 
 
 def _report(ctx: _Context) -> None:
