@@ -375,33 +375,11 @@ def a_file(tmp_path) -> Path:
 
 def test_outputs_that_cannot_be_written(tiny_family, chat_data, tmp_path, a_file):
     model = tiny_family["short_cot"]
+    gen = ["generate", "--model", model, "--questions", "gsm8k", "--decontaminate", "off"]
     cases = [
+        ([*gen, "--out", a_file / "o.jsonl"], "is a file"),
         (
-            [
-                "generate",
-                "--model",
-                model,
-                "--questions",
-                "gsm8k",
-                "--decontaminate",
-                "off",
-                "--out",
-                a_file / "o.jsonl",
-            ],
-            "is a file",
-        ),
-        (
-            [
-                "generate",
-                "--model",
-                model,
-                "--questions",
-                "gsm8k",
-                "--decontaminate",
-                "off",
-                "--out",
-                "/proc/micota/o.jsonl",
-            ],
+            [*gen, "--out", "/proc/micota/o.jsonl"],
             "cannot write",
         ),
         (["eval", "--model", model, "--tasks", "gsm8k", "-o", a_file / "run"], "is a file"),

@@ -13,7 +13,7 @@ import click
 
 from micota_merge import __version__
 from micota_merge.core.errors import StageFailed, UserError
-from micota_merge.core.options import click_options, resolve
+from micota_merge.core.options import WEIGHT_DTYPES, click_options, resolve
 from micota_merge.core.ownership import OWN as _OWN
 from micota_merge.data.export import ExportOptions
 from micota_merge.data.mix import MixOptions
@@ -266,7 +266,7 @@ def demo_standin(meta, recipe_path, out, shard_size, force):
     "--dtype",
     default="float32",
     show_default=True,
-    type=click.Choice(["float32", "bfloat16", "float16"]),
+    type=click.Choice(list(WEIGHT_DTYPES)),
     help="Precision of the saved weights.",
 )
 @click.option(

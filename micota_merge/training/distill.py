@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from micota_merge.core.errors import UserError, disk_full, free_mib
 from micota_merge.core.identity import changed, describe
+from micota_merge.core.options import ModelDtype
 from micota_merge.core.ownership import (
     check_free_space,
     check_replaceable,
@@ -116,7 +117,7 @@ class DistillConfig(BaseModel):
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in the backward pass (needed for long CoT on big students)."
     )
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+    dtype: ModelDtype = Field(
         "auto", description="Weights' dtype while training; auto = bfloat16 on a GPU that has it, else float32."
     )
     attn_implementation: Optional[str] = Field(
