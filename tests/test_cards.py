@@ -60,7 +60,9 @@ def test_hub_checkpoints_are_the_cards_base_models(tmp_path):
             "output": str(tmp_path / "x"),
         }
     )
-    front, body = _split(cards.ta_card(recipe, {}))
+    text = cards.ta_card(recipe, {})
+    assert text.startswith("---\n")
+    front, body = cards.parse(text)
     assert front["base_model"] == ["deepseek-ai/DeepSeek-R1-Distill-Qwen-7B", "Qwen/Qwen2.5-Math-7B-Instruct"]
     assert front["base_model_relation"] == "merge"
     assert "| base | `Qwen/Qwen2.5-Math-7B` | – |" in body  # no fingerprint known: shown as missing
@@ -87,9 +89,3 @@ def test_a_distilled_student_carries_a_card(distilled_tiny, chat_data, tiny_fami
     assert f"| `{Path(f['path']).name}` | {f['records']} | `{f['sha256'][:16]}` |" in body
     assert f"Ended at step {manifest['results']['global_step']}" in body and "lr 0.01" in body
     assert "README.md" in manifest["written_files"]
-
-
-def _split(text: str) -> tuple[dict, str]:
-    assert text.startswith("---\n")
-    head, _, body = text[4:].partition("\n---\n")
-    return yaml.safe_load(head), body

@@ -34,6 +34,13 @@ def run_cli(*args) -> tuple[int, str]:
     return result.exit_code, result.output
 
 
+def generate_hosted(api, out, limit: int, *extra) -> tuple[int, str]:
+    """`generate` of the test API's hosted model on GSM8K's test questions (answered on purpose: not
+    decontaminated)."""
+    args = ("--model", "hosted-m", "--questions", "gsm8k", "--decontaminate", "off", "--limit", limit)
+    return run_cli("generate", *args, "--out", out, "--base-url", api.url, *extra)
+
+
 def closed_port_url() -> str:
     from micota_merge.generation.servers.serve import free_port
 
@@ -260,28 +267,8 @@ def test_retries_5xx_and_a_model_known_only_by_name(tmp_path, monkeypatch):
     api = TinyAPI(fail=2, status=503)
     try:
         out = tmp_path / "hosted.jsonl"
-        code, text = run_cli(
-            "generate",
-            "--model",
-            "hosted-m",
-            "--questions",
-            "gsm8k",
-            "--decontaminate",
-            "off",
-            "--limit",
-            "4",
-            "--out",
-            out,
-            "--base-url",
-            api.url,
-            "--concurrency",
-            "1",
-            "--max-tokens",
-            "64",
-            "--seed",
-            "3",
-            "--api-key-env",
-            "MICOTA_TEST_KEY",
+        code, text = generate_hosted(
+            api, out, 4, "--concurrency", "1", "--max-tokens", "64", "--seed", "3", "--api-key-env", "MICOTA_TEST_KEY"
         )
         assert code == 0, text
         assert set(api.auth) == {"Bearer sekrit-456"}
@@ -312,21 +299,7 @@ def test_rate_limit_waits_for_retry_after(tmp_path):
     api = TinyAPI(fail=1, status=429, retry_after=2)
     try:
         t0 = time.monotonic()
-        code, text = run_cli(
-            "generate",
-            "--model",
-            "hosted-m",
-            "--questions",
-            "gsm8k",
-            "--decontaminate",
-            "off",
-            "--limit",
-            "1",
-            "--out",
-            tmp_path / "rl.jsonl",
-            "--base-url",
-            api.url,
-        )
+        code, text = generate_hosted(api, tmp_path / "rl.jsonl", 1)
         assert code == 0, text
         # the retry came after the server's 2 s, not after the 0.5 s backoff
         assert len(api.seen) == 2 and api.arrived[1] - api.arrived[0] >= 1.9
@@ -339,21 +312,7 @@ def test_reasoning_sent_apart_is_kept_in_the_record(tmp_path):
     api = TinyAPI(reasoning="16 - 3 - 4 = 9 eggs, 9 * 2 = 18.")
     try:
         out = tmp_path / "r1.jsonl"
-        code, text = run_cli(
-            "generate",
-            "--model",
-            "hosted-m",
-            "--questions",
-            "gsm8k",
-            "--decontaminate",
-            "off",
-            "--limit",
-            "1",
-            "--out",
-            out,
-            "--base-url",
-            api.url,
-        )
+        code, text = generate_hosted(api, out, 1)
         assert code == 0, text
         (rec,) = read(out)
         assert rec["messages"][1]["content"] == "<think>\n16 - 3 - 4 = 9 eggs, 9 * 2 = 18.\n</think>\n\n\\boxed{18}"
@@ -403,21 +362,7 @@ def test_client_errors_stop_with_the_servers_message(tmp_path):
     api = TinyAPI(fail=100, status=400)
     try:
         out = tmp_path / "bad.jsonl"
-        code, text = run_cli(
-            "generate",
-            "--model",
-            "hosted-m",
-            "--questions",
-            "gsm8k",
-            "--decontaminate",
-            "off",
-            "--limit",
-            "2",
-            "--out",
-            out,
-            "--base-url",
-            api.url,
-        )
+        code, text = generate_hosted(api, out, 2)
         assert code == 2 and "prompt is too long for this model" in text and "HTTP 400" in text, text
         # a 4xx is not retried: no question was sent twice (two were in flight at once)
         assert 1 <= len(api.seen) == len({json.dumps(b["messages"]) for b in api.seen}) <= 2
@@ -443,21 +388,7 @@ def test_client_errors_stop_with_the_servers_message(tmp_path):
         api.close()
     api = TinyAPI(models_status=401)
     try:
-        code, text = run_cli(
-            "generate",
-            "--model",
-            "hosted-m",
-            "--questions",
-            "gsm8k",
-            "--decontaminate",
-            "off",
-            "--limit",
-            "2",
-            "--out",
-            tmp_path / "k.jsonl",
-            "--base-url",
-            api.url,
-        )
+        code, text = generate_hosted(api, tmp_path / "k.jsonl", 2)
         assert code == 2 and "HTTP 401" in text and "--api-key-env" in text
     finally:
         api.close()

@@ -28,9 +28,11 @@ def render(front: dict[str, Any], body: str) -> str:
 def read(folder: str | Path) -> tuple[dict, str]:
     """(front matter, body) of a folder's card; ({}, "") when it has none."""
     path = Path(folder) / CARD
-    if not path.is_file():
-        return {}, ""
-    text = path.read_text(encoding="utf-8")
+    return parse(path.read_text(encoding="utf-8")) if path.is_file() else ({}, "")
+
+
+def parse(text: str) -> tuple[dict, str]:
+    """(front matter, body) of a card's text."""
     if not text.startswith("---\n"):
         return {}, text
     head, _, body = text[4:].partition("\n---\n")
@@ -132,3 +134,15 @@ def student_card(student: str, data: list[dict], options: dict, results: dict, e
 
 def write(folder: str | Path, text: str) -> None:
     write_text_atomic(Path(folder) / CARD, text)
+
+
+def write_student_card(folder: str | Path, eval_summary: Optional[dict] = None) -> None:
+    """A distilled student's card, made from its own micota.json (the one record of how it was made)."""
+    from micota_merge.core.artifacts import read_manifest
+
+    m = read_manifest(folder) or {}
+    options, inputs = m.get("options") or {}, m.get("inputs") or {}
+    card = student_card(
+        options.get("student", ""), inputs.get("data") or [], options, m.get("results") or {}, eval_summary
+    )
+    write(folder, card)

@@ -19,7 +19,7 @@ import typing
 from typing import Any, Callable, Literal, Optional
 
 import click
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from micota_merge.core.errors import UserError
 
@@ -43,6 +43,12 @@ def cli(
         "name": name,
     }
     return {"cli": {k: v for k, v in spec.items() if v}}
+
+
+class StageOptions(BaseModel):
+    """The base of every stage's options model: an unknown key is a mistake, named with the closest valid one."""
+
+    model_config = ConfigDict(extra="forbid")
 
 
 def _spec(field) -> dict:

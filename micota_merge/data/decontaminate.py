@@ -109,8 +109,14 @@ class Report:
         return f"decontamination: {len(self.ids)} of {self.checked} questions overlap a benchmark ({per}); {done}"
 
 
-def default_against() -> list[str]:
-    return list(registry.papers())
+def default_against(evaluated=None) -> list[str]:
+    """The benchmarks training questions are checked against: the papers' five, and the tasks a pipeline
+    evaluates (`evaluated`, an `eval --tasks` spec) when it scores others too."""
+    if evaluated is None:
+        return list(registry.papers())
+    from micota_merge.evaluation.evaluate import parse_tasks
+
+    return list(dict.fromkeys([*registry.papers(), *parse_tasks(evaluated)]))
 
 
 def decontaminate(

@@ -19,20 +19,18 @@ import json
 from pathlib import Path
 from typing import Callable, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from micota_merge.core.artifacts import atomic_dir, sha256_file, write_json_atomic, write_manifest
 from micota_merge.core.errors import UserError
-from micota_merge.core.options import cli
+from micota_merge.core.options import StageOptions, cli
 from micota_merge.core.ownership import OWN, claim, identity_of, output_lock, plain_name
 
 FORMAT = 1
 
 
-class ExportOptions(BaseModel):
+class ExportOptions(StageOptions):
     """What `micota-merge export` takes."""
-
-    model_config = ConfigDict(extra="forbid")
 
     data: str = Field(description="Chat records (JSONL), as `generate` or `mix` write them.")
     out: str = Field(description="Folder to write the data set into.")
@@ -62,10 +60,11 @@ def export(opts: ExportOptions, echo: Callable[[str], None] = print) -> dict:
     inputs = {"--data": data}
     claimed = claim(out, "export", inputs=inputs, option="--out")
     records = read_chat_records(data)  # one-line errors naming the file and line, before anything is written
+    data_sha = sha256_file(data)  # read once: the identity and the manifest name the same bytes
     identity = identity_of(
         {
             "format": FORMAT,
-            "data": sha256_file(data),
+            "data": data_sha,
             **opts.model_dump(include={"to", "keep", "template_system"}),
             "name": name,
         }
@@ -93,7 +92,7 @@ def export(opts: ExportOptions, echo: Callable[[str], None] = print) -> dict:
                 staging,
                 "export",
                 options=opts.model_dump(exclude={"force"}),
-                inputs={"data": {"path": str(data.resolve()), "sha256": sha256_file(data)}},
+                inputs={"data": {"path": str(data.resolve()), "sha256": data_sha}},
                 results=results,
                 identity=identity,
             )

@@ -10,21 +10,19 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from micota_merge.core.artifacts import now, package_versions, write_json_atomic, write_jsonl_atomic
 from micota_merge.core.errors import UserError
 from micota_merge.core.fingerprint import data_fingerprint
-from micota_merge.core.options import cli
+from micota_merge.core.options import StageOptions, cli
 from micota_merge.core.ownership import OWN, claim, claim_sidecars, file_manifest, identity_of, output_lock
 from micota_merge.core.strict import Int
 from micota_merge.data.questions import mix, parse_parts
 
 
-class MixOptions(BaseModel):
+class MixOptions(StageOptions):
     """What `micota-merge mix` takes."""
-
-    model_config = ConfigDict(extra="forbid")
 
     parts: list[str] = Field(description="PART=WEIGHT: a JSONL file of chat records and its weight in the mix.")
     out: str = Field(description="Mixed records (JSONL), written atomically.")

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Optional
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, Field, field_validator
 
 from micota_merge.core.errors import UserError
-from micota_merge.core.options import ModelDtype, cli, transport_fields
+from micota_merge.core.options import ModelDtype, StageOptions, cli, transport_fields
 from micota_merge.core.ownership import OWN
 from micota_merge.core.strict import Float, Int
 from micota_merge.evaluation import benchmarks as _benchmarks
@@ -36,11 +36,7 @@ BackendName = Annotated[str, AfterValidator(_backend_known)]
 PromptTemplate = Annotated[str, AfterValidator(_has_question_slot)]
 
 
-class _Options(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class ServerOptions(_Options):
+class ServerOptions(StageOptions):
     """OpenAI-compatible servers (vllm serve, SGLang, a hosted API): how requests travel."""
 
     base_url: list[str] = Field(
@@ -90,7 +86,7 @@ class ServerOptions(_Options):
         return [u.strip() for x in (v or []) for u in str(x).split(",") if u.strip()]
 
 
-class VllmOptions(_Options):
+class VllmOptions(StageOptions):
     """vLLM engines: how many GPUs, how much context."""
 
     tensor_parallel_size: Int = Field(1, ge=1, description="vllm: GPUs to split one model over.")

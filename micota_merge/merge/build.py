@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
 from micota_merge.core.artifacts import atomic_dir, now, write_manifest
 from micota_merge.core.checkpoints import (
@@ -32,7 +32,7 @@ from micota_merge.core.checkpoints import (
     weight_files,
 )
 from micota_merge.core.errors import StageFailed, UserError
-from micota_merge.core.options import cli
+from micota_merge.core.options import StageOptions, cli
 from micota_merge.core.ownership import OWN, Claim, check_free_space, claim, identity_of, output_lock
 from micota_merge.core.strict import Float, Int
 from micota_merge.merge.preflight import (
@@ -48,10 +48,8 @@ from micota_merge.merge.recipe import Recipe, is_mergekit_config, parse_recipe, 
 LOG = logging.getLogger("micota_merge.merge.build")
 
 
-class BuildOptions(BaseModel):
+class BuildOptions(StageOptions):
     """Everything `micota-merge build` takes."""
-
-    model_config = ConfigDict(extra="forbid")
 
     recipe: str = Field(description="A micota recipe or a plain mergekit YAML.")
     output: Optional[str] = Field(

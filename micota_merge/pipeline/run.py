@@ -20,14 +20,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from micota_merge.core.artifacts import MANIFEST, now, write_json_atomic
 from micota_merge.core.fingerprint import data_fingerprint
 from micota_merge.core.identity import digest
-from micota_merge.core.options import cli
+from micota_merge.core.options import StageOptions, cli
 from micota_merge.core.ownership import claim, output_lock, plain_name
 from micota_merge.core.ownership import claim_workdir as own_claim_workdir
+from micota_merge.data.decontaminate import default_against
 from micota_merge.generation.options import TRANSPORT_OPTIONS
 from micota_merge.merge.recipe import PipelineSettings, Recipe, load_recipe
 from micota_merge.pipeline.report import write_report
@@ -133,10 +134,8 @@ def claim_workdir(workdir: Path, pipeline: str | Path) -> None:
 Stage = Literal[STAGES]
 
 
-class RunOptions(BaseModel):
+class RunOptions(StageOptions):
     """What `micota-merge run` takes."""
-
-    model_config = ConfigDict(extra="forbid")
 
     pipeline: str = Field(description="A recipe with a `pipeline:` section (a bare recipe only builds).")
     run_from: Optional[Stage] = Field(
@@ -400,14 +399,8 @@ def _card_with_scores(model_dir: Path, run: Path) -> None:
     from micota_merge.core.artifacts import read_manifest
     from micota_merge.evaluation.summary import load_summary
 
-    m = read_manifest(model_dir) or {}
-    if m.get("stage") != "distill" or not (model_dir / cards.CARD).is_file():
-        return
-    options, inputs = m.get("options") or {}, m.get("inputs") or {}
-    card = cards.student_card(
-        options.get("student", ""), inputs.get("data") or [], options, m.get("results") or {}, load_summary(run)
-    )
-    cards.write(model_dir, card)
+    if (read_manifest(model_dir) or {}).get("stage") == "distill" and (model_dir / cards.CARD).is_file():
+        cards.write_student_card(model_dir, load_summary(run))
 
 
 def _report(ctx: _Context) -> None:
@@ -446,18 +439,9 @@ def _generate_options(settings: PipelineSettings, model: Path, out: Path) -> dic
         opts["limit"] = settings.question_limit
     if settings.prompt:
         opts["prompt"] = settings.prompt
-    opts["decontaminate_against"] = decontaminate_against(settings)
+    opts["decontaminate_against"] = default_against(settings.eval.get("tasks"))
     opts.update(settings.generate)
     return opts
-
-
-def decontaminate_against(settings: PipelineSettings) -> list[str]:
-    """The benchmarks training questions are checked against: the papers' five and every one this
-    pipeline evaluates."""
-    from micota_merge.data.decontaminate import default_against
-    from micota_merge.evaluation.evaluate import parse_tasks
-
-    return list(dict.fromkeys(default_against() + parse_tasks(settings.eval.get("tasks"))))
 
 
 def _mixes(settings: PipelineSettings) -> dict[str, dict[str, float]]:

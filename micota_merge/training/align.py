@@ -16,10 +16,10 @@ import math
 from pathlib import Path
 from typing import Callable, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from micota_merge.core.errors import UserError
-from micota_merge.core.options import ModelDtype, cli
+from micota_merge.core.options import ModelDtype, StageOptions, cli
 from micota_merge.core.ownership import OWN
 from micota_merge.core.stats import spread
 from micota_merge.core.strict import Int
@@ -123,10 +123,8 @@ def plot(rows: dict[str, dict], path: Path, model_name: str) -> None:
     plt.close(fig)
 
 
-class AlignOptions(BaseModel):
+class AlignOptions(StageOptions):
     """What `micota-merge align` takes."""
-
-    model_config = ConfigDict(extra="forbid")
 
     model: str = Field(description="Checkpoint whose likelihood to measure (usually the student).")
     data: list[str] = Field(

@@ -27,11 +27,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
 from micota_merge.core.errors import UserError, disk_full, free_mib
 from micota_merge.core.identity import changed, describe
-from micota_merge.core.options import ModelDtype
+from micota_merge.core.options import ModelDtype, StageOptions
 from micota_merge.core.ownership import (
     check_free_space,
     check_replaceable,
@@ -48,10 +48,8 @@ from micota_merge.data.questions import jsonl_lines
 log = logging.getLogger(__name__)
 
 
-class DistillConfig(BaseModel):
+class DistillConfig(StageOptions):
     """Every option of `micota-merge distill`; flags and `--config` YAML keys are these names."""
-
-    model_config = ConfigDict(extra="forbid")
 
     student: str = Field(
         description="Student checkpoint: a Hugging Face folder or hub id (e.g. Qwen/Qwen2.5-3B-Instruct)."
@@ -924,7 +922,6 @@ def _write_records(
 
     plot_loss(history, final / "loss.png", loss_title(cfg.student, cfg.data, cfg.seed))  # as the user named it
     write_json_atomic(final / "train_log.json", history)
-    cards.write(final, cards.student_card(cfg.student, report.files, cfg.model_dump(), results))
     write_manifest(
         final,
         "distill",
@@ -936,6 +933,7 @@ def _write_records(
         finished=now(),
         identity=identity,  # write_manifest records the versions
     )
+    cards.write_student_card(final)  # from the manifest just written
 
 
 def _publish(cfg: DistillConfig, final: Path, out: Path, work: Path, inputs: dict) -> None:

@@ -25,12 +25,12 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
 from micota_merge.core.artifacts import move_into_place, read_manifest, write_json_atomic, write_text_atomic
 from micota_merge.core.errors import UserError
 from micota_merge.core.identity import changed
-from micota_merge.core.options import cli
+from micota_merge.core.options import StageOptions, cli
 from micota_merge.core.ownership import (
     OWN,
     check_replaceable,
@@ -57,6 +57,10 @@ def _tag(ratio: float, density: Optional[float] = None) -> str:
     return tag
 
 
+# What the plan hands generate (the rest of it, its "statement", is for people to read).
+PLAN_OPTIONS = ("questions", "offset", "decontaminate", "decontaminate_against")
+
+
 def probe_plan(recipe: Recipe, settings: SweepSettings) -> dict:
     """Which questions the probe answers, decided before any work (for the sweep and `run`'s check).
 
@@ -68,12 +72,7 @@ def probe_plan(recipe: Recipe, settings: SweepSettings) -> dict:
     from micota_merge.evaluation import benchmarks
 
     probe, pipe = settings.probe, recipe.pipeline
-    if pipe is not None:
-        from micota_merge.pipeline.run import decontaminate_against
-
-        against = decontaminate_against(pipe)
-    else:
-        against = default_against()
+    against = default_against(pipe.eval.get("tasks") if pipe is not None else None)
     questions = probe.questions or (pipe.questions if pipe is not None else "gsm8k-train")
     offset, where = probe.offset, f"the first {probe.limit} of {questions}"
     if offset:  # said outright
@@ -121,7 +120,7 @@ def _probe(model: Path, name: str, work: Path, settings: SweepSettings, plan: di
 
     stats_file = work / f"{name}.stats.json"
     out = work / f"{name}.probe.jsonl"
-    chosen = {k: plan[k] for k in ("questions", "offset", "decontaminate", "decontaminate_against")}
+    chosen = {k: plan[k] for k in PLAN_OPTIONS}
     probe = {**settings.probe.model_dump(mode="json", exclude=set(TRANSPORT_OPTIONS)), "plan": chosen}
     model_content = content_id(model)
     if stats_file.is_file():
@@ -321,10 +320,8 @@ def choose(
     return pick, " ".join(sentences)
 
 
-class SweepOptions(BaseModel):
+class SweepOptions(StageOptions):
     """What `micota-merge sweep` takes: the recipe, and overrides of its `sweep:` section."""
-
-    model_config = ConfigDict(extra="forbid")
 
     recipe: str = Field(description="A micota recipe; its `sweep:` section holds the defaults below.")
     ratios: Optional[list[Float]] = Field(
@@ -410,7 +407,7 @@ def _sweep(opts: SweepOptions, echo) -> dict:
     identity = {
         "recipe": recipe.model_dump(mode="json", exclude={"sweep", "pipeline", "output"}),
         "sweep": settings.model_dump(mode="json", exclude={"probe": set(TRANSPORT_OPTIONS)}),
-        "probe_plan": {k: v for k, v in plan.items() if k != "statement"},
+        "probe_plan": {k: plan[k] for k in PLAN_OPTIONS},
         "inputs": {role: content_id(p) for role, p in paths.items()},
     }
     done = _claim(output, paths, identity, force, echo)
