@@ -8,7 +8,9 @@ R1's and Qwen2.5's real chat templates go through generate and distill intact.
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -26,6 +28,7 @@ from micota_merge.demo.standin import (
     MODEL_META,
     make_standin,
     meta_folder_name,
+    recipe_checkpoints,
     recipe_standins,
 )
 
@@ -42,7 +45,10 @@ PAPER_RECIPES = {
     "r1-qwen7b-ta-scale": [],  # the same pair, every generation stage on vLLM data parallelism
     "r1-qwen1.5b-ta": ["Qwen/Qwen2.5-1.5B"],
     "r1-qwen7b-math-ta": ["Qwen/Qwen2.5-Math-7B-Instruct", "Qwen/Qwen2.5-Math-7B"],
-    "r1-qwen14b-ta": ["deepseek-ai/DeepSeek-R1-Distill-Qwen-14B", "Qwen/Qwen2.5-14B-Instruct"],
+    "r1-qwen14b-ta": ["deepseek-ai/DeepSeek-R1-Distill-Qwen-14B"],
+    # MiCoTA's chain (teacher R1-32B, mid-size 14B-Instruct over Qwen2.5-14B, students 7B / 3B)
+    "r1-micota-chain-7b": [],
+    "r1-micota-chain-3b": [],
     "r1-qwen32b-ta": ["Qwen/Qwen2.5-32B-Instruct"],
 }
 
@@ -179,7 +185,7 @@ def test_paper_recipe_metadata_found_or_named(name, tmp_path):
     from micota_merge.merge.recipe import load_recipe
 
     path = next((REPO / "micota_merge" / "recipes").glob(f"*/{name}.yaml"))
-    specs = load_recipe(path).model_specs()
+    specs = recipe_checkpoints(load_recipe(path))
     missing = [s for s in specs.values() if not (MODEL_META / meta_folder_name(s) / "config.json").is_file()]
     assert missing == PAPER_RECIPES[name]
     if missing:
@@ -519,3 +525,65 @@ def test_lineage_from_the_real_configs(long_cot, base, warned):
     assert bool(lineage_warnings(metas)) == warned
     if long_cot.endswith("32B"):
         assert (MODEL_META / long_cot / "config.json").read_bytes() == (MODEL_META / base / "config.json").read_bytes()
+
+
+@pytest.mark.slow  # hashes ~130 GB of stand-in holes: the run's content identity reads every weight byte
+@pytest.mark.skipif(
+    importlib.util.find_spec("vllm") is None and not os.environ.get("MICOTA_VLLM_PYTHON"),
+    reason="the recipe's generate stages start `vllm serve`: its check needs a vLLM (MICOTA_VLLM_PYTHON)",
+)
+def test_micota_chain_dry_runs_on_standins(tmp_path, monkeypatch, no_weight_reads):
+    """The paper's chain (R1-Distill-Qwen-32B teaches, Qwen2.5-14B-Instruct is fine-tuned and merged over
+    Qwen2.5-14B, Qwen2.5-3B-Instruct learns) planned end to end on metadata stand-ins, with a pre-filled
+    Hub cache standing in for hiyouga/math12k: its shape (problem, answer) and size, not its content."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets-cache"))
+    repo = cache / "datasets--hiyouga--math12k"
+    snap = repo / "snapshots" / ("a" * 40)
+    (snap / "data").mkdir(parents=True)
+    rows = [{"problem": f"What is {i} plus {i + 1}?", "answer": str(2 * i + 1)} for i in range(12000)]
+    (snap / "data" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+
+    recipe = REPO / "micota_merge" / "recipes" / "pipeline" / "r1-micota-chain-3b.yaml"
+    code, text = run_cli("demo", "standin", "--recipe", recipe, "--out", tmp_path / "s")
+    assert code == 0, text
+    monkeypatch.chdir(tmp_path)  # the recipe's work folders are relative: nothing lands in the repository
+    code, text = run_cli("run", tmp_path / "s" / "recipe.yaml", "--dry-run")
+    assert code == 0, text
+    for stage in (
+        "chain: teacher's long-CoT data",
+        "chain: long_cot = short_cot fine-tuned on the teacher's data",
+        "build: teacher assistant (sweep)",
+        "distill: student on ta data",
+        "distill: student on teacher data",
+        "eval: teacher:teacher",
+        "eval: teacher:long_cot",
+        "report",
+    ):
+        assert f"[plan] {stage}: would run" in text, text
+    assert "nothing was written" in text and not (tmp_path / "outputs").exists()
+
+
+def test_every_metadata_file_has_its_recorded_sha256():
+    """SOURCES.md records each vendored file's sha256: a file changed by hand (or added without a source
+    line) fails here."""
+    import hashlib
+
+    text = (MODEL_META / "SOURCES.md").read_text(encoding="utf-8")
+    block = text.split("## sha256 of every file", 1)[1].split("```")[1]
+    recorded = dict(reversed(line.split("  ", 1)) for line in block.strip().splitlines())
+    files = {
+        str(p.relative_to(MODEL_META))
+        for p in MODEL_META.rglob("*")
+        if p.is_file() and p.name not in ("SOURCES.md", "added_tokens_by_family.json")
+    }
+    assert set(recorded) == files
+    for name, digest in recorded.items():
+        assert hashlib.sha256((MODEL_META / name).read_bytes()).hexdigest() == digest, name
+        assert f"| {name} | " in text, f"{name} has no row (label, source) in SOURCES.md's table"

@@ -207,6 +207,16 @@ def _write_tokenizer(meta: Path, staging: Path, prov: dict) -> None:
 # ---------------------------------------------------------------- whole recipes
 
 
+def recipe_checkpoints(recipe) -> dict[str, str]:
+    """Every checkpoint a recipe reads, by role: the merge's, and a pipeline's student and chain teacher."""
+    specs = recipe.model_specs(made=True)
+    if recipe.pipeline is not None:
+        specs["pipeline.student"] = recipe.pipeline.student
+        if recipe.pipeline.chain is not None:
+            specs["pipeline.chain.teacher"] = recipe.pipeline.chain.teacher
+    return specs
+
+
 def recipe_standins(
     recipe_path: str | os.PathLike,
     meta_root: str | os.PathLike,
@@ -214,14 +224,15 @@ def recipe_standins(
     force: bool = False,
     shard_bytes: Optional[int] = None,
 ) -> Path:
-    """Stand-ins for every checkpoint a recipe names, and `out/recipe.yaml` pointing at them."""
+    """Stand-ins for every checkpoint a recipe names (a pipeline's student and chain teacher too), and
+    `out/recipe.yaml` pointing at them."""
     import yaml
 
     from micota_merge.merge.recipe import load_recipe
 
     recipe = load_recipe(recipe_path)
     meta_root, out = Path(meta_root), Path(out)
-    specs = recipe.model_specs()
+    specs = recipe_checkpoints(recipe)
     missing = [
         f"{spec} ({meta_root / meta_folder_name(spec) / 'config.json'})"
         for spec in specs.values()
@@ -255,8 +266,14 @@ def recipe_standins(
             make_standin(meta_root / name, staging / name, force=True, shard_bytes=shard_bytes)
             done[spec] = name
         data = recipe.model_dump(mode="json", exclude_none=True)
-        for role, spec in specs.items():
-            data["models"][role] = done[spec]  # relative: a recipe's paths resolve beside it
+        for role, spec in specs.items():  # relative: a recipe's paths resolve beside it
+            keys = role.split(".") if "." in role else ["models", role]
+            place = data
+            for k in keys[:-1]:
+                place = place[k]
+            place[keys[-1]] = done[spec]
+        if recipe.models.base == "short_cot":
+            data["models"]["base"] = "short_cot"
         data["output"] = str(out.resolve() / "ta")
         (staging / "recipe.yaml").write_text(
             f"# {recipe_path} on metadata stand-ins (micota-merge demo standin): dry-run only\n"

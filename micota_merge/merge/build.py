@@ -42,6 +42,7 @@ from micota_merge.merge.preflight import (
     token_report,
     untie_config,
     write_stop_ids,
+    zero_task_vector,
 )
 from micota_merge.merge.recipe import Recipe, is_mergekit_config, parse_recipe, read_yaml
 
@@ -195,6 +196,9 @@ def plan_build(
     _validate_with_mergekit(mk_cfg, str(recipe_path))
 
     inputs_content = {role: m.fingerprint()["content"] for role, m in metas.items()}
+    if recipe is not None:
+        zero = zero_task_vector(recipe.merge.method, recipe.merge.extra_params, inputs_content, paths)
+        warnings += [zero.message] if zero else []
     what = recipe.model_dump(mode="json", exclude={"output", "sweep", "pipeline", "models"}) if recipe else mk
     build_id = identity_of({"build": what, "inputs": inputs_content})
     if claimed.state == "ours" and not force and not dry_run and claimed.identity() != build_id:

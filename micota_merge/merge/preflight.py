@@ -215,3 +215,62 @@ def write_stop_ids(folder: Path, stop_ids: list[int]) -> None:
         return
     gc["eos_token_id"] = sorted(old | set(stop_ids))
     path.write_text(json.dumps(gc, indent=2) + "\n")
+
+
+@dataclass
+class ZeroTaskVector:
+    """A side with the base's content has no task vector: what the merge then computes."""
+
+    side: str  # the side that is the base
+    other: str  # the side whose task vector is merged
+    ratio_cancels: bool  # every ratio gives the same TA
+    message: str
+
+
+def _mergekit_default(method: str, name: str):
+    import mergekit.merge_methods as mm
+
+    spec = mm.get(method).spec
+    return next((p.default for p in spec.parameters if p.name == name), None)
+
+
+def zero_task_vector(method: str, params: dict, contents: dict[str, str], paths: dict) -> Optional[ZeroTaskVector]:
+    """What merging over a base that *is* one side means (MiCoTA's chain merges a fine-tuned model with
+    its own parent), for the recipe's method; None when both sides differ from the base.
+
+    `contents` are the checkpoints' content fingerprints: a copy of the base is a zero task vector too."""
+    from micota_merge.merge import methods
+
+    if not methods.get(method).base or "base" not in contents:
+        return None
+    zero = [r for r in SIDES if r in contents and contents[r] == contents["base"]]
+    if not zero:
+        return None
+    if len(zero) == 2:
+        return ZeroTaskVector(
+            "both", "none", True, "both sides have the base's content: every task vector is zero and the TA is the base"
+        )
+    side = zero[0]
+    other = next(r for r in SIDES if r != side)
+    import mergekit.merge_methods as mm
+
+    normalize = params.get("normalize", _mergekit_default(method, "normalize"))
+    consensus = getattr(mm.get(method), "consensus_method", None) is not None
+    left_out = paths.get(side) == paths.get("base")  # mergekit skips a model that is its base_model
+    cancels = bool(normalize) and (left_out or consensus)
+    weight = "ratio" if other == "long_cot" else "1 - ratio"
+    sparsify = "drop and rescale" if method.startswith(("dare", "della")) else "trim"
+    after = f" after its {sparsify}" if methods.get(method).density else ""
+    if cancels:
+        what = (
+            f"with normalize (mergekit's default for {method}: {_mergekit_default(method, 'normalize')}) the merge "
+            f"divides by the weight of the one side with a task vector and the ratio cancels: every ratio gives "
+            f"base + ({other} - base){after}, which is {other} itself up to the {sparsify}. Set merge.normalize: "
+            f"false for the ratio to scale it"
+        )
+    else:
+        what = f"the TA is base + ({weight}) x ({other} - base){after}"
+        if other == "long_cot":
+            what += ": the ratio moves it from the base (0) to long_cot (1)"
+    msg = f"zero task vector: {side} has the base's content (the TA merges over {side} itself), so {what}"
+    return ZeroTaskVector(side, other, cancels, msg)

@@ -9,6 +9,9 @@ Ratio semantics (λ = `merge.ratio`, the share of the long-CoT side):
   linear / slerp:        λ·long_cot + (1−λ)·short_cot
   task-vector methods:   base + merge of λ·(long_cot − base) and (1−λ)·(short_cot − base),
                          with the method's own trimming / dropping and sign rules.
+  over short_cot itself  (`models.base: short_cot`, MiCoTA's chain): short_cot's task vector is zero
+                         and left out; the pre-flight (`preflight.zero_task_vector`) says what the
+                         method then computes.
 What each method takes (a base, a density, which parameters) is the method table, `methods.py`.
 """
 
@@ -43,9 +46,20 @@ class _Strict(BaseModel):
 
 
 class Models(_Strict):
-    long_cot: str = Field(description="Long-CoT checkpoint (e.g. DeepSeek-R1-Distill-Qwen-7B): hub id or folder")
+    long_cot: Optional[str] = Field(
+        None,
+        description="Long-CoT checkpoint (e.g. DeepSeek-R1-Distill-Qwen-7B): hub id or folder; left out when "
+        "pipeline.chain makes it (short_cot fine-tuned on a teacher's long CoT)",
+    )
     short_cot: str = Field(description="Short-CoT checkpoint (e.g. Qwen2.5-7B-Instruct): hub id or folder")
-    base: Optional[str] = Field(None, description="Shared base model; required by task-vector methods")
+    base: Optional[str] = Field(
+        None,
+        description="Shared base model; required by task-vector methods. `short_cot` (the word) merges over the "
+        "short-CoT checkpoint itself: its task vector is zero and the TA is short_cot + the long side's",
+    )
+
+    def base_is_short_cot(self) -> bool:
+        return self.base is not None and self.base in ("short_cot", self.short_cot)
 
 
 class MergeSettings(BaseModel):
@@ -227,10 +241,42 @@ class MixBaseline(_Strict):
             raise ValueError(str(e)) from None
 
 
+class ChainSettings(_Strict):
+    """`pipeline.chain`: the long-CoT side made by the pipeline, as MiCoTA makes it. A teacher answers
+    the training questions with long CoT (a generate stage: verified and filtered), and the short-CoT
+    checkpoint (the TA's own parent) is fine-tuned on its verified answers (a distill stage); the TA
+    then merges that fine-tuned model with its parent (over `models.base`). Options not given here
+    are the pipeline's own (`pipeline.questions`, `pipeline.generate`, `pipeline.distill`...); the
+    `generate:` and `distill:` given here are laid over the pipeline's."""
+
+    teacher: str = Field(description="the long-CoT teacher (e.g. DeepSeek-R1-Distill-Qwen-32B): hub id or folder")
+    workdir: Optional[str] = Field(
+        None,
+        description="folder of the teacher's data and the fine-tuned long-CoT model (default: "
+        "pipeline.workdir/chain); pipelines that share it (one per student) share the chain",
+    )
+    questions: Optional[str] = Field(None, description="the teacher's questions (default: pipeline.questions)")
+    question_limit: Optional[Int] = Field(None, gt=0, description="default: pipeline.question_limit")
+    prompt: Optional[str] = Field(None, description="default: pipeline.prompt")
+    generate: dict[str, Any] = Field(default_factory=dict, description="generate options over pipeline.generate")
+    distill: dict[str, Any] = Field(default_factory=dict, description="distill options over pipeline.distill")
+
+    @model_validator(mode="after")
+    def _set_by_pipeline(self) -> "ChainSettings":
+        for section, keys in (("distill", ("student", "data", "out")), ("generate", ("model", "out"))):
+            for key in keys:
+                if key in getattr(self, section):
+                    raise ValueError(f"{section}.{key} is set by the pipeline; remove it")
+        return self
+
+
 class PipelineSettings(_Strict):
     """The `pipeline:` section: what `micota-merge run` does after the TA is built."""
 
     workdir: str = Field(description="folder for every stage's outputs and report.md")
+    chain: Optional[ChainSettings] = Field(
+        None, description="make models.long_cot: a teacher's long CoT, short_cot fine-tuned on it"
+    )
     student: str = Field("", description="the student checkpoint to distil into")
     select: Literal["sweep", "build"] = Field("sweep", description="TA from a ratio sweep or a plain build")
     questions: str = Field("gsm8k-train", description="training questions: a shipped set name or a JSONL file")
@@ -243,8 +289,9 @@ class PipelineSettings(_Strict):
     mix_total: Optional[Int] = Field(None, gt=0)
     distill: dict[str, Any] = Field(default_factory=dict, description="distill options (epochs, lr, max_length...)")
     eval: dict[str, Any] = Field(default_factory=dict, description="eval options (tasks, limit, max_tokens...)")
-    baselines: list[Union[Literal["long_cot", "short_cot"], MixBaseline]] = Field(
-        default_factory=list, description="other data to distil from: long_cot, short_cot, or {name, mix}"
+    baselines: list[Union[Literal["long_cot", "short_cot", "teacher"], MixBaseline]] = Field(
+        default_factory=list,
+        description="other data to distil from: long_cot, short_cot, teacher (pipeline.chain's data), or {name, mix}",
     )
     eval_teachers: bool = Field(True, description="also score the TA and the experts")
     seed: Int = 0
@@ -259,7 +306,9 @@ class PipelineSettings(_Strict):
     def _check(self) -> "PipelineSettings":
         if not self.student:
             raise ValueError("student: give the checkpoint to distil into")
-        sources = {"ta", "long_cot", "short_cot"}
+        sources = {"ta", "long_cot", "short_cot"} | ({"teacher"} if self.chain else set())
+        if "teacher" in self.baselines and not self.chain:
+            raise ValueError("baseline teacher: the teacher's data comes from pipeline.chain, which is not set")
         for mix in [self.mix or {}] + [b.mix for b in self.baselines if isinstance(b, MixBaseline)]:
             for part, w in mix.items():
                 if part not in sources:
@@ -294,6 +343,16 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _base_when_needed(self) -> "Recipe":
+        chain = self.pipeline is not None and self.pipeline.chain is not None
+        if self.models.long_cot is None and not chain:
+            raise ValueError(
+                "models.long_cot: required field is missing (a long-CoT checkpoint; or let pipeline.chain make it)"
+            )
+        if self.models.long_cot is not None and chain:
+            raise ValueError(
+                "models.long_cot: pipeline.chain makes the long-CoT side (short_cot fine-tuned on the teacher's "
+                "answers); remove models.long_cot, or remove pipeline.chain to merge this checkpoint"
+            )
         if methods.get(self.merge.method).base and not self.models.base:
             raise ValueError(
                 f"method {self.merge.method} merges task vectors and needs models.base "
@@ -309,11 +368,30 @@ class Recipe(_Strict):
         """The side whose config, tokenizer and chat template the TA carries."""
         return self.config_from or self.tokenizer
 
-    def model_specs(self) -> dict[str, str]:
-        specs = {"long_cot": self.models.long_cot, "short_cot": self.models.short_cot}
+    @property
+    def made_long_cot(self) -> bool:
+        """Whether models.long_cot is made by `run` (pipeline.chain) rather than named."""
+        return self.models.long_cot is None
+
+    def model_specs(self, made: bool = False) -> dict[str, str]:
+        """The checkpoints the merge reads, by role. A long_cot that pipeline.chain makes is left out
+        with `made` (run's checks before the chain has made it); without, it is an error."""
+        if self.made_long_cot and not made:
+            raise UserError(
+                "models.long_cot is made by pipeline.chain: `micota-merge run RECIPE` makes it and then merges; "
+                "to build or sweep alone, name a long-CoT checkpoint in models.long_cot"
+            )
+        specs = {"short_cot": self.models.short_cot}
+        if not self.made_long_cot:
+            specs = {"long_cot": self.models.long_cot, **specs}
         if self.models.base and methods.get(self.merge.method).base:
-            specs["base"] = self.models.base
+            specs["base"] = self.models.short_cot if self.models.base == "short_cot" else self.models.base
         return specs
+
+    def with_long_cot(self, path: str | os.PathLike) -> "Recipe":
+        """This recipe with the long-CoT side the chain made (an absolute path: it resolves anywhere)."""
+        models = self.models.model_copy(update={"long_cot": str(Path(path).resolve())})
+        return self.model_copy(update={"models": models})
 
     def to_mergekit(self, paths: Optional[dict[str, str]] = None) -> dict:
         """The mergekit configuration this recipe means (a dict that dumps to mergekit YAML).
@@ -339,12 +417,16 @@ class Recipe(_Strict):
         sides = [(p["long_cot"], lam), (p["short_cot"], 1.0 - lam)]
         models = []
         for path, weight in sides:
-            if weight == 0.0:
+            # a side that is the base has no task vector (mergekit would skip it): it is left out, so the
+            # configuration says what is merged
+            if weight == 0.0 or (spec.base and path == p.get("base")):
                 continue
             params: dict[str, Any] = {"weight": weight}
             if spec.density or (spec.base and m.density):  # task_arithmetic takes one when given
                 params["density"] = m.density if m.density is not None else 0.5
             models.append({"model": path, "parameters": params})
+        if not models:  # ratio 0 over short_cot itself: the base alone (mergekit needs one model)
+            models.append({"model": p["short_cot"], "parameters": {"weight": 1.0}})
         cfg: dict[str, Any] = {"merge_method": m.method, "models": models, "dtype": m.dtype, "out_dtype": m.dtype}
         if spec.base:
             cfg["base_model"] = p["base"]

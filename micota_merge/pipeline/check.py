@@ -96,7 +96,8 @@ def validate_pipeline(recipe: Recipe, settings: Optional[PipelineSettings], base
     Each section is validated by its stage's own options model, as the stage will read it."""
     from micota_merge.core.checkpoints import check_model_files, resolve_model_path
 
-    models = {role: resolve_model_path(spec, f"models.{role}", base_dir) for role, spec in recipe.model_specs().items()}
+    specs = recipe.model_specs(made=True)  # a long_cot that the chain makes is not there yet
+    models = {role: resolve_model_path(spec, f"models.{role}", base_dir) for role, spec in specs.items()}
     for role, path in models.items():
         check_model_files(path, f"models.{role}", tokenizer=False)
     if settings is None:
@@ -107,21 +108,42 @@ def validate_pipeline(recipe: Recipe, settings: Optional[PipelineSettings], base
         plan = probe_plan(recipe, recipe.sweep)  # never a test split the students are scored on
         limit = plan["offset"] + recipe.sweep.probe.limit
         _check_questions("sweep.probe.questions", plan["questions"], base_dir, limit, {}, offset=plan["offset"])
-    _check_generate(settings, base_dir)
+    _check_generate("pipeline", settings.generate, settings.questions, settings.question_limit, base_dir)
     _check_distill(settings, base_dir)
+    if settings.chain is not None:  # after the pipeline's own sections, which it lays its options over
+        _check_chain(settings, base_dir, models["short_cot"])
     _check_eval(settings)
 
 
-def _check_generate(settings: PipelineSettings, base_dir: Path) -> None:
+def _check_chain(settings: PipelineSettings, base_dir: Path, parent: Path) -> None:
+    """The chain's teacher, its generate options and questions, and the fine-tune of the TA's parent."""
+    from micota_merge.core.checkpoints import check_model_files, resolve_model_path
+    from micota_merge.training.distill import DistillConfig
+
+    chain = settings.chain
+    teacher = resolve_model_path(chain.teacher, "pipeline.chain.teacher", base_dir)
+    check_model_files(teacher, "pipeline.chain.teacher", tokenizer=False)
+    questions = chain.questions or settings.questions
+    limit = chain.question_limit or settings.question_limit
+    _check_generate("pipeline.chain", {**settings.generate, **chain.generate}, questions, limit, base_dir)
+    _model_check(
+        "pipeline.chain.distill",
+        DistillConfig,
+        {**settings.distill, **chain.distill},
+        {"student": str(parent), "data": ["-"], "out": "-"},
+    )
+
+
+def _check_generate(section: str, options: dict, questions: str, limit: Optional[int], base_dir: Path) -> None:
     from micota_merge.generation.options import GenerateOptions
 
     gen = _model_check(
-        "pipeline.generate",
+        f"{section}.generate",
         GenerateOptions,
-        dict(settings.generate),
-        {"model": "-", "questions": settings.questions, "out": "-.jsonl"},
+        dict(options),
+        {"model": "-", "questions": questions, "out": "-.jsonl"},
     )
-    _check_questions("pipeline.questions", settings.questions, base_dir, settings.question_limit, gen.model_dump())
+    _check_questions(f"{section}.questions", questions, base_dir, limit, gen.model_dump())
     serve = gen.data_parallel_size > 1 or bool(gen.serve_args)
     if serve or gen.backend != "auto" or gen.base_url:
         from micota_merge.generation import backends

@@ -35,6 +35,7 @@ def write_report(
         f"Work folder: `{settings.workdir}` · written {now()}",
         "",
     ]
+    lines += _chain_section(recipe, settings)
     lines += _sweep_section(ta_dir, report_dir)
     lines += _data_section(data)
     lines += _scores_section(summaries)
@@ -52,6 +53,23 @@ def write_report(
         report_dir / "summary.json",
         {"scores": summaries, "students": groups, "data": {n: str(f) for n, (f, _) in data.items()}},
     )
+
+
+def _chain_section(recipe: Recipe, settings: PipelineSettings) -> list[str]:
+    chain = settings.chain
+    if chain is None:
+        return []
+    zero = recipe.models.base_is_short_cot()
+    over = "short_cot itself (its task vector is zero)" if zero else f"`{recipe.models.base}`"
+    return [
+        "## The chain: long_cot made by the pipeline",
+        "",
+        f"The teacher `{chain.teacher}` answered the training questions (data set `teacher`); the TA's parent, "
+        f"short_cot `{recipe.models.short_cot}`, was fine-tuned on its verified answers into long_cot "
+        f"`{recipe.models.long_cot}`; the TA merges long_cot with short_cot by {recipe.merge.method} over {over}. "
+        "The teacher and long_cot are scored below as `teacher:teacher` and `teacher:long_cot`.",
+        "",
+    ]
 
 
 def _sweep_section(ta_dir: Path, report_dir: Path) -> list[str]:

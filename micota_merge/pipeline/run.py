@@ -1,6 +1,7 @@
 """run: the whole method from one YAML file, each stage skipped when it is already done.
 
-    TA (sweep or build) -> generate (TA, and the experts for baselines) -> mix (optional)
+    [chain: teacher's long CoT -> short_cot fine-tuned on it = long_cot]
+    -> TA (sweep or build) -> generate (TA, and the experts for baselines) -> mix (optional)
     -> distill (one student per data set) -> eval (student before/after, teachers) -> report.md
 
 Every stage owns a folder under `pipeline.workdir` and a `stage.json` in it that records the
@@ -33,7 +34,7 @@ from micota_merge.generation.options import TRANSPORT_OPTIONS
 from micota_merge.merge.recipe import PipelineSettings, Recipe, load_recipe
 from micota_merge.pipeline.report import write_report
 
-STAGES = ("build", "generate", "mix", "distill", "eval", "report")
+STAGES = ("chain", "build", "generate", "mix", "distill", "eval", "report")
 
 
 def _hash(obj: Any) -> str:
@@ -168,7 +169,7 @@ def run(opts: RunOptions, echo: Callable[[str], None] = print) -> dict:
     path, run_from, until, force, dry_run = opts.pipeline, opts.run_from, opts.until, opts.force, opts.dry_run
     check_order(run_from, until, STAGES)
     if force:
-        run_from = "build"
+        run_from = STAGES[0]
     recipe = load_recipe(path)
     settings = recipe.pipeline
     # every stage's options and inputs, before the first (hours-long) stage starts
@@ -197,6 +198,8 @@ class _Context:
     workdir: Path
     runner: Runner
     models: dict[str, Path] = field(default_factory=dict)  # the recipe's checkpoints by role
+    model_fps: dict[str, str] = field(default_factory=dict)  # their content fingerprints
+    made: dict[str, tuple[Path, str]] = field(default_factory=dict)  # the chain's teacher and long_cot
     ta: tuple = ()  # (folder, whether its stage ran, its stage fingerprint)
     teachers: dict[str, tuple[Path, str]] = field(default_factory=dict)  # name -> (model, content fingerprint)
     data: dict[str, tuple[Path, str]] = field(default_factory=dict)  # data set -> (file, content fingerprint)
@@ -225,7 +228,14 @@ def _run(
     results: dict[str, Any] = {"pipeline": str(path), "workdir": str(workdir)}
     ctx = _Context(Path(path), recipe, settings, workdir, runner)
     base_dir = Path(path).parent
-    ctx.models = {r: resolve_model_path(spec, f"models.{r}", base_dir) for r, spec in recipe.model_specs().items()}
+    specs = recipe.model_specs(made=True)
+    ctx.models = {r: resolve_model_path(spec, f"models.{r}", base_dir) for r, spec in specs.items()}
+    ctx.model_fps = {r: _checkpoint_fp(p) for r, p in ctx.models.items()}
+    _zero_task_vector(ctx)
+    if recipe.made_long_cot:
+        _chain(ctx)
+        if not runner.active("build"):
+            return _finish(runner, results)
     _teacher_assistant(ctx)
     if settings is None or not runner.active("generate"):
         results["ta"] = str(recipe.output)
@@ -240,6 +250,23 @@ def _run(
     return _finish(runner, results)
 
 
+def _zero_task_vector(ctx: _Context) -> None:
+    """A merge over one side itself, known from fingerprints before the chain runs: a sweep whose ratio
+    cancels is refused now, not after hours of teacher generation; --dry-run says what the merge means."""
+    from micota_merge.core.errors import UserError
+    from micota_merge.merge.preflight import zero_task_vector
+
+    recipe = ctx.recipe
+    zero = zero_task_vector(recipe.merge.method, recipe.merge.extra_params, ctx.model_fps, ctx.models)
+    if zero is None:
+        return
+    sweeps = ctx.settings is not None and ctx.settings.select == "sweep" and recipe.sweep is not None
+    if zero.ratio_cancels and sweeps and len(recipe.sweep.ratios) > 1:
+        raise UserError(f"sweep.ratios: {zero.message}; a sweep over ratios would probe one TA again and again")
+    if ctx.runner.dry_run:
+        ctx.echo(f"pre-flight: {zero.message}")
+
+
 def _teacher_assistant(ctx: _Context) -> None:
     """The TA, from a ratio sweep or a plain build; its record sits beside it (it may live outside workdir)."""
     recipe, settings, models = ctx.recipe, ctx.settings, ctx.models
@@ -249,7 +276,7 @@ def _teacher_assistant(ctx: _Context) -> None:
         {
             "recipe": recipe.model_dump(mode="json", exclude={"pipeline"}),
             "sweep": use_sweep,
-            "inputs": {r: _checkpoint_fp(p) for r, p in models.items()},
+            "inputs": ctx.model_fps,
         }
     )
 
@@ -258,11 +285,11 @@ def _teacher_assistant(ctx: _Context) -> None:
             from micota_merge.merge.sweep.run import SweepOptions, sweep
 
             redo = fresh or ta_dir.exists() and not (ta_dir / "sweep").is_dir()
-            sweep(SweepOptions(recipe=str(ctx.path), force=redo), echo=ctx.echo)
+            sweep(SweepOptions(recipe=str(ctx.path), force=redo), echo=ctx.echo, recipe=recipe)
         else:
             from micota_merge.merge.build import BuildOptions, build
 
-            build(BuildOptions(recipe=str(ctx.path), force=True), echo=ctx.echo)
+            build(BuildOptions(recipe=str(ctx.path), force=True), recipe=recipe, echo=ctx.echo)
 
     # the TA may live outside the work folder: its path is checked before anything is written beside it
     claim(ta_dir, "build", inputs=models, stages=["sweep"], option="output")
@@ -282,25 +309,79 @@ def _generate(ctx: _Context) -> None:
     ctx.teachers["ta"] = (ta_dir, ctx.known(ta_dir, ran, ta_fp, _checkpoint_fp))
     for name in _data_sources(settings):
         if name in ("long_cot", "short_cot"):
-            ctx.teachers[name] = (ctx.models[name], _checkpoint_fp(ctx.models[name]))
+            ctx.teachers[name] = (ctx.models[name], ctx.model_fps[name])
     for name, (model, model_fp) in ctx.teachers.items():
         folder = ctx.workdir / "data" / plain_name(name, "data set")
         opts = _generate_options(settings, model, folder / "data.jsonl")
-        fp = _hash(
-            {
-                "model": model_fp,
-                "options": {k: v for k, v in opts.items() if k not in ("model", "out", *TRANSPORT_OPTIONS)},
-            }
-        )
+        ctx.data[name] = _generate_stage(ctx, "generate", f"generate: {name} data", folder, model_fp, opts)
 
-        def gen(fresh: bool, opts=opts) -> None:
-            from micota_merge.generation import generate as g
 
-            g.generate(g.options(**opts, force=fresh), echo=ctx.echo)
+def _generate_stage(ctx: _Context, kind: str, label: str, folder: Path, model_fp: str, opts: dict) -> tuple[Path, str]:
+    """One model's verified answers (generate's JSONL, resumable); returns the kept file and its fingerprint."""
+    fp = _hash(
+        {"model": model_fp, "options": {k: v for k, v in opts.items() if k not in ("model", "out", *TRANSPORT_OPTIONS)}}
+    )
 
-        kept = folder / "data.correct.jsonl"
-        ran = ctx.runner.stage("generate", f"generate: {name} data", folder, fp, gen, output=kept)
-        ctx.data[name] = (kept, ctx.known(kept, ran, fp, data_fingerprint))
+    def gen(fresh: bool) -> None:
+        from micota_merge.generation import generate as g
+
+        g.generate(g.options(**opts, force=fresh), echo=ctx.echo)
+
+    kept = folder / "data.correct.jsonl"
+    ran = ctx.runner.stage(kind, label, folder, fp, gen, output=kept)
+    return kept, ctx.known(kept, ran, fp, data_fingerprint)
+
+
+def _distill_stage(
+    ctx: _Context,
+    kind: str,
+    label: str,
+    folder: Path,
+    student: tuple[Path, str],
+    data: tuple[Path, str],
+    options: dict,
+    seed: int,
+    seed_in_fp: bool = True,
+) -> tuple[Path, str]:
+    """A model fine-tuned on one data set (distill's checkpoints, resumable); returns it and its fingerprint,
+    which holds the student's and the data's content and the options. (A single-seed student's leaves its
+    seed out, as it always has: the students of finished pipelines keep their fingerprints.)"""
+    fp = _hash({"student": student[1], "data": data[1], "distill": options, **({"seed": seed} if seed_in_fp else {})})
+
+    def do_distill(fresh: bool) -> None:
+        from micota_merge.training.distill import DistillConfig, distill
+
+        own = {"student": str(student[0]), "data": [str(data[0])], "out": str(folder / "model"), "seed": seed}
+        distill(DistillConfig(**{**options, **own, "force": True, "resume": not fresh}), echo=ctx.echo)
+
+    model_dir = folder / "model"
+    ran = ctx.runner.stage(kind, label, folder, fp, do_distill, output=model_dir)
+    return model_dir, ctx.known(model_dir, ran, fp, _checkpoint_fp)
+
+
+def _chain(ctx: _Context) -> None:
+    """MiCoTA's chain: the teacher's verified long CoT, and the short-CoT checkpoint (the TA's own parent)
+    fine-tuned on it, which is the long_cot side the TA then merges with that parent."""
+    from micota_merge.core.checkpoints import resolve_model_path
+
+    settings, chain = ctx.settings, ctx.settings.chain
+    root = Path(chain.workdir) if chain.workdir else ctx.workdir / "chain"
+    if chain.workdir and not ctx.runner.dry_run:  # shared by the pipelines of several students
+        claim_workdir(root, ctx.path)
+    teacher = resolve_model_path(chain.teacher, "pipeline.chain.teacher", ctx.path.parent)
+    teacher_fp = _checkpoint_fp(teacher)
+    opts = _chain_generate_options(settings, teacher, root / "teacher" / "data.jsonl")
+    label = "chain: teacher's long-CoT data"
+    ctx.data["teacher"] = _generate_stage(ctx, "chain", label, root / "teacher", teacher_fp, opts)
+    parent = (ctx.models["short_cot"], ctx.model_fps["short_cot"])
+    options = {**settings.distill, **chain.distill}
+    label = "chain: long_cot = short_cot fine-tuned on the teacher's data"
+    made, made_fp = _distill_stage(
+        ctx, "chain", label, root / "long_cot", parent, ctx.data["teacher"], options, settings.seed
+    )
+    ctx.models["long_cot"], ctx.model_fps["long_cot"] = made, made_fp
+    ctx.made = {"teacher": (teacher, teacher_fp), "long_cot": (made, made_fp)}
+    ctx.recipe = ctx.recipe.with_long_cot(made)
 
 
 def _mix(ctx: _Context) -> None:
@@ -348,30 +429,18 @@ def _distill(ctx: _Context) -> None:
             # one seed keeps the plain names; several get one folder (and one row) each
             tag = "" if len(seeds) == 1 else f"@seed{seed}"
             folder = ctx.workdir / "students" / plain_name(name, "student data") / (f"seed-{seed}" if tag else "")
-            data_file, data_fp = ctx.data[name]
-            fp = _hash(
-                {"student": student_fp, "data": data_fp, "distill": settings.distill, **({"seed": seed} if tag else {})}
-            )
-
-            def do_distill(fresh: bool, folder=folder, data_file=data_file, seed=seed) -> None:
-                from micota_merge.training.distill import DistillConfig, distill
-
-                own = {"student": str(student), "data": [str(data_file)], "out": str(folder / "model")}
-                cfg = DistillConfig(**{**settings.distill, **own, "force": True, "resume": not fresh, "seed": seed})
-                distill(cfg, echo=ctx.echo)
-
-            model_dir = folder / "model"
             label = f"distill: student on {name} data" + (f" (seed {seed})" if tag else "")
-            ran = ctx.runner.stage("distill", label, folder, fp, do_distill, output=model_dir)
-            ctx.students[f"student+{name}{tag}"] = (model_dir, ctx.known(model_dir, ran, fp, _checkpoint_fp))
+            ctx.students[f"student+{name}{tag}"] = _distill_stage(
+                ctx, "distill", label, folder, (student, student_fp), ctx.data[name], settings.distill, seed, bool(tag)
+            )
 
 
 def _evaluate(ctx: _Context) -> None:
     """Every student (and, with eval_teachers, the TA and the experts) through lm-eval, with the one grader."""
     settings = ctx.settings
     scored = dict(ctx.students)
-    if settings.eval_teachers:
-        scored.update({f"teacher:{n}": v for n, v in ctx.teachers.items()})
+    if settings.eval_teachers:  # with the chain: its teacher and the fine-tuned long_cot too
+        scored.update({f"teacher:{n}": v for n, v in {**ctx.made, **ctx.teachers}.items()})
     for name, (model, model_fp) in scored.items():
         plain = name.replace(":", "-").replace("+", "-").replace("@", "-")
         folder = ctx.workdir / "eval" / plain_name(plain, "eval name")
@@ -444,6 +513,21 @@ def _generate_options(settings: PipelineSettings, model: Path, out: Path) -> dic
     return opts
 
 
+def _chain_generate_options(settings: PipelineSettings, teacher: Path, out: Path) -> dict:
+    """The teacher's generate options: the pipeline's, with pipeline.chain's questions, prompt and
+    generate options laid over them."""
+    chain = settings.chain
+    opts = _generate_options(settings, teacher, out)
+    if chain.questions is not None:
+        opts["questions"] = chain.questions
+    if chain.question_limit is not None:
+        opts["limit"] = chain.question_limit
+    if chain.prompt is not None:
+        opts["prompt"] = chain.prompt
+    opts.update(chain.generate)
+    return opts
+
+
 def _mixes(settings: PipelineSettings) -> dict[str, dict[str, float]]:
     mixes = {}
     if settings.mix:
@@ -460,7 +544,7 @@ def _data_sources(settings: PipelineSettings) -> list[str]:
     for b in settings.baselines:
         names.update([b] if isinstance(b, str) else b.mix.keys())
     names.update((settings.mix or {}).keys())
-    return sorted(n for n in names if n in ("long_cot", "short_cot"))
+    return sorted(n for n in names if n in ("long_cot", "short_cot"))  # the chain's teacher has its data
 
 
 def _student_data(settings: PipelineSettings) -> list[str]:

@@ -43,6 +43,7 @@ from micota_merge.core.ownership import (
 from micota_merge.core.strict import Float, Int
 from micota_merge.generation.options import TRANSPORT_OPTIONS, BackendName
 from micota_merge.merge import methods
+from micota_merge.merge.preflight import zero_task_vector
 from micota_merge.merge.recipe import Recipe, SweepSettings, format_validation_error, load_recipe
 from micota_merge.merge.sweep.report import plot, plot_front, table_csv, table_md
 
@@ -358,12 +359,15 @@ class SweepOptions(StageOptions):
     )
 
 
-def sweep(opts: SweepOptions, echo=print) -> dict:
-    """Sweep the recipe's merge points and leave the chosen TA at the recipe's output (see module doc)."""
-    output = Path(load_recipe(opts.recipe).output)
+def sweep(opts: SweepOptions, echo=print, recipe: Optional[Recipe] = None) -> dict:
+    """Sweep the recipe's merge points and leave the chosen TA at the recipe's output (see module doc).
+
+    `recipe`, when given, is the parsed recipe to use instead of re-reading `opts.recipe` (`run`'s
+    chain, whose long-CoT side it made)."""
+    output = Path((recipe or load_recipe(opts.recipe)).output)
     # one lock for the output and its work folder: two sweeps would build into one `.sweep/`
     with output_lock(output, "sweep", log=echo):
-        return _sweep(opts, echo)
+        return _sweep(opts, echo, recipe)
 
 
 def _settings(recipe: Recipe, opts: SweepOptions) -> SweepSettings:
@@ -385,12 +389,12 @@ def _settings(recipe: Recipe, opts: SweepOptions) -> SweepSettings:
     return settings
 
 
-def _sweep(opts: SweepOptions, echo) -> dict:
+def _sweep(opts: SweepOptions, echo, recipe: Optional[Recipe] = None) -> dict:
     from micota_merge.core.checkpoints import check_model_files, resolve_model_path
     from micota_merge.core.fingerprint import content_id
 
     recipe_path, force = opts.recipe, opts.force
-    recipe = load_recipe(recipe_path)
+    recipe = recipe or load_recipe(recipe_path)
     settings = _settings(recipe, opts)
     plan = probe_plan(recipe, settings)
     grid = settings.densities is not None
@@ -410,6 +414,9 @@ def _sweep(opts: SweepOptions, echo) -> dict:
         "probe_plan": {k: plan[k] for k in PLAN_OPTIONS},
         "inputs": {role: content_id(p) for role, p in paths.items()},
     }
+    zero = zero_task_vector(recipe.merge.method, recipe.merge.extra_params, identity["inputs"], paths)
+    if zero is not None and zero.ratio_cancels and len(settings.ratios) > 1:
+        raise UserError(f"sweep.ratios: {zero.message}; a sweep over ratios would probe one TA {len(points)} times")
     done = _claim(output, paths, identity, force, echo)
     if done is not None:
         return done
