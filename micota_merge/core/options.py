@@ -86,11 +86,46 @@ class _Backend(click.ParamType):
         return name
 
 
+class _JsonObject(click.ParamType):
+    """A JSON object on the command line: --chat-template-kwargs '{"enable_thinking": false}'."""
+
+    name = "json"
+
+    def convert(self, value, param, ctx):
+        import json
+
+        if isinstance(value, dict):
+            return value
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            parsed = None
+        if not isinstance(parsed, dict):
+            self.fail(f"{value!r} is not a JSON object; write it as '{{\"enable_thinking\": false}}'", param, ctx)
+        return parsed
+
+
 # Named parameter types a field may ask for with cli(type=...): made when the flag is made.
 PARAM_TYPES: dict[str, Callable[[], click.ParamType]] = {
     "backend": lambda: _Backend(),
     "local-backend": lambda: _Backend(remote=False),
+    "json": lambda: _JsonObject(),
 }
+
+
+def chat_template_kwargs_field() -> Any:
+    """The thinking switch of every stage that applies a chat template (generate and the sweep's probe,
+    eval, distill, align): one declaration, so the option reads and means the same everywhere."""
+    from pydantic import Field
+
+    return Field(
+        default_factory=dict,
+        description='Keyword arguments for the chat template, e.g. {"enable_thinking": false} for a hybrid '
+        "model's non-thinking mode (Qwen3); passed to local templates, lm-eval and servers alike, and part of "
+        "what identifies the result. A prompt the template ends with an empty think block is prompt: never "
+        "graded, never trained on.",
+        json_schema_extra=cli(type="json", metavar="JSON"),
+    )
 
 
 def _unwrap_optional(ann):

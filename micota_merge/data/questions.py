@@ -34,7 +34,7 @@ import math
 import random
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Optional
 
 from micota_merge.core.errors import UserError
 from micota_merge.evaluation import benchmarks as _benchmarks
@@ -377,14 +377,16 @@ def load_questions(
     return out
 
 
-def format_prompt(tokenizer, question: str, template: str = DEFAULT_PROMPT) -> tuple[str, str]:
-    """(user message, full prompt text through the model's own chat template)."""
+def format_prompt(
+    tokenizer, question: str, template: str = DEFAULT_PROMPT, template_kwargs: Optional[dict] = None
+) -> tuple[str, str]:
+    """(user message, full prompt text through the model's own chat template, with its switches)."""
     if "{question}" not in template:
         raise UserError("--prompt must contain {question} where the question goes")
     user = template.replace("{question}", question)  # not str.format: prompts hold \boxed{} braces
     if getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
+            [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True, **(template_kwargs or {})
         )
     else:  # a base model without a template sees the bare prompt
         import warnings

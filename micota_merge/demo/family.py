@@ -40,6 +40,11 @@ def tiny_config(arch: str = "qwen2", **overrides):
     if arch == "llama":
         kw.pop("head_dim", None)
         return LlamaConfig(**kw)
+    if arch == "qwen3_moe":  # transformers' fused expert layout: experts.gate_up_proj / down_proj per layer
+        from transformers import Qwen3MoeConfig
+
+        moe = dict(moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1)
+        return Qwen3MoeConfig(**{**kw, "tie_word_embeddings": False, **moe, **overrides})
     raise ValueError(f"unknown tiny architecture {arch!r}")
 
 

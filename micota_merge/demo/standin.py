@@ -164,6 +164,22 @@ def make_standin(
 def _write_tokenizer(meta: Path, staging: Path, prov: dict) -> None:
     family, tokens = family_tokens(meta.name)
     tok_cfg, tok_src = _tokenizer_config(meta)
+    model_type = json.loads((meta / "config.json").read_text(encoding="utf-8")).get("model_type", "")
+    if not model_type.startswith("qwen"):
+        # the only BPE in the assets is Qwen2's: another family's ids would be wrong, so the stand-in keeps
+        # the real tokenizer_config (template, eos) for the pre-flight and no vocabulary
+        if (meta / "tokenizer_config.json").is_file():
+            shutil.copyfile(meta / "tokenizer_config.json", staging / "tokenizer_config.json")
+            prov["files"]["tokenizer_config.json"] = f"copied from {meta / 'tokenizer_config.json'}"
+        prov["missing"].append(f"tokenizer vocabulary ({model_type}'s BPE is not in the assets: it does not load)")
+        return
+    real = (
+        json.loads((meta / "tokenizer_config.json").read_text(encoding="utf-8")).get("added_tokens_decoder")
+        if (meta / "tokenizer_config.json").is_file()
+        else None
+    )
+    if real:  # the checkpoint's own added tokens (Qwen3's files have them), not a family table
+        family, tokens = None, {i: {"content": t["content"], "special": t["special"]} for i, t in real.items()}
     if not tokens and not tok_cfg:
         prov["missing"].append("tokenizer (no tokenizer_config in the metadata and no known family)")
         return
@@ -196,6 +212,7 @@ def _write_tokenizer(meta: Path, staging: Path, prov: dict) -> None:
     prov["files"]["tokenizer_config.json"] = (
         (f"{', '.join(sorted(tok_cfg))} verbatim from {tok_src}; " if tok_src else "")
         + (f"added_tokens_decoder from the {family} table (added_tokens_by_family.json); " if family else "")
+        + ("added_tokens_decoder verbatim from tokenizer_config.json; " if real else "")
         + "tokenizer_class Qwen2Tokenizer, because the real tokenizer.json was not found"
     )
     if not tok_src:

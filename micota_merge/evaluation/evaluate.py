@@ -55,7 +55,7 @@ from micota_merge.core.artifacts import (
 from micota_merge.core.errors import StageFailed, UserError, disk_full, free_mib
 from micota_merge.core.identity import changed
 from micota_merge.core.identity import describe as describe_changes
-from micota_merge.core.options import MODEL_DTYPES, ModelDtype, cli
+from micota_merge.core.options import MODEL_DTYPES, ModelDtype, chat_template_kwargs_field, cli
 from micota_merge.core.ownership import (
     OWN,
     claim,
@@ -142,6 +142,7 @@ class EvalOptions(VllmOptions, ServerOptions):
         None, description="Prompts per batch, or 'auto'. Default: 8 on CPU, auto on GPU."
     )
     dtype: ModelDtype = Field("auto", description="Weight dtype for inference.")
+    chat_template_kwargs: dict[str, Any] = chat_template_kwargs_field()
     device: Optional[str] = Field(None, description="lm-eval's device (default: the backend's choice).")
     gpu_memory_utilization: Float = Field(
         0.9, gt=0, le=1, description="vllm: share of GPU memory for weights and KV cache."
@@ -556,7 +557,10 @@ def _identity(opts: EvalOptions, plan: _Plan) -> tuple[dict, str]:
         "backend": same,
         "dtype": opts.dtype,
         "max_tokens": plan.max_tokens,
+        "chat_template_kwargs": opts.chat_template_kwargs or None,  # None when unset: older caches resume
     }
+    # only when set, so the runs made before the switch existed keep their ids
+    switches = {"chat_template_kwargs": opts.chat_template_kwargs} if opts.chat_template_kwargs else {}
     run_id = identity_of(
         {
             "model": identity["model_content"],
@@ -567,6 +571,7 @@ def _identity(opts: EvalOptions, plan: _Plan) -> tuple[dict, str]:
             "seed": opts.seed,
             "backend": same,
             "dtype": opts.dtype,
+            **switches,
         }
     )
     return identity, run_id
@@ -604,6 +609,7 @@ def _lm_eval_model(opts: EvalOptions, plan: _Plan):
             concurrency=opts.concurrency,
             retries=opts.retries,
             request_timeout=opts.request_timeout,
+            chat_template_kwargs=dict(opts.chat_template_kwargs),
         )
     )
     return tm, lm_tasks, lm_model, args
@@ -713,6 +719,7 @@ _IDENTITY_NAMES = {
     "backend": "backend",
     "dtype": "dtype",
     "max_tokens": "max tokens",
+    "chat_template_kwargs": "chat template switches (--chat-template-kwargs)",
 }
 
 

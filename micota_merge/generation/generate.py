@@ -157,6 +157,7 @@ def _settings(opts: GenerateOptions, model_dir: Path, prompt: str, clean=None) -
         "questions_content": data_fingerprint(questions_source(opts.questions)),
         "question_fields": [opts.question_field, opts.answer_field, opts.id_field, opts.split, opts.benchmark],
         "prompt": prompt,
+        "chat_template_kwargs": opts.chat_template_kwargs or None,  # None when unset: older files resume
         "n": opts.n,
         "temperature": opts.temperature,
         "top_p": opts.top_p,
@@ -185,6 +186,7 @@ _SETTING_NAMES = {
     "questions_content": "question file content",
     "question_fields": "question/answer/id fields, split or benchmark",
     "prompt": "prompt",
+    "chat_template_kwargs": "chat template switches (--chat-template-kwargs)",
     "n": "samples per question (--n)",
     "temperature": "temperature",
     "top_p": "top-p",
@@ -292,12 +294,13 @@ def stop_token_ids(tokenizer, model_dir: Path) -> list[int]:
     return sorted(ids)
 
 
-def chat_template_facts(tokenizer):
-    """What the model's chat template adds on its own: a prefill after the assistant tag, a default system prompt."""
+def chat_template_facts(tokenizer, template_kwargs: Optional[dict] = None):
+    """What the model's chat template adds on its own: a prefill after the assistant tag (R1's `<think>\n`,
+    or Qwen3's empty think block with enable_thinking false), a default system prompt."""
     from micota_merge.core.templates import TemplateFacts, render_with_tokenizer, template_facts
 
     return (
-        template_facts(render_with_tokenizer(tokenizer))
+        template_facts(render_with_tokenizer(tokenizer, template_kwargs))
         if getattr(tokenizer, "chat_template", None)
         else TemplateFacts()
     )
@@ -497,9 +500,10 @@ class _Prompts:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        p = cls([], [], tokenizer=tokenizer, facts=chat_template_facts(tokenizer))
+        kwargs = opts.chat_template_kwargs
+        p = cls([], [], tokenizer=tokenizer, facts=chat_template_facts(tokenizer, kwargs))
         for q in questions:
-            user, text = format_prompt(tokenizer, q["question"], template)
+            user, text = format_prompt(tokenizer, q["question"], template, kwargs)
             p.users.append(user)
             p.opens_thinking.append(prompt_opens_thinking(text))  # R1-distill templates open <think>
             # the template already holds any BOS it wants; both backends get exactly these ids
@@ -533,7 +537,11 @@ class _Recorder:
         g = grade(text, q["answer"], q["benchmark"], opens)
         thinking, _, finished = split_thinking(text, opens)
         # lengths count generated tokens only: the template's prefill was prompt, not output
-        generated_thinking = thinking[len(facts.prefill) :] if thinking.startswith(facts.prefill) else thinking
+        # (a prefill that holds the whole think block, Qwen3's empty one with thinking off, leaves none)
+        if thinking.startswith(facts.prefill):
+            generated_thinking = thinking[len(facts.prefill) :]
+        else:
+            generated_thinking = "" if thinking and facts.prefill.startswith(thinking) else thinking
         # lengths.py: the split eval makes too (a hosted model's tokenizer is not here: by characters)
         n_thinking = split_tokens(num_tokens, generated_thinking, len(text) - len(facts.prefill), self.count)
         return {
@@ -550,6 +558,8 @@ class _Recorder:
             "model": self.opts.model,
             "sample": sample,
             "system": facts.default_system,
+            # the template's switches, on the record that was prompted with them
+            **({"chat_template_kwargs": self.opts.chat_template_kwargs} if self.opts.chat_template_kwargs else {}),
         }
 
 

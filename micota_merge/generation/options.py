@@ -6,12 +6,12 @@ inherited, so a default such as the request timeout or the concurrency has one h
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 from pydantic import AfterValidator, Field, field_validator
 
 from micota_merge.core.errors import UserError
-from micota_merge.core.options import ModelDtype, StageOptions, cli, transport_fields
+from micota_merge.core.options import ModelDtype, StageOptions, chat_template_kwargs_field, cli, transport_fields
 from micota_merge.core.ownership import OWN
 from micota_merge.core.strict import Float, Int
 from micota_merge.evaluation import benchmarks as _benchmarks
@@ -128,6 +128,7 @@ class ProbeOptions(VllmOptions):
         description="User message template with {question}; default: the papers' "
         + repr(_benchmarks.PROMPT).replace("\\\\", "\\"),
     )
+    chat_template_kwargs: dict[str, Any] = chat_template_kwargs_field()
     dtype: ModelDtype = Field(
         "auto", description="Weights' dtype: auto (the checkpoint's; vLLM runs float32 checkpoints in 16 bits)."
     )

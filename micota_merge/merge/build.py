@@ -38,6 +38,7 @@ from micota_merge.core.strict import Float, Int
 from micota_merge.merge.preflight import (
     check_untie_supported,
     lineage_warnings,
+    template_report,
     tie_warnings,
     token_report,
     untie_config,
@@ -186,7 +187,7 @@ def plan_build(
     if recipe is not None:
         warnings += _tokenizer_warnings(paths, recipe.tokenizer)
         tokens = token_report(paths, recipe.tokenizer)
-        warnings += tokens.warnings
+        warnings += tokens.warnings + template_report(paths, recipe.tokenizer)
         stop_ids = tokens.stop_ids
         mk_cfg = recipe.to_mergekit({r: str(p) for r, p in paths.items()})
         dtype = recipe.merge.dtype

@@ -274,3 +274,61 @@ def zero_task_vector(method: str, params: dict, contents: dict[str, str], paths:
             what += ": the ratio moves it from the base (0) to long_cot (1)"
     msg = f"zero task vector: {side} has the base's content (the TA merges over {side} itself), so {what}"
     return ZeroTaskVector(side, other, cancels, msg)
+
+
+def mergekit_tensor_names(meta: CheckpointMeta) -> Optional[set[str]]:
+    """The tensor names mergekit's architecture definition writes for this checkpoint's config, or None
+    where mergekit knows the architecture only through transformers. For Qwen3-MoE they are the fused
+    `mlp.experts.gate_up_proj` / `down_proj` that transformers 5 loads, while Hub checkpoints store one
+    tensor per expert: the TA's names are then not its inputs' (and the one-pass sweep does not apply)."""
+    try:
+        from mergekit.architecture import arch_info_for_config
+        from transformers import AutoConfig
+
+        config = AutoConfig.for_model(**{k: v for k, v in meta.config.items() if k != "transformers_version"})
+        arch = arch_info_for_config(config)
+        return {w.name for w in arch.all_weights(config) if not w.optional or w.name in meta.tensors} if arch else None
+    except Exception:  # an architecture mergekit reads through transformers alone
+        return None
+
+
+def _thinking_mode(folder: Path) -> Optional[str]:
+    """How a checkpoint's chat template asks for thinking, in words, from rendering it; None without one."""
+    template = read_chat_template(folder)
+    if not template:
+        return None
+    from micota_merge.core.templates import render_with_template, template_facts
+
+    cfg = _json(folder / "tokenizer_config.json")
+    bos, eos = _token_text(cfg.get("bos_token")) or "", _token_text(cfg.get("eos_token")) or ""
+    try:
+        plain = template_facts(render_with_template(template, bos, eos))
+        off = template_facts(render_with_template(template, bos, eos, {"enable_thinking": False}))
+    except Exception:  # a template this renderer cannot run
+        return "a template this pre-flight cannot render"
+    if off.prefill != plain.prefill:
+        return f"hybrid: thinks by default, and enable_thinking=false prefills {off.prefill!r}"
+    if plain.prefill:
+        return f"always thinks: its generation prompt prefills {plain.prefill!r}"
+    return "no thinking prefill; the model may still open <think> itself"
+
+
+def template_report(paths: dict[str, Path], keep: str) -> list[str]:
+    """Which side's template and thinking tokens the TA keeps, and how each side's template thinks."""
+    sides = [r for r in SIDES if r in paths]
+    modes = {r: _thinking_mode(paths[r]) for r in sides}
+    if keep not in modes or modes[keep] is None:
+        return []
+    tokens = added_tokens(paths[keep])
+    think = [
+        f"{c} {i} ({'special' if sp else 'not special: kept in decoded text'})"
+        for i, (c, sp) in sorted(tokens.items())
+        if c in ("<think>", "</think>")
+    ]
+    line = f"template: the TA keeps {keep}'s chat template ({modes[keep]})"
+    others = [f"{r}'s {modes[r]}" for r in sides if r != keep and modes[r] and modes[r] != modes[keep]]
+    if others:
+        line += "; " + ", ".join(others)
+    if think:
+        line += f"; its thinking tokens: {', '.join(think)}"
+    return [line]

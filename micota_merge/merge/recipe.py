@@ -148,6 +148,11 @@ class Probe(ProbeOptions):
         description="probe on a benchmark the students are scored on, on purpose (the TA is then chosen on "
         "that test set, and its scores there are no longer a clean measure)",
     )
+    chat_template_kwargs_by_side: dict[Literal["long_cot", "short_cot", "ta"], dict[str, Any]] = Field(
+        default_factory=dict,
+        description="chat template switches per probed model, over chat_template_kwargs: e.g. a hybrid short side "
+        "without thinking, {short_cot: {enable_thinking: false}}; `ta` is every merged point",
+    )
     limit: Int = Field(64, ge=1, description="probe questions")
     max_tokens: Int = Field(4096, ge=1, description="probe answer length cap")
     batch_size: Int = Field(16, ge=1, description="transformers: prompts per batch; vllm: per chunk")
@@ -294,6 +299,11 @@ class PipelineSettings(_Strict):
         description="other data to distil from: long_cot, short_cot, teacher (pipeline.chain's data), or {name, mix}",
     )
     eval_teachers: bool = Field(True, description="also score the TA and the experts")
+    chat_template_kwargs: dict[Literal["ta", "long_cot", "short_cot", "teacher", "student"], dict[str, Any]] = Field(
+        default_factory=dict,
+        description="chat template switches per model, for its generate, distill and eval stages alike: e.g. a "
+        "hybrid short side and student without thinking, {short_cot: {enable_thinking: false}}",
+    )
     seed: Int = 0
     distill_seeds: Optional[list[Int]] = Field(
         None,
@@ -326,6 +336,12 @@ class PipelineSettings(_Strict):
         for key in ("model", "output"):
             if key in self.eval:
                 raise ValueError(f"eval.{key} is set by the pipeline; remove it")
+        for section in ("generate", "distill", "eval"):
+            if self.chat_template_kwargs and "chat_template_kwargs" in getattr(self, section):
+                raise ValueError(
+                    f"{section}.chat_template_kwargs and pipeline.chat_template_kwargs both set switches; "
+                    "give them per model in pipeline.chat_template_kwargs"
+                )
         return self
 
 

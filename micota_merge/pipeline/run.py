@@ -312,7 +312,7 @@ def _generate(ctx: _Context) -> None:
             ctx.teachers[name] = (ctx.models[name], ctx.model_fps[name])
     for name, (model, model_fp) in ctx.teachers.items():
         folder = ctx.workdir / "data" / plain_name(name, "data set")
-        opts = _generate_options(settings, model, folder / "data.jsonl")
+        opts = _generate_options(settings, model, folder / "data.jsonl", name)
         ctx.data[name] = _generate_stage(ctx, "generate", f"generate: {name} data", folder, model_fp, opts)
 
 
@@ -371,10 +371,12 @@ def _chain(ctx: _Context) -> None:
     teacher = resolve_model_path(chain.teacher, "pipeline.chain.teacher", ctx.path.parent)
     teacher_fp = _checkpoint_fp(teacher)
     opts = _chain_generate_options(settings, teacher, root / "teacher" / "data.jsonl")
+    opts.update(_switches(settings, "teacher"))
     label = "chain: teacher's long-CoT data"
     ctx.data["teacher"] = _generate_stage(ctx, "chain", label, root / "teacher", teacher_fp, opts)
     parent = (ctx.models["short_cot"], ctx.model_fps["short_cot"])
-    options = {**settings.distill, **chain.distill}
+    # the parent learns its side's answers, with its side's switches
+    options = {**settings.distill, **chain.distill, **_switches(settings, "short_cot")}
     label = "chain: long_cot = short_cot fine-tuned on the teacher's data"
     made, made_fp = _distill_stage(
         ctx, "chain", label, root / "long_cot", parent, ctx.data["teacher"], options, settings.seed
@@ -430,8 +432,9 @@ def _distill(ctx: _Context) -> None:
             tag = "" if len(seeds) == 1 else f"@seed{seed}"
             folder = ctx.workdir / "students" / plain_name(name, "student data") / (f"seed-{seed}" if tag else "")
             label = f"distill: student on {name} data" + (f" (seed {seed})" if tag else "")
+            options = {**settings.distill, **_switches(settings, "student")}
             ctx.students[f"student+{name}{tag}"] = _distill_stage(
-                ctx, "distill", label, folder, (student, student_fp), ctx.data[name], settings.distill, seed, bool(tag)
+                ctx, "distill", label, folder, (student, student_fp), ctx.data[name], options, seed, bool(tag)
             )
 
 
@@ -444,15 +447,17 @@ def _evaluate(ctx: _Context) -> None:
     for name, (model, model_fp) in scored.items():
         plain = name.replace(":", "-").replace("+", "-").replace("@", "-")
         folder = ctx.workdir / "eval" / plain_name(plain, "eval name")
-        fp = _hash({"model": model_fp, "eval": {k: v for k, v in settings.eval.items() if k not in TRANSPORT_OPTIONS}})
+        role = name.removeprefix("teacher:") if name.startswith("teacher:") else "student"
+        section = {**settings.eval, **_switches(settings, role)}
+        fp = _hash({"model": model_fp, "eval": {k: v for k, v in section.items() if k not in TRANSPORT_OPTIONS}})
 
-        def do_eval(fresh: bool, folder=folder, model=model) -> None:
+        def do_eval(fresh: bool, folder=folder, model=model, section=section) -> None:
             from micota_merge.evaluation.evaluate import EvalOptions, evaluate
 
             # a stage that is resumed (same fingerprint) keeps lm-eval's response cache; a changed
             # one (fresh) starts it over
             run = folder / "run"
-            opts = EvalOptions(**settings.eval, model=str(model), output=str(run), force=fresh or run.exists())
+            opts = EvalOptions(**section, model=str(model), output=str(run), force=fresh or run.exists())
             evaluate(opts, echo=ctx.echo)
 
         ran = ctx.runner.stage("eval", f"eval: {name}", folder, fp, do_eval, output=folder / "run")
@@ -496,7 +501,13 @@ def _finish(runner: Runner, results: dict) -> dict:
 # ------------------------------------------------------------------ option plumbing
 
 
-def _generate_options(settings: PipelineSettings, model: Path, out: Path) -> dict:
+def _switches(settings: PipelineSettings, role: str) -> dict:
+    """The chat template switches of one model (pipeline.chat_template_kwargs), as a stage option."""
+    kwargs = settings.chat_template_kwargs.get(role)
+    return {"chat_template_kwargs": kwargs} if kwargs else {}
+
+
+def _generate_options(settings: PipelineSettings, model: Path, out: Path, role: Optional[str] = None) -> dict:
     opts = {
         "model": str(model),
         "questions": settings.questions,
@@ -510,6 +521,7 @@ def _generate_options(settings: PipelineSettings, model: Path, out: Path) -> dic
         opts["prompt"] = settings.prompt
     opts["decontaminate_against"] = default_against(settings.eval.get("tasks"))
     opts.update(settings.generate)
+    opts.update(_switches(settings, role) if role else {})
     return opts
 
 

@@ -14,12 +14,12 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from pydantic import Field
 
 from micota_merge.core.errors import UserError
-from micota_merge.core.options import ModelDtype, StageOptions, cli
+from micota_merge.core.options import ModelDtype, StageOptions, chat_template_kwargs_field, cli
 from micota_merge.core.ownership import OWN
 from micota_merge.core.stats import spread
 from micota_merge.core.strict import Int
@@ -136,6 +136,7 @@ class AlignOptions(StageOptions):
     batch_size: Int = Field(4, ge=1, description="Records per forward pass.")
     max_length: Int = Field(16384, ge=16, description="Longer records are truncated to this many tokens (and counted).")
     dtype: ModelDtype = Field("auto", description="Weights' dtype for the forward passes (auto: the checkpoint's).")
+    chat_template_kwargs: dict[str, Any] = chat_template_kwargs_field()
     out: Optional[str] = Field(None, description="Folder for align.md, align.json, align.png and micota.json.")
     force: bool = Field(
         False, description="Replace an align report that align wrote." + OWN, json_schema_extra=cli(flag=True)
@@ -185,6 +186,7 @@ def _claim_report(opts: AlignOptions, meta, inputs: dict, echo) -> tuple[str, Op
             "limit": opts.limit,
             "max_length": opts.max_length,
             "dtype": opts.dtype,
+            **({"chat_template_kwargs": opts.chat_template_kwargs} if opts.chat_template_kwargs else {}),
         }
     )
     if claimed.same(run_id) and not opts.force:
@@ -207,7 +209,7 @@ def _score_file(lm, tokenizer, f: str, records: list, opts: AlignOptions, label:
     if not recs:
         raise UserError(f"--data {f}: no records")
     examples, truncated = [], 0
-    for ids, mask in encode_records(tokenizer, recs):
+    for ids, mask in encode_records(tokenizer, recs, template_kwargs=opts.chat_template_kwargs):
         if len(ids) > opts.max_length:
             ids, mask, truncated = ids[: opts.max_length], mask[: opts.max_length], truncated + 1
         examples.append((ids, mask))

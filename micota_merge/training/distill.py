@@ -31,7 +31,7 @@ from pydantic import Field, field_validator
 
 from micota_merge.core.errors import UserError, disk_full, free_mib
 from micota_merge.core.identity import changed, describe
-from micota_merge.core.options import ModelDtype, StageOptions
+from micota_merge.core.options import ModelDtype, StageOptions, chat_template_kwargs_field
 from micota_merge.core.ownership import (
     check_free_space,
     check_replaceable,
@@ -100,6 +100,7 @@ class DistillConfig(StageOptions):
         "by default only verified, finished answers are learnt.",
     )
     limit: Optional[Int] = Field(None, description="Use only the first N usable records (quick runs).")
+    chat_template_kwargs: dict[str, Any] = chat_template_kwargs_field()
     template_system: Literal["keep", "drop"] = Field(
         "keep",
         description="The system prompt the teacher's chat template injected (Qwen2.5-Instruct's "
@@ -288,7 +289,11 @@ def read_chat_records(path: str | os.PathLike, option: str = "--data") -> list[C
 
 
 def encode_records(
-    tokenizer, records: list[ChatRecord], batch: int = 256, template_system: str = "keep"
+    tokenizer,
+    records: list[ChatRecord],
+    batch: int = 256,
+    template_system: str = "keep",
+    template_kwargs: Optional[dict] = None,
 ) -> list[tuple[list[int], list[int]]]:
     """(input_ids, completion_mask) per record, through the tokenizer's own chat template.
 
@@ -303,6 +308,8 @@ def encode_records(
     (a `generate` record's answer starts with it), so the prefill is not learnt as output.
     `template_system`: "keep" puts the system prompt the teacher's template injected (the record's
     "system") back in front of the prompt; "drop" leaves the student's template to decide.
+    `template_kwargs` are the template's switches: with Qwen3's `enable_thinking=False` the prompt ends
+    with an empty think block, which, like R1's prefill, is prompt and never learnt.
     """
     from micota_merge.core.templates import render_completion, render_with_tokenizer
 
@@ -311,7 +318,7 @@ def encode_records(
             "the model's tokenizer has no chat template; distill and align format records "
             "through the student's own template (use an -Instruct checkpoint, or add one)"
         )
-    render = render_with_tokenizer(tokenizer)
+    render = render_with_tokenizer(tokenizer, template_kwargs)
     out = []
     for start in range(0, len(records), batch):
         chunk = records[start : start + batch]
@@ -381,6 +388,7 @@ def prepare_examples(
     keep_incorrect: bool = False,
     limit: int | None = None,
     template_system: str = "keep",
+    template_kwargs: Optional[dict] = None,
 ) -> tuple[list[tuple[list[int], list[int]]], DataReport]:
     """Read, filter and tokenize the training files; count every record that is left out."""
     from micota_merge.core.artifacts import sha256_file
@@ -398,7 +406,9 @@ def prepare_examples(
         report.dropped_cut_off = sum(r.cut_off for r in records)
         records = [r for r in records if not r.cut_off]
     examples = []
-    for ids, mask in encode_records(tokenizer, records, template_system=template_system):
+    for ids, mask in encode_records(
+        tokenizer, records, template_system=template_system, template_kwargs=template_kwargs
+    ):
         if not any(mask):
             report.dropped_empty += 1
             continue
@@ -806,7 +816,14 @@ def _training_data(cfg: DistillConfig, student: Path, echo) -> tuple[Any, list, 
 
     tokenizer = AutoTokenizer.from_pretrained(student)
     examples, report = prepare_examples(
-        tokenizer, cfg.data, cfg.max_length, cfg.overlong, cfg.keep_incorrect, cfg.limit, cfg.template_system
+        tokenizer,
+        cfg.data,
+        cfg.max_length,
+        cfg.overlong,
+        cfg.keep_incorrect,
+        cfg.limit,
+        cfg.template_system,
+        cfg.chat_template_kwargs,
     )
     if not examples:
         raise UserError(
@@ -835,8 +852,10 @@ def _resume_checkpoint(cfg: DistillConfig, work: Path, student_meta, report: Dat
     ckpt_dir = work / "checkpoints"
     run_file = work / "run.json"
     # identity by content: the student's weights and the data's bytes, not their paths
+    switches = {"chat_template_kwargs": cfg.chat_template_kwargs} if cfg.chat_template_kwargs else {}
     run_id = {
-        "options": {k: getattr(cfg, k) for k in _RESUME_KEYS},
+        # the template's switches only when set: a run interrupted before they existed still resumes
+        "options": {**{k: getattr(cfg, k) for k in _RESUME_KEYS}, **switches},
         "student_content": student_meta.fingerprint()["content"],
         "data": [{"sha256": f["sha256"]} for f in report.files],
     }

@@ -90,6 +90,7 @@ class EvalJob:
     concurrency: int = default_of(ServerOptions, "concurrency")
     retries: int = default_of(ServerOptions, "retries")
     request_timeout: float = default_of(ServerOptions, "request_timeout")
+    chat_template_kwargs: dict = field(default_factory=dict)  # the template's switches (enable_thinking)
 
 
 class Backend:

@@ -34,6 +34,8 @@ def server_payload(opts, question_id: str, user: str, sample: int, stop_ids: lis
     }
     if stop_ids:  # a local checkpoint: stop where the local backends stop (vLLM and SGLang read this field)
         body["stop_token_ids"] = stop_ids
+    if opts.chat_template_kwargs:  # the server applies the template: its switches travel with the request
+        body["chat_template_kwargs"] = dict(opts.chat_template_kwargs)
     return body
 
 
@@ -81,11 +83,14 @@ def server_model_args(
     retries: int,
     timeout: float,
     api_key_env: Optional[str],
+    chat_template_kwargs: Optional[dict] = None,
 ) -> dict:
     """model_args of `micota-chat-completions` (lm-eval's local-chat-completions over several servers).
 
-    The messages go as chat: the server applies the model's chat template, as the papers' setup does."""
+    The messages go as chat: the server applies the model's chat template, as the papers' setup does
+    (with `chat_template_kwargs` in every request when given)."""
     return {
+        **({"chat_template_kwargs": dict(chat_template_kwargs)} if chat_template_kwargs else {}),
         "model": served,
         "base_urls": [u + "/chat/completions" for u in urls],
         "num_concurrent": concurrency,
@@ -145,6 +150,7 @@ class OpenAI(Backend):
             retries=job.retries,
             timeout=job.request_timeout,
             api_key_env=job.api_key_env,
+            chat_template_kwargs=job.chat_template_kwargs,
         )
 
 

@@ -82,7 +82,10 @@ class Transformers(Backend):
         from micota_merge.evaluation.models import register as register_model
 
         # lm-eval's hf model, subclassed so each answer carries its count and finish reason (models.py)
-        return register_model("hf"), {"pretrained": str(job.model_path), "dtype": job.dtype}
+        args = {"pretrained": str(job.model_path), "dtype": job.dtype}
+        if job.chat_template_kwargs:  # lm-eval's hf model renders the template with these
+            args["chat_template_args"] = dict(job.chat_template_kwargs)
+        return register_model("hf"), args
 
 
 register(Transformers())

@@ -169,6 +169,8 @@ def lm_eval_args(job: EvalJob) -> dict:
     if job.data_parallel_size > 1:
         # lm-eval's own data parallelism: one vLLM engine per replica (through Ray), requests dealt round-robin
         args["data_parallel_size"] = job.data_parallel_size
+    if job.chat_template_kwargs:  # lm-eval's vllm model renders the template with these
+        args["chat_template_args"] = dict(job.chat_template_kwargs)
     return args
 
 

@@ -389,11 +389,19 @@ def register_lm_eval_model() -> str:
 
     @register_model(name)
     class ServersChatCompletion(LocalChatCompletion):
-        def __init__(self, base_urls=None, api_key_env=None, **kwargs):
+        def __init__(self, base_urls=None, api_key_env=None, chat_template_kwargs=None, **kwargs):
             urls = list(base_urls or [kwargs.get("base_url")])
             self._pool = ServerPool(urls)
             self._api_key_env = api_key_env
+            self._template_kwargs = dict(chat_template_kwargs or {})
             super().__init__(**{**kwargs, "base_url": urls[0]})
+
+        def _create_payload(self, messages, *args, **kwargs):
+            # the server renders the template: its switches (enable_thinking) go with every request
+            payload = super()._create_payload(messages, *args, **kwargs)
+            if self._template_kwargs:
+                payload["chat_template_kwargs"] = dict(self._template_kwargs)
+            return payload
 
         # lm-eval reads self.base_url inside each request: per asyncio task, the server chosen for it
         @property

@@ -155,6 +155,12 @@ def build_points(
         order = replay.names
         reads = replay.inputs
     else:
+        from micota_merge.merge.preflight import mergekit_tensor_names
+
+        names = mergekit_tensor_names(identity)
+        if names is not None and names != set(identity.tensors):
+            # MoE: mergekit writes the experts fused where the inputs store one tensor per expert
+            raise Unsupported("mergekit writes other tensor names than the checkpoint holds (fused MoE experts)")
         replay = None
         order = list(identity.tensors)
         roles = ["long_cot", "short_cot"] + (["base"] if spec.base else [])

@@ -128,9 +128,15 @@ def _probe(model: Path, name: str, work: Path, settings: SweepSettings, plan: di
         row = json.loads(stats_file.read_text())
         if row.get("probe") == probe and row.get("model_content") == model_content:
             return row  # written only once every question was answered
-    # the probe's settings are generate's own fields: passed whole, greedy, every answer kept
+    # the probe's settings are generate's own fields: passed whole, greedy, every answer kept; the
+    # template's switches are the side's own where the recipe gives them (a hybrid short side not thinking)
+    side = name if name in ("long_cot", "short_cot") else "ta"
+    by_side = settings.probe.chat_template_kwargs_by_side
+    fields = settings.probe.model_dump(
+        exclude={"questions", "offset", "held_out", "allow_test_split", "chat_template_kwargs_by_side"}
+    )
     opts = gen.options(
-        **settings.probe.model_dump(exclude={"questions", "offset", "held_out", "allow_test_split"}),
+        **{**fields, **({"chat_template_kwargs": by_side[side]} if side in by_side else {})},
         **chosen,
         model=str(model),
         out=str(out),
@@ -376,6 +382,11 @@ def _settings(recipe: Recipe, opts: SweepOptions) -> SweepSettings:
     top = {k: getattr(opts, k) for k in ("ratios", "densities", "tolerance") if getattr(opts, k) is not None}
     probe = {k: getattr(opts, k) for k in ("limit", "max_tokens", "backend", "data_parallel_size")}
     probe = {k: v for k, v in probe.items() if v is not None}
+    pipeline = recipe.pipeline
+    if pipeline is not None and pipeline.chat_template_kwargs and not settings.probe.chat_template_kwargs_by_side:
+        # a pipeline's per-model switches reach its probes too: each side answers as it will in generate
+        sides = {r: k for r, k in pipeline.chat_template_kwargs.items() if r in ("long_cot", "short_cot", "ta")}
+        probe["chat_template_kwargs_by_side"] = sides
     try:
         data = settings.model_dump()
         settings = SweepSettings.model_validate({**data, **top, "probe": {**data["probe"], **probe}})
