@@ -176,6 +176,19 @@ class SweepSettings(_Strict):
         None, description="densities to sweep with every ratio (sparsifying methods); default: merge.density only"
     )
     probe: Probe = Field(default_factory=Probe)
+    search: Literal["grid", "adaptive"] = Field(
+        "grid",
+        description="grid: probe every ratio of `ratios`; adaptive: bracket the target length between the "
+        "experts, probing `per_round` ratios per round (merged in one pass) until the bracket is narrower than "
+        "`resolution` or a point's mean length is within `length_tolerance` of the target",
+    )
+    resolution: Float = Field(
+        0.05, gt=0, le=0.5, description="adaptive: the ratio step, and the bracket width that stops the search"
+    )
+    per_round: Int = Field(1, ge=1, le=8, description="adaptive: ratios probed per round (1 is bisection)")
+    length_tolerance: Float = Field(
+        0.05, ge=0, description="adaptive: stop once a point's mean length is within this share of the target"
+    )
     target_tokens: Union[Literal["mid"], Float] = Field(
         "mid", description="'mid' = geometric mean of the endpoints' mean lengths, or a number of tokens"
     )
@@ -217,6 +230,12 @@ class SweepSettings(_Strict):
         if bad:
             raise ValueError(f"every density must be in (0, 1] (the fraction of each task vector kept), got {bad}")
         return sorted(set(v))
+
+    @model_validator(mode="after")
+    def _adaptive_over_ratios(self) -> "SweepSettings":
+        if self.search == "adaptive" and self.densities is not None:
+            raise ValueError("densities: the adaptive search looks for the ratio at merge.density; use search: grid")
+        return self
 
     @field_validator("target_tokens", mode="before")
     @classmethod

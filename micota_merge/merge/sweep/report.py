@@ -33,15 +33,29 @@ def table_md(result: dict) -> str:
         )
 
     row("short_cot", "–", "–", result["endpoints"]["short_cot"])
-    for r in result["ratios"]:
+    rows = result["ratios"]
+    if result.get("search"):  # probed round by round: shown by ratio
+        rows = sorted(rows, key=lambda r: r["ratio"])
+    for r in rows:
         mark = " **chosen**" if _is_chosen(result, r) else ""
+        # the adaptive search: when each point was probed, and whether its TA was deleted as beaten
+        when = f" (round {r['round']}{', TA deleted' if r.get('pruned') else ''})" if "round" in r else ""
         density = f"{r['density']:g}" if r.get("density") is not None else "–"
-        row(f"TA{mark}", f"{r['ratio']:g}", density, r, "yes" if _on_front(result, r) else "")
+        row(f"TA{mark}{when}", f"{r['ratio']:g}", density, r, "yes" if _on_front(result, r) else "")
     row("long_cot", "–", "–", result["endpoints"]["long_cot"])
     lines.append(
         f"\ntarget mean length: {result['target_tokens']:.1f} tokens; front: the TAs no other TA dominates "
         "(none is at most as long and at least as accurate, and better in one)"
     )
+    search = result.get("search")
+    if search:
+        lines.append(
+            f"\nadaptive search: {search['probed']} points in {search['rounds']} rounds, each splitting the bracket "
+            f"of the target between the probed lengths; stopped because {search['stopped']}"
+            + "".join(f"; note: {n}" for n in search.get("notes", []))
+        )
+        for r in sorted(rows, key=lambda r: (r["round"], r["ratio"])):
+            lines.append(f"- round {r['round']}: ratio {r['ratio']:g} {r['why']}")
     return "\n".join(lines)
 
 

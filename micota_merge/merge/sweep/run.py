@@ -431,21 +431,25 @@ def _sweep(opts: SweepOptions, echo, recipe: Optional[Recipe] = None) -> dict:
     done = _claim(output, paths, identity, force, echo)
     if done is not None:
         return done
+    adaptive = settings.search == "adaptive"
     tags = {p: _tag(p[0], p[1] if grid else None) for p in points}
     for t in tags.values():
         plain_name(t, "sweep point")
     claim_workdir(work, "sweep", output)
-    check_sweep_disk(recipe_path, recipe, work, [p for p in points if not (work / tags[p]).is_dir()], output)
+    if not adaptive:  # the adaptive search checks each round's points
+        check_sweep_disk(recipe_path, recipe, work, [p for p in points if not (work / tags[p]).is_dir()], output)
     write_json_atomic(work / "settings.json", identity)
 
     # the two checkpoints as they are, then one TA per point
     echo(f"probe: {plan['statement']}")
     endpoints = {role: _probe(paths[role], role, work, settings, plan, echo) for role in ("short_cot", "long_cot")}
-    tas = {p: work / tags[p] for p in points}
-    _build_points(recipe_path, recipe, tas, identity["inputs"], echo)
-    rows = [{"ratio": p[0], "density": p[1], **_probe(tas[p], tags[p], work, settings, plan, echo)} for p in points]
-
     target = target_length(settings, endpoints)
+    run = _Points(recipe_path, recipe, work, settings, plan, identity["inputs"], echo)
+    if adaptive:
+        rows, search = _search(run, endpoints, target)
+    else:
+        rows, search = run.probe(points), None
+    tas = run.tas
     pick, reason = choose(
         rows,
         target,
@@ -467,6 +471,7 @@ def _sweep(opts: SweepOptions, echo, recipe: Optional[Recipe] = None) -> dict:
         "endpoints": endpoints,
         "target_tokens": round(target, 2),
         "front": [list(_point(r)) for r in pareto_front(rows)],
+        **({"search": search} if search else {}),
         "chosen": None if pick is None else _point(pick)[0],
         "chosen_density": None if pick is None else _point(pick)[1],
         "reason": reason,
@@ -486,6 +491,87 @@ def _sweep(opts: SweepOptions, echo, recipe: Optional[Recipe] = None) -> dict:
     echo(f"chosen: {reason}")
     echo(f"teacher assistant at {output}; sweep table and plot in {output / 'sweep'}")
     return result
+
+
+class _Points:
+    """Builds (one pass where possible) and probes sweep points, keeping each point's TA folder."""
+
+    def __init__(self, recipe_path, recipe: Recipe, work: Path, settings: SweepSettings, plan: dict, inputs, echo):
+        self.recipe_path, self.recipe, self.work, self.settings = recipe_path, recipe, work, settings
+        self.plan, self.inputs, self.echo = plan, inputs, echo
+        self.grid = settings.densities is not None
+        self.tas: dict[Point, Path] = {}
+
+    def probe(self, points: list[Point], **extra) -> list[dict]:
+        tags = {p: _tag(p[0], p[1] if self.grid else None) for p in points}
+        tas = {p: self.work / tags[p] for p in points}
+        self.tas.update(tas)
+        _build_points(self.recipe_path, self.recipe, tas, self.inputs, self.echo)
+        return [
+            {
+                "ratio": p[0],
+                "density": p[1],
+                **_probe(tas[p], tags[p], self.work, self.settings, self.plan, self.echo),
+                **extra,
+            }
+            for p in points
+        ]
+
+
+def _search(run: _Points, endpoints: dict[str, dict], target: float) -> tuple[list[dict], dict]:
+    """The adaptive search (adaptive.py): rounds of ratios bracketing the target length, each round's
+    points merged in one pass; a point's TA is deleted once another probed point beats it for the choice."""
+    from micota_merge.merge.sweep.adaptive import next_ratios
+
+    settings, density = run.settings, run.recipe.merge.density
+    measured = {0.0: endpoints["short_cot"]["mean_tokens"], 1.0: endpoints["long_cot"]["mean_tokens"]}
+    rows: list[dict] = []
+    notes: list[str] = []
+    while True:
+        step = next_ratios(measured, target, settings.resolution, settings.per_round, settings.length_tolerance)
+        if step.note and step.note not in notes:
+            notes.append(step.note)
+            run.echo(f"note: {step.note}")
+        if not step.ratios:
+            break
+        rnd = 1 + max((r["round"] for r in rows), default=0)
+        run.echo(f"round {rnd}: ratios {', '.join(f'{r:g}' for r in step.ratios)} ({step.why})")
+        points = [(r, density) for r in step.ratios]
+        check_sweep_disk(run.recipe_path, run.recipe, run.work, [p for p in points if not run.tas.get(p)], run.work)
+        new = run.probe(points, round=rnd, why=step.why)
+        rows += new
+        measured.update({r["ratio"]: r["mean_tokens"] for r in new})
+        _prune(rows, target, run)
+    if not rows:
+        raise UserError(
+            f"sweep (adaptive): {step.why}, so no ratio between them reaches the target of {target:.1f} tokens; "
+            "set sweep.target_tokens between the experts' lengths, or use search: grid"
+        )
+    return rows, {
+        "mode": "adaptive",
+        "rounds": rows[-1]["round"],
+        "probed": len(rows),
+        "stopped": step.why,
+        "notes": notes,
+    }
+
+
+def _prune(rows: list[dict], target: float, run: _Points) -> None:
+    """Disk as a budget: delete the TA of a point that another probed point beats whatever the accuracy floor
+    ends up being (strictly closer to the target, at least as accurate, no more truncated). Its probe stays."""
+    for r in rows:
+        gap = abs(r["mean_tokens"] - target)
+        beaten = any(
+            o is not r
+            and abs(o["mean_tokens"] - target) < gap
+            and _acc(o) >= _acc(r)
+            and _truncated(o) <= _truncated(r)
+            for o in rows
+        )
+        folder = run.tas.get(_point(r))
+        if beaten and folder is not None and folder.exists():
+            remove_ours(folder, "build")
+            r["pruned"] = True
 
 
 def _claim(output: Path, paths: dict[str, Path], identity: dict, force: bool, echo) -> Optional[dict]:
