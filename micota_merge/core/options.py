@@ -113,6 +113,12 @@ PARAM_TYPES: dict[str, Callable[[], click.ParamType]] = {
 }
 
 
+def template_switches(kwargs: Optional[dict]) -> dict:
+    """The switches as an identity or record entry, only when set: results written before the option
+    existed (records, caches, checkpoints, runs) keep their identities."""
+    return {"chat_template_kwargs": dict(kwargs)} if kwargs else {}
+
+
 def chat_template_kwargs_field() -> Any:
     """The thinking switch of every stage that applies a chat template (generate and the sweep's probe,
     eval, distill, align): one declaration, so the option reads and means the same everywhere."""

@@ -99,7 +99,8 @@ def family_tokens(folder_name: str) -> tuple[Optional[str], dict]:
     return None, {}
 
 
-def _tokenizer_config(meta: Path) -> tuple[dict, Optional[str]]:
+def _tokenizer_config(meta: Path) -> tuple[dict, Optional[str], Optional[dict]]:
+    """(the fields a stand-in keeps, the file they came from, that file's own added_tokens_decoder)."""
     for name in ("tokenizer_config.json", "tokenizer_config.hf_api_subset.json"):
         p = meta / name
         if p.is_file():
@@ -108,8 +109,8 @@ def _tokenizer_config(meta: Path) -> tuple[dict, Optional[str]]:
             for k, v in list(kept.items()):  # the HF API spells AddedToken objects with a "__type" key
                 if isinstance(v, dict) and "content" in v:
                     kept[k] = v["content"]
-            return kept, name
-    return {}, None
+            return kept, name, cfg.get("added_tokens_decoder")
+    return {}, None, None
 
 
 def _already(out: Path, identity: str, force: bool) -> bool:
@@ -163,7 +164,7 @@ def make_standin(
 
 def _write_tokenizer(meta: Path, staging: Path, prov: dict) -> None:
     family, tokens = family_tokens(meta.name)
-    tok_cfg, tok_src = _tokenizer_config(meta)
+    tok_cfg, tok_src, real = _tokenizer_config(meta)
     model_type = json.loads((meta / "config.json").read_text(encoding="utf-8")).get("model_type", "")
     if not model_type.startswith("qwen"):
         # the only BPE in the assets is Qwen2's: another family's ids would be wrong, so the stand-in keeps
@@ -173,11 +174,6 @@ def _write_tokenizer(meta: Path, staging: Path, prov: dict) -> None:
             prov["files"]["tokenizer_config.json"] = f"copied from {meta / 'tokenizer_config.json'}"
         prov["missing"].append(f"tokenizer vocabulary ({model_type}'s BPE is not in the assets: it does not load)")
         return
-    real = (
-        json.loads((meta / "tokenizer_config.json").read_text(encoding="utf-8")).get("added_tokens_decoder")
-        if (meta / "tokenizer_config.json").is_file()
-        else None
-    )
     if real:  # the checkpoint's own added tokens (Qwen3's files have them), not a family table
         family, tokens = None, {i: {"content": t["content"], "special": t["special"]} for i, t in real.items()}
     if not tokens and not tok_cfg:

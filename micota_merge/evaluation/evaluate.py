@@ -55,7 +55,7 @@ from micota_merge.core.artifacts import (
 from micota_merge.core.errors import StageFailed, UserError, disk_full, free_mib
 from micota_merge.core.identity import changed
 from micota_merge.core.identity import describe as describe_changes
-from micota_merge.core.options import MODEL_DTYPES, ModelDtype, chat_template_kwargs_field, cli
+from micota_merge.core.options import MODEL_DTYPES, ModelDtype, chat_template_kwargs_field, cli, template_switches
 from micota_merge.core.ownership import (
     OWN,
     claim,
@@ -559,8 +559,6 @@ def _identity(opts: EvalOptions, plan: _Plan) -> tuple[dict, str]:
         "max_tokens": plan.max_tokens,
         "chat_template_kwargs": opts.chat_template_kwargs or None,  # None when unset: older caches resume
     }
-    # only when set, so the runs made before the switch existed keep their ids
-    switches = {"chat_template_kwargs": opts.chat_template_kwargs} if opts.chat_template_kwargs else {}
     run_id = identity_of(
         {
             "model": identity["model_content"],
@@ -571,7 +569,7 @@ def _identity(opts: EvalOptions, plan: _Plan) -> tuple[dict, str]:
             "seed": opts.seed,
             "backend": same,
             "dtype": opts.dtype,
-            **switches,
+            **template_switches(opts.chat_template_kwargs),
         }
     )
     return identity, run_id

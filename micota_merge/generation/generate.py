@@ -54,7 +54,7 @@ from micota_merge.core.checkpoints import check_model_files
 from micota_merge.core.errors import UserError
 from micota_merge.core.identity import changed, describe
 from micota_merge.core.lengths import finish, split_tokens
-from micota_merge.core.options import resolve
+from micota_merge.core.options import resolve, template_switches
 from micota_merge.core.ownership import claim, claim_sidecars, output_lock
 from micota_merge.core.stats import spread
 from micota_merge.generation.options import TRANSPORT_OPTIONS, GenerateOptions  # noqa: F401  (re-exported)
@@ -559,7 +559,7 @@ class _Recorder:
             "sample": sample,
             "system": facts.default_system,
             # the template's switches, on the record that was prompted with them
-            **({"chat_template_kwargs": self.opts.chat_template_kwargs} if self.opts.chat_template_kwargs else {}),
+            **template_switches(self.opts.chat_template_kwargs),
         }
 
 

@@ -226,6 +226,14 @@ class ZeroTaskVector:
     ratio_cancels: bool  # every ratio gives the same TA
     message: str
 
+    def refuse_sweep(self, ratios: list) -> None:
+        """A sweep over several ratios where the ratio cancels would probe one TA again and again."""
+        from micota_merge.core.errors import UserError
+
+        if self.ratio_cancels and len(ratios) > 1:
+            n = len(ratios)
+            raise UserError(f"sweep.ratios: {self.message}; a sweep over {n} ratios would probe one TA {n} times")
+
 
 def _mergekit_default(method: str, name: str):
     import mergekit.merge_methods as mm
@@ -254,7 +262,8 @@ def zero_task_vector(method: str, params: dict, contents: dict[str, str], paths:
     other = next(r for r in SIDES if r != side)
     import mergekit.merge_methods as mm
 
-    normalize = params.get("normalize", _mergekit_default(method, "normalize"))
+    default = _mergekit_default(method, "normalize")
+    normalize = params.get("normalize", default)
     consensus = getattr(mm.get(method), "consensus_method", None) is not None
     left_out = paths.get(side) == paths.get("base")  # mergekit skips a model that is its base_model
     cancels = bool(normalize) and (left_out or consensus)
@@ -263,7 +272,7 @@ def zero_task_vector(method: str, params: dict, contents: dict[str, str], paths:
     after = f" after its {sparsify}" if methods.get(method).density else ""
     if cancels:
         what = (
-            f"with normalize (mergekit's default for {method}: {_mergekit_default(method, 'normalize')}) the merge "
+            f"with normalize (mergekit's default for {method}: {default}) the merge "
             f"divides by the weight of the one side with a task vector and the ratio cancels: every ratio gives "
             f"base + ({other} - base){after}, which is {other} itself up to the {sparsify}. Set merge.normalize: "
             f"false for the ratio to scale it"

@@ -26,7 +26,7 @@ from pydantic import Field
 from micota_merge.core.artifacts import MANIFEST, now, write_json_atomic
 from micota_merge.core.fingerprint import data_fingerprint
 from micota_merge.core.identity import digest
-from micota_merge.core.options import StageOptions, cli
+from micota_merge.core.options import StageOptions, cli, template_switches
 from micota_merge.core.ownership import claim, output_lock, plain_name
 from micota_merge.core.ownership import claim_workdir as own_claim_workdir
 from micota_merge.data.decontaminate import default_against
@@ -253,16 +253,14 @@ def _run(
 def _zero_task_vector(ctx: _Context) -> None:
     """A merge over one side itself, known from fingerprints before the chain runs: a sweep whose ratio
     cancels is refused now, not after hours of teacher generation; --dry-run says what the merge means."""
-    from micota_merge.core.errors import UserError
     from micota_merge.merge.preflight import zero_task_vector
 
     recipe = ctx.recipe
     zero = zero_task_vector(recipe.merge.method, recipe.merge.extra_params, ctx.model_fps, ctx.models)
     if zero is None:
         return
-    sweeps = ctx.settings is not None and ctx.settings.select == "sweep" and recipe.sweep is not None
-    if zero.ratio_cancels and sweeps and len(recipe.sweep.ratios) > 1:
-        raise UserError(f"sweep.ratios: {zero.message}; a sweep over ratios would probe one TA again and again")
+    if ctx.settings is not None and ctx.settings.select == "sweep" and recipe.sweep is not None:
+        zero.refuse_sweep(recipe.sweep.ratios)
     if ctx.runner.dry_run:
         ctx.echo(f"pre-flight: {zero.message}")
 
@@ -503,8 +501,7 @@ def _finish(runner: Runner, results: dict) -> dict:
 
 def _switches(settings: PipelineSettings, role: str) -> dict:
     """The chat template switches of one model (pipeline.chat_template_kwargs), as a stage option."""
-    kwargs = settings.chat_template_kwargs.get(role)
-    return {"chat_template_kwargs": kwargs} if kwargs else {}
+    return template_switches(settings.chat_template_kwargs.get(role))
 
 
 def _generate_options(settings: PipelineSettings, model: Path, out: Path, role: Optional[str] = None) -> dict:

@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional
 from pydantic import Field
 
 from micota_merge.core.errors import UserError
-from micota_merge.core.options import ModelDtype, StageOptions, chat_template_kwargs_field, cli
+from micota_merge.core.options import ModelDtype, StageOptions, chat_template_kwargs_field, cli, template_switches
 from micota_merge.core.ownership import OWN
 from micota_merge.core.stats import spread
 from micota_merge.core.strict import Int
@@ -186,7 +186,7 @@ def _claim_report(opts: AlignOptions, meta, inputs: dict, echo) -> tuple[str, Op
             "limit": opts.limit,
             "max_length": opts.max_length,
             "dtype": opts.dtype,
-            **({"chat_template_kwargs": opts.chat_template_kwargs} if opts.chat_template_kwargs else {}),
+            **template_switches(opts.chat_template_kwargs),
         }
     )
     if claimed.same(run_id) and not opts.force:

@@ -31,7 +31,7 @@ from pydantic import Field, field_validator
 
 from micota_merge.core.errors import UserError, disk_full, free_mib
 from micota_merge.core.identity import changed, describe
-from micota_merge.core.options import ModelDtype, StageOptions, chat_template_kwargs_field
+from micota_merge.core.options import ModelDtype, StageOptions, chat_template_kwargs_field, template_switches
 from micota_merge.core.ownership import (
     check_free_space,
     check_replaceable,
@@ -852,10 +852,8 @@ def _resume_checkpoint(cfg: DistillConfig, work: Path, student_meta, report: Dat
     ckpt_dir = work / "checkpoints"
     run_file = work / "run.json"
     # identity by content: the student's weights and the data's bytes, not their paths
-    switches = {"chat_template_kwargs": cfg.chat_template_kwargs} if cfg.chat_template_kwargs else {}
     run_id = {
-        # the template's switches only when set: a run interrupted before they existed still resumes
-        "options": {**{k: getattr(cfg, k) for k in _RESUME_KEYS}, **switches},
+        "options": {**{k: getattr(cfg, k) for k in _RESUME_KEYS}, **template_switches(cfg.chat_template_kwargs)},
         "student_content": student_meta.fingerprint()["content"],
         "data": [{"sha256": f["sha256"]} for f in report.files],
     }

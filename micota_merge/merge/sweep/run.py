@@ -426,8 +426,8 @@ def _sweep(opts: SweepOptions, echo, recipe: Optional[Recipe] = None) -> dict:
         "inputs": {role: content_id(p) for role, p in paths.items()},
     }
     zero = zero_task_vector(recipe.merge.method, recipe.merge.extra_params, identity["inputs"], paths)
-    if zero is not None and zero.ratio_cancels and len(settings.ratios) > 1:
-        raise UserError(f"sweep.ratios: {zero.message}; a sweep over ratios would probe one TA {len(points)} times")
+    if zero is not None:
+        zero.refuse_sweep(settings.ratios)
     done = _claim(output, paths, identity, force, echo)
     if done is not None:
         return done
