@@ -205,3 +205,24 @@ def vllm_generate(python: str, model: Path, out: Path, *args: str) -> None:
         timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+WORLD = REPO / "micota_merge" / "assets" / "microworld"
+
+
+def world_sweep_recipe(folder: Path, shipped: str = "demo-pipeline", limit: int = 16, merge=None, **sweep) -> Path:
+    """A shipped micro-world pipeline recipe as a sweep alone, written to folder/sweep.yaml: the committed
+    experts over their base, probed on `limit` training questions, its `sweep:` section updated."""
+    import yaml
+
+    data = yaml.safe_load((REPO / "micota_merge" / "recipes" / "pipeline" / f"{shipped}.yaml").read_text())
+    data.pop("pipeline")
+    data["models"] = {k: str(WORLD / k) for k in ("long_cot", "short_cot", "base")}
+    data["merge"].update(merge or {})
+    data["output"] = str(folder / "ta")
+    data["sweep"]["probe"].update(questions=str(WORLD / "train.jsonl"), limit=limit)
+    data["sweep"].update(sweep)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "sweep.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path

@@ -8,14 +8,11 @@ import math
 from pathlib import Path
 
 import pytest
-import yaml
 from click.testing import CliRunner
+from conftest import world_sweep_recipe
 
 from micota_merge.cli import cli
 from micota_merge.merge.sweep.adaptive import next_ratios
-
-REPO = Path(__file__).resolve().parents[1]
-WORLD = REPO / "micota_merge" / "assets" / "microworld"
 
 
 def _search(curve, target: float, resolution=0.05, per_round=1, tolerance=0.0) -> tuple[dict, list]:
@@ -68,16 +65,7 @@ def test_the_search_says_when_length_is_not_monotone_and_when_the_target_is_out_
 
 
 def _recipe(tmp_path: Path, **sweep) -> Path:
-    data = yaml.safe_load((REPO / "micota_merge" / "recipes" / "pipeline" / "demo-chain.yaml").read_text())
-    data.pop("pipeline")
-    data["models"] = {k: str(WORLD / k) for k in ("long_cot", "short_cot", "base")}
-    data["output"] = str(tmp_path / "ta")
-    data["sweep"]["probe"].update(questions=str(WORLD / "train.jsonl"), limit=16)
-    data["sweep"].update(sweep)
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    path = tmp_path / "sweep.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
+    return world_sweep_recipe(tmp_path, shipped="demo-chain", **sweep)
 
 
 @pytest.mark.slow  # about a dozen micro-world probes

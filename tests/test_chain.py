@@ -142,6 +142,11 @@ def test_a_sweep_whose_ratio_cancels_is_refused_before_anything_runs(tmp_path, t
     code, out = _invoke("sweep", recipe)
     assert code == 2 and "sweep.ratios: zero task vector" in out and "Set merge.normalize: false" in out, out
     assert not (tmp_path / "ta-ties").exists() and not (tmp_path / "ta-ties.sweep").exists()
+    del data["sweep"]["ratios"]  # the adaptive search (the default without ratios) has nothing to search for
+    recipe.write_text(yaml.safe_dump(data))
+    code, out = _invoke("sweep", recipe)
+    assert code == 2 and "there is no length to search for" in out and "Set merge.normalize: false" in out, out
+    assert not (tmp_path / "ta-ties.sweep").exists()
 
 
 # ---------------------------------------------------------------- the chain on the micro world

@@ -232,6 +232,21 @@ def test_r1_qwen7b_dry_run_on_standins_prints_the_real_traps(tmp_path, no_weight
     assert not (tmp_path / "s" / "ta").exists()
 
 
+def test_long_to_short_settings_dry_run_in_our_convention(tmp_path, no_weight_reads):
+    """The study's TIES (k = 0.8 trimmed, α = 1) and AIM-TIES (ω = 0.4): density 0.2, lambda 1, equal
+    weights; AIM's calibration drawn and stated before any weight is read."""
+    text = standin_dry_run("l2s-aim-ties-7b", tmp_path)
+    cfg = yaml.safe_load(text[text.index("mergekit config:") + len("mergekit config:") :])
+    assert cfg["merge_method"] == "ties" and cfg["parameters"] == {"lambda": 1.0}
+    assert [m["parameters"] for m in cfg["models"]] == [{"weight": 0.5, "density": 0.2}] * 2
+    assert "aim: omega 0.4, calibrated on questions gsm8k-train, 64 of 7473 (seed 0), blocks of 512" in text
+    code, plain = run_cli("build", REPO / "micota_merge" / "recipes" / "merge" / "l2s-ties-7b.yaml", "--print-mergekit")
+    plain_cfg = yaml.safe_load(plain)
+    assert code == 0 and "then AIM" not in plain  # the same mergekit merge, without the relaxation after it
+    assert [m["parameters"] for m in plain_cfg["models"]] == [m["parameters"] for m in cfg["models"]]
+    assert plain_cfg["parameters"] == cfg["parameters"] and plain_cfg["merge_method"] == "ties"
+
+
 def test_r1_qwen1p5b_pair_dry_run_untied_and_sized(tmp_path):
     """1.5B: the base's metadata is missing, so the pair is checked without it (a linear merge of
     the two real checkpoints): tie mismatch, lineage, collisions, and the untied TA's size."""

@@ -62,7 +62,7 @@ def ta_card(recipe, inputs: dict[str, dict], sweep: Optional[dict] = None) -> st
         "base_model_relation": "merge" if bases else None,
         "library_name": "transformers",
         "pipeline_tag": "text-generation",
-        "tags": ["merge", "mergekit", m.method, "teacher-assistant", *TAGS],
+        "tags": ["merge", "mergekit", m.method, *(["aim"] if m.aim is not None else []), "teacher-assistant", *TAGS],
     }
     density = f", density {m.density:g}" if m.density is not None else ""
     lines = [
@@ -74,6 +74,14 @@ def ta_card(recipe, inputs: dict[str, dict], sweep: Optional[dict] = None) -> st
         "",
         f"- method: `{m.method}`, ratio {m.ratio:g} (the long-CoT share){density}, seed {m.seed}, dtype {m.dtype}",
         f"- tokenizer, chat template and generation config: the {recipe.tokenizer} side's",
+        *(
+            [
+                f"- then AIM (arXiv 2502.02421), omega {m.aim.omega:g}: each update from the base relaxed per input "
+                "channel by the base's activations on calibration texts (`aim/channel_importance.safetensors`)"
+            ]
+            if m.aim is not None
+            else []
+        ),
         "",
         "| role | checkpoint | content fingerprint |",
         "| --- | --- | --- |",

@@ -35,6 +35,7 @@ from micota_merge.core.errors import StageFailed, UserError
 from micota_merge.core.options import StageOptions, cli
 from micota_merge.core.ownership import OWN, Claim, check_free_space, claim, identity_of, output_lock
 from micota_merge.core.strict import Float, Int
+from micota_merge.merge import aim as aim_step
 from micota_merge.merge.preflight import (
     check_untie_supported,
     lineage_warnings,
@@ -97,6 +98,7 @@ class BuildPlan:
     stop_ids: list[int] = field(default_factory=list)  # ids the TA's generation_config.json stops on
     claim: Optional[Claim] = None  # what is at the output path now (ownership rule)
     identity: Optional[str] = None  # recipe and input content: an equal one means this TA is already built
+    aim: Optional[aim_step.AimPlan] = None  # the AIM relaxation after the merge (merge.aim)
 
     @property
     def done(self) -> bool:
@@ -110,6 +112,11 @@ class BuildPlan:
         lines = [f"output: {self.output}  ({self.output_bytes / 2**30:.2f} GiB)  [{state}]"]
         for role, path in self.paths.items():
             lines.append(f"{role:>9}: {path}  [{self.metas[role].architecture}]")
+        if self.aim is not None:
+            lines.append(
+                f"      aim: omega {self.aim.omega:g}, calibrated on {self.aim.source}, blocks of "
+                f"{self.aim.block_size} tokens (after the merge: one pass over the merged tensors)"
+            )
         lines += [f"warning: {w}" for w in self.warnings]
         return "\n".join(lines)
 
@@ -141,7 +148,14 @@ def mergekit_yaml(recipe_path: str | Path, ratio: Optional[float] = None) -> str
         if ratio is not None:
             raise UserError(f"{recipe_path} is a plain mergekit config: --ratio applies to micota recipes only")
         return yaml.safe_dump(mk, sort_keys=False)
-    return with_ratio(recipe, ratio).to_mergekit_yaml()
+    recipe = with_ratio(recipe, ratio)
+    text = recipe.to_mergekit_yaml()
+    if recipe.merge.aim is not None:
+        text += (
+            f"# then AIM (merge.aim, omega {recipe.merge.aim.omega:g}): mergekit has no per-channel scale, so "
+            "`micota-merge build` relaxes this merge's output towards base_model itself (micota_merge/merge/aim.py)\n"
+        )
+    return text
 
 
 def plan_build(
@@ -201,7 +215,10 @@ def plan_build(
         zero = zero_task_vector(recipe.merge.method, recipe.merge.extra_params, inputs_content, paths)
         warnings += [zero.message] if zero else []
     what = recipe.model_dump(mode="json", exclude={"output", "sweep", "pipeline", "models"}) if recipe else mk
-    build_id = identity_of({"build": what, "inputs": inputs_content})
+    aim = aim_step.plan(recipe, paths, base_dir) if recipe is not None else None
+    # the calibration texts' content joins the identity only when there is one: older TAs keep theirs
+    calibration = {"calibration": aim.record()} if aim else {}
+    build_id = identity_of({"build": what, "inputs": inputs_content, **calibration})
     if claimed.state == "ours" and not force and not dry_run and claimed.identity() != build_id:
         raise UserError(
             f"output {out} already exists and holds a TA built from another recipe or other inputs: pass --force to "
@@ -220,7 +237,7 @@ def plan_build(
                 raise
             warnings.append(f"{e} (a real build stops here)")
     return BuildPlan(
-        recipe, mk_cfg, out, paths, metas, output_bytes, warnings, str(recipe_path), stop_ids, claimed, build_id
+        recipe, mk_cfg, out, paths, metas, output_bytes, warnings, str(recipe_path), stop_ids, claimed, build_id, aim
     )
 
 
@@ -270,13 +287,31 @@ def _merge_into(plan: BuildPlan, force: bool, device: Optional[str], shard_bytes
     with atomic_dir(plan.output, "build", force=force, inputs=plan.paths) as staging:
         seed = plan.recipe.merge.seed if plan.recipe else 0
         run_mergekit(plan.mergekit_config, staging, seed=seed, device=device, shard_bytes=shard_bytes)
+        extra = {}
+        if plan.aim is not None:
+            importance, stats = aim_importance(plan, echo)
+            n = aim_step.relax_checkpoint(staging, plan.aim, importance, echo)
+            echo(f"AIM: {n} merged tensors relaxed towards the base (omega {plan.aim.omega:g})")
+            extra["aim"] = aim_step.save_beside(staging, importance, plan.aim, stats)
         if plan.recipe is not None:
             give_identity(staging, plan)
         if untie_config(staging):
             echo("config.json: tie_word_embeddings set to false (the TA has its own lm_head)")
         check_finite(staging)
-        write_build_manifest(staging, plan, started, t0)
+        write_build_manifest(staging, plan, started, t0, **extra)
     echo(f"teacher assistant written to {plan.output} in {time.time() - t0:.1f} s")
+
+
+def aim_importance(plan: BuildPlan, echo=print):
+    """The base model's channel importances for the plan's AIM step (cached by content, see aim.py)."""
+    recipe = plan.recipe
+    return aim_step.importance_for(
+        plan.aim,
+        plan.metas["base"].fingerprint()["content"],
+        plan.metas[recipe.tokenizer].fingerprint()["content"],
+        recipe.merge.dtype,
+        echo,
+    )
 
 
 def check_device(device: Optional[str]) -> None:

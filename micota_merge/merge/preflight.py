@@ -226,10 +226,12 @@ class ZeroTaskVector:
     ratio_cancels: bool  # every ratio gives the same TA
     message: str
 
-    def refuse_sweep(self, ratios: list) -> None:
-        """A sweep over several ratios where the ratio cancels would probe one TA again and again."""
+    def refuse_sweep(self, ratios: list, adaptive: bool = False) -> None:
+        """A sweep where the ratio cancels would probe one TA again and again."""
         from micota_merge.core.errors import UserError
 
+        if self.ratio_cancels and adaptive:
+            raise UserError(f"sweep: {self.message}; every ratio is the same TA, so there is no length to search for")
         if self.ratio_cancels and len(ratios) > 1:
             n = len(ratios)
             raise UserError(f"sweep.ratios: {self.message}; a sweep over {n} ratios would probe one TA {n} times")

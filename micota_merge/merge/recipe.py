@@ -31,6 +31,7 @@ from micota_merge.core.options import WEIGHT_DTYPES
 from micota_merge.core.strict import Float, Int, not_bool
 from micota_merge.generation.options import ProbeOptions
 from micota_merge.merge import methods
+from micota_merge.merge.aim import AimSettings
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,11 @@ class MergeSettings(BaseModel):
     density: Optional[Float] = Field(None, description="fraction of each task vector kept (ties/dare/...)")
     seed: Int = Field(0, description="seed for DARE's random drop: same seed, same bits")
     dtype: str = Field("bfloat16", description="dtype of the merge and of the written weights")
+    aim: Optional[AimSettings] = Field(
+        None,
+        description="AIM (arXiv 2502.02421) after the merge: each update from models.base relaxed per input "
+        "channel by the base's activations on calibration texts ({omega: 0.4} is the Long-to-Short study's AIM-TIES)",
+    )
 
     @field_validator("method")
     @classmethod
@@ -177,10 +183,11 @@ class SweepSettings(_Strict):
     )
     probe: Probe = Field(default_factory=Probe)
     search: Literal["grid", "adaptive"] = Field(
-        "grid",
-        description="grid: probe every ratio of `ratios`; adaptive: bracket the target length between the "
-        "experts, probing `per_round` ratios per round (merged in one pass) until the bracket is narrower than "
-        "`resolution` or a point's mean length is within `length_tolerance` of the target",
+        "adaptive",
+        description="adaptive (the default, unless ratios or densities are listed): bracket the target length "
+        "between the experts, probing `per_round` ratios per round (merged in one pass) until the bracket is "
+        "narrower than `resolution` or a point's mean length is within `length_tolerance` of the target; "
+        "grid: probe every ratio of `ratios`",
     )
     resolution: Float = Field(
         0.05, gt=0, le=0.5, description="adaptive: the ratio step, and the bracket width that stops the search"
@@ -189,6 +196,15 @@ class SweepSettings(_Strict):
     length_tolerance: Float = Field(
         0.05, ge=0, description="adaptive: stop once a point's mean length is within this share of the target"
     )
+    early_stop: Optional[bool] = Field(
+        None,
+        description="answer each TA point's probe `chunk` questions at a time and stop once its mean length is "
+        "clearly on one side of the target (it can then only bracket it) or its accuracy clearly below "
+        "min_accuracy, at `confidence`; the experts' probes always answer every question. Default: on for the "
+        "adaptive search, off for a grid (a grid measures every point it lists)",
+    )
+    chunk: Int = Field(16, ge=1, description="early_stop: questions per chunk")
+    confidence: Float = Field(0.99, gt=0, lt=1, description="early_stop: the intervals' confidence level")
     target_tokens: Union[Literal["mid"], Float] = Field(
         "mid", description="'mid' = geometric mean of the endpoints' mean lengths, or a number of tokens"
     )
@@ -208,6 +224,10 @@ class SweepSettings(_Strict):
         le=1,
         description="the largest share (0..1) of a point's probe answers cut at probe.max_tokens for it to be chosen",
     )
+
+    @property
+    def stops_early(self) -> bool:
+        return self.early_stop if self.early_stop is not None else self.search == "adaptive"
 
     @field_validator("ratios")
     @classmethod
@@ -230,6 +250,14 @@ class SweepSettings(_Strict):
         if bad:
             raise ValueError(f"every density must be in (0, 1] (the fraction of each task vector kept), got {bad}")
         return sorted(set(v))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _grid_when_listed(cls, data: Any) -> Any:
+        # listed ratios or densities are a grid to probe; without them the search finds the ratio
+        if isinstance(data, dict) and "search" not in data and ("ratios" in data or data.get("densities")):
+            data = {**data, "search": "grid"}
+        return data
 
     @model_validator(mode="after")
     def _adaptive_over_ratios(self) -> "SweepSettings":
@@ -387,6 +415,11 @@ class Recipe(_Strict):
             raise ValueError(
                 "models.long_cot: pipeline.chain makes the long-CoT side (short_cot fine-tuned on the teacher's "
                 "answers); remove models.long_cot, or remove pipeline.chain to merge this checkpoint"
+            )
+        if self.merge.aim is not None and not methods.get(self.merge.method).base:
+            raise ValueError(
+                f"merge.aim relaxes each update from models.base; method {self.merge.method} has no base: "
+                "use a task-vector method (ties, dare_ties, task_arithmetic...)"
             )
         if methods.get(self.merge.method).base and not self.models.base:
             raise ValueError(

@@ -260,7 +260,7 @@ def _zero_task_vector(ctx: _Context) -> None:
     if zero is None:
         return
     if ctx.settings is not None and ctx.settings.select == "sweep" and recipe.sweep is not None:
-        zero.refuse_sweep(recipe.sweep.ratios)
+        zero.refuse_sweep(recipe.sweep.ratios, recipe.sweep.search == "adaptive")
     if ctx.runner.dry_run:
         ctx.echo(f"pre-flight: {zero.message}")
 

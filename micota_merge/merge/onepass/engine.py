@@ -22,8 +22,16 @@ from micota_merge.core.artifacts import atomic_dir, now
 from micota_merge.core.checkpoints import weight_files
 from micota_merge.core.errors import StageFailed
 from micota_merge.core.safetensors_io import SAFETENSORS_DTYPE, plan_shards, shard_file_names, write_header, write_index
+from micota_merge.merge import aim as aim_step
 from micota_merge.merge import methods
-from micota_merge.merge.build import BuildPlan, give_identity, plan_build, with_ratio, write_build_manifest
+from micota_merge.merge.build import (
+    BuildPlan,
+    aim_importance,
+    give_identity,
+    plan_build,
+    with_ratio,
+    write_build_manifest,
+)
 from micota_merge.merge.onepass.replay import Point, TaskVectorReplay, Unsupported, check_mergekit_version
 from micota_merge.merge.recipe import Recipe
 
@@ -167,12 +175,17 @@ def build_points(
         reads = [{role: name for role in roles} for name in order]
     specs = {name: identity.tensors[name].shape for name in order}
     started, t0 = now(), time.time()
+    # AIM's importances depend on the base and the calibration only, never on the point: computed
+    # (or read from the cache) once for every point
+    importance, aim_stats = aim_importance(plan0, echo) if plan0.aim is not None else ({}, {})
+    omega = plan0.aim.omega if plan0.aim is not None else None
     with ExitStack() as stack:
         stagings = {
             p: stack.enter_context(atomic_dir(outputs[p], "build", force=force, inputs=plans[p].paths)) for p in points
         }
         handles = {}
-        for role in sorted({role for names in reads for role in names}):
+        roles_read = {role for names in reads for role in names} | ({"base"} if importance else set())
+        for role in sorted(roles_read):
             for f in weight_files(plan0.paths[role]):
                 h = stack.enter_context(safe_open(f, framework="pt"))
                 for name in h.keys():
@@ -191,6 +204,11 @@ def build_points(
                         (p, combine(method, p[0], inputs["long_cot"], inputs["short_cot"], inputs.get("base")))
                         for p in points
                     )
+                if name in importance:
+                    base = inputs.get("base") if "base" in reads[i] else None
+                    if base is None:
+                        base = handles[("base", name)].get_tensor(name).to(tdtype)
+                    merged = ((p, aim_step.relax(out, base, importance[name], omega)) for p, out in merged)
                 for p, out in merged:
                     if not all_finite(out):
                         raise StageFailed(
@@ -205,7 +223,10 @@ def build_points(
             for w in writers.values():
                 w.close()
         for p in points:
+            extra = {}
+            if importance:
+                extra["aim"] = aim_step.save_beside(stagings[p], importance, plans[p].aim, aim_stats)
             give_identity(stagings[p], plans[p])
-            write_build_manifest(stagings[p], plans[p], started, t0, one_pass=True)
+            write_build_manifest(stagings[p], plans[p], started, t0, one_pass=True, **extra)
     echo(f"{len(points)} teacher assistants written in one pass in {time.time() - t0:.1f} s")
     return {p: outputs[p] for p in points}

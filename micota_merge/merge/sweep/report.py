@@ -18,8 +18,8 @@ def _on_front(result: dict, row: dict) -> bool:
 
 def table_md(result: dict) -> str:
     lines = [
-        "| model | ratio | density | accuracy | mean tokens | median tokens | truncated | front |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | :---: |",
+        "| model | ratio | density | accuracy | mean tokens | median tokens | truncated | questions | front |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | :---: |",
     ]
 
     def row(name, ratio, density, r, front=""):
@@ -29,7 +29,8 @@ def table_md(result: dict) -> str:
         lines.append(
             f"| {name} | {ratio} | {density} | {fmt(r.get('accuracy'), '.1%')} | "
             f"{fmt(r.get('mean_tokens'), '.1f')} | {fmt(r.get('median_tokens'), 'g')} | "
-            f"{fmt(r.get('truncation_rate'), '.0%')} | {front} |"
+            f"{fmt(r.get('truncation_rate'), '.0%')} | {fmt(r.get('records'), 'd')}"
+            f"{' (stopped)' if r.get('stopped_early') else ''} | {front} |"
         )
 
     row("short_cot", "–", "–", result["endpoints"]["short_cot"])
@@ -47,6 +48,14 @@ def table_md(result: dict) -> str:
         f"\ntarget mean length: {result['target_tokens']:.1f} tokens; front: the TAs no other TA dominates "
         "(none is at most as long and at least as accurate, and better in one)"
     )
+    stopped = [r for r in rows if r.get("stopped_early")]
+    if stopped:
+        lines.append(
+            f"\nprobes stopped early (sweep.early_stop): {len(stopped)} of {len(rows)} points, "
+            f"{sum(r['records'] for r in rows)} questions answered by the TAs in all"
+        )
+        for r in sorted(stopped, key=lambda r: (r["ratio"], r.get("density") or 0.0)):
+            lines.append(f"- ratio {r['ratio']:g}: {r['stopped_early']}")
     search = result.get("search")
     if search:
         lines.append(
@@ -71,6 +80,7 @@ def table_csv(result: dict) -> str:
         "p90_tokens",
         "truncation_rate",
         "records",
+        "stopped_early",
         "front",
         "chosen",
     ]

@@ -22,7 +22,9 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from statistics import NormalDist
 from typing import Optional
 
 from pydantic import Field, ValidationError
@@ -43,6 +45,7 @@ from micota_merge.core.ownership import (
 from micota_merge.core.strict import Float, Int
 from micota_merge.generation.options import TRANSPORT_OPTIONS, BackendName
 from micota_merge.merge import methods
+from micota_merge.merge.aim import plan as aim_plan
 from micota_merge.merge.preflight import zero_task_vector
 from micota_merge.merge.recipe import Recipe, SweepSettings, format_validation_error, load_recipe
 from micota_merge.merge.sweep.report import plot, plot_front, table_csv, table_md
@@ -110,11 +113,69 @@ def probe_plan(recipe: Recipe, settings: SweepSettings) -> dict:
     }
 
 
-def _probe(model: Path, name: str, work: Path, settings: SweepSettings, plan: dict, echo) -> dict:
+@dataclass(frozen=True)
+class EarlyStop:
+    """When a TA point's probe may stop before its last question (sweep.early_stop): answered `chunk`
+    questions at a time, it stops once the interval of its mean length (normal, at `confidence`) lies
+    wholly on one side of the target, where it can only bracket it, or the Wilson interval of its
+    accuracy lies wholly below the accuracy floor, where it cannot be chosen."""
+
+    chunk: int
+    confidence: float
+    target: float
+    floor: float
+
+    @property
+    def z(self) -> float:
+        return NormalDist().inv_cdf(1 - (1 - self.confidence) / 2)
+
+    def identity(self) -> dict:
+        return {
+            "chunk": self.chunk,
+            "confidence": self.confidence,
+            "target": round(self.target, 4),
+            "floor": self.floor,
+        }
+
+    def reason(self, lengths: list[int], correct: list[bool]) -> Optional[str]:
+        n = len(lengths)
+        if n < 2:
+            return None
+        mean = sum(lengths) / n
+        sd = math.sqrt(sum((x - mean) ** 2 for x in lengths) / (n - 1))
+        half = self.z * sd / math.sqrt(n)
+        level = f"{self.confidence:.0%}"
+        if mean + half < self.target:
+            return f"short of the target: mean length {mean:.1f} ± {half:.1f} ({level}) after {n} questions"
+        if mean - half > self.target:
+            return f"past the target: mean length {mean:.1f} ± {half:.1f} ({level}) after {n} questions"
+        p, z = sum(map(bool, correct)) / n, self.z
+        upper = (p + z * z / (2 * n) + z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))) / (1 + z * z / n)
+        if upper < self.floor:
+            return f"below the accuracy floor: at most {upper:.1%} ({level}) after {n} questions"
+        return None
+
+
+def _answered(out: Path) -> tuple[list[int], list[bool]]:
+    lengths, correct = [], []
+    if out.is_file():
+        for line in out.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                rec = json.loads(line)
+                lengths.append(rec["num_tokens"])
+                correct.append(bool(rec["correct"]))
+    return lengths, correct
+
+
+def _probe(
+    model: Path, name: str, work: Path, settings: SweepSettings, plan: dict, echo, stop: Optional[EarlyStop] = None
+) -> dict:
     """Answer the probe questions with one model; resumable through generate's own JSONL.
 
     A finished probe is reused only for the same model *content* and probe settings; a probe file
-    left by another model (a TA rebuilt from changed inputs) is started over, never resumed."""
+    left by another model (a TA rebuilt from changed inputs) is started over, never resumed. With
+    `stop`, the questions are answered a chunk at a time (each chunk resumes the same file) until
+    the point can only bracket the target or cannot be chosen."""
     from micota_merge.core.fingerprint import content_id
     from micota_merge.data.questions import DEFAULT_PROMPT
     from micota_merge.generation import generate as gen
@@ -123,6 +184,8 @@ def _probe(model: Path, name: str, work: Path, settings: SweepSettings, plan: di
     out = work / f"{name}.probe.jsonl"
     chosen = {k: plan[k] for k in PLAN_OPTIONS}
     probe = {**settings.probe.model_dump(mode="json", exclude=set(TRANSPORT_OPTIONS)), "plan": chosen}
+    if stop is not None:  # a row stopped early answers to the rule that stopped it
+        probe["early_stop"] = stop.identity()
     model_content = content_id(model)
     if stats_file.is_file():
         row = json.loads(stats_file.read_text())
@@ -144,7 +207,19 @@ def _probe(model: Path, name: str, work: Path, settings: SweepSettings, plan: di
         temperature=0.0,
     )
     fresh = not gen.written_with(out, gen._settings(opts, model, opts.prompt or DEFAULT_PROMPT))
-    stats = gen.generate(opts.model_copy(update={"force": fresh}), echo=echo)
+    limit = settings.probe.limit
+    steps = [limit]
+    if stop is not None:
+        have = 0 if fresh else len(_answered(out)[0])
+        steps = [n for n in range(stop.chunk, limit, stop.chunk) if n >= have] + [limit]
+    stopped = None
+    for i, n in enumerate(steps):
+        stats = gen.generate(opts.model_copy(update={"force": fresh and i == 0, "limit": n}), echo=echo)
+        if stop is not None and n < limit:
+            stopped = stop.reason(*_answered(out))
+            if stopped:
+                echo(f"probe of {name} stopped early: {stopped}")
+                break
     row = {
         "records": stats["records"],
         "accuracy": stats["accuracy"],
@@ -152,6 +227,7 @@ def _probe(model: Path, name: str, work: Path, settings: SweepSettings, plan: di
         "median_tokens": stats["num_tokens"]["median"],
         "p90_tokens": stats["num_tokens"]["p90"],
         "truncation_rate": round(stats["truncated"] / stats["records"], 4) if stats["records"] else None,
+        "stopped_early": stopped,
         "probe_file": str(out),
         "probe": probe,
         "model_content": model_content,
@@ -389,6 +465,8 @@ def _settings(recipe: Recipe, opts: SweepOptions) -> SweepSettings:
         probe["chat_template_kwargs_by_side"] = sides
     try:
         data = settings.model_dump()
+        if "ratios" in top or "densities" in top:  # ratios given on the command line are a grid to probe
+            data["search"] = "grid"
         settings = SweepSettings.model_validate({**data, **top, "probe": {**data["probe"], **probe}})
     except ValidationError as e:
         raise UserError(format_validation_error("sweep options", e, SweepSettings)) from None
@@ -421,13 +499,24 @@ def _sweep(opts: SweepOptions, echo, recipe: Optional[Recipe] = None) -> dict:
     # What the sweep's result depends on: the recipe, the sweep settings and the inputs' *content*.
     identity = {
         "recipe": recipe.model_dump(mode="json", exclude={"sweep", "pipeline", "output"}),
-        "sweep": settings.model_dump(mode="json", exclude={"probe": set(TRANSPORT_OPTIONS)}),
+        # early stopping's settings decide the result only where it is on: a sweep without it keeps the
+        # identity it had before they existed
+        "sweep": settings.model_dump(
+            mode="json",
+            exclude={
+                "probe": set(TRANSPORT_OPTIONS),
+                **({} if settings.stops_early else {k: True for k in ("early_stop", "chunk", "confidence")}),
+            },
+        ),
         "probe_plan": {k: plan[k] for k in PLAN_OPTIONS},
         "inputs": {role: content_id(p) for role, p in paths.items()},
     }
+    aim = aim_plan(recipe, paths, Path(recipe_path).parent)
+    if aim is not None:  # the calibration texts' content, as every point's build identity holds it
+        identity["calibration"] = aim.record()
     zero = zero_task_vector(recipe.merge.method, recipe.merge.extra_params, identity["inputs"], paths)
     if zero is not None:
-        zero.refuse_sweep(settings.ratios)
+        zero.refuse_sweep(settings.ratios, settings.search == "adaptive")
     done = _claim(output, paths, identity, force, echo)
     if done is not None:
         return done
@@ -444,7 +533,9 @@ def _sweep(opts: SweepOptions, echo, recipe: Optional[Recipe] = None) -> dict:
     echo(f"probe: {plan['statement']}")
     endpoints = {role: _probe(paths[role], role, work, settings, plan, echo) for role in ("short_cot", "long_cot")}
     target = target_length(settings, endpoints)
-    run = _Points(recipe_path, recipe, work, settings, plan, identity["inputs"], echo)
+    run = _Points(recipe_path, recipe, work, settings, plan, identity["inputs"], echo, identity.get("calibration"))
+    if settings.stops_early and settings.chunk < settings.probe.limit:
+        run.stop = EarlyStop(settings.chunk, settings.confidence, target, settings.min_accuracy)
     if adaptive:
         rows, search = _search(run, endpoints, target)
     else:
@@ -496,22 +587,33 @@ def _sweep(opts: SweepOptions, echo, recipe: Optional[Recipe] = None) -> dict:
 class _Points:
     """Builds (one pass where possible) and probes sweep points, keeping each point's TA folder."""
 
-    def __init__(self, recipe_path, recipe: Recipe, work: Path, settings: SweepSettings, plan: dict, inputs, echo):
+    def __init__(
+        self,
+        recipe_path,
+        recipe: Recipe,
+        work: Path,
+        settings: SweepSettings,
+        plan: dict,
+        inputs,
+        echo,
+        calibration=None,
+    ):
         self.recipe_path, self.recipe, self.work, self.settings = recipe_path, recipe, work, settings
-        self.plan, self.inputs, self.echo = plan, inputs, echo
+        self.plan, self.inputs, self.echo, self.calibration = plan, inputs, echo, calibration
         self.grid = settings.densities is not None
+        self.stop: Optional[EarlyStop] = None  # sweep.early_stop, once the target is known
         self.tas: dict[Point, Path] = {}
 
     def probe(self, points: list[Point], **extra) -> list[dict]:
         tags = {p: _tag(p[0], p[1] if self.grid else None) for p in points}
         tas = {p: self.work / tags[p] for p in points}
         self.tas.update(tas)
-        _build_points(self.recipe_path, self.recipe, tas, self.inputs, self.echo)
+        _build_points(self.recipe_path, self.recipe, tas, self.inputs, self.echo, self.calibration)
         return [
             {
                 "ratio": p[0],
                 "density": p[1],
-                **_probe(tas[p], tags[p], self.work, self.settings, self.plan, self.echo),
+                **_probe(tas[p], tags[p], self.work, self.settings, self.plan, self.echo, self.stop),
                 **extra,
             }
             for p in points
@@ -598,13 +700,15 @@ def _claim(output: Path, paths: dict[str, Path], identity: dict, force: bool, ec
     return None
 
 
-def _build_points(recipe_path, recipe: Recipe, tas: dict[Point, Path], inputs: dict[str, str], echo) -> None:
+def _build_points(
+    recipe_path, recipe: Recipe, tas: dict[Point, Path], inputs: dict[str, str], echo, calibration=None
+) -> None:
     """Every point's TA that is not built yet: all from one read of the inputs where mergekit allows."""
     from micota_merge.merge.build import BuildOptions, build
     from micota_merge.merge.onepass.engine import at_point, build_points, supports_one_pass
     from micota_merge.merge.onepass.replay import Unsupported
 
-    missing = [p for p in tas if not _built(tas[p], recipe, p, inputs)]
+    missing = [p for p in tas if not _built(tas[p], recipe, p, inputs, calibration)]
     for p in missing:
         remove_ours(tas[p], "build")  # a point folder of an older build; never anything that is not a TA
     one_pass = bool(missing) and supports_one_pass(recipe)
@@ -619,12 +723,17 @@ def _build_points(recipe_path, recipe: Recipe, tas: dict[Point, Path], inputs: d
             build(BuildOptions(recipe=str(recipe_path), output=str(tas[p])), recipe=at_point(recipe, p), echo=echo)
 
 
-def _built(folder: Path, recipe: Recipe, point: Point, inputs: dict[str, str]) -> bool:
+def _built(folder: Path, recipe: Recipe, point: Point, inputs: dict[str, str], calibration=None) -> bool:
     """A TA in the work folder is reused only if built from this recipe at this point from inputs of
-    the same content (a long_cot replaced in place under the same path is caught here)."""
+    the same content (a long_cot replaced in place under the same path is caught here), and with AIM
+    from calibration texts of the same content."""
     manifest = read_manifest(folder)
     if not manifest or manifest.get("stage") != "build":
         return False
+    if calibration is not None:
+        got_aim = manifest.get("aim") or {}
+        if any(got_aim.get(k) != v for k, v in calibration.items()):
+            return False
     built_from = {role: (fp or {}).get("content") for role, fp in (manifest.get("inputs") or {}).items()}
     if built_from != inputs:
         return False
