@@ -25,11 +25,13 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from micota_merge.core.stats import spread  # noqa: E402
 from micota_merge.demo.microworld import reflection_shares  # noqa: E402
-from micota_merge.pipeline.run import spread  # noqa: E402
 
 
-def train(seed: int, out: Path) -> Path:
+def train(seed: int, out: Path, min_accuracy: float) -> Path:
+    """The world of `seed`; `demo train` refuses one whose experts did not learn the task (and this
+    script stops there, saying so), unless --min-accuracy 0 asks for it anyway."""
     if not (out / "training.json").is_file():
         subprocess.run(
             [
@@ -42,6 +44,8 @@ def train(seed: int, out: Path) -> Path:
                 str(out),
                 "--seed",
                 str(seed),
+                "--min-accuracy",
+                str(min_accuracy),
                 "--force",
             ],
             check=True,
@@ -120,6 +124,9 @@ def main() -> None:
         "--recipe", type=Path, default=REPO / "micota_merge" / "recipes" / "pipeline" / "demo-pipeline.yaml"
     )
     ap.add_argument("--out", type=Path, default=Path("outputs/microworld-seeds"))
+    ap.add_argument(
+        "--min-accuracy", type=float, default=0.9, help="demo train's: refuse a world whose experts score less"
+    )
     args = ap.parse_args()
     given = {int(k): Path(v) for k, v in (w.split("=", 1) for w in args.world)}
     done = {int(k): Path(v) for k, v in (w.split("=", 1) for w in args.done)}
@@ -131,7 +138,7 @@ def main() -> None:
         if seed in done:
             per_world[seed] = figures(done[seed])
             continue
-        world = given.get(seed) or train(seed, args.out / f"seed-{seed}" / "world")
+        world = given.get(seed) or train(seed, args.out / f"seed-{seed}" / "world", args.min_accuracy)
         work = args.out / f"seed-{seed}" / "pipeline"
         run(pipeline_file(world.resolve(), work.resolve(), args.recipe))
         per_world[seed] = figures(work)

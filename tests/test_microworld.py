@@ -214,7 +214,7 @@ def test_demo_train_end_to_end_is_deterministic(tmp_path):
     from micota_merge.cli import cli
     from micota_merge.core.artifacts import sha256_file
 
-    args = ["demo", "train", "--seed", "1", "--scale", "0.02", "--eval-questions", "8"]
+    args = ["demo", "train", "--seed", "1", "--scale", "0.02", "--eval-questions", "8", "--min-accuracy", "0"]
     runs = [tmp_path / "a", tmp_path / "b"]
     for out in runs:
         result = CliRunner().invoke(cli, [*args, "--out", str(out)])
@@ -231,3 +231,20 @@ def test_demo_train_end_to_end_is_deterministic(tmp_path):
     assert sum(losses[-3:]) < sum(losses[:3])
     again = CliRunner().invoke(cli, ["demo", "train", "--out", str(runs[0])])
     assert again.exit_code == 2 and "--force" in again.output
+    # a world whose experts did not learn the task is refused loudly, and nothing is written
+    experts = min(record["heldout"][r]["accuracy"] for r in ("long_cot", "short_cot"))
+    bar = min(1.0, experts + 0.01)
+    refused = CliRunner().invoke(cli, [*args[:-1], str(bar), "--out", str(tmp_path / "c")])
+    assert refused.exit_code == 1 and "did not learn the task" in refused.output, refused.output
+    assert "nothing was written" in refused.output and not (tmp_path / "c").exists()
+
+
+def test_the_seeds_script_starts():
+    """scripts/microworld_seeds.py imported a helper from where it no longer lived; its --help runs."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "microworld_seeds.py"
+    done = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "--min-accuracy" in done.stdout

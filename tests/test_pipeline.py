@@ -159,6 +159,17 @@ def test_demo_pipeline_end_to_end_small(tmp_path):
     }
     for s in summary["scores"].values():
         assert s["tasks"]["microworld"]["n"] == 12 and 0.0 <= s["average"] <= 1.0
+    # the micro world's own check of whole answers, scored beside the final number: what the verifier
+    # says of the very answers lm-eval saved
+    from micota_merge.demo.verify import verify_records
+
+    samples = next((tmp_path / "w" / "eval" / "student-ta-seed0").glob("**/samples_*.jsonl"))
+    v = verify_records(samples)
+    task = summary["scores"]["student+ta@seed0"]["tasks"]["microworld"]
+    assert task["chain_accuracy"] == pytest.approx(v["chain_right"] / 12)
+    assert task["values_accuracy"] == pytest.approx(v["values_right"] / 12)
+    assert task["accuracy"] == pytest.approx(v["final_right"] / 12)
+    assert "### Whole answers" in report and "| student+ta (2 seeds) |" in report
     # each distillation seed is its own student (the seed reaches the trainer), and the report's
     # spread is over exactly those students
     from safetensors.torch import load_file

@@ -245,6 +245,39 @@ def demo_standin(meta, recipe_path, out, shard_size, force):
         click.echo(f"stand-in written to {made}")
 
 
+@demo.command("verify")
+@click.argument("records", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the counts as JSON.")
+@_run_stage
+def demo_verify(records, as_json):
+    """Check micro-world answers line by line: of each generate output or lm-eval samples file (RECORDS),
+    how many are right by the final number, by the whole chain (every person, thing, amount and value the
+    question states), and by the chain's numbers alone; and what first went wrong in those right by the
+    number only. Reads the files, writes nothing.
+
+    \b
+      micota-merge demo verify outputs/demo-pipeline/data/ta/data.jsonl
+      micota-merge demo verify outputs/demo-pipeline/eval/student-ta-seed0/run/samples_*.jsonl
+    """
+    import json
+
+    from micota_merge.demo.verify import verify_records
+
+    for path in records:
+        v = verify_records(path)
+        if as_json:
+            click.echo(json.dumps({"file": path, **v}))
+            continue
+        n = max(v["records"], 1)
+        click.echo(
+            f"{path}: {v['records']} answers; final number right {v['final_right']} ({v['final_right'] / n:.1%}), "
+            f"whole chain right {v['chain_right']} ({v['chain_right'] / n:.1%}), its numbers right "
+            f"{v['values_right']} ({v['values_right'] / n:.1%})"
+        )
+        for kind, count in v["right_by_number_only"].items():
+            click.echo(f"  right by the number only, first wrong: {kind}  x{count}")
+
+
 @demo.command("train")
 @click.option(
     "--out",
@@ -276,9 +309,17 @@ def demo_standin(meta, recipe_path, out, shard_size, force):
     type=click.IntRange(1, 500),
     help="Held-out questions scored for training.json.",
 )
+@click.option(
+    "--min-accuracy",
+    default=0.9,
+    show_default=True,
+    type=click.FloatRange(0, 1),
+    help="Refuse the world (write nothing, exit 1) unless both experts answer this share of the held-out "
+    "questions: a world that did not learn the task voids every figure after it.",
+)
 @click.option("--force", is_flag=True, help="Replace a micro world that demo train wrote." + _OWN)
 @_run_stage
-def demo_train(out, seed, scale, dtype, eval_questions, force):
+def demo_train(out, seed, scale, dtype, eval_questions, min_accuracy, force):
     """Train the micro world from a seed: a word-level tokenizer, a base pretrained on
     arithmetic word problems, its long-CoT and short-CoT chat experts, and a smaller student.
 
@@ -296,6 +337,7 @@ def demo_train(out, seed, scale, dtype, eval_questions, force):
         dtype=dtype,
         n_eval=eval_questions,
         force=force,
+        min_accuracy=min_accuracy,
         log=lambda s: click.echo(s, err=True),
     )
     for role, r in rec["heldout"].items():

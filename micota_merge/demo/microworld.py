@@ -771,6 +771,20 @@ def _evaluate_world(models: dict, tokenizer, evalset: list[Problem], record: dic
     record["eval_seconds"] = round(time.time() - t, 1)
 
 
+def check_learned(record: dict, min_accuracy: float) -> None:
+    """Both experts must answer at least `min_accuracy` of the held-out questions (by the final number)."""
+    from micota_merge.core.errors import StageFailed
+
+    low = {r: record["heldout"][r]["accuracy"] for r in ("long_cot", "short_cot")}
+    low = {r: a for r, a in low.items() if a < min_accuracy}
+    if low:
+        said = ", ".join(f"{r} {a:.1%}" for r, a in low.items())
+        raise StageFailed(
+            f"world seed {record['seed']} did not learn the task: held-out accuracy {said}, below --min-accuracy "
+            f"{min_accuracy:.0%}; nothing was written (another --seed, or the full --scale)"
+        )
+
+
 def train_world(
     out: str | Path = "outputs/microworld",
     seed: int = 0,
@@ -779,13 +793,16 @@ def train_world(
     dtype: str = "float32",
     force: bool = False,
     log: Callable[[str], None] = print,
+    min_accuracy: float = 0.9,
 ) -> dict:
     """Train the micro world from `seed` and write it to `out`:
 
     ``base/ long_cot/ short_cot/ student/`` (Hugging Face Qwen2 folders with the tokenizer),
     ``train.jsonl`` and ``heldout.jsonl`` (question records) and ``training.json`` (steps,
     losses, held-out accuracy and mean tokens of every model and of a 0.5 linear merge).
-    Deterministic on CPU: one thread, seeded initialisation and data order.
+    Deterministic on CPU: one thread, seeded initialisation and data order. A world whose experts
+    answer fewer than `min_accuracy` of the held-out questions did not learn the task: it is refused
+    (StageFailed, nothing written), never handed to a pipeline whose every figure it would void.
     """
     import torch
 
@@ -820,6 +837,7 @@ def train_world(
         models = _save_models(models, tokenizer, staging, dtype)
         _write_questions(staging, problems, heldout)
         _evaluate_world(models, tokenizer, heldout[:n_eval], record, log)
+        check_learned(record, min_accuracy)
         record["seconds"] = round(time.time() - t0, 1)
         record["finished"] = now()
         write_json_atomic(staging / "training.json", record)

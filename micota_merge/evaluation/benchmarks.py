@@ -56,6 +56,10 @@ class Benchmark:
     # how a training question can leak it (data/decontaminate.py): "ngram", a shared word 8-gram;
     # "exact", only the same question (for questions written from templates, which share 8-grams by design)
     contamination: str = "ngram"
+    # "module:function" that reads a whole answer against its question: (question, response, gold) ->
+    # {"chain_right": bool, "values_right": bool, ...}; eval then scores chain_accuracy and values_accuracy
+    # beside accuracy (a synthetic benchmark whose every step can be checked). None: the final answer only
+    verifier: Optional[str] = None
 
     @property
     def task(self) -> str:
@@ -97,9 +101,22 @@ def register_benchmark(name: str, data: str | Path, **fields) -> Benchmark:
         raise ValueError(f"benchmark {name}: contamination must be 'ngram' or 'exact'")
     if fields.get("task_dir") is not None:
         fields["task_dir"] = Path(fields["task_dir"])
+    if fields.get("verifier") is not None and ":" not in fields["verifier"]:
+        raise ValueError(f"benchmark {name}: verifier is 'module:function', got {fields['verifier']!r}")
     entry = Benchmark(name=name, data=Path(data), **fields)
     _REGISTRY[name] = entry
     return entry
+
+
+def verifier(name: str):
+    """The benchmark's whole-answer verifier (a function), or None."""
+    spec = get(name).verifier
+    if spec is None:
+        return None
+    import importlib
+
+    module, _, func = spec.partition(":")
+    return getattr(importlib.import_module(module), func)
 
 
 def unregister_benchmark(name: str) -> None:
@@ -181,4 +198,5 @@ register_benchmark(
     prompt=None,
     question_set=False,
     contamination="exact",
+    verifier="micota_merge.demo.verify:check",
 )

@@ -313,7 +313,7 @@ def task_specs(tm, benchmarks: Sequence[str], sampling: dict, max_tokens: int, t
                         "aggregation": "mean",
                         "higher_is_better": not (m.startswith("mean_") or m == "truncated"),
                     }
-                    for m in sample_metrics(k)
+                    for m in sample_metrics(k, bench)
                 ],
             }
         )

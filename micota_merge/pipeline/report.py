@@ -41,6 +41,7 @@ def write_report(
     lines += _scores_section(summaries)
     groups = seed_groups(summaries)
     lines += _seeds_section(summaries, groups)
+    lines += _chains_section(summaries, groups)
     scores_chart(summaries, report_dir / "scores.png")
     lines += ["", "![scores](report/scores.png)", ""]
     losses = sorted((workdir / "students").glob("**/model/loss.png"))  # students/<data>[/seed-<n>]/model
@@ -196,6 +197,46 @@ def _seeds_section(summaries: dict[str, dict], groups: dict[str, dict]) -> list[
     return lines
 
 
+def _chains_section(summaries: dict[str, dict], groups: dict[str, dict]) -> list[str]:
+    """Where a benchmark checks whole answers (the micro world): the final number, the whole chain and
+    its numbers, side by side; the distilled students over their seeds."""
+    from micota_merge.evaluation.summary import fmt_acc
+
+    tasks = [
+        t
+        for t in _task_order(summaries)
+        if any("chain_accuracy" in (s["tasks"].get(t) or {}) for s in summaries.values())
+    ]
+    if not tasks:
+        return []
+    lines = [
+        "",
+        "### Whole answers",
+        "",
+        "Right by the final number, by the whole chain (every person, thing, amount and value the question "
+        "states: `micota_merge/demo/verify.py`) and by the chain's numbers alone, in %; the distilled "
+        "students as mean ± sample sd over their seeds.",
+        "",
+        "| model | " + " | ".join(f"{t} final number | {t} whole chain | {t} numbers" for t in tasks) + " |",
+        "| --- |" + " ---: | ---: | ---: |" * len(tasks),
+    ]
+    grouped = {run for g in groups.values() for run in g["runs"] if len(g["runs"]) > 1}
+    for name, s in summaries.items():
+        if name in grouped:
+            continue
+        cells = [fmt_acc((s["tasks"].get(t) or {}).get(k)) for t in tasks for k in VERIFIED_KEYS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    for name, g in groups.items():
+        if len(g["runs"]) < 2:
+            continue
+        cells = [_fmt_spread(g["tasks"][t].get(k), 100, brackets=False) for t in tasks for k in VERIFIED_KEYS]
+        lines.append(f"| {name} ({len(g['runs'])} seeds) | " + " | ".join(cells) + " |")
+    return lines
+
+
+VERIFIED_KEYS = ("accuracy", "chain_accuracy", "values_accuracy")
+
+
 def _task_order(summaries: dict[str, dict]) -> list[str]:
     """The tasks scored, in `eval --compare`'s order (the known tasks first, then any other by name)."""
     from micota_merge.evaluation import benchmarks
@@ -250,7 +291,8 @@ def seed_groups(summaries: dict[str, dict]) -> dict[str, dict]:
         for task in g["tasks"]:
             rows = [summaries[run]["tasks"].get(task) or {} for run in g["runs"]]
             per_task[task] = {
-                key: _spread_or_none([r.get(key) for r in rows]) for key in ("accuracy", "mean_tokens", "truncated")
+                key: _spread_or_none([r.get(key) for r in rows])
+                for key in ("accuracy", "mean_tokens", "truncated", "chain_accuracy", "values_accuracy")
             }
         out[base] = {
             "seeds": g["seeds"],
