@@ -33,7 +33,17 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "micota_merge" / "recipes" / "pipeline" / "demo-pipeline.yaml"
 GRID = [round(0.3 + 0.05 * k, 2) for k in range(13)]
-RUNS = ("grid", "grid+early_stop", "adaptive", "adaptive+early_stop", "grid_0.1", "ties", "aim_ties", "aim_dare_ties")
+RUNS = (
+    "grid",
+    "grid+early_stop",
+    "adaptive",
+    "adaptive+early_stop",
+    "grid_0.1",
+    "adaptive_0.1+early_stop",
+    "ties",
+    "aim_ties",
+    "aim_dare_ties",
+)
 FRONTS = ("grid", "ties", "aim_ties", "aim_dare_ties")  # each method's points, every question answered
 
 
@@ -101,8 +111,11 @@ def main():
         "adaptive+early_stop": lambda: recipe(
             work, "adaptive+early_stop", search="adaptive", resolution=0.05, early_stop=True
         ),
-        # the demo's own 0.1 grid, in full
+        # the demo's own 0.1 grid, in full, and the search at its resolution
         "grid_0.1": lambda: recipe(work, "grid_0.1", search="grid", **full),
+        "adaptive_0.1+early_stop": lambda: recipe(
+            work, "adaptive_0.1+early_stop", search="adaptive", resolution=0.1, early_stop=True
+        ),
         "ties": lambda: recipe(work, "ties", method="ties", ratios=GRID, search="grid", **full),
         "aim_ties": lambda: recipe(
             work, "aim_ties", method="ties", aim={"omega": 0.4}, ratios=GRID, search="grid", **full
