@@ -33,8 +33,9 @@ def student_dir(spec: str, work: Path) -> Path:
         return make_family(work / "family", seed=0, dtype="float32")["short_cot"]
     if spec == "smollm2":
         from micota_merge.core.checkpoints import import_gguf, smollm2_gguf_path
+        from micota_merge.core.fingerprint import cache_home
 
-        cache = Path(os.environ.get("MICOTA_CACHE", Path.home() / ".cache" / "micota-merge")) / "smollm2-135m-instruct"
+        cache = cache_home() / "smollm2-135m-instruct"
         if not (cache / "config.json").is_file():
             gguf = smollm2_gguf_path()
             if gguf is None:

@@ -26,8 +26,9 @@ from pathlib import Path
 
 def smollm2_dir() -> Path:
     from micota_merge.core.checkpoints import import_gguf, smollm2_gguf_path
+    from micota_merge.core.fingerprint import cache_home
 
-    cache = Path(os.environ.get("MICOTA_CACHE", Path.home() / ".cache" / "micota-merge")) / "smollm2-135m-instruct"
+    cache = cache_home() / "smollm2-135m-instruct"
     if not (cache / "config.json").is_file():
         gguf = smollm2_gguf_path()
         if gguf is None:

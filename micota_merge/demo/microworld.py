@@ -197,6 +197,11 @@ def _step_line(p: Problem, i: int, value: int) -> str:
     return f"Step {i + 1}: {p.pronoun} {clause}: {a} {_op(sign)} {n} = {value}."
 
 
+def _whole_sum(p: Problem) -> str:
+    """The problem as one sum, '14 - 5 - 6 + 6' (the long style's double-check)."""
+    return f"{p.start}" + "".join(f" {_op(s)} {n}" for s, n, _ in p.ops)
+
+
 def _closing(p: Problem) -> str:
     return f"The answer is \\boxed{{{p.answer}}}."
 
@@ -249,8 +254,7 @@ def long_cot(p: Problem) -> str:
         else:
             lines.append(_step_line(p, i, vals[i + 1]))
     if rng.random() < P_FINAL_CHECK:
-        chain = f"{p.start}" + "".join(f" {_op(s)} {n}" for s, n, _ in p.ops)
-        lines.append(f"Let me double-check the whole thing: {chain} = {p.answer}. Correct.")
+        lines.append(f"Let me double-check the whole thing: {_whole_sum(p)} = {p.answer}. Correct.")
     lines.append(_closing(p))
     return "\n".join(lines)
 

@@ -27,7 +27,17 @@ from __future__ import annotations
 import re
 from typing import Optional
 
-from micota_merge.demo.microworld import ADD_CLAUSES, CONNECTIVES, NAMES, SUB_CLAUSES, Problem
+# the world's own spellings of the start line, an operation and the whole sum: held to what it writes
+from micota_merge.demo.microworld import (
+    ADD_CLAUSES,
+    CONNECTIVES,
+    NAMES,
+    SUB_CLAUSES,
+    Problem,
+    _op,
+    _start_line,
+    _whole_sum,
+)
 
 _PRONOUN = dict(NAMES)
 _OTHER = "|".join(n for n, _ in NAMES)
@@ -72,10 +82,6 @@ def parse_question(question: str) -> Optional[Problem]:
         else:
             return None
     return p if p.ops and p.question == question.strip() else None
-
-
-def _op(sign: int) -> str:
-    return "+" if sign > 0 else "-"
 
 
 _START = re.compile(r"^\w+ starts with (\d+) \w+\.$")
@@ -174,13 +180,14 @@ def verify_records(path) -> dict:
     from pathlib import Path
 
     from micota_merge.core.errors import UserError
+    from micota_merge.data.questions import jsonl_lines
 
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such file (give a generate output, a JSONL of records)")
     n = final = chain = values = 0
     first_errors: Counter = Counter()
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for i, line in jsonl_lines(path):  # a line that is not UTF-8 is refused with its number
         if not line.strip():
             continue
         try:
@@ -230,7 +237,7 @@ def _chain_errors(p: Problem, lines: list[str], words: bool = True) -> list[str]
     """What is wrong with the chain, in order of the lines (empty: every line checks out). Without
     `words`, only its numbers are held to the question: who and what a line names is not read."""
     vals = p.values()
-    start = f"{p.name} starts with {p.start} {p.item}."
+    start = _start_line(p)
     said = _START.match(lines[0]) if lines else None
     if not lines or (lines[0] != start if words else not said or int(said[1]) != p.start):
         return [f"line 1 is not the question's start ({start}): {lines[0] if lines else ''!r}"]
@@ -273,7 +280,7 @@ def _chain_errors(p: Problem, lines: list[str], words: bool = True) -> list[str]
     tail = lines[i:]
     if tail and _FINAL.match(tail[0]):
         m = _FINAL.match(tail[0])
-        chain = f"{p.start}" + "".join(f" {_op(s)} {n}" for s, n, _ in p.ops)
+        chain = _whole_sum(p)
         if m[1] != chain or int(m[2]) != p.answer:
             return [f"line {i + 1}: the double-check is not the question's chain ({chain} = {p.answer})"]
         tail = tail[1:]

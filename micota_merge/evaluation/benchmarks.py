@@ -37,6 +37,10 @@ LATEX_LIST = "latex_list"  # OlympiadBench: one or several LaTeX answers, all re
 # split on top-level commas); golds may be lists; falls back as LATEX
 GOLD_FORMATS = (NUMBER, LATEX, LATEX_LIST)
 
+# What a benchmark's whole-answer `verifier` is scored as: metric -> the verdict it is the share of
+# (the whole chain right; its numbers right), beside `accuracy`, the final answer.
+VERIFIED_METRICS = {"chain_accuracy": "chain_right", "values_accuracy": "values_right"}
+
 
 @dataclass(frozen=True)
 class Benchmark:

@@ -11,6 +11,7 @@ from typing import Optional, Sequence
 
 from micota_merge.core.errors import StageFailed, UserError
 from micota_merge.evaluation import scoring
+from micota_merge.evaluation.benchmarks import VERIFIED_METRICS
 from micota_merge.evaluation.tasks import task_name
 
 SUMMARY = "summary.json"
@@ -25,7 +26,6 @@ def _metric(task_results: dict, name: str) -> Optional[float]:
 
 
 LENGTHS = ("mean_tokens", "mean_thinking_tokens", "mean_answer_tokens", "truncated")
-VERIFIED = ("chain_accuracy", "values_accuracy")  # answers whose whole chain / whose numbers are right
 
 
 def summarize(
@@ -65,7 +65,7 @@ def summarize(
             if (majority or {}).get(bench):
                 t["maj@k_ci95"] = {str(k): list(scoring.accuracy_interval([[m] for m in majority[bench]], seed=seed))}
         t.update({m: _metric(res, m) for m in LENGTHS})
-        for m in VERIFIED:  # a benchmark with a whole-answer verifier (benchmarks.verifier) scores these too
+        for m in VERIFIED_METRICS:  # a benchmark with a whole-answer verifier (benchmarks.verifier) scores these too
             if _metric(res, m) is not None:
                 t[m] = _metric(res, m)
         t["n"] = int(n) if n is not None else None

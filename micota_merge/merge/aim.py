@@ -214,7 +214,7 @@ def _hooked_modules(model, tensor_names: set[str]) -> dict[str, Any]:
 
 
 def channel_importance(
-    base: Path, tokenizer_path: Path, texts: list[str], block_size: int, dtype: str = "float32", echo=print
+    base: Path, tokenizer_path: Path, texts: list[str], block_size: int, dtype: str = "float32"
 ) -> tuple[dict[str, Any], dict]:
     """{tensor name: â (float32, one per input channel)} of the base model on the calibration blocks."""
     import torch
@@ -264,7 +264,9 @@ def channel_importance(
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("MICOTA_CACHE", Path.home() / ".cache" / "micota-merge")) / "aim"
+    from micota_merge.core.fingerprint import cache_home
+
+    return cache_home() / "aim"
 
 
 def importance_for(aim: AimPlan, base_content: str, tokenizer_content: str, dtype: str, echo=print):
@@ -283,7 +285,7 @@ def importance_for(aim: AimPlan, base_content: str, tokenizer_content: str, dtyp
             return imp, {**meta, "cached": True, "key": key}
         except (OSError, KeyError, ValueError, TypeError):
             pass  # an unreadable cache entry is recomputed
-    imp, stats = channel_importance(aim.base, aim.tokenizer, aim.texts, aim.block_size, dtype, echo)
+    imp, stats = channel_importance(aim.base, aim.tokenizer, aim.texts, aim.block_size, dtype)
     if not imp:
         raise UserError(f"merge.aim: no module of {aim.base} has a weight AIM can relax")
     try:
@@ -306,33 +308,34 @@ def relax(merged, base, importance, omega: float):
 def relax_checkpoint(folder: Path, aim: AimPlan, importance: dict[str, Any], echo=print) -> int:
     """Relax every merged tensor AIM covers in `folder` (a staging folder), a shard at a time. Returns
     the tensors relaxed."""
+    from contextlib import ExitStack
+
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
     from tqdm import tqdm
 
     from micota_merge.core.checkpoints import weight_files
 
-    where = {}
-    for f in weight_files(aim.base):
-        with safe_open(str(f), framework="pt") as h:
-            where.update({n: f for n in h.keys()})
     done = 0
-    for f in tqdm(weight_files(folder), desc="AIM relaxation", unit="shard"):
-        with safe_open(str(f), framework="pt") as h:
-            meta = h.metadata() or {"format": "pt"}
-        tensors = load_file(str(f))
-        touched = [n for n in tensors if n in importance]
-        if not touched:
-            continue
-        for n in touched:
-            with safe_open(str(where[n]), framework="pt") as h:
-                base = h.get_tensor(n)
-            tensors[n] = relax(tensors[n], base, importance[n], aim.omega)
-            done += 1
-        tmp = f.with_name(f.name + ".aim-tmp")
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, f)
-        del tensors
+    with ExitStack() as stack:
+        base = {}  # tensor name -> the open base file holding it, each file opened once
+        for f in weight_files(aim.base):
+            h = stack.enter_context(safe_open(str(f), framework="pt"))
+            base.update({n: h for n in h.keys()})
+        for f in tqdm(weight_files(folder), desc="AIM relaxation", unit="shard"):
+            with safe_open(str(f), framework="pt") as h:
+                meta = h.metadata() or {"format": "pt"}
+            tensors = load_file(str(f))
+            touched = [n for n in tensors if n in importance]
+            if not touched:
+                continue
+            for n in touched:
+                tensors[n] = relax(tensors[n], base[n].get_tensor(n), importance[n], aim.omega)
+                done += 1
+            tmp = f.with_name(f.name + ".aim-tmp")
+            save_file(tensors, str(tmp), metadata=meta)
+            os.replace(tmp, f)
+            del tensors
     return done
 
 

@@ -165,11 +165,13 @@ def plan_build(
     force: bool = False,
     recipe: Optional[Recipe] = None,
     dry_run: bool = False,
+    aim: Optional[aim_step.AimPlan] = None,
 ) -> BuildPlan:
     """Validate the recipe and the checkpoints from metadata only; raise UserError on anything wrong.
 
     With `dry_run`, too little disk for the output is a warning: a recipe is often checked on a
-    laptop before it is built on the machine with the space."""
+    laptop before it is built on the machine with the space. `aim`: the recipe's AIM plan, made
+    already (the sweep's points share one: it does not depend on the ratio or density)."""
     recipe_path = Path(recipe_path)
     base_dir = recipe_path.parent
     if recipe is None:
@@ -215,7 +217,8 @@ def plan_build(
         zero = zero_task_vector(recipe.merge.method, recipe.merge.extra_params, inputs_content, paths)
         warnings += [zero.message] if zero else []
     what = recipe.model_dump(mode="json", exclude={"output", "sweep", "pipeline", "models"}) if recipe else mk
-    aim = aim_step.plan(recipe, paths, base_dir) if recipe is not None else None
+    if aim is None and recipe is not None:
+        aim = aim_step.plan(recipe, paths, base_dir)
     # the calibration texts' content joins the identity only when there is one: older TAs keep theirs
     calibration = {"calibration": aim.record()} if aim else {}
     build_id = identity_of({"build": what, "inputs": inputs_content, **calibration})

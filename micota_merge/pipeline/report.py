@@ -13,6 +13,7 @@ from typing import Optional
 
 from micota_merge.core.artifacts import now, write_json_atomic, write_text_atomic
 from micota_merge.core.stats import spread
+from micota_merge.evaluation.benchmarks import VERIFIED_METRICS
 from micota_merge.merge.recipe import PipelineSettings, Recipe
 
 
@@ -205,7 +206,7 @@ def _chains_section(summaries: dict[str, dict], groups: dict[str, dict]) -> list
     tasks = [
         t
         for t in _task_order(summaries)
-        if any("chain_accuracy" in (s["tasks"].get(t) or {}) for s in summaries.values())
+        if any(VERIFIED_METRICS.keys() & (s["tasks"].get(t) or {}).keys() for s in summaries.values())
     ]
     if not tasks:
         return []
@@ -234,7 +235,7 @@ def _chains_section(summaries: dict[str, dict], groups: dict[str, dict]) -> list
     return lines
 
 
-VERIFIED_KEYS = ("accuracy", "chain_accuracy", "values_accuracy")
+VERIFIED_KEYS = ("accuracy", *VERIFIED_METRICS)
 
 
 def _task_order(summaries: dict[str, dict]) -> list[str]:
@@ -292,7 +293,7 @@ def seed_groups(summaries: dict[str, dict]) -> dict[str, dict]:
             rows = [summaries[run]["tasks"].get(task) or {} for run in g["runs"]]
             per_task[task] = {
                 key: _spread_or_none([r.get(key) for r in rows])
-                for key in ("accuracy", "mean_tokens", "truncated", "chain_accuracy", "values_accuracy")
+                for key in ("accuracy", "mean_tokens", "truncated", *VERIFIED_METRICS)
             }
         out[base] = {
             "seeds": g["seeds"],

@@ -194,7 +194,7 @@ def sample_metrics(n: int, benchmark: str | None = None) -> list[str]:
     whole-answer verifier also reports how many answers are right in their chain and in its numbers."""
     names = ["accuracy"]
     if benchmark is not None and benchmarks.get(benchmark).verifier is not None:
-        names += ["chain_accuracy", "values_accuracy"]
+        names += list(benchmarks.VERIFIED_METRICS)
     if n > 1:
         names += [f"pass@{k}" for k in scoring.pass_ks(n)] + [f"maj@{n}"]
     return names + ["mean_tokens", "mean_thinking_tokens", "mean_answer_tokens", "truncated"]
@@ -225,7 +225,7 @@ def score(response: str, doc: dict, benchmark: str) -> dict:
     verify = benchmarks.verifier(benchmark)
     if verify is not None:  # the whole chain as well as its final answer (the micro world's own check)
         verdict = verify(doc[benchmarks.get(benchmark).question_field], str(response), gold_of(doc, benchmark))
-        out["chain_correct"], out["values_correct"] = bool(verdict["chain_right"]), bool(verdict["values_right"])
+        out.update({metric: bool(verdict[key]) for metric, key in benchmarks.VERIFIED_METRICS.items()})
     if num is not None:
         # the answer part is the rest: the two add up to the whole, and a 32k-token response is
         # tokenized twice rather than three times
@@ -264,9 +264,9 @@ def question_metrics(samples: list[dict], benchmark: str) -> dict:
             out[name] = sum(s[key] for s in samples) / n
     if all(s["truncated"] is not None for s in samples):
         out["truncated"] = sum(s["truncated"] for s in samples) / n
-    for key, name in (("chain_correct", "chain_accuracy"), ("values_correct", "values_accuracy")):
-        if all(s.get(key) is not None for s in samples):
-            out[name] = sum(s[key] for s in samples) / n
+    for metric in benchmarks.VERIFIED_METRICS:  # each answer's verdict, under the metric's name
+        if all(s.get(metric) is not None for s in samples):
+            out[metric] = sum(s[metric] for s in samples) / n
     return out
 
 

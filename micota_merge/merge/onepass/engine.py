@@ -144,10 +144,14 @@ def build_points(
     if not spec.density and any(p[1] != recipe.merge.density for p in outputs):
         raise Unsupported(f"{method} has no density to sweep")
     points = sorted(outputs, key=lambda p: (p[0], p[1] or 0.0))
+    # the first point's plan makes the AIM plan (calibration texts drawn and templated) the others share
+    plan0 = plan_build(recipe_path, str(outputs[points[0]]), None, force, recipe=at_point(recipe, points[0]))
     plans: dict[Point, BuildPlan] = {
-        p: plan_build(recipe_path, str(outputs[p]), None, force, recipe=at_point(recipe, p)) for p in points
+        p: plan0
+        if p == points[0]
+        else plan_build(recipe_path, str(outputs[p]), None, force, recipe=at_point(recipe, p), aim=plan0.aim)
+        for p in points
     }
-    plan0 = plans[points[0]]
     dtype = recipe.merge.dtype
     tdtype = getattr(torch, dtype)
     identity = plan0.metas[recipe.identity_role]
@@ -205,9 +209,7 @@ def build_points(
                         for p in points
                     )
                 if name in importance:
-                    base = inputs.get("base") if "base" in reads[i] else None
-                    if base is None:
-                        base = handles[("base", name)].get_tensor(name).to(tdtype)
+                    base = inputs["base"] if "base" in inputs else handles[("base", name)].get_tensor(name).to(tdtype)
                     merged = ((p, aim_step.relax(out, base, importance[name], omega)) for p, out in merged)
                 for p, out in merged:
                     if not all_finite(out):

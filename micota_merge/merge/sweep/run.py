@@ -157,14 +157,11 @@ class EarlyStop:
 
 
 def _answered(out: Path) -> tuple[list[int], list[bool]]:
-    lengths, correct = [], []
-    if out.is_file():
-        for line in out.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                rec = json.loads(line)
-                lengths.append(rec["num_tokens"])
-                correct.append(bool(rec["correct"]))
-    return lengths, correct
+    """The lengths and verdicts of the answers a probe file holds so far."""
+    from micota_merge.generation.generate import read_records
+
+    records = read_records(out) if out.is_file() else []
+    return [r["num_tokens"] for r in records], [bool(r["correct"]) for r in records]
 
 
 def _probe(
