@@ -27,6 +27,8 @@ sys.path.insert(0, str(REPO))
 
 from micota_merge.core.stats import spread  # noqa: E402
 from micota_merge.demo.microworld import reflection_shares  # noqa: E402
+from micota_merge.demo.verify import difficulty, verify_records  # noqa: E402
+from micota_merge.evaluation.summary import group_scores  # noqa: E402
 
 
 def train(seed: int, out: Path, min_accuracy: float) -> Path:
@@ -87,18 +89,38 @@ def figures(work: Path) -> dict:
         "short_cot_median_tokens": sweep["endpoints"]["short_cot"]["median_tokens"],
         "student untrained accuracy": summary["scores"]["student"]["average"],
     }
+    untrained = summary["scores"]["student"]["tasks"]["microworld"]
+    out["student untrained chain accuracy"] = untrained.get("chain_accuracy")
     for name, g in summary["students"].items():
         out[f"{name} accuracy"] = g["accuracy"]["mean"]
         out[f"{name} accuracy sd over distill seeds"] = g["accuracy"]["sd"]
+        chain = g["tasks"]["microworld"].get("chain_accuracy")
+        out[f"{name} chain accuracy"] = chain["mean"] if chain else None
         out[f"{name} tokens"] = g["mean_tokens"]["mean"]
     for name, s in summary["scores"].items():
         if name.startswith("teacher:"):
             out[f"{name} accuracy"] = s["average"]
+            out[f"{name} chain accuracy"] = s["tasks"]["microworld"].get("chain_accuracy")
+    # every model's accuracy by difficulty (the students' as the mean over their distillation seeds)
+    runs = {p.name: p / "run" for p in sorted((work / "eval").iterdir()) if (p / "run").is_dir()}
+    by_run = {name: group_scores(run, "microworld") or {} for name, run in runs.items()}
+    kinds = dict.fromkeys(name.rsplit("-seed", 1)[0] for name in by_run)
+    for kind in kinds:
+        members = [sc for name, sc in by_run.items() if name.rsplit("-seed", 1)[0] == kind]
+        for d in difficulty.order:
+            accs = [sc[d]["accuracy"] for sc in members if d in sc]
+            if accs:
+                out[f"{kind} accuracy, {d}"] = sum(accs) / len(accs)
     for source in ("ta", "long_cot", "short_cot"):
+        data = work / "data" / source / "data.jsonl"
         shares = data_reflection(work / "data" / source / "data.correct.jsonl")
         if shares and shares["reflected_steps"] is not None:
             out[f"{source} data reflected steps"] = shares["reflected_steps"]
             out[f"{source} data partly reflected answers"] = shares["partly_reflected"]
+        if data.is_file():
+            v = verify_records(data)
+            out[f"{source} data final right share"] = v["final_right"] / max(v["records"], 1)
+            out[f"{source} data chain right share"] = v["chain_right"] / max(v["records"], 1)
     return out
 
 

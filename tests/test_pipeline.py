@@ -170,6 +170,19 @@ def test_demo_pipeline_end_to_end_small(tmp_path):
     assert task["values_accuracy"] == pytest.approx(v["values_right"] / 12)
     assert task["accuracy"] == pytest.approx(v["final_right"] / 12)
     assert "### Whole answers" in report and "| student+ta (2 seeds) |" in report
+    # by difficulty: each model's share right on each group of questions is the verifier's on those questions
+    from micota_merge.evaluation.summary import group_scores
+
+    groups = group_scores(samples.parent, "microworld")
+    want = {d: c for d, c in v["by_difficulty"].items()}
+    assert {d: g["n"] for d, g in groups.items()} == {d: c["records"] for d, c in want.items()}
+    for d, g in groups.items():
+        assert g["accuracy"] == pytest.approx(want[d]["final_right"] / want[d]["records"])
+        assert g["chain_accuracy"] == pytest.approx(want[d]["chain_right"] / want[d]["records"])
+    assert "### microworld by question group" in report
+    section = report.split("### microworld by question group", 1)[1]
+    header = next(ln for ln in section.splitlines() if ln.startswith("| model |"))
+    assert all(f"{d} ({c['records']})" in header for d, c in want.items())
     # each distillation seed is its own student (the seed reaches the trainer), and the report's
     # spread is over exactly those students
     from safetensors.torch import load_file

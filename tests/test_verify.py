@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from micota_merge.cli import cli
 from micota_merge.demo import microworld as mw
-from micota_merge.demo.verify import check, parse_question, verify_records
+from micota_merge.demo.verify import check, difficulty, parse_question, verify_records
 
 PROBLEMS = mw.generate_problems(3, 200)
 
@@ -108,6 +108,11 @@ def test_verify_records_reads_generate_outputs_and_lm_eval_samples(tmp_path):
             f.write(json.dumps({"id": p.id, "messages": msgs, "answer": str(p.answer)}) + "\n")
     v = verify_records(out)
     assert (v["records"], v["final_right"], v["chain_right"], v["values_right"]) == (10, 10, 6, 10)
+    # the same by difficulty (the number of steps), in its order; every answer counted once
+    by = v["by_difficulty"]
+    assert list(by) == [d for d in difficulty.order if d in by] and sum(c["records"] for c in by.values()) == 10
+    for d, counts in by.items():
+        assert counts["records"] == sum(difficulty(p.question) == d for p in picks) == counts["final_right"]
     assert v["right_by_number_only"] == {"line N is not the question's start": 4}
     samples = tmp_path / "samples_micota_microworld.jsonl"
     with samples.open("w") as f:
@@ -133,3 +138,41 @@ def test_the_committed_worlds_questions_all_parse(seed):
     ]
     assert all(parse_question(r["question"]) is not None for r in rows)
     assert all(parse_question(r["question"]).answer == int(r["answer"]) for r in rows)
+
+
+def test_generate_keeps_whole_chains_when_asked(tmp_path):
+    """`generate --keep chain|values`: every micro-world record carries its whole-chain and numbers verdicts,
+    and the kept file is the records right by the final number *and* the chain (its numbers); without a
+    verifier for the questions it is refused before anything is generated."""
+    world = mw.ASSETS
+    common = ["generate", "--model", str(world / "long_cot"), "--questions", str(world / "train.jsonl")]
+    common += ["--limit", "12", "--max-tokens", "512", "--backend", "transformers", "--prompt", "{question}"]
+    runs = {}
+    for keep in ("correct", "values", "chain"):
+        out = tmp_path / keep / "data.jsonl"
+        r = CliRunner().invoke(cli, [*common, "--out", str(out), "--benchmark", "microworld", "--keep", keep])
+        assert r.exit_code == 0, r.output
+        runs[keep] = out
+    records = [json.loads(x) for x in runs["chain"].read_text().splitlines()]
+    assert len(records) == 12
+    for rec in records:
+        question, answer = rec["messages"][0]["content"], rec["messages"][-1]["content"]
+        v = check(question, answer, rec["answer"])
+        assert (rec["chain_correct"], rec["values_correct"]) == (v["chain_right"], v["values_right"])
+    kept = {
+        keep: [json.loads(x) for x in (out.parent / "data.correct.jsonl").read_text().splitlines()]
+        for keep, out in runs.items()
+    }
+    assert kept["correct"] == [r for r in records if r["correct"] and r["finish_reason"] == "stop"]
+    assert kept["chain"] == [r for r in kept["correct"] if r["chain_correct"]]
+    assert kept["values"] == [r for r in kept["correct"] if r["values_correct"]]
+    # the same records asked again with the other filter: the kept file follows the request, not the last run
+    r = CliRunner().invoke(
+        cli, [*common, "--out", str(runs["chain"]), "--benchmark", "microworld", "--keep", "correct"]
+    )
+    assert r.exit_code == 0, r.output
+    again = [json.loads(x) for x in (runs["chain"].parent / "data.correct.jsonl").read_text().splitlines()]
+    assert again == kept["correct"]
+    r = CliRunner().invoke(cli, [*common, "--out", str(tmp_path / "no" / "data.jsonl"), "--keep", "chain"])
+    assert r.exit_code == 2 and "--keep chain" in r.output and "--benchmark microworld" in r.output
+    assert not (tmp_path / "no" / "data.jsonl").exists()

@@ -252,8 +252,8 @@ def demo_standin(meta, recipe_path, out, shard_size, force):
 def demo_verify(records, as_json):
     """Check micro-world answers line by line: of each generate output or lm-eval samples file (RECORDS),
     how many are right by the final number, by the whole chain (every person, thing, amount and value the
-    question states), and by the chain's numbers alone; and what first went wrong in those right by the
-    number only. Reads the files, writes nothing.
+    question states), and by the chain's numbers alone, overall and by difficulty (the question's number of
+    steps); and what first went wrong in those right by the number only. Reads the files, writes nothing.
 
     \b
       micota-merge demo verify outputs/demo-pipeline/data/ta/data.jsonl
@@ -274,6 +274,12 @@ def demo_verify(records, as_json):
             f"whole chain right {v['chain_right']} ({v['chain_right'] / n:.1%}), its numbers right "
             f"{v['values_right']} ({v['values_right'] / n:.1%})"
         )
+        for d, c in v["by_difficulty"].items():
+            k = max(c["records"], 1)
+            click.echo(
+                f"  {d}: {c['records']} answers; final number {c['final_right'] / k:.1%}, whole chain "
+                f"{c['chain_right'] / k:.1%}, numbers {c['values_right'] / k:.1%}"
+            )
         for kind, count in v["right_by_number_only"].items():
             click.echo(f"  right by the number only, first wrong: {kind}  x{count}")
 

@@ -32,6 +32,7 @@ from micota_merge.demo.microworld import (
     ADD_CLAUSES,
     CONNECTIVES,
     NAMES,
+    OPS_RANGE,
     SUB_CLAUSES,
     Problem,
     _op,
@@ -170,11 +171,25 @@ def check(question: str, response: str, gold=None) -> dict:
     }
 
 
+VERDICTS = ("final_right", "chain_right", "values_right")
+
+
+def difficulty(question: str) -> Optional[str]:
+    """A micro-world question's difficulty, its number of steps ("4 steps"), None outside the world: the
+    benchmark registry's `groups` for it (the report's scores by difficulty)."""
+    p = parse_question(question)
+    return f"{len(p.ops)} steps" if p is not None else None
+
+
+difficulty.order = tuple(f"{k} steps" for k in range(OPS_RANGE[0], OPS_RANGE[1] + 1))  # the report's columns
+
+
 def verify_records(path) -> dict:
     """The verdicts over a generate output (records with the question and the answer in `messages`) or an
     lm-eval samples file (`micota-merge eval`'s, each answer of each question):
-    how many answers are right by the final number, by the whole chain and by its numbers, and what first
-    went wrong in the answers right by the number alone, alike errors counted together."""
+    how many answers are right by the final number, by the whole chain and by its numbers, the same by the
+    question's difficulty (its number of steps), and what first went wrong in the answers right by the
+    number alone, alike errors counted together."""
     import json
     from collections import Counter
     from pathlib import Path
@@ -186,6 +201,7 @@ def verify_records(path) -> dict:
     if not path.is_file():
         raise UserError(f"{path}: no such file (give a generate output, a JSONL of records)")
     n = final = chain = values = 0
+    by_difficulty: dict[str, dict] = {}
     first_errors: Counter = Counter()
     for i, line in jsonl_lines(path):  # a line that is not UTF-8 is refused with its number
         if not line.strip():
@@ -207,6 +223,12 @@ def verify_records(path) -> dict:
             final += v["final_right"]
             chain += v["chain_right"]
             values += v["values_right"]
+            where = by_difficulty.setdefault(
+                difficulty(question) or "not the world's", {"records": 0, **dict.fromkeys(VERDICTS, 0)}
+            )
+            where["records"] += 1
+            for key in VERDICTS:
+                where[key] += v[key]
             if v["final_right"] and not v["chain_right"]:
                 first_errors[_kind(v["errors"][0])] += 1
     return {
@@ -214,6 +236,7 @@ def verify_records(path) -> dict:
         "final_right": final,
         "chain_right": chain,
         "values_right": values,
+        "by_difficulty": {d: by_difficulty[d] for d in (*difficulty.order, "not the world's") if d in by_difficulty},
         "right_by_number_only": dict(first_errors.most_common()),
     }
 

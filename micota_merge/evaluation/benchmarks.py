@@ -64,6 +64,9 @@ class Benchmark:
     # {"chain_right": bool, "values_right": bool, ...}; eval then scores chain_accuracy and values_accuracy
     # beside accuracy (a synthetic benchmark whose every step can be checked). None: the final answer only
     verifier: Optional[str] = None
+    # "module:function" that names a question's group (question -> str or None), e.g. the micro world's
+    # difficulty; the pipeline report then gives every model's scores by group. None: no groups
+    groups: Optional[str] = None
 
     @property
     def task(self) -> str:
@@ -112,15 +115,23 @@ def register_benchmark(name: str, data: str | Path, **fields) -> Benchmark:
     return entry
 
 
-def verifier(name: str):
-    """The benchmark's whole-answer verifier (a function), or None."""
-    spec = get(name).verifier
+def _function(spec: Optional[str]):
     if spec is None:
         return None
     import importlib
 
     module, _, func = spec.partition(":")
     return getattr(importlib.import_module(module), func)
+
+
+def verifier(name: str):
+    """The benchmark's whole-answer verifier (a function), or None."""
+    return _function(get(name).verifier)
+
+
+def grouper(name: str):
+    """The benchmark's question -> group function (its `groups`), or None."""
+    return _function(get(name).groups)
 
 
 def unregister_benchmark(name: str) -> None:
@@ -203,4 +214,5 @@ register_benchmark(
     question_set=False,
     contamination="exact",
     verifier="micota_merge.demo.verify:check",
+    groups="micota_merge.demo.verify:difficulty",
 )

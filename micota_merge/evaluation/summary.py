@@ -189,6 +189,32 @@ def load_summary(run: str | os.PathLike) -> dict:
     return summary
 
 
+def group_scores(run: str | os.PathLike, bench: str) -> Optional[dict]:
+    """A benchmark's scores in an eval run by question group (benchmarks.grouper: the micro world's
+    difficulty), from the run's per-sample log: {group: {"n", "accuracy", "mean_tokens", and the verified
+    metrics where scored}}, groups in the grouper's `order`; None where the benchmark has no groups or the
+    run no samples of it."""
+    from micota_merge.evaluation import benchmarks
+
+    group_of = benchmarks.grouper(bench)
+    files = sorted(Path(run).glob(f"samples_{task_name(bench)}_*.jsonl"))
+    if group_of is None or not files:
+        return None
+    keys = ("accuracy", "mean_tokens", *VERIFIED_METRICS)
+    sums: dict[str, dict] = {}
+    for line in files[-1].read_text(encoding="utf-8").splitlines():  # the newest: one run writes one
+        if not line.strip():
+            continue
+        rec = json.loads(line)
+        g = sums.setdefault(group_of(rec["doc"]["question"]) or "other", {"n": 0})
+        g["n"] += 1
+        for k in keys:
+            if rec.get(k) is not None:
+                g[k] = g.get(k, 0.0) + float(rec[k])
+    order = list(getattr(group_of, "order", ())) + sorted(set(sums) - set(getattr(group_of, "order", ())))
+    return {g: {k: (v / sums[g]["n"] if k != "n" else v) for k, v in sums[g].items()} for g in order if g in sums}
+
+
 def acc_cell(t: dict) -> str:
     if not t or t.get("accuracy") is None:
         return "–"

@@ -8,6 +8,9 @@ Files, for `--out OUT.jsonl`:
                          other settings is refused, so one file never mixes two models or samplers;
 - `OUT.correct.jsonl`    with `--keep correct` (the default): records verified correct and not
                          truncated (finish_reason "stop"), rewritten atomically at the end of each run;
+                         with `--keep chain` only those whose whole chain the benchmark's verifier
+                         accepts too, with `--keep values` those whose every number it accepts (the
+                         micro world: `chain_correct` and `values_correct` on each record);
 - `OUT.stats.json`       counts, accuracy, acceptance rate, truncations, length mean/median/p90 (whole
                          answer, thinking and answer parts), unfinished think blocks, and the last
                          run's backend, load seconds and tokens per second;
@@ -405,7 +408,7 @@ def _generate(opts: GenerateOptions, echo) -> dict:
         f"{out}, {len(pending)} to generate with {engine.name}"
     )
     stats_file = sibling(out, ".stats.json")
-    if not pending and stats_file.is_file() and (opts.keep != "correct" or sibling(out, ".correct.jsonl").is_file()):
+    if not pending and stats_file.is_file() and _kept_as_asked(opts.keep, out, stats_file):
         echo(f"already generated: every record is in {out}; nothing to do (--force starts it over)")
         return json.loads(stats_file.read_text(encoding="utf-8"))
     recorder = _Recorder(opts, questions, prompts)
@@ -452,6 +455,11 @@ def _questions(opts: GenerateOptions, echo):
             raise UserError(f"--offset {opts.offset}: {opts.questions} has only {len(questions)} questions")
         questions = questions[opts.offset :]
     require_answers(questions, opts.questions)
+    if opts.keep in ("chain", "values") and not verifiers_of(questions):
+        raise UserError(
+            f"--keep {opts.keep}: no verifier reads whole answers to {opts.questions}; name a benchmark that has "
+            "one (--benchmark microworld for micro-world questions) or keep correct"
+        )
     if opts.n > 1 and opts.temperature == 0:
         log.warning(
             "--n %d with temperature 0: greedy decoding writes %d identical answers per question; "
@@ -515,6 +523,28 @@ class _Prompts:
         return p
 
 
+def _verdicts(verify, q: dict, text: str) -> dict:
+    v = verify(q["question"], text, q["answer"])
+    return {"chain_correct": bool(v["chain_right"]), "values_correct": bool(v["values_right"])}
+
+
+def verifiers_of(questions: list[dict]) -> dict:
+    """The whole-answer verifier of each benchmark the questions come from that has one (benchmarks.verifier)."""
+    from micota_merge.evaluation import benchmarks
+
+    names = {q.get("benchmark") for q in questions} - {None}
+    found = {b: benchmarks.verifier(b) for b in names if b in benchmarks.names()}
+    return {b: v for b, v in found.items() if v is not None}
+
+
+def _kept_as_asked(keep: str, out: Path, stats_file: Path) -> bool:
+    """Whether the kept file there is the one `keep` asks for (a rerun with another --keep rewrites it)."""
+    if keep == "all":
+        return True
+    said = json.loads(stats_file.read_text(encoding="utf-8")).get("keep", "correct")
+    return said == keep and sibling(out, ".correct.jsonl").is_file()
+
+
 class _Recorder:
     """Turns an answer (generated ids, or a server's text) into its graded record."""
 
@@ -523,6 +553,7 @@ class _Recorder:
         self.stop_set = set(prompts.stop_ids)
         tok = prompts.tokenizer
         self.count = (lambda t: len(tok(t, add_special_tokens=False)["input_ids"])) if tok is not None else None
+        self.verifiers = verifiers_of(questions)
 
     def record(self, qi: int, sample: int, tokens: list[int]) -> dict:
         toks, reason = finish(tokens, self.stop_set, self.opts.max_tokens)
@@ -535,6 +566,7 @@ class _Recorder:
         q, facts, opens = self.questions[qi], self.p.facts, self.p.opens_thinking[qi]
         # graded after </think> only; an answer inside an unfinished think block is none
         g = grade(text, q["answer"], q["benchmark"], opens)
+        verify = self.verifiers.get(q["benchmark"])
         thinking, _, finished = split_thinking(text, opens)
         # lengths count generated tokens only: the template's prefill was prompt, not output
         # (a prefill that holds the whole think block, Qwen3's empty one with thinking off, leaves none)
@@ -560,6 +592,8 @@ class _Recorder:
             "system": facts.default_system,
             # the template's switches, on the record that was prompted with them
             **template_switches(self.opts.chat_template_kwargs),
+            # a benchmark whose every step can be checked: the whole answer's verdict (keep: chain filters on it)
+            **(_verdicts(verify, q, text) if verify else {}),
         }
 
 
@@ -644,7 +678,7 @@ def _save(opts: GenerateOptions, out: Path, settings: dict, backend: str, run: d
         stats["last_run"].update(run["shared"])
     stats["decontamination"] = clean.as_dict()
     write_json_atomic(sibling(out, ".stats.json"), stats)
-    kept = f", kept {stats['kept']} in {stats['kept_file']}" if opts.keep == "correct" else ""
+    kept = f", kept {stats['kept']} in {stats['kept_file']}" if opts.keep != "all" else ""
     thinking = (
         f" ({stats['thinking_tokens']['mean']} thinking, {stats['answer_tokens']['mean']} answer)"
         if stats.get("thinking_tokens", {}).get("mean")
@@ -677,6 +711,8 @@ def finalize(out: Path, keep: str, settings: dict) -> dict:
             raise UserError(f"{out} holds ({key[0]!r}, sample {key[1]}) twice; was it written by two runs at once?")
         seen.add(key)
     accepted = [r for r in records if r["correct"] is True and r["finish_reason"] == "stop"]
+    if keep in ("chain", "values"):  # the whole chain, or its numbers, verified too
+        accepted = [r for r in accepted if r.get(f"{keep}_correct") is True]
     stats = {
         "records": len(records),
         "questions": len({r["id"] for r in records}),
@@ -684,7 +720,7 @@ def finalize(out: Path, keep: str, settings: dict) -> dict:
         "graded": sum(r["correct"] is not None for r in records),
         "truncated": sum(r["finish_reason"] == "length" for r in records),
         "accuracy": round(sum(r["correct"] is True for r in records) / len(records), 4) if records else None,
-        "kept": len(accepted) if keep == "correct" else len(records),
+        "kept": len(accepted) if keep != "all" else len(records),
         "acceptance_rate": round(len(accepted) / len(records), 4) if records else None,
         "questions_with_accepted_answer": len({r["id"] for r in accepted}),
         "num_tokens": _lengths(records),
@@ -699,11 +735,14 @@ def finalize(out: Path, keep: str, settings: dict) -> dict:
         "versions": package_versions(),
         "updated": now(),
     }
+    if records and all("chain_correct" in r for r in records):  # a benchmark that verifies whole answers
+        stats["chain_correct"] = sum(r["chain_correct"] for r in records)
+        stats["values_correct"] = sum(r["values_correct"] for r in records)
     if all("thinking_tokens" in r for r in records):  # files written before the split have none
         stats["thinking_tokens"] = _lengths(records, "thinking_tokens")
         stats["answer_tokens"] = _lengths(records, "answer_tokens")
         stats["thinking_unfinished"] = sum(r.get("thinking_finished") is False for r in records)
-    if keep == "correct":
+    if keep != "all":
         kept = sibling(out, ".correct.jsonl")
         write_jsonl_atomic(kept, accepted)
         stats["kept_file"] = str(kept)

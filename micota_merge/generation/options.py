@@ -164,8 +164,12 @@ class GenerateOptions(ProbeOptions, ServerOptions):
     temperature: Float = Field(0.0, ge=0, description="Sampling temperature; 0 = greedy, reproducible data.")
     top_p: Float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold in (0, 1].")
     seed: Int = Field(0, description="Seed of the sampling: a rerun draws the same answers on the same backend.")
-    keep: Literal["correct", "all"] = Field(
-        "correct", description="correct: also write OUT.correct.jsonl with verified-correct, untruncated answers."
+    keep: Literal["correct", "values", "chain", "all"] = Field(
+        "correct",
+        description="correct: also write OUT.correct.jsonl with verified-correct, untruncated answers; values: "
+        "only those whose every number the benchmark's verifier accepts too, chain: whose whole chain it "
+        "accepts (a benchmark whose every step can be checked: --benchmark microworld for a micro-world "
+        "question file); all: no kept file.",
     )
     question_field: Optional[str] = Field(
         None, description="Field holding the question (default: question / problem / prompt)."
@@ -181,7 +185,7 @@ class GenerateOptions(ProbeOptions, ServerOptions):
         None,
         description="Grade a custom file's gold the way this benchmark's is parsed ("
         + ", ".join(_benchmarks.graded())
-        + ").",
+        + "); a benchmark that verifies whole answers (microworld) also marks each record's chain_correct.",
     )
     decontaminate: Literal["drop", "warn", "off"] = Field(
         "drop",

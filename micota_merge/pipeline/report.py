@@ -43,6 +43,7 @@ def write_report(
     groups = seed_groups(summaries)
     lines += _seeds_section(summaries, groups)
     lines += _chains_section(summaries, groups)
+    lines += _question_groups_section(summaries, groups, evals)
     scores_chart(summaries, report_dir / "scores.png")
     lines += ["", "![scores](report/scores.png)", ""]
     losses = sorted((workdir / "students").glob("**/model/loss.png"))  # students/<data>[/seed-<n>]/model
@@ -100,24 +101,40 @@ def _sweep_section(ta_dir: Path, report_dir: Path) -> list[str]:
 def _data_section(data: dict[str, tuple[Path, str]]) -> list[str]:
     from micota_merge.evaluation.summary import fmt_acc
 
+    stats = {}
+    for name, (file, _) in data.items():
+        stats_file = file.parent / "data.stats.json"
+        stats[name] = json.loads(stats_file.read_text()) if stats_file.is_file() else {}
+    # where a verifier read whole answers (the micro world): how many of all answers were right by it
+    verified = any("chain_correct" in st for st in stats.values())
+    extra = " right by the final number / whole chain / its numbers (% of all answers) | kept by |" if verified else ""
     lines = [
         "## Distillation data",
         "",
-        "| data | records kept | acceptance rate (%) | mean tokens | questions left out as benchmark overlap |",
-        "| --- | ---: | ---: | ---: | ---: |",
+        "| data | records kept | acceptance rate (%) | mean tokens | questions left out as benchmark overlap |" + extra,
+        "| --- | ---: | ---: | ---: | ---: |" + (" ---: | --- |" if verified else ""),
     ]
     for name, (file, _) in data.items():
-        stats_file = file.parent / "data.stats.json"
-        st = json.loads(stats_file.read_text()) if stats_file.is_file() else {}
+        st = stats[name]
         if "kept" in st:  # generate's statistics (a mix writes its composition under the same name)
-            lines.append(
+            row = (
                 f"| {name} | {st['kept']} | {fmt_acc(st.get('acceptance_rate'))} | "
                 f"{_fmt_num((st.get('accepted_num_tokens') or {}).get('mean'))} | {_overlap(st)} |"
             )
+            if verified:
+                n = st.get("records") or 0
+                shares = [
+                    st.get(k) / n if n and st.get(k) is not None else None
+                    for k in ("correct", "chain_correct", "values_correct")
+                ]
+                row += " " + " / ".join(fmt_acc(x) for x in shares) + f" | {st.get('keep', 'correct')} |"
+            lines.append(row)
         else:
             recs = [json.loads(x) for x in file.read_text().splitlines() if x.strip()]
             mean = sum(r.get("num_tokens", 0) for r in recs) / len(recs) if recs else None
-            lines.append(f"| {name} (mix) | {len(recs)} | – | {_fmt_num(mean)} | – |")
+            lines.append(
+                f"| {name} (mix) | {len(recs)} | – | {_fmt_num(mean)} | – |" + (" – | – |" if verified else "")
+            )
     return lines
 
 
@@ -236,6 +253,58 @@ def _chains_section(summaries: dict[str, dict], groups: dict[str, dict]) -> list
 
 
 VERIFIED_KEYS = ("accuracy", *VERIFIED_METRICS)
+
+
+def _question_groups_section(summaries: dict[str, dict], groups: dict[str, dict], evals: dict[str, Path]) -> list[str]:
+    """Where a benchmark groups its questions (the micro world's difficulty): every model's final-number
+    accuracy (and whole-chain accuracy where verified) by group; the distilled students over their seeds."""
+    from micota_merge.evaluation.summary import group_scores
+
+    lines: list[str] = []
+    for task in _task_order(summaries):
+        scores = {name: group_scores(evals[name], task) for name in summaries if name in evals}
+        scores = {name: sc for name, sc in scores.items() if sc}
+        if not scores:
+            continue
+        names = list(dict.fromkeys(g for sc in scores.values() for g in sc))
+        verified = any(VERIFIED_METRICS.keys() & sc[g].keys() for sc in scores.values() for g in sc)
+        keys = ("accuracy", "chain_accuracy") if verified else ("accuracy",)
+        counts = {g: max(sc[g]["n"] for sc in scores.values() if g in sc) for g in names}
+        lines += [
+            "",
+            f"### {task} by question group",
+            "",
+            "Right by the final number" + (" / by the whole chain" if verified else "") + ", in %, per group of "
+            f"questions (`{benchmarks_groups(task)}`); the distilled students as mean ± sample sd over their seeds.",
+            "",
+            "| model | " + " | ".join(f"{g} ({counts[g]})" for g in names) + " |",
+            "| --- |" + " ---: |" * len(names),
+        ]
+        grouped = {run for g in groups.values() for run in g["runs"] if len(g["runs"]) > 1}
+        for name, sc in scores.items():
+            if name not in grouped:
+                cells = [" / ".join(_fmt_share((sc.get(g) or {}).get(k)) for k in keys) for g in names]
+                lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        for base, g in groups.items():
+            runs = [r for r in g["runs"] if r in scores]
+            if len(runs) < 2:
+                continue
+            cells = []
+            for grp in names:
+                parts = [_spread_or_none([(scores[r].get(grp) or {}).get(k) for r in runs]) for k in keys]
+                cells.append(" / ".join(_fmt_spread(sp, 100, brackets=False) for sp in parts))
+            lines.append(f"| {base} ({len(runs)} seeds) | " + " | ".join(cells) + " |")
+    return lines
+
+
+def benchmarks_groups(task: str) -> str:
+    from micota_merge.evaluation import benchmarks
+
+    return benchmarks.get(task).groups or ""
+
+
+def _fmt_share(x: Optional[float]) -> str:
+    return "–" if x is None else f"{100 * x:.1f}"
 
 
 def _task_order(summaries: dict[str, dict]) -> list[str]:
