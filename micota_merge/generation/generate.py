@@ -592,7 +592,7 @@ class _Recorder:
             "system": facts.default_system,
             # the template's switches, on the record that was prompted with them
             **template_switches(self.opts.chat_template_kwargs),
-            # a benchmark whose every step can be checked: the whole answer's verdict (keep: chain filters on it)
+            # a benchmark whose every step can be checked: the answer's verdicts (--keep chain|values reads them)
             **(_verdicts(verify, q, text) if verify else {}),
         }
 
