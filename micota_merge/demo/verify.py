@@ -200,7 +200,6 @@ def verify_records(path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such file (give a generate output, a JSONL of records)")
-    n = final = chain = values = 0
     by_difficulty: dict[str, dict] = {}
     first_errors: Counter = Counter()
     for i, line in jsonl_lines(path):  # a line that is not UTF-8 is refused with its number
@@ -219,10 +218,6 @@ def verify_records(path) -> dict:
             ) from None
         for question, answer, gold in pairs:
             v = check(question, str(answer), gold)
-            n += 1
-            final += v["final_right"]
-            chain += v["chain_right"]
-            values += v["values_right"]
             where = by_difficulty.setdefault(
                 difficulty(question) or "not the world's", {"records": 0, **dict.fromkeys(VERDICTS, 0)}
             )
@@ -231,11 +226,9 @@ def verify_records(path) -> dict:
                 where[key] += v[key]
             if v["final_right"] and not v["chain_right"]:
                 first_errors[_kind(v["errors"][0])] += 1
+    # the totals are the groups' sums: every answer is counted in exactly one group
     return {
-        "records": n,
-        "final_right": final,
-        "chain_right": chain,
-        "values_right": values,
+        **{key: sum(c[key] for c in by_difficulty.values()) for key in ("records", *VERDICTS)},
         "by_difficulty": {d: by_difficulty[d] for d in (*difficulty.order, "not the world's") if d in by_difficulty},
         "right_by_number_only": dict(first_errors.most_common()),
     }

@@ -185,7 +185,8 @@ class GenerateOptions(ProbeOptions, ServerOptions):
         None,
         description="Grade a custom file's gold the way this benchmark's is parsed ("
         + ", ".join(_benchmarks.graded())
-        + "); a benchmark that verifies whole answers (microworld) also marks each record's chain_correct.",
+        + "); a benchmark that verifies whole answers (microworld) also marks each record's chain_correct and "
+        "values_correct.",
     )
     decontaminate: Literal["drop", "warn", "off"] = Field(
         "drop",

@@ -258,9 +258,11 @@ VERIFIED_KEYS = ("accuracy", *VERIFIED_METRICS)
 def _question_groups_section(summaries: dict[str, dict], groups: dict[str, dict], evals: dict[str, Path]) -> list[str]:
     """Where a benchmark groups its questions (the micro world's difficulty): every model's final-number
     accuracy (and whole-chain accuracy where verified) by group; the distilled students over their seeds."""
-    from micota_merge.evaluation.summary import group_scores
+    from micota_merge.evaluation import benchmarks
+    from micota_merge.evaluation.summary import fmt_acc, group_scores
 
     lines: list[str] = []
+    grouped = {run for g in groups.values() for run in g["runs"] if len(g["runs"]) > 1}
     for task in _task_order(summaries):
         scores = {name: group_scores(evals[name], task) for name in summaries if name in evals}
         scores = {name: sc for name, sc in scores.items() if sc}
@@ -275,15 +277,15 @@ def _question_groups_section(summaries: dict[str, dict], groups: dict[str, dict]
             f"### {task} by question group",
             "",
             "Right by the final number" + (" / by the whole chain" if verified else "") + ", in %, per group of "
-            f"questions (`{benchmarks_groups(task)}`); the distilled students as mean ± sample sd over their seeds.",
+            f"questions (`{benchmarks.get(task).groups}`); the distilled students as mean ± sample sd over their "
+            "seeds.",
             "",
             "| model | " + " | ".join(f"{g} ({counts[g]})" for g in names) + " |",
             "| --- |" + " ---: |" * len(names),
         ]
-        grouped = {run for g in groups.values() for run in g["runs"] if len(g["runs"]) > 1}
         for name, sc in scores.items():
             if name not in grouped:
-                cells = [" / ".join(_fmt_share((sc.get(g) or {}).get(k)) for k in keys) for g in names]
+                cells = [" / ".join(fmt_acc((sc.get(g) or {}).get(k)) for k in keys) for g in names]
                 lines.append(f"| {name} | " + " | ".join(cells) + " |")
         for base, g in groups.items():
             runs = [r for r in g["runs"] if r in scores]
@@ -295,16 +297,6 @@ def _question_groups_section(summaries: dict[str, dict], groups: dict[str, dict]
                 cells.append(" / ".join(_fmt_spread(sp, 100, brackets=False) for sp in parts))
             lines.append(f"| {base} ({len(runs)} seeds) | " + " | ".join(cells) + " |")
     return lines
-
-
-def benchmarks_groups(task: str) -> str:
-    from micota_merge.evaluation import benchmarks
-
-    return benchmarks.get(task).groups or ""
-
-
-def _fmt_share(x: Optional[float]) -> str:
-    return "–" if x is None else f"{100 * x:.1f}"
 
 
 def _task_order(summaries: dict[str, dict]) -> list[str]:
