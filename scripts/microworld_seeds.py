@@ -55,13 +55,26 @@ def train(seed: int, out: Path, min_accuracy: float) -> Path:
     return out
 
 
+def _in_world(value, world: Path):
+    """The recipe's value with every path into the committed world turned into the same path in `world`."""
+    if isinstance(value, dict):
+        return {k: _in_world(v, world) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_in_world(v, world) for v in value]
+    if isinstance(value, str) and value.startswith(COMMITTED):
+        return str(world / value[len(COMMITTED) :])
+    return value
+
+
+COMMITTED = "micota_merge/assets/microworld/"
+
+
 def pipeline_file(world: Path, work: Path, recipe: Path) -> Path:
-    data = yaml.safe_load(recipe.read_text())
-    for role in ("long_cot", "short_cot", "base"):
-        data["models"][role] = str(world / role)
+    """The recipe (the demo's, or the chain's) on `world`: its models, student, teacher and questions
+    taken from that world, its outputs in `work`."""
+    data = _in_world(yaml.safe_load(recipe.read_text()), world)
     data["output"] = str(work / "ta")
-    data["sweep"]["probe"]["questions"] = str(world / "train.jsonl")
-    data["pipeline"].update(workdir=str(work), student=str(world / "student"), questions=str(world / "train.jsonl"))
+    data["pipeline"]["workdir"] = str(work)
     out = work / "pipeline.yaml"
     work.mkdir(parents=True, exist_ok=True)
     out.write_text(yaml.safe_dump(data, sort_keys=False))
@@ -111,7 +124,7 @@ def figures(work: Path) -> dict:
             accs = [sc[d]["accuracy"] for sc in members if d in sc]
             if accs:
                 out[f"{kind} accuracy, {d}"] = sum(accs) / len(accs)
-    for source in ("ta", "long_cot", "short_cot"):
+    for source in ("ta", "teacher", "long_cot", "short_cot"):
         data = work / "data" / source / "data.jsonl"
         shares = data_reflection(work / "data" / source / "data.correct.jsonl")
         if shares and shares["reflected_steps"] is not None:

@@ -232,7 +232,7 @@ def test_demo_train_end_to_end_is_deterministic(tmp_path):
     again = CliRunner().invoke(cli, ["demo", "train", "--out", str(runs[0])])
     assert again.exit_code == 2 and "--force" in again.output
     # a world whose experts did not learn the task is refused loudly, and nothing is written
-    experts = min(record["heldout"][r]["accuracy"] for r in ("long_cot", "short_cot"))
+    experts = min(record["validation"][r]["accuracy"] for r in ("long_cot", "short_cot"))
     bar = min(1.0, experts + 0.01)
     refused = CliRunner().invoke(cli, [*args[:-1], str(bar), "--out", str(tmp_path / "c")])
     assert refused.exit_code == 1 and "did not learn the task" in refused.output, refused.output
@@ -248,3 +248,67 @@ def test_the_seeds_script_starts():
     done = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "--min-accuracy" in done.stdout
+
+
+@pytest.mark.parametrize("recipe", ["demo-pipeline", "demo-chain"])
+def test_the_seeds_script_runs_a_recipe_on_another_world(tmp_path, recipe):
+    """scripts/microworld_seeds.py runs a shipped recipe on another world seed: every path into the
+    committed world (experts, base, student, the chain's teacher, the question files) becomes the same
+    path in that world, a role named instead of a path (the chain's base: its parent) stays the role, and
+    nothing else changes. It once set the three model paths by hand: the chain's teacher stayed the
+    committed world's and its merge base became the other world's pretrained base."""
+    import importlib.util
+
+    import yaml
+
+    repo = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("microworld_seeds", repo / "scripts" / "microworld_seeds.py")
+    seeds = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(seeds)
+    shipped = repo / "micota_merge" / "recipes" / "pipeline" / f"{recipe}.yaml"
+    world, work = tmp_path / "world-1", tmp_path / "work"
+    got = yaml.safe_load(seeds.pipeline_file(world, work, shipped).read_text())
+    want = yaml.safe_load(shipped.read_text())
+
+    def walk(a, b, where=""):
+        if isinstance(a, dict):
+            assert set(a) == set(b), where
+            for k in a:
+                walk(a[k], b[k], f"{where}.{k}")
+        elif isinstance(a, list):
+            assert len(a) == len(b), where
+            for i, (x, y) in enumerate(zip(a, b)):
+                walk(x, y, f"{where}[{i}]")
+        elif where in (".output", ".pipeline.workdir"):
+            assert a == str(work / "ta" if where == ".output" else work)
+        elif isinstance(b, str) and b.startswith("micota_merge/assets/microworld/"):
+            assert a == str(world / b.removeprefix("micota_merge/assets/microworld/")), where
+        else:
+            assert a == b, where
+
+    walk(got, want)
+    if recipe == "demo-chain":
+        assert got["pipeline"]["chain"]["teacher"] == str(world / "long_cot")
+        assert got["models"]["base"] == "short_cot" and "long_cot" not in got["models"]
+
+
+def test_a_world_is_accepted_on_training_questions_never_on_held_out_ones():
+    """demo train's check that the experts learned the task reads validation questions of the train
+    split, outside pretraining; the held-out questions the demo scores every model on select nothing
+    (they once decided which worlds were kept)."""
+    from micota_merge.core.errors import StageFailed
+
+    def record(validation: float, heldout: float) -> dict:
+        scores = {r: {"accuracy": a} for r, a in (("long_cot", validation), ("short_cot", 1.0))}
+        return {"seed": 0, "validation": scores, "heldout": {r: {"accuracy": heldout} for r in scores}}
+
+    with pytest.raises(StageFailed, match="validation questions long_cot 50.0%"):
+        mw.check_learned(record(validation=0.5, heldout=1.0), 0.9)
+    mw.check_learned(record(validation=0.95, heldout=0.1), 0.9)  # a poor held-out score refuses nothing
+    # the validation questions are train-split questions that pretraining never saw
+    n_pre, n_train = 800, 2000
+    problems, validation = mw.training_and_validation(0, n_pre)
+    assert len(problems) == n_train and len(validation) == mw.SCHEDULE["n_validation"]
+    assert problems == mw.generate_problems(0, n_train, "train")  # the world's own problems, as before
+    assert not {p.question for p in validation} & {p.question for p in problems}
+    assert not any(mw.is_heldout(p.question) for p in validation)

@@ -320,8 +320,9 @@ def demo_verify(records, as_json):
     default=0.9,
     show_default=True,
     type=click.FloatRange(0, 1),
-    help="Refuse the world (write nothing, exit 1) unless both experts answer this share of the held-out "
-    "questions: a world that did not learn the task voids every figure after it.",
+    help="Refuse the world (write nothing, exit 1) unless both experts answer this share of its validation "
+    "questions (training-split questions outside pretraining, never the held-out ones): a world that did not "
+    "learn the task voids every figure after it.",
 )
 @click.option("--force", is_flag=True, help="Replace a micro world that demo train wrote." + _OWN)
 @_run_stage

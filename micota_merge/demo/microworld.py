@@ -581,6 +581,9 @@ SCHEDULE = {
     "expert": TrainSpec(steps=150, batch_size=16, lr=1e-3, warmup=10),
     "student": TrainSpec(steps=1500, batch_size=26, lr=3e-3, warmup=30),
     "max_new_tokens": 400,
+    # train-split questions outside pretraining: demo train's check that the experts learned the task reads
+    # these, never the held-out ones every model is scored on
+    "n_validation": 96,
 }
 
 
@@ -775,17 +778,27 @@ def _evaluate_world(models: dict, tokenizer, evalset: list[Problem], record: dic
     record["eval_seconds"] = round(time.time() - t, 1)
 
 
+def training_and_validation(seed: int, n_pre: int) -> tuple[list[Problem], list[Problem]]:
+    """The world's training problems (the first `n_pre` are pretrained on, the first n_train_questions
+    exported) and, drawn after them from the same split, the validation questions demo train's check reads."""
+    n_train = max(n_pre, SCHEDULE["n_train_questions"])
+    # generate_problems draws one seeded sequence, so the first n_train are the same however many follow
+    drawn = generate_problems(seed, n_train + SCHEDULE["n_validation"], "train")
+    return drawn[:n_train], drawn[n_train:]
+
+
 def check_learned(record: dict, min_accuracy: float) -> None:
-    """Both experts must answer at least `min_accuracy` of the held-out questions (by the final number)."""
+    """Both experts must answer at least `min_accuracy` of the validation questions (by the final number):
+    the task learned. The held-out questions decide nothing here: they score, they do not select."""
     from micota_merge.core.errors import StageFailed
 
-    low = {r: record["heldout"][r]["accuracy"] for r in ("long_cot", "short_cot")}
+    low = {r: record["validation"][r]["accuracy"] for r in ("long_cot", "short_cot")}
     low = {r: a for r, a in low.items() if a < min_accuracy}
     if low:
         said = ", ".join(f"{r} {a:.1%}" for r, a in low.items())
         raise StageFailed(
-            f"world seed {record['seed']} did not learn the task: held-out accuracy {said}, below --min-accuracy "
-            f"{min_accuracy:.0%}; nothing was written (another --seed, or the full --scale)"
+            f"world seed {record['seed']} did not learn the task: accuracy on the validation questions {said}, "
+            f"below --min-accuracy {min_accuracy:.0%}; nothing was written (another --seed, or the full --scale)"
         )
 
 
@@ -805,7 +818,8 @@ def train_world(
     ``train.jsonl`` and ``heldout.jsonl`` (question records) and ``training.json`` (steps,
     losses, held-out accuracy and mean tokens of every model and of a 0.5 linear merge).
     Deterministic on CPU: one thread, seeded initialisation and data order. A world whose experts
-    answer fewer than `min_accuracy` of the held-out questions did not learn the task: it is refused
+    answer fewer than `min_accuracy` of the validation questions (train split, outside pretraining) did
+    not learn the task: it is refused
     (StageFailed, nothing written), never handed to a pipeline whose every figure it would void.
     """
     import torch
@@ -826,7 +840,7 @@ def train_world(
 
     n_pre = max(500, round(SCHEDULE["n_pretrain_problems"] * scale))
     n_eval = n_eval or SCHEDULE["n_eval"]
-    problems = generate_problems(seed, max(n_pre, SCHEDULE["n_train_questions"]), "train")
+    problems, validation = training_and_validation(seed, n_pre)
     heldout = generate_problems(seed, max(SCHEDULE["n_heldout"], n_eval), "heldout")
     tokenizer = _world_tokenizer(problems, heldout)
     record = _new_record(seed, scale, started, n_pre, tokenizer)
@@ -840,8 +854,14 @@ def train_world(
     with atomic_dir(out, "demo-train", force=force, option="--out", identity=ident) as staging:
         models = _save_models(models, tokenizer, staging, dtype)
         _write_questions(staging, problems, heldout)
-        _evaluate_world(models, tokenizer, heldout[:n_eval], record, log)
+        record["validation"] = {
+            role: evaluate(models[role], tokenizer, validation, SCHEDULE["max_new_tokens"])
+            for role in ("long_cot", "short_cot")
+        }
+        for role, r in record["validation"].items():
+            log(f"validation questions, {role}: {r['accuracy']:.1%} right ({r['n']})")
         check_learned(record, min_accuracy)
+        _evaluate_world(models, tokenizer, heldout[:n_eval], record, log)
         record["seconds"] = round(time.time() - t0, 1)
         record["finished"] = now()
         write_json_atomic(staging / "training.json", record)
