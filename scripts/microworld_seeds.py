@@ -55,6 +55,9 @@ def train(seed: int, out: Path, min_accuracy: float) -> Path:
     return out
 
 
+COMMITTED = "micota_merge/assets/microworld/"  # how the shipped recipes name the committed world
+
+
 def _in_world(value, world: Path):
     """The recipe's value with every path into the committed world turned into the same path in `world`."""
     if isinstance(value, dict):
@@ -64,9 +67,6 @@ def _in_world(value, world: Path):
     if isinstance(value, str) and value.startswith(COMMITTED):
         return str(world / value[len(COMMITTED) :])
     return value
-
-
-COMMITTED = "micota_merge/assets/microworld/"
 
 
 def pipeline_file(world: Path, work: Path, recipe: Path) -> Path:
